@@ -129,7 +129,8 @@ def test_r_greater_than_n(tmp_path):
 
 
 def test_bad_env_conversion_names_the_variable():
-    assert config_error(None, {"KVD_N": "three"}, {}) == "KVD_N: n: expected an integer, got 'three'"
+    message = config_error(None, {"KVD_N": "three"}, {})
+    assert message == "KVD_N: n: expected an integer, got 'three'"
     assert "KVD_HINT_WINDOW: hint_window: expected a number" in config_error(
         None, {"KVD_HINT_WINDOW": "3h"}, {}
     )
