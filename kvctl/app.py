@@ -1,0 +1,347 @@
+"""kvctl: the operator's command line for kvd.
+
+Every command is a thin shell over kvd.client: parse options, call, render. Exit codes
+(DESIGN section 7): 0 ok, 1 not found or failed, 2 usage, 3 quorum not reached, 4 cannot
+connect or not authorised, 130 interrupted. Expected failures print one line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import trio
+import typer
+
+from kvctl import render
+from kvd.client import DEFAULT_ADDRESS, open_client
+from kvd.errors import KvdError, NotFound
+
+app = typer.Typer(
+    add_completion=True,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Operate a kvd cluster: read and write keys, watch nodes, change the topology.",
+)
+
+
+class Options:
+    host: str = DEFAULT_ADDRESS
+    json: bool = False
+    token: str | None = None
+
+
+options = Options()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"kvctl {version('kvd')}")
+        except PackageNotFoundError:
+            print("kvctl (development)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    host: Annotated[
+        str, typer.Option("--host", envvar="KVCTL_HOST", help="Node to talk to, HOST:PORT.")
+    ] = DEFAULT_ADDRESS,
+    json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    token_file: Annotated[
+        Optional[Path], typer.Option("--token-file", help="File holding a client token.")
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    options.host = host
+    options.json = json
+    if token_file is not None:
+        try:
+            options.token = token_file.read_text().strip()
+        except OSError as exc:
+            _fail(f"--token-file {token_file}: {exc.strerror}", 2)
+
+
+def _fail(message: str, code: int) -> None:
+    render.error(message)
+    raise typer.Exit(code)
+
+
+def call(operation):
+    """Run ``operation(client)`` against --host; map failures to exit codes."""
+
+    async def main():
+        async with open_client(options.host, token=options.token) as client:
+            return await operation(client)
+
+    try:
+        return trio.run(main)
+    except KvdError as exc:
+        _fail(str(exc), exc.exit_code)
+
+
+def _key(key: str) -> bytes:
+    data = key.encode()
+    if not 1 <= len(data) <= 1024:
+        _fail(f"KEY must be 1..1024 bytes, got {len(data)}", 2)
+    return data
+
+
+def _context(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        return render.decode_context(text)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
+@contextmanager
+def _value_source(value: str | None, file: Path | None):
+    """Yield (bytes, None) for a literal value or (None, binary file) for --file / stdin."""
+    if (value is None) == (file is None):
+        _fail("give a VALUE, '-' for stdin, or --file F (exactly one)", 2)
+    if file is not None:
+        try:
+            handle = open(file, "rb")
+        except OSError as exc:
+            _fail(f"--file {file}: {exc.strerror}", 1)
+        with handle:
+            yield None, handle
+    elif value == "-":
+        stdin = sys.stdin.buffer
+        try:
+            regular = os.path.isfile(f"/proc/self/fd/{stdin.fileno()}") or False
+        except (OSError, ValueError):
+            regular = False
+        if regular:
+            yield None, stdin
+        else:
+            # A pipe has no length: spool it (to disk past 8 MiB) so the size is known.
+            with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
+                shutil.copyfileobj(stdin, spool, 1 << 20)
+                size = spool.tell()
+                spool.seek(0)
+                if size <= 8 << 20:
+                    yield spool.read(), None
+                else:
+                    yield None, spool
+    else:
+        yield value.encode(), None
+
+
+@app.command()
+def put(
+    key: Annotated[str, typer.Argument(help="The key (1..1024 bytes of UTF-8).")],
+    value: Annotated[Optional[str], typer.Argument(help="The value, or '-' to read stdin.")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the value from a file.")] = None,
+    context: Annotated[Optional[str], typer.Option("--context", "-c", help="Context from a previous get.")] = None,
+    n: Annotated[Optional[int], typer.Option("-n", help="Replicas (N) for this request.")] = None,
+    w: Annotated[Optional[int], typer.Option("-w", help="Write quorum (W) for this request.")] = None,
+) -> None:
+    """Write a value. Without --context it becomes a sibling of what is there."""
+    data_key = _key(key)
+    ctx = _context(context)
+    with _value_source(value, file) as (data, handle):
+        result = call(lambda c: c.put(data_key, data, source=handle, context=ctx, n=n, w=w))
+    doc = {
+        "key": key,
+        "context": render.encode_context(result.context),
+        "siblings": result.siblings,
+        "replicas": result.replicas,
+    }
+    if options.json:
+        render.emit_json(doc)
+    else:
+        render.note(f"ok: {result.replicas} replicas, {result.siblings} sibling(s)")
+        render.note(f"context: {doc['context']}")
+
+
+@app.command()
+def get(
+    key: Annotated[str, typer.Argument(help="The key.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the value to a file (streamed).")] = None,
+    r: Annotated[Optional[int], typer.Option("-r", help="Read quorum (R) for this request.")] = None,
+    n: Annotated[Optional[int], typer.Option("-n", help="Replicas (N) for this request.")] = None,
+) -> None:
+    """Read a key: every sibling, and the context to write back with."""
+    data_key = _key(key)
+    streamed: dict[str, object] = {}  # path -> open file, for values that arrive as chunks
+
+    def sink(index: int, count: int):
+        path = _output_path(output, index, count)
+        streamed[path] = handle = open(path, "wb")
+        return handle
+
+    try:
+        result = call(lambda c: c.get(data_key, r=r, n=n, sink=sink if output else None))
+    finally:
+        for handle in streamed.values():
+            handle.close()
+    live = [s for s in result.siblings if not s.deleted]
+    written = list(streamed)
+    if output is not None and result.found:
+        for index, sibling in enumerate(result.siblings):
+            path = _output_path(output, index, len(result.siblings))
+            if path not in streamed and not sibling.deleted:
+                Path(path).write_bytes(sibling.value)
+                written.append(path)
+    if options.json:
+        siblings = []
+        for sibling in result.siblings:
+            text, encoding = render.value_field(sibling.value)
+            entry = {"value": text, "encoding": encoding, "deleted": sibling.deleted,
+                     "length": sibling.length}
+            siblings.append(entry)
+        render.emit_json({"key": key, "found": result.found, "siblings": siblings,
+                          "context": render.encode_context(result.context),
+                          "replicas": result.replicas})
+        if not result.found:
+            raise typer.Exit(NotFound.exit_code)
+        return
+    if not result.found:
+        _fail(f"key {key!r} not found", NotFound.exit_code)
+    if output is not None:
+        render.note(f"wrote {', '.join(written)}")
+    else:
+        out = sys.stdout.buffer
+        for index, sibling in enumerate(live):
+            if len(live) > 1:
+                out.write(f"--- sibling {index + 1} of {len(live)}\n".encode())
+            out.write(sibling.value)
+            if sys.stdout.isatty() and not sibling.value.endswith(b"\n"):
+                out.write(b"\n")
+        out.flush()
+    if len(live) > 1:
+        render.note(f"{len(live)} siblings: write back with --context to resolve them")
+    render.note(f"context: {render.encode_context(result.context)}")
+
+
+def _output_path(output: Path, index: int, count: int) -> str:
+    """One sibling goes to --output itself; several go to OUTPUT.0, OUTPUT.1, ..."""
+    return str(output) if count == 1 else f"{output}.{index}"
+
+
+@app.command()
+def delete(
+    key: Annotated[str, typer.Argument(help="The key.")],
+    context: Annotated[Optional[str], typer.Option("--context", "-c", help="Context from a previous get.")] = None,
+    n: Annotated[Optional[int], typer.Option("-n", help="Replicas (N) for this request.")] = None,
+    w: Annotated[Optional[int], typer.Option("-w", help="Write quorum (W) for this request.")] = None,
+) -> None:
+    """Delete a key (writes a tombstone; with --context it supersedes what that get saw)."""
+    data_key = _key(key)
+    ctx = _context(context)
+    result = call(lambda c: c.delete(data_key, context=ctx, n=n, w=w))
+    if options.json:
+        render.emit_json({"key": key, "context": render.encode_context(result.context),
+                          "replicas": result.replicas})
+    else:
+        render.note(f"deleted: {result.replicas} replicas")
+
+
+@app.command()
+def inspect(key: Annotated[str, typer.Argument(help="The key.")]) -> None:
+    """Show each replica of a key: node, role, siblings, digest — do they agree?"""
+    data_key = _key(key)
+    doc = call(lambda c: c.inspect(data_key))
+    replicas = []
+    for replica in doc["replicas"]:
+        entry = dict(replica)
+        if isinstance(entry.get("version"), bytes):
+            entry["version"] = render.encode_context(entry["version"])
+        replicas.append(entry)
+    out = {"key": key, "partition": doc["partition"], "replicas": replicas}
+    digests = {r["digest"] for r in replicas if r.get("present")}
+    out["agree"] = len(digests) <= 1 and all(r.get("present") for r in replicas)
+    if options.json:
+        render.emit_json(out)
+        return
+    rows = [[r["node"], r["role"], "yes" if r["present"] else "no", r["siblings"],
+             r.get("digest") or "-"] for r in replicas]
+    render.table(f"key {key!r} — partition {doc['partition']}",
+                 ["node", "role", "present", "siblings", "digest"], rows)
+    render.note("replicas agree" if out["agree"] else "replicas DIFFER")
+
+
+@app.command()
+def status() -> None:
+    """One row per node, like nodetool status: state, address, load, partitions, ownership."""
+    doc = call(lambda c: c.status())
+    nodes = [
+        {
+            "node": n["node"], "state": n["state"], "address": n["address"],
+            "peer_address": n["peer_address"], "load_bytes": n["load_bytes"],
+            "partitions": n["partitions"], "ownership": n["ownership"],
+            **{k: v for k, v in n.items() if k not in {
+                "node", "state", "address", "peer_address", "load_bytes", "partitions",
+                "ownership"}},
+        }
+        for n in doc["nodes"]
+    ]
+    if options.json:
+        render.emit_json({"nodes": nodes})
+        return
+    rows = [[n["state"], n["node"], n["address"], render.human_bytes(n["load_bytes"]),
+             n["partitions"], f"{n['ownership'] * 100:.1f}%"] for n in nodes]
+    render.note("Status: U=up D=down / State: N=normal J=joining L=leaving")
+    render.table(None, ["state", "node", "address", "load", "partitions", "owns"], rows)
+
+
+@app.command()
+def bench(
+    workload: Annotated[str, typer.Option("--workload", help="YCSB workload: A, B or C.")] = "A",
+    ops: Annotated[int, typer.Option("--ops", help="Operations to run after the load phase.")] = 20000,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Requests in flight.")] = 32,
+    value_size: Annotated[int, typer.Option("--value-size", help="Value size in bytes.")] = 1024,
+    keys: Annotated[int, typer.Option("--keys", help="Distinct keys (preloaded).")] = 10000,
+    connections: Annotated[int, typer.Option("--connections", help="Client connections.")] = 4,
+    no_load: Annotated[bool, typer.Option("--no-load", help="Skip the load phase.")] = False,
+) -> None:
+    """Run a YCSB-style workload and print throughput and latency percentiles."""
+    from kvctl.bench import WORKLOADS, run_bench
+
+    workload = workload.upper()
+    if workload not in WORKLOADS:
+        _fail(f"--workload must be one of {', '.join(WORKLOADS)}", 2)
+    if min(ops, concurrency, keys, connections) < 1 or value_size < 0:
+        _fail("--ops, --concurrency, --keys and --connections must be positive", 2)
+    if not options.json:
+        render.note(f"bench: workload {workload}, {ops} ops, {concurrency} concurrent, "
+                    f"{value_size} B values, {keys} keys")
+    try:
+        result = trio.run(lambda: run_bench(
+            options.host, workload=workload, ops=ops, concurrency=concurrency,
+            value_size=value_size, keys=keys, connections=min(connections, concurrency),
+            token=options.token, load=not no_load))
+    except KvdError as exc:
+        _fail(str(exc), exc.exit_code)
+    summary = result.summary()
+    if options.json:
+        render.emit_json(summary)
+        return
+    render.table(f"workload {workload}", ["ops", "errors", "ops/s", "p50 ms", "p95 ms", "p99 ms", "max ms"],
+                 [[summary["ops"], summary["errors"], summary["ops_per_sec"], summary["p50_ms"],
+                   summary["p95_ms"], summary["p99_ms"], summary["max_ms"]]])
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        render.error("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""The kvd client library: an async (trio) client and a small synchronous wrapper.
+
+One connection carries many requests at once: each request gets a fresh request id and a
+channel; a reader task routes reply frames to it. Values above the server's chunk size are
+sent and received as CHUNK frames, so memory stays bounded by a few chunks however large the
+value is.
+
+    async with open_client("127.0.0.1:7379") as client:
+        await client.put(b"k", b"v")
+        result = await client.get(b"k")
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import trio
+
+from kvd.errors import ConnectFailed, KvdError, ProtocolError, error_from_code
+from kvd.net.connection import FrameConnection
+from kvd.proto import codec
+from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
+
+DEFAULT_ADDRESS = "127.0.0.1:7379"
+# Frame overhead allowance when deciding whether a value fits inline in a PUT frame.
+_FRAME_SLACK = 4096
+
+
+@dataclass
+class Sibling:
+    value: bytes
+    deleted: bool
+    length: int
+
+
+@dataclass
+class GetResult:
+    key: bytes
+    found: bool
+    context: bytes
+    siblings: list[Sibling] = field(default_factory=list)
+    replicas: int = 0
+
+
+@dataclass
+class PutResult:
+    context: bytes
+    siblings: int
+    replicas: int
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); ValueError with a clear message."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class Client:
+    """An open, authenticated connection to one kvd node."""
+
+    def __init__(self, conn: FrameConnection, hello: dict):
+        self._conn = conn
+        self.node: str = hello["node"]
+        self.max_frame: int = hello["max_frame"]
+        self.chunk_size: int = min(hello.get("chunk_size", 1 << 20), self.max_frame - _FRAME_SLACK)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, trio.MemorySendChannel] = {}
+        self._failure: KvdError | None = None
+
+    # -- plumbing
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                message = await self._conn.receive()
+                if message is None:
+                    raise ConnectFailed(f"node {self.node} closed the connection")
+                if message.request_id == 0 and message.type == MsgType.ERROR:
+                    raise error_from_code(message.fields["code"], message.fields["message"])
+                channel = self._pending.get(message.request_id)
+                if channel is not None:
+                    await channel.send(message)
+        except KvdError as exc:
+            self._fail(exc)
+        except trio.Cancelled:
+            self._fail(ConnectFailed("client closed"))
+            raise
+
+    def _fail(self, exc: KvdError) -> None:
+        self._failure = exc
+        for channel in self._pending.values():
+            channel.close()
+        self._pending.clear()
+
+    @asynccontextmanager
+    async def _request(self, kind: MsgType, fields: dict):
+        """Send a request; yield a function returning its next reply frame."""
+        if self._failure is not None:
+            raise self._failure
+        rid = next(self._ids)
+        send, receive = trio.open_memory_channel(4)
+        self._pending[rid] = send
+
+        async def next_reply():
+            try:
+                message = await receive.receive()
+            except trio.EndOfChannel:
+                raise self._failure or ConnectFailed("connection lost") from None
+            if message.type == MsgType.ERROR:
+                raise error_from_code(message.fields["code"], message.fields["message"])
+            return message
+
+        try:
+            await self._conn.send(codec.encode(kind, rid, fields))
+            yield rid, next_reply
+        finally:
+            self._pending.pop(rid, None)
+
+    async def _call(self, kind: MsgType, fields: dict, expect: MsgType) -> dict:
+        async with self._request(kind, fields) as (_, next_reply):
+            reply = await next_reply()
+        if reply.type != expect:
+            raise ProtocolError(f"expected {expect.name}, got {reply.type.name}")
+        return reply.fields
+
+    # -- key-value operations
+
+    async def get(
+        self,
+        key: bytes,
+        *,
+        r: int | None = None,
+        n: int | None = None,
+        sink: Callable[[int, int], IO[bytes]] | None = None,
+    ) -> GetResult:
+        """Read every sibling of ``key``.
+
+        Streamed values are written to ``sink(index, sibling_count)`` (a binary file, written
+        from a worker thread) when a sink is given; otherwise they are gathered into memory.
+        """
+        fields: dict[str, Any] = {"key": key}
+        if r:
+            fields["r"] = r
+        if n:
+            fields["n"] = n
+        async with self._request(MsgType.GET, fields) as (_, next_reply):
+            reply = await next_reply()
+            body = reply.fields
+            siblings = []
+            for index, described in enumerate(body["siblings"]):
+                value = described["value"]
+                if value is None:
+                    out = sink(index, len(body["siblings"])) if sink else None
+                    value = await self._receive_stream(next_reply, out)
+                siblings.append(Sibling(value, described["deleted"], described["length"]))
+        return GetResult(key, body["found"], body["context"], siblings, body.get("replicas", 0))
+
+    async def _receive_stream(self, next_reply, out: IO[bytes] | None) -> bytes:
+        parts = []
+        while True:
+            chunk = await next_reply()
+            if chunk.type != MsgType.CHUNK:
+                raise ProtocolError(f"expected CHUNK, got {chunk.type.name}")
+            data = chunk.fields["data"]
+            if out is not None:
+                await trio.to_thread.run_sync(out.write, data)
+            else:
+                parts.append(data)
+            if chunk.flags & FLAG_END:
+                return b"".join(parts)
+
+    async def put(
+        self,
+        key: bytes,
+        value: bytes | None = None,
+        *,
+        source: IO[bytes] | None = None,
+        length: int | None = None,
+        context: bytes | None = None,
+        n: int | None = None,
+        w: int | None = None,
+    ) -> PutResult:
+        """Write ``value`` (bytes) or ``length`` bytes read from the binary file ``source``."""
+        if (value is None) == (source is None):
+            raise ValueError("give exactly one of value and source")
+        if source is not None and length is None:
+            length = os.fstat(source.fileno()).st_size
+        total = len(value) if value is not None else length
+        fields: dict[str, Any] = {"key": key, "length": total}
+        if context:
+            fields["context"] = context
+        if n:
+            fields["n"] = n
+        if w:
+            fields["w"] = w
+        inline = value is not None and total <= self.chunk_size
+        if inline:
+            fields["value"] = value
+            return PutResult(**_put_reply(await self._call(MsgType.PUT, fields, MsgType.PUT_REPLY)))
+        async with self._request(MsgType.PUT, fields) as (rid, next_reply):
+            async with trio.open_nursery() as nursery:
+                # An early ERROR reply raises here and cancels the sender.
+                nursery.start_soon(self._send_stream, rid, total, value, source)
+                reply = await next_reply()
+        if reply.type != MsgType.PUT_REPLY:
+            raise ProtocolError(f"expected PUT_REPLY, got {reply.type.name}")
+        return PutResult(**_put_reply(reply.fields))
+
+    async def _send_stream(self, rid: int, total: int, value, source) -> None:
+        sent = 0
+        view = memoryview(value) if value is not None else None
+        while sent < total:
+            size = min(self.chunk_size, total - sent)
+            if view is not None:
+                data = bytes(view[sent : sent + size])
+            else:
+                data = await trio.to_thread.run_sync(source.read, size)
+                if not data:
+                    raise KvdError(f"input ended after {sent} of {total} bytes")
+            sent += len(data)
+            await self._conn.send(codec.encode_chunk(rid, data, end=sent >= total))
+
+    async def delete(
+        self, key: bytes, *, context: bytes | None = None, n: int | None = None, w: int | None = None
+    ) -> PutResult:
+        fields: dict[str, Any] = {"key": key}
+        if context:
+            fields["context"] = context
+        if n:
+            fields["n"] = n
+        if w:
+            fields["w"] = w
+        return PutResult(**_put_reply(await self._call(MsgType.DELETE, fields, MsgType.PUT_REPLY)))
+
+    async def status(self) -> dict:
+        return await self._call(MsgType.STATUS, {}, MsgType.STATUS_REPLY)
+
+    async def inspect(self, key: bytes) -> dict:
+        return await self._call(MsgType.INSPECT, {"key": key}, MsgType.INSPECT_REPLY)
+
+    async def ping(self) -> None:
+        await self._call(MsgType.PING, {}, MsgType.PONG)
+
+    async def admin(self, fields: dict) -> dict:
+        """Cluster administration (join, leave, plan, commit, ...), see docs/protocol.md."""
+        return await self._call(MsgType.ADMIN, fields, MsgType.ADMIN_REPLY)
+
+
+def _put_reply(fields: dict) -> dict:
+    return {"context": fields["context"], "siblings": fields["siblings"], "replicas": fields["replicas"]}
+
+
+@asynccontextmanager
+async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = None,
+                      connect_timeout: float = 5.0):
+    """Connect, handshake and yield a Client; closes the connection on exit."""
+    try:
+        host, port = split_address(address)
+    except ValueError as exc:
+        raise ConnectFailed(str(exc)) from None
+    try:
+        with trio.fail_after(connect_timeout):
+            stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
+        raise ConnectFailed(f"cannot connect to {address}: {reason}") from None
+    conn = FrameConnection(stream)
+    try:
+        hello: dict[str, Any] = {"versions": [PROTOCOL_VERSION], "role": "client"}
+        if token:
+            hello["token"] = token
+        try:
+            with trio.fail_after(connect_timeout):
+                await conn.send(codec.encode(MsgType.HELLO, 0, hello))
+                reply = await conn.receive()
+        except trio.TooSlowError:
+            raise ConnectFailed(f"{address} did not answer the handshake") from None
+        if reply is None:
+            raise ConnectFailed(f"{address} closed the connection during the handshake")
+        if reply.type == MsgType.ERROR:
+            raise error_from_code(reply.fields["code"], reply.fields["message"])
+        if reply.type != MsgType.HELLO_OK:
+            raise ProtocolError(f"expected HELLO_OK, got {reply.type.name}")
+        conn.max_frame = max(reply.fields["max_frame"], conn.max_frame) + _FRAME_SLACK
+        client = Client(conn, reply.fields)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._reader)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        await conn.aclose()
+
+
+class SyncClient:
+    """A blocking wrapper for scripts: each call opens a connection, runs, and closes it."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None):
+        self.address = address
+        self.token = token
+
+    def _run(self, method: str, *args, **kwargs):
+        async def call():
+            async with open_client(self.address, token=self.token) as client:
+                return await getattr(client, method)(*args, **kwargs)
+
+        return trio.run(call)
+
+    def get(self, key: bytes, **kwargs) -> GetResult:
+        return self._run("get", key, **kwargs)
+
+    def put(self, key: bytes, value: bytes | None = None, **kwargs) -> PutResult:
+        return self._run("put", key, value, **kwargs)
+
+    def delete(self, key: bytes, **kwargs) -> PutResult:
+        return self._run("delete", key, **kwargs)
+
+    def status(self) -> dict:
+        return self._run("status")
+
+    def inspect(self, key: bytes) -> dict:
+        return self._run("inspect", key)

@@ -1,0 +1,71 @@
+"""A framed connection: a trio stream plus the sans-IO codec.
+
+One send lock per connection; a failed or cancelled send marks the connection broken, so
+no half-written frame is ever followed by another (the peer would misparse the stream).
+Callers bound waits with cancel scopes; this module takes no timeout parameters.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from kvd.errors import ConnectFailed
+from kvd.proto.codec import NEED_DATA, FrameDecoder, Message
+from kvd.proto.messages import PRE_AUTH_MAX_FRAME
+
+RECEIVE_SIZE = 256 * 1024
+
+
+class FrameConnection:
+    """Send encoded frames and receive decoded messages over one stream."""
+
+    def __init__(self, stream: trio.abc.Stream, max_frame: int = PRE_AUTH_MAX_FRAME):
+        self.stream = stream
+        self.decoder = FrameDecoder(max_frame)
+        self._send_lock = trio.Lock()
+        self.broken = False
+
+    @property
+    def max_frame(self) -> int:
+        return self.decoder.max_frame
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        self.decoder.max_frame = value
+
+    async def receive(self) -> Message | None:
+        """The next message, or None when the peer closed cleanly between frames.
+
+        Raises RemoteProtocolError for malformed input and ConnectFailed for a broken stream.
+        """
+        while True:
+            message = self.decoder.next_message()
+            if message is not NEED_DATA:
+                return message
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ConnectFailed(f"connection lost: {exc}") from None
+            self.decoder.receive_data(data)
+
+    async def send(self, data: bytes) -> None:
+        """Send one or more whole encoded frames atomically with respect to other senders."""
+        if self.broken:
+            raise ConnectFailed("connection is broken")
+        async with self._send_lock:
+            try:
+                await self.stream.send_all(data)
+            except BaseException as exc:
+                self.broken = True
+                if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                    raise ConnectFailed(f"connection lost: {exc}") from None
+                raise
+
+    async def aclose(self) -> None:
+        self.broken = True
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass

@@ -1,0 +1,488 @@
+"""The kvd daemon's I/O shell: listeners, connection handling, lifecycle.
+
+``serve(config, task_status=...)`` opens storage, starts every task in one nursery and reports
+the bound client port through ``task_status`` once it accepts connections. ``run(config)``
+adds signal handling: SIGTERM/SIGINT stop accepting, let in-flight requests finish, flush
+storage and return (exit 0).
+
+Connection rules (DESIGN section 6): a HELLO must arrive within ``handshake_timeout`` and fit in
+16 KiB; after it the frame limit rises to ``max_frame``. A malformed frame gets one ERROR frame
+(request id 0, code "protocol") and the connection is closed; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from kvd import versions
+from kvd.config import Config, parse_address
+from kvd.errors import (
+    BadRequest,
+    ConfigError,
+    ConnectFailed,
+    KvdError,
+    ProtocolError,
+    Unavailable,
+)
+from kvd.net.connection import FrameConnection
+from kvd.node.coordinator import MAX_VALUE, Coordinator
+from kvd.node.local import LocalStore, new_vid
+from kvd.node.replica import LocalReplica
+from kvd.proto import codec
+from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
+from kvd.storage import keys, open_storage
+
+log = logging.getLogger("kvd.server")
+
+# Requests of one connection that may be in flight at once; more wait (backpressure).
+MAX_IN_FLIGHT_PER_CONNECTION = 128
+# Chunk frames buffered per streaming request before the reader stops reading the socket.
+STREAM_BUFFER_FRAMES = 2
+MAX_KEY = 1024
+
+
+@dataclass
+class Identity:
+    """Who this data directory belongs to. ``actor`` names the dots this node mints; its
+    incarnation part changes when the data directory is recreated, so a wiped node never
+    mints a dot it already minted before the wipe."""
+
+    node: str
+    incarnation: str
+    created: float
+
+    @property
+    def actor(self) -> str:
+        return f"{self.node}:{self.incarnation}"
+
+
+async def load_identity(storage, node_id: str) -> Identity:
+    raw = storage.get(keys.meta_key("identity"))
+    if raw is None:
+        identity = Identity(node_id, os.urandom(4).hex(), time.time())
+        await storage.write(
+            [(keys.meta_key("identity"), codec_pack(identity.__dict__))]
+        )
+        return identity
+    stored = codec_unpack(raw)
+    if stored["node"] != node_id:
+        raise ConfigError(
+            f"data_dir belongs to node {stored['node']!r}, not {node_id!r}: "
+            "use that node_id or a fresh data_dir"
+        )
+    return Identity(**stored)
+
+
+def codec_pack(obj) -> bytes:
+    import msgpack
+
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def codec_unpack(data: bytes):
+    import msgpack
+
+    return msgpack.unpackb(data, raw=False)
+
+
+@dataclass
+class Counters:
+    """Plain counters the status command and metrics report."""
+
+    connections: int = 0
+    requests: int = 0
+    errors: int = 0
+    rejected_connections: int = 0
+    protocol_errors: int = 0
+
+
+@dataclass
+class Node:
+    config: Config
+    storage: object
+    identity: Identity
+    store: LocalStore
+    coordinator: Coordinator
+    started: float = field(default_factory=time.time)
+    counters: Counters = field(default_factory=Counters)
+    in_flight: int = 0
+    draining: bool = False
+    idle: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node
+
+    def request_started(self) -> None:
+        if self.draining:
+            raise Unavailable("node is shutting down")
+        self.in_flight += 1
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+    async def wait_idle(self) -> None:
+        if self.in_flight:
+            await self.idle.wait()
+
+
+async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run a node until cancelled. Reports (client_port, node) when the port accepts."""
+    data_dir = None if config.data_dir == ":memory:" else config.data_dir
+    if data_dir is not None:
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"data_dir {data_dir}: {exc.strerror}") from None
+    async with open_storage(
+        data_dir, sync=config.sync, sync_interval=config.sync_interval, cache_mb=config.cache_mb
+    ) as storage:
+        identity = await load_identity(storage, config.node_id)
+        store = LocalStore(storage, config.ring_size)
+        async with trio.open_nursery() as nursery:
+            local = LocalReplica(identity.node, identity.actor, store)
+            coordinator = Coordinator(
+                lambda key, n: [local],
+                nursery,
+                config.request_timeout,
+                read_repair=config.read_repair,
+            )
+            node = Node(config, storage, identity, store, coordinator)
+            node.idle.set()
+            host, port = parse_address(config.listen)
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                raise ConfigError(f"listen {config.listen}: {exc.strerror}") from None
+            connection_slots = trio.CapacityLimiter(config.max_connections)
+            nursery.start_soon(
+                trio.serve_listeners,
+                lambda stream: handle_connection(node, stream, connection_slots),
+                listeners,
+            )
+            bound = listeners[0].socket.getsockname()[1]
+            log.info("node %s serving clients on %s:%d", identity.node, host, bound)
+            task_status.started((bound, node))
+            try:
+                await trio.sleep_forever()
+            finally:
+                node.draining = True
+                for listener in listeners:
+                    await listener.aclose()
+
+
+async def run(config: Config) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight requests and flush storage."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            _, node = await nursery.start(serve, config)
+            async for signum in signals:
+                log.info("received %s: draining", signal.Signals(signum).name)
+                node.draining = True
+                with trio.move_on_after(config.request_timeout + 5):
+                    await node.wait_idle()
+                nursery.cancel_scope.cancel()
+                break
+    log.info("stopped cleanly")
+
+
+# ---------------------------------------------------------------- connections
+
+
+async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter) -> None:
+    conn = FrameConnection(stream)
+    try:
+        slots.acquire_nowait()
+    except trio.WouldBlock:
+        node.counters.rejected_connections += 1
+        await _send_error(conn, 0, Unavailable("too many connections"))
+        await conn.aclose()
+        return
+    node.counters.connections += 1
+    try:
+        await _serve_connection(node, conn)
+    except ProtocolError as exc:
+        node.counters.protocol_errors += 1
+        log.info("closing connection: %s", exc)
+        await _send_error(conn, 0, exc)
+    except ConnectFailed:
+        pass
+    finally:
+        slots.release()
+        await conn.aclose()
+
+
+async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> None:
+    try:
+        with trio.move_on_after(1):
+            await conn.send(
+                codec.encode(MsgType.ERROR, request_id, {"code": exc.code, "message": str(exc)})
+            )
+    except (ConnectFailed, ProtocolError):
+        pass
+
+
+async def _handshake(node: Node, conn: FrameConnection) -> None:
+    with trio.move_on_after(node.config.handshake_timeout) as scope:
+        hello = await conn.receive()
+    if scope.cancelled_caught:
+        raise ProtocolError("no HELLO within the handshake timeout")
+    if hello is None:
+        raise ConnectFailed("closed before HELLO")
+    if hello.type != MsgType.HELLO:
+        raise ProtocolError(f"expected HELLO, got {hello.type.name}")
+    if PROTOCOL_VERSION not in hello.fields["versions"]:
+        raise ProtocolError(
+            f"no common protocol version (server speaks {PROTOCOL_VERSION}, "
+            f"client offers {hello.fields['versions']})"
+        )
+    conn.max_frame = node.config.max_frame
+    await conn.send(
+        codec.encode(
+            MsgType.HELLO_OK,
+            hello.request_id,
+            {
+                "version": PROTOCOL_VERSION,
+                "node": node.node_id,
+                "max_frame": node.config.max_frame,
+                "chunk_size": node.config.chunk_size,
+            },
+        )
+    )
+
+
+async def _serve_connection(node: Node, conn: FrameConnection) -> None:
+    await _handshake(node, conn)
+    streams: dict[int, trio.MemorySendChannel] = {}
+    slots = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
+    async with trio.open_nursery() as nursery:
+        while True:
+            with trio.move_on_after(node.config.idle_timeout) as idle:
+                message = await conn.receive()
+            if idle.cancelled_caught:
+                if slots.value == MAX_IN_FLIGHT_PER_CONNECTION:
+                    log.debug("closing idle connection")
+                    nursery.cancel_scope.cancel()
+                    return
+                continue
+            if message is None:
+                break  # client closed; let in-flight requests finish and reply
+            if message.type == MsgType.CHUNK:
+                channel = streams.get(message.request_id)
+                if channel is None:
+                    raise ProtocolError(f"CHUNK for unknown request id {message.request_id}")
+                try:
+                    await channel.send(message)
+                except trio.BrokenResourceError:
+                    pass  # the request already failed; drain the rest of its upload
+                if message.flags & FLAG_END:
+                    streams.pop(message.request_id).close()
+                continue
+            chunks = None
+            if message.type == MsgType.PUT and "value" not in message.fields:
+                send, chunks = trio.open_memory_channel(STREAM_BUFFER_FRAMES)
+                if message.request_id in streams:
+                    raise ProtocolError(f"request id {message.request_id} already streaming")
+                streams[message.request_id] = send
+                if message.fields["length"] == 0:
+                    raise ProtocolError("a streamed PUT must declare a length above zero")
+            await slots.acquire()
+            nursery.start_soon(_handle_request, node, conn, message, chunks, slots)
+        for channel in streams.values():
+            channel.close()
+
+
+async def _handle_request(node, conn, message, chunks, slots) -> None:
+    rid = message.request_id
+    try:
+        node.request_started()
+        try:
+            handler = HANDLERS.get(message.type)
+            if handler is None:
+                raise BadRequest(f"{message.type.name} is not a client request")
+            await handler(node, conn, message, chunks)
+        finally:
+            node.request_finished()
+    except KvdError as exc:
+        node.counters.errors += 1
+        if not isinstance(exc, ConnectFailed):
+            await _send_error(conn, rid, exc)
+    except Exception:
+        node.counters.errors += 1
+        log.exception("request %s failed", message.type.name)
+        await _send_error(conn, rid, KvdError("internal error; see the node's log"))
+    finally:
+        node.counters.requests += 1
+        slots.release()
+        if chunks is not None:
+            chunks.close()
+
+
+# ---------------------------------------------------------------- request handlers
+
+
+def _key(fields) -> bytes:
+    key = fields["key"]
+    if not 1 <= len(key) <= MAX_KEY:
+        raise BadRequest(f"key must be 1..{MAX_KEY} bytes, got {len(key)}")
+    return key
+
+
+def _quorum_params(node: Node, fields, name: str) -> tuple[int, int]:
+    n = fields.get("n") or node.config.n
+    default = getattr(node.config, name)
+    q = fields.get(name) or min(default, n)
+    if not 1 <= n <= 16:
+        raise BadRequest(f"n={n} must be between 1 and 16")
+    return n, q
+
+
+async def _get(node: Node, conn, message, _chunks) -> None:
+    fields = message.fields
+    key = _key(fields)
+    n, r = _quorum_params(node, fields, "r")
+    result = await node.coordinator.get(key, n, r)
+    obj = result.obj
+    rid = message.request_id
+    if obj is None or not versions.is_found(obj):
+        context = versions.encode_context(obj.clock) if obj is not None else b""
+        reply = {"key": key, "found": False, "context": context, "siblings": [],
+                 "replicas": result.replicas}
+        await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
+        return
+    # Inline what fits in one frame; stream the rest as CHUNK frames after the reply.
+    budget = node.config.max_frame // 2
+    described, streamed = [], []
+    for sibling in obj.siblings:
+        inline = sibling.chunks is None and sibling.length <= budget
+        if inline:
+            budget -= sibling.length
+            described.append({"value": sibling.value, "length": sibling.length,
+                              "deleted": sibling.deleted})
+        else:
+            described.append({"value": None, "length": sibling.length, "deleted": False})
+            streamed.append(sibling)
+    reply = {"key": key, "found": True, "context": versions.encode_context(obj.clock),
+             "siblings": described, "replicas": result.replicas}
+    await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
+    for sibling in streamed:
+        await _send_value(node, conn, rid, key, sibling, result.source)
+
+
+async def _send_value(node, conn, rid, key, sibling, source) -> None:
+    """Stream one sibling's value as CHUNK frames ending with FLAG_END."""
+    if sibling.chunks is None:
+        size = node.config.chunk_size
+        value = sibling.value
+        pieces = [value[i : i + size] for i in range(0, len(value), size)] or [b""]
+        for i, piece in enumerate(pieces):
+            await conn.send(codec.encode_chunk(rid, piece, end=i == len(pieces) - 1))
+        return
+    if source is None:
+        raise Unavailable(f"no replica answering holds the chunks of key {key[:64]!r}")
+    count = sibling.chunks.count
+    index = 0
+    async for data in source.read_chunks(key, sibling.chunks):
+        index += 1
+        await conn.send(codec.encode_chunk(rid, data, end=index == count))
+    if count == 0:
+        await conn.send(codec.encode_chunk(rid, b"", end=True))
+
+
+async def _put(node: Node, conn, message, chunks) -> None:
+    fields = message.fields
+    key = _key(fields)
+    n, w = _quorum_params(node, fields, "w")
+    context = versions.decode_context(fields.get("context") or b"")
+    length = fields["length"]
+    if not 0 <= length <= MAX_VALUE:
+        raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
+    now = time.time()
+    if chunks is None:
+        value = fields["value"]
+        if len(value) != length:
+            raise BadRequest(f"inline value is {len(value)} bytes but length says {length}")
+        result = await node.coordinator.put(key, context, n, w, value=value, timestamp=now)
+    else:
+        vid = new_vid()
+
+        async def chunk_data():
+            async for chunk in chunks:
+                yield chunk.fields["data"]
+
+        result = await node.coordinator.put(
+            key, context, n, w, length=length, chunks=chunk_data(), timestamp=now, vid=vid
+        )
+    await _reply_written(conn, message.request_id, result)
+
+
+async def _reply_written(conn, rid, result) -> None:
+    reply = {"context": versions.encode_context(result.obj.clock),
+             "siblings": len(versions.live(result.obj)), "replicas": result.replicas}
+    await conn.send(codec.encode(MsgType.PUT_REPLY, rid, reply))
+
+
+async def _delete(node: Node, conn, message, _chunks) -> None:
+    fields = message.fields
+    key = _key(fields)
+    n, w = _quorum_params(node, fields, "w")
+    context = versions.decode_context(fields.get("context") or b"")
+    result = await node.coordinator.put(key, context, n, w, deleted=True, timestamp=time.time())
+    await _reply_written(conn, message.request_id, result)
+
+
+async def _status(node: Node, conn, message, _chunks) -> None:
+    me = {
+        "node": node.node_id,
+        "state": "UN",
+        "address": node.config.listen,
+        "peer_address": node.config.peer_listen,
+        "load_bytes": node.storage.approximate_size(),
+        "partitions": node.config.ring_size,
+        "ownership": 1.0,
+        "uptime_s": round(time.time() - node.started, 1),
+        "requests": node.counters.requests,
+        "connections": node.counters.connections,
+    }
+    await conn.send(
+        codec.encode(MsgType.STATUS_REPLY, message.request_id, {"node": node.node_id, "nodes": [me]})
+    )
+
+
+async def _inspect(node: Node, conn, message, _chunks) -> None:
+    key = _key(message.fields)
+    obj = node.store.read(key)
+    replica = {
+        "node": node.node_id,
+        "role": "primary",
+        "present": obj is not None,
+        "siblings": len(obj.siblings) if obj else 0,
+        "deleted": bool(obj) and not versions.is_found(obj),
+        "version": versions.encode_context(obj.clock) if obj else b"",
+        "digest": versions.digest(obj) if obj else "",
+    }
+    reply = {"key": key, "partition": node.store.partition(key), "replicas": [replica]}
+    await conn.send(codec.encode(MsgType.INSPECT_REPLY, message.request_id, reply))
+
+
+async def _ping(node: Node, conn, message, _chunks) -> None:
+    await conn.send(codec.encode(MsgType.PONG, message.request_id, {}))
+
+
+HANDLERS = {
+    MsgType.GET: _get,
+    MsgType.PUT: _put,
+    MsgType.DELETE: _delete,
+    MsgType.STATUS: _status,
+    MsgType.INSPECT: _inspect,
+    MsgType.PING: _ping,
+}
