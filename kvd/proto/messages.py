@@ -1,0 +1,193 @@
+"""Wire protocol vocabulary: constants, message types and the body schema of each type.
+
+This module is data, not behaviour; ``kvd.proto.codec`` enforces it and docs/protocol.md
+describes it for client authors. Keep the three in agreement.
+
+Invariants:
+
+- Rule 1: ``MsgType`` is append-only. A number, once released, keeps its meaning forever;
+  never renumber, never reuse a retired number. New types go at the end.
+- Rule 2: every body except CHUNK's is a msgpack map with short string keys. CHUNK's body
+  is raw bytes.
+- Rule 3: fields may be added to a type, never removed or retyped. A receiver ignores fields
+  it does not know (forward compatibility), so a new optional field needs no version bump.
+- Rule 4: the codec checks types only. Value checks (key length, R <= N, role names) belong
+  to whoever acts on the request; ``validate_key`` is the shared helper for keys.
+
+Like the codec, this module imports neither trio nor plyvel.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+from kvd.errors import BadRequest
+
+PROTOCOL_VERSION = 1
+HEADER_SIZE = 13
+PRE_AUTH_MAX_FRAME = 16 * 1024
+DEFAULT_MAX_FRAME = 4 * 1024 * 1024
+MAX_REQUEST_ID = 0xFFFFFFFF
+MAX_KEY_LEN = 1024
+
+FLAG_END = 0x01
+"""Set on the last CHUNK frame of a streamed value."""
+
+
+class MsgType(enum.IntEnum):
+    """The message type byte of the frame header.
+
+    APPEND-ONLY: never renumber or reuse a value; add new types at the end.
+    """
+
+    HELLO = 1
+    HELLO_OK = 2
+    ERROR = 3
+    GET = 4
+    GET_REPLY = 5
+    PUT = 6
+    PUT_REPLY = 7
+    DELETE = 8
+    CHUNK = 9
+    STATUS = 10
+    STATUS_REPLY = 11
+    INSPECT = 12
+    INSPECT_REPLY = 13
+    PING = 14
+    PONG = 15
+    # peer messages (used by the cluster layer)
+    REPLICA_GET = 16
+    REPLICA_GET_REPLY = 17
+    REPLICA_PUT = 18
+    REPLICA_PUT_REPLY = 19
+    GOSSIP = 20
+    GOSSIP_REPLY = 21
+    ADMIN = 22
+    ADMIN_REPLY = 23
+
+
+class ListOf(NamedTuple):
+    """Schema type of a msgpack array whose every item matches ``item``.
+
+    ``item`` is a tuple of Python types, a nested ``ListOf``, or a field schema dict (the
+    item is then a map checked against it).
+    """
+
+    item: object
+
+
+# Schema types. A field's type is a tuple of Python types (as msgpack decodes them with
+# raw=False: bin -> bytes, str -> str, nil -> None, array -> list, map -> dict), a ListOf,
+# or a field schema dict for a nested map. bool is never accepted where int is asked for.
+BYTES = (bytes,)
+STR = (str,)
+INT = (int,)
+BOOL = (bool,)
+MAP = (dict,)
+LIST = (list,)
+OPTIONAL_BYTES = (bytes, type(None))
+
+REQUIRED = True
+OPTIONAL = False
+
+SIBLING = {
+    "value": (OPTIONAL_BYTES, REQUIRED),  # None: the value follows as CHUNK frames
+    "length": (INT, REQUIRED),
+    "deleted": (BOOL, REQUIRED),
+}
+
+FREE_FORM: dict = {}
+"""Schema of bodies that are only checked to be maps (the cluster layer defines them)."""
+
+SCHEMA: dict[MsgType, dict[str, tuple[object, bool]]] = {
+    MsgType.HELLO: {
+        "versions": (ListOf(INT), REQUIRED),
+        "role": (STR, REQUIRED),  # "client" | "peer"
+        "token": (STR, OPTIONAL),
+        "node": (STR, OPTIONAL),
+        "nonce": (BYTES, OPTIONAL),
+        "cluster": (STR, OPTIONAL),
+    },
+    MsgType.HELLO_OK: {
+        "version": (INT, REQUIRED),
+        "node": (STR, REQUIRED),
+        "max_frame": (INT, REQUIRED),
+        "nonce": (BYTES, OPTIONAL),
+        "proof": (BYTES, OPTIONAL),
+    },
+    MsgType.ERROR: {
+        "code": (STR, REQUIRED),
+        "message": (STR, REQUIRED),
+    },
+    MsgType.GET: {
+        "key": (BYTES, REQUIRED),
+        "r": (INT, OPTIONAL),
+        "n": (INT, OPTIONAL),
+    },
+    MsgType.GET_REPLY: {
+        "key": (BYTES, REQUIRED),
+        "found": (BOOL, REQUIRED),
+        "context": (BYTES, REQUIRED),
+        "siblings": (ListOf(SIBLING), REQUIRED),
+        "replicas": (INT, OPTIONAL),
+    },
+    MsgType.PUT: {
+        "key": (BYTES, REQUIRED),
+        "context": (BYTES, OPTIONAL),
+        "length": (INT, REQUIRED),
+        "value": (BYTES, OPTIONAL),  # absent: CHUNK frames follow, the last with FLAG_END
+        "n": (INT, OPTIONAL),
+        "w": (INT, OPTIONAL),
+    },
+    MsgType.PUT_REPLY: {
+        "context": (BYTES, REQUIRED),
+        "siblings": (INT, REQUIRED),
+        "replicas": (INT, REQUIRED),
+    },
+    MsgType.DELETE: {  # answered by PUT_REPLY
+        "key": (BYTES, REQUIRED),
+        "context": (BYTES, OPTIONAL),
+        "n": (INT, OPTIONAL),
+        "w": (INT, OPTIONAL),
+    },
+    MsgType.STATUS: {},
+    MsgType.STATUS_REPLY: {
+        "node": (STR, REQUIRED),
+        "nodes": (ListOf(MAP), REQUIRED),
+    },
+    MsgType.INSPECT: {
+        "key": (BYTES, REQUIRED),
+    },
+    MsgType.INSPECT_REPLY: {
+        "key": (BYTES, REQUIRED),
+        "partition": (INT, REQUIRED),
+        "replicas": (ListOf(MAP), REQUIRED),
+    },
+    MsgType.PING: {},
+    MsgType.PONG: {},
+    MsgType.REPLICA_GET: FREE_FORM,
+    MsgType.REPLICA_GET_REPLY: FREE_FORM,
+    MsgType.REPLICA_PUT: FREE_FORM,
+    MsgType.REPLICA_PUT_REPLY: FREE_FORM,
+    MsgType.GOSSIP: FREE_FORM,
+    MsgType.GOSSIP_REPLY: FREE_FORM,
+    MsgType.ADMIN: FREE_FORM,
+    MsgType.ADMIN_REPLY: FREE_FORM,
+}
+"""Body schema of every map-bodied type: field -> (type, required)."""
+
+RAW_BODY: frozenset[MsgType] = frozenset({MsgType.CHUNK})
+"""Types whose body is raw bytes rather than a msgpack map."""
+
+ALLOWED_FLAGS: dict[MsgType, int] = {MsgType.CHUNK: FLAG_END}
+"""Flag bits each type may carry; a type not listed carries none."""
+
+
+def validate_key(key: object) -> bytes:
+    """Return ``key`` if it is 1..1024 bytes, else raise BadRequest (an answerable error)."""
+    if not isinstance(key, bytes):
+        raise BadRequest(f"key must be bytes, got {type(key).__name__}")
+    if not 1 <= len(key) <= MAX_KEY_LEN:
+        raise BadRequest(f"key must be 1..{MAX_KEY_LEN} bytes, got {len(key)}")
+    return key
