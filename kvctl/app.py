@@ -20,7 +20,7 @@ import typer
 
 from kvctl import render
 from kvd.client import DEFAULT_ADDRESS, open_client
-from kvd.errors import KvdError, NotFound
+from kvd.errors import KvdError, NotFound, unwrap_single_error
 
 app = typer.Typer(
     add_completion=True,
@@ -77,17 +77,23 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def run(async_fn):
+    """trio.run with expected failures mapped to one line on stderr and an exit code."""
+    try:
+        with unwrap_single_error():
+            return trio.run(async_fn)
+    except KvdError as exc:
+        _fail(str(exc), exc.exit_code)
+
+
 def call(operation):
-    """Run ``operation(client)`` against --host; map failures to exit codes."""
+    """Run ``operation(client)`` against --host."""
 
     async def main():
         async with open_client(options.host, token=options.token) as client:
             return await operation(client)
 
-    try:
-        return trio.run(main)
-    except KvdError as exc:
-        _fail(str(exc), exc.exit_code)
+    return run(main)
 
 
 def _key(key: str) -> bytes:
@@ -319,13 +325,10 @@ def bench(
     if not options.json:
         render.note(f"bench: workload {workload}, {ops} ops, {concurrency} concurrent, "
                     f"{value_size} B values, {keys} keys")
-    try:
-        result = trio.run(lambda: run_bench(
-            options.host, workload=workload, ops=ops, concurrency=concurrency,
-            value_size=value_size, keys=keys, connections=min(connections, concurrency),
-            token=options.token, load=not no_load))
-    except KvdError as exc:
-        _fail(str(exc), exc.exit_code)
+    result = run(lambda: run_bench(
+        options.host, workload=workload, ops=ops, concurrency=concurrency,
+        value_size=value_size, keys=keys, connections=min(connections, concurrency),
+        token=options.token, load=not no_load))
     summary = result.summary()
     if options.json:
         render.emit_json(summary)

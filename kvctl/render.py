@@ -45,11 +45,13 @@ def emit_json(document) -> None:
 
 
 def error(message: str) -> None:
-    stderr.print(f"kvctl: error: {message}", markup=False, highlight=False)
+    """One line on stderr, never wrapped (scripts grep it)."""
+    note("kvctl: error: " + " ".join(message.split()))
 
 
 def note(message: str) -> None:
-    stderr.print(message, markup=False, highlight=False)
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def table(title: str | None, columns: list[str], rows: list[list]) -> None:

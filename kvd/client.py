@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import trio
 
-from kvd.errors import ConnectFailed, KvdError, ProtocolError, error_from_code
+from kvd.errors import ConnectFailed, KvdError, ProtocolError, error_from_code, unwrap_single_error
 from kvd.net.connection import FrameConnection
 from kvd.proto import codec
 from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
@@ -269,8 +269,7 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
         with trio.fail_after(connect_timeout):
             stream = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
-        raise ConnectFailed(f"cannot connect to {address}: {reason}") from None
+        raise ConnectFailed(f"cannot connect to {address}: {_connect_reason(exc)}") from None
     conn = FrameConnection(stream)
     try:
         hello: dict[str, Any] = {"versions": [PROTOCOL_VERSION], "role": "client"}
@@ -290,14 +289,27 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
             raise ProtocolError(f"expected HELLO_OK, got {reply.type.name}")
         conn.max_frame = max(reply.fields["max_frame"], conn.max_frame) + _FRAME_SLACK
         client = Client(conn, reply.fields)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._reader)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        with unwrap_single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._reader)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
     finally:
         await conn.aclose()
+
+
+def _connect_reason(exc: BaseException) -> str:
+    """The OS's reason (e.g. 'Connection refused'), digging through trio's attempt group."""
+    cause = exc.__cause__
+    inner = getattr(cause, "exceptions", None)
+    if inner:
+        cause = inner[0]
+    for candidate in (cause, exc):
+        if isinstance(candidate, OSError) and candidate.strerror:
+            return candidate.strerror
+    return "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
 
 
 class SyncClient:

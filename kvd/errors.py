@@ -7,6 +7,8 @@ kvctl ``exit_code`` an operator sees (DESIGN section 7: 1 not found or failed, 2
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 class KvdError(Exception):
     """Base of every expected failure; its message is one line meant for a human."""
@@ -113,3 +115,26 @@ _BY_CODE = {
 def error_from_code(code: str, message: str) -> KvdError:
     """Rebuild the error a remote node reported in an ERROR frame."""
     return _BY_CODE.get(code, KvdError)(message)
+
+
+@contextmanager
+def unwrap_single_error():
+    """Re-raise a lone error from a nursery's exception group as itself, so callers can
+    catch KvdError (and kvctl can map it to an exit code) without knowing about groups."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        kvd_errors = [e for e in leaves if isinstance(e, KvdError)]
+        if kvd_errors and len(kvd_errors) == len(leaves):
+            raise kvd_errors[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

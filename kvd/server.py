@@ -29,6 +29,7 @@ from kvd.errors import (
     KvdError,
     ProtocolError,
     Unavailable,
+    unwrap_single_error,
 )
 from kvd.net.connection import FrameConnection
 from kvd.node.coordinator import MAX_VALUE, Coordinator
@@ -118,6 +119,9 @@ class Node:
     @property
     def node_id(self) -> str:
         return self.identity.node
+
+    def member_count(self) -> int:
+        return 1
 
     def request_started(self) -> None:
         if self.draining:
@@ -209,13 +213,17 @@ async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter) -> 
         return
     node.counters.connections += 1
     try:
-        await _serve_connection(node, conn)
+        with unwrap_single_error():
+            await _serve_connection(node, conn)
     except ProtocolError as exc:
         node.counters.protocol_errors += 1
         log.info("closing connection: %s", exc)
         await _send_error(conn, 0, exc)
     except ConnectFailed:
         pass
+    except Exception:
+        # A bug in one connection's handling must never take the daemon down.
+        log.exception("connection handler failed")
     finally:
         slots.release()
         await conn.aclose()
@@ -338,12 +346,16 @@ def _key(fields) -> bytes:
 
 
 def _quorum_params(node: Node, fields, name: str) -> tuple[int, int]:
+    """(n, r or w) for a request: its own values or the config's, validated, then capped by
+    the number of nodes in the ring (docs/DECISIONS.md: a cluster smaller than N)."""
     n = fields.get("n") or node.config.n
-    default = getattr(node.config, name)
-    q = fields.get(name) or min(default, n)
+    quorum = fields.get(name) or min(getattr(node.config, name), n)
     if not 1 <= n <= 16:
         raise BadRequest(f"n={n} must be between 1 and 16")
-    return n, q
+    if not 1 <= quorum <= n:
+        raise BadRequest(f"{name}={quorum} must be between 1 and n={n}")
+    members = node.member_count()
+    return min(n, members), min(quorum, members)
 
 
 async def _get(node: Node, conn, message, _chunks) -> None:

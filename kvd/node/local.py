@@ -20,7 +20,7 @@ import trio
 
 from kvd import versions
 from kvd.errors import Unavailable
-from kvd.ring import partition_of
+from kvd.storage.keys import partition_of
 from kvd.storage import Storage, keys
 
 log = logging.getLogger("kvd.local")
