@@ -1,0 +1,160 @@
+"""The layout of every key kvd stores in its one ordered keyspace (pure: no trio, no plyvel).
+
+Invariants:
+
+1. One type byte starts every key, so the kinds never interleave:
+   ``c`` chunks, ``h`` hints, ``m`` node metadata, ``o`` objects.
+2. Integers are fixed-width big-endian, so byte order equals numeric order.
+3. All object keys of one partition form one contiguous range, ``object_range(p)``; the same
+   holds for chunks (``chunk_range(p)``) and for the hints of one target node
+   (``hint_range(node)``). Transfers and anti-entropy therefore scan a partition with one
+   range iteration and never touch another partition's keys.
+4. Variable-length parts that are followed by more fields (the user key in a chunk key, the
+   node id in a hint key) carry a u16 length prefix, so one key's chunks never interleave
+   with another key's, and one node's hints never with another node's.
+5. Within a version, chunk keys sort by chunk index; within a node, hint keys sort by seq.
+
+Layouts::
+
+    object  b"o" + partition u32 + key
+    chunk   b"c" + partition u32 + len(key) u16 + key + vid (16 bytes) + index u32
+    hint    b"h" + len(node) u16 + node (utf-8) + seq u64
+    meta    b"m" + name (utf-8)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+PARTITION_BITS_MAX = 32
+VID_SIZE = 16
+
+_OBJECT = b"o"
+_CHUNK = b"c"
+_HINT = b"h"
+_META = b"m"
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+def _successor(prefix: bytes) -> bytes:
+    """The smallest byte string greater than every string that starts with ``prefix``."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        raise ValueError("a prefix of only 0xff bytes has no successor")
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def _partition(partition: int) -> bytes:
+    if not 0 <= partition < 1 << PARTITION_BITS_MAX:
+        raise ValueError(f"partition {partition} is out of range 0..2**{PARTITION_BITS_MAX}-1")
+    return _U32.pack(partition)
+
+
+def _user_key(key: bytes) -> bytes:
+    if len(key) > 0xFFFF:
+        raise ValueError(f"key of {len(key)} bytes is longer than 65535")
+    return _U16.pack(len(key)) + key
+
+
+def object_key(partition: int, key: bytes) -> bytes:
+    """The storage key of ``key``'s object (its siblings and causal context)."""
+    return _OBJECT + _partition(partition) + key
+
+
+def object_range(partition: int) -> tuple[bytes, bytes]:
+    """``[start, stop)`` covering every object key of ``partition`` and nothing else."""
+    start = _OBJECT + _partition(partition)
+    return start, _successor(start)
+
+
+def user_key_of(object_key: bytes) -> tuple[int, bytes]:
+    """``(partition, key)`` of a key built by ``object_key``."""
+    if len(object_key) < 5 or object_key[:1] != _OBJECT:
+        raise ValueError(f"not an object key: {object_key[:16]!r}")
+    return _U32.unpack_from(object_key, 1)[0], object_key[5:]
+
+
+def chunk_prefix(partition: int, key: bytes, vid: bytes) -> bytes:
+    """The common prefix of every chunk of version ``vid`` of ``key``."""
+    if len(vid) != VID_SIZE:
+        raise ValueError(f"vid must be {VID_SIZE} bytes, not {len(vid)}")
+    return _CHUNK + _partition(partition) + _user_key(key) + vid
+
+
+def chunk_key(partition: int, key: bytes, vid: bytes, index: int) -> bytes:
+    """The storage key of chunk ``index`` of version ``vid`` of ``key``."""
+    if not 0 <= index <= 0xFFFFFFFF:
+        raise ValueError(f"chunk index {index} is out of range")
+    return chunk_prefix(partition, key, vid) + _U32.pack(index)
+
+
+def chunk_of(chunk_key: bytes) -> tuple[int, bytes, bytes, int]:
+    """``(partition, key, vid, index)`` of a key built by ``chunk_key``."""
+    if len(chunk_key) < 7 or chunk_key[:1] != _CHUNK:
+        raise ValueError(f"not a chunk key: {chunk_key[:16]!r}")
+    partition = _U32.unpack_from(chunk_key, 1)[0]
+    (length,) = _U16.unpack_from(chunk_key, 5)
+    end = 7 + length
+    if len(chunk_key) != end + VID_SIZE + 4:
+        raise ValueError(f"malformed chunk key: {chunk_key[:16]!r}")
+    key = chunk_key[7:end]
+    vid = chunk_key[end : end + VID_SIZE]
+    (index,) = _U32.unpack_from(chunk_key, end + VID_SIZE)
+    return partition, key, vid, index
+
+
+def chunk_range(partition: int) -> tuple[bytes, bytes]:
+    """``[start, stop)`` covering every chunk key of ``partition`` and nothing else."""
+    start = _CHUNK + _partition(partition)
+    return start, _successor(start)
+
+
+def _hint_prefix(target_node: str) -> bytes:
+    node = target_node.encode("utf-8")
+    if len(node) > 0xFFFF:
+        raise ValueError("node id is longer than 65535 bytes")
+    return _HINT + _U16.pack(len(node)) + node
+
+
+def hint_key(target_node: str, seq: int) -> bytes:
+    """The storage key of hint number ``seq`` held for ``target_node``."""
+    if not 0 <= seq < 1 << 64:
+        raise ValueError(f"hint seq {seq} is out of range")
+    return _hint_prefix(target_node) + _U64.pack(seq)
+
+
+def hint_of(hint_key: bytes) -> tuple[str, int]:
+    """``(target_node, seq)`` of a key built by ``hint_key``."""
+    if len(hint_key) < 3 or hint_key[:1] != _HINT:
+        raise ValueError(f"not a hint key: {hint_key[:16]!r}")
+    (length,) = _U16.unpack_from(hint_key, 1)
+    if len(hint_key) != 3 + length + 8:
+        raise ValueError(f"malformed hint key: {hint_key[:16]!r}")
+    return hint_key[3 : 3 + length].decode("utf-8"), _U64.unpack_from(hint_key, 3 + length)[0]
+
+
+def hint_range(target_node: str) -> tuple[bytes, bytes]:
+    """``[start, stop)`` covering every hint held for ``target_node`` and nothing else."""
+    start = _hint_prefix(target_node)
+    return start, _successor(start)
+
+
+def meta_key(name: str) -> bytes:
+    """The storage key of node metadata ``name`` (identity, ring, ...)."""
+    return _META + name.encode("utf-8")
+
+
+def partition_of(key: bytes, q: int) -> int:
+    """The partition of ``key`` on a ring of ``q`` partitions (DESIGN section 3).
+
+    The first 64 bits of blake2b(key), shifted right so that ``log2(q)`` bits remain.
+    """
+    if q < 1 or q & (q - 1) or q > 1 << PARTITION_BITS_MAX:
+        raise ValueError(f"ring size {q} is not a power of two in 1..2**{PARTITION_BITS_MAX}")
+    bits = q.bit_length() - 1
+    digest = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+    return digest >> (64 - bits)
