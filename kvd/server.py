@@ -38,6 +38,7 @@ from kvd.node.replica import LocalReplica
 from kvd.proto import codec
 from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
 from kvd.storage import keys, open_storage
+from kvd.storage.blobs import BlobStore, MemoryBlobStore
 
 log = logging.getLogger("kvd.server")
 
@@ -151,7 +152,11 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         data_dir, sync=config.sync, sync_interval=config.sync_interval, cache_mb=config.cache_mb
     ) as storage:
         identity = await load_identity(storage, config.node_id)
-        store = LocalStore(storage, config.ring_size)
+        if data_dir is None:
+            blobs = MemoryBlobStore()
+        else:
+            blobs = BlobStore(os.path.join(data_dir, "blobs"), sync=config.sync != "none")
+        store = LocalStore(storage, blobs, config.ring_size)
         async with trio.open_nursery() as nursery:
             local = LocalReplica(identity.node, identity.actor, store)
             coordinator = Coordinator(
@@ -401,12 +406,11 @@ async def _send_value(node, conn, rid, key, sibling, source) -> None:
         return
     if source is None:
         raise Unavailable(f"no replica answering holds the chunks of key {key[:64]!r}")
-    count = sibling.chunks.count
-    index = 0
+    sent = 0
     async for data in source.read_chunks(key, sibling.chunks):
-        index += 1
-        await conn.send(codec.encode_chunk(rid, data, end=index == count))
-    if count == 0:
+        sent += len(data)
+        await conn.send(codec.encode_chunk(rid, data, end=sent == sibling.chunks.length))
+    if sibling.chunks.length == 0:
         await conn.send(codec.encode_chunk(rid, b"", end=True))
 
 

@@ -187,13 +187,12 @@ class Coordinator:
         count = 0
         received = 0
         async for data in chunks:
+            offset = received
             received += len(data)
             if received > length:
                 raise BadRequest(f"value is longer than the declared {length} bytes")
-            index = count
-
             ok, failed = await self._quorum(
-                alive, lambda rep: rep.write_chunk(key, vid, index, data), len(alive)
+                alive, lambda rep: rep.write_chunk(key, vid, offset, data), len(alive)
             )
             for replica, exc in failed:
                 log.info("replica %s dropped from upload of %r: %s", replica.node, key[:64], exc)

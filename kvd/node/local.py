@@ -1,11 +1,10 @@
 """This node's replica store: versioned objects and their chunks on top of Storage.
 
 Invariants:
-- Rule 1: an object record is written only after every chunk it references is durable
-  (chunks are written by ``write_chunk`` and awaited before ``coordinate``/``merge``).
-- Rule 2: chunks of a sibling are deleted in the same atomic batch that writes the object
-  which no longer references them, so a reader never sees a manifest without its chunks
-  except across that one batch (readers detect it and report the value as changed).
+- Rule 1: an object record naming a blob (a chunked value) is written only after that blob
+  is sealed (fsynced): ``coordinate`` and ``merge`` seal before they write.
+- Rule 2: a blob is deleted only after the object that no longer names it is durable, so a
+  crash can leave an orphan blob (swept later) but never a manifest without its bytes.
 - Rule 3: read-modify-write of one key is serialised by a striped lock, so two concurrent
   writes on this node never both build on the same old object and lose one another.
 """
@@ -26,6 +25,7 @@ from kvd.storage import Storage, keys
 log = logging.getLogger("kvd.local")
 
 _LOCK_STRIPES = 1024
+READ_SIZE = 1 << 20  # bytes per CHUNK frame when streaming a stored value out
 
 
 def new_vid() -> bytes:
@@ -36,8 +36,9 @@ def new_vid() -> bytes:
 class LocalStore:
     """Versioned objects of the partitions this node holds, in one Storage."""
 
-    def __init__(self, storage: Storage, ring_size: int):
+    def __init__(self, storage: Storage, blobs, ring_size: int):
         self.storage = storage
+        self.blobs = blobs
         self.ring_size = ring_size
         self._locks = [trio.Lock() for _ in range(_LOCK_STRIPES)]
 
@@ -64,6 +65,8 @@ class LocalStore:
         timestamp: float = 0.0,
     ) -> versions.VersionedObject:
         """Apply a client write as its coordinating replica: mint a new dot for ``actor``."""
+        if chunks is not None:
+            await self._seal(chunks)
         async with self._lock(key):
             current = self.read(key) or versions.empty()
             updated, discarded = versions.update(
@@ -85,6 +88,9 @@ class LocalStore:
         self, key: bytes, incoming: versions.VersionedObject
     ) -> versions.VersionedObject:
         """Merge an object from another replica (replication, read repair, handoff)."""
+        for sibling in incoming.siblings:
+            if sibling.chunks is not None:
+                await self._seal(sibling.chunks)
         async with self._lock(key):
             current = self.read(key)
             if current is None:
@@ -96,48 +102,36 @@ class LocalStore:
             await self._store(key, merged, discarded)
         return merged
 
+    async def _seal(self, ref: versions.ChunkRef) -> None:
+        if not self.blobs.exists(ref.vid):
+            raise Unavailable(f"value bytes {ref.vid.hex()} are not on this replica")
+        size = await self.blobs.seal(ref.vid)
+        if size != ref.length:
+            raise Unavailable(f"value bytes {ref.vid.hex()} are incomplete ({size} of {ref.length})")
+
     async def _store(self, key, obj, discarded) -> None:
-        partition = self.partition(key)
-        ops: list[tuple[bytes, bytes | None]] = [
-            (keys.object_key(partition, key), versions.encode_object(obj))
-        ]
+        await self.storage.write(
+            [(keys.object_key(self.partition(key), key), versions.encode_object(obj))]
+        )
         kept = {s.chunks.vid for s in obj.siblings if s.chunks is not None}
         for sibling in discarded:
-            ref = sibling.chunks
-            if ref is not None and ref.vid not in kept:
-                ops.extend(
-                    (keys.chunk_key(partition, key, ref.vid, i), None)
-                    for i in range(ref.count)
-                )
-        await self.storage.write(ops)
+            if sibling.chunks is not None and sibling.chunks.vid not in kept:
+                await self.blobs.delete(sibling.chunks.vid)
 
-    async def write_chunk(self, key: bytes, vid: bytes, index: int, data: bytes) -> None:
-        """Store chunk ``index`` of upload ``vid`` durably (before its manifest)."""
-        await self.storage.write([(keys.chunk_key(self.partition(key), key, vid, index), data)])
+    async def write_chunk(self, key: bytes, vid: bytes, offset: int, data: bytes) -> None:
+        """Store bytes of upload ``vid`` at ``offset`` (sealed before its manifest)."""
+        await self.blobs.write(vid, offset, data)
 
     async def discard_upload(self, key: bytes, vid: bytes) -> None:
-        """Remove the chunks of an upload that never got its manifest (client went away)."""
-        prefix = keys.chunk_prefix(self.partition(key), key, vid)
-        stale = list(self.storage.iterate_keys(prefix, prefix + b"\xff" * 5))
-        if stale:
-            await self.storage.write([(k, None) for k in stale])
-
-    def has_chunks(self, key: bytes, ref: versions.ChunkRef) -> bool:
-        """Whether every chunk of ``ref`` is present (used before serving a manifest)."""
-        partition = self.partition(key)
-        return all(
-            self.storage.get(keys.chunk_key(partition, key, ref.vid, i)) is not None
-            for i in (0, ref.count - 1)
-        )
+        """Remove the bytes of an upload that never got its manifest (client went away)."""
+        await self.blobs.delete(vid)
 
     async def read_chunks(self, key: bytes, ref: versions.ChunkRef) -> AsyncIterator[bytes]:
-        """Yield the chunks of a stored value in order, one at a time (bounded memory)."""
-        partition = self.partition(key)
-        for index in range(ref.count):
-            data = self.storage.get(keys.chunk_key(partition, key, ref.vid, index))
-            if data is None:
+        """Yield a stored value in READ_SIZE pieces, one at a time (bounded memory)."""
+        for offset in range(0, ref.length, READ_SIZE):
+            data = await self.blobs.read(ref.vid, offset, min(READ_SIZE, ref.length - offset))
+            if not data:
                 raise Unavailable(
                     f"value of key {key[:64]!r} changed while it was being read; read it again"
                 )
             yield data
-            await trio.lowlevel.checkpoint()

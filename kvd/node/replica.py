@@ -30,8 +30,8 @@ class Replica(Protocol):
     async def merge(self, key: bytes, obj: versions.VersionedObject) -> None:
         """Merge an object produced elsewhere into this replica."""
 
-    async def write_chunk(self, key: bytes, vid: bytes, index: int, data: bytes) -> None:
-        """Durably store one chunk of a value before its manifest is written."""
+    async def write_chunk(self, key: bytes, vid: bytes, offset: int, data: bytes) -> None:
+        """Store bytes of a large value at ``offset``; they are sealed before the manifest."""
 
     def read_chunks(self, key: bytes, ref: versions.ChunkRef) -> AsyncIterator[bytes]:
         """The chunks of a stored value, in order."""
@@ -57,8 +57,8 @@ class LocalReplica:
     async def merge(self, key, obj):
         await self.store.merge(key, obj)
 
-    async def write_chunk(self, key, vid, index, data):
-        await self.store.write_chunk(key, vid, index, data)
+    async def write_chunk(self, key, vid, offset, data):
+        await self.store.write_chunk(key, vid, offset, data)
 
     def read_chunks(self, key, ref):
         return self.store.read_chunks(key, ref)

@@ -1,0 +1,116 @@
+"""Blob files: the bytes of large (chunked) values, kept beside LevelDB rather than in it.
+
+Why not in LevelDB (docs/DECISIONS.md, "large values"): LevelDB rewrites every value at each
+compaction level, so 1 MiB chunks of GiB-sized values cost many times their size in disk I/O,
+and it reads tables through mmap, so streaming a 100 MiB value out of it maps 100 MiB into
+the daemon's resident set. Like WiscKey/BlobDB key-value separation, the object record (the
+manifest) stays in LevelDB and names a blob by its upload id (vid); the blob is one
+append-only file read with pread in a worker thread, so memory stays at one chunk.
+
+Rules: a blob is fsynced (``seal``) before the manifest that names it is written; a blob is
+deleted only in the same step that removes the last manifest naming it (LocalStore).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+from kvd.errors import Unavailable
+
+
+class BlobStore:
+    """Append-only blob files under ``root`` (data_dir/blobs), one per upload id."""
+
+    def __init__(self, root: str | os.PathLike, sync: bool = True):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.sync = sync
+
+    def _path(self, vid: bytes) -> Path:
+        name = vid.hex()
+        return self.root / name[:2] / name
+
+    def _append(self, vid: bytes, offset: int, data: bytes) -> None:
+        path = self._path(vid)
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    async def write(self, vid: bytes, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of blob ``vid`` (chunks arrive in order)."""
+        await trio.to_thread.run_sync(self._append, vid, offset, data)
+
+    def _seal(self, vid: bytes) -> int:
+        path = self._path(vid)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if self.sync:
+                os.fsync(fd)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    async def seal(self, vid: bytes) -> int:
+        """Make blob ``vid`` durable; returns its size."""
+        return await trio.to_thread.run_sync(self._seal, vid)
+
+    def _read(self, vid: bytes, offset: int, size: int) -> bytes:
+        try:
+            fd = os.open(self._path(vid), os.O_RDONLY)
+        except FileNotFoundError:
+            raise Unavailable("value was replaced while it was being read; read it again") from None
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    async def read(self, vid: bytes, offset: int, size: int) -> bytes:
+        return await trio.to_thread.run_sync(self._read, vid, offset, size)
+
+    def exists(self, vid: bytes) -> bool:
+        return self._path(vid).exists()
+
+    async def delete(self, vid: bytes) -> None:
+        await trio.to_thread.run_sync(self._path(vid).unlink, True)
+
+    def vids(self) -> list[bytes]:
+        """Every stored blob (for the orphan sweep)."""
+        return [bytes.fromhex(p.name) for p in self.root.glob("??/*")]
+
+
+class MemoryBlobStore:
+    """The same interface in memory, for the fast in-process tests."""
+
+    def __init__(self):
+        self.blobs: dict[bytes, bytearray] = {}
+
+    async def write(self, vid, offset, data):
+        blob = self.blobs.setdefault(vid, bytearray())
+        blob[offset : offset + len(data)] = data
+        await trio.lowlevel.checkpoint()
+
+    async def seal(self, vid):
+        await trio.lowlevel.checkpoint()
+        return len(self.blobs.get(vid, b""))
+
+    async def read(self, vid, offset, size):
+        await trio.lowlevel.checkpoint()
+        if vid not in self.blobs:
+            raise Unavailable("value was replaced while it was being read; read it again")
+        return bytes(self.blobs[vid][offset : offset + size])
+
+    def exists(self, vid):
+        return vid in self.blobs
+
+    async def delete(self, vid):
+        self.blobs.pop(vid, None)
+        await trio.lowlevel.checkpoint()
+
+    def vids(self):
+        return list(self.blobs)

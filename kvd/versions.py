@@ -1,0 +1,445 @@
+"""Dotted version vectors: the causal history of one key, its siblings, and how replicas merge.
+
+This is the model of Riak 2.x and of the DVV papers (Preguiça, Baquero et al., "Dotted Version
+Vectors: Logical Clocks for Optimistic Replication"). Pure: no trio, no plyvel, no clock reads.
+
+An object is a ``clock`` (a version vector: actor -> highest counter seen) and a set of
+``siblings``, each tagged with the ``dot`` (actor, counter) of the write that created it. A
+dot is *covered* by a vector when ``vv[actor] >= counter``. Invariants, kept by every function
+here and checked by ``decode_object``:
+
+1. Every sibling's dot is covered by the clock of the object that holds it.
+2. Dots are unique within an object, and siblings are sorted by dot (so equal objects encode
+   to equal bytes and ``digest`` can compare replicas).
+3. Covered but not held means superseded. A clock covers exactly the writes its object has
+   seen; a seen write that is no longer a sibling was replaced by a write whose context
+   covered it. So a sibling that has not been superseded is never covered by the clock of an
+   object that does not hold it. That is why ``sync`` can drop a sibling the other side
+   covers but lacks, and must keep one it does not cover.
+4. A sibling disappears only when a write's context covers its dot (``update``) or when
+   another replica shows it was superseded that way (``sync``). Nothing else discards data.
+5. An actor never mints the same dot twice for a key. ``update`` takes the next counter
+   after everything the actor's stored copy and the context have seen. The caller must
+   therefore serialise writes per key and update the actor's latest durable copy. Actor ids
+   include the node's incarnation, so a node whose data was wiped starts a new actor instead
+   of reusing old counters.
+6. ``sync`` is the join of a semilattice (commutative, associative, idempotent). Replicas
+   converge whatever order replication, read repair, handoff and anti-entropy deliver
+   objects in.
+
+Timestamps never resolve conflicts. Wall clocks on different machines drift, step and
+disagree. Last-writer-wins by timestamp would silently drop an acknowledged concurrent write,
+and DESIGN section 2 forbids that. Causality comes from dots and contexts only. ``timestamp``
+is informational (shown to operators, usable as a tombstone's age).
+
+A context is trusted: a write supersedes whatever its context covers, even writes this
+replica has not seen yet. That is what lets a client replace siblings read from other
+replicas, and why contexts are opaque bytes that are validated strictly.
+
+Encodings (msgpack, deterministic). The object is ``[1, [actor, counter, ...], [sibling, ...]]``
+with the clock as a flat list sorted by actor. A sibling is ``[actor_index, counter, value,
+deleted, timestamp]``, plus ``vid, length, count`` when chunked; ``actor_index`` points into
+the clock's actor list, so long actor ids are stored once. A context is the flat sorted clock
+list alone, and b"" for the empty vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from operator import attrgetter
+
+import msgpack
+
+from kvd.errors import BadRequest, TooManySiblings
+
+__all__ = [
+    "SIBLING_LIMIT",
+    "SIBLING_WARN",
+    "ChunkRef",
+    "Dot",
+    "Sibling",
+    "VersionVector",
+    "VersionedObject",
+    "context_of",
+    "covers",
+    "decode_context",
+    "decode_object",
+    "descends",
+    "digest",
+    "empty",
+    "encode_context",
+    "encode_object",
+    "is_found",
+    "live",
+    "merge_vv",
+    "needs_warning",
+    "sync",
+    "sync_with_discarded",
+    "update",
+]
+
+VersionVector = dict[str, int]  # actor -> highest counter seen; plain dict, never mutated
+Dot = tuple[str, int]
+
+SIBLING_WARN = 25  # log a warning past this many siblings
+SIBLING_LIMIT = 100  # refuse a write that would leave more siblings than this
+
+_FORMAT = 1  # first element of an encoded object; bump for an incompatible layout
+_MAX_ACTOR_LEN = 1024  # an actor id is "<node_id>:<incarnation>"; far below this
+_MAX_CONTEXT_BYTES = 256 * 1024  # a client-supplied context is checked before unpacking
+_MAX_CONTEXT_ACTORS = 16384
+_MAX_COUNTER = 2**64 - 1  # msgpack's largest integer
+
+_dot_of = attrgetter("dot")
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """Where a large value's chunks live; the storage layer owns the chunks themselves."""
+
+    vid: bytes  # 16 random bytes naming this upload
+    length: int  # total value length in bytes
+    count: int  # number of chunks
+
+
+@dataclass(frozen=True)
+class Sibling:
+    """One concurrent version of a key: a value or a tombstone, tagged with its write's dot."""
+
+    dot: Dot
+    value: bytes = b""  # inline value; b"" for tombstones and chunked values
+    deleted: bool = False  # a tombstone
+    chunks: ChunkRef | None = None  # set when the value is stored in chunks
+    timestamp: float = 0.0  # wall clock at write; informational only, never resolves
+
+    @property
+    def length(self) -> int:
+        """Length of the value in bytes, whether inline or chunked."""
+        return len(self.value) if self.chunks is None else self.chunks.length
+
+
+@dataclass(frozen=True)
+class VersionedObject:
+    """A key's causal history (``clock``) and its current siblings, sorted by dot."""
+
+    clock: VersionVector
+    siblings: tuple[Sibling, ...]
+
+    def __hash__(self) -> int:
+        # The clock is a dict, so the generated hash would fail; hash its sorted items.
+        return hash((tuple(sorted(self.clock.items())), self.siblings))
+
+
+def empty() -> VersionedObject:
+    """The object of a key nobody has written: nothing seen, no siblings."""
+    return VersionedObject({}, ())
+
+
+def merge_vv(a: VersionVector, b: VersionVector) -> VersionVector:
+    """Pointwise maximum of two vectors (may return one of the arguments unchanged)."""
+    if not b or a is b:
+        return a
+    if not a:
+        return b
+    merged = dict(a)
+    for actor, counter in b.items():
+        if counter > merged.get(actor, 0):
+            merged[actor] = counter
+    return merged
+
+
+def descends(a: VersionVector, b: VersionVector) -> bool:
+    """True when ``a`` has seen everything ``b`` has (``a >= b`` pointwise)."""
+    return all(a.get(actor, 0) >= counter for actor, counter in b.items())
+
+
+def covers(vv: VersionVector, dot: Dot) -> bool:
+    """True when the write named by ``dot`` is in the history summarised by ``vv``."""
+    return vv.get(dot[0], 0) >= dot[1]
+
+
+def context_of(obj: VersionedObject) -> VersionVector:
+    """The causal context a reader gets: a write carrying it supersedes every sibling read."""
+    return obj.clock
+
+
+def update(
+    obj: VersionedObject,
+    context: VersionVector,
+    actor: str,
+    *,
+    value: bytes = b"",
+    deleted: bool = False,
+    chunks: ChunkRef | None = None,
+    timestamp: float = 0.0,
+    key: bytes = b"",
+) -> tuple[VersionedObject, list[Sibling]]:
+    """Apply a client write at its coordinating replica ``actor``, whose stored copy is ``obj``.
+
+    The new sibling gets the next dot of ``actor``. It replaces the siblings whose dots
+    ``context`` covers and sits beside the others. Returns the new object and the siblings it
+    discarded (the caller garbage-collects their chunks). Raises ``TooManySiblings`` when the
+    result would hold more than ``SIBLING_LIMIT`` siblings.
+    """
+    if deleted and (value or chunks is not None):
+        raise ValueError("a tombstone carries no value")
+    if chunks is not None and value:
+        raise ValueError("a chunked value has no inline bytes")
+    if type(value) is not bytes:
+        value = bytes(value)
+    counter = max(obj.clock.get(actor, 0), context.get(actor, 0)) + 1
+    kept: list[Sibling] = []
+    discarded: list[Sibling] = []
+    for sibling in obj.siblings:
+        (discarded if covers(context, sibling.dot) else kept).append(sibling)
+    if len(kept) + 1 > SIBLING_LIMIT:
+        raise TooManySiblings(
+            f"key {_show_key(key)} would have {len(kept) + 1} siblings"
+            f" (limit {SIBLING_LIMIT}); read it and write back with its context"
+        )
+    kept.append(Sibling((actor, counter), value, deleted, chunks, timestamp))
+    kept.sort(key=_dot_of)
+    clock = dict(obj.clock)
+    for other, seen in context.items():
+        if seen > clock.get(other, 0):
+            clock[other] = seen
+    clock[actor] = counter
+    return VersionedObject(clock, tuple(kept)), discarded
+
+
+def sync(a: VersionedObject, b: VersionedObject) -> VersionedObject:
+    """Merge two replicas' objects of one key (commutative, associative, idempotent)."""
+    return _sync(a, b)[0]
+
+
+def sync_with_discarded(
+    a: VersionedObject, b: VersionedObject
+) -> tuple[VersionedObject, list[Sibling]]:
+    """``sync(a, b)`` plus the siblings of ``a`` the result no longer holds (for chunk GC)."""
+    merged, held = _sync(a, b)
+    return merged, [s for s in a.siblings if held.get(s.dot) != s]
+
+
+def _sync(a: VersionedObject, b: VersionedObject) -> tuple[VersionedObject, dict[Dot, Sibling]]:
+    if a is b or a == b:
+        return a, {s.dot: s for s in a.siblings}
+    in_b = {s.dot: s for s in b.siblings}
+    b_clock = b.clock
+    held: dict[Dot, Sibling] = {}
+    for sibling in a.siblings:
+        dot = sibling.dot
+        other = in_b.get(dot)
+        if other is None:
+            if not covers(b_clock, dot):
+                held[dot] = sibling  # b has not seen it yet
+            # else b saw it and something superseded it
+        elif other == sibling:
+            held[dot] = sibling
+        else:
+            # Same dot, different payload: only a broken invariant 5 gets here. Pick one by
+            # a total order so every replica picks the same one and sync stays a join.
+            held[dot] = max(sibling, other, key=_encode_sibling_alone)
+    a_clock = a.clock
+    for dot, sibling in in_b.items():
+        if dot not in held and not covers(a_clock, dot):
+            held[dot] = sibling
+    siblings = tuple(sorted(held.values(), key=_dot_of))
+    return VersionedObject(merge_vv(a_clock, b_clock), siblings), held
+
+
+def live(obj: VersionedObject) -> tuple[Sibling, ...]:
+    """The siblings that are values, not tombstones."""
+    return tuple(s for s in obj.siblings if not s.deleted)
+
+
+def is_found(obj: VersionedObject) -> bool:
+    """True when the key has at least one live value."""
+    return any(not s.deleted for s in obj.siblings)
+
+
+def needs_warning(obj: VersionedObject) -> bool:
+    """True when the key has more siblings than ``SIBLING_WARN``: clients are not merging."""
+    return len(obj.siblings) > SIBLING_WARN
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+# One Packer per thread: creating one per call costs about as much as the packing itself, and
+# a Packer is not safe to share between threads (storage may run in worker threads).
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    try:
+        return _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+        return packer
+
+
+def _flat_clock(vv: VersionVector) -> list:
+    flat: list = []
+    for actor in sorted(vv):
+        flat.append(actor)
+        flat.append(vv[actor])
+    return flat
+
+
+def encode_context(vv: VersionVector) -> bytes:
+    """The opaque context clients carry: compact, deterministic; b"" for the empty vector."""
+    if not vv:
+        return b""
+    return _packer().pack(_flat_clock(vv))
+
+
+def decode_context(data: bytes) -> VersionVector:
+    """Inverse of ``encode_context``. Anything malformed raises ``BadRequest``, nothing else."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadRequest("malformed context: expected bytes")
+    if len(data) == 0:
+        return {}
+    if len(data) > _MAX_CONTEXT_BYTES:
+        raise BadRequest(f"malformed context: {len(data)} bytes (limit {_MAX_CONTEXT_BYTES})")
+    try:
+        flat = msgpack.unpackb(
+            data,
+            raw=False,
+            max_str_len=_MAX_ACTOR_LEN,
+            max_bin_len=0,
+            max_array_len=2 * _MAX_CONTEXT_ACTORS,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception:
+        raise BadRequest("malformed context: not a context this cluster issued") from None
+    try:
+        return _parse_clock(flat)
+    except ValueError as e:
+        raise BadRequest(f"malformed context: {e}") from None
+
+
+def _parse_clock(flat: object) -> VersionVector:
+    """A validated vector from its flat sorted form; ValueError when malformed."""
+    if type(flat) is not list or len(flat) % 2:
+        raise ValueError("expected a flat list of actor, counter pairs")
+    vv: VersionVector = {}
+    previous = None
+    for i in range(0, len(flat), 2):
+        actor = flat[i]
+        counter = flat[i + 1]
+        if type(actor) is not str or not actor:
+            raise ValueError("actor is not a non-empty string")
+        if previous is not None and actor <= previous:
+            raise ValueError("actors not strictly sorted")
+        if type(counter) is not int or not 1 <= counter <= _MAX_COUNTER:
+            raise ValueError(f"bad counter for actor {actor!r}")
+        vv[actor] = counter
+        previous = actor
+    return vv
+
+
+def _encode_sibling(s: Sibling, index: dict[str, int]) -> list:
+    actor, counter = s.dot
+    try:
+        i = index[actor]
+    except KeyError:
+        raise ValueError(f"sibling dot {s.dot!r} is not covered by the object's clock") from None
+    # float(...) + 0.0 turns ints into floats and -0.0 into 0.0, so equal objects pack equal.
+    timestamp = float(s.timestamp) + 0.0
+    ref = s.chunks
+    if ref is None:
+        return [i, counter, s.value, s.deleted, timestamp]
+    return [i, counter, s.value, s.deleted, timestamp, ref.vid, ref.length, ref.count]
+
+
+def _encode_sibling_alone(s: Sibling) -> bytes:
+    return _packer().pack([s.dot[0], _encode_sibling(s, {s.dot[0]: 0})])
+
+
+def encode_object(obj: VersionedObject) -> bytes:
+    """The object as stored and sent between nodes: compact msgpack, same object same bytes."""
+    clock = obj.clock
+    actors = sorted(clock)
+    flat: list = []
+    index: dict[str, int] = {}
+    for i, actor in enumerate(actors):
+        flat.append(actor)
+        flat.append(clock[actor])
+        index[actor] = i
+    siblings = [_encode_sibling(s, index) for s in obj.siblings]
+    return _packer().pack([_FORMAT, flat, siblings])
+
+
+def decode_object(data: bytes) -> VersionedObject:
+    """Inverse of ``encode_object``; raises ValueError on anything it did not produce."""
+    try:
+        top = msgpack.unpackb(
+            data,
+            raw=False,
+            max_str_len=_MAX_ACTOR_LEN,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as e:
+        raise ValueError(f"malformed object: {e}") from None
+    if type(top) is not list or len(top) != 3 or type(top[0]) is not int:
+        raise ValueError("malformed object: not an encoded VersionedObject")
+    if top[0] != _FORMAT:
+        raise ValueError(f"malformed object: unknown format {top[0]}")
+    flat, raw_siblings = top[1], top[2]
+    try:
+        clock = _parse_clock(flat)
+    except ValueError as e:
+        raise ValueError(f"malformed object clock: {e}") from None
+    if type(raw_siblings) is not list:
+        raise ValueError("malformed object: siblings are not a list")
+    actors = flat[0::2]
+    siblings = []
+    previous: Dot | None = None
+    for raw in raw_siblings:
+        sibling = _decode_sibling(raw, actors, clock)
+        if previous is not None and sibling.dot <= previous:
+            raise ValueError("malformed object: siblings not strictly sorted by dot")
+        previous = sibling.dot
+        siblings.append(sibling)
+    return VersionedObject(clock, tuple(siblings))
+
+
+def _decode_sibling(raw: object, actors: list, clock: VersionVector) -> Sibling:
+    if type(raw) is not list or len(raw) not in (5, 8):
+        raise ValueError("malformed sibling: not a 5 or 8 element list")
+    i, counter, value, deleted, timestamp = raw[:5]
+    if type(i) is not int or not 0 <= i < len(actors):
+        raise ValueError("malformed sibling: actor index out of range")
+    actor = actors[i]
+    if type(counter) is not int or not 1 <= counter <= clock[actor]:
+        raise ValueError("malformed sibling: dot not covered by the clock")
+    if type(value) is not bytes or type(deleted) is not bool or type(timestamp) is not float:
+        raise ValueError("malformed sibling: bad value, deleted flag or timestamp")
+    chunks = None
+    if len(raw) == 8:
+        vid, length, count = raw[5:]
+        if type(vid) is not bytes or not vid:
+            raise ValueError("malformed sibling: bad chunk upload id")
+        if type(length) is not int or type(count) is not int or length < 0 or count < 0:
+            raise ValueError("malformed sibling: bad chunk length or count")
+        if value:
+            raise ValueError("malformed sibling: chunked value with inline bytes")
+        chunks = ChunkRef(vid, length, count)
+    if deleted and (value or chunks is not None):
+        raise ValueError("malformed sibling: tombstone with a value")
+    return Sibling((actor, counter), value, deleted, chunks, timestamp)
+
+
+def digest(obj: VersionedObject) -> str:
+    """A short hex digest of the encoded object, to see at a glance whether replicas agree."""
+    return hashlib.blake2b(encode_object(obj), digest_size=8).hexdigest()
+
+
+def _show_key(key: bytes) -> str:
+    text = key.decode("utf-8", "backslashreplace")
+    if len(text) > 100:
+        text = text[:100] + "..."
+    return repr(text)
