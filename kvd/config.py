@@ -105,10 +105,10 @@ def parse_address(s: str) -> tuple[str, int]:
         if not _is_ipv4(host) and not _is_hostname(host):
             raise AddressError(f"{host!r} in {s!r} is not a valid host name or IP address")
     if not port_text.isascii() or not port_text.isdigit():
-        raise AddressError(f"port must be a number 1..65535, got {port_text!r} in {s!r}")
+        raise AddressError(f"port must be a number 0..65535, got {port_text!r} in {s!r}")
     port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise AddressError(f"port must be 1..65535, got {port} in {s!r}")
+    if not 0 <= port <= 65535:
+        raise AddressError(f"port must be 0..65535 (0: any free port), got {port} in {s!r}")
     return host, port
 
 
@@ -509,7 +509,7 @@ class Config(BaseModel):
             host_a, port_a = parse_address(addr_a)
             for key_b, addr_b in binds[i + 1 :]:
                 host_b, port_b = parse_address(addr_b)
-                if port_a == port_b and (
+                if port_a == port_b != 0 and (
                     host_a == host_b or _is_wildcard(host_a) or _is_wildcard(host_b)
                 ):
                     raise _KeyedError(

@@ -278,15 +278,12 @@ async def _serve_connection(node: Node, conn: FrameConnection) -> None:
     streams: dict[int, trio.MemorySendChannel] = {}
     slots = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
     async with trio.open_nursery() as nursery:
+        activity = _IdleWatch(node.config.idle_timeout, slots)
+        nursery.start_soon(activity.watch, nursery.cancel_scope)
+
         while True:
-            with trio.move_on_after(node.config.idle_timeout) as idle:
-                message = await conn.receive()
-            if idle.cancelled_caught:
-                if slots.value == MAX_IN_FLIGHT_PER_CONNECTION:
-                    log.debug("closing idle connection")
-                    nursery.cancel_scope.cancel()
-                    return
-                continue
+            message = await conn.receive()
+            activity.touch()
             if message is None:
                 break  # client closed; let in-flight requests finish and reply
             if message.type == MsgType.CHUNK:
@@ -312,6 +309,39 @@ async def _serve_connection(node: Node, conn: FrameConnection) -> None:
             nursery.start_soon(_handle_request, node, conn, message, chunks, slots)
         for channel in streams.values():
             channel.close()
+        activity.stop()  # let in-flight requests finish and reply, then close
+
+
+class _IdleWatch:
+    """Closes a connection that sent nothing for ``timeout`` seconds while it had no request
+    in flight. One task per connection, instead of a cancel scope per received frame."""
+
+    def __init__(self, timeout: float, slots: trio.Semaphore):
+        self.timeout = timeout
+        self.slots = slots
+        self.last = trio.current_time()
+        self._scope = trio.CancelScope()
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    def touch(self) -> None:
+        self.last = trio.current_time()
+
+    async def watch(self, scope: trio.CancelScope) -> None:
+        with self._scope:
+            await self._watch(scope)
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep_until(self.last + self.timeout)
+            idle = trio.current_time() - self.last >= self.timeout
+            if idle and self.slots.value == MAX_IN_FLIGHT_PER_CONNECTION:
+                log.debug("closing idle connection")
+                scope.cancel()
+                return
+            if idle:
+                self.touch()  # a long request is running; look again later
 
 
 async def _handle_request(node, conn, message, chunks, slots) -> None:

@@ -143,7 +143,7 @@ def test_bad_env_conversion_names_the_variable():
     "line, key",
     [
         ('listen = "localhost"', "listen"),
-        ('listen = "127.0.0.1:0"', "listen"),
+        ('listen = "127.0.0.1:70000"', "listen"),
         ('peer_listen = "127.0.0.1:65536"', "peer_listen"),
         ('peer_listen = "::1:7380"', "peer_listen"),
         ('metrics_listen = "no port:1"', "metrics_listen"),
@@ -234,7 +234,8 @@ def test_parse_address():
     assert parse_address("127.0.0.1:7379") == ("127.0.0.1", 7379)
     assert parse_address("[::1]:7380") == ("::1", 7380)
     assert parse_address("node-1.example.com:1") == ("node-1.example.com", 1)
-    for bad in ("", ":7379", "host", "host:", "host:x", "host:0", "[::1]7380", "[nope]:1"):
+    assert parse_address("127.0.0.1:0") == ("127.0.0.1", 0)  # any free port (tests)
+    for bad in ("", ":7379", "host", "host:", "host:x", "host:-1", "[::1]7380", "[nope]:1"):
         with pytest.raises(AddressError):
             parse_address(bad)
     with pytest.raises(ValueError):

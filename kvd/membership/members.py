@@ -25,6 +25,7 @@ Rules:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +34,9 @@ from typing import Any
 from kvd.membership.phi import PhiAccrualDetector
 
 __all__ = ["STATUSES", "MemberInfo", "MemberTable"]
+
+# Ages above this are clamped: a peer's garbage must not push an estimate to -inf.
+_MAX_AGE = 86400.0
 
 # Member statuses of the cluster state (cluster_state.py).  "down" is a local judgement of the
 # failure detector, never gossiped; kvctl's UN/DN derive from it, UJ/UL from these.
@@ -74,6 +78,17 @@ class MemberInfo:
         )
 
 
+def _age(raw: Any) -> float | None:
+    """A gossiped age, sanitised: None when absent or not a finite number, else clamped."""
+    try:
+        age = float(raw)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(age):
+        return None
+    return min(max(age, 0.0), _MAX_AGE)
+
+
 class MemberTable:
     """This node's view of every node's latest record and liveness."""
 
@@ -89,6 +104,8 @@ class MemberTable:
         self._records: dict[str, MemberInfo] = {me.node: me}
         self._detectors: dict[str, PhiAccrualDetector] = {}
         self._was_up: dict[str, bool] = {me.node: True}
+        # My-clock estimate of when each record was emitted by its node (rule 3).
+        self._emitted: dict[str, float] = {}
 
     def _new_detector(self) -> PhiAccrualDetector:
         return PhiAccrualDetector(threshold=self.threshold, **self._detector_options)
@@ -103,33 +120,43 @@ class MemberTable:
             changes["load_bytes"] = load_bytes
         mine = replace(mine, **changes)
         self._records[self.me] = mine
+        self._emitted[self.me] = now
         return mine
 
     def merge(self, records: Iterable[MemberInfo | dict[str, Any]], now: float) -> list[str]:
         """Take every record newer than mine; return the nodes whose liveness changed.
 
-        Liveness changes caused by time alone (silence) are reported too, since the table
-        compares every node's judgement now with the previous one it reported.
+        ``records`` are digest dicts (``digest(now)``: each may carry its ``age``) or
+        MemberInfo objects (no age: taken as emitted ``now``).  Liveness changes caused by
+        time alone (silence) are reported too, since the table compares every node's
+        judgement now with the last one it reported.
         """
-        for rec in records:
-            if not isinstance(rec, MemberInfo):
-                rec = MemberInfo.from_dict(rec)
+        for item in records:
+            if isinstance(item, MemberInfo):
+                rec, age = item, None
+            else:
+                rec = MemberInfo.from_dict(item)
+                age = _age(item.get("age"))
             if rec.node == self.me:
                 self._refute(rec)
                 continue
             old = self._records.get(rec.node)
             if old is not None and rec.key <= old.key:
                 continue
+            emitted = now if age is None else now - age
             self._records[rec.node] = rec
+            self._emitted[rec.node] = emitted
             if old is None:
-                # Rule 4: second-hand news of a node proves nothing about it being alive now.
-                self._detectors[rec.node] = self._new_detector()
+                det = self._detectors[rec.node] = self._new_detector()
+                if age is not None:
+                    # Rule 4: first sight counts only when we know how old the news is.
+                    det.heartbeat(now, emitted)
             elif rec.generation > old.generation:
                 det = self._detectors[rec.node]
                 det.reset()
-                det.heartbeat(now)
+                det.heartbeat(now, emitted)
             else:
-                self._detectors[rec.node].heartbeat(now)
+                self._detectors[rec.node].heartbeat(now, emitted)
         return self.check(now)
 
     def check(self, now: float) -> list[str]:
@@ -150,9 +177,20 @@ class MemberTable:
         # rec.key >= mine.key, so rec.generation >= mine.generation: adopt it and go one past.
         self._records[self.me] = replace(mine, generation=rec.generation, heartbeat=rec.heartbeat + 1)
 
-    def digest(self) -> list[dict[str, Any]]:
-        """What to gossip: every record, as plain dicts (sorted by node)."""
-        return [self._records[n].to_dict() for n in sorted(self._records)]
+    def digest(self, now: float | None = None) -> list[dict[str, Any]]:
+        """What to gossip: every record as a plain dict, sorted by node.
+
+        With ``now``, each dict also carries ``age``: how many seconds ago its node emitted
+        it, as far as I know (rule 3).  The gossip task should always pass ``now``.
+        """
+        out = []
+        for n in sorted(self._records):
+            d = self._records[n].to_dict()
+            if now is not None:
+                emitted = self._emitted.get(n)
+                d["age"] = 0.0 if emitted is None else round(max(now - emitted, 0.0), 3)
+            out.append(d)
+        return out
 
     def is_up(self, node: str, now: float) -> bool:
         """My judgement of ``node`` at ``now``: me always up, unknown nodes down."""

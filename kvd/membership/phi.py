@@ -110,17 +110,23 @@ class PhiAccrualDetector:
         self._sum_sq = 0.0
         self._last = None
 
-    def heartbeat(self, now: float) -> None:
-        """Record that the node was heard from at ``now``."""
+    def heartbeat(self, now: float, emitted: float | None = None) -> None:
+        """Record a heartbeat that arrived at ``now`` and was sent at ``emitted`` (default now).
+
+        The sample is the time from the previous heartbeat's emission to this arrival, and
+        the next phi is measured from this heartbeat's emission: with ``emitted`` left out
+        this is the classic detector over arrival times.
+        """
+        sent = now if emitted is None else min(emitted, now)
         last = self._last
         if last is None:
             std = self.first_interval / 4.0
             self._add(self.first_interval - std)
             self._add(self.first_interval + std)
-            self._last = now
-        elif now > last:
+            self._last = sent
+        elif sent > last:
             self._add(now - last)
-            self._last = now
+            self._last = sent
 
     def phi(self, now: float) -> float:
         """Suspicion that the node is down at ``now``: 0.0 before the first heartbeat."""

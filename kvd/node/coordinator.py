@@ -92,6 +92,10 @@ class Coordinator:
 
     async def get(self, key: bytes, n: int, r: int) -> ReadResult:
         replicas = self.replicas_for(key, n)
+        if len(replicas) == 1 and r == 1:
+            # One replica: no fan-out, no background task (the single-node hot path).
+            obj = await replicas[0].get(key)
+            return ReadResult(obj, 1, _chunk_source(obj, [(replicas[0], obj)]))
         ok, failed = await self._quorum(replicas, lambda rep: rep.get(key), r)
         if len(ok) < r:
             raise QuorumFailed(_quorum_message("read", r, ok, failed))
@@ -153,6 +157,8 @@ class Coordinator:
                 for replica in replicas:
                     self.background.start_soon(self._discard_upload, replica, key, vid)
                 raise
+        if not others:
+            return WriteResult(minted, 1)
         ok, failed = await self._quorum(others, lambda rep: rep.merge(key, minted), w - 1)
         acks = 1 + len(ok)
         if acks < w:
