@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo demo-stop test test-fast bench clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(BIN)/python scripts/demo.py
+
+demo-stop:
+	$(BIN)/python scripts/demo.py --stop
 
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / ".demo"
+DEMO = Path(os.environ.get("KVD_DEMO_DIR", ROOT / ".demo"))
 BIN = Path(sys.executable).parent
-NODES = [("n1", 7379, 7380)]
+BASE_PORT = int(os.environ.get("KVD_DEMO_PORT", "7379"))
+NODES = [("n1", BASE_PORT, BASE_PORT + 1)]
+HOST = f"127.0.0.1:{BASE_PORT}"
 
 
-def kvctl(*args: str, host: str = "127.0.0.1:7379", check: bool = True) -> int:
+def kvctl(*args: str, host: str = HOST, check: bool = True) -> int:
     command = [str(BIN / "kvctl"), "--host", host, *args]
     print(f"\n$ kvctl --host {host} {' '.join(args)}", flush=True)
     code = subprocess.run(command).returncode
