@@ -157,6 +157,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         else:
             blobs = BlobStore(os.path.join(data_dir, "blobs"), sync=config.sync != "none")
         store = LocalStore(storage, blobs, config.ring_size)
+        await store.sweep()
         async with trio.open_nursery() as nursery:
             local = LocalReplica(identity.node, identity.actor, store)
             coordinator = Coordinator(

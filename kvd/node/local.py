@@ -4,8 +4,12 @@ Invariants:
 - Rule 1: an object record naming a blob (a chunked value) is written only after that blob
   is sealed (fsynced): ``coordinate`` and ``merge`` seal before they write.
 - Rule 2: a blob is deleted only after the object that no longer names it is durable, so a
-  crash can leave an orphan blob (swept later) but never a manifest without its bytes.
-- Rule 3: every write of a key builds on the latest object *written* for it, durable or not:
+  crash never leaves a manifest without its bytes.
+- Rule 3: no blob is ever forgotten. A blob ledger entry is written before an upload's first
+  byte ("u": uploading) and removed in the same batch as the manifest that names it; the
+  batch that drops the last manifest naming a blob marks it "g" (garbage). ``sweep`` at
+  start deletes every blob still in the ledger, so a crash at any point leaves no orphan.
+- Rule 4: every write of a key builds on the latest object *written* for it, durable or not:
   the not-yet-durable object waits in ``_pending`` while its batch commits, and reading it,
   deriving the next object and publishing that happen with no checkpoint in between. So two
   concurrent writes never build on the same old object (and lose one another), and writes to
@@ -28,6 +32,14 @@ from kvd.storage.keys import partition_of
 log = logging.getLogger("kvd.local")
 
 READ_SIZE = 1 << 20  # bytes per CHUNK frame when streaming a stored value out
+
+
+_UPLOADING = b"u"
+_GARBAGE = b"g"
+
+
+def _ledger_key(vid: bytes) -> bytes:
+    return keys.meta_key("blob:") + vid
 
 
 def new_vid() -> bytes:
@@ -113,26 +125,43 @@ class LocalStore:
     async def _store(self, key, obj, discarded) -> None:
         """Publish ``obj`` as the key's latest object (call with no checkpoint since reading
         the object it derives from), then wait until it is durable."""
+        ops = [(keys.object_key(self.partition(key), key), versions.encode_object(obj))]
+        kept = {s.chunks.vid for s in obj.siblings if s.chunks is not None}
+        garbage = {s.chunks.vid for s in discarded if s.chunks is not None} - kept
+        ops += [(_ledger_key(vid), None) for vid in kept]
+        ops += [(_ledger_key(vid), _GARBAGE) for vid in garbage]
         self._pending[key] = obj
         try:
-            await self.storage.write(
-                [(keys.object_key(self.partition(key), key), versions.encode_object(obj))]
-            )
+            await self.storage.write(ops)
         finally:
             if self._pending.get(key) is obj:
                 del self._pending[key]
-        kept = {s.chunks.vid for s in obj.siblings if s.chunks is not None}
-        for sibling in discarded:
-            if sibling.chunks is not None and sibling.chunks.vid not in kept:
-                await self.blobs.delete(sibling.chunks.vid)
+        if garbage:
+            await self._delete_blobs(garbage)
+
+    async def _delete_blobs(self, vids) -> None:
+        for vid in vids:
+            await self.blobs.delete(vid)
+        await self.storage.write([(_ledger_key(vid), None) for vid in vids])
 
     async def write_chunk(self, key: bytes, vid: bytes, offset: int, data: bytes) -> None:
         """Store bytes of upload ``vid`` at ``offset`` (sealed before its manifest)."""
+        if offset == 0:
+            await self.storage.write([(_ledger_key(vid), _UPLOADING)])
         await self.blobs.write(vid, offset, data)
 
     async def discard_upload(self, key: bytes, vid: bytes) -> None:
         """Remove the bytes of an upload that never got its manifest (client went away)."""
-        await self.blobs.delete(vid)
+        await self._delete_blobs([vid])
+
+    async def sweep(self) -> int:
+        """Delete the blobs a crash left behind (see Rule 3); returns how many."""
+        start = _ledger_key(b"")
+        vids = [k[len(start):] for k in self.storage.iterate_keys(start, start + b"\xff")]
+        if vids:
+            await self._delete_blobs(vids)
+            log.info("removed %d unfinished or superseded large values", len(vids))
+        return len(vids)
 
     async def read_chunks(self, key: bytes, ref: versions.ChunkRef) -> AsyncIterator[bytes]:
         """Yield a stored value in READ_SIZE pieces, one at a time (bounded memory)."""
