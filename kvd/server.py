@@ -493,7 +493,7 @@ async def _status(node: Node, conn, message, _chunks) -> None:
         "state": "UN",
         "address": node.config.listen,
         "peer_address": node.config.peer_listen,
-        "load_bytes": node.storage.approximate_size(),
+        "load_bytes": node.storage.approximate_size() + node.store.blobs.approximate_size(),
         "partitions": node.config.ring_size,
         "ownership": 1.0,
         "uptime_s": round(time.time() - node.started, 1),

@@ -488,19 +488,10 @@ def test_partition_of_pinned_vectors():
     assert keys.partition_of(b"hello", 1) == 0
 
 
-@pytest.mark.parametrize("q", [0, 3, 1000, 1 << 33])
+@pytest.mark.parametrize("q", [0, 3, 1000])
 def test_partition_of_rejects_bad_ring_sizes(q):
     with pytest.raises(ValueError):
         keys.partition_of(b"k", q)
-
-
-def test_partition_of_agrees_with_the_ring():
-    ring = pytest.importorskip("kvd.ring")
-    if not hasattr(ring, "partition_of"):
-        pytest.skip("kvd.ring has no partition_of yet")
-    for i in range(1000):
-        key = b"key-%d" % i
-        assert ring.partition_of(key, 1024) == keys.partition_of(key, 1024)
 
 
 # --- import hygiene ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from kvd import versions
 from kvd.errors import Unavailable
 from kvd.storage import Storage, keys
-from kvd.storage.keys import partition_of
+from kvd.ring import partition_of
 
 log = logging.getLogger("kvd.local")
 

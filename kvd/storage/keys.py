@@ -24,8 +24,9 @@ Layouts::
 
 from __future__ import annotations
 
-import hashlib
 import struct
+
+from kvd.ring.ring import partition_of  # noqa: F401
 
 PARTITION_BITS_MAX = 32
 VID_SIZE = 16
@@ -148,13 +149,4 @@ def meta_key(name: str) -> bytes:
     return _META + name.encode("utf-8")
 
 
-def partition_of(key: bytes, q: int) -> int:
-    """The partition of ``key`` on a ring of ``q`` partitions (DESIGN section 3).
-
-    The first 64 bits of blake2b(key), shifted right so that ``log2(q)`` bits remain.
-    """
-    if q < 1 or q & (q - 1) or q > 1 << PARTITION_BITS_MAX:
-        raise ValueError(f"ring size {q} is not a power of two in 1..2**{PARTITION_BITS_MAX}")
-    bits = q.bit_length() - 1
-    digest = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
-    return digest >> (64 - bits)
+# The partitioner lives with the ring (one definition); re-exported for the key layout.
