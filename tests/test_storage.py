@@ -416,7 +416,6 @@ async def test_leveldb_synced_commit_does_not_block_the_loop(tmp_path, monkeypat
 
 partitions = st.integers(min_value=0, max_value=(1 << keys.PARTITION_BITS_MAX) - 1)
 user_keys = st.binary(min_size=1, max_size=1024)
-vids = st.binary(min_size=16, max_size=16)
 
 
 @given(partitions, user_keys, partitions)
@@ -430,22 +429,6 @@ def test_object_keys_of_a_partition_are_contiguous(p, key, other):
         assert not other_start <= k < other_stop
     if p + 1 < 1 << keys.PARTITION_BITS_MAX:
         assert stop <= keys.object_range(p + 1)[0]  # partitions sort in order
-
-
-@given(partitions, user_keys, vids, st.integers(0, 2**32 - 1), user_keys, vids)
-def test_chunk_keys(p, key, vid, index, other_key, other_vid):
-    k = keys.chunk_key(p, key, vid, index)
-    start, stop = keys.chunk_range(p)
-    assert start <= k < stop
-    assert k.startswith(keys.chunk_prefix(p, key, vid))
-    assert keys.chunk_of(k) == (p, key, vid, index)
-    if (other_key, other_vid) != (key, vid):
-        # Another version's chunks never share this version's prefix.
-        assert not keys.chunk_key(p, other_key, other_vid, index).startswith(
-            keys.chunk_prefix(p, key, vid)
-        )
-    if index:
-        assert keys.chunk_key(p, key, vid, index - 1) < k
 
 
 @given(st.text(min_size=1, max_size=40), st.integers(0, 2**64 - 1), st.text(max_size=40))
@@ -464,7 +447,6 @@ def test_hint_keys(node, seq, other):
 def test_key_kinds_do_not_overlap():
     last = (1 << 32) - 1
     assert keys.object_range(last) == (b"o\xff\xff\xff\xff", b"p")
-    assert keys.chunk_range(last)[1] <= keys.hint_range("")[0]
     assert keys.hint_range("\U0010ffff" * 10)[1] <= keys.meta_key("")
     assert keys.meta_key("\U0010ffff") < keys.object_range(0)[0]
 

@@ -3,21 +3,18 @@
 Invariants:
 
 1. One type byte starts every key, so the kinds never interleave:
-   ``c`` chunks, ``h`` hints, ``m`` node metadata, ``o`` objects.
+   ``h`` hints, ``m`` node metadata, ``o`` objects. (Large values' bytes are not keys: they
+   live in blob files beside LevelDB, see kvd/storage/blobs.py.)
 2. Integers are fixed-width big-endian, so byte order equals numeric order.
 3. All object keys of one partition form one contiguous range, ``object_range(p)``; the same
-   holds for chunks (``chunk_range(p)``) and for the hints of one target node
-   (``hint_range(node)``). Transfers and anti-entropy therefore scan a partition with one
+   holds for the hints of one target node (``hint_range(node)``). Transfers and anti-entropy therefore scan a partition with one
    range iteration and never touch another partition's keys.
-4. Variable-length parts that are followed by more fields (the user key in a chunk key, the
-   node id in a hint key) carry a u16 length prefix, so one key's chunks never interleave
-   with another key's, and one node's hints never with another node's.
-5. Within a version, chunk keys sort by chunk index; within a node, hint keys sort by seq.
+4. The node id in a hint key carries a u16 length prefix, so one node's hints never
+   interleave with another node's; within a node, hint keys sort by seq.
 
 Layouts::
 
     object  b"o" + partition u32 + key
-    chunk   b"c" + partition u32 + len(key) u16 + key + vid (16 bytes) + index u32
     hint    b"h" + len(node) u16 + node (utf-8) + seq u64
     meta    b"m" + name (utf-8)
 """
@@ -29,10 +26,8 @@ import struct
 from kvd.ring.ring import partition_of  # noqa: F401
 
 PARTITION_BITS_MAX = 32
-VID_SIZE = 16
 
 _OBJECT = b"o"
-_CHUNK = b"c"
 _HINT = b"h"
 _META = b"m"
 
@@ -55,12 +50,6 @@ def _partition(partition: int) -> bytes:
     return _U32.pack(partition)
 
 
-def _user_key(key: bytes) -> bytes:
-    if len(key) > 0xFFFF:
-        raise ValueError(f"key of {len(key)} bytes is longer than 65535")
-    return _U16.pack(len(key)) + key
-
-
 def object_key(partition: int, key: bytes) -> bytes:
     """The storage key of ``key``'s object (its siblings and causal context)."""
     return _OBJECT + _partition(partition) + key
@@ -79,39 +68,8 @@ def user_key_of(object_key: bytes) -> tuple[int, bytes]:
     return _U32.unpack_from(object_key, 1)[0], object_key[5:]
 
 
-def chunk_prefix(partition: int, key: bytes, vid: bytes) -> bytes:
-    """The common prefix of every chunk of version ``vid`` of ``key``."""
-    if len(vid) != VID_SIZE:
-        raise ValueError(f"vid must be {VID_SIZE} bytes, not {len(vid)}")
-    return _CHUNK + _partition(partition) + _user_key(key) + vid
 
 
-def chunk_key(partition: int, key: bytes, vid: bytes, index: int) -> bytes:
-    """The storage key of chunk ``index`` of version ``vid`` of ``key``."""
-    if not 0 <= index <= 0xFFFFFFFF:
-        raise ValueError(f"chunk index {index} is out of range")
-    return chunk_prefix(partition, key, vid) + _U32.pack(index)
-
-
-def chunk_of(chunk_key: bytes) -> tuple[int, bytes, bytes, int]:
-    """``(partition, key, vid, index)`` of a key built by ``chunk_key``."""
-    if len(chunk_key) < 7 or chunk_key[:1] != _CHUNK:
-        raise ValueError(f"not a chunk key: {chunk_key[:16]!r}")
-    partition = _U32.unpack_from(chunk_key, 1)[0]
-    (length,) = _U16.unpack_from(chunk_key, 5)
-    end = 7 + length
-    if len(chunk_key) != end + VID_SIZE + 4:
-        raise ValueError(f"malformed chunk key: {chunk_key[:16]!r}")
-    key = chunk_key[7:end]
-    vid = chunk_key[end : end + VID_SIZE]
-    (index,) = _U32.unpack_from(chunk_key, end + VID_SIZE)
-    return partition, key, vid, index
-
-
-def chunk_range(partition: int) -> tuple[bytes, bytes]:
-    """``[start, stop)`` covering every chunk key of ``partition`` and nothing else."""
-    start = _CHUNK + _partition(partition)
-    return start, _successor(start)
 
 
 def _hint_prefix(target_node: str) -> bytes:
