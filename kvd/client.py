@@ -73,6 +73,7 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel] = {}
         self._failure: KvdError | None = None
+        self.closed = trio.Event()
 
     # -- plumbing
 
@@ -95,6 +96,7 @@ class Client:
 
     def _fail(self, exc: KvdError) -> None:
         self._failure = exc
+        self.closed.set()
         for channel in self._pending.values():
             channel.close()
         self._pending.clear()
@@ -122,6 +124,10 @@ class Client:
             yield rid, next_reply
         finally:
             self._pending.pop(rid, None)
+
+    async def call(self, kind: MsgType, fields: dict, expect: MsgType) -> dict:
+        """Send one request and return the fields of its single reply (peer messages)."""
+        return await self._call(kind, fields, expect)
 
     async def _call(self, kind: MsgType, fields: dict, expect: MsgType) -> dict:
         async with self._request(kind, fields) as (_, next_reply):
@@ -259,8 +265,10 @@ def _put_reply(fields: dict) -> dict:
 
 @asynccontextmanager
 async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = None,
-                      connect_timeout: float = 5.0):
-    """Connect, handshake and yield a Client; closes the connection on exit."""
+                      connect_timeout: float = 5.0, hello_fields: dict | None = None):
+    """Connect, handshake and yield a Client; closes the connection on exit.
+
+    ``hello_fields`` extends the HELLO (peers send role "peer" and their node id)."""
     try:
         host, port = split_address(address)
     except ValueError as exc:
@@ -273,6 +281,7 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
     conn = FrameConnection(stream)
     try:
         hello: dict[str, Any] = {"versions": [PROTOCOL_VERSION], "role": "client"}
+        hello.update(hello_fields or {})
         if token:
             hello["token"] = token
         try:

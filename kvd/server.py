@@ -32,6 +32,9 @@ from kvd.errors import (
     unwrap_single_error,
 )
 from kvd.net.connection import FrameConnection
+from kvd.node import admin
+from kvd.node.cluster import Cluster
+from kvd.node.peer_service import PEER_HANDLERS
 from kvd.node.coordinator import MAX_VALUE, Coordinator
 from kvd.node.local import LocalStore, new_vid
 from kvd.node.replica import LocalReplica
@@ -111,6 +114,7 @@ class Node:
     identity: Identity
     store: LocalStore
     coordinator: Coordinator
+    cluster: Cluster
     started: float = field(default_factory=time.time)
     counters: Counters = field(default_factory=Counters)
     in_flight: int = 0
@@ -122,7 +126,7 @@ class Node:
         return self.identity.node
 
     def member_count(self) -> int:
-        return 1
+        return self.cluster.member_count()
 
     def request_started(self) -> None:
         if self.draining:
@@ -160,28 +164,37 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         await store.sweep()
         async with trio.open_nursery() as nursery:
             local = LocalReplica(identity.node, identity.actor, store)
+            cluster = Cluster(config, identity, storage, store, local, nursery)
+            await cluster.load()
             coordinator = Coordinator(
-                lambda key, n: [local],
+                cluster.replicas_for_read,
+                cluster.replicas_for_write,
                 nursery,
                 config.request_timeout,
                 read_repair=config.read_repair,
             )
-            node = Node(config, storage, identity, store, coordinator)
+            node = Node(config, storage, identity, store, coordinator, cluster)
             node.idle.set()
-            host, port = parse_address(config.listen)
-            try:
-                listeners = await trio.open_tcp_listeners(port, host=host)
-            except OSError as exc:
-                raise ConfigError(f"listen {config.listen}: {exc.strerror}") from None
-            connection_slots = trio.CapacityLimiter(config.max_connections)
-            nursery.start_soon(
-                trio.serve_listeners,
-                lambda stream: handle_connection(node, stream, connection_slots),
-                listeners,
-            )
-            bound = listeners[0].socket.getsockname()[1]
-            log.info("node %s serving clients on %s:%d", identity.node, host, bound)
-            task_status.started((bound, node))
+            listeners = []
+            for key, role in (("peer_listen", "peer"), ("listen", "client")):
+                address = getattr(config, key)
+                host, port = parse_address(address)
+                try:
+                    bound = await trio.open_tcp_listeners(port, host=host)
+                except OSError as exc:
+                    raise ConfigError(f"{key} {address}: {exc.strerror}") from None
+                listeners += bound
+                slots = trio.CapacityLimiter(config.max_connections)
+                nursery.start_soon(
+                    trio.serve_listeners,
+                    lambda stream, role=role, slots=slots: handle_connection(node, stream, slots, role),
+                    bound,
+                )
+            port = listeners[-1].socket.getsockname()[1]
+            nursery.start_soon(cluster.run)
+            log.info("node %s serving clients on %s, peers on %s", identity.node, config.listen,
+                     config.peer_listen)
+            task_status.started((port, node))
             try:
                 await trio.sleep_forever()
             finally:
@@ -208,7 +221,7 @@ async def run(config: Config) -> None:
 # ---------------------------------------------------------------- connections
 
 
-async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter) -> None:
+async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter, role: str) -> None:
     conn = FrameConnection(stream)
     try:
         slots.acquire_nowait()
@@ -220,7 +233,7 @@ async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter) -> 
     node.counters.connections += 1
     try:
         with unwrap_single_error():
-            await _serve_connection(node, conn)
+            await _serve_connection(node, conn, role)
     except ProtocolError as exc:
         node.counters.protocol_errors += 1
         log.info("closing connection: %s", exc)
@@ -245,7 +258,7 @@ async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> 
         pass
 
 
-async def _handshake(node: Node, conn: FrameConnection) -> None:
+async def _handshake(node: Node, conn: FrameConnection, role: str) -> None:
     with trio.move_on_after(node.config.handshake_timeout) as scope:
         hello = await conn.receive()
     if scope.cancelled_caught:
@@ -254,6 +267,8 @@ async def _handshake(node: Node, conn: FrameConnection) -> None:
         raise ConnectFailed("closed before HELLO")
     if hello.type != MsgType.HELLO:
         raise ProtocolError(f"expected HELLO, got {hello.type.name}")
+    if hello.fields["role"] != role:
+        raise ProtocolError(f"this is the {role} port; a {hello.fields['role']} connected to it")
     if PROTOCOL_VERSION not in hello.fields["versions"]:
         raise ProtocolError(
             f"no common protocol version (server speaks {PROTOCOL_VERSION}, "
@@ -274,8 +289,9 @@ async def _handshake(node: Node, conn: FrameConnection) -> None:
     )
 
 
-async def _serve_connection(node: Node, conn: FrameConnection) -> None:
-    await _handshake(node, conn)
+async def _serve_connection(node: Node, conn: FrameConnection, role: str) -> None:
+    await _handshake(node, conn, role)
+    handlers = PEER_HANDLERS if role == "peer" else HANDLERS
     streams: dict[int, trio.MemorySendChannel] = {}
     slots = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
     async with trio.open_nursery() as nursery:
@@ -307,7 +323,7 @@ async def _serve_connection(node: Node, conn: FrameConnection) -> None:
                 if message.fields["length"] == 0:
                     raise ProtocolError("a streamed PUT must declare a length above zero")
             await slots.acquire()
-            nursery.start_soon(_handle_request, node, conn, message, chunks, slots)
+            nursery.start_soon(_handle_request, node, conn, message, chunks, slots, handlers)
         for channel in streams.values():
             channel.close()
         activity.stop()  # let in-flight requests finish and reply, then close
@@ -345,14 +361,14 @@ class _IdleWatch:
                 self.touch()  # a long request is running; look again later
 
 
-async def _handle_request(node, conn, message, chunks, slots) -> None:
+async def _handle_request(node, conn, message, chunks, slots, handlers) -> None:
     rid = message.request_id
     try:
         node.request_started()
         try:
-            handler = HANDLERS.get(message.type)
+            handler = handlers.get(message.type)
             if handler is None:
-                raise BadRequest(f"{message.type.name} is not a client request")
+                raise BadRequest(f"{message.type.name} is not accepted on this port")
             await handler(node, conn, message, chunks)
         finally:
             node.request_finished()
@@ -487,38 +503,70 @@ async def _delete(node: Node, conn, message, _chunks) -> None:
     await _reply_written(conn, message.request_id, result)
 
 
+_STATE_LETTER = {"valid": "N", "joining": "J", "leaving": "L", "exiting": "L"}
+
+
 async def _status(node: Node, conn, message, _chunks) -> None:
-    me = {
-        "node": node.node_id,
-        "state": "UN",
-        "address": node.config.listen,
-        "peer_address": node.config.peer_listen,
-        "load_bytes": node.storage.approximate_size() + node.store.blobs.approximate_size(),
-        "partitions": node.config.ring_size,
-        "ownership": 1.0,
-        "uptime_s": round(time.time() - node.started, 1),
-        "requests": node.counters.requests,
-        "connections": node.counters.connections,
-    }
-    await conn.send(
-        codec.encode(MsgType.STATUS_REPLY, message.request_id, {"node": node.node_id, "nodes": [me]})
-    )
+    cluster = node.cluster
+    state = cluster.state
+    counts = {n: len(state.ring.partitions_of(n)) for n in state.ring.nodes()}
+    hints = cluster.hints_pending()
+    rows = []
+    for member in sorted(set(state.members) | set(counts)):
+        record = cluster.members.get(member)
+        address, peer_address = cluster.addresses.get(member, ("", ""))
+        if member == node.node_id:
+            load = node.storage.approximate_size() + node.store.blobs.approximate_size()
+        else:
+            load = record.load_bytes if record else 0
+        letter = _STATE_LETTER.get(state.members.get(member, "valid"), "N")
+        rows.append({
+            "node": member,
+            "state": ("U" if cluster.is_up(member) else "D") + letter,
+            "address": address,
+            "peer_address": peer_address,
+            "load_bytes": load,
+            "partitions": counts.get(member, 0),
+            "ownership": round(counts.get(member, 0) / state.ring.q, 4),
+            "status": state.members.get(member, "none"),
+            "hints_pending": hints.get(member, 0),
+        })
+    mine = next(r for r in rows if r["node"] == node.node_id)
+    mine.update({"uptime_s": round(time.time() - node.started, 1),
+                 "requests": node.counters.requests, "connections": node.counters.connections,
+                 "read_repairs": node.coordinator.read_repairs,
+                 "hints_held": sum(hints.values()), "hints_delivered": cluster.hints_delivered})
+    reply = {"node": node.node_id, "nodes": rows, "ring_version": state.ring.version,
+             "cluster": state.cluster_id}
+    await conn.send(codec.encode(MsgType.STATUS_REPLY, message.request_id, reply))
 
 
 async def _inspect(node: Node, conn, message, _chunks) -> None:
     key = _key(message.fields)
-    obj = node.store.read(key)
-    replica = {
-        "node": node.node_id,
-        "role": "primary",
-        "present": obj is not None,
-        "siblings": len(obj.siblings) if obj else 0,
-        "deleted": bool(obj) and not versions.is_found(obj),
-        "version": versions.encode_context(obj.clock) if obj else b"",
-        "digest": versions.digest(obj) if obj else "",
-    }
-    reply = {"key": key, "partition": node.store.partition(key), "replicas": [replica]}
+    cluster = node.cluster
+    n = min(node.config.n, node.member_count())
+    replicas = []
+    for member, role in cluster.replica_roles(key, n):
+        entry = {"node": member, "role": role, "present": False, "siblings": 0, "digest": "",
+                 "version": b"", "deleted": False}
+        try:
+            with trio.fail_after(node.config.request_timeout):
+                obj = await cluster._replica(member).get(key)
+        except (KvdError, trio.TooSlowError, OSError) as exc:
+            entry["error"] = str(exc) or "timed out"
+            obj = None
+        if obj is not None:
+            entry.update(present=True, siblings=len(obj.siblings), digest=versions.digest(obj),
+                         version=versions.encode_context(obj.clock),
+                         deleted=not versions.is_found(obj))
+        replicas.append(entry)
+    reply = {"key": key, "partition": node.store.partition(key), "replicas": replicas}
     await conn.send(codec.encode(MsgType.INSPECT_REPLY, message.request_id, reply))
+
+
+async def _admin(node: Node, conn, message, _chunks) -> None:
+    reply = await admin.handle(node.cluster, node.config, message.fields)
+    await conn.send(codec.encode(MsgType.ADMIN_REPLY, message.request_id, reply))
 
 
 async def _ping(node: Node, conn, message, _chunks) -> None:
@@ -532,4 +580,5 @@ HANDLERS = {
     MsgType.STATUS: _status,
     MsgType.INSPECT: _inspect,
     MsgType.PING: _ping,
+    MsgType.ADMIN: _admin,
 }

@@ -45,12 +45,14 @@ class Coordinator:
 
     def __init__(
         self,
-        replicas_for: Callable[[bytes, int], Sequence[Replica]],
+        read_replicas: Callable[[bytes, int], Sequence[Replica]],
+        write_replicas: Callable[[bytes, int], Sequence[Replica]],
         background: trio.Nursery,
         request_timeout: float,
         read_repair: bool = True,
     ):
-        self.replicas_for = replicas_for
+        self.read_replicas = read_replicas
+        self.write_replicas = write_replicas
         self.background = background
         self.request_timeout = request_timeout
         self.read_repair = read_repair
@@ -91,7 +93,7 @@ class Coordinator:
         return ok, failed
 
     async def get(self, key: bytes, n: int, r: int) -> ReadResult:
-        replicas = self.replicas_for(key, n)
+        replicas = self.read_replicas(key, n)
         if len(replicas) == 1 and r == 1:
             # One replica: no fan-out, no background task (the single-node hot path).
             obj = await replicas[0].get(key)
@@ -140,7 +142,7 @@ class Coordinator:
         vid: bytes = b"",
     ) -> WriteResult:
         """Write a value (inline, or streamed from ``chunks``) or a tombstone at quorum W."""
-        replicas = list(self.replicas_for(key, n))
+        replicas = list(self.write_replicas(key, n))
         if length > MAX_VALUE:
             raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
         payload: dict = {"deleted": deleted, "timestamp": timestamp}
@@ -157,6 +159,10 @@ class Coordinator:
                 for replica in replicas:
                     self.background.start_soon(self._discard_upload, replica, key, vid)
                 raise
+        hints = [rep for rep in others if getattr(rep, "role", "") == "hint"]
+        others = [rep for rep in others if rep not in hints]
+        for hint in hints:  # local and durable before we answer; not counted towards W
+            await hint.merge(key, minted)
         if not others:
             return WriteResult(minted, 1)
         ok, failed = await self._quorum(others, lambda rep: rep.merge(key, minted), w - 1)
@@ -169,6 +175,8 @@ class Coordinator:
         """Have the first replica that can mint the new version; return it and the others."""
         errors: list[tuple[Replica, BaseException]] = []
         for index, replica in enumerate(replicas):
+            if getattr(replica, "role", "primary") != "primary":
+                continue  # fallbacks hold hints; only a replica with the key's history mints
             try:
                 with trio.fail_after(self.request_timeout):
                     minted = await replica.coordinate(key, context, payload)

@@ -1,0 +1,73 @@
+"""Connections to other nodes: one multiplexed connection per peer address.
+
+A connection is opened on first use and kept; when it breaks, the next request opens a new
+one. Requests never wait longer than ``connect_timeout`` for a connection, so a down node
+costs a caller one bounded wait, and the coordinator avoids down nodes anyway (the failure
+detector tells it which).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from kvd.client import Client, open_client
+from kvd.errors import ConnectFailed, KvdError
+from kvd.proto.messages import MsgType
+
+log = logging.getLogger("kvd.peer")
+
+
+class PeerPool:
+    """Multiplexed connections to peers, keyed by peer address (HOST:PORT)."""
+
+    def __init__(self, nursery: trio.Nursery, hello_fields: dict, connect_timeout: float = 2.0):
+        self._nursery = nursery
+        self._hello = {"role": "peer", **hello_fields}
+        self._connect_timeout = connect_timeout
+        self._clients: dict[str, Client] = {}
+        self._connecting: dict[str, trio.Event] = {}
+
+    async def _client(self, address: str) -> Client:
+        client = self._clients.get(address)
+        if client is not None and not client.closed.is_set():
+            return client
+        ready = self._connecting.get(address)
+        if ready is None:
+            ready = self._connecting[address] = trio.Event()
+            self._nursery.start_soon(self._hold, address, ready)
+        with trio.move_on_after(self._connect_timeout):
+            await ready.wait()
+        client = self._clients.get(address)
+        if client is None or client.closed.is_set():
+            raise ConnectFailed(f"cannot reach peer {address}")
+        return client
+
+    async def _hold(self, address: str, ready: trio.Event) -> None:
+        """Open a connection and keep it until it breaks."""
+        try:
+            async with open_client(address, connect_timeout=self._connect_timeout,
+                                   hello_fields=self._hello) as client:
+                self._clients[address] = client
+                self._connecting.pop(address, None)
+                ready.set()
+                await client.closed.wait()
+        except KvdError as exc:
+            log.debug("peer %s: %s", address, exc)
+        finally:
+            self._clients.pop(address, None)
+            if self._connecting.get(address) is ready:
+                del self._connecting[address]
+            ready.set()
+
+    async def call(self, address: str, kind: MsgType, fields: dict, expect: MsgType) -> dict:
+        """One request/reply to the peer at ``address``."""
+        client = await self._client(address)
+        return await client.call(kind, fields, expect)
+
+    def drop(self, address: str) -> None:
+        """Forget a connection (the peer restarted or left)."""
+        client = self._clients.pop(address, None)
+        if client is not None:
+            client._fail(ConnectFailed("dropped"))

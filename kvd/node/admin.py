@@ -1,0 +1,76 @@
+"""Cluster administration requests from kvctl (ADMIN frames on the client port).
+
+Staged changes are cluster-wide (DESIGN section 7): they live in the gossiped cluster state,
+so any node can stage, plan, commit or clear. ``join`` is the exception: it is sent to the
+new node, which asks the cluster at SEED to stage it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from kvd.errors import BadRequest
+from kvd.membership import cluster_state as cs
+
+
+def _ownership(owners) -> dict[str, int]:
+    return dict(sorted(Counter(owners).items()))
+
+
+def _moves(moves) -> list[dict]:
+    return [{"partition": m.partition, "from": m.source, "to": m.target} for m in moves]
+
+
+async def handle(cluster, config, fields: dict) -> dict:
+    op = fields.get("op")
+    node = fields.get("node")
+    if op == "join":
+        return await cluster.stage_join_at(_text(fields, "seed"))
+    if op in ("leave", "force-remove"):
+        target = node or (cluster.me if op == "leave" else None)
+        if not target:
+            raise BadRequest(f"{op} needs a NODE")
+        _member(cluster, target)
+        await cluster.stage(cs.Change(op, target))
+        return {"staged": f"{op} {target}"}
+    if op == "replace":
+        old, new = _text(fields, "node"), _text(fields, "target")
+        _member(cluster, old)
+        await cluster.stage(cs.Change("replace", old, new))
+        return {"staged": f"replace {old} with {new}"}
+    if op == "plan":
+        ring, moves = cs.plan(cluster.state, config.n)
+        return {"staged": [c.describe() for c in cluster.state.staged],
+                "moves": _moves(moves),
+                "before": _ownership(cluster.state.ring.owners),
+                "after": _ownership(ring.owners)}
+    if op == "commit":
+        before = cluster.state
+        state = await cluster.commit()
+        return {"ring_version": state.ring.version, "moves": _moves(state.pending),
+                "committed": [c.describe() for c in before.staged]}
+    if op == "clear":
+        dropped = [c.describe() for c in cluster.state.staged]
+        await cluster.clear()
+        return {"cleared": dropped}
+    if op == "ring":
+        state = cluster.state
+        return {"q": state.ring.q, "version": state.ring.version,
+                "ownership": _ownership(state.ring.owners), "owners": list(state.ring.owners),
+                "pending": _moves(state.pending),
+                "staged": [c.describe() for c in state.staged]}
+    if op == "transfers":
+        return {"transfers": cluster.transfer_rows()}
+    raise BadRequest(f"unknown admin operation {op!r}")
+
+
+def _text(fields: dict, name: str) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"missing {name}")
+    return value
+
+
+def _member(cluster, node: str) -> None:
+    if cluster.state.status(node) is None:
+        raise BadRequest(f"{node} is not a member of this cluster")

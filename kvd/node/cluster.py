@@ -1,0 +1,401 @@
+"""This node's place in the cluster: state, routing, gossip, hinted handoff and transfers.
+
+The decisions are made by the pure cores (kvd.ring, kvd.membership); this module feeds them
+live inputs (time, the peer connections, storage) and carries out what they return.
+
+- Routing. Reads go to the key's primaries on the *serving* ring (a partition that is
+  moving is served by its old owner until the new one holds its data). Writes go to the
+  same primaries, each down primary replaced by a fallback that keeps a durable hint, and
+  also to the new owner of a moving partition. Only primaries mint versions (a fallback
+  knows nothing of the key's history, so it could reuse a dot).
+- Gossip: every ``gossip_interval`` push-pull with one peer (members table + cluster state).
+- Handoff: hints are delivered to their node once the failure detector sees it up, and
+  dropped once older than ``hint_window`` (anti-entropy covers what they miss).
+- Transfers: for each pending move whose source is this node, stream the partition's
+  objects to the target, then publish ``transfer_done``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import replace
+
+import msgpack
+import trio
+
+from kvd import versions
+from kvd.errors import BadRequest, KvdError
+from kvd.membership import cluster_state as cs
+from kvd.membership.members import MemberInfo, MemberTable
+from kvd.net.peer import PeerPool
+from kvd.node.local import LocalStore
+from kvd.node.remote import HintedReplica, RemoteReplica
+from kvd.node.replica import LocalReplica
+from kvd.proto.messages import MsgType
+from kvd.ring import Ring, annotated_preference_list, partition_of, preference_list
+from kvd.storage import keys
+
+log = logging.getLogger("kvd.cluster")
+
+TRANSFER_BATCH = 64  # objects per REPLICA_PUT batch during a transfer
+
+
+def _pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(data: bytes):
+    return msgpack.unpackb(data, raw=False)
+
+
+class LocalHintStore:
+    """This node as a fallback: hints for a down primary, kept durably in storage."""
+
+    role = "fallback"
+
+    def __init__(self, node: str, cluster: "Cluster", stands_for: str):
+        self.node = node
+        self.cluster = cluster
+        self.stands_for = stands_for
+
+    async def get(self, key):
+        return None
+
+    async def merge(self, key, obj):
+        await self.cluster.store_hint(self.stands_for, key, obj)
+
+
+class Cluster:
+    def __init__(self, config, identity, storage, store: LocalStore, local: LocalReplica,
+                 nursery: trio.Nursery):
+        self.config = config
+        self.me = identity.node
+        self.storage = storage
+        self.store = store
+        self.local = local
+        self.nursery = nursery
+        self.peers = PeerPool(nursery, {"node": self.me})
+        self.rng = random.Random()
+        self.state: cs.ClusterState | None = None
+        self.state_changed = trio.Event()
+        self._serving: tuple[int, Ring] | None = None
+        me = MemberInfo(self.me, config.listen, config.peer_listen, int(time.time() * 1000), 0)
+        self.members = MemberTable(me, threshold=config.phi_threshold)
+        self.addresses: dict[str, tuple[str, str]] = {}
+        self._hint_seq = int(time.time() * 1e6)
+        self.hints_delivered = 0
+        self.transfers: dict[tuple[int, str, str], dict] = {}
+
+    # ------------------------------------------------------------- state
+
+    async def load(self) -> None:
+        raw = self.storage.get(keys.meta_key("cluster"))
+        if raw is None:
+            state = cs.new_cluster(self.me, self.config.ring_size, os.urandom(8).hex())
+            await self._save(state)
+        else:
+            saved = _unpack(raw)
+            state = cs.ClusterState.from_dict(saved["state"])
+            self.addresses = {n: tuple(a) for n, a in saved.get("addresses", {}).items()}
+            for node, (address, peer_address) in self.addresses.items():
+                if node != self.me:
+                    self.members.merge([MemberInfo(node, address, peer_address, 0, 0)], self.now())
+        self.addresses[self.me] = (self.config.listen, self.config.peer_listen)
+        self.state = state
+
+    async def _save(self, state) -> None:
+        doc = {"state": state.to_dict(), "addresses": {n: list(a) for n, a in self.addresses.items()}}
+        await self.storage.write([(keys.meta_key("cluster"), _pack(doc))])
+
+    async def set_state(self, state: cs.ClusterState) -> None:
+        if self.state is not None and state.digest() == self.state.digest():
+            return
+        old = self.state
+        self.state = state
+        await self._save(state)
+        if old is None or old.ring.version != state.ring.version:
+            log.info("ring version %d: %d nodes", state.ring.version, len(state.ring.nodes()))
+        self.state_changed.set()
+        self.state_changed = trio.Event()
+
+    async def merge_state(self, incoming: cs.ClusterState) -> None:
+        if self.state.cluster_id != incoming.cluster_id:
+            if self._adoptable(incoming):
+                await self.set_state(incoming)
+            return
+        await self.set_state(cs.merge(self.state, incoming))
+
+    def _adoptable(self, incoming) -> bool:
+        """A node that joined another cluster adopts its state (its own one-node cluster
+        had no data, which ``join`` checked)."""
+        return incoming.status(self.me) is not None and self.state.status(self.me) == "valid" \
+            and len(self.state.members) == 1
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    def member_count(self) -> int:
+        return max(1, len(self.state.ring.nodes()))
+
+    def is_up(self, node: str) -> bool:
+        return self.members.is_up(node, self.now())
+
+    # ------------------------------------------------------------- routing
+
+    def serving_ring(self) -> Ring:
+        """The ring with each moving partition still owned by its source (Rule 3)."""
+        state = self.state
+        if self._serving is None or self._serving[0] != state.version:
+            owners = list(state.ring.owners)
+            for move in state.pending:
+                owners[move.partition] = move.source
+            self._serving = (state.version, replace(state.ring, owners=tuple(owners)))
+        return self._serving[1]
+
+    def _replica(self, node: str):
+        if node == self.me:
+            return self.local
+        address = self.addresses.get(node, ("", ""))[1]
+        return RemoteReplica(node, address, self.peers)
+
+    def replicas_for_read(self, key: bytes, n: int):
+        partition = partition_of(key, self.state.ring.q)
+        return [self._replica(node) for node in preference_list(self.serving_ring(), partition, n)
+                if self.is_up(node)]
+
+    def replicas_for_write(self, key: bytes, n: int):
+        partition = partition_of(key, self.state.ring.q)
+        out = []
+        for node, role, stands_for in annotated_preference_list(
+                self.serving_ring(), partition, n, self.is_up):
+            if role == "primary":
+                out.append(self._replica(node))
+            elif not self.config.hinted_handoff:
+                continue
+            elif node == self.me:
+                out.append(LocalHintStore(node, self, stands_for))
+            else:
+                address = self.addresses.get(node, ("", ""))[1]
+                out.append(HintedReplica(node, address, self.peers, stands_for))
+        if self.config.hinted_handoff:
+            # A down primary with no fallback to stand in for it: the coordinator keeps the
+            # hint itself (as Cassandra does). Such a hint does not count towards W.
+            covered = {r.stands_for for r in out if getattr(r, "stands_for", None)}
+            for node in preference_list(self.serving_ring(), partition, n):
+                if node not in covered and not self.is_up(node):
+                    hint = LocalHintStore(self.me, self, node)
+                    hint.role = "hint"
+                    out.append(hint)
+        if self.state.pending:
+            named = {r.node for r in out}
+            for node in preference_list(self.state.ring, partition, n):
+                if node not in named and self.is_up(node):
+                    out.append(self._replica(node))  # new owner of a moving partition
+        return out
+
+    def replica_roles(self, key: bytes, n: int) -> list[tuple[str, str]]:
+        """(node, primary|fallback) for inspect: every primary, down or not."""
+        partition = partition_of(key, self.state.ring.q)
+        return [(node, "primary") for node in preference_list(self.serving_ring(), partition, n)]
+
+    # ------------------------------------------------------------- hints
+
+    async def store_hint(self, target: str, key: bytes, obj) -> None:
+        self._hint_seq += 1
+        record = _pack({"key": key, "object": versions.encode_object(obj), "at": time.time()})
+        await self.storage.write([(keys.hint_key(target, self._hint_seq), record)])
+
+    def hints_pending(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for k in self.storage.iterate_keys(b"h", b"i"):
+            target, _ = keys.hint_of(k)
+            counts[target] = counts.get(target, 0) + 1
+        return counts
+
+    async def handoff_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            for target in self.hints_pending():
+                if target != self.me and self.is_up(target):
+                    try:
+                        await self._deliver_hints(target)
+                    except (KvdError, trio.TooSlowError, OSError) as exc:
+                        log.info("handoff to %s paused: %s", target, exc)
+
+    async def _deliver_hints(self, target: str) -> None:
+        start, stop = keys.hint_range(target)
+        address = self.addresses.get(target, ("", ""))[1]
+        replica = RemoteReplica(target, address, self.peers)
+        delivered = 0
+        expired = 0
+        for hint_key, raw in list(self.storage.iterate(start, stop)):
+            hint = _unpack(raw)
+            if time.time() - hint["at"] <= self.config.hint_window:
+                with trio.fail_after(self.config.request_timeout):
+                    await replica.merge(hint["key"], versions.decode_object(hint["object"]))
+                delivered += 1
+            else:
+                expired += 1
+            await self.storage.write([(hint_key, None)])
+        self.hints_delivered += delivered
+        if delivered or expired:
+            log.info("handed off %d hints to %s (%d expired)", delivered, target, expired)
+
+    # ------------------------------------------------------------- gossip
+
+    def gossip_message(self) -> dict:
+        self.members.tick(self.now(), ring_version=self.state.ring.version,
+                          load_bytes=self.storage.approximate_size())
+        return {"from": self.me, "members": self.members.digest(self.now()),
+                "state": self.state.to_dict()}
+
+    async def absorb_gossip(self, fields: dict) -> None:
+        changed = self.members.merge(fields.get("members", []), self.now())
+        for rec in self.members.all():
+            if rec.node != self.me and self.addresses.get(rec.node) != (rec.address, rec.peer_address):
+                self.addresses[rec.node] = (rec.address, rec.peer_address)
+        for node in changed:
+            log.info("node %s is %s", node, "up" if self.is_up(node) else "down")
+        if "state" in fields:
+            try:
+                incoming = cs.ClusterState.from_dict(fields["state"])
+            except ValueError as exc:
+                log.warning("ignoring malformed cluster state from %s: %s", fields.get("from"), exc)
+                return
+            await self.merge_state(incoming)
+
+    async def gossip_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.gossip_interval)
+            target = self.members.choose_gossip_target(self.now(), self.rng, self.config.seeds)
+            if target is None:
+                continue
+            try:
+                with trio.fail_after(max(2.0, self.config.gossip_interval * 2)):
+                    reply = await self.peers.call(target, MsgType.GOSSIP, self.gossip_message(),
+                                                  MsgType.GOSSIP_REPLY)
+                await self.absorb_gossip(reply)
+            except (KvdError, trio.TooSlowError, OSError) as exc:
+                log.debug("gossip with %s failed: %s", target, exc)
+
+    # ------------------------------------------------------------- topology
+
+    async def stage_join_at(self, seed: str) -> dict:
+        """Run on the joining node: ask the cluster at ``seed`` to stage our join."""
+        if any(True for _ in self.storage.iterate_keys(b"o", b"p")):
+            raise BadRequest("this node holds data; only an empty node can join a cluster")
+        if len(self.state.members) > 1:
+            raise BadRequest("this node is already a member of a cluster")
+        reply = await self.peers.call(seed, MsgType.ADMIN, {
+            "op": "stage-join", "node": self.me,
+            "address": self.config.listen, "peer_address": self.config.peer_listen,
+        }, MsgType.ADMIN_REPLY)
+        await self.absorb_gossip(reply)
+        return {"staged": f"join {self.me}", "cluster": self.state.cluster_id}
+
+    async def stage(self, change: cs.Change) -> cs.ClusterState:
+        state = cs.stage(self.state, change, self.config.n)
+        await self.set_state(state)
+        return state
+
+    async def commit(self) -> cs.ClusterState:
+        state = cs.commit(self.state, self.config.n)
+        await self.set_state(state)
+        return state
+
+    async def clear(self) -> cs.ClusterState:
+        state = cs.clear(self.state)
+        await self.set_state(state)
+        return state
+
+    # ------------------------------------------------------------- transfers
+
+    async def transfer_loop(self) -> None:
+        limiter = trio.CapacityLimiter(self.config.transfer_limit)
+        async with trio.open_nursery() as nursery:
+            while True:
+                for move in self.state.pending:
+                    key = (move.partition, move.source, move.target)
+                    if move.source == self.me and key not in self.transfers and self.is_up(move.target):
+                        self.transfers[key] = {"state": "waiting", "keys_done": 0, "bytes_done": 0,
+                                               "started": time.time()}
+                        nursery.start_soon(self._transfer, move, limiter)
+                with trio.move_on_after(1.0):
+                    await self.state_changed.wait()
+
+    async def _transfer(self, move, limiter) -> None:
+        key = (move.partition, move.source, move.target)
+        progress = self.transfers[key]
+        try:
+            async with limiter:
+                progress["state"] = "running"
+                await self._stream_partition(move, progress)
+            progress["state"] = "done"
+            await self.set_state(cs.transfer_done(self.state, move))
+            log.info("partition %d handed to %s: %d keys", move.partition, move.target,
+                     progress["keys_done"])
+        except (KvdError, trio.TooSlowError, OSError) as exc:
+            log.info("transfer of partition %d to %s failed, will retry: %s",
+                     move.partition, move.target, exc)
+        finally:
+            self.transfers.pop(key, None)
+
+    async def _stream_partition(self, move, progress) -> None:
+        start, stop = keys.object_range(move.partition)
+        address = self.addresses.get(move.target, ("", ""))[1]
+        rate = self.config.transfer_rate_mb * 1e6
+        batch: list = []
+        began = trio.current_time()
+
+        async def flush():
+            with trio.fail_after(self.config.request_timeout * 3):
+                await self.peers.call(address, MsgType.REPLICA_PUT,
+                                      {"op": "merge-batch", "objects": batch}, MsgType.REPLICA_PUT_REPLY)
+            progress["keys_done"] += len(batch)
+            progress["bytes_done"] += sum(len(o) for _, o in batch)
+            batch.clear()
+            # Throttle: never faster than transfer_rate_mb on average.
+            ahead = progress["bytes_done"] / rate - (trio.current_time() - began)
+            if ahead > 0:
+                await trio.sleep(ahead)
+
+        for object_key, raw in self.storage.iterate(start, stop):
+            _, user_key = keys.user_key_of(object_key)
+            obj = versions.decode_object(raw)
+            for sibling in obj.siblings:
+                if sibling.chunks is not None:
+                    await self._send_blob(address, user_key, sibling.chunks)
+            batch.append((user_key, raw))
+            if len(batch) >= TRANSFER_BATCH:
+                await flush()
+        if batch:
+            await flush()
+
+    async def _send_blob(self, address, key, ref) -> None:
+        target = RemoteReplica("", address, self.peers)
+        offset = 0
+        async for data in self.store.read_chunks(key, ref):
+            await target.write_chunk(key, ref.vid, offset, data)
+            offset += len(data)
+
+    def transfer_rows(self) -> list[dict]:
+        rows = []
+        for move in self.state.pending:
+            progress = self.transfers.get((move.partition, move.source, move.target), {})
+            elapsed = max(time.time() - progress.get("started", time.time()), 1e-3)
+            rows.append({"partition": move.partition, "from": move.source, "to": move.target,
+                         "keys_done": progress.get("keys_done", 0),
+                         "bytes_done": progress.get("bytes_done", 0),
+                         "rate_bps": round(progress.get("bytes_done", 0) / elapsed),
+                         "state": progress.get("state", "pending")})
+        return rows
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.gossip_loop)
+            nursery.start_soon(self.handoff_loop)
+            nursery.start_soon(self.transfer_loop)
+

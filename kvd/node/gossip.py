@@ -1,0 +1,399 @@
+"""The gossip task: heartbeats, failure detection and cluster-state spread (DESIGN section 5).
+
+A thin trio shell around two pure values: the member table (kvd/membership/members.py:
+heartbeats and phi accrual liveness) and the cluster state (kvd/membership/cluster_state.py:
+ring, statuses, staged changes).  All decisions are theirs; this module only moves bytes.
+
+Rules:
+
+1. Every ``interval`` seconds (on a fixed schedule with a random phase, so that nodes
+   started together do not gossip in lockstep) the gossiper ticks its own heartbeat, asks
+   the table for a target (``choose_gossip_target``: a random live peer, sometimes a seed or
+   a down node) and makes one push-pull exchange with it: GOSSIP carries my digest, the
+   GOSSIP_REPLY carries the target's digest, each side merges what it receives.
+2. One exchange is bounded by ``interval``: a round never overlaps the next, and a peer
+   behind a partition costs one round, not the task.  Any failure of an exchange (refused,
+   reset, timed out, malformed reply, other cluster) is logged at debug and drops that
+   connection; nothing kills the task.
+3. One connection per peer address, dialled through the ``connect(address)`` callable the
+   gossiper is given (TCP in the daemon, kvd.net.memory in tests) and reused across rounds.
+   A failed or cancelled exchange closes it: its framing state is unknown.
+4. The cluster state travels only when it may be news.  Each message carries my state's
+   digest; the full state goes in a GOSSIP when the target's last known digest differs
+   from mine, and in a GOSSIP_REPLY when the request's digest differs from the receiver's
+   (after merging what came in).  ``cluster_state.merge`` (a semilattice) combines states,
+   so any order of exchanges converges.  A node without a state adopts the first one it
+   hears (it was started with ``--seeds`` and is joining).
+5. States of different ``cluster_id``s never merge, and their members do not either: the
+   exchange is refused with BadRequest before anything is merged.
+
+The wire bodies (GOSSIP and GOSSIP_REPLY are free-form maps, see kvd/proto/messages.py):
+``{"node": str, "cluster": str?, "members": [MemberInfo dict + "age"], "state_digest": str?,
+"state": ClusterState dict?}``.
+
+Peer connections are authenticated by the daemon's listener (HMAC on the cluster secret);
+``serve_peer_connection`` below does only the HELLO version/role/cluster check and is what
+the in-memory network serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import trio
+
+from kvd.errors import BadRequest, ConnectFailed, KvdError, ProtocolError, RemoteProtocolError, error_from_code
+from kvd.membership import cluster_state
+from kvd.membership.cluster_state import ClusterState
+from kvd.membership.members import MemberInfo, MemberTable
+from kvd.net.connection import FrameConnection
+from kvd.proto import codec
+from kvd.proto.messages import DEFAULT_MAX_FRAME, MAX_REQUEST_ID, PROTOCOL_VERSION, MsgType
+
+__all__ = ["Gossiper", "serve_peer_connection"]
+
+log = logging.getLogger("kvd.gossip")
+
+Connect = Callable[[str], Awaitable[trio.abc.Stream]]
+
+# A peer that opened a connection and sends no HELLO holds a task; this frees it.  Ten
+# rounds at the default interval: far beyond any live peer's delay.
+HANDSHAKE_TIMEOUT = 10.0
+
+# What one exchange may raise without being a bug on our side (rule 2).
+_EXCHANGE_ERRORS = (KvdError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class Gossiper:
+    """This node's gossip: its member table, its cluster state, and the task that spreads them."""
+
+    def __init__(
+        self,
+        table: MemberTable,
+        connect: Connect,
+        *,
+        state: ClusterState | None = None,
+        seeds: Iterable[str] = (),
+        interval: float = 1.0,
+        rng: random.Random | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError("gossip interval must be > 0")
+        self.table = table
+        self.node = table.me
+        self.seeds = tuple(seeds)
+        self.interval = interval
+        self.max_frame = max_frame
+        self._connect = connect
+        self._rng = rng if rng is not None else random.Random()
+        self._state = state
+        self._state_changed = trio.Event()
+        self._conns: dict[str, FrameConnection] = {}
+        # Rule 4: the state digest each peer address last told us.
+        self._peer_digest: dict[str, str | None] = {}
+        self._next_id = 0
+        self._stats = {"rounds": 0, "exchanges": 0, "failures": 0, "received": 0}
+
+    # --- queries ------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ClusterState | None:
+        """The cluster state as this node knows it (None until it has heard one)."""
+        return self._state
+
+    def is_up(self, node: str) -> bool:
+        """Whether this node judges ``node`` up now."""
+        return self.table.is_up(node, trio.current_time())
+
+    def up_nodes(self) -> set[str]:
+        """Every node this node judges up now, itself included."""
+        return self.table.up_nodes(trio.current_time())
+
+    def members(self) -> list[MemberInfo]:
+        """Every record in the member table, sorted by node."""
+        return self.table.all()
+
+    def statistics(self) -> dict[str, int]:
+        """Counters: rounds run, exchanges completed and failed, gossip received; open connections."""
+        return {**self._stats, "connections": len(self._conns)}
+
+    async def wait_state(self, predicate: Callable[[ClusterState], bool]) -> ClusterState:
+        """Wait until the cluster state satisfies ``predicate``; return that state."""
+        while self._state is None or not predicate(self._state):
+            await self._state_changed.wait()
+        return self._state
+
+    async def wait_state_version(self, version: int) -> ClusterState:
+        """Wait until the cluster state's version is at least ``version``."""
+        return await self.wait_state(lambda s: s.version >= version)
+
+    # --- changing the state -------------------------------------------------------------------
+
+    def publish(self, state: ClusterState) -> ClusterState:
+        """Make ``state`` (derived from ``self.state`` by the claimant or a staging call) known.
+
+        It is merged into the current state, so publishing something older is harmless;
+        returns the resulting state, which gossip then spreads.
+        """
+        self._adopt(state)
+        assert self._state is not None
+        return self._state
+
+    def _adopt(self, incoming: ClusterState) -> None:
+        mine = self._state
+        if mine is None:
+            new = incoming
+        else:
+            new = cluster_state.merge(mine, incoming)
+            if new.digest() == mine.digest():
+                return
+        self._state = new
+        log.debug("%s: cluster state now version %d (ring %d)", self.node, new.version, new.ring.version)
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    # --- the task -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Gossip every ``interval`` seconds until cancelled (rule 1)."""
+        try:
+            task_status.started()
+            next_round = trio.current_time() + self._rng.random() * self.interval
+            while True:
+                await trio.sleep_until(next_round)
+                await self.gossip_round()
+                next_round = max(next_round + self.interval, trio.current_time())
+        finally:
+            await self.aclose()
+
+    async def gossip_round(self) -> None:
+        """One round: heartbeat, then one exchange with a chosen target (never raises)."""
+        self._stats["rounds"] += 1
+        now = trio.current_time()
+        ring_version = None if self._state is None else self._state.ring.version
+        self.table.tick(now, ring_version=ring_version)
+        self._log_changes(self.table.check(now))
+        target = self.table.choose_gossip_target(now, self._rng, self.seeds)
+        if target is None:
+            return
+        with trio.move_on_after(self.interval) as scope:
+            try:
+                await self.exchange(target)
+            except _EXCHANGE_ERRORS as exc:
+                self._stats["failures"] += 1
+                log.debug("%s: gossip with %s failed: %s", self.node, target, exc)
+            except Exception:
+                # Rule 2 even for a bug: log it loudly, keep gossiping.
+                self._stats["failures"] += 1
+                log.exception("%s: gossip with %s failed unexpectedly", self.node, target)
+        if scope.cancelled_caught:
+            self._stats["failures"] += 1
+            log.debug("%s: gossip with %s timed out", self.node, target)
+
+    async def exchange(self, address: str) -> None:
+        """One push-pull exchange with the peer at ``address``; raises what went wrong.
+
+        The connection is closed and forgotten unless the exchange completes (rule 3).
+        """
+        ok = False
+        try:
+            conn = await self._connection(address)
+            request_id = self._request_id()
+            mine = self._digest()
+            fields = self._fields(trio.current_time())
+            if mine is not None and self._peer_digest.get(address) != mine:
+                fields["state"] = self._state.to_dict()  # type: ignore[union-attr]
+            await conn.send(codec.encode(MsgType.GOSSIP, request_id, fields))
+            reply = await conn.receive()
+            if reply is None:
+                raise ConnectFailed(f"{address} closed the connection")
+            if reply.type == MsgType.ERROR:
+                raise error_from_code(reply.fields["code"], reply.fields["message"])
+            if reply.type != MsgType.GOSSIP_REPLY or reply.request_id != request_id:
+                raise RemoteProtocolError(
+                    f"expected GOSSIP_REPLY {request_id}, got {reply.type.name} {reply.request_id}"
+                )
+            self._absorb(reply.fields, trio.current_time())
+            digest = reply.fields.get("state_digest")
+            self._peer_digest[address] = digest if isinstance(digest, str) else None
+            self._stats["exchanges"] += 1
+            ok = True
+        finally:
+            if not ok:
+                await self._drop(address)
+
+    async def _connection(self, address: str) -> FrameConnection:
+        conn = self._conns.get(address)
+        if conn is not None and not conn.broken:
+            return conn
+        stream = await self._connect(address)
+        conn = FrameConnection(stream)
+        self._conns[address] = conn  # registered first, so a failed handshake closes it
+        hello: dict[str, Any] = {"versions": [PROTOCOL_VERSION], "role": "peer", "node": self.node}
+        if self._state is not None:
+            hello["cluster"] = self._state.cluster_id
+        await conn.send(codec.encode(MsgType.HELLO, self._request_id(), hello))
+        answer = await conn.receive()
+        if answer is None:
+            raise ConnectFailed(f"{address} closed the connection during the handshake")
+        if answer.type == MsgType.ERROR:
+            raise error_from_code(answer.fields["code"], answer.fields["message"])
+        if answer.type != MsgType.HELLO_OK:
+            raise RemoteProtocolError(f"expected HELLO_OK, got {answer.type.name}")
+        conn.max_frame = self.max_frame
+        return conn
+
+    async def _drop(self, address: str) -> None:
+        self._peer_digest.pop(address, None)
+        conn = self._conns.pop(address, None)
+        if conn is not None:
+            await conn.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection this gossiper opened."""
+        for address in list(self._conns):
+            await self._drop(address)
+
+    def _request_id(self) -> int:
+        self._next_id = self._next_id % MAX_REQUEST_ID + 1
+        return self._next_id
+
+    # --- the receiving side -------------------------------------------------------------------
+
+    def check_cluster(self, cluster: object) -> None:
+        """Refuse a peer of another cluster (rule 5): BadRequest."""
+        if cluster is None or self._state is None:
+            return
+        if cluster != self._state.cluster_id:
+            raise BadRequest(f"cluster id mismatch: {self._state.cluster_id} != {cluster}")
+
+    def handle_gossip(self, fields: Mapping[str, Any], now: float) -> dict[str, Any]:
+        """Merge a received GOSSIP body and return the GOSSIP_REPLY body (push-pull).
+
+        BadRequest when the body is malformed or comes from another cluster; nothing is
+        merged then.
+        """
+        self._absorb(fields, now)
+        reply = self._fields(now)
+        mine = reply.get("state_digest")
+        if mine is not None and fields.get("state_digest") != mine:
+            reply["state"] = self._state.to_dict()  # type: ignore[union-attr]
+        return reply
+
+    def _fields(self, now: float) -> dict[str, Any]:
+        fields: dict[str, Any] = {"node": self.node, "members": self.table.digest(now)}
+        if self._state is not None:
+            fields["cluster"] = self._state.cluster_id
+            fields["state_digest"] = self._state.digest()
+        return fields
+
+    def _digest(self) -> str | None:
+        return None if self._state is None else self._state.digest()
+
+    def _absorb(self, fields: Mapping[str, Any], now: float) -> None:
+        """Validate everything first, then merge members and state (rule 5)."""
+        self.check_cluster(fields.get("cluster"))
+        members = fields.get("members")
+        if not isinstance(members, list):
+            raise BadRequest("gossip without a members list")
+        for item in members:
+            if not isinstance(item, dict):
+                raise BadRequest("gossip member record is not a map")
+            try:
+                MemberInfo.from_dict(item)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BadRequest(f"malformed member record: {exc!r}") from None
+        incoming = None
+        raw_state = fields.get("state")
+        if raw_state is not None:
+            if not isinstance(raw_state, dict):
+                raise BadRequest("gossip state is not a map")
+            try:
+                incoming = ClusterState.from_dict(raw_state)
+            except (ValueError, TypeError) as exc:
+                raise BadRequest(str(exc)) from None
+            if self._state is not None and incoming.cluster_id != self._state.cluster_id:
+                raise BadRequest(f"cluster id mismatch: {self._state.cluster_id} != {incoming.cluster_id}")
+        self._stats["received"] += 1
+        self._log_changes(self.table.merge(members, now))
+        if incoming is not None:
+            self._adopt(incoming)
+
+    def _log_changes(self, changed: list[str]) -> None:
+        now = trio.current_time()
+        for node in changed:
+            log.info("%s: %s is %s", self.node, node, "up" if self.table.is_up(node, now) else "down")
+
+
+async def serve_peer_connection(stream: trio.abc.Stream, gossiper: Gossiper) -> None:
+    """Serve one accepted peer connection: HELLO, then answer GOSSIP frames until it closes.
+
+    Errors in a request are answered with ERROR and the connection goes on; a protocol
+    error or a refused HELLO closes it.  Never raises for what the peer does.
+    """
+    conn = FrameConnection(stream)
+    try:
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+            hello = await conn.receive()
+            await _answer_hello(conn, hello, gossiper)
+        if scope.cancelled_caught:
+            log.debug("%s: no HELLO within %s s", gossiper.node, HANDSHAKE_TIMEOUT)
+            return
+        conn.max_frame = gossiper.max_frame
+        while True:
+            message = await conn.receive()
+            if message is None:
+                return
+            if message.type == MsgType.GOSSIP:
+                try:
+                    reply = gossiper.handle_gossip(message.fields, trio.current_time())
+                except BadRequest as exc:
+                    await _send_error(conn, message.request_id, exc)
+                    continue
+                await conn.send(codec.encode(MsgType.GOSSIP_REPLY, message.request_id, reply))
+            else:
+                await _send_error(
+                    conn, message.request_id, BadRequest(f"{message.type.name} is not served on this connection")
+                )
+    except (ProtocolError, ConnectFailed) as exc:
+        log.debug("%s: peer connection closed: %s", gossiper.node, exc)
+    except Exception:
+        # A bug in one connection's handling must not take the node down.
+        log.exception("%s: peer connection handler failed", gossiper.node)
+    finally:
+        await conn.aclose()
+
+
+async def _answer_hello(conn: FrameConnection, hello: codec.Message | None, gossiper: Gossiper) -> None:
+    if hello is None:
+        raise ConnectFailed("closed before HELLO")
+    if hello.type != MsgType.HELLO:
+        raise ProtocolError(f"expected HELLO, got {hello.type.name}")
+    problem: KvdError | None = None
+    if hello.fields["role"] != "peer":
+        problem = BadRequest(f"role {hello.fields['role']!r} is not served on the peer port")
+    elif PROTOCOL_VERSION not in hello.fields["versions"]:
+        problem = ProtocolError(f"no common protocol version (we speak {PROTOCOL_VERSION})")
+    else:
+        try:
+            gossiper.check_cluster(hello.fields.get("cluster"))
+        except BadRequest as exc:
+            problem = exc
+    if problem is not None:
+        await _send_error(conn, hello.request_id, problem)
+        raise ProtocolError(f"refused HELLO: {problem}")
+    await conn.send(
+        codec.encode(
+            MsgType.HELLO_OK,
+            hello.request_id,
+            {"version": PROTOCOL_VERSION, "node": gossiper.node, "max_frame": gossiper.max_frame},
+        )
+    )
+
+
+async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> None:
+    await conn.send(codec.encode(MsgType.ERROR, request_id, {"code": exc.code, "message": str(exc)}))

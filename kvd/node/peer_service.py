@@ -1,0 +1,91 @@
+"""What a node answers on its peer port: replica operations, gossip, cluster staging.
+
+Every handler takes (node, conn, message, chunks) like the client handlers in kvd.server,
+and replies on the same request id.
+"""
+
+from __future__ import annotations
+
+from kvd import versions
+from kvd.errors import BadRequest
+from kvd.membership import cluster_state as cs
+from kvd.membership.members import MemberInfo
+from kvd.node.remote import decode_payload
+from kvd.proto import codec
+from kvd.proto.messages import MsgType
+
+
+async def _reply(conn, message, kind: MsgType, fields: dict) -> None:
+    await conn.send(codec.encode(kind, message.request_id, fields))
+
+
+async def replica_get(node, conn, message, _chunks) -> None:
+    fields = message.fields
+    store = node.store
+    if fields.get("op") == "blob":
+        data = await store.blobs.read(fields["vid"], fields["offset"], fields["size"])
+        await _reply(conn, message, MsgType.REPLICA_GET_REPLY, {"data": data})
+        return
+    obj = store.read(fields["key"])
+    reply = {"object": None if obj is None else versions.encode_object(obj)}
+    await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
+
+
+async def replica_put(node, conn, message, _chunks) -> None:
+    fields = message.fields
+    op = fields.get("op")
+    store = node.store
+    reply: dict = {}
+    if op == "coordinate":
+        context = versions.decode_context(fields.get("context") or b"")
+        obj = await store.coordinate(fields["key"], context, node.identity.actor,
+                                     **decode_payload(fields["payload"]))
+        reply["object"] = versions.encode_object(obj)
+    elif op == "merge":
+        await store.merge(fields["key"], _object(fields["object"]))
+    elif op == "merge-batch":
+        for key, raw in fields["objects"]:
+            await store.merge(key, _object(raw))
+    elif op == "hint":
+        await node.cluster.store_hint(fields["for"], fields["key"], _object(fields["object"]))
+    elif op == "chunk":
+        await store.write_chunk(fields["key"], fields["vid"], fields["offset"], fields["data"])
+    elif op == "discard":
+        await store.discard_upload(fields["key"], fields["vid"])
+    else:
+        raise BadRequest(f"unknown replica operation {op!r}")
+    await _reply(conn, message, MsgType.REPLICA_PUT_REPLY, reply)
+
+
+def _object(raw: bytes) -> versions.VersionedObject:
+    try:
+        return versions.decode_object(raw)
+    except ValueError as exc:
+        raise BadRequest(f"malformed object: {exc}") from None
+
+
+async def gossip(node, conn, message, _chunks) -> None:
+    await node.cluster.absorb_gossip(message.fields)
+    await _reply(conn, message, MsgType.GOSSIP_REPLY, node.cluster.gossip_message())
+
+
+async def peer_admin(node, conn, message, _chunks) -> None:
+    fields = message.fields
+    cluster = node.cluster
+    if fields.get("op") != "stage-join":
+        raise BadRequest(f"unknown peer admin operation {fields.get('op')!r}")
+    joiner = fields["node"]
+    cluster.addresses[joiner] = (fields["address"], fields["peer_address"])
+    cluster.members.merge([MemberInfo(joiner, fields["address"], fields["peer_address"], 0, 0)],
+                          cluster.now())
+    await cluster.stage(cs.Change("join", joiner))
+    await _reply(conn, message, MsgType.ADMIN_REPLY, cluster.gossip_message())
+
+
+PEER_HANDLERS = {
+    MsgType.REPLICA_GET: replica_get,
+    MsgType.REPLICA_PUT: replica_put,
+    MsgType.GOSSIP: gossip,
+    MsgType.ADMIN: peer_admin,
+    MsgType.PING: lambda node, conn, message, _c: _reply(conn, message, MsgType.PONG, {}),
+}
