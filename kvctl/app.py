@@ -338,6 +338,127 @@ def bench(
                    summary["p95_ms"], summary["p99_ms"], summary["max_ms"]]])
 
 
+cluster_app = typer.Typer(no_args_is_help=True,
+                          help="Stage, plan and commit topology changes (cluster-wide).")
+app.add_typer(cluster_app, name="cluster")
+
+
+def _admin(fields: dict) -> dict:
+    return call(lambda c: c.admin(fields))
+
+
+def _moves_table(title: str, moves: list[dict]) -> None:
+    shown = moves[:50]
+    render.table(title, ["partition", "from", "to"],
+                 [[m["partition"], m["from"], m["to"]] for m in shown])
+    if len(moves) > len(shown):
+        render.note(f"... and {len(moves) - len(shown)} more (--json lists all)")
+
+
+@cluster_app.command("join")
+def cluster_join(seed: Annotated[str, typer.Argument(help="Peer address HOST:PORT of any member.")]) -> None:
+    """Stage this node's (--host's) join to the cluster that SEED belongs to."""
+    doc = _admin({"op": "join", "seed": seed})
+    if options.json:
+        render.emit_json(doc)
+    else:
+        render.note(f"staged: {doc['staged']} (run `kvctl cluster plan`, then `commit`)")
+
+
+@cluster_app.command("leave")
+def cluster_leave(node: Annotated[Optional[str], typer.Argument(help="Node id (default: --host's node).")] = None) -> None:
+    """Stage a node's departure; its partitions move to the others at commit."""
+    _stage({"op": "leave", "node": node} if node else {"op": "leave"})
+
+
+@cluster_app.command("replace")
+def cluster_replace(old: Annotated[str, typer.Argument(help="Node to replace.")],
+                    new: Annotated[str, typer.Argument(help="Node that takes over its partitions.")]) -> None:
+    """Stage moving every partition of OLD to NEW."""
+    _stage({"op": "replace", "node": old, "target": new})
+
+
+@cluster_app.command("force-remove")
+def cluster_force_remove(node: Annotated[str, typer.Argument(help="A dead node to drop.")]) -> None:
+    """Stage removing a node that cannot hand off its data (repair refills the replicas)."""
+    _stage({"op": "force-remove", "node": node})
+
+
+def _stage(fields: dict) -> None:
+    doc = _admin(fields)
+    if options.json:
+        render.emit_json(doc)
+    else:
+        render.note(f"staged: {doc['staged']} (run `kvctl cluster plan`, then `commit`)")
+
+
+@cluster_app.command("plan")
+def cluster_plan() -> None:
+    """Show the staged changes, every partition that would move, and ownership before/after."""
+    doc = _admin({"op": "plan"})
+    if options.json:
+        render.emit_json(doc)
+        return
+    render.note("staged: " + ", ".join(doc["staged"]))
+    nodes = sorted(set(doc["before"]) | set(doc["after"]))
+    render.table("ownership (partitions)", ["node", "before", "after"],
+                 [[n, doc["before"].get(n, 0), doc["after"].get(n, 0)] for n in nodes])
+    _moves_table(f"{len(doc['moves'])} partitions will move", doc["moves"])
+
+
+@cluster_app.command("commit")
+def cluster_commit() -> None:
+    """Apply the staged changes: a new ring; moving partitions stream to their new owners."""
+    doc = _admin({"op": "commit"})
+    if options.json:
+        render.emit_json(doc)
+    else:
+        render.note(f"committed {', '.join(doc['committed'])}: ring version {doc['ring_version']}, "
+                    f"{len(doc['moves'])} partitions to transfer (see `kvctl transfers`)")
+
+
+@cluster_app.command("clear")
+def cluster_clear() -> None:
+    """Discard every staged change."""
+    doc = _admin({"op": "clear"})
+    if options.json:
+        render.emit_json(doc)
+    else:
+        render.note("cleared: " + (", ".join(doc["cleared"]) or "nothing was staged"))
+
+
+@app.command()
+def ring() -> None:
+    """Partition ownership per node, pending moves and staged changes."""
+    doc = _admin({"op": "ring"})
+    if options.json:
+        render.emit_json(doc)
+        return
+    render.note(f"ring version {doc['version']}, {doc['q']} partitions")
+    render.table(None, ["node", "partitions", "owns"],
+                 [[n, c, f"{c / doc['q'] * 100:.1f}%"] for n, c in doc["ownership"].items()])
+    if doc["pending"]:
+        _moves_table(f"{len(doc['pending'])} pending moves", doc["pending"])
+    if doc["staged"]:
+        render.note("staged: " + ", ".join(doc["staged"]))
+
+
+@app.command()
+def transfers() -> None:
+    """Partition transfers in progress or pending, with progress."""
+    doc = _admin({"op": "transfers"})
+    if options.json:
+        render.emit_json(doc)
+        return
+    rows = [[t["partition"], t["from"], t["to"], t["state"], t["keys_done"],
+             render.human_bytes(t["bytes_done"]), render.human_bytes(t["rate_bps"]) + "/s"]
+            for t in doc["transfers"]]
+    if not rows:
+        render.note("no transfers pending")
+        return
+    render.table(None, ["partition", "from", "to", "state", "keys", "bytes", "rate"], rows)
+
+
 def main() -> None:
     try:
         app()

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kvd.errors import BadRequest
+import trio
+
+from kvd.errors import BadRequest, KvdError
+from kvd.proto.messages import MsgType
 from kvd.membership import cluster_state as cs
 
 
@@ -60,7 +63,7 @@ async def handle(cluster, config, fields: dict) -> dict:
                 "pending": _moves(state.pending),
                 "staged": [c.describe() for c in state.staged]}
     if op == "transfers":
-        return {"transfers": cluster.transfer_rows()}
+        return {"transfers": await _all_transfers(cluster)}
     raise BadRequest(f"unknown admin operation {op!r}")
 
 
@@ -74,3 +77,22 @@ def _text(fields: dict, name: str) -> str:
 def _member(cluster, node: str) -> None:
     if cluster.state.status(node) is None:
         raise BadRequest(f"{node} is not a member of this cluster")
+
+
+async def _all_transfers(cluster) -> list[dict]:
+    """Pending moves with progress as reported by each fetching node (targets pull)."""
+    rows = {(r["partition"], r["to"]): r for r in cluster.transfer_rows()}
+    for target in sorted({r["to"] for r in rows.values()} - {cluster.me}):
+        if not cluster.is_up(target):
+            continue
+        address = cluster.addresses.get(target, ("", ""))[1]
+        try:
+            with trio.fail_after(2):
+                reply = await cluster.peers.call(address, MsgType.ADMIN, {"op": "transfers"},
+                                                 MsgType.ADMIN_REPLY)
+        except (KvdError, trio.TooSlowError, OSError):
+            continue
+        for row in reply["transfers"]:
+            if row["to"] == target and (row["partition"], target) in rows:
+                rows[(row["partition"], target)] = row
+    return list(rows.values())

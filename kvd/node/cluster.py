@@ -11,8 +11,8 @@ live inputs (time, the peer connections, storage) and carries out what they retu
 - Gossip: every ``gossip_interval`` push-pull with one peer (members table + cluster state).
 - Handoff: hints are delivered to their node once the failure detector sees it up, and
   dropped once older than ``hint_window`` (anti-entropy covers what they miss).
-- Transfers: for each pending move whose source is this node, stream the partition's
-  objects to the target, then publish ``transfer_done``.
+- Transfers: a node that becomes a replica of a partition fetches it from an old replica
+  (pull, batched, throttled), then publishes ``transfer_done`` for the moves towards it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from kvd.storage import keys
 
 log = logging.getLogger("kvd.cluster")
 
-TRANSFER_BATCH = 64  # objects per REPLICA_PUT batch during a transfer
+TRANSFER_BATCH = 256  # objects per scan reply when fetching a partition
 
 
 def _pack(obj) -> bytes:
@@ -87,7 +87,8 @@ class Cluster:
         self.addresses: dict[str, tuple[str, str]] = {}
         self._hint_seq = int(time.time() * 1e6)
         self.hints_delivered = 0
-        self.transfers: dict[tuple[int, str, str], dict] = {}
+        self.transfer_progress: dict = {"keys_done": 0, "bytes_done": 0, "state": "idle"}
+        self._fetched: set[int] = set()
 
     # ------------------------------------------------------------- state
 
@@ -312,85 +313,124 @@ class Cluster:
         return state
 
     # ------------------------------------------------------------- transfers
+    #
+    # Pull-based: after a commit, each node that became a replica of a partition fetches that
+    # partition's objects from a node that was a replica of it (in batches, by key order),
+    # then publishes transfer_done for every pending move towards it. Until then the moving
+    # partitions are still served by their old owners, and writes reach both (routing above).
+    # A node replicates keys of partitions next to the ones it owns (preference lists walk
+    # clockwise), so "what to fetch" is computed from preference lists, not from the moves.
+
+    def _replication(self, ring: Ring) -> int:
+        return min(self.config.n, max(1, len(ring.nodes())))
+
+    def partitions_to_fetch(self) -> list[int]:
+        """Partitions this node replicates in the new ring but not in the serving one."""
+        new, old = self.state.ring, self.serving_ring()
+        n_new, n_old = self._replication(new), self._replication(old)
+        return [q for q in range(new.q)
+                if self.me in preference_list(new, q, n_new)
+                and self.me not in preference_list(old, q, n_old)]
 
     async def transfer_loop(self) -> None:
+        while True:
+            incoming = [m for m in self.state.pending if m.target == self.me]
+            if incoming:
+                try:
+                    await self._fetch_all(incoming)
+                except (KvdError, trio.TooSlowError, OSError) as exc:
+                    log.info("transfer paused, will resume: %s", exc)
+                    self.transfer_progress["state"] = "retrying"
+                    await trio.sleep(1.0)
+                    continue
+            with trio.move_on_after(1.0):
+                await self.state_changed.wait()
+
+    async def _fetch_all(self, moves) -> None:
+        todo = [q for q in self.partitions_to_fetch() if q not in self._fetched]
+        progress = self.transfer_progress
+        progress.setdefault("started", time.time())
+        progress.update(state="running", partitions_total=len(todo) + len(self._fetched))
         limiter = trio.CapacityLimiter(self.config.transfer_limit)
         async with trio.open_nursery() as nursery:
-            while True:
-                for move in self.state.pending:
-                    key = (move.partition, move.source, move.target)
-                    if move.source == self.me and key not in self.transfers and self.is_up(move.target):
-                        self.transfers[key] = {"state": "waiting", "keys_done": 0, "bytes_done": 0,
-                                               "started": time.time()}
-                        nursery.start_soon(self._transfer, move, limiter)
-                with trio.move_on_after(1.0):
-                    await self.state_changed.wait()
-
-    async def _transfer(self, move, limiter) -> None:
-        key = (move.partition, move.source, move.target)
-        progress = self.transfers[key]
-        try:
-            async with limiter:
-                progress["state"] = "running"
-                await self._stream_partition(move, progress)
-            progress["state"] = "done"
+            for q in todo:
+                nursery.start_soon(self._fetch_guarded, q, limiter)
+        for move in moves:
             await self.set_state(cs.transfer_done(self.state, move))
-            log.info("partition %d handed to %s: %d keys", move.partition, move.target,
-                     progress["keys_done"])
-        except (KvdError, trio.TooSlowError, OSError) as exc:
-            log.info("transfer of partition %d to %s failed, will retry: %s",
-                     move.partition, move.target, exc)
-        finally:
-            self.transfers.pop(key, None)
+        log.info("transfers done: %d partitions, %d keys", len(self._fetched), progress["keys_done"])
+        self._fetched.clear()
+        self.transfer_progress = {"keys_done": 0, "bytes_done": 0, "state": "idle"}
 
-    async def _stream_partition(self, move, progress) -> None:
-        start, stop = keys.object_range(move.partition)
-        address = self.addresses.get(move.target, ("", ""))[1]
+    async def _fetch_guarded(self, q: int, limiter) -> None:
+        async with limiter:
+            await self._fetch_partition(q)
+        self._fetched.add(q)
+
+    async def _fetch_partition(self, q: int) -> None:
+        old = self.serving_ring()
+        sources = [x for x in preference_list(old, q, self._replication(old))
+                   if x != self.me and self.is_up(x)]
+        if not sources:
+            raise KvdError(f"no replica of partition {q} is up to copy it from")
+        source = RemoteReplica(sources[0], self.addresses.get(sources[0], ("", ""))[1], self.peers)
+        after = b""
         rate = self.config.transfer_rate_mb * 1e6
-        batch: list = []
-        began = trio.current_time()
-
-        async def flush():
+        progress = self.transfer_progress
+        while True:
+            began = trio.current_time()
             with trio.fail_after(self.config.request_timeout * 3):
-                await self.peers.call(address, MsgType.REPLICA_PUT,
-                                      {"op": "merge-batch", "objects": batch}, MsgType.REPLICA_PUT_REPLY)
-            progress["keys_done"] += len(batch)
-            progress["bytes_done"] += sum(len(o) for _, o in batch)
-            batch.clear()
-            # Throttle: never faster than transfer_rate_mb on average.
-            ahead = progress["bytes_done"] / rate - (trio.current_time() - began)
+                reply = await self.peers.call(
+                    source.address, MsgType.REPLICA_GET,
+                    {"op": "scan", "partition": q, "after": after, "limit": TRANSFER_BATCH},
+                    MsgType.REPLICA_GET_REPLY)
+            for key, raw in reply["objects"]:
+                obj = versions.decode_object(raw)
+                for sibling in obj.siblings:
+                    if sibling.chunks is not None and not self.store.blobs.exists(sibling.chunks.vid):
+                        await self._fetch_blob(source, key, sibling.chunks)
+                await self.store.merge(key, obj)
+                progress["keys_done"] += 1
+                progress["bytes_done"] += len(raw)
+                after = key
+            # Throttle to transfer_rate_mb: sleep off whatever this batch got ahead.
+            batch_bytes = sum(len(raw) for _, raw in reply["objects"])
+            ahead = batch_bytes / rate - (trio.current_time() - began)
             if ahead > 0:
                 await trio.sleep(ahead)
+            if reply["done"]:
+                return
 
-        for object_key, raw in self.storage.iterate(start, stop):
-            _, user_key = keys.user_key_of(object_key)
-            obj = versions.decode_object(raw)
-            for sibling in obj.siblings:
-                if sibling.chunks is not None:
-                    await self._send_blob(address, user_key, sibling.chunks)
-            batch.append((user_key, raw))
-            if len(batch) >= TRANSFER_BATCH:
-                await flush()
-        if batch:
-            await flush()
-
-    async def _send_blob(self, address, key, ref) -> None:
-        target = RemoteReplica("", address, self.peers)
+    async def _fetch_blob(self, source, key, ref) -> None:
         offset = 0
-        async for data in self.store.read_chunks(key, ref):
-            await target.write_chunk(key, ref.vid, offset, data)
+        async for data in source.read_chunks(key, ref):
+            await self.store.write_chunk(key, ref.vid, offset, data)
             offset += len(data)
 
+    def scan_partition(self, q: int, after: bytes, limit: int) -> tuple[list, bool]:
+        """Objects of partition ``q`` after user key ``after`` (for a fetching node)."""
+        start, stop = keys.object_range(q)
+        if after:
+            start = keys.object_key(q, after) + b"\x00"
+        out = []
+        for object_key, raw in self.storage.iterate(start, stop):
+            if len(out) == limit:
+                return out, False
+            out.append((keys.user_key_of(object_key)[1], raw))
+        return out, True
+
     def transfer_rows(self) -> list[dict]:
+        """This node's view of pending moves, with progress for those it is fetching."""
+        progress = self.transfer_progress
+        elapsed = max(time.time() - progress.get("started", time.time()), 1e-3)
         rows = []
         for move in self.state.pending:
-            progress = self.transfers.get((move.partition, move.source, move.target), {})
-            elapsed = max(time.time() - progress.get("started", time.time()), 1e-3)
-            rows.append({"partition": move.partition, "from": move.source, "to": move.target,
-                         "keys_done": progress.get("keys_done", 0),
-                         "bytes_done": progress.get("bytes_done", 0),
-                         "rate_bps": round(progress.get("bytes_done", 0) / elapsed),
-                         "state": progress.get("state", "pending")})
+            row = {"partition": move.partition, "from": move.source, "to": move.target,
+                   "keys_done": 0, "bytes_done": 0, "rate_bps": 0, "state": "pending"}
+            if move.target == self.me:
+                row.update(keys_done=progress["keys_done"], bytes_done=progress["bytes_done"],
+                           rate_bps=round(progress["bytes_done"] / elapsed),
+                           state=progress["state"])
+            rows.append(row)
         return rows
 
     async def run(self) -> None:

@@ -22,6 +22,12 @@ async def _reply(conn, message, kind: MsgType, fields: dict) -> None:
 async def replica_get(node, conn, message, _chunks) -> None:
     fields = message.fields
     store = node.store
+    if fields.get("op") == "scan":
+        objects, done = node.cluster.scan_partition(fields["partition"], fields["after"],
+                                                    min(fields["limit"], 1024))
+        await _reply(conn, message, MsgType.REPLICA_GET_REPLY,
+                     {"objects": objects, "done": done})
+        return
     if fields.get("op") == "blob":
         data = await store.blobs.read(fields["vid"], fields["offset"], fields["size"])
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, {"data": data})
@@ -43,9 +49,6 @@ async def replica_put(node, conn, message, _chunks) -> None:
         reply["object"] = versions.encode_object(obj)
     elif op == "merge":
         await store.merge(fields["key"], _object(fields["object"]))
-    elif op == "merge-batch":
-        for key, raw in fields["objects"]:
-            await store.merge(key, _object(raw))
     elif op == "hint":
         await node.cluster.store_hint(fields["for"], fields["key"], _object(fields["object"]))
     elif op == "chunk":
@@ -72,6 +75,9 @@ async def gossip(node, conn, message, _chunks) -> None:
 async def peer_admin(node, conn, message, _chunks) -> None:
     fields = message.fields
     cluster = node.cluster
+    if fields.get("op") == "transfers":
+        await _reply(conn, message, MsgType.ADMIN_REPLY, {"transfers": cluster.transfer_rows()})
+        return
     if fields.get("op") != "stage-join":
         raise BadRequest(f"unknown peer admin operation {fields.get('op')!r}")
     joiner = fields["node"]
