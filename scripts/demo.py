@@ -5,6 +5,7 @@ Nodes live under .demo/ (config, data, logs); `make demo-stop` stops them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = Path(os.environ.get("KVD_DEMO_DIR", ROOT / ".demo"))
 BIN = Path(sys.executable).parent
 BASE_PORT = int(os.environ.get("KVD_DEMO_PORT", "7379"))
-NODES = [("n1", BASE_PORT, BASE_PORT + 1)]
+NODES = [(f"n{i + 1}", BASE_PORT + 10 * i, BASE_PORT + 10 * i + 1) for i in range(3)]
 HOST = f"127.0.0.1:{BASE_PORT}"
 
 
@@ -42,6 +43,29 @@ def wait_port(port: int, timeout: float = 20) -> None:
     sys.exit(f"demo: node on port {port} did not start; see {DEMO}/*.log")
 
 
+def wait_for(what: str, check, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    sys.exit(f"demo: gave up waiting for {what}; see {DEMO}/*.log")
+
+
+def status_states(host: str = HOST) -> dict[str, str]:
+    out = subprocess.run([str(BIN / "kvctl"), "--host", host, "--json", "status"],
+                         capture_output=True)
+    if out.returncode != 0:
+        return {}
+    return {n["node"]: n["state"] for n in json.loads(out.stdout)["nodes"]}
+
+
+def transfers_pending() -> int:
+    out = subprocess.run([str(BIN / "kvctl"), "--host", HOST, "--json", "transfers"],
+                         capture_output=True)
+    return len(json.loads(out.stdout)["transfers"]) if out.returncode == 0 else -1
+
+
 def stop_all() -> None:
     for pid_file in DEMO.glob("*.pid"):
         try:
@@ -53,11 +77,12 @@ def stop_all() -> None:
 
 def start(node: str, port: int, peer_port: int, seeds: list[str]) -> None:
     config = DEMO / f"{node}.toml"
-    config.write_text(
-        f'node_id = "{node}"\nlisten = "127.0.0.1:{port}"\npeer_listen = "127.0.0.1:{peer_port}"\n'
-        f'metrics_listen = ""\ndata_dir = "{DEMO / node}"\n'
-        + (f"seeds = [{', '.join(repr(s) for s in seeds)}]\n".replace("'", '"') if seeds else "")
-    )
+    if not config.exists():
+        config.write_text(
+            f'node_id = "{node}"\nlisten = "127.0.0.1:{port}"\npeer_listen = "127.0.0.1:{peer_port}"\n'
+            f'metrics_listen = ""\ndata_dir = "{DEMO / node}"\ngossip_interval = 0.5\n'
+            + (f"seeds = [{', '.join(repr(s) for s in seeds)}]\n".replace("'", '"') if seeds else "")
+        )
     log = open(DEMO / f"{node}.log", "ab")
     proc = subprocess.Popen([str(BIN / "kvd"), "--config", str(config)], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -75,12 +100,38 @@ def main() -> None:
         time.sleep(0.5)
         shutil.rmtree(DEMO)
     DEMO.mkdir()
+    seed = f"127.0.0.1:{NODES[0][2]}"
     for node, port, peer_port in NODES:
-        start(node, port, peer_port, [])
+        start(node, port, peer_port, [] if node == "n1" else [seed])
+
+    print("\n== Form a 3-node cluster: stage two joins, review the plan, commit ==")
+    for node, port, _ in NODES[1:]:
+        kvctl("cluster", "join", seed, host=f"127.0.0.1:{port}")
+    kvctl("cluster", "plan")
+    kvctl("cluster", "commit")
+    wait_for("the transfers to finish", lambda: transfers_pending() == 0)
+    wait_for("every node to be up", lambda: set(status_states().values()) == {"UN"})
+    kvctl("status")
+
+    print("\n== Write and read (N=3, R=2, W=2) ==")
     kvctl("put", "greeting", "hello from kvd")
+    kvctl("get", "greeting", host=f"127.0.0.1:{NODES[2][1]}")
+    kvctl("inspect", "greeting")
+
+    print("\n== Kill n3 (SIGKILL): reads still succeed, status shows it DN ==")
+    pid_file = DEMO / "n3.pid"
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    pid_file.unlink()
+    wait_for("n3 to be seen down", lambda: status_states().get("n3") == "DN")
     kvctl("get", "greeting")
     kvctl("status")
-    print(f"\nThe node keeps running (logs in {DEMO}); stop it with `make demo-stop`.")
+
+    print("\n== Restart n3: it comes back UN ==")
+    node, port, peer_port = NODES[2]
+    start(node, port, peer_port, [seed])
+    wait_for("n3 to be seen up", lambda: status_states().get("n3") == "UN")
+    kvctl("status")
+    print(f"\nThe nodes keep running (logs in {DEMO}); stop them with `make demo-stop`.")
 
 
 if __name__ == "__main__":
