@@ -295,18 +295,11 @@ class Gossiper:
         return None if self._state is None else self._state.digest()
 
     def _absorb(self, fields: Mapping[str, Any], now: float) -> None:
-        """Validate everything first, then merge members and state (rule 5)."""
+        """Check the cluster and the state first (rule 5), then merge members and state."""
         self.check_cluster(fields.get("cluster"))
         members = fields.get("members")
-        if not isinstance(members, list):
-            raise BadRequest("gossip without a members list")
-        for item in members:
-            if not isinstance(item, dict):
-                raise BadRequest("gossip member record is not a map")
-            try:
-                MemberInfo.from_dict(item)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise BadRequest(f"malformed member record: {exc!r}") from None
+        if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+            raise BadRequest("gossip without a list of member records")
         incoming = None
         raw_state = fields.get("state")
         if raw_state is not None:
@@ -319,7 +312,11 @@ class Gossiper:
             if self._state is not None and incoming.cluster_id != self._state.cluster_id:
                 raise BadRequest(f"cluster id mismatch: {self._state.cluster_id} != {incoming.cluster_id}")
         self._stats["received"] += 1
-        self._log_changes(self.table.merge(members, now))
+        try:
+            self._log_changes(self.table.merge(members, now))
+        except (KeyError, TypeError, ValueError) as exc:
+            # The records before the bad one were merged: each is a fact on its own.
+            raise BadRequest(f"malformed member record: {exc!r}") from None
         if incoming is not None:
             self._adopt(incoming)
 
