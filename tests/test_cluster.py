@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from kvd.client import open_client
-from tests.procs import KvdProcess, kvctl
+from tests.procs import KvdProcess, kvctl, wait_port
 
 pytestmark = pytest.mark.slow
 
@@ -189,10 +189,19 @@ def procs():
 
 
 def start_node(tmp_path: Path, procs: list, node_id: str, extra: dict,
-               seeds: list[str] | None = None) -> KvdProcess:
+               seeds: list[str] | None = None, wait: bool = True) -> KvdProcess:
     node = KvdProcess(tmp_path / node_id / "data", node_id=node_id, extra=extra, seeds=seeds)
     procs.append(node)
-    return node.start()
+    return node.start(wait=wait)
+
+
+def start_nodes(tmp_path: Path, procs: list, node_ids: Iterable[str], extra: dict,
+                seeds: list[str] | None = None) -> list[KvdProcess]:
+    """Start several daemons at once (their imports overlap), then wait for their ports."""
+    nodes = [start_node(tmp_path, procs, nid, extra, seeds, wait=False) for nid in node_ids]
+    for node in nodes:
+        wait_port(node.port, proc=node.proc)
+    return nodes
 
 
 async def wait_formed(nodes: list[KvdProcess], timeout: float = 60) -> None:
@@ -214,17 +223,24 @@ async def wait_formed(nodes: list[KvdProcess], timeout: float = 60) -> None:
 
 
 async def join_all(seed: KvdProcess, joiners: list[KvdProcess]) -> None:
+    """``kvctl --host NEW cluster join SEED`` for every joiner, concurrently."""
+    docs = {}
+
+    async def join(node):
+        docs[node.node_id] = await akvctl_json(node, "cluster", "join", seed.peer_address)
+
+    async with trio.open_nursery() as nursery:
+        for node in joiners:
+            nursery.start_soon(join, node)
     for node in joiners:
-        doc = await akvctl_json(node, "cluster", "join", seed.peer_address)
-        assert doc["staged"] == f"join {node.node_id}"
+        assert docs[node.node_id]["staged"] == f"join {node.node_id}"
 
 
 async def form_cluster(tmp_path: Path, procs: list, extra: dict | None = None) -> list[KvdProcess]:
     """n1 alone, n2 and n3 seeded with n1, both joined, committed; returns [n1, n2, n3]."""
     extra = {**GOSSIP, **(extra or {})}
     n1 = start_node(tmp_path, procs, "n1", extra)
-    others = [start_node(tmp_path, procs, nid, extra, seeds=[n1.peer_address])
-              for nid in NODE_IDS[1:]]
+    others = start_nodes(tmp_path, procs, NODE_IDS[1:], extra, seeds=[n1.peer_address])
     await join_all(n1, others)
     commit = await akvctl_json(n1, "cluster", "commit")
     assert sorted(commit["committed"]) == ["join n2", "join n3"]
@@ -410,8 +426,7 @@ async def test_forming_one_node_with_5000_keys_grows_to_three(tmp_path, procs):
     status = await akvctl_json(n1, "status")
     assert partitions_owned(status) == {"n1": Q}
 
-    n2 = start_node(tmp_path, procs, "n2", extra, seeds=[n1.peer_address])
-    n3 = start_node(tmp_path, procs, "n3", extra, seeds=[n1.peer_address])
+    n2, n3 = start_nodes(tmp_path, procs, ("n2", "n3"), extra, seeds=[n1.peer_address])
     nodes = [n1, n2, n3]
     await join_all(n1, [n2, n3])
 
