@@ -1,8 +1,11 @@
 """The gossiped heartbeat table: who exists, where to reach them, and who looks alive.
 
-Pure: no I/O and no clock; ``now`` (seconds) is an argument.  The gossip task (kvd/node/)
-calls ``tick`` once per round, sends ``digest()`` to ``choose_gossip_target(...)``, and
-``merge``s every digest it receives (the target answers with its own digest: push-pull).
+Pure: no I/O and no clock; ``now`` (seconds, the caller's monotonic clock) is an argument.
+The gossip task (kvd/node/) calls ``tick(now)`` once per round, sends ``digest(now)`` to
+``choose_gossip_target(...)``, and ``merge``s every digest it receives.  The target of a
+round answers with its own ``digest(now)`` (push-pull): with push alone, news about a node
+reaches a given observer of a 64-node cluster up to ~14 s late, and no detector can then
+both stay quiet and convict a dead node within 10 s (see phi.py).
 
 Rules:
 
@@ -12,14 +15,23 @@ Rules:
 2. Only the node itself writes its record (``tick``).  If gossip brings back a record about
    me that outranks mine (I restarted within the same second, or my clock went backwards),
    I jump past it so that my fresh record wins again.
-3. Liveness is a local judgement, never gossiped: node X is *up* for me while X's phi
+3. Each gossiped record carries its ``age``: how long ago its node emitted it, as known by
+   the sender (the time the sender has held it plus the age it arrived with).  Ages are
+   sums of local durations, so no clocks need to agree; network transit (milliseconds) is
+   ignored.  A record given without an age (a MemberInfo object) counts as emitted ``now``.
+4. Liveness is a local judgement, never gossiped: node X is *up* for me while X's phi
    accrual detector is below the threshold.  The detector is fed each time X's heartbeat
-   advances in my table, whoever brought the news; a newer generation resets the detector
-   (a restarted node's old rhythm says nothing) and counts as an arrival.
-4. A node first learned second-hand (a stale record of a dead node can circulate for a
-   while) is *down* until its heartbeat advances once in my table: only progress proves
-   life.  I am always up; nodes I have never heard of are down.
-5. Records are never dropped here: a node that left stays in the table, judged down, and
+   advances in my table, whoever brought the news, with the arrival time and the emission
+   time (now - age); a newer generation resets X's detector (a restarted node's last
+   heartbeat says nothing) and counts as a heartbeat.
+5. Every detector of one table shares one history ("pooled"): all news travels by the same
+   epidemic, so the delay distribution is one property of the cluster, learnt 60 times
+   faster in a 64-node cluster, and one unlucky peer's short history cannot make its
+   detector twitchy.  The per-node part is only the last emission heard.
+6. A node first learned second-hand is up only if the news is fresh (its age is known and
+   small); a stale record of a dead node can circulate for a while and proves nothing.  I am
+   always up; nodes I have never heard of are down.
+7. Records are never dropped here: a node that left stays in the table, judged down, and
    the cluster state (cluster_state.py) says whether it is still a member.
 """
 
@@ -27,20 +39,20 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from kvd.membership.phi import PhiAccrualDetector
+from kvd.membership.phi import HeartbeatHistory, PhiAccrualDetector
 
 __all__ = ["STATUSES", "MemberInfo", "MemberTable"]
-
-# Ages above this are clamped: a peer's garbage must not push an estimate to -inf.
-_MAX_AGE = 86400.0
 
 # Member statuses of the cluster state (cluster_state.py).  "down" is a local judgement of the
 # failure detector, never gossiped; kvctl's UN/DN derive from it, UJ/UL from these.
 STATUSES = ("joining", "valid", "leaving", "exiting")
+
+# Ages above this are clamped: a peer's garbage must not push an estimate to -inf.
+_MAX_AGE = 86400.0
 
 
 @dataclass(frozen=True)
@@ -62,24 +74,46 @@ class MemberInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for the wire (msgpack/JSON)."""
-        return asdict(self)
+        return {
+            "node": self.node,
+            "address": self.address,
+            "peer_address": self.peer_address,
+            "generation": self.generation,
+            "heartbeat": self.heartbeat,
+            "ring_version": self.ring_version,
+            "load_bytes": self.load_bytes,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MemberInfo:
-        """Inverse of to_dict; unknown keys (from newer nodes) are ignored."""
-        return cls(
-            node=str(d["node"]),
-            address=str(d["address"]),
-            peer_address=str(d["peer_address"]),
-            generation=int(d["generation"]),
-            heartbeat=int(d["heartbeat"]),
-            ring_version=int(d.get("ring_version", 0)),
-            load_bytes=int(d.get("load_bytes", 0)),
-        )
+    def from_dict(cls, d: Mapping[str, Any]) -> MemberInfo:
+        """Inverse of to_dict; unknown keys (``age``, newer fields) are ignored.
+
+        ValueError on a malformed record: it comes off the wire.
+        """
+        try:
+            rec = cls(
+                node=d["node"],
+                address=d["address"],
+                peer_address=d["peer_address"],
+                generation=int(d["generation"]),
+                heartbeat=int(d["heartbeat"]),
+                ring_version=int(d.get("ring_version", 0)),
+                load_bytes=int(d.get("load_bytes", 0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed member record: {exc!r}") from None
+        for name in ("node", "address", "peer_address"):
+            if not isinstance(getattr(rec, name), str) or not getattr(rec, name):
+                raise ValueError(f"malformed member record: {name} must be a non-empty string")
+        if rec.generation < 0 or rec.heartbeat < 0:
+            raise ValueError("malformed member record: negative generation or heartbeat")
+        return rec
 
 
 def _age(raw: Any) -> float | None:
     """A gossiped age, sanitised: None when absent or not a finite number, else clamped."""
+    if raw is None or isinstance(raw, bool):
+        return None
     try:
         age = float(raw)
     except (TypeError, ValueError):
@@ -96,19 +130,23 @@ class MemberTable:
         self,
         me: MemberInfo,
         threshold: float = 8.0,
-        detector_options: dict[str, float] | None = None,
+        detector_options: Mapping[str, float] | None = None,
+        pooled: bool = True,
     ) -> None:
+        """``detector_options`` go to every PhiAccrualDetector (min_std, acceptable_pause,
+        first_interval, window); ``pooled=False`` gives each node its own history."""
         self.me = me.node
         self.threshold = threshold
         self._detector_options = dict(detector_options or {})
+        window = int(self._detector_options.get("window", 1000))
+        self._pool = HeartbeatHistory(window) if pooled else None
         self._records: dict[str, MemberInfo] = {me.node: me}
+        self._emitted: dict[str, float] = {}  # my-clock estimate of each record's emission
         self._detectors: dict[str, PhiAccrualDetector] = {}
         self._was_up: dict[str, bool] = {me.node: True}
-        # My-clock estimate of when each record was emitted by its node (rule 3).
-        self._emitted: dict[str, float] = {}
 
     def _new_detector(self) -> PhiAccrualDetector:
-        return PhiAccrualDetector(threshold=self.threshold, **self._detector_options)
+        return PhiAccrualDetector(threshold=self.threshold, history=self._pool, **self._detector_options)
 
     def tick(self, now: float, *, ring_version: int | None = None, load_bytes: int | None = None) -> MemberInfo:
         """Bump my heartbeat (and refresh what I advertise); return my record."""
@@ -123,44 +161,65 @@ class MemberTable:
         self._emitted[self.me] = now
         return mine
 
-    def merge(self, records: Iterable[MemberInfo | dict[str, Any]], now: float) -> list[str]:
+    def merge(self, records: Iterable[MemberInfo | Mapping[str, Any]], now: float) -> list[str]:
         """Take every record newer than mine; return the nodes whose liveness changed.
 
-        ``records`` are digest dicts (``digest(now)``: each may carry its ``age``) or
-        MemberInfo objects (no age: taken as emitted ``now``).  Liveness changes caused by
-        time alone (silence) are reported too, since the table compares every node's
-        judgement now with the last one it reported.
+        ``records`` are digest dicts (from ``digest(now)``, with ``age``) or MemberInfo
+        objects (no age).  A malformed dict raises ValueError before anything is applied.
+        The returned list is ``check(now)``: changes caused by silence are reported too.
         """
+        parsed: list[tuple[MemberInfo, float | None]] = []
         for item in records:
             if isinstance(item, MemberInfo):
-                rec, age = item, None
-            else:
-                rec = MemberInfo.from_dict(item)
-                age = _age(item.get("age"))
-            if rec.node == self.me:
-                self._refute(rec)
+                parsed.append((item, None))
                 continue
-            old = self._records.get(rec.node)
-            if old is not None and rec.key <= old.key:
-                continue
-            emitted = now if age is None else now - age
-            self._records[rec.node] = rec
-            self._emitted[rec.node] = emitted
-            if old is None:
-                det = self._detectors[rec.node] = self._new_detector()
-                if age is not None:
-                    # Rule 4: first sight counts only when we know how old the news is.
-                    det.heartbeat(now, emitted)
-            elif rec.generation > old.generation:
-                det = self._detectors[rec.node]
-                det.reset()
-                det.heartbeat(now, emitted)
-            else:
-                self._detectors[rec.node].heartbeat(now, emitted)
+            if not isinstance(item, Mapping):
+                raise ValueError(f"malformed member record: {type(item).__name__}")
+            node = item.get("node")
+            old = self._records.get(node) if isinstance(node, str) else None
+            if old is not None and node != self.me:  # cheap skip of what I already have
+                try:
+                    if (int(item["generation"]), int(item["heartbeat"])) <= old.key:
+                        continue
+                except (KeyError, TypeError, ValueError):
+                    pass  # from_dict below reports it
+            parsed.append((MemberInfo.from_dict(item), _age(item.get("age"))))
+        for rec, age in parsed:
+            self._merge_one(rec, age, now)
         return self.check(now)
 
+    def _merge_one(self, rec: MemberInfo, age: float | None, now: float) -> None:
+        if rec.node == self.me:
+            self._refute(rec)
+            return
+        old = self._records.get(rec.node)
+        if old is not None and rec.key <= old.key:
+            return
+        emitted = now if age is None else now - age
+        self._records[rec.node] = rec
+        self._emitted[rec.node] = emitted
+        if old is None:
+            det = self._detectors[rec.node] = self._new_detector()
+            if age is not None:  # rule 6: first sight proves life only with a known age
+                det.heartbeat(now, emitted)
+            return
+        det = self._detectors[rec.node]
+        if rec.generation > old.generation:
+            det.reset()
+        det.heartbeat(now, emitted)
+
+    def _refute(self, rec: MemberInfo) -> None:
+        mine = self._records[self.me]
+        if rec.key < mine.key or rec == mine:
+            return
+        # rec.key >= mine.key, so rec.generation >= mine.generation: adopt it and go one past.
+        self._records[self.me] = replace(mine, generation=rec.generation, heartbeat=rec.heartbeat + 1)
+
     def check(self, now: float) -> list[str]:
-        """Nodes whose liveness changed since the last ``merge``/``check`` (sorted)."""
+        """Nodes whose liveness changed since the last ``merge``/``check`` (sorted).
+
+        A node first seen down is not a change; it is reported when it comes up.
+        """
         changed = []
         for node in self._records:
             up = self.is_up(node, now)
@@ -170,18 +229,11 @@ class MemberTable:
                 self._was_up[node] = up
         return sorted(changed)
 
-    def _refute(self, rec: MemberInfo) -> None:
-        mine = self._records[self.me]
-        if rec.key < mine.key or rec == mine:
-            return
-        # rec.key >= mine.key, so rec.generation >= mine.generation: adopt it and go one past.
-        self._records[self.me] = replace(mine, generation=rec.generation, heartbeat=rec.heartbeat + 1)
-
     def digest(self, now: float | None = None) -> list[dict[str, Any]]:
         """What to gossip: every record as a plain dict, sorted by node.
 
-        With ``now``, each dict also carries ``age``: how many seconds ago its node emitted
-        it, as far as I know (rule 3).  The gossip task should always pass ``now``.
+        With ``now`` each dict carries ``age`` (rule 3); the gossip task should always pass
+        it, or every observer falls back to arrival times and detects failures later.
         """
         out = []
         for n in sorted(self._records):
@@ -194,12 +246,10 @@ class MemberTable:
 
     def is_up(self, node: str, now: float) -> bool:
         """My judgement of ``node`` at ``now``: me always up, unknown nodes down."""
-        if node == self.me:
-            return True
         det = self._detectors.get(node)
-        if det is None or det.last_heartbeat is None:
-            return False
-        return det.is_available(now)
+        if det is None:
+            return node == self.me
+        return det.last_heartbeat is not None and det.is_available(now)
 
     def phi(self, node: str, now: float) -> float | None:
         """The detector's phi for ``node`` (None for me and for unknown nodes)."""
@@ -223,9 +273,9 @@ class MemberTable:
 
         Usually a random live peer.  With probability 1/(live + 1), or always when no peer is
         live, a seed or a node I judge down instead: that is how a partition heals and how a
-        node restarted elsewhere is found again (memberlist gossips to dead nodes for the
-        same reason).  Returns a peer address (HOST:PORT) in every case, since a seed is known
-        only by its address.
+        restarted node is found again (memberlist gossips to dead nodes for the same reason).
+        Returns a peer address (HOST:PORT) in every case, since a seed is known only by its
+        address; my own address is never returned.
         """
         my_address = self._records[self.me].peer_address
         live: list[str] = []
@@ -238,8 +288,9 @@ class MemberTable:
                 live.append(rec.peer_address)
             else:
                 others.add(rec.peer_address)
-        others.update(s for s in seeds if s != my_address)
+        others.update(seeds)
         others.difference_update(live)
+        others.discard(my_address)
         fallback = sorted(others)
         if live and (not fallback or rng.random() >= 1.0 / (len(live) + 1)):
             return rng.choice(live)

@@ -1,0 +1,448 @@
+"""The cluster state: staged changes and committed rings (riak_core's claimant), pure.
+
+One versioned value, gossiped between nodes, says who is in the cluster and who owns what:
+the ring, each member's status, the staged (uncommitted) topology changes, and the pending
+moves of the last commit.  Every function here takes a state and returns a new one; the
+gossip and transfer tasks (kvd/node/) only call them.
+
+Lifecycle of a change (DESIGN section 5):
+
+    stage(join|leave|replace|force-remove)  ->  plan()  ->  commit()  ->  transfer_done()...
+                      clear() discards everything staged
+
+Rule 1 (status table).  ``members`` maps node -> status, and is a function of the committed
+  statuses and the staged changes and pending moves:
+
+      status    | meaning                                       | becomes
+      ----------+-----------------------------------------------+-------------------------------
+      joining   | target of a staged join/replace, owns nothing | valid at commit; gone on clear
+      valid     | claims partitions                             | leaving at commit of its leave
+      leaving   | still the source of pending moves             | exiting when its moves drain
+      exiting   | owns and serves nothing; may shut down        | dropped at the next commit
+      (absent)  | force-removed, or never a member              |
+
+  A node that is exiting may be joined again: it stays "exiting" until that commit.
+  ``__post_init__`` recomputes leaving/exiting and joining from ``pending`` and ``staged``,
+  so no state can say otherwise.
+
+Rule 2 (one change at a time).  Nothing can be staged while a committed change is still
+  moving data, except force-remove: a dead node that is the source or target of a pending
+  move would otherwise block the cluster forever.  Each node appears in at most one staged
+  change.  A leave or force-remove must not leave fewer than ``n_val`` valid nodes when the
+  cluster had at least that many (staged joins count, so "join the new node, force-remove
+  the dead one" works on a cluster of exactly N).  Refusals raise BadRequest with one line.
+
+Rule 3 (routing during a move).  After commit, ``ring`` is the NEW ring.  A partition with
+  a pending move is still served by the move's source (``serving_owner``): the new owner
+  has no data yet.  Writes go to both (``owners_for_writes``) so that nothing written
+  during the transfer is missing when the target takes over.  The transfer task calls
+  ``transfer_done`` once the target holds everything; from then on the ring owner serves.
+  Moves out of a force-removed node are never pending (nobody can stream from it): the new
+  owner serves at once and is filled by read repair and anti-entropy (`kvctl repair`).
+  A commit made while moves are pending (force-remove) composes them: the data of each
+  partition moves from whoever serves it now to its owner in the newer ring.
+
+Rule 4 (merge: how two states converge).  ``merge`` is a join-semilattice (commutative,
+  associative, idempotent), so gossip in any order converges:
+  * Different rings: the higher ``(ring.version, ring digest)`` wins outright.  A commit
+    therefore beats anything staged or done on the older ring, however many times that
+    was bumped (the refinement of "higher version wins": ``version`` alone would let a
+    node that staged twice undo a commit).  Two claimants committing different plans in a
+    partition end with the same ring everywhere (the digest breaks the tie); the transfer
+    task reconciles against whatever ring is current.
+  * Same ring: componentwise.  ``pending`` is the intersection (a finished move is a
+    monotone fact, so two nodes finishing transfers at once both count); ``version`` is the
+    maximum and ``staged`` comes from the higher version, or is the union of both when the
+    versions are equal (two nodes staging at once both count; a clear wins over what was
+    staged before it).  plan/commit re-validate the staged set, since a union of two valid
+    sets may conflict (two leaves below N): the operator then clears and stages again.
+    Committed statuses (split-brain only) join per node, leaving over valid.
+  Different ``cluster_id``s never merge (BadRequest): the gossip task refuses the peer.
+
+Pure: no I/O, no trio, no plyvel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from kvd.errors import BadRequest
+from kvd.membership.members import STATUSES
+from kvd.ring import Move, Ring, claim, new_ring
+from kvd.ring import plan as plan_moves
+
+__all__ = [
+    "CHANGE_KINDS",
+    "Change",
+    "ClusterState",
+    "claimant",
+    "clear",
+    "commit",
+    "merge",
+    "new_cluster",
+    "owners_for_writes",
+    "plan",
+    "serving_owner",
+    "stage",
+    "transfer_done",
+]
+
+CHANGE_KINDS = ("join", "leave", "force-remove", "replace")
+
+# Committed statuses, in the order in which split-brain disagreements are resolved.
+_BASE_RANK = {"valid": 0, "leaving": 1}
+
+
+@dataclass(frozen=True, order=True)
+class Change:
+    """One staged topology change.  ``target`` is the new node of a replace."""
+
+    kind: str
+    node: str
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CHANGE_KINDS:
+            raise BadRequest(f"unknown change {self.kind!r} (expected one of {', '.join(CHANGE_KINDS)})")
+        if not isinstance(self.node, str) or not self.node:
+            raise BadRequest("a change needs a node id")
+        if self.kind == "replace":
+            if not isinstance(self.target, str) or not self.target:
+                raise BadRequest(f"replace {self.node} needs the new node")
+            if self.target == self.node:
+                raise BadRequest(f"cannot replace {self.node} with itself")
+        elif self.target is not None:
+            raise BadRequest(f"{self.kind} takes no target")
+
+    def nodes(self) -> tuple[str, ...]:
+        """Every node this change concerns."""
+        return (self.node,) if self.target is None else (self.node, self.target)
+
+    def describe(self) -> str:
+        """Human wording, for messages and `kvctl cluster plan`."""
+        if self.kind == "replace":
+            return f"replace {self.node} with {self.target}"
+        return f"{self.kind} {self.node}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the wire."""
+        return {"kind": self.kind, "node": self.node, "target": self.target}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Change:
+        """Inverse of to_dict."""
+        return cls(str(d["kind"]), str(d["node"]), None if d.get("target") is None else str(d["target"]))
+
+
+def _sort_key(c: Change) -> tuple[str, str, str]:
+    return (c.node, c.kind, c.target or "")
+
+
+def _joiner(c: Change) -> str | None:
+    """The node a change brings in, if any."""
+    if c.kind == "join":
+        return c.node
+    if c.kind == "replace":
+        return c.target
+    return None
+
+
+def _base(members: Mapping[str, str]) -> dict[str, str]:
+    """Committed statuses: joining is derived from staged, exiting from pending."""
+    return {n: ("leaving" if s == "exiting" else s) for n, s in members.items() if s != "joining"}
+
+
+def _derive(base: Mapping[str, str], staged: Iterable[Change], pending: Iterable[Move]) -> dict[str, str]:
+    """Rule 1: the full status map from committed statuses, staged changes, pending moves."""
+    sources = {m.source for m in pending}
+    out = {n: ("exiting" if s == "leaving" and n not in sources else s) for n, s in base.items()}
+    for c in staged:
+        j = _joiner(c)
+        if j is not None and j not in out:
+            out[j] = "joining"
+    return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """Ring, member statuses, staged changes and pending moves, at one version."""
+
+    cluster_id: str
+    ring: Ring
+    members: Mapping[str, str]
+    staged: tuple[Change, ...] = ()
+    pending: tuple[Move, ...] = ()
+    version: int = 1
+    _digest: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for node, status in self.members.items():
+            if status not in STATUSES:
+                raise ValueError(f"member {node!r} has unknown status {status!r}")
+        staged = tuple(sorted(set(self.staged), key=_sort_key))
+        pending = tuple(sorted(set(self.pending), key=lambda m: (m.partition, m.source, m.target)))
+        members = _derive(_base(self.members), staged, pending)
+        object.__setattr__(self, "staged", staged)
+        object.__setattr__(self, "pending", pending)
+        object.__setattr__(self, "members", MappingProxyType(members))
+        object.__setattr__(self, "_digest", _hash(self._content()))
+
+    def __hash__(self) -> int:
+        return hash(self._digest)
+
+    def _content(self) -> dict[str, Any]:
+        return {
+            "cluster_id": self.cluster_id,
+            "ring": self.ring.to_dict(),
+            "members": dict(self.members),
+            "staged": [c.to_dict() for c in self.staged],
+            "pending": [[m.partition, m.source, m.target] for m in self.pending],
+            "version": self.version,
+        }
+
+    def digest(self) -> str:
+        """Content hash: equal digests, equal states (gossip compares these first)."""
+        return self._digest
+
+    def status(self, node: str) -> str | None:
+        """The node's status, or None when it is not a member."""
+        return self.members.get(node)
+
+    def valid_nodes(self) -> list[str]:
+        """Members that claim partitions, sorted."""
+        return [n for n, s in self.members.items() if s == "valid"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Msgpack/JSON-able primitives."""
+        return self._content()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClusterState:
+        """Inverse of to_dict; ValueError on anything malformed (it comes off the wire)."""
+        try:
+            members = d["members"]
+            if not isinstance(members, Mapping):
+                raise ValueError("members must be a map")
+            return cls(
+                cluster_id=str(d["cluster_id"]),
+                ring=Ring.from_dict(d["ring"]),
+                members={str(n): str(s) for n, s in members.items()},
+                staged=tuple(Change.from_dict(c) for c in d.get("staged") or ()),
+                pending=tuple(Move(int(p), str(s), str(t)) for p, s, t in d.get("pending") or ()),
+                version=int(d["version"]),
+            )
+        except (KeyError, TypeError, BadRequest) as exc:
+            raise ValueError(f"malformed cluster state: {exc}") from None
+
+
+def _hash(content: Mapping[str, Any]) -> str:
+    blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def _bump(state: ClusterState, **changes: Any) -> ClusterState:
+    fields = {
+        "cluster_id": state.cluster_id,
+        "ring": state.ring,
+        "members": state.members,
+        "staged": state.staged,
+        "pending": state.pending,
+        "version": state.version + 1,
+    }
+    fields.update(changes)
+    return ClusterState(**fields)
+
+
+def new_cluster(node: str, q: int, cluster_id: str) -> ClusterState:
+    """A one-node cluster: ``node`` is valid and owns every partition."""
+    return ClusterState(cluster_id, new_ring(node, q), {node: "valid"}, (), (), 1)
+
+
+def _check(state: ClusterState, staged: tuple[Change, ...], n_val: int, culprit: Change | None = None) -> None:
+    """Rule 2 for a whole staged set; raises BadRequest naming the first problem.
+
+    ``culprit`` is the change being staged, named when the set as a whole is refused.
+    """
+    if state.pending and any(c.kind != "force-remove" for c in staged):
+        raise BadRequest(
+            f"a committed change is still moving data: {len(state.pending)} partitions pending"
+        )
+    base = _base(state.members)
+    seen: dict[str, Change] = {}
+    for c in staged:
+        for n in c.nodes():
+            if n in seen:
+                raise BadRequest(
+                    f"{n} is in two staged changes ({seen[n].describe()}; {c.describe()});"
+                    " run `kvctl cluster clear` and stage again"
+                )
+            seen[n] = c
+        status = base.get(c.node)
+        if c.kind == "join":
+            if status in ("valid", "leaving") and state.members[c.node] != "exiting":
+                raise BadRequest(f"{c.node} is already a member ({state.members[c.node]})")
+        elif c.kind in ("leave", "replace"):
+            if status is None or state.members[c.node] == "exiting":
+                raise BadRequest(f"{c.node} is not a member")
+            if status != "valid":
+                raise BadRequest(f"{c.node} is already {status}")
+            if c.kind == "replace" and base.get(c.target) in ("valid", "leaving") and (
+                state.members[c.target] != "exiting"
+            ):
+                raise BadRequest(f"{c.target} is already a member ({state.members[c.target]})")
+        elif status is None:  # force-remove
+            raise BadRequest(f"{c.node} is not a member")
+    valid_now = len(state.valid_nodes())
+    valid_after = len(_valid_after(state, staged))
+    if not valid_after or valid_after < n_val <= valid_now:
+        if culprit is None:
+            culprit = next((c for c in staged if c.kind in ("leave", "force-remove")), staged[-1])
+        if not valid_after:
+            raise BadRequest(f"{culprit.describe()} would leave no valid node")
+        raise BadRequest(
+            f"{culprit.describe()} would leave {valid_after} valid nodes, fewer than"
+            f" n_val={n_val}; stage a join first"
+        )
+
+
+def _valid_after(state: ClusterState, staged: Iterable[Change]) -> set[str]:
+    valid = {n for n, s in state.members.items() if s == "valid"}
+    for c in staged:
+        if c.kind in ("leave", "force-remove", "replace"):
+            valid.discard(c.node)
+        j = _joiner(c)
+        if j is not None:
+            valid.add(j)
+    return valid
+
+
+def stage(state: ClusterState, change: Change, n_val: int) -> ClusterState:
+    """Add ``change`` to the staged set (Rule 2); BadRequest when it is not allowed.
+
+    Replacing with a node whose join is staged turns that join into the replace.
+    """
+    staged = list(state.staged)
+    if change in staged:
+        raise BadRequest(f"{change.describe()} is already staged")
+    if change.kind == "replace":
+        staged = [c for c in staged if c != Change("join", change.target)]
+    staged.append(change)
+    _check(state, tuple(staged), n_val, change)
+    return _bump(state, staged=tuple(staged))
+
+
+def clear(state: ClusterState) -> ClusterState:
+    """Discard every staged change (nothing staged: the state itself)."""
+    if not state.staged:
+        return state
+    return _bump(state, staged=())
+
+
+def serving_owner(state: ClusterState, partition: int) -> str:
+    """Who serves reads of ``partition`` now: a pending move's source, else the owner."""
+    for m in state.pending:
+        if m.partition == partition:
+            return m.source
+    return state.ring.owners[partition]
+
+
+def owners_for_writes(state: ClusterState, partition: int) -> list[str]:
+    """Who must receive writes to ``partition``: source and target while it moves."""
+    for m in state.pending:
+        if m.partition == partition:
+            return [m.source, m.target]
+    return [state.ring.owners[partition]]
+
+
+def plan(state: ClusterState, n_val: int, zones: Mapping[str, str] | None = None) -> tuple[Ring, list[Move]]:
+    """The ring the staged changes would produce, and every move (partition, from, to).
+
+    Each move's source is whoever serves the partition now (Rule 3), so moves out of a
+    force-removed node are listed too, although commit will not wait for them.
+    """
+    if not state.staged:
+        raise BadRequest("nothing staged")
+    _check(state, state.staged, n_val)
+    owners = list(state.ring.owners)
+    for c in state.staged:
+        if c.kind == "replace":
+            owners = [c.target if o == c.node else o for o in owners]
+    members = sorted(_valid_after(state, state.staged))
+    start = Ring(state.ring.q, tuple(owners), state.ring.version, dict(state.ring.zones if zones is None else zones))
+    new_owners = claim(start, members, n_val, zones)
+    ring = state.ring.with_owners(new_owners, zones)
+    moves = []
+    for p, owner in enumerate(new_owners):
+        source = serving_owner(state, p)
+        if source != owner:
+            moves.append(Move(p, source, owner))
+    return ring, moves
+
+
+def commit(state: ClusterState, n_val: int, zones: Mapping[str, str] | None = None) -> ClusterState:
+    """Apply the staged changes: the new ring (version + 1) and its moves become pending.
+
+    Joining nodes become valid (they get their data through the pending moves), leaving
+    and replaced nodes become leaving (exiting once their moves drain), force-removed nodes
+    disappear; nodes already exiting are dropped unless they are joining again.
+    """
+    ring, moves = plan(state, n_val, zones)
+    rejoining = {_joiner(c) for c in state.staged}
+    base = {n: s for n, s in _base(state.members).items() if state.members[n] != "exiting" or n in rejoining}
+    removed = set()
+    for c in state.staged:
+        if c.kind == "join":
+            base[c.node] = "valid"
+        elif c.kind == "leave":
+            base[c.node] = "leaving"
+        elif c.kind == "replace":
+            base[c.node] = "leaving"
+            base[c.target] = "valid"
+        else:
+            base.pop(c.node, None)
+            removed.add(c.node)
+    pending = tuple(m for m in moves if m.source not in removed)
+    return _bump(state, ring=ring, members=base, staged=(), pending=pending)
+
+
+def transfer_done(state: ClusterState, move: Move) -> ClusterState:
+    """``move`` finished: its target now serves the partition (unknown move: unchanged)."""
+    if move not in state.pending:
+        return state
+    return _bump(state, pending=tuple(m for m in state.pending if m != move))
+
+
+def claimant(state: ClusterState, up: Collection[str]) -> str | None:
+    """The node that computes and commits rings: the lowest-id valid node that is up."""
+    candidates = [n for n, s in state.members.items() if s == "valid" and n in up]
+    return min(candidates) if candidates else None
+
+
+def _ring_key(state: ClusterState) -> tuple[int, str]:
+    return (state.ring.version, _hash(state.ring.to_dict()))
+
+
+def merge(a: ClusterState, b: ClusterState) -> ClusterState:
+    """Gossip merge (Rule 4): commutative, associative, idempotent."""
+    if a.cluster_id != b.cluster_id:
+        raise BadRequest(f"cluster id mismatch: {a.cluster_id} != {b.cluster_id}")
+    ka, kb = _ring_key(a), _ring_key(b)
+    if ka != kb:
+        return a if ka > kb else b
+    if a.digest() == b.digest():
+        return a
+    base = _base(a.members)
+    for n, s in _base(b.members).items():
+        if _BASE_RANK[s] >= _BASE_RANK.get(base.get(n, ""), -1):
+            base[n] = s
+    if a.version != b.version:
+        staged = (a if a.version > b.version else b).staged
+    else:
+        staged = tuple(set(a.staged) | set(b.staged))
+    pending = tuple(set(a.pending) & set(b.pending))
+    return ClusterState(a.cluster_id, a.ring, base, staged, pending, max(a.version, b.version))
