@@ -15,9 +15,11 @@ Rules:
    behind a partition costs one round, not the task.  Any failure of an exchange (refused,
    reset, timed out, malformed reply, other cluster) is logged at debug and drops that
    connection; nothing kills the task.
-3. One connection per peer address, dialled through the ``connect(address)`` callable the
-   gossiper is given (TCP in the daemon, kvd.net.memory in tests) and reused across rounds.
-   A failed or cancelled exchange closes it: its framing state is unknown.
+3. The transport is given, never chosen here: either a ``connect(address) -> Stream``
+   callable (kvd.net.memory in tests, a TCP dialler), which ``PeerLinks`` turns into one
+   reused connection per peer address, closed when an exchange on it fails or is cancelled
+   (its framing state is then unknown); or a ``request(address, type, fields) -> reply``
+   callable, such as the daemon's multiplexed peer connections.
 4. The cluster state travels only when it may be news.  Each message carries my state's
    digest; the full state goes in a GOSSIP when the target's last known digest differs
    from mine, and in a GOSSIP_REPLY when the request's digest differs from the receiver's
@@ -53,11 +55,13 @@ from kvd.net.connection import FrameConnection
 from kvd.proto import codec
 from kvd.proto.messages import DEFAULT_MAX_FRAME, MAX_REQUEST_ID, PROTOCOL_VERSION, MsgType
 
-__all__ = ["Gossiper", "serve_peer_connection"]
+__all__ = ["Gossiper", "PeerLinks", "serve_peer_connection"]
 
 log = logging.getLogger("kvd.gossip")
 
 Connect = Callable[[str], Awaitable[trio.abc.Stream]]
+# request(address, type, fields) -> the reply: what the gossiper needs of a peer transport.
+Request = Callable[[str, MsgType, dict[str, Any]], Awaitable[codec.Message]]
 
 # A peer that opened a connection and sends no HELLO holds a task; this frees it.  Ten
 # rounds at the default interval: far beyond any live peer's delay.
@@ -73,8 +77,9 @@ class Gossiper:
     def __init__(
         self,
         table: MemberTable,
-        connect: Connect,
+        connect: Connect | None = None,
         *,
+        request: Request | None = None,
         state: ClusterState | None = None,
         seeds: Iterable[str] = (),
         interval: float = 1.0,
@@ -83,19 +88,20 @@ class Gossiper:
     ) -> None:
         if interval <= 0:
             raise ValueError("gossip interval must be > 0")
+        if (connect is None) == (request is None):
+            raise ValueError("give exactly one of connect and request")
         self.table = table
         self.node = table.me
         self.seeds = tuple(seeds)
         self.interval = interval
         self.max_frame = max_frame
-        self._connect = connect
+        self._links = None if connect is None else PeerLinks(connect, self._hello, max_frame=max_frame)
+        self._request: Request = request if request is not None else self._links.request  # type: ignore[union-attr]
         self._rng = rng if rng is not None else random.Random()
         self._state = state
         self._state_changed = trio.Event()
-        self._conns: dict[str, FrameConnection] = {}
         # Rule 4: the state digest each peer address last told us.
         self._peer_digest: dict[str, str | None] = {}
-        self._next_id = 0
         self._stats = {"rounds": 0, "exchanges": 0, "failures": 0, "received": 0}
 
     # --- queries ------------------------------------------------------------------------------
@@ -118,8 +124,8 @@ class Gossiper:
         return self.table.all()
 
     def statistics(self) -> dict[str, int]:
-        """Counters: rounds run, exchanges completed and failed, gossip received; open connections."""
-        return {**self._stats, "connections": len(self._conns)}
+        """Counters: rounds run, exchanges completed and failed, gossip received, open connections."""
+        return {**self._stats, "connections": 0 if self._links is None else len(self._links)}
 
     async def wait_state(self, predicate: Callable[[ClusterState], bool]) -> ClusterState:
         """Wait until the cluster state satisfies ``predicate``; return that state."""
@@ -195,28 +201,16 @@ class Gossiper:
             log.debug("%s: gossip with %s timed out", self.node, target)
 
     async def exchange(self, address: str) -> None:
-        """One push-pull exchange with the peer at ``address``; raises what went wrong.
-
-        The connection is closed and forgotten unless the exchange completes (rule 3).
-        """
+        """One push-pull exchange with the peer at ``address``; raises what went wrong."""
         ok = False
         try:
-            conn = await self._connection(address)
-            request_id = self._request_id()
             mine = self._digest()
             fields = self._fields(trio.current_time())
             if mine is not None and self._peer_digest.get(address) != mine:
                 fields["state"] = self._state.to_dict()  # type: ignore[union-attr]
-            await conn.send(codec.encode(MsgType.GOSSIP, request_id, fields))
-            reply = await conn.receive()
-            if reply is None:
-                raise ConnectFailed(f"{address} closed the connection")
-            if reply.type == MsgType.ERROR:
-                raise error_from_code(reply.fields["code"], reply.fields["message"])
-            if reply.type != MsgType.GOSSIP_REPLY or reply.request_id != request_id:
-                raise RemoteProtocolError(
-                    f"expected GOSSIP_REPLY {request_id}, got {reply.type.name} {reply.request_id}"
-                )
+            reply = await self._request(address, MsgType.GOSSIP, fields)
+            if reply.type != MsgType.GOSSIP_REPLY:
+                raise RemoteProtocolError(f"expected GOSSIP_REPLY, got {reply.type.name}")
             self._absorb(reply.fields, trio.current_time())
             digest = reply.fields.get("state_digest")
             self._peer_digest[address] = digest if isinstance(digest, str) else None
@@ -224,43 +218,19 @@ class Gossiper:
             ok = True
         finally:
             if not ok:
-                await self._drop(address)
+                # Whatever the peer knew may have changed (restart): send the full state next time.
+                self._peer_digest.pop(address, None)
 
-    async def _connection(self, address: str) -> FrameConnection:
-        conn = self._conns.get(address)
-        if conn is not None and not conn.broken:
-            return conn
-        stream = await self._connect(address)
-        conn = FrameConnection(stream)
-        self._conns[address] = conn  # registered first, so a failed handshake closes it
+    def _hello(self) -> dict[str, Any]:
         hello: dict[str, Any] = {"versions": [PROTOCOL_VERSION], "role": "peer", "node": self.node}
         if self._state is not None:
             hello["cluster"] = self._state.cluster_id
-        await conn.send(codec.encode(MsgType.HELLO, self._request_id(), hello))
-        answer = await conn.receive()
-        if answer is None:
-            raise ConnectFailed(f"{address} closed the connection during the handshake")
-        if answer.type == MsgType.ERROR:
-            raise error_from_code(answer.fields["code"], answer.fields["message"])
-        if answer.type != MsgType.HELLO_OK:
-            raise RemoteProtocolError(f"expected HELLO_OK, got {answer.type.name}")
-        conn.max_frame = self.max_frame
-        return conn
-
-    async def _drop(self, address: str) -> None:
-        self._peer_digest.pop(address, None)
-        conn = self._conns.pop(address, None)
-        if conn is not None:
-            await conn.aclose()
+        return hello
 
     async def aclose(self) -> None:
-        """Close every connection this gossiper opened."""
-        for address in list(self._conns):
-            await self._drop(address)
-
-    def _request_id(self) -> int:
-        self._next_id = self._next_id % MAX_REQUEST_ID + 1
-        return self._next_id
+        """Close the connections this gossiper opened (none when given a ``request``)."""
+        if self._links is not None:
+            await self._links.aclose()
 
     # --- the receiving side -------------------------------------------------------------------
 
@@ -324,6 +294,91 @@ class Gossiper:
         now = trio.current_time()
         for node in changed:
             log.info("%s: %s is %s", self.node, node, "up" if self.table.is_up(node, now) else "down")
+
+
+class PeerLinks:
+    """Outbound peer connections, one per address, reused; one request at a time on each.
+
+    The simple transport of rule 3, for the in-memory network and any stream dialler: the
+    daemon's multiplexed peer connections offer the same ``request`` method instead.  A
+    request that fails or is cancelled closes its connection (its framing state is
+    unknown), and the next request dials again.
+    """
+
+    def __init__(
+        self,
+        connect: Connect,
+        hello: Callable[[], dict[str, Any]],
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self._connect = connect
+        self._hello = hello
+        self.max_frame = max_frame
+        self._conns: dict[str, FrameConnection] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    async def request(self, address: str, type: MsgType, fields: dict[str, Any]) -> codec.Message:
+        """Send one request to ``address`` and return its reply; an ERROR reply is raised."""
+        lock = self._locks.setdefault(address, trio.Lock())
+        async with lock:
+            ok = False
+            try:
+                conn = await self._connection(address)
+                request_id = self._request_id()
+                await conn.send(codec.encode(type, request_id, fields))
+                reply = await _receive(conn, address)
+                if reply.request_id != request_id:
+                    raise RemoteProtocolError(f"reply to request {reply.request_id}, expected {request_id}")
+                ok = True
+            finally:
+                if not ok:
+                    await self.drop(address)
+        if reply.type == MsgType.ERROR:
+            raise error_from_code(reply.fields["code"], reply.fields["message"])
+        return reply
+
+    async def _connection(self, address: str) -> FrameConnection:
+        conn = self._conns.get(address)
+        if conn is not None and not conn.broken:
+            return conn
+        stream = await self._connect(address)
+        conn = FrameConnection(stream)
+        self._conns[address] = conn  # registered first, so a failed handshake closes it
+        await conn.send(codec.encode(MsgType.HELLO, self._request_id(), self._hello()))
+        answer = await _receive(conn, address)
+        if answer.type == MsgType.ERROR:
+            raise error_from_code(answer.fields["code"], answer.fields["message"])
+        if answer.type != MsgType.HELLO_OK:
+            raise RemoteProtocolError(f"expected HELLO_OK, got {answer.type.name}")
+        conn.max_frame = self.max_frame
+        return conn
+
+    async def drop(self, address: str) -> None:
+        """Close the connection to ``address``, if any."""
+        conn = self._conns.pop(address, None)
+        if conn is not None:
+            await conn.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        for address in list(self._conns):
+            await self.drop(address)
+
+    def _request_id(self) -> int:
+        self._next_id = self._next_id % MAX_REQUEST_ID + 1
+        return self._next_id
+
+
+async def _receive(conn: FrameConnection, address: str) -> codec.Message:
+    message = await conn.receive()
+    if message is None:
+        raise ConnectFailed(f"{address} closed the connection")
+    return message
 
 
 async def serve_peer_connection(stream: trio.abc.Stream, gossiper: Gossiper) -> None:
