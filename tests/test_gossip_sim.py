@@ -229,6 +229,33 @@ async def test_partition_and_heal(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+async def test_lossy_links_no_false_suspicion(autojump_clock):
+    """10% of sends reset their connection: exchanges fail, nobody is judged down wrongly."""
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        sim = Sim(nursery, net)
+        seeds = (addr(0), addr(1))
+        for i in range(5):
+            await sim.start(i, seeds=seeds)
+        everyone = sim.names(range(5))
+        await wait_until(lambda: all_see(sim, range(5), everyone), 5.0)
+        await trio.sleep(20)
+
+        net.set_loss(0.1, random.Random(SEED))
+        before = sum(g.statistics()["failures"] for g in sim.nodes.values())
+        t0 = trio.current_time()
+        while trio.current_time() - t0 < 90:
+            assert all_see(sim, range(5), everyone), trio.current_time() - t0
+            await trio.sleep(POLL)
+        failed = sum(g.statistics()["failures"] for g in sim.nodes.values()) - before
+        assert failed >= 50  # the loss did bite (5 nodes x 90 rounds, 2-4 sends each)
+
+        sim.stop(4)
+        down_after = await wait_until(lambda: all(not sim.nodes[i].is_up(name(4)) for i in range(4)), 10.0)
+        print(f"10% loss: {failed} failed exchanges in 90 s, none judged down; stop seen after {down_after:.2f} s")
+        nursery.cancel_scope.cancel()
+
+
 async def test_other_cluster_is_refused(autojump_clock):
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
@@ -270,9 +297,12 @@ async def test_memory_network_rules(autojump_clock):
     received: list[bytes] = []
 
     async def echo(stream):
-        while data := await stream.receive_some():
-            received.append(data)
-            await stream.send_all(data)
+        try:
+            while data := await stream.receive_some():
+                received.append(data)
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     async with trio.open_nursery() as nursery:
         await nursery.start(net.serve, "a", echo)
@@ -296,6 +326,22 @@ async def test_memory_network_rules(autojump_clock):
         await s.send_all(b"late")
         assert trio.current_time() - t0 == 3.0
         assert await s.receive_some() == b"late"
+
+        # A reset closes both ends; loss resets the sending connection.
+        await nursery.start(net.serve, "c", echo)
+        s2 = await net.connect("a", "c")
+        net.reset("a", "c")
+        with pytest.raises(trio.ClosedResourceError):
+            await s2.send_all(b"x")
+        s3 = await net.connect("a", "c")
+        net.set_loss(1.0)
+        with pytest.raises(trio.BrokenResourceError):
+            await s3.send_all(b"x")
+        net.set_loss(0.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert net.statistics()["streams"] == 2  # both ends of s; c's handlers closed theirs
+        assert received == [b"hi", b"late"]
+        net.stop("c")
 
         # Stopping a node closes its streams: the peer sees EOF, then a broken send.
         net.stop("b")

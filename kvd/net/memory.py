@@ -23,10 +23,15 @@ Rules:
 4. Partitions are sets of unordered address pairs; ``partition`` adds pairs and ``heal``
    removes them (all of them without arguments).  Time plays no part, so everything runs
    on MockClock.
+5. Loss is modelled as TCP shows it to an application: not as missing bytes but as a
+   connection reset.  ``set_loss(rate)`` makes that fraction of ``send_all`` calls (drawn
+   from a seeded rng) reset their connection: nothing is sent, the sender gets
+   BrokenResourceError and the other end end-of-file.  ``reset(a, b)`` does it at once.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable, Iterable
 from itertools import product
 
@@ -60,6 +65,9 @@ class MemoryStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data``; waits while a partition separates the two ends (rule 2)."""
         await self._net._wait_link(self.local, self.remote)
+        if self._net._lose():
+            self.close()
+            raise trio.BrokenResourceError(f"connection {self.local} -> {self.remote} reset (simulated loss)")
         await self._send.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -99,6 +107,8 @@ class MemoryNetwork:
         self._cut: set[frozenset[str]] = set()
         # Set and replaced whenever the partitions change, to wake blocked senders.
         self._changed = trio.Event()
+        self._loss = 0.0
+        self._rng = random.Random(0)
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -166,9 +176,12 @@ class MemoryNetwork:
         b_send, a_receive = trio.testing.memory_stream_one_way_pair()
         client = MemoryStream(self, source, address, a_send, a_receive)
         server = MemoryStream(self, address, source, b_send, b_receive)
+        try:
+            node.nursery.start_soon(_run_handler, node.handler, server)
+        except RuntimeError:  # its nursery is closing: the node is going down
+            raise ConnectFailed(f"cannot connect to {address}: connection refused") from None
         self._streams[client] = None
         self._streams[server] = None
-        node.nursery.start_soon(_run_handler, node.handler, server)
         return client
 
     # --- partitions ---------------------------------------------------------------------------
@@ -192,6 +205,22 @@ class MemoryNetwork:
             for x, y in product(group_a, group_b):
                 self._cut.discard(frozenset((x, y)))
         self._notify()
+
+    def set_loss(self, rate: float, rng: random.Random | None = None) -> None:
+        """Reset a ``rate`` fraction of all sends from now on (0 turns loss off; rule 5)."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("loss rate must be within 0..1")
+        self._loss = rate
+        if rng is not None:
+            self._rng = rng
+
+    def reset(self, a: str, b: str) -> None:
+        """Reset every connection between ``a`` and ``b`` now: both ends are closed."""
+        for stream in [s for s in self._streams if {s.local, s.remote} == {a, b}]:
+            stream.close()
+
+    def _lose(self) -> bool:
+        return self._loss > 0.0 and self._rng.random() < self._loss
 
     def is_partitioned(self, a: str, b: str) -> bool:
         """Whether a partition separates ``a`` and ``b``."""
