@@ -263,6 +263,11 @@ def partitions_owned(doc: dict) -> dict[str, int]:
     return {row["node"]: row["partitions"] for row in doc["nodes"]}
 
 
+async def read_repairs(node: KvdProcess) -> int:
+    rows = (await client_status(node))["nodes"]
+    return next(r for r in rows if r["node"] == node.node_id)["read_repairs"]
+
+
 async def hint_counts(nodes: list[KvdProcess]) -> dict[str, tuple[int, int]]:
     """node -> (its own hints_held, sum of hints_pending over the rows it reports)."""
     out = {}
@@ -294,6 +299,9 @@ async def test_quorum_survives_one_kill_and_refuses_w2_after_two(tmp_path, procs
 
     n2.kill()
     await wait_states([n1], {"n1": "UN", "n2": "DN", "n3": "DN"}, nodes)
+    read = run_kvctl(n1, "get", "q-key", "-r", "2")
+    assert read.returncode == 3, read
+    assert "1 of 2 required replicas answered" in read.stderr.decode(errors="replace"), read
     out = run_kvctl(n1, "put", "q-key", "v-two-down", "-n", "3", "-w", "2")
     stderr = out.stderr.decode(errors="replace")
     assert out.returncode == 3, (
@@ -301,9 +309,6 @@ async def test_quorum_survives_one_kill_and_refuses_w2_after_two(tmp_path, procs
         f"{out.stdout.decode(errors='replace')!r}, stderr {stderr!r}\n{log_tails(nodes)}")
     assert "1 of 2 required replicas answered" in stderr, stderr
     assert "Traceback" not in stderr
-    read = run_kvctl(n1, "get", "q-key", "-r", "2")
-    assert read.returncode == 3, read
-    assert "1 of 2 required replicas answered" in read.stderr.decode(errors="replace")
 
 
 async def test_hinted_handoff_delivers_1000_writes_after_restart(tmp_path, procs):
@@ -374,8 +379,7 @@ async def test_read_repair_refills_a_replica_that_missed_500_writes(tmp_path, pr
     missing = await replicas_disagreeing(n1, keys, everyone)
     assert len(missing) == 500
     assert set(missing.values()) == {"absent on ['n3']"}
-    repairs_before = (await client_status(n1))["nodes"]
-    repairs_before = next(r for r in repairs_before if r["node"] == "n1")["read_repairs"]
+    repairs_before = await read_repairs(n1)
 
     async def read(client, key):
         result = await client.get(key, r=2)
@@ -386,14 +390,14 @@ async def test_read_repair_refills_a_replica_that_missed_500_writes(tmp_path, pr
 
     async def repaired():
         problems = await replicas_disagreeing(n1, keys, everyone)
-        return not problems, (len(problems), dict(list(problems.items())[:3]))
+        repairs = await read_repairs(n1) - repairs_before
+        return not problems, {"keys still stale": len(problems), "n1 read_repairs": repairs,
+                              "e.g.": dict(list(problems.items())[:3])}
 
     await eventually("n3 holds all 500 keys after one R=2 read of each", repaired, 5, nodes,
                      interval=0.5)
     assert await kvctl_inspect_sample(n2, keys[::50], everyone) == {}
-    status = (await client_status(n1))["nodes"]
-    repairs = next(r for r in status if r["node"] == "n1")["read_repairs"] - repairs_before
-    assert repairs == 500
+    assert await read_repairs(n1) - repairs_before == 500
 
 
 async def test_siblings_across_coordinators_and_merge(tmp_path, procs):
