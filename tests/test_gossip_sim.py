@@ -248,7 +248,7 @@ async def test_lossy_links_no_false_suspicion(autojump_clock):
             assert all_see(sim, range(5), everyone), trio.current_time() - t0
             await trio.sleep(POLL)
         failed = sum(g.statistics()["failures"] for g in sim.nodes.values()) - before
-        assert failed >= 50  # the loss did bite (5 nodes x 90 rounds, 2-4 sends each)
+        assert failed >= 20, failed  # the loss did bite (450 exchanges, 2-4 sends each)
 
         sim.stop(4)
         down_after = await wait_until(lambda: all(not sim.nodes[i].is_up(name(4)) for i in range(4)), 10.0)

@@ -19,7 +19,8 @@ Rules:
    callable (kvd.net.memory in tests, a TCP dialler), which ``PeerLinks`` turns into one
    reused connection per peer address, closed when an exchange on it fails or is cancelled
    (its framing state is then unknown); or a ``request(address, type, fields) -> reply``
-   callable, such as the daemon's multiplexed peer connections.
+   callable, such as the daemon's multiplexed peer connections.  Gossip is idempotent
+   (merges), so an exchange that finds its idle connection dead is retried once at once.
 4. The cluster state travels only when it may be news.  Each message carries my state's
    digest; the full state goes in a GOSSIP when the target's last known digest differs
    from mine, and in a GOSSIP_REPLY when the request's digest differs from the receiver's
@@ -43,6 +44,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import trio
@@ -96,7 +98,9 @@ class Gossiper:
         self.interval = interval
         self.max_frame = max_frame
         self._links = None if connect is None else PeerLinks(connect, self._hello, max_frame=max_frame)
-        self._request: Request = request if request is not None else self._links.request  # type: ignore[union-attr]
+        if request is None:
+            request = partial(self._links.request, idempotent=True)  # type: ignore[union-attr]
+        self._request: Request = request
         self._rng = rng if rng is not None else random.Random()
         self._state = state
         self._state_changed = trio.Event()
@@ -322,25 +326,43 @@ class PeerLinks:
     def __len__(self) -> int:
         return len(self._conns)
 
-    async def request(self, address: str, type: MsgType, fields: dict[str, Any]) -> codec.Message:
-        """Send one request to ``address`` and return its reply; an ERROR reply is raised."""
+    async def request(
+        self, address: str, type: MsgType, fields: dict[str, Any], *, idempotent: bool = False
+    ) -> codec.Message:
+        """Send one request to ``address`` and return its reply; an ERROR reply is raised.
+
+        An ``idempotent`` request that finds its reused connection dead is sent once more on
+        a new one: a connection idle since the last round may have been reset, or its peer
+        restarted, and that says nothing about the peer now.
+        """
         lock = self._locks.setdefault(address, trio.Lock())
         async with lock:
-            ok = False
+            conn = self._conns.get(address)
+            reused = conn is not None and not conn.broken
             try:
-                conn = await self._connection(address)
-                request_id = self._request_id()
-                await conn.send(codec.encode(type, request_id, fields))
-                reply = await _receive(conn, address)
-                if reply.request_id != request_id:
-                    raise RemoteProtocolError(f"reply to request {reply.request_id}, expected {request_id}")
-                ok = True
-            finally:
-                if not ok:
-                    await self.drop(address)
+                reply = await self._request_once(address, type, fields)
+            except ConnectFailed:
+                if not (idempotent and reused):
+                    raise
+                reply = await self._request_once(address, type, fields)
         if reply.type == MsgType.ERROR:
             raise error_from_code(reply.fields["code"], reply.fields["message"])
         return reply
+
+    async def _request_once(self, address: str, type: MsgType, fields: dict[str, Any]) -> codec.Message:
+        ok = False
+        try:
+            conn = await self._connection(address)
+            request_id = self._request_id()
+            await conn.send(codec.encode(type, request_id, fields))
+            reply = await _receive(conn, address)
+            if reply.request_id != request_id:
+                raise RemoteProtocolError(f"reply to request {reply.request_id}, expected {request_id}")
+            ok = True
+            return reply
+        finally:
+            if not ok:
+                await self.drop(address)
 
     async def _connection(self, address: str) -> FrameConnection:
         conn = self._conns.get(address)
