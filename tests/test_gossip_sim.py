@@ -256,6 +256,61 @@ async def test_lossy_links_no_false_suspicion(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+async def test_concurrent_stages_converge(autojump_clock):
+    """Two nodes stage at once (same version): gossip converges on the union everywhere."""
+    net = MemoryNetwork()
+    n = 10
+    async with trio.open_nursery() as nursery:
+        sim = Sim(nursery, net)
+        base = new_cluster(name(0), 64, "sim")
+        for i in range(n):
+            await sim.start(i, state=base)
+        await wait_until(lambda: all_see(sim, range(n), sim.names(range(n))), 5.0)
+        a = sim.nodes[2].publish(cluster_state.stage(base, Change("join", name(2)), n_val=3))
+        b = sim.nodes[7].publish(cluster_state.stage(base, Change("join", name(7)), n_val=3))
+        assert a.version == b.version and a != b
+        expected = {Change("join", name(2)), Change("join", name(7))}
+        took = await wait_until(
+            lambda: all(set(g.state.staged) == expected for g in sim.nodes.values()), 10.0
+        )
+        assert len({g.state.digest() for g in sim.nodes.values()}) == 1
+        print(f"concurrent stages: union everywhere after {took:.2f} s")
+        nursery.cancel_scope.cancel()
+
+
+async def test_state_travels_only_when_it_may_be_news(autojump_clock):
+    """Rule 4 of gossip.py, over a recording transport: no full state once peers agree."""
+    sent: list[tuple[str, bool]] = []
+    nodes: dict[str, Gossiper] = {}
+
+    async def request(address, type, fields):
+        sent.append((type.name, "state" in fields))
+        await trio.sleep(0)
+        reply = nodes[address].handle_gossip(fields, trio.current_time())
+        sent.append(("REPLY", "state" in reply))
+        return codec.Message(MsgType.GOSSIP_REPLY, 1, reply)
+
+    state = new_cluster(name(0), 8, "sim")
+    for i, st in ((0, state), (1, None)):
+        me = MemberInfo(name(i), f"10.0.0.{i}:7379", addr(i), GENERATION, 0)
+        nodes[addr(i)] = Gossiper(MemberTable(me), request=request, state=st, seeds=(addr(1 - i),))
+    g0, g1 = nodes[addr(0)], nodes[addr(1)]
+
+    await g0.gossip_round()  # g1 knows nothing: the state goes out once
+    assert sent == [("GOSSIP", True), ("REPLY", False)] and g1.state == state
+    sent.clear()
+    await g1.gossip_round()  # g1 has not heard g0's digest yet: it sends once, g0 need not
+    await g0.gossip_round()  # from then on both know they agree
+    await g1.gossip_round()
+    assert sent == [("GOSSIP", True), ("REPLY", False)] + [("GOSSIP", False), ("REPLY", False)] * 2
+    sent.clear()
+    newer = g1.publish(cluster_state.stage(state, Change("join", name(1)), n_val=3))
+    await g0.gossip_round()  # g0 sends its (old) digest only; g1 answers with the news
+    assert sent == [("GOSSIP", False), ("REPLY", True)] and g0.state == newer
+    with pytest.raises(ValueError):
+        Gossiper(MemberTable(MemberInfo("x", "x:1", "x:2", 1, 0)))
+
+
 async def test_other_cluster_is_refused(autojump_clock):
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:

@@ -290,7 +290,7 @@ class Gossiper:
             self._log_changes(self.table.merge(members, now))
         except (KeyError, TypeError, ValueError) as exc:
             # The records before the bad one were merged: each is a fact on its own.
-            raise BadRequest(f"malformed member record: {exc!r}") from None
+            raise BadRequest(str(exc) if isinstance(exc, ValueError) else f"malformed member record: {exc!r}") from None
         if incoming is not None:
             self._adopt(incoming)
 
