@@ -147,7 +147,9 @@ async def test_five_nodes_detect_stop_and_restart(autojump_clock, victim):
         await sim.start(victim, seeds=seeds)
         up_after = await wait_until(lambda: all_see(sim, range(5), everyone), 5.0)
         assert up_after <= 5.0
-        print(f"5 nodes, {name(victim)} stopped: down after {down_after:.2f} s, up again after {up_after:.2f} s")
+        print(
+            f"5 nodes, {name(victim)} stopped: down after {down_after:.2f} s, up again after {up_after:.2f} s"
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -252,7 +254,7 @@ async def test_lossy_links_no_false_suspicion(autojump_clock):
 
         sim.stop(4)
         down_after = await wait_until(lambda: all(not sim.nodes[i].is_up(name(4)) for i in range(4)), 10.0)
-        print(f"10% loss: {failed} failed exchanges in 90 s, none judged down; stop seen after {down_after:.2f} s")
+        print(f"10% loss: {failed} failed exchanges in 90 s, none judged down; down after {down_after:.2f} s")
         nursery.cancel_scope.cancel()
 
 

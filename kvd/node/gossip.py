@@ -49,7 +49,14 @@ from typing import Any
 
 import trio
 
-from kvd.errors import BadRequest, ConnectFailed, KvdError, ProtocolError, RemoteProtocolError, error_from_code
+from kvd.errors import (
+    BadRequest,
+    ConnectFailed,
+    KvdError,
+    ProtocolError,
+    RemoteProtocolError,
+    error_from_code,
+)
 from kvd.membership import cluster_state
 from kvd.membership.cluster_state import ClusterState
 from kvd.membership.members import MemberInfo, MemberTable
@@ -290,7 +297,8 @@ class Gossiper:
             self._log_changes(self.table.merge(members, now))
         except (KeyError, TypeError, ValueError) as exc:
             # The records before the bad one were merged: each is a fact on its own.
-            raise BadRequest(str(exc) if isinstance(exc, ValueError) else f"malformed member record: {exc!r}") from None
+            problem = str(exc) if isinstance(exc, ValueError) else f"malformed member record: {exc!r}"
+            raise BadRequest(problem) from None
         if incoming is not None:
             self._adopt(incoming)
 
@@ -430,9 +438,8 @@ async def serve_peer_connection(stream: trio.abc.Stream, gossiper: Gossiper) -> 
                     continue
                 await conn.send(codec.encode(MsgType.GOSSIP_REPLY, message.request_id, reply))
             else:
-                await _send_error(
-                    conn, message.request_id, BadRequest(f"{message.type.name} is not served on this connection")
-                )
+                refusal = BadRequest(f"{message.type.name} is not served on this connection")
+                await _send_error(conn, message.request_id, refusal)
     except (ProtocolError, ConnectFailed) as exc:
         log.debug("%s: peer connection closed: %s", gossiper.node, exc)
     except Exception:
