@@ -255,8 +255,9 @@ class Gossiper:
     def handle_gossip(self, fields: Mapping[str, Any], now: float) -> dict[str, Any]:
         """Merge a received GOSSIP body and return the GOSSIP_REPLY body (push-pull).
 
-        BadRequest when the body is malformed or comes from another cluster; nothing is
-        merged then.
+        BadRequest when the body is malformed or comes from another cluster.  A foreign or
+        malformed state refuses the whole message; a malformed member record stops the
+        merge at that record (the records before it are independent facts and stay).
         """
         self._absorb(fields, now)
         reply = self._fields(now)
@@ -288,8 +289,8 @@ class Gossiper:
                 raise BadRequest("gossip state is not a map")
             try:
                 incoming = ClusterState.from_dict(raw_state)
-            except (ValueError, TypeError) as exc:
-                raise BadRequest(str(exc)) from None
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise BadRequest(f"malformed cluster state: {exc}") from None
             if self._state is not None and incoming.cluster_id != self._state.cluster_id:
                 raise BadRequest(f"cluster id mismatch: {self._state.cluster_id} != {incoming.cluster_id}")
         self._stats["received"] += 1
