@@ -285,12 +285,13 @@ async def test_state_travels_only_when_it_may_be_news(autojump_clock):
     sent: list[tuple[str, bool]] = []
     nodes: dict[str, Gossiper] = {}
 
-    async def request(address, type, fields):
-        sent.append((type.name, "state" in fields))
+    async def request(address, kind, fields, expect):
+        assert (kind, expect) == (MsgType.GOSSIP, MsgType.GOSSIP_REPLY)
+        sent.append((kind.name, "state" in fields))
         await trio.sleep(0)
         reply = nodes[address].handle_gossip(fields, trio.current_time())
         sent.append(("REPLY", "state" in reply))
-        return codec.Message(MsgType.GOSSIP_REPLY, 1, reply)
+        return reply
 
     state = new_cluster(name(0), 8, "sim")
     for i, st in ((0, state), (1, None)):

@@ -18,8 +18,8 @@ Rules:
 3. The transport is given, never chosen here: either a ``connect(address) -> Stream``
    callable (kvd.net.memory in tests, a TCP dialler), which ``PeerLinks`` turns into one
    reused connection per peer address, closed when an exchange on it fails or is cancelled
-   (its framing state is then unknown); or a ``request(address, type, fields) -> reply``
-   callable, such as the daemon's multiplexed peer connections.  Gossip is idempotent
+   (its framing state is then unknown); or a ``request(address, kind, fields, expect)``
+   callable returning the reply's fields, such as the daemon's ``PeerPool.call``.  Gossip is idempotent
    (merges), so an exchange that finds its idle connection dead is retried once at once.
 4. The cluster state travels only when it may be news.  Each message carries my state's
    digest; the full state goes in a GOSSIP when the target's last known digest differs
@@ -69,8 +69,9 @@ __all__ = ["Gossiper", "PeerLinks", "serve_peer_connection"]
 log = logging.getLogger("kvd.gossip")
 
 Connect = Callable[[str], Awaitable[trio.abc.Stream]]
-# request(address, type, fields) -> the reply: what the gossiper needs of a peer transport.
-Request = Callable[[str, MsgType, dict[str, Any]], Awaitable[codec.Message]]
+# request(address, kind, fields, expect) -> the reply's fields, ERROR replies raised: what the
+# gossiper needs of a peer transport (kvd.net.peer.PeerPool.call has this signature).
+Request = Callable[[str, MsgType, dict[str, Any], MsgType], Awaitable[dict[str, Any]]]
 
 # A peer that opened a connection and sends no HELLO holds a task; this frees it.  Ten
 # rounds at the default interval: far beyond any live peer's delay.
@@ -219,11 +220,9 @@ class Gossiper:
             fields = self._fields(trio.current_time())
             if mine is not None and self._peer_digest.get(address) != mine:
                 fields["state"] = self._state.to_dict()  # type: ignore[union-attr]
-            reply = await self._request(address, MsgType.GOSSIP, fields)
-            if reply.type != MsgType.GOSSIP_REPLY:
-                raise RemoteProtocolError(f"expected GOSSIP_REPLY, got {reply.type.name}")
-            self._absorb(reply.fields, trio.current_time())
-            digest = reply.fields.get("state_digest")
+            reply = await self._request(address, MsgType.GOSSIP, fields, MsgType.GOSSIP_REPLY)
+            self._absorb(reply, trio.current_time())
+            digest = reply.get("state_digest")
             self._peer_digest[address] = digest if isinstance(digest, str) else None
             self._stats["exchanges"] += 1
             ok = True
@@ -336,9 +335,17 @@ class PeerLinks:
         return len(self._conns)
 
     async def request(
-        self, address: str, type: MsgType, fields: dict[str, Any], *, idempotent: bool = False
-    ) -> codec.Message:
-        """Send one request to ``address`` and return its reply; an ERROR reply is raised.
+        self,
+        address: str,
+        kind: MsgType,
+        fields: dict[str, Any],
+        expect: MsgType,
+        *,
+        idempotent: bool = False,
+    ) -> dict[str, Any]:
+        """Send one request to ``address`` and return the fields of its ``expect`` reply.
+
+        An ERROR reply is raised as its KvdError, any other type as RemoteProtocolError.
 
         An ``idempotent`` request that finds its reused connection dead is sent once more on
         a new one: a connection idle since the last round may have been reset, or its peer
@@ -349,21 +356,23 @@ class PeerLinks:
             conn = self._conns.get(address)
             reused = conn is not None and not conn.broken
             try:
-                reply = await self._request_once(address, type, fields)
+                reply = await self._request_once(address, kind, fields)
             except ConnectFailed:
                 if not (idempotent and reused):
                     raise
-                reply = await self._request_once(address, type, fields)
+                reply = await self._request_once(address, kind, fields)
         if reply.type == MsgType.ERROR:
             raise error_from_code(reply.fields["code"], reply.fields["message"])
-        return reply
+        if reply.type != expect:
+            raise RemoteProtocolError(f"expected {expect.name}, got {reply.type.name}")
+        return reply.fields
 
-    async def _request_once(self, address: str, type: MsgType, fields: dict[str, Any]) -> codec.Message:
+    async def _request_once(self, address: str, kind: MsgType, fields: dict[str, Any]) -> codec.Message:
         ok = False
         try:
             conn = await self._connection(address)
             request_id = self._request_id()
-            await conn.send(codec.encode(type, request_id, fields))
+            await conn.send(codec.encode(kind, request_id, fields))
             reply = await _receive(conn, address)
             if reply.request_id != request_id:
                 raise RemoteProtocolError(f"reply to request {reply.request_id}, expected {request_id}")
