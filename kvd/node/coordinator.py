@@ -63,10 +63,11 @@ class Coordinator:
         replicas: Sequence[Replica],
         call: Callable[[Replica], Awaitable],
         needed: int,
-    ) -> tuple[list[tuple[Replica, object]], list[tuple[Replica, BaseException]]]:
+    ) -> tuple[list[tuple[Replica, object]], list[tuple[Replica, BaseException]], object]:
         """Run ``call`` on every replica; return once ``needed`` succeeded or all finished.
 
-        Calls still running when we return go on in the background nursery.
+        Calls still running when we return go on in the background nursery; their outcomes
+        arrive later on the returned channel (read repair waits for them).
         """
         send, receive = trio.open_memory_channel(len(replicas))
 
@@ -90,7 +91,7 @@ class Coordinator:
             while len(ok) < needed and len(ok) + len(failed) < len(replicas):
                 replica, success, value = await receive.receive()
                 (ok if success else failed).append((replica, value))
-        return ok, failed
+        return ok, failed, receive
 
     async def get(self, key: bytes, n: int, r: int) -> ReadResult:
         replicas = self.read_replicas(key, n)
@@ -98,7 +99,7 @@ class Coordinator:
             # One replica: no fan-out, no background task (the single-node hot path).
             obj = await replicas[0].get(key)
             return ReadResult(obj, 1, _chunk_source(obj, [(replicas[0], obj)]))
-        ok, failed = await self._quorum(replicas, lambda rep: rep.get(key), r)
+        ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), r)
         if len(ok) < r:
             raise QuorumFailed(_quorum_message("read", r, ok, failed))
         merged = None
@@ -107,19 +108,24 @@ class Coordinator:
                 merged = obj if merged is None else versions.sync(merged, obj)
         source = _chunk_source(merged, ok)
         if self.read_repair and merged is not None:
-            self.background.start_soon(self._repair, key, merged, replicas, dict(ok))
+            outstanding = len(replicas) - len(ok) - len(failed)
+            self.background.start_soon(self._repair, key, merged, dict(ok), late, outstanding)
         return ReadResult(merged, len(ok), source)
 
-    async def _repair(self, key, merged, replicas, answered) -> None:
-        """Write the merged object back to replicas that answered with an older one.
-
-        Replicas that had not answered when we replied are left to hinted handoff and
-        anti-entropy; their late answers are not waited for.
-        """
+    async def _repair(self, key, merged, answered, late, outstanding: int) -> None:
+        """After answering, wait for the replicas that had not answered yet, merge their
+        versions in too, and write the result back to every replica that was stale."""
+        with trio.move_on_after(self.request_timeout):
+            for _ in range(outstanding):
+                replica, success, value = await late.receive()
+                if success:
+                    answered[replica] = value
+                    if value is not None:
+                        merged = versions.sync(merged, value)
         if any(s.chunks is not None for s in merged.siblings):
             return  # large values are repaired by anti-entropy, which streams chunks
-        for replica in replicas:
-            if replica in answered and answered[replica] != merged:
+        for replica, obj in answered.items():
+            if obj != merged:
                 try:
                     with trio.fail_after(self.request_timeout):
                         await replica.merge(key, merged)
@@ -163,9 +169,9 @@ class Coordinator:
         others = [rep for rep in others if rep not in hints]
         for hint in hints:  # local and durable before we answer; not counted towards W
             await hint.merge(key, minted)
-        if not others:
-            return WriteResult(minted, 1)
-        ok, failed = await self._quorum(others, lambda rep: rep.merge(key, minted), w - 1)
+        ok, failed = [], []
+        if others:
+            ok, failed, _ = await self._quorum(others, lambda rep: rep.merge(key, minted), w - 1)
         acks = 1 + len(ok)
         if acks < w:
             raise QuorumFailed(_quorum_message("write", w, [None] * acks, failed))
@@ -205,7 +211,7 @@ class Coordinator:
             received += len(data)
             if received > length:
                 raise BadRequest(f"value is longer than the declared {length} bytes")
-            ok, failed = await self._quorum(
+            ok, failed, _ = await self._quorum(
                 alive, lambda rep: rep.write_chunk(key, vid, offset, data), len(alive)
             )
             for replica, exc in failed:
