@@ -320,7 +320,7 @@ def _gossip_simulation(n, seed, healthy=120.0, down_watch=12.0, up_watch=6.0, sy
         while next_probe <= now:
             probe(next_probe)
             next_probe += 0.05
-        if i == victim and alive[i] and now >= healthy:
+        if i == victim and alive[i] and restart is None and now >= healthy:
             alive[i] = False
         elif i == victim and not alive[i] and now >= healthy + down_watch:
             alive[i], restart = True, now
@@ -401,6 +401,7 @@ def test_join_flow():
 
     p = moves[0].partition
     assert cs.serving_owner(done, p) == "a" and cs.owners_for_writes(done, p) == ["a", "b"]
+    assert cs.moving(done, p) == moves[0]
     unmoved = next(q for q in range(Q) if ring.owners[q] == "a")
     assert cs.serving_owner(done, unmoved) == "a" and cs.owners_for_writes(done, unmoved) == ["a"]
 
@@ -564,6 +565,10 @@ def test_round_trip():
         ClusterState.from_dict({**wire, "staged": [{"kind": "dance", "node": "a"}]})
     with pytest.raises(ValueError):
         ClusterState.from_dict({k: v for k, v in wire.items() if k != "ring"})
+    p, source, target = wire["pending"][0]
+    for bad in ([[p, source, target], [p, source, target + "x"]], [[p, target, source]], [[10**6, source, target]]):
+        with pytest.raises(ValueError):
+            ClusterState.from_dict({**wire, "pending": bad})
 
 
 def test_statuses_are_derived():
@@ -620,7 +625,7 @@ def test_merged_conflicting_stages_are_caught_by_plan():
 
 _OPS = st.lists(
     st.tuples(
-        st.sampled_from(["join", "leave", "force-remove", "replace", "clear", "commit", "done"]),
+        st.sampled_from(["join", "leave", "force-remove", "replace", "clear", "commit", "done", "drain"]),
         st.sampled_from(list("abcdefg")),
         st.integers(0, 50),
     ),
@@ -639,6 +644,8 @@ def _evolve(state, ops):
             elif kind == "done":
                 if state.pending:
                     state = cs.transfer_done(state, state.pending[k % len(state.pending)])
+            elif kind == "drain":
+                state = _drain(state)
             elif kind == "replace":
                 state = cs.stage(state, Change("replace", node, chr(ord(node) + 7)), 3)
             else:

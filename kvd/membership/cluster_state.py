@@ -84,6 +84,7 @@ __all__ = [
     "clear",
     "commit",
     "merge",
+    "moving",
     "new_cluster",
     "owners_for_writes",
     "plan",
@@ -179,6 +180,7 @@ class ClusterState:
     pending: tuple[Move, ...] = ()
     version: int = 1
     _digest: str = field(init=False, repr=False, compare=False)
+    _moving: Mapping[int, Move] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for node, status in self.members.items():
@@ -186,10 +188,18 @@ class ClusterState:
                 raise ValueError(f"member {node!r} has unknown status {status!r}")
         staged = tuple(sorted(set(self.staged), key=_sort_key))
         pending = tuple(sorted(set(self.pending), key=lambda m: (m.partition, m.source, m.target)))
+        moving = {}
+        for m in pending:
+            if not 0 <= m.partition < self.ring.q or m.partition in moving:
+                raise ValueError(f"pending move of partition {m.partition} is out of range or repeated")
+            if m.target != self.ring.owners[m.partition] or m.source == m.target:
+                raise ValueError(f"pending move {m} does not end at the ring's owner")
+            moving[m.partition] = m
         members = _derive(_base(self.members), staged, pending)
         object.__setattr__(self, "staged", staged)
         object.__setattr__(self, "pending", pending)
         object.__setattr__(self, "members", MappingProxyType(members))
+        object.__setattr__(self, "_moving", MappingProxyType(moving))
         object.__setattr__(self, "_digest", _hash(self._content()))
 
     def __hash__(self) -> int:
@@ -236,7 +246,7 @@ class ClusterState:
                 pending=tuple(Move(int(p), str(s), str(t)) for p, s, t in d.get("pending") or ()),
                 version=int(d["version"]),
             )
-        except (KeyError, TypeError, BadRequest) as exc:
+        except (KeyError, TypeError, AttributeError, BadRequest) as exc:
             raise ValueError(f"malformed cluster state: {exc}") from None
 
 
@@ -345,18 +355,19 @@ def clear(state: ClusterState) -> ClusterState:
 
 def serving_owner(state: ClusterState, partition: int) -> str:
     """Who serves reads of ``partition`` now: a pending move's source, else the owner."""
-    for m in state.pending:
-        if m.partition == partition:
-            return m.source
-    return state.ring.owners[partition]
+    m = state._moving.get(partition)
+    return state.ring.owners[partition] if m is None else m.source
 
 
 def owners_for_writes(state: ClusterState, partition: int) -> list[str]:
     """Who must receive writes to ``partition``: source and target while it moves."""
-    for m in state.pending:
-        if m.partition == partition:
-            return [m.source, m.target]
-    return [state.ring.owners[partition]]
+    m = state._moving.get(partition)
+    return [state.ring.owners[partition]] if m is None else [m.source, m.target]
+
+
+def moving(state: ClusterState, partition: int) -> Move | None:
+    """The pending move of ``partition``, if any."""
+    return state._moving.get(partition)
 
 
 def plan(state: ClusterState, n_val: int, zones: Mapping[str, str] | None = None) -> tuple[Ring, list[Move]]:
