@@ -74,7 +74,6 @@ from typing import Any
 from kvd.errors import BadRequest
 from kvd.membership.members import STATUSES
 from kvd.ring import Move, Ring, claim, new_ring
-from kvd.ring import plan as plan_moves
 
 __all__ = [
     "CHANGE_KINDS",
