@@ -31,6 +31,7 @@ from kvd.errors import BadRequest, KvdError
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.peer import PeerPool
+from kvd.node.gossip import Gossiper
 from kvd.node.local import LocalStore
 from kvd.node.remote import HintedReplica, RemoteReplica
 from kvd.node.replica import LocalReplica
@@ -79,8 +80,7 @@ class Cluster:
         self.nursery = nursery
         self.peers = PeerPool(nursery, {"node": self.me})
         self.rng = random.Random()
-        self.state: cs.ClusterState | None = None
-        self.state_changed = trio.Event()
+        self.gossiper: Gossiper | None = None
         self._serving: tuple[int, Ring] | None = None
         me = MemberInfo(self.me, config.listen, config.peer_listen, int(time.time() * 1000), 0)
         self.members = MemberTable(me, threshold=config.phi_threshold)
@@ -105,35 +105,47 @@ class Cluster:
                 if node != self.me:
                     self.members.merge([MemberInfo(node, address, peer_address, 0, 0)], self.now())
         self.addresses[self.me] = (self.config.listen, self.config.peer_listen)
-        self.state = state
+        self.gossiper = Gossiper(
+            self.members, request=self.peers.call, state=state, seeds=self.config.seeds,
+            interval=self.config.gossip_interval, rng=self.rng,
+            load_bytes=lambda: self.storage.approximate_size() + self.store.blobs.approximate_size())
+        self._saved = state.digest()
+
+    @property
+    def state(self) -> cs.ClusterState:
+        return self.gossiper.state
 
     async def _save(self, state) -> None:
         doc = {"state": state.to_dict(), "addresses": {n: list(a) for n, a in self.addresses.items()}}
         await self.storage.write([(keys.meta_key("cluster"), _pack(doc))])
 
     async def set_state(self, state: cs.ClusterState) -> None:
-        if self.state is not None and state.digest() == self.state.digest():
+        """Publish a state derived from ours (staging, commit, transfer done) and save it."""
+        self.gossiper.publish(state)
+        await self._persist()
+
+    async def _persist(self) -> None:
+        state = self.state
+        if state.digest() == self._saved:
             return
-        old = self.state
-        self.state = state
+        for rec in self.members.all():
+            self.addresses[rec.node] = (rec.address, rec.peer_address)
         await self._save(state)
-        if old is None or old.ring.version != state.ring.version:
-            log.info("ring version %d: %d nodes", state.ring.version, len(state.ring.nodes()))
-        self.state_changed.set()
-        self.state_changed = trio.Event()
+        self._saved = state.digest()
 
-    async def merge_state(self, incoming: cs.ClusterState) -> None:
-        if self.state.cluster_id != incoming.cluster_id:
-            if self._adoptable(incoming):
-                await self.set_state(incoming)
-            return
-        await self.set_state(cs.merge(self.state, incoming))
+    async def persist_loop(self) -> None:
+        """Save every state gossip brings, so a restarted node knows its ring and peers."""
+        while True:
+            before = self.state
+            await self.gossiper.wait_state(lambda s: s is not before)
+            if before.ring.version != self.state.ring.version:
+                log.info("ring version %d: %d nodes", self.state.ring.version,
+                         len(self.state.ring.nodes()))
+            await self._persist()
 
-    def _adoptable(self, incoming) -> bool:
-        """A node that joined another cluster adopts its state (its own one-node cluster
-        had no data, which ``join`` checked)."""
-        return incoming.status(self.me) is not None and self.state.status(self.me) == "valid" \
-            and len(self.state.members) == 1
+    async def wait_state_change(self) -> None:
+        before = self.state
+        await self.gossiper.wait_state(lambda s: s is not before)
 
     def now(self) -> float:
         return trio.current_time()
@@ -156,11 +168,16 @@ class Cluster:
             self._serving = (state.version, replace(state.ring, owners=tuple(owners)))
         return self._serving[1]
 
+    def peer_address(self, node: str) -> str:
+        record = self.members.get(node)
+        if record is not None:
+            return record.peer_address
+        return self.addresses.get(node, ("", ""))[1]
+
     def _replica(self, node: str):
         if node == self.me:
             return self.local
-        address = self.addresses.get(node, ("", ""))[1]
-        return RemoteReplica(node, address, self.peers)
+        return RemoteReplica(node, self.peer_address(node), self.peers)
 
     def replicas_for_read(self, key: bytes, n: int):
         partition = partition_of(key, self.state.ring.q)
@@ -179,8 +196,7 @@ class Cluster:
             elif node == self.me:
                 out.append(LocalHintStore(node, self, stands_for))
             else:
-                address = self.addresses.get(node, ("", ""))[1]
-                out.append(HintedReplica(node, address, self.peers, stands_for))
+                out.append(HintedReplica(node, self.peer_address(node), self.peers, stands_for))
         if self.config.hinted_handoff:
             # A down primary with no fallback to stand in for it: the coordinator keeps the
             # hint itself (as Cassandra does). Such a hint does not count towards W.
@@ -228,8 +244,7 @@ class Cluster:
 
     async def _deliver_hints(self, target: str) -> None:
         start, stop = keys.hint_range(target)
-        address = self.addresses.get(target, ("", ""))[1]
-        replica = RemoteReplica(target, address, self.peers)
+        replica = RemoteReplica(target, self.peer_address(target), self.peers)
         delivered = 0
         expired = 0
         for hint_key, raw in list(self.storage.iterate(start, stop)):
@@ -247,40 +262,13 @@ class Cluster:
 
     # ------------------------------------------------------------- gossip
 
-    def gossip_message(self) -> dict:
-        self.members.tick(self.now(), ring_version=self.state.ring.version,
-                          load_bytes=self.storage.approximate_size())
-        return {"from": self.me, "members": self.members.digest(self.now()),
-                "state": self.state.to_dict()}
+    def gossip_reply(self, fields: dict) -> dict:
+        """Answer a GOSSIP (push-pull) through the gossiper."""
+        return self.gossiper.handle_gossip(fields, self.now())
 
-    async def absorb_gossip(self, fields: dict) -> None:
-        changed = self.members.merge(fields.get("members", []), self.now())
-        for rec in self.members.all():
-            if rec.node != self.me and self.addresses.get(rec.node) != (rec.address, rec.peer_address):
-                self.addresses[rec.node] = (rec.address, rec.peer_address)
-        for node in changed:
-            log.info("node %s is %s", node, "up" if self.is_up(node) else "down")
-        if "state" in fields:
-            try:
-                incoming = cs.ClusterState.from_dict(fields["state"])
-            except ValueError as exc:
-                log.warning("ignoring malformed cluster state from %s: %s", fields.get("from"), exc)
-                return
-            await self.merge_state(incoming)
-
-    async def gossip_loop(self) -> None:
-        while True:
-            await trio.sleep(self.config.gossip_interval)
-            target = self.members.choose_gossip_target(self.now(), self.rng, self.config.seeds)
-            if target is None:
-                continue
-            try:
-                with trio.fail_after(max(2.0, self.config.gossip_interval * 2)):
-                    reply = await self.peers.call(target, MsgType.GOSSIP, self.gossip_message(),
-                                                  MsgType.GOSSIP_REPLY)
-                await self.absorb_gossip(reply)
-            except (KvdError, trio.TooSlowError, OSError) as exc:
-                log.debug("gossip with %s failed: %s", target, exc)
+    def full_gossip(self) -> dict:
+        """Members and the whole state: what a node that joins needs first."""
+        return {"members": self.members.digest(self.now()), "state": self.state.to_dict()}
 
     # ------------------------------------------------------------- topology
 
@@ -294,7 +282,13 @@ class Cluster:
             "op": "stage-join", "node": self.me,
             "address": self.config.listen, "peer_address": self.config.peer_listen,
         }, MsgType.ADMIN_REPLY)
-        await self.absorb_gossip(reply)
+        try:
+            state = cs.ClusterState.from_dict(reply["state"])
+        except (KeyError, ValueError) as exc:
+            raise BadRequest(f"seed {seed} answered with a malformed cluster state: {exc}") from None
+        self.members.merge(reply.get("members", []), self.now())
+        self.gossiper.replace_state(state)  # our own one-node cluster held no data
+        await self._persist()
         return {"staged": f"join {self.me}", "cluster": self.state.cluster_id}
 
     async def stage(self, change: cs.Change) -> cs.ClusterState:
@@ -344,7 +338,7 @@ class Cluster:
                     await trio.sleep(1.0)
                     continue
             with trio.move_on_after(1.0):
-                await self.state_changed.wait()
+                await self.wait_state_change()
 
     async def _fetch_all(self, moves) -> None:
         todo = [q for q in self.partitions_to_fetch() if q not in self._fetched]
@@ -372,7 +366,7 @@ class Cluster:
                    if x != self.me and self.is_up(x)]
         if not sources:
             raise KvdError(f"no replica of partition {q} is up to copy it from")
-        source = RemoteReplica(sources[0], self.addresses.get(sources[0], ("", ""))[1], self.peers)
+        source = RemoteReplica(sources[0], self.peer_address(sources[0]), self.peers)
         after = b""
         rate = self.config.transfer_rate_mb * 1e6
         progress = self.transfer_progress
@@ -435,7 +429,8 @@ class Cluster:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.gossip_loop)
+            nursery.start_soon(self.gossiper.run)
+            nursery.start_soon(self.persist_loop)
             nursery.start_soon(self.handoff_loop)
             nursery.start_soon(self.transfer_loop)
 

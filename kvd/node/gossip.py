@@ -95,6 +95,7 @@ class Gossiper:
         interval: float = 1.0,
         rng: random.Random | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
+        load_bytes: Callable[[], int] | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("gossip interval must be > 0")
@@ -115,6 +116,7 @@ class Gossiper:
         # Rule 4: the state digest each peer address last told us.
         self._peer_digest: dict[str, str | None] = {}
         self._stats = {"rounds": 0, "exchanges": 0, "failures": 0, "received": 0}
+        self._load_bytes = load_bytes
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -161,6 +163,13 @@ class Gossiper:
         assert self._state is not None
         return self._state
 
+    def replace_state(self, state: ClusterState) -> None:
+        """Take another cluster's state as ours: only for a node that has just joined that
+        cluster (its own one-node cluster held no data; the caller checked)."""
+        self._state = None
+        self._peer_digest.clear()
+        self._adopt(state)
+
     def _adopt(self, incoming: ClusterState) -> None:
         mine = self._state
         if mine is None:
@@ -193,7 +202,8 @@ class Gossiper:
         self._stats["rounds"] += 1
         now = trio.current_time()
         ring_version = None if self._state is None else self._state.ring.version
-        self.table.tick(now, ring_version=ring_version)
+        load = None if self._load_bytes is None else self._load_bytes()
+        self.table.tick(now, ring_version=ring_version, load_bytes=load)
         self._log_changes(self.table.check(now))
         target = self.table.choose_gossip_target(now, self._rng, self.seeds)
         if target is None:

@@ -68,8 +68,7 @@ def _object(raw: bytes) -> versions.VersionedObject:
 
 
 async def gossip(node, conn, message, _chunks) -> None:
-    await node.cluster.absorb_gossip(message.fields)
-    await _reply(conn, message, MsgType.GOSSIP_REPLY, node.cluster.gossip_message())
+    await _reply(conn, message, MsgType.GOSSIP_REPLY, node.cluster.gossip_reply(message.fields))
 
 
 async def peer_admin(node, conn, message, _chunks) -> None:
@@ -85,7 +84,7 @@ async def peer_admin(node, conn, message, _chunks) -> None:
     cluster.members.merge([MemberInfo(joiner, fields["address"], fields["peer_address"], 0, 0)],
                           cluster.now())
     await cluster.stage(cs.Change("join", joiner))
-    await _reply(conn, message, MsgType.ADMIN_REPLY, cluster.gossip_message())
+    await _reply(conn, message, MsgType.ADMIN_REPLY, cluster.full_gossip())
 
 
 PEER_HANDLERS = {
