@@ -18,6 +18,7 @@ from kvd.ring.claim import (
     n_distinct_feasible,
     plan,
     violations,
+    zones_enforced,
 )
 from kvd.ring.ring import Ring, new_ring, partition_of
 
@@ -37,4 +38,5 @@ __all__ = [
     "plan",
     "preference_list",
     "violations",
+    "zones_enforced",
 ]

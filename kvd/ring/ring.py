@@ -86,6 +86,9 @@ class Ring:
             and dict(self.zones) == dict(other.zones)
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Ring, (self.q, self.owners, self.version, dict(self.zones)))
+
     def nodes(self) -> list[str]:
         """The distinct owners, sorted."""
         return list(self._nodes)
