@@ -82,6 +82,8 @@ class Cluster:
         self.rng = random.Random()
         self.gossiper: Gossiper | None = None
         self._serving: tuple[int, Ring] | None = None
+        self._pl_cache: dict[tuple[int, int], list[str]] = {}
+        self._pl_cache_version = -1
         me = MemberInfo(self.me, config.listen, config.peer_listen, int(time.time() * 1000), 0)
         self.members = MemberTable(me, threshold=config.phi_threshold)
         self.addresses: dict[str, tuple[str, str]] = {}
@@ -179,13 +181,27 @@ class Cluster:
             return self.local
         return RemoteReplica(node, self.peer_address(node), self.peers)
 
+    def primaries(self, partition: int, n: int) -> list[str]:
+        """The preference list on the serving ring, cached per state version (the walk
+        over the ring is the most expensive step of routing a request)."""
+        version = self.state.version
+        if self._pl_cache_version != version:
+            self._pl_cache.clear()
+            self._pl_cache_version = version
+        found = self._pl_cache.get((partition, n))
+        if found is None:
+            found = self._pl_cache[(partition, n)] = preference_list(self.serving_ring(), partition, n)
+        return found
+
     def replicas_for_read(self, key: bytes, n: int):
         partition = partition_of(key, self.state.ring.q)
-        return [self._replica(node) for node in preference_list(self.serving_ring(), partition, n)
-                if self.is_up(node)]
+        return [self._replica(node) for node in self.primaries(partition, n) if self.is_up(node)]
 
     def replicas_for_write(self, key: bytes, n: int):
         partition = partition_of(key, self.state.ring.q)
+        primaries = self.primaries(partition, n)
+        if all(self.is_up(node) for node in primaries) and not self.state.pending:
+            return [self._replica(node) for node in primaries]  # the common case
         out = []
         for node, role, stands_for in annotated_preference_list(
                 self.serving_ring(), partition, n, self.is_up):
@@ -201,7 +217,7 @@ class Cluster:
             # A down primary with no fallback to stand in for it: the coordinator keeps the
             # hint itself (as Cassandra does). Such a hint does not count towards W.
             covered = {r.stands_for for r in out if getattr(r, "stands_for", None)}
-            for node in preference_list(self.serving_ring(), partition, n):
+            for node in primaries:
                 if node not in covered and not self.is_up(node):
                     hint = LocalHintStore(self.me, self, node)
                     hint.role = "hint"
@@ -216,7 +232,7 @@ class Cluster:
     def replica_roles(self, key: bytes, n: int) -> list[tuple[str, str]]:
         """(node, primary|fallback) for inspect: every primary, down or not."""
         partition = partition_of(key, self.state.ring.q)
-        return [(node, "primary") for node in preference_list(self.serving_ring(), partition, n)]
+        return [(node, "primary") for node in self.primaries(partition, n)]
 
     # ------------------------------------------------------------- hints
 
