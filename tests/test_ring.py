@@ -110,7 +110,7 @@ def test_grid_n_distinct(grid, q) -> None:
         if n >= N + 1:
             assert violations(ring.owners, N) == 0, n
         elif n == N:
-            # The 3-stripe with its single seam: N - 1 windows, the fewest possible.
+            # The 3-stripe: its one seam spoils N - 1 windows.
             assert violations(ring.owners, N) <= N - 1
 
 

@@ -156,17 +156,17 @@ def claim(
     """
     if isinstance(n_val, bool) or not isinstance(n_val, int) or n_val < 1:
         raise ValueError(f"n_val must be a positive int, got {n_val!r}")
+    for name in members:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"member must be a non-empty str, got {name!r}")
     names = sorted(set(members))
     if not names:
         raise ValueError("claim needs at least one member")
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"member must be a non-empty str, got {name!r}")
     zone_map = dict(ring.zones if zones is None else zones)
     member_set = set(names)
     live = [x for x in ring.nodes() if x in member_set]
     departed = len(live) < len(ring.nodes())
-    joiners = [m for m in names if m not in set(live)]
+    joiners = [m for m in names if m not in set(live)]  # includes members owning nothing
 
     if len(live) <= 1 and len(names) > n_val:
         # No prior layout worth keeping: build one, keeping the old owner's share in place.
@@ -259,6 +259,24 @@ class _Layout:
         if zone_w and self.zone_of[x] == self.zone_of[y]:
             return zone_w
         return 0
+
+    def cost_w(self, r: int, p: int, zone_w: int) -> int:
+        """Weighted conflicts ``r`` would have at ``p`` counting zones with ``zone_w``."""
+        o, q, zone_of = self.o, self.q, self.zone_of
+        cost = 0
+        if not zone_w:
+            for d in range(1, self.D):
+                cost += (o[(p - d) % q] == r) + (o[(p + d) % q] == r)
+            return cost * _NODE_W
+        zr = zone_of[r]
+        for d in range(1, self.D):
+            for s in ((p - d) % q, (p + d) % q):
+                y = o[s]
+                if y == r:
+                    cost += _NODE_W
+                elif zone_w and y >= 0 and zone_of[y] == zr:
+                    cost += zone_w
+        return cost
 
     def cost_at(self, r: int, p: int) -> int:
         """Weighted conflicts ``r`` would have at ``p`` (whoever owns ``p`` now), zones
@@ -553,24 +571,6 @@ class _Layout:
     def _swap(self, p: int, p2: int) -> None:
         self.o[p], self.o[p2] = self.o[p2], self.o[p]
 
-    def cost_w(self, r: int, p: int, zone_w: int) -> int:
-        """Weighted conflicts ``r`` would have at ``p`` counting zones with ``zone_w``."""
-        o, q, zone_of = self.o, self.q, self.zone_of
-        cost = 0
-        if not zone_w:
-            for d in range(1, self.D):
-                cost += (o[(p - d) % q] == r) + (o[(p + d) % q] == r)
-            return cost * _NODE_W
-        zr = zone_of[r]
-        for d in range(1, self.D):
-            for s in ((p - d) % q, (p + d) % q):
-                y = o[s]
-                if y == r:
-                    cost += _NODE_W
-                elif zone_w and y >= 0 and zone_of[y] == zr:
-                    cost += zone_w
-        return cost
-
     def _best_swap(self, p: int, zone_w: int, old: Sequence[int]) -> int | None:
         """The partition to swap owners with ``p`` that lowers the weighted violations,
         fewest moves first; None if no swap helps."""
@@ -618,7 +618,7 @@ class _Layout:
                 consider(p2, c1 + c2 - here - self.cost_w(y, p2, zone_w))
         return None if best is None else best[3]
 
-    def chain_repair(self, zone_w: int, old: Sequence[int], max_rounds: int = 20) -> None:
+    def chain_repair(self, zone_w: int, max_rounds: int = 20) -> None:
         """Where no single swap helps (tight layouts, n = N + 1): move ``p`` to a member
         that fits there and let the loss ripple along the shortest chain of members, each
         taking a partition from the next, back to ``p``'s owner.  Counts are kept."""
@@ -956,7 +956,7 @@ def _member_order(
     zones = sorted(by_zone, key=lambda z: (-len(by_zone[z]), by_zone[z][0]))
     sizes = [len(by_zone[z]) for z in zones]
     slots = None
-    if distinct_feasible(n, sizes, n_val):
+    if n <= 256 and distinct_feasible(n, sizes, n_val):  # _search recurses n deep
         slots = _search(n, n_val, sizes, list(range(len(zones))), False, budget=20_000)
     if slots is None:
         queues = [list(by_zone[z]) for z in zones]
@@ -978,7 +978,6 @@ def _search(
     two constructions above can miss (q below a few dozen)."""
     n = len(targets)
     rem = list(targets)
-    first = [-1] * n
     seq: list[int] = []
     steps = [0]
     label = zone_of if zone_ok else list(range(n))
@@ -1056,7 +1055,7 @@ def _best_fresh(
 def _fix(layout: _Layout, zone_w: int, old: Sequence[int]) -> _Layout:
     layout.repair(zone_w, old)
     if layout.bad_weight(zone_w):
-        layout.chain_repair(zone_w, old)
+        layout.chain_repair(zone_w)
         layout.window_repair(zone_w, old)
         layout.repair(zone_w, old)
     return layout
@@ -1085,6 +1084,7 @@ def _finish(
 def _rebalance(
     q: int, old_owners: Sequence[str], names: Sequence[str], n_val: int, zone_map: Mapping[str, str]
 ) -> list[str]:
+    """Steps 1 to 5 from the old owners to a layout for ``names``."""
     index = {name: i for i, name in enumerate(names)}
     old = [index.get(x, -1) for x in old_owners]
     zone_of, zoned = _zones_for(names, zone_map)
@@ -1101,7 +1101,11 @@ def _rebalance(
     return [names[x] for x in owners]
 
 
-def _bootstrap(ring: Ring, names: Sequence[str], n_val: int, zone_map: Mapping[str, str]) -> list[str]:
+def _bootstrap(
+    ring: Ring, names: Sequence[str], n_val: int, zone_map: Mapping[str, str]
+) -> list[str]:
+    """Claim with no prior layout worth keeping (at most one old owner stays): the best
+    fresh layout; the old owner keeps its own partitions where the layout puts it."""
     q = ring.q
     index = {name: i for i, name in enumerate(names)}
     old = [index.get(x, -1) for x in ring.owners]
