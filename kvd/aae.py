@@ -106,7 +106,8 @@ assert SEGMENTS & _MASK == 0 and SEGMENTS % BRANCHES == 0
 
 def segment_of(key: bytes) -> int:
     """The segment of ``key``: a personalised 64-bit blake2b of the key, modulo SEGMENTS."""
-    return int.from_bytes(blake2b(key, digest_size=8, person=_SEGMENT_PERSON).digest(), "big") & _MASK
+    h = blake2b(key, digest_size=8, person=_SEGMENT_PERSON).digest()
+    return int.from_bytes(h, "big") & _MASK
 
 
 def entry_hash(key: bytes, digest: bytes) -> int:
@@ -270,7 +271,9 @@ def differing_branches(a: Sequence[int], b: Sequence[int]) -> list[int]:
     return [i for i in range(BRANCHES) if a[i] != b[i]]
 
 
-def differing_segments(branch: int, a_segments: Sequence[int], b_segments: Sequence[int]) -> list[int]:
+def differing_segments(
+    branch: int, a_segments: Sequence[int], b_segments: Sequence[int]
+) -> list[int]:
     """The absolute segment numbers where two ``branch_segments(branch)`` differ; step 3."""
     if not 0 <= branch < BRANCHES:
         raise ValueError(f"branch {branch} out of range 0..{BRANCHES - 1}")
@@ -283,7 +286,9 @@ def differing_segments(branch: int, a_segments: Sequence[int], b_segments: Seque
     return [base + i for i in range(SEGMENTS_PER_BRANCH) if a_segments[i] != b_segments[i]]
 
 
-def diff_keys(mine: Mapping[bytes, bytes], theirs: Mapping[bytes, bytes]) -> tuple[list[bytes], list[bytes]]:
+def diff_keys(
+    mine: Mapping[bytes, bytes], theirs: Mapping[bytes, bytes]
+) -> tuple[list[bytes], list[bytes]]:
     """Given each side's {key: digest} for one segment: (keys I need, keys they need), sorted.
 
     I need a key they hold that I lack or hold with another digest; they need a key I hold
