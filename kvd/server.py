@@ -28,6 +28,7 @@ from kvd.errors import (
     ConnectFailed,
     KvdError,
     ProtocolError,
+    Unauthorized,
     Unavailable,
     unwrap_single_error,
 )
@@ -40,6 +41,7 @@ from kvd.node.local import LocalStore, new_vid
 from kvd.node.replica import LocalReplica
 from kvd.proto import codec
 from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
+from kvd.security import GuardedConnection, Security, printable
 from kvd.storage import keys, open_storage
 from kvd.storage.blobs import BlobStore, MemoryBlobStore
 
@@ -175,6 +177,8 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             )
             node = Node(config, storage, identity, store, coordinator, cluster)
             node.idle.set()
+            security = Security.from_config(config)  # secret, tokens, TLS: checked here
+            cluster.peers.security = security
             listeners = []
             for key, role in (("peer_listen", "peer"), ("listen", "client")):
                 address = getattr(config, key)
@@ -184,11 +188,15 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 except OSError as exc:
                     raise ConfigError(f"{key} {address}: {exc.strerror}") from None
                 listeners += bound
+                tls = security.peer_tls if role == "peer" else security.client_tls
+                # With TLS, the TLS handshake runs inside the HELLO's handshake timeout.
+                served = [trio.SSLListener(b, tls) for b in bound] if tls else bound
                 slots = trio.CapacityLimiter(config.max_connections)
                 nursery.start_soon(
                     trio.serve_listeners,
-                    lambda stream, role=role, slots=slots: handle_connection(node, stream, slots, role),
-                    bound,
+                    lambda stream, role=role, slots=slots: handle_connection(
+                        node, stream, slots, role, security),
+                    served,
                 )
             port = listeners[-1].socket.getsockname()[1]
             nursery.start_soon(cluster.run)
@@ -204,25 +212,40 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
 
 
 async def run(config: Config) -> None:
-    """Serve until SIGTERM/SIGINT, then drain in-flight requests and flush storage."""
+    """Serve until SIGTERM/SIGINT (or until this node has left the cluster and handed off
+    its data), then drain in-flight requests and flush storage."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             _, node = await nursery.start(serve, config)
-            async for signum in signals:
-                log.info("received %s: draining", signal.Signals(signum).name)
-                node.draining = True
-                with trio.move_on_after(config.request_timeout + 5):
-                    await node.wait_idle()
-                nursery.cancel_scope.cancel()
-                break
+            stop = trio.Event()
+
+            async def on_signal():
+                async for signum in signals:
+                    log.info("received %s: draining", signal.Signals(signum).name)
+                    stop.set()
+                    return
+
+            async def on_left():
+                await node.cluster.left.wait()
+                log.info("this node has left the cluster and its data has moved: exiting")
+                stop.set()
+
+            nursery.start_soon(on_signal)
+            nursery.start_soon(on_left)
+            await stop.wait()
+            node.draining = True
+            with trio.move_on_after(config.request_timeout + 5):
+                await node.wait_idle()
+            nursery.cancel_scope.cancel()
     log.info("stopped cleanly")
 
 
 # ---------------------------------------------------------------- connections
 
 
-async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter, role: str) -> None:
-    conn = FrameConnection(stream)
+async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter, role: str,
+                            security: Security | None = None) -> None:
+    conn = GuardedConnection(stream, security)
     try:
         slots.acquire_nowait()
     except trio.WouldBlock:
@@ -234,9 +257,13 @@ async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter, rol
     try:
         with unwrap_single_error():
             await _serve_connection(node, conn, role)
+    except Unauthorized as exc:
+        # Logged once per address by the handshake; the reason goes back, never a secret.
+        await _send_error(conn, 0, exc)
     except ProtocolError as exc:
         node.counters.protocol_errors += 1
-        log.info("closing connection: %s", exc)
+        # Once per address: hostile input must not be able to flood the log.
+        conn.security.note("closed a connection on a protocol error", conn.host, "", str(exc))
         await _send_error(conn, 0, exc)
     except ConnectFailed:
         pass
@@ -259,22 +286,37 @@ async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> 
 
 
 async def _handshake(node: Node, conn: FrameConnection, role: str) -> None:
+    """HELLO (and for peers with a cluster secret the challenge-response of
+    kvd.security), all within ``handshake_timeout``; then HELLO_OK and the frame limit
+    rises. A refusal raises Unauthorized, logged once per address."""
+    security = getattr(conn, "security", None) or Security()
+    host = getattr(conn, "host", "")
     with trio.move_on_after(node.config.handshake_timeout) as scope:
         hello = await conn.receive()
+        if hello is None:
+            raise ConnectFailed("closed before HELLO")
+        if hello.type != MsgType.HELLO:
+            raise ProtocolError(f"expected HELLO, got {hello.type.name}")
+        if hello.fields["role"] != role:
+            raise ProtocolError(
+                f"this is the {role} port; a {hello.fields['role'][:16]!r} connected to it")
+        if PROTOCOL_VERSION not in hello.fields["versions"]:
+            raise ProtocolError(
+                f"no common protocol version (server speaks {PROTOCOL_VERSION}, "
+                f"client offers {hello.fields['versions'][:8]})"
+            )
+        try:
+            if role == "peer":
+                grant, hello = await security.authenticate_peer(conn, hello, node.node_id)
+            else:
+                grant = security.authenticate_client(hello, host)
+        except Unauthorized as exc:
+            security.note_refusal(role, host, printable(hello.fields.get("node")), str(exc))
+            raise
     if scope.cancelled_caught:
-        raise ProtocolError("no HELLO within the handshake timeout")
-    if hello is None:
-        raise ConnectFailed("closed before HELLO")
-    if hello.type != MsgType.HELLO:
-        raise ProtocolError(f"expected HELLO, got {hello.type.name}")
-    if hello.fields["role"] != role:
-        raise ProtocolError(f"this is the {role} port; a {hello.fields['role']} connected to it")
-    if PROTOCOL_VERSION not in hello.fields["versions"]:
-        raise ProtocolError(
-            f"no common protocol version (server speaks {PROTOCOL_VERSION}, "
-            f"client offers {hello.fields['versions']})"
-        )
+        raise ProtocolError("handshake not completed within the handshake timeout")
     conn.max_frame = node.config.max_frame
+    conn.grant = grant
     await conn.send(
         codec.encode(
             MsgType.HELLO_OK,

@@ -81,6 +81,7 @@ class Cluster:
         self.peers = PeerPool(nursery, {"node": self.me})
         self.rng = random.Random()
         self.gossiper: Gossiper | None = None
+        self.left = trio.Event()  # set once this node is exiting and nothing moves from it
         self._serving: tuple[int, Ring] | None = None
         self._pl_cache: dict[tuple[int, int], list[str]] = {}
         self._pl_cache_version = -1
@@ -90,7 +91,8 @@ class Cluster:
         self._hint_seq = int(time.time() * 1e6)
         self.hints_delivered = 0
         self.transfer_progress: dict = {"keys_done": 0, "bytes_done": 0, "state": "idle"}
-        self._fetched: set[int] = set()
+        self._plan: dict | None = None  # {"old": Ring | None, "todo": set of partitions}
+        self._planned: tuple[str, int] | None = None  # the ring the plan was made for
 
     # ------------------------------------------------------------- state
 
@@ -112,6 +114,8 @@ class Cluster:
             interval=self.config.gossip_interval, rng=self.rng,
             load_bytes=lambda: self.storage.approximate_size() + self.store.blobs.approximate_size())
         self._saved = state.digest()
+        self._load_plan()
+        self._planned = (state.cluster_id, state.ring.version)
 
     @property
     def state(self) -> cs.ClusterState:
@@ -122,9 +126,11 @@ class Cluster:
         await self.storage.write([(keys.meta_key("cluster"), _pack(doc))])
 
     async def set_state(self, state: cs.ClusterState) -> None:
-        """Publish a state derived from ours (staging, commit, transfer done) and save it."""
+        """Publish a state derived from ours (staging, commit, transfer done); persist_loop
+        works out the fetch plan for it, then saves it (in that order, so a crash between
+        the two is seen again as a ring change at restart)."""
         self.gossiper.publish(state)
-        await self._persist()
+        await trio.lowlevel.checkpoint()
 
     async def _persist(self) -> None:
         state = self.state
@@ -135,11 +141,19 @@ class Cluster:
         await self._save(state)
         self._saved = state.digest()
 
+    def _check_left(self) -> None:
+        state = self.state
+        if state.status(self.me) == "exiting" and not any(
+                m.source == self.me for m in state.pending):
+            self.left.set()
+
     async def persist_loop(self) -> None:
         """Save every state gossip brings, so a restarted node knows its ring and peers."""
         while True:
+            self._check_left()
             before = self.state
             await self.gossiper.wait_state(lambda s: s is not before)
+            await self._plan_fetches(before, self.state)
             if before.ring.version != self.state.ring.version:
                 log.info("ring version %d: %d nodes", self.state.ring.version,
                          len(self.state.ring.nodes()))
@@ -304,7 +318,6 @@ class Cluster:
             raise BadRequest(f"seed {seed} answered with a malformed cluster state: {exc}") from None
         self.members.merge(reply.get("members", []), self.now())
         self.gossiper.replace_state(state)  # our own one-node cluster held no data
-        await self._persist()
         return {"staged": f"join {self.me}", "cluster": self.state.cluster_id}
 
     async def stage(self, change: cs.Change) -> cs.ClusterState:
@@ -324,62 +337,113 @@ class Cluster:
 
     # ------------------------------------------------------------- transfers
     #
-    # Pull-based: after a commit, each node that became a replica of a partition fetches that
-    # partition's objects from a node that was a replica of it (in batches, by key order),
-    # then publishes transfer_done for every pending move towards it. Until then the moving
-    # partitions are still served by their old owners, and writes reach both (routing above).
-    # A node replicates keys of partitions next to the ones it owns (preference lists walk
-    # clockwise), so "what to fetch" is computed from preference lists, not from the moves.
+    # Pull-based. A node stores the keys of every partition whose preference list includes
+    # it, so when a commit changes the ring, each node works out which partitions it now
+    # replicates and did not before (preference lists of the new ring against the ring that
+    # served until then), and fetches them from their previous replicas, in key order and
+    # in batches. That plan is saved with every finished partition, so a node killed
+    # mid-transfer resumes where it was. Once its plan is done, a node publishes
+    # transfer_done for the moves towards it; until then the old owners serve the moving
+    # partitions, and writes reach the new ones too (routing above).
 
     def _replication(self, ring: Ring) -> int:
         return min(self.config.n, max(1, len(ring.nodes())))
 
-    def partitions_to_fetch(self) -> list[int]:
-        """Partitions this node replicates in the new ring but not in the serving one."""
-        new, old = self.state.ring, self.serving_ring()
-        n_new, n_old = self._replication(new), self._replication(old)
-        return [q for q in range(new.q)
-                if self.me in preference_list(new, q, n_new)
-                and self.me not in preference_list(old, q, n_old)]
+    async def _plan_fetches(self, before: cs.ClusterState, after: cs.ClusterState) -> None:
+        """On a ring change, add the partitions this node newly replicates to its plan."""
+        if before.cluster_id == after.cluster_id and before.ring.version == after.ring.version:
+            return
+        self._planned = None
+        new = after.ring
+        n_new = self._replication(new)
+        if before.cluster_id != after.cluster_id:
+            old, n_old = None, 0  # we joined: nothing of this cluster is here yet
+        else:
+            old = self._serving_ring_of(before)
+            n_old = self._replication(old)
+        todo = {q for q in range(new.q) if self.me in preference_list(new, q, n_new)
+                and (old is None or self.me not in preference_list(old, q, n_old))}
+        plan = self._plan or {"old": None, "todo": set()}
+        plan["todo"] |= todo
+        if old is not None:
+            plan["old"] = old
+        self._plan = plan
+        await self._save_plan()
+        self._planned = (after.cluster_id, new.version)
+        if todo:
+            log.info("ring version %d: %d partitions to fetch", new.version, len(todo))
+
+    def _serving_ring_of(self, state: cs.ClusterState) -> Ring:
+        owners = list(state.ring.owners)
+        for move in state.pending:
+            owners[move.partition] = move.source
+        return replace(state.ring, owners=tuple(owners))
+
+    async def _save_plan(self) -> None:
+        plan = self._plan
+        doc = None if plan is None else {
+            "old": None if plan["old"] is None else plan["old"].to_dict(),
+            "todo": sorted(plan["todo"])}
+        await self.storage.write([(keys.meta_key("fetch"), None if doc is None else _pack(doc))])
+
+    def _load_plan(self) -> None:
+        raw = self.storage.get(keys.meta_key("fetch"))
+        if raw is not None:
+            doc = _unpack(raw)
+            self._plan = {"old": None if doc["old"] is None else Ring.from_dict(doc["old"]),
+                          "todo": set(doc["todo"])}
 
     async def transfer_loop(self) -> None:
         while True:
-            incoming = [m for m in self.state.pending if m.target == self.me]
-            if incoming:
-                try:
-                    await self._fetch_all(incoming)
-                except (KvdError, trio.TooSlowError, OSError) as exc:
-                    log.info("transfer paused, will resume: %s", exc)
-                    self.transfer_progress["state"] = "retrying"
-                    await trio.sleep(1.0)
-                    continue
+            try:
+                await self._run_plan()
+            except (KvdError, trio.TooSlowError, OSError) as exc:
+                log.info("transfer paused, will resume: %s", exc)
+                self.transfer_progress["state"] = "retrying"
+                await trio.sleep(1.0)
+                continue
             with trio.move_on_after(1.0):
                 await self.wait_state_change()
 
-    async def _fetch_all(self, moves) -> None:
-        todo = [q for q in self.partitions_to_fetch() if q not in self._fetched]
-        progress = self.transfer_progress
-        progress.setdefault("started", time.time())
-        progress.update(state="running", partitions_total=len(todo) + len(self._fetched))
-        limiter = trio.CapacityLimiter(self.config.transfer_limit)
-        async with trio.open_nursery() as nursery:
-            for q in todo:
-                nursery.start_soon(self._fetch_guarded, q, limiter)
-        for move in moves:
+    async def _run_plan(self) -> None:
+        if self._planned != (self.state.cluster_id, self.state.ring.version):
+            return  # the plan for this ring is not worked out yet (persist_loop does it)
+        plan = self._plan
+        if plan is not None and plan["todo"]:
+            progress = self.transfer_progress
+            progress.setdefault("started", time.time())
+            progress.update(state="running", partitions_left=len(plan["todo"]))
+            limiter = trio.CapacityLimiter(self.config.transfer_limit)
+            async with trio.open_nursery() as nursery:
+                for q in sorted(plan["todo"]):
+                    nursery.start_soon(self._fetch_guarded, q, limiter)
+            log.info("fetched every partition of the plan: %d keys", progress["keys_done"])
+            self._plan = None
+            await self._save_plan()
+            self.transfer_progress = {"keys_done": 0, "bytes_done": 0, "state": "idle"}
+        for move in [m for m in self.state.pending if m.target == self.me]:
             await self.set_state(cs.transfer_done(self.state, move))
-        log.info("transfers done: %d partitions, %d keys", len(self._fetched), progress["keys_done"])
-        self._fetched.clear()
-        self.transfer_progress = {"keys_done": 0, "bytes_done": 0, "state": "idle"}
 
     async def _fetch_guarded(self, q: int, limiter) -> None:
         async with limiter:
             await self._fetch_partition(q)
-        self._fetched.add(q)
+        self._plan["todo"].discard(q)
+        self.transfer_progress["partitions_left"] = len(self._plan["todo"])
+        await self._save_plan()
+
+    def _sources(self, q: int) -> list[str]:
+        """Up nodes that held partition ``q`` before (else any other replica of it now)."""
+        rings = [r for r in (self._plan and self._plan["old"], self.serving_ring(), self.state.ring)
+                 if r is not None]
+        out: list[str] = []
+        for ring in rings:
+            for node in preference_list(ring, q, self._replication(ring)):
+                if node != self.me and node not in out and self.is_up(node):
+                    out.append(node)
+        return out
 
     async def _fetch_partition(self, q: int) -> None:
-        old = self.serving_ring()
-        sources = [x for x in preference_list(old, q, self._replication(old))
-                   if x != self.me and self.is_up(x)]
+        sources = self._sources(q)
         if not sources:
             raise KvdError(f"no replica of partition {q} is up to copy it from")
         source = RemoteReplica(sources[0], self.peer_address(sources[0]), self.peers)
