@@ -459,6 +459,36 @@ def transfers() -> None:
     render.table(None, ["partition", "from", "to", "state", "keys", "bytes", "rate"], rows)
 
 
+@app.command()
+def repair(
+    partition: Annotated[Optional[int], typer.Option("--partition", help="Only this partition.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the repair and print what it found.")] = False,
+) -> None:
+    """Compare this node's replicas with the other replicas (hash trees) and repair differences."""
+    fields: dict = {"op": "repair", "wait": wait}
+    if partition is not None:
+        fields["partition"] = partition
+    if wait and not options.json and sys.stderr.isatty():
+        with render.stderr.status("repairing: comparing hash trees with the other replicas"):
+            doc = _admin(fields)
+    else:
+        doc = _admin(fields)
+    if options.json:
+        render.emit_json(doc)
+        return
+    if not wait:
+        render.note(f"repair started for {doc['partitions']} partitions (see `kvctl status`)")
+        return
+    stats = doc["repair"]
+    render.table("repair", ["partitions", "differ", "segments", "keys", "tombstones",
+                            "exchanged", "errors"],
+                 [[stats["partitions"], stats["partitions_differing"], stats["segments_differing"],
+                   stats["keys_repaired"], stats["tombstones_purged"],
+                   render.human_bytes(stats["bytes_exchanged"]), stats["errors"]]])
+    if stats["errors"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

@@ -34,6 +34,7 @@ from kvd.errors import (
 )
 from kvd.net.connection import FrameConnection
 from kvd.node import admin
+from kvd.node.antientropy import AntiEntropy
 from kvd.node.cluster import Cluster
 from kvd.node.peer_service import PEER_HANDLERS
 from kvd.node.coordinator import MAX_VALUE, Coordinator
@@ -117,6 +118,7 @@ class Node:
     store: LocalStore
     coordinator: Coordinator
     cluster: Cluster
+    aae: AntiEntropy
     started: float = field(default_factory=time.time)
     counters: Counters = field(default_factory=Counters)
     in_flight: int = 0
@@ -175,7 +177,8 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 config.request_timeout,
                 read_repair=config.read_repair,
             )
-            node = Node(config, storage, identity, store, coordinator, cluster)
+            node = Node(config, storage, identity, store, coordinator, cluster,
+                        AntiEntropy(cluster, store, config))
             node.idle.set()
             security = Security.from_config(config)  # secret, tokens, TLS: checked here
             cluster.peers.security = security
@@ -200,6 +203,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 )
             port = listeners[-1].socket.getsockname()[1]
             nursery.start_soon(cluster.run)
+            nursery.start_soon(node.aae.run)
             log.info("node %s serving clients on %s, peers on %s", identity.node, config.listen,
                      config.peer_listen)
             task_status.started((port, node))
@@ -577,7 +581,8 @@ async def _status(node: Node, conn, message, _chunks) -> None:
     mine.update({"uptime_s": round(time.time() - node.started, 1),
                  "requests": node.counters.requests, "connections": node.counters.connections,
                  "read_repairs": node.coordinator.read_repairs,
-                 "hints_held": sum(hints.values()), "hints_delivered": cluster.hints_delivered})
+                 "hints_held": sum(hints.values()), "hints_delivered": cluster.hints_delivered,
+                 "anti_entropy": node.aae.totals.to_dict()})
     reply = {"node": node.node_id, "nodes": rows, "ring_version": state.ring.version,
              "cluster": state.cluster_id}
     await conn.send(codec.encode(MsgType.STATUS_REPLY, message.request_id, reply))
@@ -607,7 +612,7 @@ async def _inspect(node: Node, conn, message, _chunks) -> None:
 
 
 async def _admin(node: Node, conn, message, _chunks) -> None:
-    reply = await admin.handle(node.cluster, node.config, message.fields)
+    reply = await admin.handle(node, message.fields)
     await conn.send(codec.encode(MsgType.ADMIN_REPLY, message.request_id, reply))
 
 

@@ -24,13 +24,14 @@ def _moves(moves) -> list[dict]:
     return [{"partition": m.partition, "from": m.source, "to": m.target} for m in moves]
 
 
-async def handle(cluster, config, fields: dict) -> dict:
+async def handle(node, fields: dict) -> dict:
+    cluster, config = node.cluster, node.config
     op = fields.get("op")
-    node = fields.get("node")
+    named = fields.get("node")
     if op == "join":
         return await cluster.stage_join_at(_text(fields, "seed"))
     if op in ("leave", "force-remove"):
-        target = node or (cluster.me if op == "leave" else None)
+        target = named or (cluster.me if op == "leave" else None)
         if not target:
             raise BadRequest(f"{op} needs a NODE")
         _member(cluster, target)
@@ -62,6 +63,17 @@ async def handle(cluster, config, fields: dict) -> dict:
                 "ownership": _ownership(state.ring.owners), "owners": list(state.ring.owners),
                 "pending": _moves(state.pending),
                 "staged": [c.describe() for c in state.staged]}
+    if op == "repair":
+        partition = fields.get("partition")
+        if partition is not None and not 0 <= partition < cluster.state.ring.q:
+            raise BadRequest(f"partition {partition} is not in 0..{cluster.state.ring.q - 1}")
+        if partition is not None and partition not in node.aae.my_partitions():
+            raise BadRequest(f"this node holds no replica of partition {partition}")
+        parts = None if partition is None else [partition]
+        if fields.get("wait"):
+            return {"repair": (await node.aae.repair(parts)).to_dict()}
+        node.cluster.nursery.start_soon(node.aae.repair, parts)
+        return {"started": True, "partitions": len(parts or node.aae.my_partitions())}
     if op == "transfers":
         return {"transfers": await _all_transfers(cluster)}
     raise BadRequest(f"unknown admin operation {op!r}")

@@ -9,6 +9,9 @@ Invariants:
   byte ("u": uploading) and removed in the same batch as the manifest that names it; the
   batch that drops the last manifest naming a blob marks it "g" (garbage). ``sweep`` at
   start deletes every blob still in the ledger, so a crash at any point leaves no orphan.
+- Rule 5: every object write also updates the partition's anti-entropy tree (kvd/aae.py)
+  and the key's index entry, in the same batch: the tree on disk always matches the
+  objects, and is never rebuilt by a scan.
 - Rule 4: every write of a key builds on the latest object *written* for it, durable or not:
   the not-yet-durable object waits in ``_pending`` while its batch commits, and reading it,
   deriving the next object and publishing that happen with no checkpoint in between. So two
@@ -19,12 +22,13 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator
 
 
-from kvd import versions
+from kvd import aae, versions
 from kvd.errors import Unavailable
 from kvd.storage import Storage, keys
 from kvd.ring import partition_of
@@ -55,6 +59,8 @@ class LocalStore:
         self.blobs = blobs
         self.ring_size = ring_size
         self._pending: dict[bytes, versions.VersionedObject] = {}
+        self._pending_digest: dict[bytes, bytes] = {}
+        self._trees: dict[int, aae.Tree] = {}
 
     def partition(self, key: bytes) -> int:
         return partition_of(key, self.ring_size)
@@ -122,22 +128,74 @@ class LocalStore:
         pending = self._pending.get(key)
         return pending if pending is not None else self.read(key)
 
+    def tree(self, partition: int) -> aae.Tree:
+        """The partition's anti-entropy tree (loaded from its stored segments once)."""
+        tree = self._trees.get(partition)
+        if tree is None:
+            segments = [0] * aae.SEGMENTS
+            start, stop = keys.segment_range(partition)
+            for k, v in self.storage.iterate(start, stop):
+                segments[int.from_bytes(k[-2:], "big")] = int.from_bytes(v, "big")
+            tree = self._trees[partition] = aae.Tree(segments)
+        return tree
+
+    def _index_ops(self, partition: int, key: bytes, digest: bytes | None) -> list:
+        """Update the tree for ``key``'s new digest (None: removed); the ops that store it
+        go in the same batch as the object, so tree and objects never disagree on disk."""
+        segment = aae.segment_of(key)
+        index = keys.index_key(partition, segment, key)
+        if key in self._pending_digest:  # a write of this key is still committing
+            old = self._pending_digest[key]
+        else:
+            old = self.storage.get(index)
+        tree = self.tree(partition)
+        tree.update(key, old, digest)
+        return [(index, digest),
+                (keys.segment_key(partition, segment), tree.segment(segment).to_bytes(8, "big"))]
+
+    def segment_entries(self, partition: int, segment: int) -> dict[bytes, bytes]:
+        """{key: digest} of one segment, from the index (a range read)."""
+        start, stop = keys.index_range(partition, segment)
+        return {k[len(start):]: v for k, v in self.storage.iterate(start, stop)}
+
+    async def purge(self, key: bytes, digest: bytes) -> bool:
+        """Remove a tombstone confirmed on every replica, if it is still exactly that."""
+        partition = self.partition(key)
+        current = self._latest(key)
+        if current is None or versions.is_found(current):
+            return False
+        raw = versions.encode_object(current)
+        if hashlib.blake2b(raw, digest_size=8).digest() != digest:
+            return False
+        ops = [(keys.object_key(partition, key), None)] + self._index_ops(partition, key, None)
+        await self._commit(key, versions.empty(), None, ops)
+        return True
+
     async def _store(self, key, obj, discarded) -> None:
         """Publish ``obj`` as the key's latest object (call with no checkpoint since reading
         the object it derives from), then wait until it is durable."""
-        ops = [(keys.object_key(self.partition(key), key), versions.encode_object(obj))]
+        partition = self.partition(key)
+        raw = versions.encode_object(obj)
+        digest = hashlib.blake2b(raw, digest_size=8).digest()
+        ops = [(keys.object_key(partition, key), raw)] + self._index_ops(partition, key, digest)
         kept = {s.chunks.vid for s in obj.siblings if s.chunks is not None}
         garbage = {s.chunks.vid for s in discarded if s.chunks is not None} - kept
         ops += [(_ledger_key(vid), None) for vid in kept]
         ops += [(_ledger_key(vid), _GARBAGE) for vid in garbage]
+        await self._commit(key, obj, digest, ops)
+        if garbage:
+            await self._delete_blobs(garbage)
+
+    async def _commit(self, key, obj, digest, ops) -> None:
+        """Write ``ops``; meanwhile ``obj`` (digest) is what later writes of ``key`` build on."""
         self._pending[key] = obj
+        self._pending_digest[key] = digest
         try:
             await self.storage.write(ops)
         finally:
             if self._pending.get(key) is obj:
                 del self._pending[key]
-        if garbage:
-            await self._delete_blobs(garbage)
+                del self._pending_digest[key]
 
     async def _delete_blobs(self, vids) -> None:
         for vid in vids:

@@ -28,6 +28,9 @@ async def replica_get(node, conn, message, _chunks) -> None:
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY,
                      {"objects": objects, "done": done})
         return
+    if str(fields.get("op", "")).startswith("aae-"):
+        await _reply(conn, message, MsgType.REPLICA_GET_REPLY, node.aae.answer(fields))
+        return
     if fields.get("op") == "blob":
         data = await store.blobs.read(fields["vid"], fields["offset"], fields["size"])
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, {"data": data})
@@ -53,6 +56,8 @@ async def replica_put(node, conn, message, _chunks) -> None:
         await node.cluster.store_hint(fields["for"], fields["key"], _object(fields["object"]))
     elif op == "chunk":
         await store.write_chunk(fields["key"], fields["vid"], fields["offset"], fields["data"])
+    elif op == "aae-purge":
+        reply["purged"] = await node.aae.purge_confirmed(fields["partition"], fields["tombstones"])
     elif op == "discard":
         await store.discard_upload(fields["key"], fields["vid"])
     else:

@@ -3,7 +3,8 @@
 Invariants:
 
 1. One type byte starts every key, so the kinds never interleave:
-   ``h`` hints, ``m`` node metadata, ``o`` objects. (Large values' bytes are not keys: they
+   ``h`` hints, ``m`` node metadata, ``o`` objects, ``t`` anti-entropy tree segments,
+   ``x`` the anti-entropy index (each object's digest, by partition and segment). (Large values' bytes are not keys: they
    live in blob files beside LevelDB, see kvd/storage/blobs.py.)
 2. Integers are fixed-width big-endian, so byte order equals numeric order.
 3. All object keys of one partition form one contiguous range, ``object_range(p)``; the same
@@ -17,6 +18,8 @@ Layouts::
     object  b"o" + partition u32 + key
     hint    b"h" + len(node) u16 + node (utf-8) + seq u64
     meta    b"m" + name (utf-8)
+    segment b"t" + partition u32 + segment u16              -> segment hash (8 bytes)
+    index   b"x" + partition u32 + segment u16 + key         -> object digest (8 bytes)
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ PARTITION_BITS_MAX = 32
 _OBJECT = b"o"
 _HINT = b"h"
 _META = b"m"
+_SEGMENT = b"t"
+_INDEX = b"x"
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -108,3 +113,24 @@ def meta_key(name: str) -> bytes:
 
 
 # The partitioner lives with the ring (one definition); re-exported for the key layout.
+
+
+def segment_key(partition: int, segment: int) -> bytes:
+    """Where the anti-entropy hash of one segment of ``partition``'s tree is kept."""
+    return _SEGMENT + _partition(partition) + _U16.pack(segment)
+
+
+def segment_range(partition: int) -> tuple[bytes, bytes]:
+    start = _SEGMENT + _partition(partition)
+    return start, _successor(start)
+
+
+def index_key(partition: int, segment: int, key: bytes) -> bytes:
+    """Where the digest of ``key``'s object is indexed for anti-entropy."""
+    return _INDEX + _partition(partition) + _U16.pack(segment) + key
+
+
+def index_range(partition: int, segment: int) -> tuple[bytes, bytes]:
+    """Every index entry of one segment: listing a segment's keys is one range read."""
+    start = _INDEX + _partition(partition) + _U16.pack(segment)
+    return start, _successor(start)

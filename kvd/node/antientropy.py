@@ -1,0 +1,236 @@
+"""Anti-entropy: compare replicas' hash trees and repair only what differs; tombstone GC.
+
+For one partition and one peer replica, an exchange walks the TicTac trees (kvd/aae.py):
+roots, then the 32 branches of a differing root, then the 32 segments of each differing
+branch, then the (key, digest) lists of each differing segment; only the objects of the
+keys that differ travel, in both directions (the initiator pushes what the peer lacks and
+pulls what it lacks). In-sync replicas cost one 8-byte root per partition.
+
+Background: every ``anti_entropy_interval`` each node exchanges the partitions for which it
+is the first primary, one partition at a time (throttled). ``kvctl repair`` runs the same
+exchange on demand for every partition the node replicates.
+
+Tombstone GC (DESIGN section 2: deleted data must never come back): when an exchange finds
+a partition identical on *every* replica of it (all up, all compared), its tombstones older
+than ``tombstone_grace`` are purged on every replica, each replica purging only the
+tombstone it holds with that exact digest. Never while a replica is unreachable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from kvd import aae, versions
+from kvd.errors import KvdError
+from kvd.node.remote import RemoteReplica
+from kvd.proto.messages import MsgType
+from kvd.ring import partition_of, preference_list
+
+log = logging.getLogger("kvd.aae")
+
+
+@dataclass
+class RepairStats:
+    partitions: int = 0
+    partitions_differing: int = 0
+    segments_differing: int = 0
+    keys_repaired: int = 0
+    tombstones_purged: int = 0
+    bytes_exchanged: int = 0
+    errors: int = 0
+
+    def add(self, other: "RepairStats") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class AntiEntropy:
+    def __init__(self, cluster, store, config):
+        self.cluster = cluster
+        self.store = store
+        self.config = config
+        self.totals = RepairStats()
+        self.progress: dict = {}
+
+    # ------------------------------------------------------------- answering peers
+
+    def answer(self, fields: dict) -> dict:
+        """REPLICA_GET aae-* operations (the peer side of an exchange)."""
+        op = fields["op"]
+        if op == "aae-root":
+            return {"root": self.store.tree(fields["partition"]).root()}
+        if op == "aae-branches":
+            return {"branches": self.store.tree(fields["partition"]).branches()}
+        if op == "aae-segments":
+            return {"segments": self.store.tree(fields["partition"]).branch_segments(fields["branch"])}
+        if op == "aae-keys":
+            entries = self.store.segment_entries(fields["partition"], fields["segment"])
+            return {"entries": [[k, d] for k, d in entries.items()]}
+        raise KvdError(f"unknown anti-entropy operation {op!r}")
+
+    async def purge_confirmed(self, partition: int, tombstones: list) -> int:
+        """Purge tombstones every replica confirmed holding (REPLICA_PUT aae-purge)."""
+        purged = 0
+        for key, digest in tombstones:
+            if partition_of(key, self.store.ring_size) == partition and await self.store.purge(key, digest):
+                purged += 1
+        return purged
+
+    # ------------------------------------------------------------- exchanges
+
+    def _replicas(self, partition: int) -> list[str]:
+        ring = self.cluster.serving_ring()
+        return preference_list(ring, partition, self.cluster._replication(ring))
+
+    def my_partitions(self, first_only: bool = False) -> list[int]:
+        me = self.cluster.me
+        out = []
+        for p in range(self.cluster.state.ring.q):
+            replicas = self._replicas(p)
+            if (replicas[:1] == [me]) if first_only else (me in replicas):
+                out.append(p)
+        return out
+
+    async def _ask(self, peer: RemoteReplica, fields: dict) -> dict:
+        with trio.fail_after(self.config.request_timeout):
+            return await peer.peers.call(peer.address, MsgType.REPLICA_GET, fields,
+                                         MsgType.REPLICA_GET_REPLY)
+
+    async def exchange(self, partition: int, node: str) -> RepairStats:
+        """Compare this node's tree of ``partition`` with ``node``'s; repair both ways."""
+        stats = RepairStats(partitions=1)
+        peer = RemoteReplica(node, self.cluster.peer_address(node), self.cluster.peers)
+        tree = self.store.tree(partition)
+        reply = await self._ask(peer, {"op": "aae-root", "partition": partition})
+        stats.bytes_exchanged += 8
+        if reply["root"] == tree.root():
+            return stats
+        stats.partitions_differing = 1
+        theirs = (await self._ask(peer, {"op": "aae-branches", "partition": partition}))["branches"]
+        stats.bytes_exchanged += 8 * aae.BRANCHES
+        for branch in aae.differing_branches(tree.branches(), theirs):
+            their_segments = (await self._ask(
+                peer, {"op": "aae-segments", "partition": partition, "branch": branch}))["segments"]
+            stats.bytes_exchanged += 8 * aae.SEGMENTS_PER_BRANCH
+            for segment in aae.differing_segments(branch, tree.branch_segments(branch), their_segments):
+                stats.segments_differing += 1
+                entries = (await self._ask(
+                    peer, {"op": "aae-keys", "partition": partition, "segment": segment}))["entries"]
+                stats.bytes_exchanged += sum(len(k) + len(d) for k, d in entries)
+                mine = self.store.segment_entries(partition, segment)
+                need, give = aae.diff_keys(mine, {k: d for k, d in entries})
+                for key in need:
+                    obj = await peer.get(key)
+                    if obj is not None:
+                        await self._pull_blobs(peer, key, obj)
+                        await self.store.merge(key, obj)
+                        stats.keys_repaired += 1
+                for key in give:
+                    obj = self.store.read(key)
+                    if obj is not None:
+                        await self._push_blobs(peer, key, obj)
+                        await peer.merge(key, obj)
+                        stats.keys_repaired += 1
+        return stats
+
+    async def _pull_blobs(self, peer, key, obj) -> None:
+        for sibling in obj.siblings:
+            ref = sibling.chunks
+            if ref is not None and not self.store.blobs.exists(ref.vid):
+                offset = 0
+                async for data in peer.read_chunks(key, ref):
+                    await self.store.write_chunk(key, ref.vid, offset, data)
+                    offset += len(data)
+
+    async def _push_blobs(self, peer, key, obj) -> None:
+        for sibling in obj.siblings:
+            ref = sibling.chunks
+            if ref is not None:
+                offset = 0
+                async for data in self.store.read_chunks(key, ref):
+                    await peer.write_chunk(key, ref.vid, offset, data)
+                    offset += len(data)
+
+    async def repair_partition(self, partition: int) -> RepairStats:
+        """Exchange with every other replica; then, if all agreed, purge old tombstones."""
+        stats = RepairStats()
+        others = [n for n in self._replicas(partition) if n != self.cluster.me]
+        all_in_sync = True
+        for node in others:
+            if not self.cluster.is_up(node):
+                all_in_sync = False
+                continue
+            try:
+                result = await self.exchange(partition, node)
+            except (KvdError, trio.TooSlowError, OSError) as exc:
+                log.info("anti-entropy of partition %d with %s failed: %s", partition, node, exc)
+                stats.errors += 1
+                all_in_sync = False
+                continue
+            stats.add(result)
+            stats.partitions -= 1
+            if result.partitions_differing:
+                all_in_sync = False
+        stats.partitions += 1
+        if all_in_sync and others:
+            stats.tombstones_purged += await self._collect_tombstones(partition, others)
+        return stats
+
+    async def _collect_tombstones(self, partition: int, others: list[str]) -> int:
+        """Every replica holds exactly what we hold: purge tombstones past the grace."""
+        cutoff = time.time() - self.config.tombstone_grace
+        doomed = []
+        for segment in range(aae.SEGMENTS):
+            if self.store.tree(partition).segment(segment) == 0:
+                continue
+            for key, digest in self.store.segment_entries(partition, segment).items():
+                obj = self.store.read(key)
+                if obj is not None and obj.siblings and not versions.is_found(obj) and \
+                        max(s.timestamp for s in obj.siblings) < cutoff:
+                    doomed.append([key, digest])
+        if not doomed:
+            return 0
+        for node in others:
+            peer = RemoteReplica(node, self.cluster.peer_address(node), self.cluster.peers)
+            with trio.fail_after(self.config.request_timeout):
+                await peer.peers.call(peer.address, MsgType.REPLICA_PUT,
+                                      {"op": "aae-purge", "partition": partition, "tombstones": doomed},
+                                      MsgType.REPLICA_PUT_REPLY)
+        purged = await self.purge_confirmed(partition, doomed)
+        log.info("partition %d: purged %d tombstones confirmed on every replica", partition, purged)
+        return purged
+
+    async def repair(self, partitions: list[int] | None = None) -> RepairStats:
+        """kvctl repair: exchange every partition this node replicates (or the given ones)."""
+        todo = self.my_partitions() if partitions is None else partitions
+        stats = RepairStats()
+        self.progress = {"partitions_total": len(todo), "partitions_done": 0, "state": "running"}
+        for partition in todo:
+            stats.add(await self.repair_partition(partition))
+            self.progress["partitions_done"] += 1
+        self.progress["state"] = "done"
+        self.totals.add(stats)
+        return stats
+
+    async def run(self) -> None:
+        """Background exchanges, throttled: the partitions this node is first primary of."""
+        while True:
+            await trio.sleep(self.config.anti_entropy_interval)
+            if not self.config.anti_entropy or self.cluster.state.pending:
+                continue
+            stats = RepairStats()
+            for partition in self.my_partitions(first_only=True):
+                stats.add(await self.repair_partition(partition))
+                await trio.sleep(0)  # let requests through between partitions
+            self.totals.add(stats)
+            if stats.keys_repaired or stats.tombstones_purged:
+                log.info("anti-entropy: %d partitions, %d segments differed, %d keys repaired, "
+                         "%d tombstones purged", stats.partitions, stats.segments_differing,
+                         stats.keys_repaired, stats.tombstones_purged)
