@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import ssl
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,15 @@ from typing import IO, Any
 
 import trio
 
-from kvd.errors import ConnectFailed, KvdError, ProtocolError, error_from_code, unwrap_single_error
+from kvd import security
+from kvd.errors import (
+    ConnectFailed,
+    KvdError,
+    ProtocolError,
+    Unauthorized,
+    error_from_code,
+    unwrap_single_error,
+)
 from kvd.net.connection import FrameConnection
 from kvd.proto import codec
 from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
@@ -265,10 +274,14 @@ def _put_reply(fields: dict) -> dict:
 
 @asynccontextmanager
 async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = None,
-                      connect_timeout: float = 5.0, hello_fields: dict | None = None):
+                      connect_timeout: float = 5.0, hello_fields: dict | None = None,
+                      secret: bytes | None = None, ssl_context: ssl.SSLContext | None = None):
     """Connect, handshake and yield a Client; closes the connection on exit.
 
-    ``hello_fields`` extends the HELLO (peers send role "peer" and their node id)."""
+    ``hello_fields`` extends the HELLO (peers send role "peer" and their node id).
+    ``secret``: the cluster secret; the handshake then authenticates both ways with the
+    HMAC challenge-response of kvd.security (peers only). ``ssl_context``: speak TLS,
+    verifying the node's certificate for the host name in ``address``."""
     try:
         host, port = split_address(address)
     except ValueError as exc:
@@ -278,6 +291,8 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
             stream = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
         raise ConnectFailed(f"cannot connect to {address}: {_connect_reason(exc)}") from None
+    if ssl_context is not None:
+        stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
     conn = FrameConnection(stream)
     try:
         hello: dict[str, Any] = {"versions": [PROTOCOL_VERSION], "role": "client"}
@@ -286,18 +301,11 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
             hello["token"] = token
         try:
             with trio.fail_after(connect_timeout):
-                await conn.send(codec.encode(MsgType.HELLO, 0, hello))
-                reply = await conn.receive()
+                reply = await _handshake(conn, address, hello, secret)
         except trio.TooSlowError:
             raise ConnectFailed(f"{address} did not answer the handshake") from None
-        if reply is None:
-            raise ConnectFailed(f"{address} closed the connection during the handshake")
-        if reply.type == MsgType.ERROR:
-            raise error_from_code(reply.fields["code"], reply.fields["message"])
-        if reply.type != MsgType.HELLO_OK:
-            raise ProtocolError(f"expected HELLO_OK, got {reply.type.name}")
-        conn.max_frame = max(reply.fields["max_frame"], conn.max_frame) + _FRAME_SLACK
-        client = Client(conn, reply.fields)
+        conn.max_frame = max(reply["max_frame"], conn.max_frame) + _FRAME_SLACK
+        client = Client(conn, reply)
         with unwrap_single_error():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._reader)
@@ -307,6 +315,42 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
                     nursery.cancel_scope.cancel()
     finally:
         await conn.aclose()
+
+
+async def _handshake(conn: FrameConnection, address: str, hello: dict,
+                     secret: bytes | None) -> dict:
+    """HELLO -> HELLO_OK; with a secret, HELLO{nonce} -> HELLO_OK{nonce, proof} ->
+    HELLO{proof} -> HELLO_OK (docs/protocol.md section 2). Returns the final HELLO_OK."""
+    nonce = None
+    if secret is not None:
+        nonce = hello["nonce"] = security.new_nonce()
+    await conn.send(codec.encode(MsgType.HELLO, 0, hello))
+    reply = await _hello_reply(conn, address)
+    if secret is None:
+        return reply
+    theirs = reply.get("nonce")
+    me, them = hello.get("node", ""), reply["node"]
+    expected = security.server_proof(secret, nonce, theirs or b"", me, them)
+    if not security.valid_nonce(theirs) or not security.verify_proof(expected, reply.get("proof")):
+        raise Unauthorized(f"peer {address} did not prove the cluster secret (is its "
+                           "cluster_secret_file the same as ours?)")
+    answer = {"versions": hello["versions"], "role": hello["role"],
+              "proof": security.client_proof(secret, nonce, theirs, me, them)}
+    if "node" in hello:
+        answer["node"] = hello["node"]
+    await conn.send(codec.encode(MsgType.HELLO, 0, answer))
+    return await _hello_reply(conn, address)
+
+
+async def _hello_reply(conn: FrameConnection, address: str) -> dict:
+    reply = await conn.receive()
+    if reply is None:
+        raise ConnectFailed(f"{address} closed the connection during the handshake")
+    if reply.type == MsgType.ERROR:
+        raise error_from_code(reply.fields["code"], reply.fields["message"])
+    if reply.type != MsgType.HELLO_OK:
+        raise ProtocolError(f"expected HELLO_OK, got {reply.type.name}")
+    return reply.fields
 
 
 def _connect_reason(exc: BaseException) -> str:

@@ -221,9 +221,30 @@ class Config(BaseModel):
     client_tokens_file: str | None = Field(
         default=None,
         description=(
-            "Path of a file of client tokens (one per line); when set, client connections "
-            "must present one. Unset means clients are not authenticated, which is only "
-            "safe when listen is loopback or the network is trusted."
+            "Path of a TOML file of named client tokens with roles, e.g. "
+            "`[tokens]` / `ops = { token = \"...\", role = \"admin\" }` (roles read, "
+            "write, admin; tokens of at least 16 characters; file mode 0600). When set, "
+            "every client must present a token. Unset: clients are accepted only from "
+            "loopback addresses."
+        ),
+    )
+    tls_cert_file: str | None = Field(
+        default=None,
+        description=(
+            "PEM certificate (chain) of this node. With tls_key_file, both the client and "
+            "the peer port speak TLS only; plain-TCP connections are refused."
+        ),
+    )
+    tls_key_file: str | None = Field(
+        default=None,
+        description="PEM private key of tls_cert_file; keep the file mode 0600.",
+    )
+    tls_ca_file: str | None = Field(
+        default=None,
+        description=(
+            "PEM CA bundle that signed the nodes' certificates. With TLS on, peers verify "
+            "each other against it (both ways); unset: the system's CAs, and the peer port "
+            "does not ask for client certificates."
         ),
     )
 
@@ -461,7 +482,8 @@ class Config(BaseModel):
             raise ValueError("must not be empty")
         return v
 
-    @field_validator("cluster_secret_file", "client_tokens_file", mode="before")
+    @field_validator("cluster_secret_file", "client_tokens_file", "tls_cert_file",
+                     "tls_key_file", "tls_ca_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, v: Any) -> Any:
         # "" lets an environment variable or flag unset a path the file sets.
@@ -493,6 +515,14 @@ class Config(BaseModel):
                 "chunk_size",
                 "max_frame",
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise _KeyedError(
+                "tls_cert_file and tls_key_file must be set together", "tls_cert_file",
+                "tls_key_file",
+            )
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise _KeyedError("tls_ca_file needs tls_cert_file and tls_key_file",
+                              "tls_ca_file", "tls_cert_file")
         binds = [("listen", self.listen), ("peer_listen", self.peer_listen)]
         if self.metrics_listen:
             binds.append(("metrics_listen", self.metrics_listen))
@@ -618,7 +648,8 @@ def load_config(
     config._sources = sources
     # Checked here rather than in Config so that tests can build a Config without files;
     # only existence is checked, the contents are the server's business.
-    for key in ("cluster_secret_file", "client_tokens_file"):
+    for key in ("cluster_secret_file", "client_tokens_file", "tls_cert_file", "tls_key_file",
+                "tls_ca_file"):
         file = getattr(config, key)
         if file is not None and not os.path.isfile(file):
             where = _source_label(sources.get(key, _DEFAULT))

@@ -4,6 +4,10 @@ A connection is opened on first use and kept; when it breaks, the next request o
 one. Requests never wait longer than ``connect_timeout`` for a connection, so a down node
 costs a caller one bounded wait, and the coordinator avoids down nodes anyway (the failure
 detector tells it which).
+
+Every connection authenticates with the cluster secret and speaks TLS when ``security``
+(set by ``serve``) says so; a peer that refuses us, or fails to prove the secret itself, is
+logged once per address and reported to callers as Unauthorized.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import logging
 import trio
 
 from kvd.client import Client, open_client
-from kvd.errors import ConnectFailed, KvdError
+from kvd.errors import ConnectFailed, KvdError, Unauthorized
 from kvd.proto.messages import MsgType
+from kvd.security import Security
 
 log = logging.getLogger("kvd.peer")
 
@@ -22,10 +27,15 @@ log = logging.getLogger("kvd.peer")
 class PeerPool:
     """Multiplexed connections to peers, keyed by peer address (HOST:PORT)."""
 
-    def __init__(self, nursery: trio.Nursery, hello_fields: dict, connect_timeout: float = 2.0):
+    def __init__(self, nursery: trio.Nursery, hello_fields: dict, connect_timeout: float = 2.0,
+                 security: Security | None = None):
         self._nursery = nursery
         self._hello = {"role": "peer", **hello_fields}
         self._connect_timeout = connect_timeout
+        # The cluster secret and peer TLS context; serve() sets it before any peer is called.
+        self.security = security or Security()
+        # address -> why its last handshake was refused (cleared once one succeeds).
+        self._refused: dict[str, str] = {}
         self._clients: dict[str, Client] = {}
         self._connecting: dict[str, trio.Event] = {}
 
@@ -41,18 +51,29 @@ class PeerPool:
             await ready.wait()
         client = self._clients.get(address)
         if client is None or client.closed.is_set():
+            refused = self._refused.get(address)
+            if refused is not None:
+                raise Unauthorized(refused)
             raise ConnectFailed(f"cannot reach peer {address}")
         return client
 
     async def _hold(self, address: str, ready: trio.Event) -> None:
         """Open a connection and keep it until it breaks."""
         try:
+            security = self.security
             async with open_client(address, connect_timeout=self._connect_timeout,
-                                   hello_fields=self._hello) as client:
+                                   hello_fields=self._hello, secret=security.secret,
+                                   ssl_context=security.peer_client_tls) as client:
                 self._clients[address] = client
+                self._refused.pop(address, None)
                 self._connecting.pop(address, None)
                 ready.set()
                 await client.closed.wait()
+        except Unauthorized as exc:
+            # Once per address: a peer with another secret would otherwise log every round.
+            if address not in self._refused and len(self._refused) < 1024:
+                log.warning("peer %s: %s (logged once per address)", address, exc)
+                self._refused[address] = str(exc)
         except KvdError as exc:
             log.debug("peer %s: %s", address, exc)
         finally:

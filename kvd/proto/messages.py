@@ -108,6 +108,7 @@ SCHEMA: dict[MsgType, dict[str, tuple[object, bool]]] = {
         "node": (STR, OPTIONAL),
         "nonce": (BYTES, OPTIONAL),
         "cluster": (STR, OPTIONAL),
+        "proof": (BYTES, OPTIONAL),  # peer's answer to HELLO_OK's challenge (second HELLO)
     },
     MsgType.HELLO_OK: {
         "version": (INT, REQUIRED),

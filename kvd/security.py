@@ -1,0 +1,511 @@
+"""Authentication and authorisation: the cluster secret, client tokens, TLS contexts.
+
+The server's handshake and the client's ``open_client`` call into this module; it holds
+the pure parts (proofs, token lookup, role rules) and the loading of secret-bearing files.
+
+Invariants:
+
+- Rule 1: secret material (the cluster secret, tokens, private keys) never appears in a log
+  line, an error message or ``repr``. Messages name files and token *names*, never values.
+- Rule 2: a secret-bearing file that group or others may read is refused at start-up, with
+  one line saying which file and how to fix it (``chmod 600``).
+- Rule 3: peer authentication is mutual and replay-proof. Each side contributes a fresh
+  32-byte random nonce and proves the secret with an HMAC-SHA256 over BOTH nonces and both
+  node names, under a label per direction, so a recorded proof is useless on any other
+  connection and a proof can never be reflected back as the other side's.
+- Rule 4: comparisons of proofs and tokens are constant-time (``hmac.compare_digest``).
+- Rule 5: without a cluster secret, peers are accepted unauthenticated (loopback-only dev
+  clusters, DESIGN section 7); without client tokens, clients are accepted only from
+  loopback addresses.
+
+The peer exchange (docs/protocol.md, section 2)::
+
+    peer  -> node  HELLO    {role: "peer", node: A, nonce: Na, ...}
+    node  -> peer  HELLO_OK {node: B, nonce: Nb, proof: HMAC(K, "server" | Na | Nb | A | B)}
+    peer  -> node  HELLO    {role: "peer", node: A, proof: HMAC(K, "client" | Na | Nb | A | B)}
+    node  -> peer  HELLO_OK {node: B, max_frame, ...}    or ERROR unauthorized, closed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import ssl
+import stat
+import sys
+from dataclasses import dataclass
+
+import trio
+
+from kvd.config import is_loopback_host
+from kvd.errors import ConfigError, ProtocolError, Unauthorized
+from kvd.net.connection import FrameConnection
+from kvd.proto import codec
+from kvd.proto.messages import FLAG_END, PRE_AUTH_MAX_FRAME, PROTOCOL_VERSION, MsgType
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "Grant",
+    "GuardedConnection",
+    "NONCE_SIZE",
+    "PEER",
+    "ROLES",
+    "Security",
+    "TokenTable",
+    "allows",
+    "check_private_file",
+    "client_proof",
+    "load_secret",
+    "load_tokens",
+    "new_nonce",
+    "required_role",
+    "server_proof",
+    "verify_proof",
+]
+
+log = logging.getLogger("kvd.security")
+
+NONCE_SIZE = 32
+MIN_NONCE, MAX_NONCE = 16, 64
+MIN_SECRET = 16
+MIN_TOKEN = 16
+# Client roles, weakest first; "peer" is what an authenticated node gets: everything.
+ROLES = ("read", "write", "admin")
+PEER = "peer"
+_RANK = {"read": 1, "write": 2, "admin": 3, PEER: 4}
+# Distinct addresses whose refusal is logged; past this, refusals are counted, not logged,
+# so a flood of forged source names cannot grow memory or the log.
+MAX_LOGGED_ADDRESSES = 1024
+# Streamed PUTs refused on one connection whose CHUNK frames are still being dropped.
+MAX_REFUSED_STREAMS = 64
+# Inline request bodies one connection may have in flight, in multiples of max_frame.
+IN_FLIGHT_FRAMES = 4
+
+# ADMIN operations that only look; every other operation changes the cluster.
+_READ_ONLY_ADMIN = frozenset({"ring", "transfers", "plan"})
+_REQUIRED = {
+    MsgType.GET: "read",
+    MsgType.STATUS: "read",
+    MsgType.INSPECT: "read",
+    MsgType.PING: "read",
+    MsgType.PUT: "write",
+    MsgType.DELETE: "write",
+}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def check_private_file(path: str, key: str) -> None:
+    """Refuse (ConfigError, one line) a secret-bearing file that group or others may read
+    or write, or that is not a regular file."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{key} {path}: not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            f"{key} {path} is accessible by group or others (mode {mode:04o}): "
+            f"run chmod 600 {path}"
+        )
+
+
+def _read_private(path: str, key: str) -> bytes:
+    check_private_file(path, key)
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: {exc.strerror}") from None
+
+
+def load_secret(path: str) -> bytes:
+    """The cluster secret: the file's bytes without surrounding whitespace."""
+    secret = _read_private(path, "cluster_secret_file").strip()
+    if len(secret) < MIN_SECRET:
+        raise ConfigError(
+            f"cluster_secret_file {path}: the secret must be at least {MIN_SECRET} bytes "
+            f"(e.g. head -c 32 /dev/urandom | base64 > {path})"
+        )
+    return secret
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a connection was allowed in its handshake: a name for logs and a role."""
+
+    name: str
+    role: str
+
+    def allows(self, needed: str) -> bool:
+        return allows(self.role, needed)
+
+
+class TokenTable:
+    """Client tokens by SHA-256 digest: token -> Grant. Values are never kept in clear."""
+
+    def __init__(self, entries: dict[str, Grant]):
+        self._by_digest = {_digest(token): grant for token, grant in entries.items()}
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def __repr__(self) -> str:
+        return f"TokenTable({len(self)} tokens)"
+
+    def lookup(self, token: object) -> Grant | None:
+        if not isinstance(token, str) or not token:
+            return None
+        wanted = _digest(token)
+        found = None
+        for digest, grant in self._by_digest.items():  # constant-time over the table
+            if hmac.compare_digest(digest, wanted):
+                found = grant
+        return found
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def load_tokens(path: str) -> TokenTable:
+    """Parse a client tokens file (TOML)::
+
+        [tokens]
+        ops     = { token = "...", role = "admin" }
+        app     = { token = "...", role = "write" }
+        grafana = { token = "...", role = "read" }
+
+    Names are for logs and error messages; tokens must be unique and at least 16
+    characters. Errors name the file and the token's name, never its value.
+    """
+    raw = _read_private(path, "client_tokens_file")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"client_tokens_file {path}: not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        # The decoder's message gives a position and a kind of problem, not the text.
+        raise ConfigError(f"client_tokens_file {path}: invalid TOML: {exc}") from None
+    extra = sorted(set(doc) - {"tokens"})
+    if extra:
+        raise ConfigError(f"client_tokens_file {path}: unknown table {extra[0]!r}, "
+                          "expected only [tokens]")
+    tokens = doc.get("tokens")
+    if not isinstance(tokens, dict) or not tokens:
+        raise ConfigError(f"client_tokens_file {path}: no [tokens] entries")
+    entries: dict[str, Grant] = {}
+    for name, entry in tokens.items():
+        where = f"client_tokens_file {path}: token {name!r}"
+        if not isinstance(entry, dict) or set(entry) != {"token", "role"}:
+            raise ConfigError(f"{where}: expected {{ token = \"...\", role = \"read|write|admin\" }}")
+        token, role = entry["token"], entry["role"]
+        if role not in ROLES:
+            raise ConfigError(f"{where}: role must be one of read, write, admin")
+        if not isinstance(token, str) or len(token) < MIN_TOKEN:
+            raise ConfigError(f"{where}: the token must be a string of at least {MIN_TOKEN} characters")
+        if token in entries:
+            raise ConfigError(f"{where}: same token as {entries[token].name!r}")
+        entries[token] = Grant(name, role)
+    return TokenTable(entries)
+
+
+# --------------------------------------------------------------------------- roles
+
+
+def allows(role: str, needed: str) -> bool:
+    """Whether ``role`` may do what needs ``needed`` (read < write < admin < peer)."""
+    return _RANK.get(role, 0) >= _RANK[needed]
+
+
+def required_role(kind: MsgType, fields: dict) -> str:
+    """The least role a request of type ``kind`` needs on the client port."""
+    needed = _REQUIRED.get(kind)
+    if needed is not None:
+        return needed
+    if kind == MsgType.ADMIN and fields.get("op") in _READ_ONLY_ADMIN:
+        return "read"
+    return "admin"  # ADMIN, and anything a client port does not expect
+
+
+# --------------------------------------------------------------------------- peer proofs
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def _proof(label: bytes, secret: bytes, client_nonce: bytes, server_nonce: bytes,
+           client_node: str, server_node: str) -> bytes:
+    mac = hmac.new(secret, b"kvd-peer-v1 " + label, hashlib.sha256)
+    for part in (client_nonce, server_nonce, client_node.encode(), server_node.encode()):
+        mac.update(len(part).to_bytes(4, "big"))  # length-prefixed: no ambiguous splits
+        mac.update(part)
+    return mac.digest()
+
+
+def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes,
+                 client_node: str, server_node: str) -> bytes:
+    """What the accepting node sends to prove the secret."""
+    return _proof(b"server", secret, client_nonce, server_nonce, client_node, server_node)
+
+
+def client_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes,
+                 client_node: str, server_node: str) -> bytes:
+    """What the connecting node sends to prove the secret."""
+    return _proof(b"client", secret, client_nonce, server_nonce, client_node, server_node)
+
+
+def verify_proof(expected: bytes, got: object) -> bool:
+    return isinstance(got, bytes) and hmac.compare_digest(expected, got)
+
+
+def valid_nonce(nonce: object) -> bool:
+    return isinstance(nonce, bytes) and MIN_NONCE <= len(nonce) <= MAX_NONCE
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _server_context(cert: str, key: str, ca: str | None, require_client_cert: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(context, cert, key)
+    if require_client_cert and ca:
+        context.load_verify_locations(cafile=ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _load_chain(context: ssl.SSLContext, cert: str, key: str) -> None:
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_cert_file {cert} / tls_key_file {key}: cannot load: "
+                          f"{getattr(exc, 'reason', None) or exc.strerror or 'bad certificate or key'}"
+                          ) from None
+
+
+def client_context(ca: str | None = None, cert: str | None = None,
+                   key: str | None = None) -> ssl.SSLContext:
+    """A TLS context for connecting: verifies the server against ``ca`` (or the system's
+    CAs) and its host name; presents ``cert``/``key`` when given (peers do)."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_ca_file {ca}: cannot load: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert and key:
+        _load_chain(context, cert, key)
+    return context
+
+
+# --------------------------------------------------------------------------- the daemon's view
+
+
+class Security:
+    """What one node enforces, loaded once at start-up from its config."""
+
+    def __init__(self, secret: bytes | None = None, tokens: TokenTable | None = None,
+                 client_tls: ssl.SSLContext | None = None,
+                 peer_tls: ssl.SSLContext | None = None,
+                 peer_client_tls: ssl.SSLContext | None = None):
+        self.secret = secret
+        self.tokens = tokens
+        self.client_tls = client_tls
+        self.peer_tls = peer_tls
+        self.peer_client_tls = peer_client_tls
+        self.refused = 0
+        self._logged: set[tuple[str, str]] = set()
+
+    def __repr__(self) -> str:
+        return (f"Security(secret={'set' if self.secret else 'none'}, tokens={self.tokens!r}, "
+                f"tls={'on' if self.client_tls else 'off'})")
+
+    @classmethod
+    def from_config(cls, config) -> "Security":
+        """Load the secret, tokens and TLS material the config names (ConfigError, one
+        line, on any problem: missing, unreadable, too open, malformed)."""
+        secret = load_secret(config.cluster_secret_file) if config.cluster_secret_file else None
+        tokens = load_tokens(config.client_tokens_file) if config.client_tokens_file else None
+        cert = getattr(config, "tls_cert_file", None)
+        key = getattr(config, "tls_key_file", None)
+        ca = getattr(config, "tls_ca_file", None)
+        client_tls = peer_tls = peer_client_tls = None
+        if cert and key:
+            check_private_file(key, "tls_key_file")
+            client_tls = _server_context(cert, key, ca, require_client_cert=False)
+            peer_tls = _server_context(cert, key, ca, require_client_cert=True)
+            peer_client_tls = client_context(ca, cert, key)
+        return cls(secret, tokens, client_tls, peer_tls, peer_client_tls)
+
+    def note_refusal(self, kind: str, host: str, who: str, reason: str) -> None:
+        """Log a refused connection once per (address, claimed name), then only count."""
+        self.refused += 1
+        self.note(f"refused {kind} connection", host, who, reason)
+
+    def note(self, what: str, host: str, who: str, reason: str) -> None:
+        """Log ``what`` happened on a connection from ``host``, once per (host, who)."""
+        key = (host, who)
+        if key in self._logged:
+            return
+        if len(self._logged) >= MAX_LOGGED_ADDRESSES:
+            if len(self._logged) == MAX_LOGGED_ADDRESSES:
+                self._logged.add(("", "overflow"))
+                log.warning("refused connections from over %d addresses; no longer logging "
+                            "new ones", MAX_LOGGED_ADDRESSES)
+            return
+        self._logged.add(key)
+        log.warning("%s from %s%s: %s (logged once per address)",
+                    what, host or "an unknown address", f" claiming to be {who}" if who else "",
+                    reason)
+
+
+    def authenticate_client(self, hello, host: str) -> Grant:
+        """The Grant of a client HELLO from ``host``, or Unauthorized (rule 5)."""
+        if self.tokens is None:
+            if not is_loopback_host(host):
+                raise Unauthorized("clients from non-loopback addresses need a token, and "
+                                   "this node has no client_tokens_file")
+            return Grant("loopback client", "admin")
+        token = hello.fields.get("token")
+        if not token:
+            raise Unauthorized("this node requires a client token (kvctl --token-file FILE)")
+        grant = self.tokens.lookup(token)
+        if grant is None:
+            raise Unauthorized("the client token is not valid")
+        return grant
+
+    async def authenticate_peer(self, conn: FrameConnection, hello, me: str):
+        """Run the node's side of the peer exchange (rule 3) after ``hello``.
+
+        Returns (Grant, the HELLO to answer with the final HELLO_OK); raises Unauthorized
+        when the peer cannot prove the secret, or ConnectFailed if it hangs up.
+        """
+        who = hello.fields.get("node") or ""
+        if self.secret is None:
+            return Grant(f"peer {who}", PEER), hello
+        theirs = hello.fields.get("nonce")
+        if not valid_nonce(theirs):
+            raise Unauthorized("this node requires peer authentication: give every node the "
+                               "same cluster_secret_file")
+        mine = new_nonce()
+        await conn.send(codec.encode(MsgType.HELLO_OK, hello.request_id, {
+            "version": PROTOCOL_VERSION,
+            "node": me,
+            "max_frame": PRE_AUTH_MAX_FRAME,
+            "nonce": mine,
+            "proof": server_proof(self.secret, theirs, mine, who, me),
+        }))
+        answer = await conn.receive()
+        if answer is None:
+            # Our node's peer code hangs up here exactly when our proof did not verify.
+            raise Unauthorized("peer hung up after the challenge: it does not have this "
+                               "node's cluster secret")
+        if answer.type != MsgType.HELLO:
+            raise Unauthorized(f"peer sent {answer.type.name} before proving the cluster secret")
+        if (answer.fields.get("node") or "") != who:
+            raise Unauthorized("peer changed its node name during the handshake")
+        expected = client_proof(self.secret, theirs, mine, who, me)
+        if not verify_proof(expected, answer.fields.get("proof")):
+            raise Unauthorized("peer authentication failed: wrong cluster secret, or a "
+                               "replayed handshake")
+        return Grant(f"peer {who}", PEER), answer
+
+
+def printable(name: object, limit: int = 64) -> str:
+    """A peer-supplied name made safe for one log line."""
+    text = name if isinstance(name, str) else ""
+    return repr(text[:limit]) if text else ""
+
+
+# --------------------------------------------------------------------------- connections
+
+
+def remote_host(stream) -> str:
+    """The remote IP of a (possibly TLS-wrapped) trio socket stream, or "" if unknown."""
+    while not hasattr(stream, "socket") and hasattr(stream, "transport_stream"):
+        stream = stream.transport_stream
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (AttributeError, OSError, IndexError, TypeError):
+        return ""
+
+
+class GuardedConnection(FrameConnection):
+    """A server-side FrameConnection that enforces the handshake's Grant on every request.
+
+    Until ``grant`` is set (the handshake does it) every frame is passed through for the
+    handshake to judge. After it, a request the grant does not allow is answered with
+    ERROR ``unauthorized`` on its request id and never reaches a handler; the CHUNK frames
+    of a refused streamed PUT are dropped. Inline request bodies in flight are bounded by
+    ``IN_FLIGHT_FRAMES * max_frame`` bytes: past it the reader waits for replies to go out.
+    """
+
+    def __init__(self, stream, security: Security | None = None):
+        super().__init__(stream)
+        self.security = security or Security()
+        self.grant: Grant | None = None
+        self.host = remote_host(stream)
+        self._refused_streams: set[int] = set()
+        self._held: dict[int, int] = {}
+        self._held_bytes = 0
+        self._released = trio.Event()
+
+    async def receive(self):
+        while True:
+            message = await super().receive()
+            if message is None or self.grant is None:
+                return message
+            rid = message.request_id
+            if message.type == MsgType.CHUNK:
+                if rid in self._refused_streams:
+                    if message.flags & FLAG_END:
+                        self._refused_streams.discard(rid)
+                    continue
+                return message
+            needed = required_role(message.type, message.fields)
+            if self.grant.allows(needed):
+                await self._hold(message)
+                return message
+            if message.type == MsgType.PUT and "value" not in message.fields:
+                if len(self._refused_streams) >= MAX_REFUSED_STREAMS:
+                    raise ProtocolError("too many refused streams left open")
+                self._refused_streams.add(rid)
+            what = message.fields.get("op") if message.type == MsgType.ADMIN else None
+            request = f"{message.type.name}{' ' + what if isinstance(what, str) else ''}"
+            refusal = Unauthorized(
+                f"{self.grant.name} has role {self.grant.role}; {request[:64]} needs {needed}"
+            )
+            await self.send(codec.encode(
+                MsgType.ERROR, rid, {"code": refusal.code, "message": str(refusal)}))
+
+    async def _hold(self, message) -> None:
+        value = message.fields.get("value") if message.type == MsgType.PUT else None
+        size = len(value) if isinstance(value, bytes) else 0
+        if size == 0:
+            return
+        limit = IN_FLIGHT_FRAMES * self.max_frame
+        while self._held_bytes and self._held_bytes + size > limit:
+            await self._released.wait()
+        self._held[message.request_id] = self._held.get(message.request_id, 0) + size
+        self._held_bytes += size
+
+    async def send(self, data: bytes) -> None:
+        await super().send(data)
+        if self._held and len(data) >= 13 and data[3] != MsgType.CHUNK:
+            rid = int.from_bytes(data[5:9], "big")
+            size = self._held.pop(rid, 0)
+            if size:
+                self._held_bytes -= size
+                self._released.set()
+                self._released = trio.Event()

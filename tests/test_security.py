@@ -1,0 +1,523 @@
+"""Issue 5, "Must show": authenticated peers, client tokens with roles, secret hygiene, TLS.
+
+The pure parts (proofs, token files, role rules, file modes) are tested directly; the rest
+with real ``kvd`` daemons on loopback (tests/procs.py) driven by ``kvctl``, the client
+library and, where a hostile peer is needed, raw sockets that speak the documented protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from kvd import security
+from kvd.client import open_client
+from kvd.errors import ConfigError, Unauthorized, unwrap_single_error
+from kvd.proto import codec
+from kvd.proto.codec import NEED_DATA, FrameDecoder
+from kvd.proto.messages import MsgType
+from kvd.security import (
+    Grant,
+    Security,
+    TokenTable,
+    check_private_file,
+    client_proof,
+    load_secret,
+    load_tokens,
+    required_role,
+    server_proof,
+)
+from tests.procs import ROOT, KvdProcess, free_port, kvctl, wait_port
+
+SECRET = "cluster-secret-5f0c2b7e9a41d3c8"
+WRONG_SECRET = "another-secret-0000000000000000"
+TOKENS = {
+    "viewer": ("read-token-8c1d0e6a2b4f", "read"),
+    "app": ("write-token-3e7a9b1c5d2f", "write"),
+    "ops": ("admin-token-6f2e8d4c0a1b", "admin"),
+}
+
+
+def private_file(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def tokens_toml(tokens: dict[str, tuple[str, str]]) -> str:
+    lines = ["[tokens]"]
+    lines += [f'{name} = {{ token = "{token}", role = "{role}" }}'
+              for name, (token, role) in tokens.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_proofs_bind_both_nonces_both_names_and_the_direction():
+    key = SECRET.encode()
+    a, b = b"a" * 32, b"b" * 32
+    proof = client_proof(key, a, b, "n2", "n1")
+    assert len(proof) == 32
+    assert proof == client_proof(key, a, b, "n2", "n1")
+    others = {
+        server_proof(key, a, b, "n2", "n1"),  # the other direction: no reflection
+        client_proof(key, b"c" * 32, b, "n2", "n1"),
+        client_proof(key, a, b"c" * 32, "n2", "n1"),
+        client_proof(key, a, b, "n3", "n1"),
+        client_proof(key, a, b, "n2", "n3"),
+        client_proof(WRONG_SECRET.encode(), a, b, "n2", "n1"),
+        client_proof(key, a[:-1], b"b" + b, "n2", "n1"),  # length-prefixed parts
+    }
+    assert proof not in others and len(others) == 7
+    assert security.verify_proof(proof, proof)
+    assert not security.verify_proof(proof, proof[:-1] + b"x")
+    assert not security.verify_proof(proof, None)
+    assert security.new_nonce() != security.new_nonce()
+
+
+def test_roles():
+    table = {
+        (MsgType.GET, "read"), (MsgType.STATUS, "read"), (MsgType.INSPECT, "read"),
+        (MsgType.PING, "read"), (MsgType.PUT, "write"), (MsgType.DELETE, "write"),
+        (MsgType.ADMIN, "admin"),
+    }
+    for kind, needed in table:
+        assert required_role(kind, {}) == needed, kind
+    for op in ("ring", "transfers", "plan"):
+        assert required_role(MsgType.ADMIN, {"op": op}) == "read"
+    for op in ("join", "leave", "commit", "clear", "replace", "force-remove", 7):
+        assert required_role(MsgType.ADMIN, {"op": op}) == "admin"
+    assert Grant("x", "admin").allows("write") and not Grant("x", "write").allows("admin")
+    assert Grant("x", "read").allows("read") and not Grant("x", "read").allows("write")
+    assert Grant("peer n2", security.PEER).allows("admin")
+
+
+def test_tokens_file(tmp_path):
+    path = private_file(tmp_path / "tokens", tokens_toml(TOKENS))
+    table = load_tokens(str(path))
+    assert len(table) == 3
+    assert table.lookup("write-token-3e7a9b1c5d2f") == Grant("app", "write")
+    assert table.lookup("admin-token-6f2e8d4c0a1b") == Grant("ops", "admin")
+    for bad in (None, "", "write-token-3e7a9b1c5d2", 42):
+        assert table.lookup(bad) is None
+    assert "token-" not in repr(table)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('[tokens]\nx = { token = "abcdefghijklmnopqrstuvwx", role = "root" }\n', "role must be"),
+    ('[tokens]\nx = { token = "short-secret-1", role = "read" }\n', "at least 16"),
+    ('[tokens]\nx = { token = "abcdefghijklmnopqrstuvwx" }\n', "expected {"),
+    ('[tokens]\nx = { token = "abcdefghijklmnopqrstuvwx", role = "read" }\n'
+     'y = { token = "abcdefghijklmnopqrstuvwx", role = "write" }\n', "same token as 'x'"),
+    ('token = "abcdefghijklmnopqrstuvwx"\n', "unknown table"),
+    ('[tokens]\n', "no [tokens] entries"),
+    ('abcdefghijklmnopqrstuvwx\n', "invalid TOML"),
+])
+def test_tokens_file_errors_name_the_entry_never_the_token(tmp_path, text, problem):
+    path = private_file(tmp_path / "tokens", text)
+    with pytest.raises(ConfigError) as info:
+        load_tokens(str(path))
+    message = str(info.value)
+    assert problem in message and str(path) in message
+    assert "\n" not in message
+    assert "abcdefghijklmnopqrstuvwx" not in message and "short-secret-1" not in message
+
+
+def test_secret_files_open_to_group_or_others_are_refused(tmp_path):
+    for mode in (0o644, 0o640, 0o604, 0o660, 0o666):
+        path = private_file(tmp_path / f"secret-{mode:o}", SECRET, mode)
+        with pytest.raises(ConfigError) as info:
+            load_secret(str(path))
+        assert str(info.value) == (
+            f"cluster_secret_file {path} is accessible by group or others "
+            f"(mode {mode:04o}): run chmod 600 {path}"
+        )
+    for mode in (0o600, 0o400):
+        path = private_file(tmp_path / f"ok-{mode:o}", SECRET + "\n", mode)
+        assert load_secret(str(path)) == SECRET.encode()
+    short = private_file(tmp_path / "short", "s3cret")
+    with pytest.raises(ConfigError, match="at least 16 bytes") as info:
+        load_secret(str(short))
+    assert "s3cret" not in str(info.value).replace(str(short), "")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        check_private_file(str(tmp_path), "cluster_secret_file")
+
+
+def test_clients_without_tokens_only_from_loopback():
+    hello = codec.Message(MsgType.HELLO, 1, {"versions": [1], "role": "client"})
+    open_node = Security()
+    assert open_node.authenticate_client(hello, "127.0.0.1").role == "admin"
+    assert open_node.authenticate_client(hello, "::1").role == "admin"
+    for host in ("10.1.2.3", "192.0.2.7", "2001:db8::1", ""):
+        with pytest.raises(Unauthorized, match="non-loopback addresses need a token"):
+            open_node.authenticate_client(hello, host)
+    guarded = Security(tokens=TokenTable({"write-token-3e7a9b1c5d2f": Grant("app", "write")}))
+    with pytest.raises(Unauthorized, match="requires a client token"):
+        guarded.authenticate_client(hello, "127.0.0.1")
+    with_token = codec.Message(MsgType.HELLO, 1, {**hello.fields,
+                                                  "token": "write-token-3e7a9b1c5d2f"})
+    assert guarded.authenticate_client(with_token, "10.1.2.3") == Grant("app", "write")
+
+
+def test_refusals_are_logged_once_per_address(caplog):
+    node = Security()
+    with caplog.at_level("WARNING", logger="kvd.security"):
+        for _ in range(50):
+            node.note_refusal("peer", "127.0.0.1", "'n9'", "wrong secret")
+        node.note_refusal("peer", "127.0.0.2", "'n9'", "wrong secret")
+    assert node.refused == 51
+    assert len(caplog.records) == 2
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def raw_connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.settimeout(10)
+    return sock
+
+
+def read_message(sock: socket.socket, decoder: FrameDecoder):
+    """The next message on ``sock``, or None once the node closed it."""
+    while True:
+        message = decoder.next_message()
+        if message is not NEED_DATA:
+            return message
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        decoder.receive_data(data)
+
+
+def peer_hello(node: str, **fields) -> bytes:
+    return codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "peer", "node": node,
+                                           **fields})
+
+
+def authenticate_by_hand(port: int, secret: str, node: str = "mallory", verify: bool = True):
+    """The peer exchange of docs/protocol.md done with a socket; returns (socket, decoder,
+    the bytes this side sent). ``verify``: check the node's proof first, as a peer must."""
+    sock = raw_connect(port)
+    decoder = FrameDecoder(16 * 1024 * 1024)
+    nonce = os.urandom(32)
+    first = peer_hello(node, nonce=nonce)
+    sock.sendall(first)
+    challenge = read_message(sock, decoder)
+    assert challenge.type == MsgType.HELLO_OK, challenge
+    theirs, them = challenge.fields["nonce"], challenge.fields["node"]
+    if verify:
+        assert challenge.fields["proof"] == server_proof(secret.encode(), nonce, theirs, node,
+                                                         them)
+    second = peer_hello(node, proof=client_proof(secret.encode(), nonce, theirs, node, them))
+    sock.sendall(second)
+    return sock, decoder, first + second
+
+
+async def status_of(node: KvdProcess, token: str | None = None) -> dict:
+    async with open_client(node.address, token=token) as client:
+        return await client.status()
+
+
+def membership(status: dict) -> tuple:
+    return (status["cluster"], status["ring_version"],
+            sorted((row["node"], row["status"]) for row in status["nodes"]))
+
+
+@pytest.fixture
+def procs():
+    started: list[KvdProcess] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            try:
+                proc.kill()
+            except Exception:  # noqa: BLE001 - keep killing the others
+                pass
+
+
+def start(tmp_path: Path, procs: list, node_id: str, extra: dict, seeds=None,
+          wait: bool = True) -> KvdProcess:
+    node = KvdProcess(tmp_path / node_id / "data", node_id=node_id,
+                      extra={"gossip_interval": 0.2, **extra}, seeds=seeds)
+    procs.append(node)
+    return node.start(wait=wait)
+
+
+async def eventually(what: str, check, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, seen = await check()
+        except Exception as exc:  # noqa: BLE001 - a node still starting: keep polling
+            done, seen = False, repr(exc)
+        if done:
+            return seen
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s; last seen {seen!r}")
+        await trio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_nodes_sharing_the_secret_form_a_cluster(tmp_path, procs):
+    secret = private_file(tmp_path / "secret", SECRET)
+    extra = {"cluster_secret_file": str(secret)}
+    n1 = start(tmp_path, procs, "n1", extra)
+    n2 = start(tmp_path, procs, "n2", extra, seeds=[n1.peer_address])
+    joined = kvctl("--json", "cluster", "join", n1.peer_address, host=n2.address)
+    assert joined.returncode == 0, joined.stderr
+    assert kvctl("cluster", "commit", host=n1.address).returncode == 0
+
+    async def both_up():
+        rows = (await status_of(n2))["nodes"]
+        states = {r["node"]: r["state"] for r in rows}
+        return states == {"n1": "UN", "n2": "UN"}, states
+
+    await eventually("n2 sees both nodes up", both_up)
+
+    async def drained():
+        async with open_client(n1.address) as client:
+            rows = (await client.admin({"op": "transfers"}))["transfers"]
+        return rows == [], rows
+
+    await eventually("transfers drained", drained)
+    async with open_client(n1.address) as client:
+        await client.put(b"k", b"v", w=2)
+    async with open_client(n2.address) as client:
+        assert (await client.get(b"k", r=2)).siblings[0].value == b"v"
+    assert "refused" not in n1.log_text() + n2.log_text()
+
+
+@pytest.mark.slow
+async def test_wrong_missing_or_replayed_secret_changes_nothing(tmp_path, procs):
+    secret = private_file(tmp_path / "secret", SECRET)
+    wrong = private_file(tmp_path / "wrong", WRONG_SECRET)
+    a = start(tmp_path, procs, "a", {"cluster_secret_file": str(secret)})
+    async with open_client(a.address) as client:
+        await client.put(b"existing", b"1")
+    before = membership(await status_of(a))
+    # Both intruders have A as a seed and gossip at it every 0.2 s for the whole test.
+    b = start(tmp_path, procs, "b", {"cluster_secret_file": str(wrong)}, seeds=[a.peer_address])
+    c = start(tmp_path, procs, "c", {}, seeds=[a.peer_address])
+
+    # 1. They cannot join: the staging request is refused, exit 4 with the reason.
+    for intruder, reason in ((b, "did not prove the cluster secret"),
+                             (c, "requires peer authentication")):
+        out = kvctl("cluster", "join", a.peer_address, host=intruder.address)
+        assert out.returncode == 4, out
+        lines = out.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0], lines
+
+    # 2. Nor read, write or gossip: peer requests before (or instead of) the proof.
+    fake_put = codec.encode(MsgType.REPLICA_PUT, 2, {"key": b"planted", "object": b"x"})
+    fake_get = codec.encode(MsgType.REPLICA_GET, 3, {"key": b"existing"})
+    gossip = codec.encode(MsgType.GOSSIP, 4, {"node": "mallory", "members": [
+        {"node": "mallory", "address": "127.0.0.1:1", "peer_address": "127.0.0.1:2",
+         "heartbeat": 1, "incarnation": 1}]})
+    attempts = [
+        peer_hello("mallory") + fake_put + fake_get + gossip,                  # no nonce
+        peer_hello("mallory", nonce=os.urandom(32)) + fake_put + gossip,       # no proof
+        peer_hello("mallory", nonce=os.urandom(32)) + peer_hello("mallory", proof=b"\0" * 32),
+    ]
+    for data in attempts:
+        sock = raw_connect(a.peer_port)
+        decoder = FrameDecoder(1 << 20)
+        sock.sendall(data)
+        replies = []
+        while (message := read_message(sock, decoder)) is not None:
+            replies.append(message)
+        sock.close()
+        assert replies[-1].type == MsgType.ERROR, replies
+        assert replies[-1].fields["code"] == "unauthorized"
+        assert all(m.type in (MsgType.HELLO_OK, MsgType.ERROR) for m in replies)
+
+    # 3. A recorded handshake (made with the right secret) replayed on a new connection.
+    sock, decoder, sent = authenticate_by_hand(a.peer_port, SECRET)
+    assert read_message(sock, decoder).type == MsgType.HELLO_OK  # accepted: it was live
+    sock.close()
+    for _ in range(3):
+        sock = raw_connect(a.peer_port)
+        decoder = FrameDecoder(1 << 20)
+        sock.sendall(sent + gossip + fake_put)
+        challenge = read_message(sock, decoder)
+        assert challenge.type == MsgType.HELLO_OK and "proof" in challenge.fields
+        refusal = read_message(sock, decoder)
+        assert refusal.type == MsgType.ERROR and refusal.fields["code"] == "unauthorized"
+        assert "replayed handshake" in refusal.fields["message"]
+        assert read_message(sock, decoder) is None  # closed: the GOSSIP never ran
+        sock.close()
+
+    # Many gossip rounds later: no membership change, nothing planted.
+    await trio.sleep(2)
+    assert membership(await status_of(a)) == before
+    async with open_client(a.address) as client:
+        assert not (await client.get(b"planted")).found
+        assert (await client.get(b"existing")).found
+    for intruder in (b, c):
+        status = await status_of(intruder)
+        assert [row["node"] for row in status["nodes"]] == [intruder.node_id]
+
+    # Refusals are logged once per address and claimed name, not once per attempt.
+    log = a.log_text()
+    refused = [line for line in log.splitlines() if "refused peer connection" in line]
+    assert len([line for line in refused if "'b'" in line]) == 1, refused
+    assert len([line for line in refused if "'c'" in line]) == 1, refused
+    assert len([line for line in refused if "'mallory'" in line]) == 1, refused
+    b_log = [line for line in b.log_text().splitlines() if "did not prove" in line]
+    assert len(b_log) == 1, b_log
+    for text in (a.log_text(), b.log_text(), c.log_text()):
+        assert SECRET not in text and WRONG_SECRET not in text
+
+
+def kvctl_as(node: KvdProcess, token_file: Path | None, *args: str):
+    options = ["--token-file", str(token_file)] if token_file else []
+    return kvctl(*options, *args, host=node.address)
+
+
+@pytest.mark.slow
+def test_client_tokens_and_roles_with_kvctl(tmp_path, procs):
+    tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS))
+    node = start(tmp_path, procs, "n1", {"client_tokens_file": str(tokens)})
+    files = {}
+    for name, (token, _role) in TOKENS.items():
+        files[name] = private_file(tmp_path / f"{name}.token", token + "\n")
+    files["forged"] = private_file(tmp_path / "forged.token", "write-token-3e7a9b1c5d2e\n")
+
+    def refused(out, reason: str) -> None:
+        assert out.returncode == 4, out
+        lines = out.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0], lines
+        assert "Traceback" not in out.stderr.decode()
+
+    refused(kvctl_as(node, None, "put", "k", "v"), "requires a client token")
+    refused(kvctl_as(node, None, "get", "k"), "requires a client token")
+    refused(kvctl_as(node, files["forged"], "put", "k", "v"), "the client token is not valid")
+    refused(kvctl_as(node, files["viewer"], "put", "k", "v"), "viewer has role read; PUT needs write")
+    refused(kvctl_as(node, files["viewer"], "delete", "k"), "DELETE needs write")
+    assert kvctl_as(node, files["app"], "put", "k", "v").returncode == 0
+    got = kvctl_as(node, files["viewer"], "get", "k")
+    assert got.returncode == 0 and got.stdout.strip() == b"v"
+    assert kvctl_as(node, files["viewer"], "--json", "status").returncode == 0
+    assert kvctl_as(node, files["viewer"], "ring").returncode == 0
+    for command in (["cluster", "commit"], ["cluster", "clear"], ["cluster", "leave"],
+                    ["cluster", "join", "127.0.0.1:1"]):
+        refused(kvctl_as(node, files["app"], *command), "app has role write")
+    assert kvctl_as(node, files["ops"], "cluster", "clear").returncode == 0
+    # A large (streamed) PUT with a read token: refused, the connection still serves reads.
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    refused(kvctl_as(node, files["viewer"], "put", "big", "--file", str(big)), "PUT needs write")
+    assert kvctl_as(node, files["app"], "put", "big", "--file", str(big)).returncode == 0
+    log = node.log_text()
+    for token, _role in TOKENS.values():
+        assert token not in log
+    assert "write-token-3e7a9b1c5d2e" not in log
+
+
+@pytest.mark.slow
+def test_a_refused_streamed_put_leaves_the_connection_usable(tmp_path, procs):
+    tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS))
+    node = start(tmp_path, procs, "n1", {"client_tokens_file": str(tokens)})
+    sock = raw_connect(node.port)
+    decoder = FrameDecoder(1 << 24)
+    hello = {"versions": [1], "role": "client", "token": TOKENS["viewer"][0]}
+    sock.sendall(codec.encode(MsgType.HELLO, 1, hello))
+    assert read_message(sock, decoder).type == MsgType.HELLO_OK
+    frames = []
+    for rid in (2, 3, 4):  # three refused uploads, their CHUNK frames interleaved
+        frames.append(codec.encode(MsgType.PUT, rid, {"key": b"big", "length": 3 * 65536}))
+    for piece in range(3):
+        for rid in (2, 3, 4):
+            frames.append(codec.encode_chunk(rid, os.urandom(65536), end=piece == 2))
+    frames.append(codec.encode(MsgType.GET, 5, {"key": b"big"}))
+    sock.sendall(b"".join(frames))
+    replies = {}
+    while len(replies) < 4:
+        message = read_message(sock, decoder)
+        assert message is not None, replies
+        replies[message.request_id] = message
+    for rid in (2, 3, 4):
+        assert replies[rid].type == MsgType.ERROR
+        assert replies[rid].fields == {"code": "unauthorized",
+                                       "message": "viewer has role read; PUT needs write"}
+    assert replies[5].type == MsgType.GET_REPLY and replies[5].fields["found"] is False
+    sock.close()
+
+
+# ----------------------------------------------------------------------------- start-up rules
+
+
+def run_kvd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_")}
+    return subprocess.run([sys.executable, "-m", "kvd.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_non_loopback_listen_without_a_secret_exits_with_the_reason(tmp_path):
+    port = free_port()
+    proc = run_kvd("--listen", f"0.0.0.0:{port}", "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"kvd: error: --listen: listen 0.0.0.0:{port} is not loopback: "
+        "set cluster_secret_file so peers must authenticate\n"
+    )
+
+
+@pytest.mark.slow
+def test_secret_files_open_to_others_stop_the_start_and_never_show(tmp_path):
+    secret = private_file(tmp_path / "secret", SECRET, 0o644)
+    tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS), 0o640)
+    base = ["--data-dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{free_port()}",
+            "--peer-listen", f"127.0.0.1:{free_port()}"]
+    proc = run_kvd(*base, "--cluster-secret-file", str(secret))
+    assert proc.returncode == 2
+    assert proc.stderr.endswith(
+        f"kvd: error: cluster_secret_file {secret} is accessible by group or others "
+        f"(mode 0644): run chmod 600 {secret}\n")
+    secret.chmod(0o600)
+    config = private_file(tmp_path / "kvd.toml", f'client_tokens_file = "{tokens}"\n'
+                          'metrics_listen = ""\n')
+    proc = run_kvd("--config", str(config), *base, "--cluster-secret-file", str(secret))
+    assert proc.returncode == 2
+    assert f"client_tokens_file {tokens} is accessible by group or others (mode 0640)" in proc.stderr
+    check = run_kvd("--config", str(config), *base, "--cluster-secret-file", str(secret), "--check")
+    for out in (proc, check):
+        text = out.stdout + out.stderr
+        assert SECRET not in text
+        assert all(token not in text for token, _ in TOKENS.values())
+
+
+@pytest.mark.slow
+def test_secrets_and_tokens_never_appear_in_logs(tmp_path, procs):
+    secret = private_file(tmp_path / "secret", SECRET)
+    tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS))
+    node = start(tmp_path, procs, "n1", {"cluster_secret_file": str(secret),
+                                         "client_tokens_file": str(tokens),
+                                         "log_level": "debug"})
+    for token, _ in TOKENS.values():
+        kvctl_file = private_file(tmp_path / "t", token)
+        kvctl_as(node, kvctl_file, "put", "k", "v")
+        kvctl_as(node, kvctl_file, "cluster", "commit")
+    kvctl_as(node, private_file(tmp_path / "t", "not-a-token-" + SECRET), "get", "k")
+    sock, decoder, _ = authenticate_by_hand(node.peer_port, WRONG_SECRET, verify=False)
+    assert sock.recv(1) in (b"", b"K")  # refused either way
+    sock.close()
+    node.stop()
+    log = node.log_text()
+    assert "refused" in log  # the refusals were logged, with reasons but no secrets
+    assert SECRET not in log and WRONG_SECRET not in log
+    for token, _ in TOKENS.values():
+        assert token not in log
