@@ -460,8 +460,13 @@ class GuardedConnection(FrameConnection):
         self._held: dict[int, int] = {}
         self._held_bytes = 0
         self._released = trio.Event()
+        self._waiting = None
 
     async def receive(self):
+        if self._waiting is not None:  # a receive cancelled while it waited for room
+            await self._hold(self._waiting)
+            message, self._waiting = self._waiting, None
+            return message
         while True:
             message = await super().receive()
             if message is None or self.grant is None:
@@ -475,7 +480,9 @@ class GuardedConnection(FrameConnection):
                 return message
             needed = required_role(message.type, message.fields)
             if self.grant.allows(needed):
+                self._waiting = message
                 await self._hold(message)
+                self._waiting = None
                 return message
             if message.type == MsgType.PUT and "value" not in message.fields:
                 if len(self._refused_streams) >= MAX_REFUSED_STREAMS:

@@ -521,3 +521,122 @@ def test_secrets_and_tokens_never_appear_in_logs(tmp_path, procs):
     assert SECRET not in log and WRONG_SECRET not in log
     for token, _ in TOKENS.values():
         assert token not in log
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+async def test_guarded_connection_bounds_inline_bodies_in_flight():
+    """Past IN_FLIGHT_FRAMES * max_frame bytes of PUT values not yet answered, the reader
+    waits: a client that never reads its replies cannot make one connection hold more."""
+    from trio.testing import memory_stream_pair
+
+    client, server = memory_stream_pair()
+    conn = security.GuardedConnection(server, Security())
+    conn.grant = Grant("test", "write")
+    conn.max_frame = 64 * 1024
+    value = b"x" * (60 * 1024)
+    for rid in range(1, 8):
+        await client.send_all(codec.encode(MsgType.PUT, rid, {"key": b"k", "length": len(value),
+                                                              "value": value}))
+    for rid in range(1, 5):  # 4 * 60 KiB fit in 4 * 64 KiB
+        assert (await conn.receive()).request_id == rid
+    with trio.move_on_after(1) as scope:
+        await conn.receive()
+    assert scope.cancelled_caught  # the fifth waits for a reply to go out
+    await conn.send(codec.encode(MsgType.PUT_REPLY, 2, {"context": b"", "siblings": 1,
+                                                        "replicas": 1}))
+    with trio.fail_after(1):
+        assert (await conn.receive()).request_id == 5
+    await conn.send(codec.encode(MsgType.ERROR, 1, {"code": "quorum", "message": "x"}))
+    with trio.fail_after(1):
+        assert (await conn.receive()).request_id == 6
+
+
+async def test_guarded_connection_refuses_without_reaching_handlers():
+    from trio.testing import memory_stream_pair
+
+    client, server = memory_stream_pair()
+    conn = security.GuardedConnection(server, Security())
+    conn.grant = Grant("viewer", "read")
+    conn.max_frame = 1 << 20
+    frames = [codec.encode(MsgType.ADMIN, 1, {"op": "commit"}),
+              codec.encode(MsgType.ADMIN, 2, {"op": "ring"}),
+              codec.encode(MsgType.DELETE, 3, {"key": b"k"}),
+              codec.encode(MsgType.GET, 4, {"key": b"k"})]
+    await client.send_all(b"".join(frames))
+    assert (await conn.receive()).request_id == 2
+    assert (await conn.receive()).request_id == 4
+    decoder = FrameDecoder(1 << 20)
+    decoder.receive_data(await client.receive_some(65536))
+    refusals = [decoder.next_message(), decoder.next_message()]
+    assert [(m.request_id, m.fields["message"]) for m in refusals] == [
+        (1, "viewer has role read; ADMIN commit needs admin"),
+        (3, "viewer has role read; DELETE needs write"),
+    ]
+
+
+def read_all(sock: socket.socket) -> tuple[list, float]:
+    """Every message until the node closes ``sock``, and the seconds that took."""
+    began = time.monotonic()
+    decoder = FrameDecoder(1 << 20)
+    messages = []
+    try:
+        while (message := read_message(sock, decoder)) is not None:
+            messages.append(message)
+    except Exception as exc:  # noqa: BLE001 - a decode error on our side ends it too
+        messages.append(exc)
+    return messages, time.monotonic() - began
+
+
+@pytest.mark.slow
+def test_timeouts_caps_and_frame_limits(tmp_path, procs):
+    node = start(tmp_path, procs, "n1", {"handshake_timeout": 0.5, "idle_timeout": 1.0,
+                                         "max_connections": 8})
+    hello = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "client"})
+
+    # Silent, and slowloris: closed once the handshake timeout passes, whatever trickles in.
+    silent = raw_connect(node.port)
+    messages, took = read_all(silent)
+    assert 0.4 < took < 3 and messages[-1].fields["code"] == "protocol", messages
+    slow = raw_connect(node.port)
+    began = time.monotonic()
+    try:
+        for byte in hello[:-1]:
+            slow.sendall(bytes([byte]))
+            time.sleep(0.05)
+    except OSError:
+        pass
+    messages, _ = read_all(slow)
+    assert time.monotonic() - began < 3 and "handshake timeout" in messages[-1].fields["message"]
+
+    # Idle after the handshake: closed after idle_timeout.
+    idle = raw_connect(node.port)
+    idle.sendall(hello)
+    messages, took = read_all(idle)
+    assert messages[0].type == MsgType.HELLO_OK and 0.8 < took < 4, (messages, took)
+
+    # Frames over the limit are refused from the header alone.
+    for data in (bytes.fromhex("4b56 0101 00 00000001 00004001"),
+                 bytes.fromhex("4b56 0101 00 00000001 ffffffff"),
+                 hello + bytes.fromhex("4b56 0104 00 00000002 ffffffff")):
+        sock = raw_connect(node.port)
+        sock.sendall(data)
+        messages, took = read_all(sock)
+        assert messages[-1].fields["code"] == "frame_too_large" and took < 1, messages
+        sock.close()
+
+    # The connection cap: 8 held open, the 9th is told why and closed.
+    held = [raw_connect(node.port) for _ in range(8)]
+    time.sleep(0.1)
+    extra = raw_connect(node.port)
+    messages, took = read_all(extra)
+    assert messages[-1].fields == {"code": "unavailable", "message": "too many connections"}
+    for sock in held:
+        sock.close()
+    time.sleep(0.2)
+    ok = raw_connect(node.port)
+    ok.sendall(hello)
+    assert read_message(ok, FrameDecoder(1 << 20)).type == MsgType.HELLO_OK
+    ok.close()
+    assert node.proc.poll() is None
