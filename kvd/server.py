@@ -566,6 +566,8 @@ async def _status(node: Node, conn, message, _chunks) -> None:
         else:
             load = record.load_bytes if record else 0
         letter = _STATE_LETTER.get(state.members.get(member, "valid"), "N")
+        if member == node.node_id and cluster.restoring:
+            letter = "J"  # joining back: fetching its replicas after a wipe
         rows.append({
             "node": member,
             "state": ("U" if cluster.is_up(member) else "D") + letter,

@@ -223,7 +223,7 @@ class AntiEntropy:
         """Background exchanges, throttled: the partitions this node is first primary of."""
         while True:
             await trio.sleep(self.config.anti_entropy_interval)
-            if not self.config.anti_entropy or self.cluster.state.pending:
+            if not self.config.anti_entropy or self.cluster.state.pending or self.cluster.restoring:
                 continue
             stats = RepairStats()
             for partition in self.my_partitions(first_only=True):

@@ -81,6 +81,8 @@ class Cluster:
         self.peers = PeerPool(nursery, {"node": self.me})
         self.rng = random.Random()
         self.gossiper: Gossiper | None = None
+        self.fresh = False
+        self.restoring = False
         self.left = trio.Event()  # set once this node is exiting and nothing moves from it
         self._serving: tuple[int, Ring] | None = None
         self._pl_cache: dict[tuple[int, int], list[str]] = {}
@@ -98,7 +100,9 @@ class Cluster:
 
     async def load(self) -> None:
         raw = self.storage.get(keys.meta_key("cluster"))
+        self.restoring = self.storage.get(keys.meta_key("restoring")) is not None
         if raw is None:
+            self.fresh = True  # a new data directory: maybe a wiped member (see maybe_restore)
             state = cs.new_cluster(self.me, self.config.ring_size, os.urandom(8).hex())
             await self._save(state)
         else:
@@ -209,7 +213,8 @@ class Cluster:
 
     def replicas_for_read(self, key: bytes, n: int):
         partition = partition_of(key, self.state.ring.q)
-        return [self._replica(node) for node in self.primaries(partition, n) if self.is_up(node)]
+        return [self._replica(node) for node in self.primaries(partition, n)
+                if self.is_up(node) and not (node == self.me and self.restoring)]
 
     def replicas_for_write(self, key: bytes, n: int):
         partition = partition_of(key, self.state.ring.q)
@@ -300,6 +305,54 @@ class Cluster:
         """Members and the whole state: what a node that joins needs first."""
         return {"members": self.members.digest(self.now()), "state": self.state.to_dict()}
 
+    # ------------------------------------------------------------- wiped nodes
+    #
+    # A node that starts with an empty data directory but is listed as a member by the
+    # cluster it reaches (through its seeds, or when a member gossips to it) was wiped. It
+    # must not answer as a replica of data it no longer has: it adopts the cluster's state,
+    # refuses replica reads while "restoring" (coordinators then count it as down), fetches
+    # every partition it replicates from the other replicas, and only then serves. The
+    # restoring mark is saved, so a restart mid-restore carries on.
+
+    async def maybe_restore(self, fields: dict) -> None:
+        """Called with a peer's gossip or state reply; restores when it names us."""
+        if not self.fresh or "state" not in fields:
+            return
+        try:
+            theirs = cs.ClusterState.from_dict(fields["state"])
+        except ValueError:
+            return
+        if theirs.cluster_id == self.state.cluster_id or theirs.status(self.me) is None:
+            return
+        if any(True for _ in self.storage.iterate_keys(b"o", b"p")):
+            return  # we hold data of our own cluster: an operator mistake, not a wipe
+        log.warning("this node's data directory is empty but cluster %s lists it as a member: "
+                    "restoring its replicas from the other nodes before serving", theirs.cluster_id)
+        self.fresh = False
+        self.restoring = True
+        await self.storage.write([(keys.meta_key("restoring"), b"1")])
+        self.members.merge(fields.get("members", []), self.now())
+        self.gossiper.replace_state(theirs)
+
+    async def ask_seeds(self) -> None:
+        """At start with a new data directory: ask the seeds whether we are a member."""
+        for seed in self.config.seeds:
+            if seed == self.config.peer_listen or not self.fresh:
+                continue
+            try:
+                with trio.fail_after(3):
+                    reply = await self.peers.call(seed, MsgType.ADMIN, {"op": "state"},
+                                                  MsgType.ADMIN_REPLY)
+            except (KvdError, trio.TooSlowError, OSError) as exc:
+                log.info("seed %s: %s", seed, exc)
+                continue
+            await self.maybe_restore(reply)
+
+    async def _restored(self) -> None:
+        self.restoring = False
+        await self.storage.write([(keys.meta_key("restoring"), None)])
+        log.info("restore complete: serving as a replica again")
+
     # ------------------------------------------------------------- topology
 
     async def stage_join_at(self, seed: str) -> dict:
@@ -357,7 +410,7 @@ class Cluster:
         new = after.ring
         n_new = self._replication(new)
         if before.cluster_id != after.cluster_id:
-            old, n_old = None, 0  # we joined: nothing of this cluster is here yet
+            old, n_old = None, 0  # we joined (or were wiped): nothing of this cluster is here
         else:
             old = self._serving_ring_of(before)
             n_old = self._replication(old)
@@ -421,6 +474,8 @@ class Cluster:
             self._plan = None
             await self._save_plan()
             self.transfer_progress = {"keys_done": 0, "bytes_done": 0, "state": "idle"}
+        if self.restoring and not (self._plan and self._plan["todo"]):
+            await self._restored()
         for move in [m for m in self.state.pending if m.target == self.me]:
             await self.set_state(cs.transfer_done(self.state, move))
 
@@ -510,6 +565,8 @@ class Cluster:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.gossiper.run)
+            if self.fresh:
+                nursery.start_soon(self.ask_seeds)
             nursery.start_soon(self.persist_loop)
             nursery.start_soon(self.handoff_loop)
             nursery.start_soon(self.transfer_loop)

@@ -7,7 +7,7 @@ and replies on the same request id.
 from __future__ import annotations
 
 from kvd import versions
-from kvd.errors import BadRequest
+from kvd.errors import BadRequest, Unavailable
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo
 from kvd.node.remote import decode_payload
@@ -23,6 +23,8 @@ async def replica_get(node, conn, message, _chunks) -> None:
     fields = message.fields
     store = node.store
     if fields.get("op") == "scan":
+        if node.cluster.restoring:
+            raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
         objects, done = node.cluster.scan_partition(fields["partition"], fields["after"],
                                                     min(fields["limit"], 1024))
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY,
@@ -35,6 +37,8 @@ async def replica_get(node, conn, message, _chunks) -> None:
         data = await store.blobs.read(fields["vid"], fields["offset"], fields["size"])
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, {"data": data})
         return
+    if node.cluster.restoring:
+        raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
     obj = store.read(fields["key"])
     reply = {"object": None if obj is None else versions.encode_object(obj)}
     await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
@@ -73,12 +77,16 @@ def _object(raw: bytes) -> versions.VersionedObject:
 
 
 async def gossip(node, conn, message, _chunks) -> None:
+    await node.cluster.maybe_restore(message.fields)
     await _reply(conn, message, MsgType.GOSSIP_REPLY, node.cluster.gossip_reply(message.fields))
 
 
 async def peer_admin(node, conn, message, _chunks) -> None:
     fields = message.fields
     cluster = node.cluster
+    if fields.get("op") == "state":
+        await _reply(conn, message, MsgType.ADMIN_REPLY, cluster.full_gossip())
+        return
     if fields.get("op") == "transfers":
         await _reply(conn, message, MsgType.ADMIN_REPLY, {"transfers": cluster.transfer_rows()})
         return
