@@ -72,8 +72,9 @@ class PeerPool:
         except Unauthorized as exc:
             # Once per address: a peer with another secret would otherwise log every round.
             if address not in self._refused and len(self._refused) < 1024:
-                log.warning("peer %s: %s (logged once per address)", address, exc)
-                self._refused[address] = str(exc)
+                reason = str(exc) if address in str(exc) else f"peer {address}: {exc}"
+                log.warning("%s (logged once per address)", reason)
+                self._refused[address] = reason
         except KvdError as exc:
             log.debug("peer %s: %s", address, exc)
         finally:
