@@ -244,6 +244,12 @@ async def wait_mid_transfer(observer: KvdProcess, nodes: list[KvdProcess],
     return await eventually("a transfer in progress", moving, timeout, nodes, interval=0.1)
 
 
+def assert_alive(nodes: list[KvdProcess], what: str) -> None:
+    """Every node in ``nodes`` still runs (a node that exits on its own shows its log)."""
+    dead = [(n.node_id, n.proc.poll()) for n in nodes if n.proc.poll() is not None]
+    assert not dead, f"{what}: nodes exited {dead}\n{log_tails([n for n in nodes], 15)}"
+
+
 def sigstop(node: KvdProcess) -> None:
     node.proc.send_signal(signal.SIGSTOP)
 
@@ -330,3 +336,116 @@ async def test_growing_one_node_with_10000_keys_to_four_under_writes(tmp_path, p
     bad = await read_problems(nodes, expected, r=3)
     assert bad == [], (f"{len(bad)} of {len(expected)} keys ({len(writer.acked)} acknowledged "
                        f"during the joins) wrong at R=3, e.g. {bad[:5]}\n{log_tails(nodes)}")
+
+
+# ----------------------------------------------------------------------------- shrinking
+
+
+SLOW_TRANSFERS = {"transfer_rate_mb": 0.01, "transfer_limit": 2}
+
+
+async def test_shrinking_five_to_three_with_kills_mid_transfer(tmp_path, procs):
+    """Five nodes (so that two can leave without dropping below N=3), 3,000 keys, a
+    writer; n5 leaves and is SIGKILLed mid-transfer, then n4 leaves and one of its targets
+    is SIGKILLed mid-transfer; both restart, transfers complete, leaving nodes exit 0."""
+    extra = {**GOSSIP, **SLOW_TRANSFERS}
+    n1 = start_node(tmp_path, procs, "n1", extra)
+    others = [KvdProcess(tmp_path / nid / "data", node_id=nid, extra=extra,
+                         seeds=[n1.peer_address]) for nid in ("n2", "n3", "n4", "n5")]
+    procs.extend(others)
+    for node in others:
+        node.start(wait=False)
+    for node in others:
+        wait_port(node.port, proc=node.proc)
+    nodes = [n1, *others]
+    n2, n3, n4, n5 = others
+    await join_all(n1, others)
+    await akvctl_json(n1, "cluster", "commit")
+    await wait_formed(nodes, timeout=60)
+    base = [key_of(i, "shrink") for i in range(3000)]
+    await write_keys(n1, base)
+
+    writer = Writer(n1.address, "shrink-w")
+    timings: dict[str, float] = {}
+    observations: dict = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await trio.sleep(1.0)
+
+        # ---- n5 leaves; SIGKILLed mid-transfer and restarted.
+        began = trio.current_time()
+        assert (await akvctl_json(n1, "cluster", "leave", "n5"))["staged"] == "leave n5"
+        plan = await akvctl_json(n2, "cluster", "plan")
+        assert plan["staged"] == ["leave n5"]
+        assert set(plan["after"]) == {"n1", "n2", "n3", "n4"}, plan["after"]
+        assert all(255 <= c <= 257 for c in plan["after"].values()), plan["after"]
+        assert sum(m["from"] == "n5" for m in plan["moves"]) == plan["before"]["n5"]
+        assert all(m["to"] != "n5" for m in plan["moves"])
+        commit = await akvctl_json(n1, "cluster", "commit")
+        assert commit["committed"] == ["leave n5"]
+        observations["leave1 mid"] = await wait_mid_transfer(n1, nodes)
+        rows = await status_rows(n1)
+        assert rows["n5"]["status"] == "leaving" and rows["n5"]["state"] == "UL", rows["n5"]
+        # A second change while the first is still moving data: refused.
+        refused = await arun_kvctl(n2, "cluster", "leave", "n4")
+        observations["concurrent change"] = refusal(refused, "still moving data")
+        n5.kill()
+        await trio.sleep(1.0)
+        assert_alive([n1, n2, n3, n4], "after SIGKILL of the leaving n5 mid-transfer")
+        await astart(n5, tolerate_exit=True)
+        await wait_drained(n1, nodes, timeout=90)
+        code = await await_exit(n5, 30)
+        assert code == 0, f"n5 (left) exit code {code}\n{log_tails([n5], 40)}"
+        timings["leave n5"] = trio.current_time() - began
+        rows = await status_rows(n1)
+        assert rows["n5"]["partitions"] == 0 and rows["n5"]["status"] == "exiting", rows["n5"]
+
+        # ---- n4 leaves; one of its targets is SIGKILLed mid-transfer and restarted.
+        began = trio.current_time()
+        remaining = [n1, n2, n3, n4]
+        assert (await akvctl_json(n3, "cluster", "leave", "n4"))["staged"] == "leave n4"
+        plan = await akvctl_json(n1, "cluster", "plan")
+        assert plan["staged"] == ["leave n4"]
+        assert set(plan["after"]) == {"n1", "n2", "n3"}, plan["after"]
+        assert all(341 <= c <= 342 for c in plan["after"].values()), plan["after"]
+        commit = await akvctl_json(n1, "cluster", "commit")
+        assert commit["committed"] == ["leave n4"]
+        mid = await wait_mid_transfer(n1, remaining)
+        observations["leave2 mid"] = mid
+        victim = next(n for n in (n2, n3) if any(r["to"] == n.node_id for r in
+                                                 await transfers_of(n1)))
+        observations["target killed"] = victim.node_id
+        victim.kill()
+        await trio.sleep(1.0)
+        assert_alive([n for n in remaining if n is not victim],
+                     f"after SIGKILL of the target {victim.node_id} mid-transfer")
+        await astart(victim)
+        await wait_drained(n1, remaining, timeout=90)
+        code = await await_exit(n4, 30)
+        assert code == 0, f"n4 (left) exit code {code}\n{log_tails([n4], 40)}"
+        timings["leave n4"] = trio.current_time() - began
+
+        # ---- A leave that would drop below N=3 valid nodes: refused.
+        refused = await arun_kvctl(n1, "cluster", "leave", "n3")
+        observations["below N"] = refusal(refused, "fewer than")
+        await trio.sleep(1.0)
+        writer.stop()
+    writer.check_rate()
+    print(f"\nshrinking: {timings}; {writer.summary()}\n{json.dumps(observations, default=str)}")
+
+    stayers = [n1, n2, n3]
+    for observer in stayers:
+        rows = await status_rows(observer)
+        owned = {n: r["partitions"] for n, r in rows.items()}
+        assert owned.get("n4", 0) == 0 and owned.get("n5", 0) == 0, (observer.node_id, owned)
+        assert sorted(owned.get(n, 0) for n in ("n1", "n2", "n3")) in ([341, 341, 342], [341, 342, 342]) \
+            and sum(owned.values()) == Q, (observer.node_id, owned)
+    ring = await akvctl_json(n2, "ring")
+    assert set(ring["ownership"]) == {"n1", "n2", "n3"} and ring["pending"] == [], ring["ownership"]
+    assert (await akvctl_json(n3, "transfers"))["transfers"] == []
+
+    expected = {key: value_of(key) for key in base}
+    expected.update(writer.acked)
+    bad = await read_problems(stayers, expected, r=3)
+    assert bad == [], (f"{len(bad)} of {len(expected)} keys ({len(writer.acked)} acknowledged "
+                       f"during the leaves) wrong at R=3, e.g. {bad[:5]}\n{log_tails(nodes)}")
