@@ -244,6 +244,16 @@ async def wait_mid_transfer(observer: KvdProcess, nodes: list[KvdProcess],
     return await eventually("a transfer in progress", moving, timeout, nodes, interval=0.1)
 
 
+async def wait_staged(node: KvdProcess, staged: list[str], nodes: list[KvdProcess]) -> None:
+    """Staged changes travel by gossip: wait until ``node`` sees them."""
+    async def seen():
+        async with open_client(node.address) as client:
+            doc = await client.admin({"op": "ring"})
+        return doc["staged"] == staged, doc["staged"]
+
+    await eventually(f"{node.node_id} sees {staged} staged", seen, 10, nodes)
+
+
 def assert_alive(nodes: list[KvdProcess], what: str) -> None:
     """Every node in ``nodes`` still runs (a node that exits on its own shows its log)."""
     dead = [(n.node_id, n.proc.poll()) for n in nodes if n.proc.poll() is not None]
@@ -404,6 +414,7 @@ async def test_shrinking_five_to_three_with_kills_mid_transfer(tmp_path, procs):
         began = trio.current_time()
         remaining = [n1, n2, n3, n4]
         assert (await akvctl_json(n3, "cluster", "leave", "n4"))["staged"] == "leave n4"
+        await wait_staged(n1, ["leave n4"], nodes)  # staged on n3, planned from n1
         plan = await akvctl_json(n1, "cluster", "plan")
         assert plan["staged"] == ["leave n4"]
         assert set(plan["after"]) == {"n1", "n2", "n3"}, plan["after"]
@@ -412,8 +423,9 @@ async def test_shrinking_five_to_three_with_kills_mid_transfer(tmp_path, procs):
         assert commit["committed"] == ["leave n4"]
         mid = await wait_mid_transfer(n1, remaining)
         observations["leave2 mid"] = mid
-        victim = next(n for n in (n2, n3) if any(r["to"] == n.node_id for r in
-                                                 await transfers_of(n1)))
+        targets = {r["to"] for r in await transfers_of(n1)}
+        victim = next((n for n in (n2, n3) if n.node_id in targets), None)
+        assert victim is not None, f"no pending move towards n2 or n3: {targets}"
         observations["target killed"] = victim.node_id
         victim.kill()
         await trio.sleep(1.0)
