@@ -461,3 +461,282 @@ async def test_shrinking_five_to_three_with_kills_mid_transfer(tmp_path, procs):
     bad = await read_problems(stayers, expected, r=3)
     assert bad == [], (f"{len(bad)} of {len(expected)} keys ({len(writer.acked)} acknowledged "
                        f"during the leaves) wrong at R=3, e.g. {bad[:5]}\n{log_tails(nodes)}")
+
+
+# ----------------------------------------------------------------------------- repair
+
+# Background exchanges are on but far apart, so only `kvctl repair` can have done the work
+# (and "anti_entropy = false" cannot be read as "no tombstone removal" either).
+ON_DEMAND_AAE = {"hinted_handoff": False, "anti_entropy": True, "anti_entropy_interval": 3600.0}
+
+
+async def test_repair_refills_a_replica_that_missed_a_w2_write(tmp_path, procs):
+    n1, n2, n3 = await form_cluster(tmp_path, procs, ON_DEMAND_AAE)
+    nodes = [n1, n2, n3]
+    everyone = set(NODE_IDS)
+
+    assert n3.stop() == 0
+    await wait_states([n1, n2], {"n1": "UN", "n2": "UN", "n3": "DN"}, nodes)
+    put = await akvctl_json(n1, "put", "repair-me", "the-value", "-w", "2")
+    assert put["replicas"] == 2
+    await astart(n3)
+    await wait_states(nodes, {nid: "UN" for nid in NODE_IDS}, nodes)
+    before = await akvctl_json(n2, "inspect", "repair-me")
+    assert replica_problem(before, everyone) == "absent on ['n3']", before  # hints are off
+
+    first = await repair_json(n1)
+    assert first["partitions"] == Q and first["errors"] == 0, first
+    assert first["partitions_differing"] == 1 and first["segments_differing"] == 1, first
+    assert first["keys_repaired"] == 1, first
+    after = await akvctl_json(n2, "inspect", "repair-me")
+    assert replica_problem(after, everyone) is None and after["agree"] is True, after
+    assert [r["siblings"] for r in after["replicas"]] == [1, 1, 1], after
+
+    second = await repair_json(n1)
+    assert second["segments_differing"] == 0 and second["partitions_differing"] == 0, second
+    assert second["keys_repaired"] == 0 and second["errors"] == 0, second
+    print(f"\nrepair: first {first}\nsecond {second}")
+    # Nothing but the repair touched n3's copy: no read went through the coordinators.
+    for node in nodes:
+        rows = await status_rows(node)
+        assert rows[node.node_id]["read_repairs"] == 0
+
+
+# ----------------------------------------------------------------------------- anti-entropy
+
+
+async def test_anti_entropy_converges_1000_keys_without_reads(tmp_path, procs):
+    extra = {"hinted_handoff": False, "anti_entropy": True, "anti_entropy_interval": 2.0}
+    n1, n2, n3 = await form_cluster(tmp_path, procs, extra)
+    nodes = [n1, n2, n3]
+    everyone = set(NODE_IDS)
+    keys = [key_of(i, "aae") for i in range(1000)]
+
+    assert n2.stop() == 0 and n3.stop() == 0
+    await wait_states([n1], {"n1": "UN", "n2": "DN", "n3": "DN"}, nodes)
+    await write_keys(n1, keys, w=1, replicas=1)
+    assert (await status_rows(n1))["n1"]["hints_held"] == 0
+
+    await astart(n2)
+    await astart(n3)
+    started = trio.current_time()
+    await wait_states(nodes, {nid: "UN" for nid in NODE_IDS}, nodes)
+
+    async def agreed():
+        problems = await replicas_disagreeing(n1, keys, everyone)
+        return not problems, (len(problems), dict(list(problems.items())[:3]))
+
+    await eventually("every replica of the 1,000 keys agrees", agreed, 120, nodes, interval=1.0)
+    elapsed = trio.current_time() - started
+    assert elapsed <= 120
+    assert await kvctl_inspect_sample(n2, keys[::100], everyone) == {}
+
+    # Later exchanges find nothing to do: on demand, and in the background.
+    totals_before = {n.node_id: (await status_rows(n))[n.node_id]["anti_entropy"] for n in nodes}
+    for node in nodes:
+        stats = await repair_json(node)
+        assert stats["segments_differing"] == 0 and stats["partitions_differing"] == 0, \
+            (node.node_id, stats)
+        assert stats["keys_repaired"] == 0 and stats["errors"] == 0, (node.node_id, stats)
+    await trio.sleep(2.5)  # at least one more background round
+    for node in nodes:
+        totals = (await status_rows(node))[node.node_id]["anti_entropy"]
+        assert totals["keys_repaired"] == totals_before[node.node_id]["keys_repaired"], \
+            (node.node_id, totals_before[node.node_id], totals)
+        # No client read ran, so no read repair did any of this.
+        assert (await status_rows(node))[node.node_id]["read_repairs"] == 0
+    print(f"\nanti-entropy: all replicas agreed {elapsed:.1f} s after the restart; "
+          f"totals {totals_before}")
+
+
+# ----------------------------------------------------------------------------- wiped node
+
+
+async def test_wiped_node_restores_before_serving(tmp_path, procs):
+    n1, n2, n3 = await form_cluster(tmp_path, procs)
+    nodes = [n1, n2, n3]
+    everyone = set(NODE_IDS)
+    keys = [key_of(i, "wipe") for i in range(2000)]
+    await write_keys(n1, keys, w=3, replicas=3)
+    probe = keys[:40]
+
+    assert n3.stop() == 0
+    await wait_states([n1, n2], {"n1": "UN", "n2": "UN", "n3": "DN"}, nodes)
+    shutil.rmtree(n3.data_dir)
+    n3.extra.update(transfer_rate_mb=0.02)  # a restore slow enough to be probed
+    restores_before = n3.log_text().count("restore complete")
+    await astart(n3)
+    began = trio.current_time()
+
+    seen = {"ok": 0, "refused": 0, "kvctl_ok": 0, "kvctl_refused": 0, "inspect_refused": 0,
+            "inspect_present": 0, "n3_states": set()}
+    violations: list = []
+    done = trio.Event()
+
+    def restored() -> bool:
+        return n3.log_text().count("restore complete") > restores_before
+
+    async def reads(coordinator: KvdProcess):
+        async with open_client(coordinator.address) as client:
+            i = 0
+            while not done.is_set():
+                key = probe[i % len(probe)]
+                i += 1
+                try:
+                    result = await client.get(key, r=3)
+                except KvdError as exc:
+                    if exc.exit_code == 3:
+                        seen["refused"] += 1
+                    else:
+                        violations.append((coordinator.node_id, key, repr(exc)))
+                else:
+                    if result.found and [s.value for s in result.siblings] == [value_of(key)]:
+                        seen["ok"] += 1
+                    else:
+                        violations.append((coordinator.node_id, key, result))
+                await trio.sleep(0.02)
+
+    async def inspects():
+        async with open_client(n1.address) as client:
+            i = 0
+            while not done.is_set():
+                key = probe[i % len(probe)]
+                i += 1
+                doc = await client.inspect(key)
+                mine = next(r for r in doc["replicas"] if r["node"] == "n3")
+                if mine.get("error"):
+                    seen["inspect_refused"] += 1
+                elif mine["present"] and mine["digest"] == doc["replicas"][0]["digest"]:
+                    seen["inspect_present"] += 1
+                else:
+                    violations.append(("inspect", key, mine))
+                await trio.sleep(0.05)
+
+    async def cli():
+        i = 0
+        while not done.is_set():
+            key = probe[i % len(probe)]
+            i += 1
+            out = await arun_kvctl(n3, "--json", "get", key.decode(), "-r", "3")
+            if out.returncode == 3:
+                seen["kvctl_refused"] += 1
+            elif out.returncode == 0 and [s["value"] for s in json.loads(out.stdout)["siblings"]] \
+                    == [value_of(key).decode()]:
+                seen["kvctl_ok"] += 1
+            else:
+                violations.append(("kvctl via n3", key, out.returncode, out.stdout, out.stderr))
+
+    async def watch():
+        while not restored():
+            try:
+                seen["n3_states"].add((await status_rows(n3))["n3"]["state"])
+            except KvdError:
+                pass
+            if trio.current_time() - began > 90:
+                break
+            await trio.sleep(0.3)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reads, n3)
+        nursery.start_soon(reads, n1)
+        nursery.start_soon(inspects)
+        nursery.start_soon(cli)
+        nursery.start_soon(watch)
+    restore_s = trio.current_time() - began
+    print(f"\nwiped node: restore took {restore_s:.1f} s; probes {seen}")
+    assert restored(), f"no 'restore complete' in n3's log within 90 s\n{log_tails(nodes, 40)}"
+    assert violations == [], (f"{len(violations)} answers from a restoring replica, e.g. "
+                              f"{violations[:5]}\n{log_tails(nodes)}")
+    # The probes ran while it restored: they were refused (not answered with missing data).
+    assert seen["refused"] > 0 and seen["inspect_refused"] > 0, seen
+
+    await wait_states(nodes, {nid: "UN" for nid in NODE_IDS}, nodes)
+    rest = keys[len(probe):]  # never read: only the restore can have put them back
+    missing = await replicas_disagreeing(n1, rest, everyone)
+    assert missing == {}, (f"{len(missing)} of {len(rest)} keys not back on n3 after the restore, "
+                           f"e.g. {list(missing.items())[:5]}\n{log_tails(nodes)}")
+    assert await kvctl_inspect_sample(n2, rest[::200], everyone) == {}
+    bad = await read_problems([n3], {k: value_of(k) for k in keys}, r=3)
+    assert bad == [], bad[:5]
+
+
+# ----------------------------------------------------------------------------- deletes
+
+
+GRACE = 12.0
+
+
+async def test_deletes_with_a_replica_away_never_come_back(tmp_path, procs):
+    extra = {**ON_DEMAND_AAE, "tombstone_grace": GRACE}
+    n1, n2, n3 = await form_cluster(tmp_path, procs, extra)
+    nodes = [n1, n2, n3]
+    everyone = set(NODE_IDS)
+    keys = [key_of(i, "del") for i in range(500)]
+    await write_keys(n1, keys, w=3, replicas=3)
+
+    sigstop(n3)  # partitioned away: alive but silent
+    await wait_states([n1, n2], {"n1": "UN", "n2": "UN", "n3": "DN"}, nodes)
+    deleted_from = time.time()
+
+    async def delete(client, key):
+        got = await client.get(key, r=2)
+        assert got.found, key
+        result = await client.delete(key, context=got.context, w=2)
+        assert result.replicas == 2, (key, result)
+
+    await for_each(n1.address, keys, delete)
+    deleted_until = time.time()
+    assert await not_found_problems([n1, n2], keys, r=2) == []
+
+    # n3 down, before the grace: nothing purged.
+    stats = await repair_json(n1)
+    assert stats["tombstones_purged"] == 0, stats
+
+    # Heal: the tombstones reach n3, none of the 500 values comes back.
+    sigcont(n3)
+    await wait_states(nodes, {nid: "UN" for nid in NODE_IDS}, nodes)
+    synced = await repair_json(n1)
+    assert synced["keys_repaired"] == 500 and synced["errors"] == 0, synced
+    # Every replica holds every tombstone now, but the grace has not passed: kept.
+    in_sync = await repair_json(n1)
+    checked_at = time.time()
+    assert checked_at < deleted_from + GRACE, (
+        f"the grace check came {checked_at - deleted_from:.1f} s after the deletes: raise GRACE")
+    assert in_sync["segments_differing"] == 0 and in_sync["tombstones_purged"] == 0, in_sync
+    assert synced["tombstones_purged"] == 0, synced
+    assert await not_found_problems(nodes, keys, r=3) == []
+
+    # Grace over, but n3 is away: still nothing purged (on any node that is asked).
+    sigstop(n3)
+    await wait_states([n1, n2], {"n1": "UN", "n2": "UN", "n3": "DN"}, nodes)
+    await trio.sleep(max(0.0, deleted_until + GRACE + 1.0 - time.time()))
+    for node in (n1, n2):
+        stats = await repair_json(node)
+        assert stats["tombstones_purged"] == 0, (node.node_id, stats)
+
+    # n3 back, grace over, every replica holds them: purged, everywhere.
+    sigcont(n3)
+    await wait_states(nodes, {nid: "UN" for nid in NODE_IDS}, nodes)
+    purged = await repair_json(n1)
+    assert purged["tombstones_purged"] == 500 and purged["keys_repaired"] == 0, purged
+    problems: dict = {}
+
+    async def gone(client, key):
+        doc = await client.inspect(key)
+        if {r["node"] for r in doc["replicas"]} != everyone or any(
+                r["present"] or r.get("error") for r in doc["replicas"]):
+            problems[key] = doc["replicas"]
+
+    await for_each(n2.address, keys, gone, 16)
+    assert problems == {}, (f"{len(problems)} keys still held after the purge, e.g. "
+                            f"{list(problems.items())[:3]}")
+    sample = await akvctl_json(n3, "inspect", keys[0].decode())
+    assert [r["present"] for r in sample["replicas"]] == [False, False, False], sample
+    # ...and nothing came back: reads say not found, kvctl exits 1, later repairs are idle.
+    assert await not_found_problems(nodes, keys, r=3) == []
+    out = await arun_kvctl(n2, "get", keys[-1].decode(), "-r", "3")
+    assert out.returncode == 1 and "not found" in out.stderr.decode(), out
+    after = await repair_json(n2)
+    assert after["segments_differing"] == 0 and after["keys_repaired"] == 0, after
+    print(f"\ndeletes: synced {synced}\npurged {purged}")
