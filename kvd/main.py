@@ -140,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("ignoring environment variable %s: it matches no config key", var)
 
     try:
+        from kvd.systemd import set_reload_source  # SIGHUP re-reads the same sources
+
+        set_reload_source(args.config, overrides_from_args(args))
         _serve(config)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

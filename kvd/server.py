@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from kvd import versions
+from kvd import systemd, versions
 from kvd.config import Config, parse_address
 from kvd.errors import (
     BadRequest,
@@ -32,6 +32,7 @@ from kvd.errors import (
     Unavailable,
     unwrap_single_error,
 )
+from kvd.metrics import NodeMetrics
 from kvd.net.connection import FrameConnection
 from kvd.node import admin
 from kvd.node.antientropy import AntiEntropy
@@ -167,6 +168,9 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         store = LocalStore(storage, blobs, config.ring_size)
         await store.sweep()
         async with trio.open_nursery() as nursery:
+            metrics = NodeMetrics(config)  # /health and /ready answer while the ring loads
+            if config.metrics_listen:
+                await nursery.start(metrics.serve, config.metrics_listen)
             local = LocalReplica(identity.node, identity.actor, store)
             cluster = Cluster(config, identity, storage, store, local, nursery)
             await cluster.load()
@@ -180,6 +184,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             node = Node(config, storage, identity, store, coordinator, cluster,
                         AntiEntropy(cluster, store, config))
             node.idle.set()
+            metrics.attach(node)
             security = Security.from_config(config)  # secret, tokens, TLS: checked here
             cluster.peers.security = security
             listeners = []
@@ -204,8 +209,12 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             port = listeners[-1].socket.getsockname()[1]
             nursery.start_soon(cluster.run)
             nursery.start_soon(node.aae.run)
+            notifier = systemd.notifier()
+            nursery.start_soon(notifier.run_watchdog)
+            nursery.start_soon(notifier.run_status, metrics.describe)
             log.info("node %s serving clients on %s, peers on %s", identity.node, config.listen,
                      config.peer_listen)
+            notifier.ready(metrics.describe())  # listeners accept and the ring is loaded
             task_status.started((port, node))
             try:
                 await trio.sleep_forever()
@@ -236,7 +245,9 @@ async def run(config: Config) -> None:
 
             nursery.start_soon(on_signal)
             nursery.start_soon(on_left)
+            nursery.start_soon(systemd.reload_on_sighup, node)
             await stop.wait()
+            systemd.notifier().stopping()
             node.draining = True
             with trio.move_on_after(config.request_timeout + 5):
                 await node.wait_idle()

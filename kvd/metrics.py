@@ -1,0 +1,390 @@
+"""Observability: Prometheus metrics, /health and /ready on ``metrics_listen``.
+
+A small HTTP/1.1 server (one request per connection, GET and HEAD only) serves:
+
+- ``/metrics``: the Prometheus text exposition format, produced by prometheus_client from a
+  registry of this node's own (several nodes can run in one test process).
+- ``/health``: 200 while the process runs its event loop (liveness).
+- ``/ready``: 200 once the node has loaded its ring and every partition it replicates has at
+  least max(R, W) reachable replicas (capped by the cluster size, as requests are); 503 with
+  the reason otherwise: ring not loaded yet, restoring after a wipe, shutting down, or
+  partitions without a reachable quorum. Load balancers and orchestration use it.
+
+Where the numbers come from (rules this module keeps):
+
+1. Request latency and outcome are measured around the coordinator's ``get``/``put``
+   (``instrument``), so the request handlers stay as they are: the histogram is the time to
+   reach R or W replicas, without the time to stream a large value to the client.
+2. Everything else is read from the node's own state at scrape time (``Counters``, the
+   coordinator's read repairs, the cluster's hints and transfers, anti-entropy totals,
+   storage sizes), so no other module has to know metrics exist.
+3. Label values are bounded: outcomes are a fixed set, hint targets are cluster members.
+4. The endpoint never blocks the event loop on the disk: the blob directory walk runs in a
+   worker thread and is cached for ``SIZE_CACHE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from kvd import versions
+from kvd.config import Config, parse_address
+from kvd.errors import ConfigError, KvdError
+
+__all__ = ["NodeMetrics", "OUTCOMES", "unready_partitions"]
+
+log = logging.getLogger("kvd.metrics")
+
+# Request outcomes, the values of the "outcome" label: the wire error codes a client can see,
+# plus ok / not_found / cancelled. Anything else is counted as "error".
+OUTCOMES = ("ok", "not_found", "quorum", "unavailable", "bad_request", "too_many_siblings",
+            "cancelled", "error")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0)
+SIBLING_BUCKETS = (1, 2, 3, 4, 5, 10, 25, 50, 100)
+SIZE_CACHE_SECONDS = 10.0
+MAX_REQUEST_HEAD = 8192  # bytes of request line and headers accepted
+READ_TIMEOUT = 5.0  # seconds a client has to send its request
+MAX_CONNECTIONS = 32  # scrapers are few; more wait
+
+
+def unready_partitions(primaries: Callable[[int], list[str]], q: int, me: str,
+                       up: set[str], quorum: int) -> tuple[int, int]:
+    """(partitions this node replicates, how many of them have fewer than ``quorum`` replicas
+    in ``up``). ``primaries(p)`` is the preference list of partition ``p``."""
+    mine = short = 0
+    for partition in range(q):
+        replicas = primaries(partition)
+        if me not in replicas:
+            continue
+        mine += 1
+        if sum(1 for node in replicas if node in up) < quorum:
+            short += 1
+    return mine, short
+
+
+class NodeMetrics:
+    """The metrics registry of one node and the HTTP endpoint that serves it.
+
+    Created before the node exists (so ``/health`` and ``/ready`` answer while storage and
+    the ring load); ``attach(node)`` connects it once the node is built.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.node: Any = None
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Histogram(
+            "kvd_request_duration_seconds",
+            "Time for the coordinator to answer a client request (R or W replicas reached), "
+            "by operation and outcome.",
+            ["op", "outcome"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.quorum_failures = Counter(
+            "kvd_quorum_failures", "Requests answered with 'quorum not reached'.", ["op"],
+            registry=self.registry)
+        self.siblings = Histogram(
+            "kvd_siblings", "Live siblings of each object read (found) or written.", ["op"],
+            buckets=SIBLING_BUCKETS, registry=self.registry)
+        for op in ("get", "put", "delete"):
+            self.requests.labels(op, "ok")
+            self.quorum_failures.labels(op)
+        for op in ("get", "put"):
+            self.siblings.labels(op)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(_NodeCollector(self))
+        self._blob_bytes = 0
+        self._blob_bytes_at = -SIZE_CACHE_SECONDS
+
+    # ------------------------------------------------------------- wiring
+
+    def attach(self, node: Any) -> None:
+        """Start reporting on ``node`` (its ring is loaded) and time its requests."""
+        self.node = node
+        self.instrument(node.coordinator)
+
+    def instrument(self, coordinator: Any) -> None:
+        """Wrap ``coordinator.get``/``put`` on this instance with timing and outcomes."""
+        get, put = coordinator.get, coordinator.put
+        metrics = self
+
+        async def timed_get(key, n, r):
+            with metrics.observe("get") as outcome:
+                result = await get(key, n, r)
+                if result.obj is None or not versions.is_found(result.obj):
+                    outcome[0] = "not_found"
+                else:
+                    metrics.siblings.labels("get").observe(len(versions.live(result.obj)))
+                return result
+
+        async def timed_put(key, context, n, w, **kwargs):
+            op = "delete" if kwargs.get("deleted") else "put"
+            with metrics.observe(op):
+                result = await put(key, context, n, w, **kwargs)
+                if op == "put":
+                    metrics.siblings.labels("put").observe(len(versions.live(result.obj)))
+                return result
+
+        coordinator.get = timed_get
+        coordinator.put = timed_put
+
+    def observe(self, op: str) -> _Timer:
+        return _Timer(self, op)
+
+    # ------------------------------------------------------------- readiness
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, one-line reason) as /ready reports it."""
+        node = self.node
+        if node is None:
+            return False, "not ready: ring not loaded yet"
+        if node.draining:
+            return False, "not ready: shutting down"
+        cluster = node.cluster
+        if cluster.restoring:
+            return False, "not ready: restoring this node's replicas after a wipe"
+        state = cluster.state
+        members = cluster.member_count()
+        n = min(self.config.n, members)
+        quorum = min(max(self.config.r, self.config.w), n)
+        up = {m for m in state.ring.nodes() if m == node.node_id or cluster.is_up(m)}
+        mine, short = unready_partitions(lambda p: cluster.primaries(p, n), state.ring.q,
+                                         node.node_id, up, quorum)
+        if short:
+            return False, (f"not ready: {short} of {mine} partitions have fewer than {quorum} "
+                           "reachable replicas")
+        return True, (f"ready: ring version {state.ring.version}, {len(up)} of "
+                      f"{len(state.ring.nodes())} nodes up, {mine} partitions replicated here")
+
+    def describe(self) -> str:
+        """The systemd STATUS= line."""
+        ready, reason = self.readiness()
+        return f"serving clients on {self.config.listen}; {reason}"
+
+    # ------------------------------------------------------------- scraping
+
+    async def refresh(self) -> None:
+        """Update what must not be computed on the event loop (the blob directory walk)."""
+        node = self.node
+        if node is None:
+            return
+        now = trio.current_time()
+        if now - self._blob_bytes_at >= SIZE_CACHE_SECONDS:
+            self._blob_bytes_at = now
+            self._blob_bytes = await trio.to_thread.run_sync(
+                node.store.blobs.approximate_size, abandon_on_cancel=True)
+
+    async def render(self) -> bytes:
+        await self.refresh()
+        return generate_latest(self.registry)
+
+    # ------------------------------------------------------------- HTTP
+
+    async def serve(self, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve /metrics, /health and /ready on ``address`` until cancelled; reports the
+        bound port through ``task_status``."""
+        host, port = parse_address(address)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ConfigError(f"metrics_listen {address}: {exc.strerror}") from None
+        bound = listeners[0].socket.getsockname()[1]
+        log.info("metrics on http://%s/metrics", address if port else f"{host}:{bound}")
+        slots = trio.CapacityLimiter(MAX_CONNECTIONS)
+
+        async def handler(stream):
+            async with slots:
+                await self._handle(stream)
+
+        task_status.started(bound)
+        await trio.serve_listeners(handler, listeners)
+
+    async def _handle(self, stream) -> None:
+        try:
+            async with stream:
+                head = b""
+                with trio.move_on_after(READ_TIMEOUT):
+                    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+                        data = await stream.receive_some(4096)
+                        if not data:
+                            break
+                        head += data
+                        if len(head) > MAX_REQUEST_HEAD:
+                            break
+                status, ctype, body, method = await self._respond(head)
+                headers = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                           f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                           "Connection: close\r\n\r\n").encode()
+                await stream.send_all(headers + (b"" if method == "HEAD" else body))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async def _respond(self, head: bytes) -> tuple[str, str, bytes, str]:
+        text = "text/plain; charset=utf-8"
+        line = head.split(b"\n", 1)[0].decode("latin-1").strip()
+        parts = line.split()
+        if len(head) > MAX_REQUEST_HEAD:
+            return "431 Request Header Fields Too Large", text, b"request too large\n", "GET"
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return "400 Bad Request", text, b"bad request\n", "GET"
+        method, target = parts[0], parts[1]
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", text, b"only GET and HEAD\n", "GET"
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, await self.render(), method
+        if path == "/health":
+            return "200 OK", text, b"ok\n", method
+        if path == "/ready":
+            ready, reason = self.readiness()
+            status = "200 OK" if ready else "503 Service Unavailable"
+            return status, text, (reason + "\n").encode(), method
+        return "404 Not Found", text, b"not found: try /metrics, /health or /ready\n", method
+
+
+class _Timer:
+    """Context manager measuring one coordinator call; ``outcome[0]`` may be overridden."""
+
+    def __init__(self, metrics: NodeMetrics, op: str):
+        self.metrics = metrics
+        self.op = op
+        self.outcome = ["ok"]
+
+    def __enter__(self) -> list[str]:
+        self.start = time.perf_counter()
+        return self.outcome
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if exc is not None:
+            if isinstance(exc, KvdError):
+                self.outcome[0] = exc.code if exc.code in OUTCOMES else "error"
+            elif isinstance(exc, trio.Cancelled):
+                self.outcome[0] = "cancelled"
+            else:
+                self.outcome[0] = "error"
+        elapsed = time.perf_counter() - self.start
+        self.metrics.requests.labels(self.op, self.outcome[0]).observe(elapsed)
+        if self.outcome[0] == "quorum":
+            self.metrics.quorum_failures.labels(self.op).inc()
+
+
+class _NodeCollector:
+    """Reads the node's counters and state at scrape time (rule 2)."""
+
+    def __init__(self, metrics: NodeMetrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []  # names depend on whether a node is attached; skip the up-front check
+
+    def collect(self):
+        metrics = self.metrics
+        ready, _ = metrics.readiness()
+        yield _gauge("kvd_ready", "1 when /ready answers 200.", int(ready))
+        node = metrics.node
+        if node is None:
+            return
+        info = GaugeMetricFamily("kvd_info", "This node's identity.", labels=["node", "version"])
+        info.add_metric([node.node_id, _version()], 1)
+        yield info
+        c = node.counters
+        yield _counter("kvd_requests", "Client and peer requests handled.", c.requests)
+        yield _counter("kvd_request_errors", "Requests answered with an error.", c.errors)
+        yield _counter("kvd_connections", "Connections accepted.", c.connections)
+        yield _counter("kvd_connections_rejected", "Connections refused: too many open.",
+                       c.rejected_connections)
+        yield _counter("kvd_protocol_errors", "Connections closed for a protocol violation.",
+                       c.protocol_errors)
+        yield _gauge("kvd_requests_in_flight", "Requests being handled now.", node.in_flight)
+        yield _counter("kvd_read_repairs", "Replicas rewritten by read repair.",
+                       node.coordinator.read_repairs)
+
+        cluster = node.cluster
+        hints = cluster.hints_pending()
+        yield _gauge("kvd_hints_pending", "Hints this node holds for down replicas.",
+                     sum(hints.values()))
+        by_node = GaugeMetricFamily("kvd_hints_pending_by_node",
+                                    "Hints this node holds, by the node they are for.",
+                                    labels=["target"])
+        for target, count in sorted(hints.items()):
+            by_node.add_metric([target], count)
+        yield by_node
+        yield _counter("kvd_hints_delivered", "Hints handed off to their node.",
+                       cluster.hints_delivered)
+
+        progress = cluster.transfer_progress
+        fetching = progress.get("partitions_left", 0) if progress.get("state") in (
+            "running", "retrying") else 0
+        yield _gauge("kvd_transfers_in_progress",
+                     "Partitions this node is fetching for a ring change.", fetching)
+        state = cluster.state
+        yield _gauge("kvd_transfers_pending", "Partition moves of the ring not finished yet "
+                     "(cluster-wide).", len(state.pending))
+        yield _gauge("kvd_transfer_bytes", "Bytes fetched by the current transfer plan.",
+                     progress.get("bytes_done", 0))
+        yield _gauge("kvd_transfer_keys", "Keys fetched by the current transfer plan.",
+                     progress.get("keys_done", 0))
+
+        aae = node.aae.totals
+        for name, value, text in (
+            ("partitions_exchanged", aae.partitions, "Partition exchanges run."),
+            ("partitions_differing", aae.partitions_differing, "Exchanges that found a difference."),
+            ("segments_repaired", aae.segments_differing, "Hash-tree segments that differed "
+             "and were repaired."),
+            ("keys_repaired", aae.keys_repaired, "Keys repaired."),
+            ("tombstones_purged", aae.tombstones_purged, "Tombstones removed once every "
+             "replica held them."),
+            ("bytes_exchanged", aae.bytes_exchanged, "Bytes sent and received by exchanges."),
+            ("errors", aae.errors, "Exchanges that failed."),
+        ):
+            yield _counter(f"kvd_anti_entropy_{name}", "Anti-entropy: " + text, value)
+
+        size = GaugeMetricFamily("kvd_storage_bytes", "Approximate bytes on disk.",
+                                 labels=["kind"])
+        size.add_metric(["leveldb"], node.storage.approximate_size())
+        size.add_metric(["blobs"], metrics._blob_bytes)
+        yield size
+
+        ring = state.ring
+        yield _gauge("kvd_ring_version", "Version of the committed ring.", ring.version)
+        yield _gauge("kvd_ring_partitions", "Partitions of the ring (Q).", ring.q)
+        yield _gauge("kvd_partitions_owned", "Partitions this node is first owner of.",
+                     len(ring.partitions_of(node.node_id)))
+        members = GaugeMetricFamily("kvd_cluster_nodes", "Nodes of the ring by liveness, as "
+                                    "this node's failure detector sees them.", labels=["state"])
+        nodes = ring.nodes()
+        up = sum(1 for m in nodes if m == node.node_id or cluster.is_up(m))
+        members.add_metric(["up"], up)
+        members.add_metric(["down"], len(nodes) - up)
+        yield members
+
+
+def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, text, value=value)
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text, value=value)
+
+
+def _version() -> str:
+    from kvd.main import version
+
+    return version()

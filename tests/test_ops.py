@@ -1,0 +1,562 @@
+"""Issue 6, "Must show": kvd as an operated service.
+
+- sd_notify against a real AF_UNIX datagram socket: READY=1 only once the client port
+  accepts, WATCHDOG=1 at half WATCHDOG_USEC, RELOADING=1/READY=1 on SIGHUP, STOPPING=1 on
+  SIGTERM;
+- /metrics parsed by prometheus_client's own parser, every metric moving with its source;
+  /ready 503 before the ring is loaded and while a quorum is unreachable, 200 otherwise;
+- SIGHUP reload of what can be reloaded, naming what cannot;
+- logs: one line per event with a level journald understands, no secrets;
+- systemd unit (systemd-analyze verify and security), man pages (mandoc/groff lint,
+  completeness against the typer app, kvd's flags and the Config model), and the Debian
+  package built by `make deb`, extracted into a throwaway root and run.
+
+Tools come from `make ops-tools`; a test whose tool is missing is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvd import metrics as kvd_metrics
+from kvd import systemd as kvd_systemd
+from kvd.client import SyncClient, open_client
+from kvd.config import Config
+from kvd.errors import QuorumFailed, Unavailable
+from tests.procs import ROOT, KvdProcess, free_port, wait_port
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class OpsNode(KvdProcess):
+    """A kvd process with a metrics port and extra environment (NOTIFY_SOCKET, ...)."""
+
+    def __init__(self, data_dir: Path, env: dict | None = None, **kwargs):
+        super().__init__(data_dir, **kwargs)
+        self.metrics_port = free_port()
+        self.env = dict(env or {})
+
+    def start(self, wait: bool = True) -> "OpsNode":
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        config = self.write_config()
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("KVD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
+                                                          "WATCHDOG_PID", "JOURNAL_STREAM")}
+        env.update({"PYTHONUNBUFFERED": "1",
+                    "KVD_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}", **self.env})
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvd.main", "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        log.close()
+        if wait:
+            wait_port(self.port, proc=self.proc)
+        return self
+
+    def http(self, path: str) -> tuple[int, str]:
+        return http_get(self.metrics_port, path)
+
+    def scrape(self) -> dict:
+        status, text = self.http("/metrics")
+        assert status == 200, text
+        return samples(text)
+
+
+def http_get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(text: str) -> dict:
+    """{(sample name, sorted label items): value}, parsed by prometheus_client itself."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(scraped: dict, name: str, **labels) -> float:
+    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for(what: str, check, timeout: float = 20.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        ok, last = check()
+        if ok:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
+
+
+@pytest.fixture
+def nodes():
+    """Every process a test starts; SIGKILLed at teardown whatever happened."""
+    started: list[OpsNode] = []
+    yield started
+    for node in started:
+        try:
+            node.kill()
+        except Exception:  # noqa: BLE001 - keep killing the others
+            pass
+
+
+# ----------------------------------------------------------------------------- sd_notify
+
+
+class NotifySocket:
+    """The receiving end systemd would hold: an AF_UNIX datagram socket."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[tuple[float, str]] = []
+
+    def receive(self, timeout: float) -> str | None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            return None
+        self.messages.append((time.monotonic(), data.decode()))
+        return data.decode()
+
+    def wait(self, field: str, timeout: float = 20.0) -> tuple[float, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.receive(max(0.01, deadline - time.monotonic()))
+            if message is not None and field in message.split("\n"):
+                return self.messages[-1]
+        raise AssertionError(f"no {field} within {timeout}s; got {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def port_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_notify_ready_after_port_accepts_then_watchdog_reload_and_stopping(tmp_path, nodes):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    watchdog_usec = 400_000  # pings expected every 0.2 s
+    node = OpsNode(tmp_path / "n1" / "data", env={
+        "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(watchdog_usec)})
+    nodes.append(node)
+    node.start(wait=False)
+    try:
+        # The first READY=1 must find the client port open: kvd is frozen (SIGSTOP) the
+        # moment it arrives, so a READY sent before listen() would meet a refused connect.
+        _, ready = notify.wait("READY=1")
+        node.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert port_accepts(node.port), "READY=1 sent before the client port accepts"
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+        fields = dict(line.split("=", 1) for line in ready.split("\n"))
+        assert fields["MAINPID"] == str(node.proc.pid)
+        assert fields["STATUS"].startswith(f"serving clients on {node.address}; ready")
+        assert node.http("/ready")[0] == 200
+
+        # Watchdog: a ping at least every WATCHDOG_USEC / 2 (+ scheduling slack).
+        notify.messages.clear()
+        end = time.monotonic() + 1.6
+        while time.monotonic() < end:
+            notify.receive(end - time.monotonic())
+        pings = [at for at, m in notify.messages if m == "WATCHDOG=1"]
+        assert len(pings) >= 5, notify.messages
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert max(gaps) < watchdog_usec / 1e6, gaps  # systemd would never have fired
+        assert 0.15 <= sum(gaps) / len(gaps) <= 0.3, gaps  # half the interval, not faster
+
+        # SIGHUP: RELOADING=1 (with MONOTONIC_USEC), then READY=1 again; still serving.
+        notify.messages.clear()
+        node.proc.send_signal(signal.SIGHUP)
+        _, reloading = notify.wait("RELOADING=1")
+        assert re.search(r"^MONOTONIC_USEC=\d+$", reloading, re.M), reloading
+        notify.wait("READY=1")
+        assert node.proc.poll() is None and port_accepts(node.port)
+
+        # SIGTERM: STOPPING=1, then a clean exit.
+        node.proc.send_signal(signal.SIGTERM)
+        notify.wait("STOPPING=1")
+        assert node.proc.wait(30) == 0
+    finally:
+        notify.close()
+    log = node.log_text()
+    assert "received SIGTERM: draining" in log and "stopped cleanly" in log, log
+
+
+def test_notifier_without_socket_is_a_no_op_and_handles_abstract_names(tmp_path):
+    quiet = kvd_systemd.Notifier({})
+    assert not quiet.enabled and quiet.notify("READY=1") is False
+    assert quiet.watchdog_interval is None
+    assert kvd_systemd.Notifier({"WATCHDOG_USEC": "3000000"}).watchdog_interval == 1.5
+    other_pid = kvd_systemd.Notifier({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"})
+    assert other_pid.watchdog_interval is None
+    mine = kvd_systemd.Notifier({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid())})
+    assert mine.watchdog_interval == 1.5
+
+    name = f"kvd-test-{os.getpid()}"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind("\0" + name)
+    try:
+        sender = kvd_systemd.Notifier({"NOTIFY_SOCKET": "@" + name})
+        assert sender.notify("STATUS=a\nb", "READY=1")
+        receiver.settimeout(5)
+        assert receiver.recv(100) == b"STATUS=a b\nREADY=1"  # one datagram, newline-safe
+        sender.close()
+    finally:
+        receiver.close()
+    gone = kvd_systemd.Notifier({"NOTIFY_SOCKET": str(tmp_path / "missing.sock")})
+    assert gone.notify("READY=1") is False  # logged once, never raised
+
+
+# ----------------------------------------------------------------------------- reload
+
+
+def test_sighup_reloads_log_level_and_throttles_and_names_the_rest(tmp_path, nodes):
+    node = OpsNode(tmp_path / "n1" / "data", extra={"transfer_rate_mb": 50.0,
+                                                            "idle_timeout": 0.3})
+    nodes.append(node)
+    node.start()
+    config = node.data_dir.parent / "n1.toml"
+    base = config.read_text()
+
+    def hup_and_wait(marker: str, count: int = 1) -> str:
+        node.proc.send_signal(signal.SIGHUP)
+        return wait_for(marker, lambda: (node.log_text().count(marker) >= count,
+                                         node.log_text()))
+
+    config.write_text(base.replace("transfer_rate_mb = 50.0", "transfer_rate_mb = 5.5")
+                      + 'log_level = "debug"\nn = 5\nhint_window = 60.0\n')
+    log = hup_and_wait("reloaded:")
+    reloaded = next(line for line in log.splitlines() if "reloaded:" in line)
+    assert reloaded.startswith("INFO kvd.systemd: reloaded: "), reloaded
+    for change in ("log_level = 'debug'", "transfer_rate_mb = 5.5", "hint_window = 60.0"):
+        assert change in reloaded, reloaded
+    assert "WARNING kvd.systemd: reload: not applied, restart kvd to change: n" in log, log
+    # log_level took effect: debug lines now appear (an idle connection being closed).
+    async def idle_connection():
+        async with open_client(node.address) as client:
+            await client.status()
+            await trio.sleep(1.0)
+
+    try:
+        trio.run(idle_connection)
+    except Exception:  # noqa: BLE001 - the server closing it first is the point
+        pass
+    wait_for("a DEBUG line", lambda: ("DEBUG " in node.log_text(), node.log_text()[-500:]))
+
+    config.write_text(base + "n = [\n")  # broken TOML: nothing changes, still serving
+    log = hup_and_wait("reload failed, nothing changed")
+    assert "invalid TOML" in log, log
+    assert node.proc.poll() is None
+    assert SyncClient(node.address).put(b"k", b"v").replicas == 1
+    assert node.stop() == 0
+
+
+def test_apply_reload_changes_only_reloadable_keys():
+    node = SimpleNamespace(config=Config(data_dir=":memory:"), coordinator=FakeCoordinator())
+    new = Config(data_dir=":memory:", read_repair=False, transfer_limit=7, r=1,
+                 listen="127.0.0.1:9999")
+    applied, refused = kvd_systemd.apply_reload(node, new)
+    assert applied == {"transfer_limit": 7, "read_repair": False}
+    assert refused == ["listen", "r"]
+    assert node.config.transfer_limit == 7 and node.coordinator.read_repair is False
+    assert node.config.r == 2 and node.config.listen == "127.0.0.1:7379"
+    for key in kvd_systemd.RELOADABLE:
+        assert key in Config.model_fields, key
+
+
+# ----------------------------------------------------------------------------- logs
+
+LOG_LINE = re.compile(r"^<([0-7])>(DEBUG|INFO|WARNING|ERROR|CRITICAL) kvd[\w.]*: \S.*$")
+PRIORITY = {"DEBUG": "7", "INFO": "6", "WARNING": "4", "ERROR": "3", "CRITICAL": "2"}
+
+
+def test_logs_one_line_per_event_with_journald_priorities_and_no_secrets(tmp_path, nodes):
+    secret = "s3cr3t-cluster-value-7a1b9c2d4e"
+    token = "tok-1234567890abcdef-app"
+    secret_file = tmp_path / "cluster.secret"
+    secret_file.write_text(secret)
+    secret_file.chmod(0o600)
+    tokens_file = tmp_path / "tokens.toml"
+    tokens_file.write_text(f'[tokens]\napp = {{ token = "{token}", role = "admin" }}\n')
+    tokens_file.chmod(0o600)
+    node = OpsNode(tmp_path / "n1" / "data", env={"JOURNAL_STREAM": "8:12345"},
+                   extra={"log_level": "debug", "cluster_secret_file": str(secret_file),
+                          "client_tokens_file": str(tokens_file)})
+    nodes.append(node)
+    node.start()
+    SyncClient(node.address, token=token).put(b"k", b"v")
+    with pytest.raises(Exception):
+        SyncClient(node.address, token="wrong-token-but-long-enough").get(b"k")
+    node.proc.send_signal(signal.SIGHUP)
+    wait_for("reload", lambda: ("reloaded" in node.log_text(), node.log_text()))
+    assert node.stop() == 0
+    lines = node.log_text().splitlines()
+    assert len(lines) >= 5, lines
+    for line in lines:
+        match = LOG_LINE.match(line)
+        assert match, f"not a journald line: {line!r}"
+        assert PRIORITY[match.group(2)] == match.group(1), line
+        assert secret not in line and token not in line, line
+    text = "\n".join(lines)
+    assert "<6>INFO kvd.server: received SIGTERM: draining" in text
+    assert "<4>WARNING kvd.security: refused client connection from 127.0.0.1" in text, text
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_parse_and_move_with_requests(tmp_path, nodes):
+    node = OpsNode(tmp_path / "n1" / "data")
+    nodes.append(node)
+    node.start()
+    assert node.http("/health") == (200, "ok\n")
+    assert node.http("/nope")[0] == 404
+    assert http_get(node.metrics_port, "/metrics", method="HEAD") == (200, "")
+    before = node.scrape()
+    for name in ("kvd_request_duration_seconds_count", "kvd_quorum_failures_total"):
+        for op in ("get", "put", "delete"):
+            assert (name, (("op", op),) + ((("outcome", "ok"),) if "duration" in name else ())) \
+                in before, (name, op)
+
+    client = SyncClient(node.address)
+    for i in range(5):
+        client.put(f"k{i}".encode(), b"x" * 1000)
+    client.put(b"k0", b"concurrent")  # no context: a second sibling
+    for i in range(3):
+        assert client.get(f"k{i}".encode()).found
+    assert not client.get(b"missing").found
+    client.delete(b"k4")
+    after = node.scrape()
+
+    def moved(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("kvd_request_duration_seconds_count", op="put", outcome="ok") == 6
+    assert moved("kvd_request_duration_seconds_count", op="get", outcome="ok") == 3
+    assert moved("kvd_request_duration_seconds_count", op="get", outcome="not_found") == 1
+    assert moved("kvd_request_duration_seconds_count", op="delete", outcome="ok") == 1
+    assert moved("kvd_request_duration_seconds_sum", op="put", outcome="ok") > 0
+    assert moved("kvd_request_duration_seconds_bucket", op="put", outcome="ok", le="+Inf") == 6
+    assert moved("kvd_siblings_count", op="put") == 6
+    assert moved("kvd_siblings_sum", op="get") == 2 + 1 + 1  # k0 has two siblings
+    assert moved("kvd_siblings_bucket", op="get", le="1.0") == 2
+    assert moved("kvd_requests_total") == 11
+    assert moved("kvd_connections_total") == 11  # SyncClient: one connection per call
+    assert value(after, "kvd_storage_bytes", kind="leveldb") > 0
+    assert value(after, "kvd_ready") == 1
+    assert value(after, "kvd_ring_partitions") == 1024
+    assert value(after, "kvd_partitions_owned") == 1024
+    assert value(after, "kvd_cluster_nodes", state="up") == 1
+    assert value(after, "process_resident_memory_bytes") > 0
+    assert value(after, "kvd_info", node="n1", version=kvd_version()) == 1
+
+
+def kvd_version() -> str:
+    from kvd.main import version
+
+    return version()
+
+
+class FakeCoordinator:
+    def __init__(self):
+        self.read_repairs = 0
+        self.read_repair = True
+        self.fail: Exception | None = None
+        self.obj = None
+
+    async def get(self, key, n, r):
+        if self.fail:
+            raise self.fail
+        return SimpleNamespace(obj=self.obj, replicas=1, source=None)
+
+    async def put(self, key, context, n, w, **kwargs):
+        if self.fail:
+            raise self.fail
+        return SimpleNamespace(obj=self.obj, replicas=1)
+
+
+def fake_node(q: int = 8) -> SimpleNamespace:
+    """Every source the collector reads, as plain attributes a test can move."""
+    from kvd.node.antientropy import RepairStats
+    from kvd.ring import Ring
+    from kvd.server import Counters
+
+    ring = Ring(q=q, owners=tuple("me" if p % 2 else "peer" for p in range(q)), version=3)
+    up = {"me", "peer"}
+    cluster = SimpleNamespace(
+        state=SimpleNamespace(ring=ring, pending=[]), restoring=False, hints={},
+        hints_delivered=0, transfer_progress={"keys_done": 0, "bytes_done": 0, "state": "idle"},
+        member_count=lambda: 2, is_up=lambda m: m in up,
+        primaries=lambda p, n: [ring.owners[p], ring.owners[(p + 1) % q]][:n])
+    cluster.hints_pending = lambda: dict(cluster.hints)
+    sizes = {"leveldb": 0, "blobs": 0}
+    return SimpleNamespace(
+        node_id="me", draining=False, in_flight=0, counters=Counters(),
+        coordinator=FakeCoordinator(), cluster=cluster, up=up, sizes=sizes,
+        aae=SimpleNamespace(totals=RepairStats()),
+        storage=SimpleNamespace(approximate_size=lambda: sizes["leveldb"]),
+        store=SimpleNamespace(blobs=SimpleNamespace(approximate_size=lambda: sizes["blobs"])))
+
+
+def _pending_move():
+    return SimpleNamespace(partition=1, source="peer", target="me")
+
+
+# (metric sample, labels, how to move its source): each must change the scraped value.
+MOVES = [
+    ("kvd_requests_total", {}, lambda n: setattr(n.counters, "requests", 7)),
+    ("kvd_request_errors_total", {}, lambda n: setattr(n.counters, "errors", 2)),
+    ("kvd_connections_total", {}, lambda n: setattr(n.counters, "connections", 4)),
+    ("kvd_connections_rejected_total", {},
+     lambda n: setattr(n.counters, "rejected_connections", 1)),
+    ("kvd_protocol_errors_total", {}, lambda n: setattr(n.counters, "protocol_errors", 1)),
+    ("kvd_requests_in_flight", {}, lambda n: setattr(n, "in_flight", 3)),
+    ("kvd_read_repairs_total", {}, lambda n: setattr(n.coordinator, "read_repairs", 5)),
+    ("kvd_hints_pending", {}, lambda n: n.cluster.hints.update(peer=9)),
+    ("kvd_hints_pending_by_node", {"target": "peer"}, lambda n: n.cluster.hints.update(peer=9)),
+    ("kvd_hints_delivered_total", {}, lambda n: setattr(n.cluster, "hints_delivered", 11)),
+    ("kvd_transfers_in_progress", {}, lambda n: n.cluster.transfer_progress.update(
+        state="running", partitions_left=2)),
+    ("kvd_transfers_pending", {}, lambda n: n.cluster.state.pending.append(_pending_move())),
+    ("kvd_transfer_bytes", {}, lambda n: n.cluster.transfer_progress.update(bytes_done=100)),
+    ("kvd_transfer_keys", {}, lambda n: n.cluster.transfer_progress.update(keys_done=10)),
+    ("kvd_anti_entropy_segments_repaired_total", {},
+     lambda n: setattr(n.aae.totals, "segments_differing", 6)),
+    ("kvd_anti_entropy_keys_repaired_total", {},
+     lambda n: setattr(n.aae.totals, "keys_repaired", 6)),
+    ("kvd_anti_entropy_partitions_exchanged_total", {},
+     lambda n: setattr(n.aae.totals, "partitions", 6)),
+    ("kvd_anti_entropy_tombstones_purged_total", {},
+     lambda n: setattr(n.aae.totals, "tombstones_purged", 6)),
+    ("kvd_storage_bytes", {"kind": "leveldb"}, lambda n: n.sizes.update(leveldb=4096)),
+    ("kvd_storage_bytes", {"kind": "blobs"}, lambda n: n.sizes.update(blobs=1 << 20)),
+    ("kvd_cluster_nodes", {"state": "down"}, lambda n: n.up.discard("peer")),
+    ("kvd_ready", {}, lambda n: setattr(n, "draining", True)),
+]
+
+
+@pytest.mark.parametrize("name, labels, move", MOVES, ids=[f"{m[0]}{m[1] or ''}" for m in MOVES])
+async def test_each_metric_follows_its_source(name, labels, move):
+    metrics = kvd_metrics.NodeMetrics(Config(data_dir=":memory:", n=2, r=1, w=1))
+    node = fake_node()
+    metrics.attach(node)
+    before = value(samples((await metrics.render()).decode()), name, **labels)
+    move(node)
+    metrics._blob_bytes_at = -1e9  # the blob size is cached; a scrape 10 s later sees it
+    after = value(samples((await metrics.render()).decode()), name, **labels)
+    assert after != before, (name, labels, before)
+
+
+async def test_request_outcomes_quorum_failures_and_siblings():
+    metrics = kvd_metrics.NodeMetrics(Config(data_dir=":memory:"))
+    node = fake_node()
+    metrics.attach(node)
+    coordinator = node.coordinator
+    await coordinator.get(b"k", 1, 1)  # obj None: not found
+    coordinator.fail = QuorumFailed("read quorum not reached")
+    for call in (coordinator.get(b"k", 3, 2), coordinator.put(b"k", None, 3, 2, value=b"v"),
+                 coordinator.put(b"k", None, 3, 2, deleted=True)):
+        with pytest.raises(QuorumFailed):
+            await call
+    coordinator.fail = Unavailable("shutting down")
+    with pytest.raises(Unavailable):
+        await coordinator.put(b"k", None, 3, 2, value=b"v")
+    coordinator.fail = RuntimeError("a bug")
+    with pytest.raises(RuntimeError):
+        await coordinator.get(b"k", 3, 2)
+    coordinator.fail = None
+    scraped = samples((await metrics.render()).decode())
+    count = "kvd_request_duration_seconds_count"
+    assert value(scraped, count, op="get", outcome="not_found") == 1
+    assert value(scraped, count, op="get", outcome="quorum") == 1
+    assert value(scraped, count, op="put", outcome="quorum") == 1
+    assert value(scraped, count, op="delete", outcome="quorum") == 1
+    assert value(scraped, count, op="put", outcome="unavailable") == 1
+    assert value(scraped, count, op="get", outcome="error") == 1
+    for op in ("get", "put", "delete"):
+        assert value(scraped, "kvd_quorum_failures_total", op=op) == 1
+    outcomes = {dict(labels)["outcome"] for (name, labels) in scraped if name == count}
+    assert outcomes <= set(kvd_metrics.OUTCOMES)
+
+
+def test_unready_partitions_table():
+    def primaries(p):
+        return [["a", "b", "c"][(p + i) % 3] for i in range(3)]  # N=3 distinct nodes
+
+    assert kvd_metrics.unready_partitions(primaries, 8, "a", {"a", "b", "c"}, 2) == (8, 0)
+    assert kvd_metrics.unready_partitions(primaries, 8, "a", {"a", "b"}, 2) == (8, 0)
+    assert kvd_metrics.unready_partitions(primaries, 8, "a", {"a"}, 2) == (8, 8)
+    assert kvd_metrics.unready_partitions(primaries, 8, "a", {"a"}, 1) == (8, 0)
+    assert kvd_metrics.unready_partitions(lambda p: ["b", "c"], 8, "a", {"a"}, 2) == (0, 0)
+
+
+async def test_ready_is_503_until_the_ring_is_loaded_then_200(tmp_path, monkeypatch):
+    """The real serve(): its metrics endpoint answers while the ring loads (held back here
+    the way a slow disk would), and /ready turns 200 only once the node has its ring."""
+    from kvd import server
+    from kvd.node.cluster import Cluster
+
+    release = trio.Event()
+    real_load = Cluster.load
+
+    async def slow_load(self):
+        await release.wait()
+        await real_load(self)
+
+    monkeypatch.setattr(Cluster, "load", slow_load)
+    port = free_port()
+    config = Config(data_dir=":memory:", node_id="r1", listen="127.0.0.1:0",
+                    peer_listen="127.0.0.1:0", metrics_listen=f"127.0.0.1:{port}")
+
+    async def get(path):
+        return await trio.to_thread.run_sync(http_get, port, path)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve, config)
+        with trio.fail_after(20):
+            while True:
+                try:
+                    health = await get("/health")
+                    break
+                except OSError:
+                    await trio.sleep(0.02)
+        assert health == (200, "ok\n")
+        assert await get("/ready") == (503, "not ready: ring not loaded yet\n")
+        assert value(samples((await get("/metrics"))[1]), "kvd_ready") == 0
+        release.set()
+        with trio.fail_after(20):
+            while (await get("/ready"))[0] != 200:
+                await trio.sleep(0.02)
+        status, body = await get("/ready")
+        assert body.startswith("ready: ring version 1, 1 of 1 nodes up"), body
+        nursery.cancel_scope.cancel()
