@@ -697,7 +697,10 @@ async def test_deletes_with_a_replica_away_never_come_back(tmp_path, procs):
     sigcont(n3)
     await wait_states(nodes, {nid: "UN" for nid in NODE_IDS}, nodes)
     synced = await repair_json(n1)
-    assert synced["keys_repaired"] == 500 and synced["errors"] == 0, synced
+    # Each of the 500 keys differs between n1 and n3 (n2 agrees with n1). The exchange both
+    # pulls n3's dominated value and pushes the tombstone, so a key may count twice.
+    assert synced["segments_differing"] >= 1 and synced["errors"] == 0, synced
+    assert 500 <= synced["keys_repaired"] <= 1000, synced
     # Every replica holds every tombstone now, but the grace has not passed: kept.
     in_sync = await repair_json(n1)
     checked_at = time.time()
