@@ -39,6 +39,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -50,6 +51,10 @@ from kvd.errors import ConfigError, KvdError
 __all__ = ["NodeMetrics", "OUTCOMES", "unready_partitions"]
 
 log = logging.getLogger("kvd.metrics")
+
+# The text format would carry a *_created series beside every counter and histogram, doubling
+# the series a scrape stores for a start time that process_start_time_seconds already gives.
+disable_created_metrics()
 
 # Request outcomes, the values of the "outcome" label: the wire error codes a client can see,
 # plus ok / not_found / cancelled. Anything else is counted as "error".

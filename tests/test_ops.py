@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -560,3 +561,250 @@ async def test_ready_is_503_until_the_ring_is_loaded_then_200(tmp_path, monkeypa
         status, body = await get("/ready")
         assert body.startswith("ready: ring version 1, 1 of 1 nodes up"), body
         nursery.cancel_scope.cancel()
+
+
+# ----------------------------------------------------------------------------- man pages
+
+MAN = ROOT / "man"
+PAGES = ("kvd.8", "kvctl.1", "kvd.toml.5")
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed: run `make ops-tools` (as root)")
+    return path
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_man_page_is_lint_clean(page):
+    mandoc = subprocess.run([need("mandoc"), "-Tlint", str(MAN / page)], capture_output=True,
+                            text=True)
+    assert (mandoc.returncode, mandoc.stdout + mandoc.stderr) == (0, "")
+    groff = subprocess.run([need("groff"), "-man", "-ww", "-z", str(MAN / page)],
+                           capture_output=True, text=True)
+    assert (groff.returncode, groff.stdout + groff.stderr) == (0, "")
+
+
+def plain(roff: str) -> str:
+    """Roff source with the escapes that matter for searching undone."""
+    roff = re.sub(r"\\f[BIRP]|\\f\(..|\\&|\\c", "", roff)
+    return roff.replace("\\-", "-").replace("\\e", "\\").replace("\\(aq", "'")
+
+
+def sections(roff: str, macro: str) -> dict[str, str]:
+    """{heading: body} for every ``.SH`` or ``.SS`` heading (headings unquoted)."""
+    out: dict[str, str] = {}
+    heading = None
+    for line in plain(roff).splitlines():
+        if line.startswith(macro + " ") or (macro == ".SS" and line.startswith(".SH ")):
+            heading = line.split(" ", 1)[1].strip().strip('"') if line.startswith(macro) else None
+            if heading is not None:
+                out[heading] = ""
+        elif heading is not None:
+            out[heading] += line + "\n"
+    return out
+
+
+def mentions(text: str, word: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
+
+
+def missing_from_kvctl_page(roff: str) -> list[str]:
+    """kvctl commands, options and arguments that kvctl.1 does not document."""
+    import typer
+
+    from kvctl.app import app
+
+    root = typer.main.get_command(app)
+    commands = sections(roff, ".SS")
+    options = sections(roff, ".SH").get("OPTIONS", "")
+    missing = [opt for param in root.params for opt in param.opts if not mentions(options, opt)]
+    missing += [] if mentions(options, "--help") else ["--help"]
+
+    def walk(command, path):
+        subcommands = getattr(command, "commands", None)
+        if subcommands:
+            for name, sub in subcommands.items():
+                walk(sub, [*path, name])
+            return
+        name = " ".join(path)
+        heading = next((h for h in commands if h == name or h.startswith(name + " ")), None)
+        if heading is None:
+            missing.append(f"command {name!r}")
+            return
+        text = heading + "\n" + commands[heading]
+        for param in command.params:
+            if param.param_type_name == "argument":
+                if not mentions(text, param.name.upper()):
+                    missing.append(f"{name} argument {param.name.upper()}")
+            else:
+                missing.extend(f"{name} {opt}" for opt in param.opts if not mentions(text, opt))
+
+    walk(root, [])
+    return missing
+
+
+def missing_from_kvd_page(roff: str) -> list[str]:
+    """kvd flags and kvd_* metric families that kvd.8 does not document."""
+    from kvd.main import build_parser
+
+    pages = sections(roff, ".SH")
+    missing = [opt for action in build_parser()._actions for opt in action.option_strings
+               if not mentions(pages.get("OPTIONS", ""), opt)]
+    metrics = kvd_metrics.NodeMetrics(Config(data_dir=":memory:"))
+    metrics.attach(fake_node())
+    exposed = trio.run(metrics.render).decode()
+    names = {f.name for f in text_string_to_metric_families(exposed) if f.name.startswith("kvd_")}
+    observability = pages.get("OBSERVABILITY", "")
+    missing += [name for name in sorted(names) if name not in observability]
+    return missing
+
+
+def missing_from_config_page(roff: str) -> list[str]:
+    """Config keys that kvd.toml.5 does not document with their default."""
+    keys = sections(roff, ".SH").get("KEYS", "")
+    missing = []
+    for key in Config.model_fields:
+        entry = re.search(rf"^\.TP\n\.B {key}\n(.*?)(?=^\.TP|^\.SS|\Z)", keys, re.M | re.S)
+        if entry is None or "default" not in entry.group(1) or f"KVD_{key.upper()}" \
+                not in entry.group(1):
+            missing.append(key)
+    return missing
+
+
+def test_kvctl_page_documents_every_command_and_option():
+    roff = (MAN / "kvctl.1").read_text()
+    assert missing_from_kvctl_page(roff) == []
+    # The check can fail: drop a command's section, then one option line of another.
+    without_command = re.sub(r"^\.SS \"?cluster force.*?(?=^\.SS)", "", roff, flags=re.M | re.S)
+    assert missing_from_kvctl_page(without_command) == ["command 'cluster force-remove'"]
+    without_option = roff.replace(".BI \\-\\-value\\-size \" BYTES\"\n", "")
+    assert missing_from_kvctl_page(without_option) == ["bench --value-size"]
+    without_global = roff.replace(".BI \\-\\-token\\-file \" FILE\"\n", "")
+    assert missing_from_kvctl_page(without_global) == ["--token-file"]
+
+
+def test_kvd_page_documents_every_flag_and_metric():
+    roff = (MAN / "kvd.8").read_text()
+    assert missing_from_kvd_page(roff) == []
+    assert missing_from_kvd_page(roff.replace(".BI \\-\\-data\\-dir \" DIR\"\n", "")) == \
+        ["--data-dir"]
+    assert missing_from_kvd_page(roff.replace("kvd_hints_delivered_total", "")) == \
+        ["kvd_hints_delivered"]
+
+
+def test_config_page_documents_every_key_and_is_generated():
+    roff = (MAN / "kvd.toml.5").read_text()
+    assert missing_from_config_page(roff) == []
+    assert missing_from_config_page(roff.replace(".B tombstone_grace\n", ".B x\n")) == \
+        ["tombstone_grace"]
+    sys.path.insert(0, str(MAN))
+    try:
+        import mkconfig
+    finally:
+        sys.path.remove(str(MAN))
+    assert mkconfig.render() == roff, "man/kvd.toml.5 is stale: run `make man`"
+    assert mkconfig.RELOADABLE == set(kvd_systemd.RELOADABLE)
+
+
+# ----------------------------------------------------------------------------- systemd unit
+
+UNIT = ROOT / "systemd" / "kvd.service"
+SYSUSERS = ROOT / "systemd" / "kvd.sysusers"
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, val = line.partition("=")
+            settings.setdefault(key.strip(), []).append(val.strip())
+    return settings
+
+
+def man_tree(root: Path) -> Path:
+    """A MANPATH holding this repository's pages, for Documentation=man:... checks."""
+    for page in PAGES:
+        section = root / f"man{page.rsplit('.', 1)[1]}"
+        section.mkdir(parents=True, exist_ok=True)
+        (section / page).write_text((MAN / page).read_text())
+    return root
+
+
+def unit_for_tests(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointed at this checkout's kvd, which exists here."""
+    kvd = Path(sys.executable).with_name("kvd")
+    assert kvd.exists(), kvd
+    text = UNIT.read_text().replace("ExecStart=/usr/bin/kvd ", f"ExecStart={kvd} ")
+    assert f"ExecStart={kvd} " in text
+    unit = tmp_path / "kvd.service"
+    unit.write_text(text)
+    return unit
+
+
+def test_unit_verifies_with_its_man_pages(tmp_path):
+    analyze = need("systemd-analyze")
+    need("man")
+    env = {**os.environ, "MANPATH": str(man_tree(tmp_path / "man"))}
+    result = subprocess.run([analyze, "verify", str(unit_for_tests(tmp_path))],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    # The check can fail: a page the unit names but nobody installed.
+    (tmp_path / "man" / "man8" / "kvd.8").unlink()
+    broken = subprocess.run([analyze, "verify", str(unit_for_tests(tmp_path))],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert broken.returncode != 0 and "man kvd(8)" in broken.stderr, broken
+
+
+def security_exposure(unit: Path) -> tuple[float, str]:
+    result = subprocess.run([need("systemd-analyze"), "security", "--offline=true",
+                             "--no-pager", str(unit)], capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for kvd\.service: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    return float(found.group(1)), result.stdout
+
+
+def test_unit_hardening_scores_at_most_2(tmp_path):
+    score, report = security_exposure(unit_for_tests(tmp_path))
+    assert score <= 2.0, report
+    print(f"systemd-analyze security: {score}")
+    # The score can fail: the same unit without its hardening section is far above 2.0.
+    text = UNIT.read_text()
+    bare = tmp_path / "bare" / "kvd.service"
+    bare.parent.mkdir()
+    bare.write_text(text[:text.index("# Hardening")] + text[text.index("[Install]"):])
+    assert security_exposure(bare)[0] > 5.0
+
+
+def test_unit_runs_kvd_as_a_notify_service_with_state_and_limits():
+    settings = unit_settings(UNIT.read_text())
+    expected = {
+        "Type": ["notify"], "NotifyAccess": ["main"], "User": ["kvd"], "Group": ["kvd"],
+        "StateDirectory": ["kvd"], "ExecStart": ["/usr/bin/kvd --config /etc/kvd/kvd.toml"],
+        "ExecReload": ["/bin/kill -HUP $MAINPID"], "NoNewPrivileges": ["yes"],
+        "ProtectSystem": ["strict"], "PrivateTmp": ["yes"],
+        "RestrictAddressFamilies": ["AF_INET AF_INET6 AF_UNIX"],
+        "SystemCallFilter": ["@system-service", "~@privileged @resources"],
+    }
+    for key, values in expected.items():
+        assert settings.get(key) == values, (key, settings.get(key))
+    assert int(settings["LimitNOFILE"][0]) >= 65536
+    watchdog = settings["WatchdogSec"][0]
+    assert re.fullmatch(r"\d+s", watchdog) and int(watchdog[:-1]) >= 10
+    # The packaged config keeps its data where StateDirectory= makes a writable directory.
+    packaged = (ROOT / "packaging" / "kvd.toml").read_text()
+    assert re.search(r'^data_dir = "/var/lib/kvd"$', packaged, re.M)
+
+
+def test_sysusers_creates_the_kvd_account(tmp_path):
+    sysusers = need("systemd-sysusers")
+    (tmp_path / "etc").mkdir()
+    result = subprocess.run([sysusers, f"--root={tmp_path}", str(SYSUSERS)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    passwd = (tmp_path / "etc" / "passwd").read_text()
+    entry = next(line for line in passwd.splitlines() if line.startswith("kvd:"))
+    _, _, uid, gid, _, home, shell = entry.split(":")
+    assert int(uid) < 1000 and home == "/var/lib/kvd" and shell.endswith("nologin"), entry
+    assert re.search(rf"^kvd:x:{gid}:", (tmp_path / "etc" / "group").read_text(), re.M)
