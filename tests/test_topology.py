@@ -30,7 +30,7 @@ import pytest
 import trio
 
 from kvd.client import open_client
-from kvd.errors import KvdError
+from kvd.errors import ConnectFailed, KvdError
 from tests.procs import KvdProcess, wait_port
 from tests.test_cluster import (  # noqa: F401 - procs is a fixture
     GOSSIP,
@@ -565,7 +565,6 @@ async def test_wiped_node_restores_before_serving(tmp_path, procs):
     shutil.rmtree(n3.data_dir)
     n3.extra.update(transfer_rate_mb=0.02)  # a restore slow enough to be probed
     restores_before = n3.log_text().count("restore complete")
-    await astart(n3)
     began = trio.current_time()
 
     seen = {"ok": 0, "refused": 0, "kvctl_ok": 0, "kvctl_refused": 0, "inspect_refused": 0,
@@ -577,24 +576,35 @@ async def test_wiped_node_restores_before_serving(tmp_path, procs):
         return n3.log_text().count("restore complete") > restores_before
 
     async def reads(coordinator: KvdProcess):
-        async with open_client(coordinator.address) as client:
-            i = 0
-            while not done.is_set():
-                key = probe[i % len(probe)]
-                i += 1
-                try:
-                    result = await client.get(key, r=3)
-                except KvdError as exc:
-                    if exc.exit_code == 3:
-                        seen["refused"] += 1
-                    else:
-                        violations.append((coordinator.node_id, key, repr(exc)))
+        # Started before n3 is: the first read reaches it as soon as it accepts connections.
+        while True:
+            try:
+                async with open_client(coordinator.address, connect_timeout=1) as client:
+                    await read_loop(coordinator, client)
+                    return
+            except ConnectFailed:
+                if done.is_set():
+                    return
+                await trio.sleep(0.005)
+
+    async def read_loop(coordinator: KvdProcess, client):
+        i = 0
+        while not done.is_set():
+            key = probe[i % len(probe)]
+            i += 1
+            try:
+                result = await client.get(key, r=3)
+            except KvdError as exc:
+                if exc.exit_code == 3:
+                    seen["refused"] += 1
                 else:
-                    if result.found and [s.value for s in result.siblings] == [value_of(key)]:
-                        seen["ok"] += 1
-                    else:
-                        violations.append((coordinator.node_id, key, result))
-                await trio.sleep(0.02)
+                    violations.append((coordinator.node_id, key, repr(exc)))
+            else:
+                if result.found and [s.value for s in result.siblings] == [value_of(key)]:
+                    seen["ok"] += 1
+                else:
+                    violations.append((coordinator.node_id, key, result))
+            await trio.sleep(0.02)
 
     async def inspects():
         async with open_client(n1.address) as client:
@@ -639,6 +649,7 @@ async def test_wiped_node_restores_before_serving(tmp_path, procs):
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reads, n3)
+        await astart(n3)
         nursery.start_soon(reads, n1)
         nursery.start_soon(inspects)
         nursery.start_soon(cli)
@@ -742,4 +753,5 @@ async def test_deletes_with_a_replica_away_never_come_back(tmp_path, procs):
     assert out.returncode == 1 and "not found" in out.stderr.decode(), out
     after = await repair_json(n2)
     assert after["segments_differing"] == 0 and after["keys_repaired"] == 0, after
-    print(f"\ndeletes: synced {synced}\npurged {purged}")
+    print(f"\ndeletes: grace check {checked_at - deleted_from:.1f} s after the first delete "
+          f"(grace {GRACE} s); synced {synced}\npurged {purged}")
