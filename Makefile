@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo demo-stop test test-fast bench fuzz clean
+.PHONY: venv demo demo-stop test test-fast bench fuzz clean deb man ops-tools
 
 venv: $(STAMP)
 
@@ -20,7 +20,7 @@ demo: venv
 demo-stop:
 	$(BIN)/python scripts/demo.py --stop
 
-test: venv
+test: venv ops-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 test-fast: venv
@@ -33,6 +33,33 @@ fuzz: venv
 	$(BIN)/pip install --quiet 'atheris>=2.3,<4'
 	$(BIN)/python fuzz/fuzz_codec.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 		-artifact_prefix=.fuzz/ .fuzz/corpus
+
+# Operations (issue 6). `make deb`: the Debian package in build/deb (packaging/build-deb.sh).
+# `make man`: regenerate kvd.toml(5) from kvd/config.py. `make ops-tools`: the Debian tools
+# the ops tests use; cheap when they are present, installs what is missing when root.
+OPS_TOOLS := mandoc:mandoc groff:groff-base man:man-db systemd-analyze:systemd \
+	systemd-sysusers:systemd dpkg-deb:dpkg unshare:util-linux python3.11:python3.11 \
+	/usr/lib/python3/dist-packages/seccomp.cpython-311-x86_64-linux-gnu.so:python3-seccomp
+DEB_DIR ?= build/deb
+
+deb: venv
+	packaging/build-deb.sh $(DEB_DIR)
+
+man: venv
+	$(BIN)/python man/mkconfig.py > man/kvd.toml.5
+
+ops-tools:
+	@missing=""; for t in $(OPS_TOOLS); do \
+		command -v $${t%%:*} >/dev/null 2>&1 || test -e $${t%%:*} || missing="$$missing $${t#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "ops-tools: missing$$missing (as root: make ops-tools); their tests will skip"; exit 0; fi; \
+	echo "ops-tools: installing$$missing"; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing \
+		|| { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; } \
+		|| echo "ops-tools: could not install$$missing; their tests will skip"
 
 bench: venv
 	$(BIN)/python benchmarks/run.py

@@ -808,3 +808,234 @@ def test_sysusers_creates_the_kvd_account(tmp_path):
     _, _, uid, gid, _, home, shell = entry.split(":")
     assert int(uid) < 1000 and home == "/var/lib/kvd" and shell.endswith("nologin"), entry
     assert re.search(rf"^kvd:x:{gid}:", (tmp_path / "etc" / "group").read_text(), re.M)
+
+
+# ----------------------------------------------------------------------------- Debian package
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory) -> Path:
+    """`make deb` once for the module, into a temporary directory."""
+    for tool in ("dpkg-deb", "make"):
+        need(tool)
+    if not Path("/usr/bin/python3.11").exists():
+        pytest.skip("/usr/bin/python3.11 is missing: run `make ops-tools` (as root)")
+    out = tmp_path_factory.mktemp("deb")
+    started = time.monotonic()
+    result = subprocess.run(["make", "--no-print-directory", "deb", f"DEB_DIR={out}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    built = sorted(out.glob("kvd_*.deb"))
+    assert len(built) == 1, (list(out.iterdir()), result.stdout)
+    print(f"make deb: {built[0].stat().st_size / 2**20:.1f} MiB in "
+          f"{time.monotonic() - started:.0f} s")
+    return built[0]
+
+
+def project_version() -> str:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_deb_control_and_contents_are_complete(deb, tmp_path):
+    info = subprocess.run(["dpkg-deb", "-I", str(deb)], capture_output=True, text=True,
+                          check=True).stdout
+    fields = dict(re.findall(r"^ ([A-Z][\w-]+): (.*)$", info, re.M))
+    assert fields["Package"] == "kvd"
+    assert fields["Version"] == project_version() + "-1"
+    assert fields["Architecture"] == subprocess.run(
+        ["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
+    assert "python3.11" in fields["Depends"] and int(fields["Installed-Size"]) > 1000
+    for script in ("postinst", "prerm", "postrm"):
+        assert re.search(rf"^\s+\d+ bytes,\s+\d+ lines\s+\*\s+{script}\s+#!/bin/sh$", info, re.M), \
+            (script, info)
+    control = tmp_path / "control"
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
+    assert (control / "conffiles").read_text().split() == ["/etc/kvd/kvd.toml"]
+    for script in ("postinst", "prerm", "postrm"):
+        assert subprocess.run(["sh", "-n", str(control / script)]).returncode == 0, script
+
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True,
+                             check=True).stdout
+    entries = {}
+    for line in listing.splitlines():
+        mode, _owner, _size, _date, _time, rest = line.split(None, 5)
+        path, _, target = rest.partition(" -> ")
+        entries[path.removeprefix(".")] = (mode, target)
+    site = "/opt/kvd/lib/python3.11/site-packages"
+    wanted = {
+        "/usr/bin/kvd": ("l", "/opt/kvd/bin/kvd"),
+        "/usr/bin/kvctl": ("l", "/opt/kvd/bin/kvctl"),
+        "/opt/kvd/bin/python3.11": ("l", "/usr/bin/python3.11"),
+        "/opt/kvd/bin/kvd": ("-rwxr-xr-x", ""), "/opt/kvd/bin/kvctl": ("-rwxr-xr-x", ""),
+        "/opt/kvd/pyvenv.cfg": ("-rw-r--r--", ""),
+        "/etc/kvd/kvd.toml": ("-rw-r--r--", ""),
+        "/usr/lib/systemd/system/kvd.service": ("-rw-r--r--", ""),
+        "/usr/lib/sysusers.d/kvd.conf": ("-rw-r--r--", ""),
+        "/usr/share/man/man8/kvd.8.gz": ("-rw-r--r--", ""),
+        "/usr/share/man/man1/kvctl.1.gz": ("-rw-r--r--", ""),
+        "/usr/share/man/man5/kvd.toml.5.gz": ("-rw-r--r--", ""),
+        "/usr/share/bash-completion/completions/kvctl": ("-rw-r--r--", ""),
+        "/usr/share/doc/kvd/copyright": ("-rw-r--r--", ""),
+        "/usr/share/doc/kvd/changelog.Debian.gz": ("-rw-r--r--", ""),
+        f"{site}/kvd/server.py": ("-rw-r--r--", ""),
+        f"{site}/kvd/metrics.py": ("-rw-r--r--", ""),
+        f"{site}/kvctl/app.py": ("-rw-r--r--", ""),
+    }
+    for path, (mode, target) in wanted.items():
+        assert path in entries, f"{path} missing from the package"
+        got_mode, got_target = entries[path]
+        assert got_mode.startswith(mode) and got_target == target, (path, entries[path])
+    assert all(" root/root " in line for line in listing.splitlines()), "files not owned by root"
+    # Every runtime dependency of pyproject.toml is in the venv (its dist-info directory).
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    installed = {m.group(1).lower().replace("-", "_") for m in re.finditer(
+        rf"^{re.escape(site)}/([^/]+?)-[^/-]+\.dist-info/$", "\n".join(entries), re.M)}
+    for dependency in project["dependencies"]:
+        if "python_version <" in dependency:
+            continue  # a backport for older Pythons
+        name = re.split(r"[<>=!~;\[ ]", dependency)[0].lower().replace("-", "_")
+        assert name in installed, (dependency, sorted(installed))
+    assert "kvd" in installed
+
+
+class ThrowawayRoot:
+    """The host's root file system under an overlay whose writable layer is a temporary
+    directory, entered with chroot in a private mount namespace: `dpkg -i` there runs the
+    real maintainer scripts, and nothing reaches the host. Needs root (unshare -m)."""
+
+    def __init__(self, base: Path):
+        self.upper, self.work, self.merged = base / "upper", base / "work", base / "merged"
+        for d in (self.upper, self.work, self.merged):
+            d.mkdir(parents=True)
+
+    def command(self, inner: str, user: str | None = None) -> list[str]:
+        m = self.merged
+        setup = (f"mount -t overlay overlay -o lowerdir=/,upperdir={self.upper},"
+                 f"workdir={self.work} {m} && mount -t proc proc {m}/proc && "
+                 f"mount --rbind /dev {m}/dev && mount -t tmpfs tmpfs {m}/run && ")
+        run = ["sh", "-c", inner]
+        if user:
+            run = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
+                   "--no-new-privs", *run]
+        return ["unshare", "-m", "sh", "-c", setup + 'exec chroot "$0" "$@"', str(m), *run]
+
+    def run(self, inner: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(inner), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def path(self, inside: str) -> Path:
+        return self.upper / inside.lstrip("/")
+
+    @staticmethod
+    def available() -> str | None:
+        """Why a throwaway root cannot be made here, or None."""
+        if os.geteuid() != 0:
+            return "needs root (unshare -m, mount, chroot)"
+        for tool in ("unshare", "chroot", "setpriv", "dpkg"):
+            if shutil.which(tool) is None:
+                return f"{tool} is not installed"
+        probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+        if probe.returncode != 0:
+            return f"unshare -m is not permitted here: {probe.stderr.decode().strip()}"
+        return None
+
+
+def test_deb_installs_runs_and_purges_in_a_throwaway_root(deb, tmp_path):
+    reason = ThrowawayRoot.available()
+    if reason is not None:
+        pytest.skip(f"throwaway root: {reason}; test_deb_extracted_venv_runs covers the rest")
+    root = ThrowawayRoot(tmp_path)
+    shutil.copy(deb, root.path("/kvd.deb"))  # a new directory here would mask its mode
+    installed = root.run(
+        "set -e; dpkg -i /kvd.deb; getent passwd kvd; stat -c '%U %a' /var/lib/kvd; "
+        "readlink /etc/systemd/system/multi-user.target.wants/kvd.service; "
+        "kvd --version; kvctl --version; kvd --config /etc/kvd/kvd.toml --check >/dev/null; "
+        "bash -c '. /usr/share/bash-completion/completions/kvctl; COMP_WORDS=(kvctl clu); "
+        "COMP_CWORD=1; _kvctl_completion kvctl; echo completion: ${COMPREPLY[*]}'; "
+        "man -w kvd.toml")
+    out = installed.stdout
+    assert installed.returncode == 0, out + installed.stderr
+    assert re.search(r"^kvd:x:\d+:\d+:kvd key-value store:/var/lib/kvd:/usr/sbin/nologin$",
+                     out, re.M), out
+    assert "kvd 750" in out, out
+    assert re.search(r"^(/usr)?/lib/systemd/system/kvd\.service$", out, re.M), out  # enabled
+    assert f"kvd {project_version()}" in out and f"kvctl {project_version()}" in out, out
+    assert "completion: cluster" in out, out
+    assert "/usr/share/man/man5/kvd.toml.5.gz" in out, out
+    assert root.path("/usr/bin/kvd").is_symlink()  # installed into the upper layer only
+    assert not Path("/opt/kvd").exists() or Path("/opt/kvd").stat().st_ino != \
+        root.path("/opt/kvd").stat().st_ino
+
+    # The packaged config, as the kvd user, with a temporary data dir on free ports.
+    port, peer, metrics = free_port(), free_port(), free_port()
+    log = open(tmp_path / "kvd.log", "wb")
+    daemon = subprocess.Popen(
+        root.command(f"KVD_METRICS_LISTEN=127.0.0.1:{metrics} exec /usr/bin/kvd "
+                     f"--config /etc/kvd/kvd.toml --data-dir /tmp/kvd-data "
+                     f"--listen 127.0.0.1:{port} --peer-listen 127.0.0.1:{peer}", user="kvd"),
+        stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        try:
+            wait_port(port, proc=daemon)
+        except RuntimeError as exc:
+            raise AssertionError((tmp_path / "kvd.log").read_text()) from exc
+        client = SyncClient(f"127.0.0.1:{port}")
+        assert client.put(b"packaged", b"yes").replicas == 1
+        assert client.get(b"packaged").siblings[0].value == b"yes"
+        assert http_get(metrics, "/ready")[0] == 200
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(30)
+    text = (tmp_path / "kvd.log").read_text()
+    assert code == 0, text
+    assert "stopped cleanly" in text, text
+    data = root.path("/tmp/kvd-data")
+    assert data.is_dir() and data.stat().st_uid != 0  # written by the kvd user
+
+    # Purge: package files and conffile go; a data directory with data stays, and says so.
+    (root.path("/var/lib/kvd") / "keep-me").write_text("data")
+    purged = root.run("set -e; dpkg --purge kvd; ls /opt/kvd /etc/kvd/kvd.toml 2>&1 || true; "
+                      "ls /var/lib/kvd; getent passwd kvd")
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert "kept /var/lib/kvd" in purged.stdout, purged.stdout
+    assert "cannot access '/opt/kvd': No such file" in purged.stdout, purged.stdout
+    assert "cannot access '/etc/kvd/kvd.toml': No such file" in purged.stdout, purged.stdout
+    assert "keep-me" in purged.stdout and "kvd:x:" in purged.stdout, purged.stdout
+
+
+def test_deb_extracted_venv_runs(deb, tmp_path):
+    """Without root: `dpkg-deb -x` into a directory; the venv runs through its own python
+    (its scripts' shebangs name /opt/kvd, which only exists once installed)."""
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
+    venv = tmp_path / "opt" / "kvd"
+    python = venv / "bin" / "python"
+    assert (venv / "bin" / "kvd").read_text().startswith("#!/opt/kvd/bin/python\n")
+    assert str(tmp_path) not in (venv / "pyvenv.cfg").read_text()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    for module, name in (("kvd.main", "kvd"), ("kvctl.app", "kvctl")):
+        result = subprocess.run([str(python), "-I", "-m", module, "--version"],
+                                capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+        assert result.stdout.strip() == f"{name} {project_version()}", result
+    where = subprocess.run([str(python), "-I", "-c", "import kvd, plyvel; print(kvd.__file__)"],
+                           capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert where.stdout.startswith(str(venv / "lib" / "python3.11" / "site-packages")), where
+    port = free_port()
+    config = tmp_path / "etc" / "kvd" / "kvd.toml"
+    proc = subprocess.Popen(
+        [str(python), "-I", "-m", "kvd.main", "--config", str(config), "--data-dir",
+         str(tmp_path / "data"), "--listen", f"127.0.0.1:{port}",
+         "--peer-listen", f"127.0.0.1:{free_port()}"],
+        env={**env, "KVD_METRICS_LISTEN": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=tmp_path)
+    try:
+        wait_port(port, proc=proc)
+        assert SyncClient(f"127.0.0.1:{port}").put(b"k", b"v").replicas == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        proc.stdout.close()
