@@ -457,6 +457,39 @@ async def test_shrinking_five_to_three_with_kills_mid_transfer(tmp_path, procs):
     assert set(ring["ownership"]) == {"n1", "n2", "n3"} and ring["pending"] == [], ring["ownership"]
     assert (await akvctl_json(n3, "transfers"))["transfers"] == []
 
+    # Departed nodes serve nothing either: every remaining coordinator routes every
+    # partition (one key of each that the 3,000 cover) to n1, n2 and n3 only.
+    one_per_partition: dict[int, bytes] = {}
+    for key in base:
+        one_per_partition.setdefault(partition_of(key, Q), key)
+
+    async def routed_to_stayers():
+        stale: dict[str, list] = {}
+
+        async def check(observer: KvdProcess):
+            async def one(client, key):
+                doc = await client.inspect(key)
+                names = sorted(r["node"] for r in doc["replicas"])
+                if names != ["n1", "n2", "n3"]:
+                    stale.setdefault(observer.node_id, []).append((doc["partition"], names))
+
+            await for_each(observer.address, list(one_per_partition.values()), one, 16)
+
+        async with trio.open_nursery() as nursery:
+            for observer in stayers:
+                nursery.start_soon(check, observer)
+        views = {}
+        for observer in stayers:
+            async with open_client(observer.address) as client:
+                ring_doc = await client.admin({"op": "ring"})
+            views[observer.node_id] = (ring_doc["version"], len(ring_doc["pending"]))
+        return not stale, {"ring (version, pending) per node": views,
+                           "stale routes per coordinator": {
+                               n: (len(v), sorted(v)[:4]) for n, v in stale.items()}}
+
+    await eventually(f"n1, n2, n3 route all {len(one_per_partition)} partitions to themselves",
+                     routed_to_stayers, 10, stayers, interval=1.0)
+
     expected = {key: value_of(key) for key in base}
     expected.update(writer.acked)
     bad = await read_problems(stayers, expected, r=3)
