@@ -238,6 +238,69 @@ def test_notifier_without_socket_is_a_no_op_and_handles_abstract_names(tmp_path)
     assert gone.notify("READY=1") is False  # logged once, never raised
 
 
+def admin(node: OpsNode, **fields) -> dict:
+    async def call():
+        async with open_client(node.address) as client:
+            return await client.admin(fields)
+
+    return trio.run(call)
+
+
+@pytest.mark.slow
+def test_two_nodes_ready_quorum_hints_and_failures_on_metrics(tmp_path, nodes):
+    """/ready follows the reachable quorum; hints and quorum failures move end to end."""
+    fast = {"gossip_interval": 0.2}
+    n1 = OpsNode(tmp_path / "n1" / "data", node_id="n1", extra=fast)
+    nodes.append(n1)
+    n1.start()
+    n2 = OpsNode(tmp_path / "n2" / "data", node_id="n2", extra=fast, seeds=[n1.peer_address])
+    nodes.append(n2)
+    n2.start()
+    assert admin(n2, op="join", seed=n1.peer_address)["staged"] == "join n2"
+    admin(n1, op="commit")
+
+    def ready(node):
+        status, body = node.http("/ready")
+        return status == 200 and "2 of 2 nodes up" in body, body
+
+    def formed():
+        rows = admin(n1, op="transfers")["transfers"]
+        return rows == [] and ready(n1)[0] and ready(n2)[0], rows
+
+    wait_for("a formed two-node cluster", formed, timeout=60, interval=0.2)
+    assert value(n1.scrape(), "kvd_cluster_nodes", state="up") == 2
+
+    n2.kill()  # N=2 (capped by the cluster size), R=W=2: no partition of n1 has a quorum
+    body = wait_for("n1 not ready", lambda: (n1.http("/ready")[0] == 503, n1.http("/ready")),
+                    timeout=30)
+    assert "partitions have fewer than 2 reachable replicas" in n1.http("/ready")[1], body
+    before = n1.scrape()
+    assert value(before, "kvd_ready") == 0
+    assert value(before, "kvd_cluster_nodes", state="down") == 1
+
+    client = SyncClient(n1.address)
+    for i in range(10):
+        assert client.put(f"h{i}".encode(), b"v", w=1).replicas == 1  # hinted for n2
+    with pytest.raises(QuorumFailed):
+        client.put(b"needs-two", b"v", w=2)
+    during = n1.scrape()
+    # 11: the refused W=2 write is on n1 and hinted too; it just did not reach W.
+    assert value(during, "kvd_hints_pending") - value(before, "kvd_hints_pending") == 11
+    assert value(during, "kvd_hints_pending_by_node", target="n2") == 11
+    assert value(during, "kvd_quorum_failures_total", op="put") == 1
+    assert value(during, "kvd_request_duration_seconds_count", op="put", outcome="quorum") == 1
+
+    n2.start()
+    wait_for("n1 ready again", lambda: ready(n1), timeout=30)
+
+    def handed_off():
+        scraped = n1.scrape()
+        return (value(scraped, "kvd_hints_pending") == 0
+                and value(scraped, "kvd_hints_delivered_total") == 11), scraped
+
+    wait_for("hints delivered", handed_off, timeout=30, interval=0.3)
+
+
 # ----------------------------------------------------------------------------- reload
 
 
@@ -1039,3 +1102,122 @@ def test_deb_extracted_venv_runs(deb, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         proc.stdout.close()
+
+
+# ----------------------------------------------------------------------------- hardening, live
+
+# The unit's seccomp rules, applied by hand (python3-seccomp) to a real kvd: the allow list of
+# SystemCallFilter= (expanded by systemd-analyze itself), RestrictAddressFamilies= and
+# MemoryDenyWriteExecute= as systemd's seccomp-util.c builds them, with EPERM as in
+# SystemCallErrorNumber=. Then exec the program given.
+SECCOMP_HELPER = r"""
+import errno, os, socket, sys
+import seccomp
+
+allowed = set(sys.argv[1].split(","))
+special = {"socket", "mmap", "mprotect", "pkey_mprotect", "shmat"}
+f = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
+for name in sorted(allowed - special):
+    try:
+        f.add_rule(seccomp.ALLOW, name)
+    except (RuntimeError, ValueError, OSError):
+        pass  # not a syscall of this architecture
+for family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+    f.add_rule(seccomp.ALLOW, "socket", seccomp.Arg(0, seccomp.EQ, family))
+W, X, SHM_EXEC = 0x2, 0x4, 0o100000
+f.add_rule(seccomp.ALLOW, "mmap", seccomp.Arg(2, seccomp.MASKED_EQ, X, 0))
+f.add_rule(seccomp.ALLOW, "mmap", seccomp.Arg(2, seccomp.MASKED_EQ, W, 0))
+f.add_rule(seccomp.ALLOW, "mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, X, 0))
+f.add_rule(seccomp.ALLOW, "pkey_mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, X, 0))
+f.add_rule(seccomp.ALLOW, "shmat", seccomp.Arg(2, seccomp.MASKED_EQ, SHM_EXEC, 0))
+f.load()
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def unit_syscalls() -> set[str]:
+    """The syscalls kvd.service allows: its SystemCallFilter= lines, expanded by
+    `systemd-analyze syscall-filter` (allow list minus ~deny list, as systemd applies them)."""
+    listing = subprocess.run([need("systemd-analyze"), "syscall-filter"], capture_output=True,
+                             text=True, check=True).stdout
+    groups: dict[str, list[str]] = {}
+    current = None
+    for line in listing.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.strip() and not line.strip().startswith("#") and current is not None:
+            current.append(line.strip())
+
+    def expand(item: str) -> set[str]:
+        if item.startswith("@"):
+            return set().union(*(expand(x) for x in groups[item]))
+        return {item}
+
+    allowed: set[str] = set()
+    for line in unit_settings(UNIT.read_text())["SystemCallFilter"]:
+        deny = line.startswith("~")
+        names = set().union(*(expand(x) for x in line.lstrip("~").split()))
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+def seccomp_command(argv: list[str]) -> list[str]:
+    if subprocess.run(["/usr/bin/python3", "-c", "import seccomp"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("python3-seccomp is not installed: run `make ops-tools` (as root)")
+    return ["/usr/bin/python3", "-c", SECCOMP_HELPER, ",".join(sorted(unit_syscalls())), *argv]
+
+
+def test_unit_seccomp_filter_is_enforced_by_the_harness():
+    """The harness below would catch a violation: what the unit forbids fails under it."""
+    probe = ("import mmap, os, socket\n"
+             "for what, call in [('netlink', lambda: socket.socket(socket.AF_NETLINK, "
+             "socket.SOCK_RAW)), ('setpriority', lambda: os.setpriority(os.PRIO_PROCESS, 0, 5)),"
+             " ('wx', lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_WRITE | mmap.PROT_EXEC))]:\n"
+             "    try:\n        call(); print(what, 'allowed')\n"
+             "    except OSError as e:\n        print(what, 'refused', e.errno)\n")
+    result = subprocess.run(seccomp_command([sys.executable, "-c", probe]), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["netlink refused 1", "setpriority refused 1",
+                                             "wx refused 1"], result.stdout
+
+
+def test_kvd_works_under_the_units_seccomp_filter(tmp_path, nodes):
+    """trio, plyvel/LevelDB, blob files, sd_notify, metrics, reload and shutdown under the
+    syscall, address-family and W^X rules of kvd.service."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    node = OpsNode(tmp_path / "n1" / "data", env={
+        "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
+    nodes.append(node)
+    node.data_dir.parent.mkdir(parents=True)
+    config = node.write_config()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_")}
+    env.update({"KVD_METRICS_LISTEN": f"127.0.0.1:{node.metrics_port}", **node.env})
+    log = open(node.log_path, "ab")
+    node.proc = subprocess.Popen(
+        seccomp_command([sys.executable, "-m", "kvd.main", "--config", str(config)]),
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    log.close()
+    try:
+        notify.wait("READY=1")
+        notify.wait("WATCHDOG=1")
+        status = Path(f"/proc/{node.proc.pid}/status").read_text()
+        assert re.search(r"^Seccomp:\s+2$", status, re.M), status  # filtered, as under systemd
+        assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
+        client = SyncClient(node.address)
+        big = os.urandom(3 * 2**20 + 17)  # chunked: blob files, fsync
+        assert client.put(b"small", b"v").replicas == 1
+        assert client.put(b"big", big).replicas == 1
+        assert client.get(b"big").siblings[0].value == big
+        assert node.http("/ready")[0] == 200
+        assert value(node.scrape(), "process_open_fds") > 0
+        node.proc.send_signal(signal.SIGHUP)
+        notify.wait("RELOADING=1")
+        node.proc.send_signal(signal.SIGTERM)
+        notify.wait("STOPPING=1")
+        assert node.proc.wait(30) == 0, node.log_text()
+    finally:
+        notify.close()
+    text = node.log_text()
+    assert "Operation not permitted" not in text and "Traceback" not in text, text
