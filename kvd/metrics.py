@@ -25,6 +25,7 @@ Where the numbers come from (rules this module keeps):
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -389,6 +390,7 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, text, value=value)
 
 
+@functools.cache
 def _version() -> str:
     from kvd.main import version
 
