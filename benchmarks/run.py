@@ -1,0 +1,82 @@
+"""make bench: the figures the issues ask for, printed, never pass/fail.
+
+1. Group commit of the storage layer (benchmarks/storage_bench.py).
+2. Anti-entropy tree comparison of 1M keys (benchmarks/aae_bench.py).
+3. `kvctl bench` workload A, 1 KiB values, 32 concurrent, against one node (sync=batch),
+   with the node's peak RSS.
+4. The same against a 3-node cluster (N=3, R=2, W=2), 64 concurrent.
+Everything runs on this machine: the bench client competes with the nodes for its cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.procs import KvdProcess, kvctl, rss_kib  # noqa: E402
+
+
+def section(title: str) -> None:
+    print(f"\n== {title} ==", flush=True)
+
+
+def bench(host: str, ops: int, concurrency: int, connections: int) -> dict:
+    out = kvctl("--json", "bench", "--workload", "A", "--ops", str(ops), "--concurrency",
+                str(concurrency), "--value-size", "1024", "--keys", "10000", "--connections",
+                str(connections), host=host, timeout=900)
+    return json.loads(out.stdout)
+
+
+def wait_cluster(host: str, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = kvctl("--json", "status", host=host)
+        transfers = kvctl("--json", "transfers", host=host)
+        if status.returncode == 0 and transfers.returncode == 0:
+            nodes = json.loads(status.stdout)["nodes"]
+            if len(nodes) == count and all(n["state"] == "UN" for n in nodes) \
+                    and not json.loads(transfers.stdout)["transfers"]:
+                return
+        time.sleep(0.5)
+    raise SystemExit("cluster did not form")
+
+
+def main() -> None:
+    python = sys.executable
+    section("storage group commit")
+    subprocess.run([python, str(ROOT / "benchmarks/storage_bench.py")], check=False)
+    section("anti-entropy comparison, 1M keys")
+    subprocess.run([python, str(ROOT / "benchmarks/aae_bench.py")], check=False)
+    root = Path(tempfile.mkdtemp(prefix="kvd-bench-"))
+    section("one node, workload A, 32 concurrent")
+    node = KvdProcess(root / "single" / "data", "b1").start()
+    try:
+        print(json.dumps(bench(node.address, 30000, 32, 4)))
+        print(f"kvd peak RSS: {rss_kib(node.proc.pid, 'VmHWM') / 1024:.1f} MiB")
+    finally:
+        node.kill()
+    section("three nodes (N=3, R=2, W=2), workload A, 64 concurrent")
+    first = KvdProcess(root / "c1" / "data", "c1").start()
+    others = [KvdProcess(root / f"c{i}" / "data", f"c{i}", seeds=[first.peer_address]).start()
+              for i in (2, 3)]
+    try:
+        for other in others:
+            kvctl("cluster", "join", first.peer_address, host=other.address)
+        time.sleep(2)
+        kvctl("cluster", "commit", host=first.address)
+        wait_cluster(first.address, 3)
+        print(json.dumps(bench(first.address, 20000, 64, 8)))
+    finally:
+        for proc in (first, *others):
+            proc.kill()
+
+
+if __name__ == "__main__":
+    main()
