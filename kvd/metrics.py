@@ -351,7 +351,8 @@ class _NodeCollector:
         aae = node.aae.totals
         for name, value, text in (
             ("partitions_exchanged", aae.partitions, "Partition exchanges run."),
-            ("partitions_differing", aae.partitions_differing, "Exchanges that found a difference."),
+            ("partitions_differing", aae.partitions_differing,
+             "Exchanges that found a difference."),
             ("segments_repaired", aae.segments_differing, "Hash-tree segments that differed "
              "and were repaired."),
             ("keys_repaired", aae.keys_repaired, "Keys repaired."),
