@@ -447,6 +447,12 @@ async def _handle_request(node, conn, message, chunks, slots, handlers) -> None:
 # ---------------------------------------------------------------- request handlers
 
 
+def _settled(node: Node) -> None:
+    if not node.cluster.settled.is_set():
+        raise Unavailable("this node has a new data directory and is asking its seeds whether "
+                          "it lost its data; try another node or retry shortly")
+
+
 def _key(fields) -> bytes:
     key = fields["key"]
     if not 1 <= len(key) <= MAX_KEY:
@@ -469,6 +475,7 @@ def _quorum_params(node: Node, fields, name: str) -> tuple[int, int]:
 
 async def _get(node: Node, conn, message, _chunks) -> None:
     fields = message.fields
+    _settled(node)
     key = _key(fields)
     n, r = _quorum_params(node, fields, "r")
     result = await node.coordinator.get(key, n, r)
@@ -520,6 +527,7 @@ async def _send_value(node, conn, rid, key, sibling, source) -> None:
 
 async def _put(node: Node, conn, message, chunks) -> None:
     fields = message.fields
+    _settled(node)
     key = _key(fields)
     n, w = _quorum_params(node, fields, "w")
     context = versions.decode_context(fields.get("context") or b"")
@@ -553,6 +561,7 @@ async def _reply_written(conn, rid, result) -> None:
 
 async def _delete(node: Node, conn, message, _chunks) -> None:
     fields = message.fields
+    _settled(node)
     key = _key(fields)
     n, w = _quorum_params(node, fields, "w")
     context = versions.decode_context(fields.get("context") or b"")

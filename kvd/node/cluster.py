@@ -27,7 +27,7 @@ import msgpack
 import trio
 
 from kvd import versions
-from kvd.errors import BadRequest, KvdError
+from kvd.errors import BadRequest, KvdError, unwrap_single_error
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.peer import PeerPool
@@ -41,6 +41,7 @@ from kvd.storage import keys
 
 log = logging.getLogger("kvd.cluster")
 
+SEED_WAIT = 30  # seconds a node with a new data directory waits for a seed to answer
 TRANSFER_BATCH = 256  # objects per scan reply when fetching a partition
 
 
@@ -83,10 +84,13 @@ class Cluster:
         self.gossiper: Gossiper | None = None
         self.fresh = False
         self.restoring = False
+        # Set once we know whether this node lost its data (see maybe_restore); until then
+        # it answers neither clients nor replica reads.
+        self.settled = trio.Event()
         self.left = trio.Event()  # set once this node is exiting and nothing moves from it
         self._serving: tuple[int, Ring] | None = None
         self._pl_cache: dict[tuple[int, int], list[str]] = {}
-        self._pl_cache_version = -1
+        self._pl_cache_version = ""
         me = MemberInfo(self.me, config.listen, config.peer_listen, int(time.time() * 1000), 0)
         self.members = MemberTable(me, threshold=config.phi_threshold)
         self.addresses: dict[str, tuple[str, str]] = {}
@@ -120,6 +124,8 @@ class Cluster:
         self._saved = state.digest()
         self._load_plan()
         self._planned = (state.cluster_id, state.ring.version)
+        if not (self.fresh and [s for s in self.config.seeds if s != self.config.peer_listen]):
+            self.settled.set()
 
     @property
     def state(self) -> cs.ClusterState:
@@ -181,11 +187,9 @@ class Cluster:
     def serving_ring(self) -> Ring:
         """The ring with each moving partition still owned by its source (Rule 3)."""
         state = self.state
-        if self._serving is None or self._serving[0] != state.version:
-            owners = list(state.ring.owners)
-            for move in state.pending:
-                owners[move.partition] = move.source
-            self._serving = (state.version, replace(state.ring, owners=tuple(owners)))
+        # Keyed on the digest: merged states can differ at the same version.
+        if self._serving is None or self._serving[0] != state.digest():
+            self._serving = (state.digest(), self._serving_ring_of(state))
         return self._serving[1]
 
     def peer_address(self, node: str) -> str:
@@ -202,7 +206,7 @@ class Cluster:
     def primaries(self, partition: int, n: int) -> list[str]:
         """The preference list on the serving ring, cached per state version (the walk
         over the ring is the most expensive step of routing a request)."""
-        version = self.state.version
+        version = self.state.digest()
         if self._pl_cache_version != version:
             self._pl_cache.clear()
             self._pl_cache_version = version
@@ -211,10 +215,15 @@ class Cluster:
             found = self._pl_cache[(partition, n)] = preference_list(self.serving_ring(), partition, n)
         return found
 
+    @property
+    def has_its_data(self) -> bool:
+        """False while this node may have lost its data (checking seeds, or restoring)."""
+        return self.settled.is_set() and not self.restoring
+
     def replicas_for_read(self, key: bytes, n: int):
         partition = partition_of(key, self.state.ring.q)
         return [self._replica(node) for node in self.primaries(partition, n)
-                if self.is_up(node) and not (node == self.me and self.restoring)]
+                if self.is_up(node) and not (node == self.me and not self.has_its_data)]
 
     def replicas_for_write(self, key: bytes, n: int):
         partition = partition_of(key, self.state.ring.q)
@@ -335,18 +344,29 @@ class Cluster:
         self.gossiper.replace_state(theirs)
 
     async def ask_seeds(self) -> None:
-        """At start with a new data directory: ask the seeds whether we are a member."""
-        for seed in self.config.seeds:
-            if seed == self.config.peer_listen or not self.fresh:
-                continue
-            try:
-                with trio.fail_after(3):
-                    reply = await self.peers.call(seed, MsgType.ADMIN, {"op": "state"},
-                                                  MsgType.ADMIN_REPLY)
-            except (KvdError, trio.TooSlowError, OSError) as exc:
-                log.info("seed %s: %s", seed, exc)
-                continue
-            await self.maybe_restore(reply)
+        """At start with a new data directory: ask the seeds whether we are a member.
+
+        Until one answers (or SEED_WAIT passes with none reachable) the node serves nothing,
+        so a wiped member never answers "not found" for data it lost."""
+        seeds = [s for s in self.config.seeds if s != self.config.peer_listen]
+        with trio.move_on_after(SEED_WAIT):
+            while seeds and not self.settled.is_set():
+                for seed in seeds:
+                    try:
+                        with trio.fail_after(3):
+                            reply = await self.peers.call(seed, MsgType.ADMIN, {"op": "state"},
+                                                          MsgType.ADMIN_REPLY)
+                    except (KvdError, trio.TooSlowError, OSError) as exc:
+                        log.info("seed %s: %s", seed, exc)
+                        continue
+                    await self.maybe_restore(reply)
+                    self.settled.set()
+                    break
+                else:
+                    await trio.sleep(1.0)
+        if not self.settled.is_set():
+            log.warning("no seed answered within %d s: starting as a new node", SEED_WAIT)
+            self.settled.set()
 
     async def _restored(self) -> None:
         self.restoring = False
@@ -449,8 +469,11 @@ class Cluster:
     async def transfer_loop(self) -> None:
         while True:
             try:
-                await self._run_plan()
-            except (KvdError, trio.TooSlowError, OSError) as exc:
+                with unwrap_single_error():  # fetches run in a nursery: errors come grouped
+                    await self._run_plan()
+            except (KvdError, trio.TooSlowError, OSError, BaseExceptionGroup) as exc:
+                if isinstance(exc, BaseExceptionGroup) and not _all_expected(exc):
+                    raise
                 log.info("transfer paused, will resume: %s", exc)
                 self.transfer_progress["state"] = "retrying"
                 await trio.sleep(1.0)
@@ -575,3 +598,13 @@ class Cluster:
             nursery.start_soon(self.handoff_loop)
             nursery.start_soon(self.transfer_loop)
 
+
+
+_RETRYABLE = (KvdError, trio.TooSlowError, OSError)
+
+
+def _all_expected(group: BaseExceptionGroup) -> bool:
+    """Whether every error in ``group`` is a peer or network failure (retry), not a bug."""
+    return all(isinstance(e, _RETRYABLE) or
+               (isinstance(e, BaseExceptionGroup) and _all_expected(e))
+               for e in group.exceptions)

@@ -23,7 +23,7 @@ async def replica_get(node, conn, message, _chunks) -> None:
     fields = message.fields
     store = node.store
     if fields.get("op") == "scan":
-        if node.cluster.restoring:
+        if not node.cluster.has_its_data:
             raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
         objects, done = node.cluster.scan_partition(fields["partition"], fields["after"],
                                                     min(fields["limit"], 1024))
@@ -37,7 +37,7 @@ async def replica_get(node, conn, message, _chunks) -> None:
         data = await store.blobs.read(fields["vid"], fields["offset"], fields["size"])
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, {"data": data})
         return
-    if node.cluster.restoring:
+    if not node.cluster.has_its_data:
         raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
     obj = store.read(fields["key"])
     reply = {"object": None if obj is None else versions.encode_object(obj)}
