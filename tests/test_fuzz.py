@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import struct
@@ -202,45 +203,61 @@ import json, sys, time, trio
 from kvd.client import open_client
 
 async def main(address, seconds, interval):
-    latencies, errors = [], 0
-    async with open_client(address) as client:
+    samples, errors, reasons, contexts = [], 0, [], {}
+    stop = trio.Event()
+
+    async def until_stdin_closes():
+        await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+        stop.set()
+
+    async with open_client(address) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(until_stdin_closes)
         await client.put(b"probe", b"x" * 100)
         deadline = time.monotonic() + seconds
         i = 0
-        while time.monotonic() < deadline:
-            began = time.perf_counter()
+        while time.monotonic() < deadline and not stop.is_set():
+            began = time.monotonic()
             try:
                 if i % 2:
-                    await client.put(b"probe-%d" % (i % 64), b"v" * 100)
+                    key = b"probe-%d" % (i % 64)  # a bounded data set, one sibling each
+                    contexts[key] = (await client.put(key, b"v" * 100,
+                                                      context=contexts.get(key))).context
                 else:
                     assert (await client.get(b"probe")).found
-            except Exception:
+            except Exception as exc:
                 errors += 1
-            latencies.append(time.perf_counter() - began)
+                if len(reasons) < 5:
+                    reasons.append(repr(exc))
+            samples.append((began, time.monotonic() - began))
             i += 1
             await trio.sleep(interval)
-    print(json.dumps({"latencies": latencies, "errors": errors}))
+        nursery.cancel_scope.cancel()
+    print(json.dumps({"samples": samples, "errors": errors, "reasons": reasons}))
 
 trio.run(main, sys.argv[1], float(sys.argv[2]), float(sys.argv[3]))
 """
 
 
 def start_probe(address: str, seconds: float, interval: float = 0.004) -> subprocess.Popen:
+    """The well-behaved client, in its own process: a GET or a PUT every ``interval``, for
+    ``seconds`` or until its stdin is closed."""
     return subprocess.Popen([sys.executable, "-c", PROBE, address, str(seconds), str(interval)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
 
 def probe_result(proc: subprocess.Popen) -> dict:
+    """{"samples": [(start, seconds)], "errors": n} once it stops (stdin is closed here);
+    starts are time.monotonic(), the clock every process of this machine shares."""
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
-    result = json.loads(out)
-    return summary(result["latencies"], result["errors"])
+    return json.loads(out)
 
 
-def summary(latencies: list[float], errors: int) -> dict:
+def summary(latencies: list[float]) -> dict:
     ordered = sorted(latencies)
-    return {"latencies": latencies, "errors": errors, "count": len(ordered),
-            "p50": ordered[len(ordered) // 2], "p99": ordered[int(len(ordered) * 0.99)]}
+    return {"count": len(ordered), "p50": ordered[len(ordered) // 2],
+            "p99": ordered[int(len(ordered) * 0.99)]}
 
 
 class Storm:
@@ -355,10 +372,13 @@ class Storm:
             await trio.sleep(0.1)
 
 
-# The storm: WORKERS connections at a time, each throwing a burst and pausing PACE seconds,
-# for as long as the probe runs (PROBE_SECONDS) and at least until 10,000 frames are thrown.
-WORKERS, PACE, PROBE_SECONDS = 2, 0.03, 15
-QUIET_SECONDS = 8
+# The storm: WORKERS connections at a time, each throwing a burst and pausing PACE seconds.
+# It is on for ON seconds, then off for OFF seconds, CYCLES times, while the probe runs
+# throughout: the client's quiet and loaded p99 come from interleaved windows, so whatever
+# else loads this 2-core machine weighs on both alike.
+WORKERS, PACE = 2, 0.045
+ON, OFF, CYCLES = 6.0, 4.0, 3
+SETTLE = 0.3  # seconds after an ON window still counted as loaded (connections closing)
 
 
 @pytest.mark.slow
@@ -369,60 +389,79 @@ async def test_hostile_load_leaves_the_node_serving(tmp_path):
     node = KvdProcess(tmp_path / "n1" / "data",
                       extra={"sync": "none", "cluster_secret_file": str(secret)}).start()
     try:
-        # Warm up, then the quiet baseline: the client alone (again after the storm, below).
         await trio.to_thread.run_sync(lambda: probe_result(start_probe(node.address, 1)))
-        before = await trio.to_thread.run_sync(
-            lambda: probe_result(start_probe(node.address, QUIET_SECONDS)))
         baseline_rss = rss_kib(node.proc.pid)
-
         storm = Storm(node)
         rss_samples = []
-        probe = start_probe(node.address, PROBE_SECONDS)
-        began = time.monotonic()
+        windows: list[tuple[float, float]] = []  # (start, end) of each ON window
+        probe = start_probe(node.address, 120)
+        result = {}
 
         async def sample_rss():
             while True:
                 rss_samples.append(rss_kib(node.proc.pid))
                 await trio.sleep(0.2)
 
-        probe_done = trio.Event()
-        loaded = {}
+        async def attack_in_windows():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sample_rss)
+                for cycle in range(CYCLES):
+                    await trio.sleep(OFF)
+                    began = time.monotonic()
+                    stop = trio.Event()
+                    async with trio.open_nursery() as attack:
+                        at_least = 10_000 if cycle == CYCLES - 1 else 0
+                        attack.start_soon(storm.frame_storm, at_least, WORKERS, PACE, stop)
+                        if cycle == 0:
+                            # Opened at once; the node closes each after handshake_timeout (5 s).
+                            attack.start_soon(storm.half_open, 500, ON + 6)
+                        attack.start_soon(storm.oversized, 10)
+                        await trio.sleep(ON)
+                        stop.set()
+                    windows.append((began, time.monotonic()))
+                await trio.sleep(OFF)
+                result.update(await trio.to_thread.run_sync(lambda: probe_result(probe)))
+                nursery.cancel_scope.cancel()
 
-        async def wait_probe():
-            loaded.update(await trio.to_thread.run_sync(lambda: probe_result(probe)))
-            probe_done.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sample_rss)
-            nursery.start_soon(wait_probe)
-            async with trio.open_nursery() as attack:
-                attack.start_soon(storm.frame_storm, 10_000, WORKERS, PACE, probe_done)
-                attack.start_soon(storm.half_open, 500, 12.0)
-                attack.start_soon(storm.oversized, 20)
-            storm_seconds = time.monotonic() - began
-            nursery.cancel_scope.cancel()
+        # The attacker runs at a lower CPU priority: on a real network it would not share
+        # the node's two cores, and the test measures the node, not the contention.
+        niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, niceness + 10)
+        try:
+            await attack_in_windows()
+        finally:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, niceness)
+            except OSError:  # not root: stay nice
+                pass
 
         assert node.proc.poll() is None, node.log_text()[-3000:]
         assert answers_ping(node.port)
-        after = await trio.to_thread.run_sync(
-            lambda: probe_result(start_probe(node.address, QUIET_SECONDS)))
-        # The machine's own jitter (2 cores shared by the node, the client and this test)
-        # moves a p99 by 2x from one quiet window to the next: the baseline is both windows.
-        quiet = summary(before["latencies"] + after["latencies"],
-                        before["errors"] + after["errors"])
+
+        def loaded_at(t: float) -> bool:
+            return any(start <= t <= end + SETTLE for start, end in windows)
+
+        samples = result["samples"]
+        loaded = summary([s for t, s in samples if loaded_at(t)])
+        quiet = summary([s for t, s in samples if not loaded_at(t)])
+        per_window = [summary([s for t, s in samples if start <= t <= end + SETTLE])["p99"]
+                      for start, end in windows]
         growth_mib = (max(rss_samples) - baseline_rss) / 1024
         report = (f"frames {storm.frames} over {storm.connections} connections in "
-                  f"{storm_seconds:.1f} s; errors returned {storm.replies}; half-open closed "
-                  f"by the node {storm.half_open_closed}/500; client quiet p50/p99 "
+                  f"{CYCLES} x {ON:.0f} s; errors returned {storm.replies}; half-open closed "
+                  f"by the node {storm.half_open_closed}/500; client p50/p99 quiet "
                   f"{quiet['p50'] * 1e3:.2f}/{quiet['p99'] * 1e3:.2f} ms over {quiet['count']}, "
-                  f"under load {loaded['p50'] * 1e3:.2f}/{loaded['p99'] * 1e3:.2f} ms over "
-                  f"{loaded['count']}; RSS {baseline_rss / 1024:.1f} MiB + {growth_mib:.1f} MiB")
+                  f"under attack {loaded['p50'] * 1e3:.2f}/{loaded['p99'] * 1e3:.2f} ms over "
+                  f"{loaded['count']} (p99 per window "
+                  f"{', '.join(f'{p * 1e3:.2f}' for p in per_window)} ms), "
+                  f"{result['errors']} errors {result['reasons']}; RSS "
+                  f"{baseline_rss / 1024:.1f} MiB + {growth_mib:.1f} MiB at most")
         print(report)
         assert storm.frames >= 10_000, report
         assert storm.half_open_closed == 500, report
         assert storm.replies.get("frame_too_large", 0) >= 60, report
         assert storm.replies.get("internal", 0) == 0, report
-        assert quiet["errors"] == 0 and loaded["errors"] == 0, report
+        assert result["errors"] == 0, report
         assert loaded["p99"] <= 2 * quiet["p99"], report
         assert growth_mib < 20, report
     finally:

@@ -376,8 +376,8 @@ async def test_wrong_missing_or_replayed_secret_changes_nothing(tmp_path, procs)
     assert len([line for line in refused if "'c'" in line]) == 1, refused
     assert len([line for line in refused if "'mallory'" in line]) == 1, refused
     b_log = [line for line in b.log_text().splitlines() if "did not prove" in line]
+    # (kvd.cluster's seed contact reports its own retries; the peer pool logs once.)
     assert len([line for line in b_log if "kvd.peer" in line]) == 1, b_log
-    assert len(b_log) <= 2, b_log  # the peer pool's line, and the seed contact's once
     for text in (a.log_text(), b.log_text(), c.log_text()):
         assert SECRET not in text and WRONG_SECRET not in text
 
@@ -641,3 +641,110 @@ def test_timeouts_caps_and_frame_limits(tmp_path, procs):
     assert read_message(ok, FrameDecoder(1 << 20)).type == MsgType.HELLO_OK
     ok.close()
     assert node.proc.poll() is None
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+def tls_files(tmp_path: Path, ca, name: str) -> dict:
+    """A certificate for 127.0.0.1/localhost signed by ``ca``, as the node's config keys."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cert = ca.issue_cert("127.0.0.1", "localhost", common_name=name)
+    chain = tmp_path / f"{name}.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key = private_file(tmp_path / f"{name}.key", cert.private_key_pem.bytes().decode())
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return {"tls_cert_file": str(chain), "tls_key_file": str(key), "tls_ca_file": str(ca_file)}
+
+
+@pytest.mark.slow
+async def test_three_node_tls_cluster_refuses_plain_tcp(tmp_path, procs):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    secret = private_file(tmp_path / "secret", SECRET)
+    configs = {n: {**tls_files(tmp_path, ca, n), "cluster_secret_file": str(secret)}
+               for n in ("n1", "n2", "n3")}
+    n1 = start(tmp_path, procs, "n1", configs["n1"])
+    n2 = start(tmp_path, procs, "n2", configs["n2"], seeds=[n1.peer_address], wait=False)
+    n3 = start(tmp_path, procs, "n3", configs["n3"], seeds=[n1.peer_address], wait=False)
+    for node in (n2, n3):
+        wait_port(node.port, proc=node.proc)
+    tls = security.client_context(configs["n1"]["tls_ca_file"])
+
+    async def admin(node: KvdProcess, fields: dict) -> dict:
+        async with open_client(node.address, ssl_context=tls) as client:
+            return await client.admin(fields)
+
+    for node in (n2, n3):
+        assert (await admin(node, {"op": "join", "seed": n1.peer_address}))["staged"]
+    assert sorted((await admin(n1, {"op": "commit"}))["committed"]) == ["join n2", "join n3"]
+
+    async def formed():
+        async with open_client(n3.address, ssl_context=tls) as client:
+            states = {r["node"]: r["state"] for r in (await client.status())["nodes"]}
+            moving = (await client.admin({"op": "transfers"}))["transfers"]
+        return states == {"n1": "UN", "n2": "UN", "n3": "UN"} and not moving, (states, moving)
+
+    await eventually("the TLS cluster formed", formed, timeout=60)
+    async with open_client(n1.address, ssl_context=tls) as client:
+        await client.put(b"over-tls", b"v" * 100_000, w=3)  # replicated over TLS peer links
+    async with open_client(n2.address, ssl_context=tls) as client:
+        assert (await client.get(b"over-tls", r=3)).siblings[0].value == b"v" * 100_000
+
+    # Plain TCP is refused on both ports: no HELLO_OK, the connection is closed.
+    for port in (n1.port, n1.peer_port):
+        sock = raw_connect(port)
+        sock.sendall(codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "client"}))
+        messages, _ = read_all(sock)
+        assert not [m for m in messages if getattr(m, "type", None) == MsgType.HELLO_OK]
+        sock.close()
+    with pytest.raises(Exception) as info:
+        async with open_client(n1.address, connect_timeout=3) as client:
+            await client.ping()
+    assert "HELLO_OK" not in str(info.value)
+    # A client that does not trust the cluster's CA is refused too.
+    stranger = security.client_context(tls_files(tmp_path / "other", trustme.CA(), "x")
+                                       ["tls_ca_file"])
+    with pytest.raises(Exception):
+        async with open_client(n1.address, ssl_context=stranger, connect_timeout=3) as client:
+            await client.ping()
+    # And a peer whose certificate the CA did not sign cannot open a peer link.
+    rogue_files = tls_files(tmp_path / "rogue", trustme.CA(), "r")
+    rogue = security.client_context(configs["n1"]["tls_ca_file"], rogue_files["tls_cert_file"],
+                                    rogue_files["tls_key_file"])
+    with pytest.raises(Exception):
+        async with open_client(n1.peer_address, ssl_context=rogue, secret=SECRET.encode(),
+                               hello_fields={"role": "peer", "node": "rogue"},
+                               connect_timeout=3) as client:
+            await client.ping()
+    for node in (n1, n2, n3):
+        assert node.proc.poll() is None
+
+
+async def test_peer_pool_replaces_a_connection_broken_by_a_cancelled_send(tmp_path):
+    """A caller's timeout can cancel a send mid-frame (with TLS it always breaks the
+    stream): the pool must open a new connection rather than fail every later call."""
+    from kvd.config import Config
+    from kvd.net.peer import PeerPool
+    from kvd.server import serve
+
+    secret = private_file(tmp_path / "secret", SECRET)
+    peer_port = free_port()
+    config = Config(node_id="n1", data_dir=":memory:", listen="127.0.0.1:0",
+                    peer_listen=f"127.0.0.1:{peer_port}", metrics_listen="", sync="none",
+                    cluster_secret_file=str(secret))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, config)
+        pool = PeerPool(nursery, {"node": "n2"}, security=Security(SECRET.encode()))
+        address = f"127.0.0.1:{peer_port}"
+        await pool.call(address, MsgType.PING, {}, MsgType.PONG)
+        first = pool._clients[address]
+        first._conn.broken = True
+        await pool.call(address, MsgType.PING, {}, MsgType.PONG)
+        assert pool._clients[address] is not first and first.closed.is_set()
+        wrong = PeerPool(nursery, {"node": "n3"}, security=Security(WRONG_SECRET.encode()))
+        for _ in range(3):
+            with pytest.raises(Unauthorized, match="did not prove the cluster secret"):
+                await wrong.call(address, MsgType.PING, {}, MsgType.PONG)
+        nursery.cancel_scope.cancel()

@@ -42,7 +42,11 @@ class PeerPool:
     async def _client(self, address: str) -> Client:
         client = self._clients.get(address)
         if client is not None and not client.closed.is_set():
-            return client
+            if not client._conn.broken:
+                return client
+            # A send cancelled mid-frame (a caller's timeout) broke it: replace it.
+            client._fail(ConnectFailed(f"connection to peer {address} broken"))
+            self._clients.pop(address, None)
         ready = self._connecting.get(address)
         if ready is None:
             ready = self._connecting[address] = trio.Event()
@@ -59,6 +63,7 @@ class PeerPool:
 
     async def _hold(self, address: str, ready: trio.Event) -> None:
         """Open a connection and keep it until it breaks."""
+        client = None
         try:
             security = self.security
             async with open_client(address, connect_timeout=self._connect_timeout,
@@ -78,7 +83,8 @@ class PeerPool:
         except KvdError as exc:
             log.debug("peer %s: %s", address, exc)
         finally:
-            self._clients.pop(address, None)
+            if client is not None and self._clients.get(address) is client:
+                del self._clients[address]  # not a newer connection that replaced it
             if self._connecting.get(address) is ready:
                 del self._connecting[address]
             ready.set()
