@@ -349,6 +349,7 @@ class Cluster:
         Until one answers (or SEED_WAIT passes with none reachable) the node serves nothing,
         so a wiped member never answers "not found" for data it lost."""
         seeds = [s for s in self.config.seeds if s != self.config.peer_listen]
+        reported: set[str] = set()
         with trio.move_on_after(SEED_WAIT):
             while seeds and not self.settled.is_set():
                 for seed in seeds:
@@ -357,7 +358,9 @@ class Cluster:
                             reply = await self.peers.call(seed, MsgType.ADMIN, {"op": "state"},
                                                           MsgType.ADMIN_REPLY)
                     except (KvdError, trio.TooSlowError, OSError) as exc:
-                        log.info("seed %s: %s", seed, exc)
+                        if seed not in reported:  # once per seed, not once per retry
+                            reported.add(seed)
+                            log.info("seed %s: %s", seed, exc)
                         continue
                     await self.maybe_restore(reply)
                     self.settled.set()
