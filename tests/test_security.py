@@ -663,7 +663,8 @@ async def test_three_node_tls_cluster_refuses_plain_tcp(tmp_path, procs):
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     secret = private_file(tmp_path / "secret", SECRET)
-    configs = {n: {**tls_files(tmp_path, ca, n), "cluster_secret_file": str(secret)}
+    configs = {n: {**tls_files(tmp_path, ca, n), "cluster_secret_file": str(secret),
+                   "handshake_timeout": 2.0}
                for n in ("n1", "n2", "n3")}
     n1 = start(tmp_path, procs, "n1", configs["n1"])
     n2 = start(tmp_path, procs, "n2", configs["n2"], seeds=[n1.peer_address], wait=False)
@@ -699,6 +700,11 @@ async def test_three_node_tls_cluster_refuses_plain_tcp(tmp_path, procs):
         messages, _ = read_all(sock)
         assert not [m for m in messages if getattr(m, "type", None) == MsgType.HELLO_OK]
         sock.close()
+    # A TLS handshake that never starts is cut off by the handshake timeout.
+    silent = raw_connect(n1.port)
+    _, took = read_all(silent)
+    assert 1.5 < took < 5, took
+    silent.close()
     with pytest.raises(Exception) as info:
         async with open_client(n1.address, connect_timeout=3) as client:
             await client.ping()
