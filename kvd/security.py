@@ -207,12 +207,14 @@ def load_tokens(path: str) -> TokenTable:
     for name, entry in tokens.items():
         where = f"client_tokens_file {path}: token {name!r}"
         if not isinstance(entry, dict) or set(entry) != {"token", "role"}:
-            raise ConfigError(f"{where}: expected {{ token = \"...\", role = \"read|write|admin\" }}")
+            raise ConfigError(
+                f"{where}: expected {{ token = \"...\", role = \"read|write|admin\" }}")
         token, role = entry["token"], entry["role"]
         if role not in ROLES:
             raise ConfigError(f"{where}: role must be one of read, write, admin")
         if not isinstance(token, str) or len(token) < MIN_TOKEN:
-            raise ConfigError(f"{where}: the token must be a string of at least {MIN_TOKEN} characters")
+            raise ConfigError(
+                f"{where}: the token must be a string of at least {MIN_TOKEN} characters")
         if token in entries:
             raise ConfigError(f"{where}: same token as {entries[token].name!r}")
         entries[token] = Grant(name, role)
@@ -276,7 +278,8 @@ def valid_nonce(nonce: object) -> bool:
 # --------------------------------------------------------------------------- TLS
 
 
-def _server_context(cert: str, key: str, ca: str | None, require_client_cert: bool) -> ssl.SSLContext:
+def _server_context(cert: str, key: str, ca: str | None,
+                    require_client_cert: bool) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_chain(context, cert, key)
@@ -290,8 +293,8 @@ def _load_chain(context: ssl.SSLContext, cert: str, key: str) -> None:
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"tls_cert_file {cert} / tls_key_file {key}: cannot load: "
-                          f"{getattr(exc, 'reason', None) or exc.strerror or 'bad certificate or key'}"
+        reason = getattr(exc, "reason", None) or exc.strerror or "bad certificate or key"
+        raise ConfigError(f"tls_cert_file {cert} / tls_key_file {key}: cannot load: {reason}"
                           ) from None
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import trio
 
 from kvd import security
 from kvd.client import open_client
-from kvd.errors import ConfigError, Unauthorized, unwrap_single_error
+from kvd.errors import ConfigError, Unauthorized
 from kvd.proto import codec
 from kvd.proto.codec import NEED_DATA, FrameDecoder
 from kvd.proto.messages import MsgType
@@ -405,7 +404,8 @@ def test_client_tokens_and_roles_with_kvctl(tmp_path, procs):
     refused(kvctl_as(node, None, "put", "k", "v"), "requires a client token")
     refused(kvctl_as(node, None, "get", "k"), "requires a client token")
     refused(kvctl_as(node, files["forged"], "put", "k", "v"), "the client token is not valid")
-    refused(kvctl_as(node, files["viewer"], "put", "k", "v"), "viewer has role read; PUT needs write")
+    refused(kvctl_as(node, files["viewer"], "put", "k", "v"),
+            "viewer has role read; PUT needs write")
     refused(kvctl_as(node, files["viewer"], "delete", "k"), "DELETE needs write")
     assert kvctl_as(node, files["app"], "put", "k", "v").returncode == 0
     got = kvctl_as(node, files["viewer"], "get", "k")
@@ -493,7 +493,8 @@ def test_secret_files_open_to_others_stop_the_start_and_never_show(tmp_path):
                           'metrics_listen = ""\n')
     proc = run_kvd("--config", str(config), *base, "--cluster-secret-file", str(secret))
     assert proc.returncode == 2
-    assert f"client_tokens_file {tokens} is accessible by group or others (mode 0640)" in proc.stderr
+    assert (f"client_tokens_file {tokens} is accessible by group or others (mode 0640)"
+            in proc.stderr)
     check = run_kvd("--config", str(config), *base, "--cluster-secret-file", str(secret), "--check")
     for out in (proc, check):
         text = out.stdout + out.stderr
