@@ -34,6 +34,7 @@ class Options:
     host: str = DEFAULT_ADDRESS
     json: bool = False
     token: str | None = None
+    ssl_context = None  # set by --tls-ca
 
 
 options = Options()
@@ -59,12 +60,23 @@ def main_options(
     token_file: Annotated[
         Optional[Path], typer.Option("--token-file", help="File holding a client token.")
     ] = None,
+    tls_ca: Annotated[
+        Optional[Path], typer.Option("--tls-ca", envvar="KVCTL_TLS_CA",
+                                     help="Connect with TLS, trusting this CA file.")
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
     options.host = host
     options.json = json
+    if tls_ca is not None:
+        from kvd.security import client_context
+
+        try:
+            options.ssl_context = client_context(str(tls_ca))
+        except (KvdError, OSError, ValueError) as exc:
+            _fail(f"--tls-ca: {exc}", 2)
     if token_file is not None:
         try:
             options.token = token_file.read_text().strip()
@@ -90,7 +102,8 @@ def call(operation):
     """Run ``operation(client)`` against --host."""
 
     async def main():
-        async with open_client(options.host, token=options.token) as client:
+        async with open_client(options.host, token=options.token,
+                               ssl_context=options.ssl_context) as client:
             return await operation(client)
 
     return run(main)
@@ -328,7 +341,7 @@ def bench(
     result = run(lambda: run_bench(
         options.host, workload=workload, ops=ops, concurrency=concurrency,
         value_size=value_size, keys=keys, connections=min(connections, concurrency),
-        token=options.token, load=not no_load))
+        token=options.token, ssl_context=options.ssl_context, load=not no_load))
     summary = result.summary()
     if options.json:
         render.emit_json(summary)

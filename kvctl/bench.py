@@ -86,6 +86,7 @@ async def run_bench(
     keys: int,
     connections: int,
     token: str | None = None,
+    ssl_context=None,
     load: bool = True,
     seed: int = 1,
 ) -> BenchResult:
@@ -99,7 +100,7 @@ async def run_bench(
     errors = 0
     contexts: dict[bytes, bytes] = {}
 
-    async with _pool(address, connections, token) as clients:
+    async with _pool(address, connections, token, ssl_context) as clients:
         if load:
             loaded = itertools.count()
 
@@ -139,8 +140,9 @@ async def run_bench(
 class _pool:
     """Open ``count`` client connections for the bench workers to share."""
 
-    def __init__(self, address: str, count: int, token: str | None):
+    def __init__(self, address: str, count: int, token: str | None, ssl_context=None):
         self.address, self.count, self.token = address, count, token
+        self.ssl_context = ssl_context
 
     async def __aenter__(self):
         from contextlib import AsyncExitStack
@@ -150,7 +152,8 @@ class _pool:
         clients = []
         for _ in range(self.count):
             clients.append(
-                await self._stack.enter_async_context(open_client(self.address, token=self.token))
+                await self._stack.enter_async_context(
+                    open_client(self.address, token=self.token, ssl_context=self.ssl_context))
             )
         return clients
 
