@@ -31,7 +31,6 @@ from kvd.aae import (
     differing_branches,
     differing_partitions,
     differing_segments,
-    segment_of,
 )
 from kvd.ring.ring import partition_of
 

@@ -18,6 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+import msgpack
 import trio
 
 from kvd import systemd, versions
@@ -76,10 +77,10 @@ async def load_identity(storage, node_id: str) -> Identity:
     if raw is None:
         identity = Identity(node_id, os.urandom(4).hex(), time.time())
         await storage.write(
-            [(keys.meta_key("identity"), codec_pack(identity.__dict__))]
+            [(keys.meta_key("identity"), msgpack.packb(identity.__dict__, use_bin_type=True))]
         )
         return identity
-    stored = codec_unpack(raw)
+    stored = msgpack.unpackb(raw, raw=False)
     if stored["node"] != node_id:
         raise ConfigError(
             f"data_dir belongs to node {stored['node']!r}, not {node_id!r}: "
@@ -87,17 +88,6 @@ async def load_identity(storage, node_id: str) -> Identity:
         )
     return Identity(**stored)
 
-
-def codec_pack(obj) -> bytes:
-    import msgpack
-
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def codec_unpack(data: bytes):
-    import msgpack
-
-    return msgpack.unpackb(data, raw=False)
 
 
 @dataclass
