@@ -371,11 +371,7 @@ def _moves_table(title: str, moves: list[dict]) -> None:
 @cluster_app.command("join")
 def cluster_join(seed: Annotated[str, typer.Argument(help="Peer address HOST:PORT of any member.")]) -> None:
     """Stage this node's (--host's) join to the cluster that SEED belongs to."""
-    doc = _admin({"op": "join", "seed": seed})
-    if options.json:
-        render.emit_json(doc)
-    else:
-        render.note(f"staged: {doc['staged']} (run `kvctl cluster plan`, then `commit`)")
+    _stage({"op": "join", "seed": seed})
 
 
 @cluster_app.command("leave")
