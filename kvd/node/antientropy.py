@@ -105,7 +105,7 @@ class AntiEntropy:
 
     async def exchange(self, partition: int, node: str) -> RepairStats:
         """Compare this node's tree of ``partition`` with ``node``'s; repair both ways."""
-        stats = RepairStats(partitions=1)
+        stats = RepairStats()
         peer = RemoteReplica(node, self.cluster.peer_address(node), self.cluster.peers)
         tree = self.store.tree(partition)
         reply = await self._ask(peer, {"op": "aae-root", "partition": partition})
@@ -175,10 +175,9 @@ class AntiEntropy:
                 all_in_sync = False
                 continue
             stats.add(result)
-            stats.partitions -= 1
             if result.partitions_differing:
                 all_in_sync = False
-        stats.partitions += 1
+        stats.partitions = 1
         if all_in_sync and others:
             stats.tombstones_purged += await self._collect_tombstones(partition, others)
         return stats

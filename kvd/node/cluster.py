@@ -56,12 +56,11 @@ def _unpack(data: bytes):
 class LocalHintStore:
     """This node as a fallback: hints for a down primary, kept durably in storage."""
 
-    role = "fallback"
-
-    def __init__(self, node: str, cluster: "Cluster", stands_for: str):
+    def __init__(self, node: str, cluster: "Cluster", stands_for: str, role: str = "fallback"):
         self.node = node
         self.cluster = cluster
         self.stands_for = stands_for
+        self.role = role  # "hint" when kept by the coordinator: it never counts towards W
 
     async def get(self, key):
         return None
@@ -247,9 +246,7 @@ class Cluster:
             covered = {r.stands_for for r in out if getattr(r, "stands_for", None)}
             for node in primaries:
                 if node not in covered and not self.is_up(node):
-                    hint = LocalHintStore(self.me, self, node)
-                    hint.role = "hint"
-                    out.append(hint)
+                    out.append(LocalHintStore(self.me, self, node, role="hint"))
         if self.state.pending:
             named = {r.node for r in out}
             for node in preference_list(self.state.ring, partition, n):
