@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -272,23 +272,34 @@ def _put_reply(fields: dict) -> dict:
     return {"context": fields["context"], "siblings": fields["siblings"], "replicas": fields["replicas"]}
 
 
+Dial = Callable[[str], Awaitable[trio.abc.Stream]]
+
+
+async def tcp_dial(address: str) -> trio.abc.Stream:
+    """Open a TCP connection to HOST:PORT (the daemon's and kvctl's dialler)."""
+    host, port = split_address(address)
+    return await trio.open_tcp_stream(host, port)
+
+
 @asynccontextmanager
 async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = None,
                       connect_timeout: float = 5.0, hello_fields: dict | None = None,
-                      secret: bytes | None = None, ssl_context: ssl.SSLContext | None = None):
+                      secret: bytes | None = None, ssl_context: ssl.SSLContext | None = None,
+                      dial: Dial | None = None):
     """Connect, handshake and yield a Client; closes the connection on exit.
 
     ``hello_fields`` extends the HELLO (peers send role "peer" and their node id).
     ``secret``: the cluster secret; the handshake then authenticates both ways with the
     HMAC challenge-response of kvd.security (peers only). ``ssl_context``: speak TLS,
-    verifying the node's certificate for the host name in ``address``."""
+    verifying the node's certificate for the host name in ``address``. ``dial``: how to open
+    the stream (default TCP; the simulator passes its in-memory network's)."""
     try:
         host, port = split_address(address)
     except ValueError as exc:
         raise ConnectFailed(str(exc)) from None
     try:
         with trio.fail_after(connect_timeout):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await (dial or tcp_dial)(address)
     except (OSError, trio.TooSlowError) as exc:
         raise ConnectFailed(f"cannot connect to {address}: {_connect_reason(exc)}") from None
     if ssl_context is not None:

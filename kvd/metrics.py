@@ -46,8 +46,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvd import versions
-from kvd.config import Config, parse_address
-from kvd.errors import ConfigError, KvdError
+from kvd.config import Config
+from kvd.errors import KvdError
 
 __all__ = ["NodeMetrics", "OUTCOMES", "unready_partitions"]
 
@@ -203,23 +203,16 @@ class NodeMetrics:
 
     # ------------------------------------------------------------- HTTP
 
-    async def serve(self, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve /metrics, /health and /ready on ``address`` until cancelled; reports the
-        bound port through ``task_status``."""
-        host, port = parse_address(address)
-        try:
-            listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise ConfigError(f"metrics_listen {address}: {exc.strerror}") from None
-        bound = listeners[0].socket.getsockname()[1]
-        log.info("metrics on http://%s/metrics", address if port else f"{host}:{bound}")
+    async def serve(self, listeners: list, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve /metrics, /health and /ready on ``listeners`` until cancelled."""
+        log.info("metrics on http://%s/metrics", self.config.metrics_listen)
         slots = trio.CapacityLimiter(MAX_CONNECTIONS)
 
         async def handler(stream):
             async with slots:
                 await self._handle(stream)
 
-        task_status.started(bound)
+        task_status.started()
         await trio.serve_listeners(handler, listeners)
 
     async def _handle(self, stream) -> None:

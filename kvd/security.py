@@ -438,6 +438,8 @@ def remote_host(stream) -> str:
     """The remote IP of a (possibly TLS-wrapped) trio socket stream, or "" if unknown."""
     while not hasattr(stream, "socket") and hasattr(stream, "transport_stream"):
         stream = stream.transport_stream
+    if isinstance(getattr(stream, "remote", None), str):  # kvd.net.memory: "HOST:PORT"
+        return stream.remote.rpartition(":")[0]
     try:
         return str(stream.socket.getpeername()[0])
     except (AttributeError, OSError, IndexError, TypeError):

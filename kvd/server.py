@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
-import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import msgpack
 import trio
 
 from kvd import systemd, versions
+from kvd.client import Dial
+from kvd.clocks import REAL, Clocks
 from kvd.config import Config, parse_address
 from kvd.errors import (
     BadRequest,
@@ -47,6 +51,7 @@ from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
 from kvd.security import GuardedConnection, Security, printable
 from kvd.storage import keys, open_storage
 from kvd.storage.blobs import BlobStore, MemoryBlobStore
+from kvd.storage.memory import MemoryDisk
 
 log = logging.getLogger("kvd.server")
 
@@ -72,10 +77,10 @@ class Identity:
         return f"{self.node}:{self.incarnation}"
 
 
-async def load_identity(storage, node_id: str) -> Identity:
+async def load_identity(storage, node_id: str, wall: float) -> Identity:
     raw = storage.get(keys.meta_key("identity"))
     if raw is None:
-        identity = Identity(node_id, os.urandom(4).hex(), time.time())
+        identity = Identity(node_id, os.urandom(4).hex(), wall)
         await storage.write(
             [(keys.meta_key("identity"), msgpack.packb(identity.__dict__, use_bin_type=True))]
         )
@@ -110,7 +115,8 @@ class Node:
     coordinator: Coordinator
     cluster: Cluster
     aae: AntiEntropy
-    started: float = field(default_factory=time.time)
+    clocks: Clocks = REAL
+    started: float = 0.0  # clocks.monotonic() when the node began serving
     counters: Counters = field(default_factory=Counters)
     in_flight: int = 0
     draining: bool = False
@@ -139,30 +145,60 @@ class Node:
             await self.idle.wait()
 
 
-async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run a node until cancelled. Reports (client_port, node) when the port accepts."""
-    data_dir = None if config.data_dir == ":memory:" else config.data_dir
+Listen = Callable[[str, str], Awaitable[list]]
+
+
+async def tcp_listen(key: str, address: str) -> list:
+    """The daemon's listeners: TCP on ``address`` (config key ``key`` names it in errors)."""
+    host, port = parse_address(address)
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ConfigError(f"{key} {address}: {exc.strerror}") from None
+
+
+@asynccontextmanager
+async def _open_store(config: Config, disk: MemoryDisk | None):
+    """Storage and blob store: LevelDB and blob files in data_dir, or memory (``disk``:
+    the simulator's, which survives a simulated crash as far as it was synced)."""
+    data_dir = None if config.data_dir == ":memory:" or disk is not None else config.data_dir
     if data_dir is not None:
         try:
             os.makedirs(data_dir, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"data_dir {data_dir}: {exc.strerror}") from None
-    async with open_storage(
-        data_dir, sync=config.sync, sync_interval=config.sync_interval, cache_mb=config.cache_mb
-    ) as storage:
-        identity = await load_identity(storage, config.node_id)
+    async with open_storage(data_dir, sync=config.sync, sync_interval=config.sync_interval,
+                            cache_mb=config.cache_mb, disk=disk) as storage:
         if data_dir is None:
-            blobs = MemoryBlobStore()
+            blobs = MemoryBlobStore(disk)
         else:
             blobs = BlobStore(os.path.join(data_dir, "blobs"), sync=config.sync != "none")
+        yield storage, blobs
+
+
+async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | None = None,
+                clocks: Clocks = REAL, disk: MemoryDisk | None = None,
+                rng: random.Random | None = None,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run a node until cancelled. Reports (client_port, node) when the port accepts.
+
+    The world is injected (DESIGN section 1, STYLE 15): ``listen(config_key, address)``
+    opens listeners, ``dial(address)`` opens peer streams, ``clocks`` tells time, ``disk``
+    holds the data. The daemon passes TCP, the real clocks and LevelDB; the simulator
+    (tests/sim) passes kvd.net.memory, trio's MockClock and a MemoryDisk, and runs the
+    same code."""
+    async with _open_store(config, disk) as (storage, blobs):
+        identity = await load_identity(storage, config.node_id, clocks.wall())
         store = LocalStore(storage, blobs, config.ring_size)
         await store.sweep()
         async with trio.open_nursery() as nursery:
             metrics = NodeMetrics(config)  # /health and /ready answer while the ring loads
             if config.metrics_listen:
-                await nursery.start(metrics.serve, config.metrics_listen)
+                await nursery.start(metrics.serve,
+                                    await listen("metrics_listen", config.metrics_listen))
             local = LocalReplica(identity.node, identity.actor, store)
-            cluster = Cluster(config, identity, storage, store, local, nursery)
+            cluster = Cluster(config, identity, storage, store, local, nursery,
+                              clocks=clocks, dial=dial, rng=rng)
             await cluster.load()
             coordinator = Coordinator(
                 cluster.replicas_for_read,
@@ -172,19 +208,14 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 read_repair=config.read_repair,
             )
             node = Node(config, storage, identity, store, coordinator, cluster,
-                        AntiEntropy(cluster, store, config))
+                        AntiEntropy(cluster, store, config), clocks, clocks.monotonic())
             node.idle.set()
             metrics.attach(node)
             security = Security.from_config(config)  # secret, tokens, TLS: checked here
             cluster.peers.security = security
             listeners = []
             for key, role in (("peer_listen", "peer"), ("listen", "client")):
-                address = getattr(config, key)
-                host, port = parse_address(address)
-                try:
-                    bound = await trio.open_tcp_listeners(port, host=host)
-                except OSError as exc:
-                    raise ConfigError(f"{key} {address}: {exc.strerror}") from None
+                bound = await listen(key, getattr(config, key))
                 listeners += bound
                 tls = security.peer_tls if role == "peer" else security.client_tls
                 # With TLS, the TLS handshake runs inside the HELLO's handshake timeout.
@@ -196,7 +227,8 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                         node, stream, slots, role, security),
                     served,
                 )
-            port = listeners[-1].socket.getsockname()[1]
+            socket = getattr(listeners[-1], "socket", None)
+            port = socket.getsockname()[1] if socket is not None else 0
             nursery.start_soon(cluster.run)
             nursery.start_soon(node.aae.run)
             notifier = systemd.notifier()
@@ -342,7 +374,7 @@ async def _serve_connection(node: Node, conn: FrameConnection, role: str) -> Non
     streams: dict[int, trio.MemorySendChannel] = {}
     slots = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
     async with trio.open_nursery() as nursery:
-        activity = _IdleWatch(node.config.idle_timeout, slots)
+        activity = _IdleWatch(node.config.idle_timeout, slots, node.clocks.monotonic)
         nursery.start_soon(activity.watch, nursery.cancel_scope)
 
         while True:
@@ -380,17 +412,18 @@ class _IdleWatch:
     """Closes a connection that sent nothing for ``timeout`` seconds while it had no request
     in flight. One task per connection, instead of a cancel scope per received frame."""
 
-    def __init__(self, timeout: float, slots: trio.Semaphore):
+    def __init__(self, timeout: float, slots: trio.Semaphore, clock: Callable[[], float]):
         self.timeout = timeout
         self.slots = slots
-        self.last = trio.current_time()
+        self.clock = clock  # trio's (or the simulator's mock) clock: sleep_until reads it too
+        self.last = clock()
         self._scope = trio.CancelScope()
 
     def stop(self) -> None:
         self._scope.cancel()
 
     def touch(self) -> None:
-        self.last = trio.current_time()
+        self.last = self.clock()
 
     async def watch(self, scope: trio.CancelScope) -> None:
         with self._scope:
@@ -399,7 +432,7 @@ class _IdleWatch:
     async def _watch(self, scope: trio.CancelScope) -> None:
         while True:
             await trio.sleep_until(self.last + self.timeout)
-            idle = trio.current_time() - self.last >= self.timeout
+            idle = self.clock() - self.last >= self.timeout
             if idle and self.slots.value == MAX_IN_FLIGHT_PER_CONNECTION:
                 log.debug("closing idle connection")
                 scope.cancel()
@@ -524,7 +557,7 @@ async def _put(node: Node, conn, message, chunks) -> None:
     length = fields["length"]
     if not 0 <= length <= MAX_VALUE:
         raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
-    now = time.time()
+    now = node.clocks.wall()
     if chunks is None:
         value = fields["value"]
         if len(value) != length:
@@ -555,7 +588,7 @@ async def _delete(node: Node, conn, message, _chunks) -> None:
     key = _key(fields)
     n, w = _quorum_params(node, fields, "w")
     context = versions.decode_context(fields.get("context") or b"")
-    result = await node.coordinator.put(key, context, n, w, deleted=True, timestamp=time.time())
+    result = await node.coordinator.put(key, context, n, w, deleted=True, timestamp=node.clocks.wall())
     await _reply_written(conn, message.request_id, result)
 
 
@@ -590,7 +623,7 @@ async def _status(node: Node, conn, message, _chunks) -> None:
             "hints_pending": hints.get(member, 0),
         })
     mine = next(r for r in rows if r["node"] == node.node_id)
-    mine.update({"uptime_s": round(time.time() - node.started, 1),
+    mine.update({"uptime_s": round(node.clocks.monotonic() - node.started, 1),
                  "requests": node.counters.requests, "connections": node.counters.connections,
                  "read_repairs": node.coordinator.read_repairs,
                  "hints_held": sum(hints.values()), "hints_delivered": cluster.hints_delivered,

@@ -24,6 +24,7 @@ from kvd.membership.cluster_state import Change, new_cluster
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.connection import FrameConnection
 from kvd.net.memory import MemoryNetwork
+from kvd.net.peer import PeerPool
 from kvd.node.gossip import Gossiper, serve_peer_connection
 from kvd.proto import codec
 from kvd.proto.messages import PROTOCOL_VERSION, MsgType
@@ -73,23 +74,28 @@ class Sim:
         self.starts += 1
         now = trio.current_time()
         me = MemberInfo(name(i), f"10.0.0.{i}:7379", addr(i), GENERATION + int(now * 1000), 0)
-        g = Gossiper(
-            MemberTable(me),
-            self.net.connector(addr(i)),
-            state=state,
-            seeds=seeds,
-            rng=random.Random(f"{SEED}/{i}/{self.starts}"),
-        )
         scope = trio.CancelScope()
+        ready: list[Gossiper] = []
 
         async def node_main(task_status=trio.TASK_STATUS_IGNORED):
             with scope:
                 async with trio.open_nursery() as n:
+                    # The node's one peer client, dialling over the in-memory network.
+                    peers = PeerPool(n, {"node": name(i)}, dial=self.net.connector(addr(i)))
+                    g = Gossiper(
+                        MemberTable(me),
+                        peers.call,
+                        state=state,
+                        seeds=seeds,
+                        rng=random.Random(f"{SEED}/{i}/{self.starts}"),
+                    )
+                    ready.append(g)
                     await n.start(self.net.serve, addr(i), partial(serve_peer_connection, gossiper=g))
                     await n.start(g.run)
                     task_status.started()
 
         await self.nursery.start(node_main)
+        g = ready[0]
         self.nodes[i] = g
         self._scopes[i] = scope
         return g
@@ -296,7 +302,7 @@ async def test_state_travels_only_when_it_may_be_news(autojump_clock):
     state = new_cluster(name(0), 8, "sim")
     for i, st in ((0, state), (1, None)):
         me = MemberInfo(name(i), f"10.0.0.{i}:7379", addr(i), GENERATION, 0)
-        nodes[addr(i)] = Gossiper(MemberTable(me), request=request, state=st, seeds=(addr(1 - i),))
+        nodes[addr(i)] = Gossiper(MemberTable(me), request, state=st, seeds=(addr(1 - i),))
     g0, g1 = nodes[addr(0)], nodes[addr(1)]
 
     await g0.gossip_round()  # g1 knows nothing: the state goes out once
@@ -311,7 +317,7 @@ async def test_state_travels_only_when_it_may_be_news(autojump_clock):
     await g0.gossip_round()  # g0 sends its (old) digest only; g1 answers with the news
     assert sent == [("GOSSIP", False), ("REPLY", True)] and g0.state == newer
     with pytest.raises(ValueError):
-        Gossiper(MemberTable(MemberInfo("x", "x:1", "x:2", 1, 0)))
+        Gossiper(MemberTable(MemberInfo("x", "x:1", "x:2", 1, 0)), request, interval=0)
 
 
 async def test_other_cluster_is_refused(autojump_clock):

@@ -1,10 +1,13 @@
 """An in-memory network for in-process cluster tests (memberlist's MockNetwork, in trio).
 
-Nodes are known by their peer address (any string, usually HOST:PORT).  A node serves with
-``await nursery.start(net.serve, address, handler)``; every accepted connection runs
-``handler(stream)`` in that node's own nursery.  A node dials with ``net.connector(me)``,
-which returns the ``connect(address) -> trio.abc.Stream`` callable the node's tasks are given
-(the daemon gives them a TCP dialer instead).
+Nodes are known by their addresses (any string, usually HOST:PORT).  A whole node (kvd.server)
+listens with ``net.listen(address)``, a ``trio.abc.Listener`` like the TCP ones the daemon
+opens; a bare handler serves with ``await nursery.start(net.serve, address, handler)``, every
+accepted connection running ``handler(stream)`` in that node's own nursery.  A node dials with
+``net.connector(me)``, which returns the ``connect(address) -> trio.abc.Stream`` callable the
+node's tasks are given (the daemon gives them a TCP dialer instead).  ``net.host(a, b)`` says
+that addresses ``a`` and ``b`` are one host (a node's client and peer ports): a partition of
+one is a partition of both.
 
 Rules:
 
@@ -97,12 +100,51 @@ class _Node:
         self.handler = handler
         self.nursery = nursery
 
+    def deliver(self, stream: MemoryStream) -> None:
+        self.nursery.start_soon(_run_handler, self.handler, stream)
+
+    def cancel(self) -> None:
+        self.nursery.cancel_scope.cancel()
+
+
+class MemoryListener(trio.abc.Listener[MemoryStream]):
+    """Accepts the connections dialled to one address (rule 3 applies when it closes)."""
+
+    def __init__(self, net: MemoryNetwork, address: str) -> None:
+        self._net = net
+        self.address = address
+        self._send, self._receive = trio.open_memory_channel[MemoryStream](float("inf"))
+
+    def deliver(self, stream: MemoryStream) -> None:
+        try:
+            self._send.send_nowait(stream)
+        except trio.ClosedResourceError:
+            raise RuntimeError("listener closed") from None
+
+    def cancel(self) -> None:
+        self._send.close()
+
+    async def accept(self) -> MemoryStream:
+        """The next connection; ClosedResourceError once the listener is closed."""
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise trio.ClosedResourceError("listener closed") from None
+
+    async def aclose(self) -> None:
+        """Stop listening: the address is no longer served and its streams close (rule 3)."""
+        if self._net._nodes.get(self.address) is self:
+            self._net._drop(self.address)
+        self._send.close()
+        await trio.lowlevel.checkpoint()
+
 
 class MemoryNetwork:
     """Addresses, the connections between them, and the partitions that separate them."""
 
     def __init__(self) -> None:
-        self._nodes: dict[str, _Node] = {}
+        self._nodes: dict[str, _Node | MemoryListener] = {}
+        self._host: dict[str, str] = {}  # address -> the host it belongs to
         self._streams: dict[MemoryStream, None] = {}  # insertion-ordered: deterministic close order
         self._cut: set[frozenset[str]] = set()
         # Set and replaced whenever the partitions change, to wake blocked senders.
@@ -136,12 +178,27 @@ class MemoryNetwork:
             if self._nodes.get(address) is node:
                 self._drop(address)
 
+    def listen(self, address: str) -> MemoryListener:
+        """Serve ``address`` through a listener (OSError when it is served already)."""
+        if address in self._nodes:
+            raise OSError(f"address already in use: {address}")
+        listener = self._nodes[address] = MemoryListener(self, address)
+        return listener
+
+    def host(self, *addresses: str) -> None:
+        """Declare ``addresses`` one host: partitions and resets apply to all of them."""
+        for address in addresses:
+            self._host[address] = addresses[0]
+
+    def _of(self, address: str) -> str:
+        return self._host.get(address, address)
+
     def stop(self, address: str) -> None:
         """Crash ``address``: unregister it, close its streams and cancel its handlers."""
         node = self._nodes.get(address)
         if node is not None:
             self._drop(address)
-            node.nursery.cancel_scope.cancel()
+            node.cancel()
 
     def _drop(self, address: str) -> None:
         self._nodes.pop(address, None)
@@ -177,7 +234,7 @@ class MemoryNetwork:
         client = MemoryStream(self, source, address, a_send, a_receive)
         server = MemoryStream(self, address, source, b_send, b_receive)
         try:
-            node.nursery.start_soon(_run_handler, node.handler, server)
+            node.deliver(server)
         except RuntimeError:  # its nursery is closing: the node is going down
             raise ConnectFailed(f"cannot connect to {address}: connection refused") from None
         self._streams[client] = None
@@ -191,8 +248,8 @@ class MemoryNetwork:
         group_a = [a] if isinstance(a, str) else list(a)
         group_b = [b] if isinstance(b, str) else list(b)
         for x, y in product(group_a, group_b):
-            if x != y:
-                self._cut.add(frozenset((x, y)))
+            if self._of(x) != self._of(y):
+                self._cut.add(frozenset((self._of(x), self._of(y))))
         self._notify()
 
     def heal(self, a: str | Iterable[str] | None = None, b: str | Iterable[str] | None = None) -> None:
@@ -203,7 +260,7 @@ class MemoryNetwork:
             group_a = [a] if isinstance(a, str) else list(a)
             group_b = [b] if isinstance(b, str) else list(b)
             for x, y in product(group_a, group_b):
-                self._cut.discard(frozenset((x, y)))
+                self._cut.discard(frozenset((self._of(x), self._of(y))))
         self._notify()
 
     def set_loss(self, rate: float, rng: random.Random | None = None) -> None:
@@ -216,7 +273,8 @@ class MemoryNetwork:
 
     def reset(self, a: str, b: str) -> None:
         """Reset every connection between ``a`` and ``b`` now: both ends are closed."""
-        for stream in [s for s in self._streams if {s.local, s.remote} == {a, b}]:
+        ends = {self._of(a), self._of(b)}
+        for stream in [s for s in self._streams if {self._of(s.local), self._of(s.remote)} == ends]:
             stream.close()
 
     def _lose(self) -> bool:
@@ -224,7 +282,7 @@ class MemoryNetwork:
 
     def is_partitioned(self, a: str, b: str) -> bool:
         """Whether a partition separates ``a`` and ``b``."""
-        return frozenset((a, b)) in self._cut
+        return frozenset((self._of(a), self._of(b))) in self._cut
 
     def _notify(self) -> None:
         self._changed.set()

@@ -16,7 +16,7 @@ import logging
 
 import trio
 
-from kvd.client import Client, open_client
+from kvd.client import Client, Dial, open_client
 from kvd.errors import ConnectFailed, KvdError, Unauthorized
 from kvd.proto.messages import MsgType
 from kvd.security import Security
@@ -28,8 +28,9 @@ class PeerPool:
     """Multiplexed connections to peers, keyed by peer address (HOST:PORT)."""
 
     def __init__(self, nursery: trio.Nursery, hello_fields: dict, connect_timeout: float = 2.0,
-                 security: Security | None = None):
+                 security: Security | None = None, dial: Dial | None = None):
         self._nursery = nursery
+        self._dial = dial  # None: TCP (the simulator gives its in-memory network's)
         self._hello = {"role": "peer", **hello_fields}
         self._connect_timeout = connect_timeout
         # The cluster secret and peer TLS context; serve() sets it before any peer is called.
@@ -68,7 +69,8 @@ class PeerPool:
             security = self.security
             async with open_client(address, connect_timeout=self._connect_timeout,
                                    hello_fields=self._hello, secret=security.secret,
-                                   ssl_context=security.peer_client_tls) as client:
+                                   ssl_context=security.peer_client_tls,
+                                   dial=self._dial) as client:
                 self._clients[address] = client
                 self._refused.pop(address, None)
                 self._connecting.pop(address, None)

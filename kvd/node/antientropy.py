@@ -19,7 +19,6 @@ tombstone it holds with that exact digest. Never while a replica is unreachable.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import trio
@@ -184,7 +183,7 @@ class AntiEntropy:
 
     async def _collect_tombstones(self, partition: int, others: list[str]) -> int:
         """Every replica holds exactly what we hold: purge tombstones past the grace."""
-        cutoff = time.time() - self.config.tombstone_grace
+        cutoff = self.cluster.clocks.wall() - self.config.tombstone_grace
         doomed = []
         for segment in range(aae.SEGMENTS):
             if self.store.tree(partition).segment(segment) == 0:

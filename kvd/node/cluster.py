@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import random
-import time
 from dataclasses import replace
 
 import msgpack
 import trio
 
 from kvd import versions
+from kvd.client import Dial
+from kvd.clocks import REAL, Clocks
 from kvd.errors import BadRequest, KvdError, unwrap_single_error
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
@@ -71,15 +72,17 @@ class LocalHintStore:
 
 class Cluster:
     def __init__(self, config, identity, storage, store: LocalStore, local: LocalReplica,
-                 nursery: trio.Nursery):
+                 nursery: trio.Nursery, *, clocks: Clocks = REAL, dial: Dial | None = None,
+                 rng: random.Random | None = None):
         self.config = config
+        self.clocks = clocks
         self.me = identity.node
         self.storage = storage
         self.store = store
         self.local = local
         self.nursery = nursery
-        self.peers = PeerPool(nursery, {"node": self.me})
-        self.rng = random.Random()
+        self.peers = PeerPool(nursery, {"node": self.me}, dial=dial)
+        self.rng = rng or random.Random()
         self.gossiper: Gossiper | None = None
         self.fresh = False
         self.restoring = False
@@ -90,10 +93,10 @@ class Cluster:
         self._serving: tuple[int, Ring] | None = None
         self._pl_cache: dict[tuple[int, int], list[str]] = {}
         self._pl_cache_version = ""
-        me = MemberInfo(self.me, config.listen, config.peer_listen, int(time.time() * 1000), 0)
+        me = MemberInfo(self.me, config.listen, config.peer_listen, int(clocks.wall() * 1000), 0)
         self.members = MemberTable(me, threshold=config.phi_threshold)
         self.addresses: dict[str, tuple[str, str]] = {}
-        self._hint_seq = int(time.time() * 1e6)
+        self._hint_seq = int(clocks.wall() * 1e6)
         self.hints_delivered = 0
         self.transfer_progress: dict = {"keys_done": 0, "bytes_done": 0, "state": "idle"}
         self._plan: dict | None = None  # {"old": Ring | None, "todo": set of partitions}
@@ -117,9 +120,10 @@ class Cluster:
                     self.members.merge([MemberInfo(node, address, peer_address, 0, 0)], self.now())
         self.addresses[self.me] = (self.config.listen, self.config.peer_listen)
         self.gossiper = Gossiper(
-            self.members, request=self.peers.call, state=state, seeds=self.config.seeds,
+            self.members, self.peers.call, state=state, seeds=self.config.seeds,
             interval=self.config.gossip_interval, rng=self.rng,
-            load_bytes=lambda: self.storage.approximate_size() + self.store.blobs.approximate_size())
+            load_bytes=lambda: self.storage.approximate_size() + self.store.blobs.approximate_size(),
+            clock=self.clocks.monotonic)
         self._saved = state.digest()
         self._load_plan()
         self._planned = (state.cluster_id, state.ring.version)
@@ -173,7 +177,7 @@ class Cluster:
         await self.gossiper.wait_state(lambda s: s is not before)
 
     def now(self) -> float:
-        return trio.current_time()
+        return self.clocks.monotonic()
 
     def member_count(self) -> int:
         return max(1, len(self.state.ring.nodes()))
@@ -263,7 +267,7 @@ class Cluster:
 
     async def store_hint(self, target: str, key: bytes, obj) -> None:
         self._hint_seq += 1
-        record = _pack({"key": key, "object": versions.encode_object(obj), "at": time.time()})
+        record = _pack({"key": key, "object": versions.encode_object(obj), "at": self.clocks.wall()})
         await self.storage.write([(keys.hint_key(target, self._hint_seq), record)])
 
     def hints_pending(self) -> dict[str, int]:
@@ -290,7 +294,7 @@ class Cluster:
         expired = 0
         for hint_key, raw in list(self.storage.iterate(start, stop)):
             hint = _unpack(raw)
-            if time.time() - hint["at"] <= self.config.hint_window:
+            if self.clocks.wall() - hint["at"] <= self.config.hint_window:
                 with trio.fail_after(self.config.request_timeout):
                     await replica.merge(hint["key"], versions.decode_object(hint["object"]))
                 delivered += 1
@@ -487,7 +491,7 @@ class Cluster:
         plan = self._plan
         if plan is not None and plan["todo"]:
             progress = self.transfer_progress
-            progress.setdefault("started", time.time())
+            progress.setdefault("started", self.clocks.wall())
             progress.update(state="running", partitions_left=len(plan["todo"]))
             limiter = trio.CapacityLimiter(self.config.transfer_limit)
             async with trio.open_nursery() as nursery:
@@ -529,7 +533,7 @@ class Cluster:
         rate = self.config.transfer_rate_mb * 1e6
         progress = self.transfer_progress
         while True:
-            began = trio.current_time()
+            began = self.clocks.monotonic()
             with trio.fail_after(self.config.request_timeout * 3):
                 reply = await self.peers.call(
                     source.address, MsgType.REPLICA_GET,
@@ -550,7 +554,7 @@ class Cluster:
             progress["bytes_done"] += sum(len(raw) for _, raw in reply["objects"])
             # Throttle to transfer_rate_mb: sleep off whatever this batch got ahead.
             batch_bytes = sum(len(raw) for _, raw in reply["objects"])
-            ahead = batch_bytes / rate - (trio.current_time() - began)
+            ahead = batch_bytes / rate - (self.clocks.monotonic() - began)
             if ahead > 0:
                 await trio.sleep(ahead)
             if reply["done"]:
@@ -577,7 +581,7 @@ class Cluster:
     def transfer_rows(self) -> list[dict]:
         """This node's view of pending moves, with progress for those it is fetching."""
         progress = self.transfer_progress
-        elapsed = max(time.time() - progress.get("started", time.time()), 1e-3)
+        elapsed = max(self.clocks.wall() - progress.get("started", self.clocks.wall()), 1e-3)
         rows = []
         for move in self.state.pending:
             row = {"partition": move.partition, "from": move.source, "to": move.target,

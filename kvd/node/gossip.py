@@ -15,12 +15,10 @@ Rules:
    behind a partition costs one round, not the task.  Any failure of an exchange (refused,
    reset, timed out, malformed reply, other cluster) is logged at debug and drops that
    connection; nothing kills the task.
-3. The transport is given, never chosen here: either a ``connect(address) -> Stream``
-   callable (kvd.net.memory in tests, a TCP dialler), which ``PeerLinks`` turns into one
-   reused connection per peer address, closed when an exchange on it fails or is cancelled
-   (its framing state is then unknown); or a ``request(address, kind, fields, expect)``
-   callable returning the reply's fields, such as the daemon's ``PeerPool.call``.  Gossip is idempotent
-   (merges), so an exchange that finds its idle connection dead is retried once at once.
+3. The transport is given, never chosen here: a ``request(address, kind, fields, expect)``
+   callable returning the reply's fields, the node's one peer client (``PeerPool.call``,
+   over TCP in the daemon and over kvd.net.memory in the simulator).  Gossip is idempotent
+   (merges), so a failed exchange is simply tried again next round.
 4. The cluster state travels only when it may be news.  Each message carries my state's
    digest; the full state goes in a GOSSIP when the target's last known digest differs
    from mine, and in a GOSSIP_REPLY when the request's digest differs from the receiver's
@@ -44,7 +42,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from functools import partial
 from typing import Any
 
 import trio
@@ -54,21 +51,18 @@ from kvd.errors import (
     ConnectFailed,
     KvdError,
     ProtocolError,
-    RemoteProtocolError,
-    error_from_code,
 )
 from kvd.membership import cluster_state
 from kvd.membership.cluster_state import ClusterState
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.connection import FrameConnection
 from kvd.proto import codec
-from kvd.proto.messages import DEFAULT_MAX_FRAME, MAX_REQUEST_ID, PROTOCOL_VERSION, MsgType
+from kvd.proto.messages import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, MsgType
 
-__all__ = ["Gossiper", "PeerLinks", "serve_peer_connection"]
+__all__ = ["Gossiper", "serve_peer_connection"]
 
 log = logging.getLogger("kvd.gossip")
 
-Connect = Callable[[str], Awaitable[trio.abc.Stream]]
 # request(address, kind, fields, expect) -> the reply's fields, ERROR replies raised: what the
 # gossiper needs of a peer transport (kvd.net.peer.PeerPool.call has this signature).
 Request = Callable[[str, MsgType, dict[str, Any], MsgType], Awaitable[dict[str, Any]]]
@@ -87,29 +81,25 @@ class Gossiper:
     def __init__(
         self,
         table: MemberTable,
-        connect: Connect | None = None,
+        request: Request,
         *,
-        request: Request | None = None,
         state: ClusterState | None = None,
         seeds: Iterable[str] = (),
         interval: float = 1.0,
         rng: random.Random | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
         load_bytes: Callable[[], int] | None = None,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         if interval <= 0:
             raise ValueError("gossip interval must be > 0")
-        if (connect is None) == (request is None):
-            raise ValueError("give exactly one of connect and request")
         self.table = table
         self.node = table.me
         self.seeds = tuple(seeds)
         self.interval = interval
         self.max_frame = max_frame
-        self._links = None if connect is None else PeerLinks(connect, self._hello, max_frame=max_frame)
-        if request is None:
-            request = partial(self._links.request, idempotent=True)  # type: ignore[union-attr]
         self._request: Request = request
+        self._clock = clock  # kvd.clocks: the monotonic clock phi accrual reads
         self._rng = rng if rng is not None else random.Random()
         self._state = state
         self._state_changed = trio.Event()
@@ -125,21 +115,25 @@ class Gossiper:
         """The cluster state as this node knows it (None until it has heard one)."""
         return self._state
 
+    def now(self) -> float:
+        """The monotonic clock this gossiper reads."""
+        return self._clock()
+
     def is_up(self, node: str) -> bool:
         """Whether this node judges ``node`` up now."""
-        return self.table.is_up(node, trio.current_time())
+        return self.table.is_up(node, self._clock())
 
     def up_nodes(self) -> set[str]:
         """Every node this node judges up now, itself included."""
-        return self.table.up_nodes(trio.current_time())
+        return self.table.up_nodes(self._clock())
 
     def members(self) -> list[MemberInfo]:
         """Every record in the member table, sorted by node."""
         return self.table.all()
 
     def statistics(self) -> dict[str, int]:
-        """Counters: rounds run, exchanges completed and failed, gossip received, open connections."""
-        return {**self._stats, "connections": 0 if self._links is None else len(self._links)}
+        """Counters: rounds run, exchanges completed and failed, gossip received."""
+        return dict(self._stats)
 
     async def wait_state(self, predicate: Callable[[ClusterState], bool]) -> ClusterState:
         """Wait until the cluster state satisfies ``predicate``; return that state."""
@@ -187,20 +181,17 @@ class Gossiper:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Gossip every ``interval`` seconds until cancelled (rule 1)."""
-        try:
-            task_status.started()
-            next_round = trio.current_time() + self._rng.random() * self.interval
-            while True:
-                await trio.sleep_until(next_round)
-                await self.gossip_round()
-                next_round = max(next_round + self.interval, trio.current_time())
-        finally:
-            await self.aclose()
+        task_status.started()
+        next_round = self._clock() + self._rng.random() * self.interval
+        while True:
+            await trio.sleep_until(next_round)
+            await self.gossip_round()
+            next_round = max(next_round + self.interval, self._clock())
 
     async def gossip_round(self) -> None:
         """One round: heartbeat, then one exchange with a chosen target (never raises)."""
         self._stats["rounds"] += 1
-        now = trio.current_time()
+        now = self._clock()
         ring_version = None if self._state is None else self._state.ring.version
         load = None if self._load_bytes is None else self._load_bytes()
         self.table.tick(now, ring_version=ring_version, load_bytes=load)
@@ -227,11 +218,11 @@ class Gossiper:
         ok = False
         try:
             mine = self._digest()
-            fields = self._fields(trio.current_time())
+            fields = self._fields(self._clock())
             if mine is not None and self._peer_digest.get(address) != mine:
                 fields["state"] = self._state.to_dict()  # type: ignore[union-attr]
             reply = await self._request(address, MsgType.GOSSIP, fields, MsgType.GOSSIP_REPLY)
-            self._absorb(reply, trio.current_time())
+            self._absorb(reply, self._clock())
             digest = reply.get("state_digest")
             self._peer_digest[address] = digest if isinstance(digest, str) else None
             self._stats["exchanges"] += 1
@@ -240,17 +231,6 @@ class Gossiper:
             if not ok:
                 # Whatever the peer knew may have changed (restart): send the full state next time.
                 self._peer_digest.pop(address, None)
-
-    def _hello(self) -> dict[str, Any]:
-        hello: dict[str, Any] = {"versions": [PROTOCOL_VERSION], "role": "peer", "node": self.node}
-        if self._state is not None:
-            hello["cluster"] = self._state.cluster_id
-        return hello
-
-    async def aclose(self) -> None:
-        """Close the connections this gossiper opened (none when given a ``request``)."""
-        if self._links is not None:
-            await self._links.aclose()
 
     # --- the receiving side -------------------------------------------------------------------
 
@@ -313,115 +293,9 @@ class Gossiper:
             self._adopt(incoming)
 
     def _log_changes(self, changed: list[str]) -> None:
-        now = trio.current_time()
+        now = self._clock()
         for node in changed:
             log.info("%s: %s is %s", self.node, node, "up" if self.table.is_up(node, now) else "down")
-
-
-class PeerLinks:
-    """Outbound peer connections, one per address, reused; one request at a time on each.
-
-    The simple transport of rule 3, for the in-memory network and any stream dialler: the
-    daemon's multiplexed peer connections offer the same ``request`` method instead.  A
-    request that fails or is cancelled closes its connection (its framing state is
-    unknown), and the next request dials again.
-    """
-
-    def __init__(
-        self,
-        connect: Connect,
-        hello: Callable[[], dict[str, Any]],
-        *,
-        max_frame: int = DEFAULT_MAX_FRAME,
-    ) -> None:
-        self._connect = connect
-        self._hello = hello
-        self.max_frame = max_frame
-        self._conns: dict[str, FrameConnection] = {}
-        self._locks: dict[str, trio.Lock] = {}
-        self._next_id = 0
-
-    def __len__(self) -> int:
-        return len(self._conns)
-
-    async def request(
-        self,
-        address: str,
-        kind: MsgType,
-        fields: dict[str, Any],
-        expect: MsgType,
-        *,
-        idempotent: bool = False,
-    ) -> dict[str, Any]:
-        """Send one request to ``address`` and return the fields of its ``expect`` reply.
-
-        An ERROR reply is raised as its KvdError, any other type as RemoteProtocolError.
-
-        An ``idempotent`` request that finds its reused connection dead is sent once more on
-        a new one: a connection idle since the last round may have been reset, or its peer
-        restarted, and that says nothing about the peer now.
-        """
-        lock = self._locks.setdefault(address, trio.Lock())
-        async with lock:
-            conn = self._conns.get(address)
-            reused = conn is not None and not conn.broken
-            try:
-                reply = await self._request_once(address, kind, fields)
-            except ConnectFailed:
-                if not (idempotent and reused):
-                    raise
-                reply = await self._request_once(address, kind, fields)
-        if reply.type == MsgType.ERROR:
-            raise error_from_code(reply.fields["code"], reply.fields["message"])
-        if reply.type != expect:
-            raise RemoteProtocolError(f"expected {expect.name}, got {reply.type.name}")
-        return reply.fields
-
-    async def _request_once(self, address: str, kind: MsgType, fields: dict[str, Any]) -> codec.Message:
-        ok = False
-        try:
-            conn = await self._connection(address)
-            request_id = self._request_id()
-            await conn.send(codec.encode(kind, request_id, fields))
-            reply = await _receive(conn, address)
-            if reply.request_id != request_id:
-                raise RemoteProtocolError(f"reply to request {reply.request_id}, expected {request_id}")
-            ok = True
-            return reply
-        finally:
-            if not ok:
-                await self.drop(address)
-
-    async def _connection(self, address: str) -> FrameConnection:
-        conn = self._conns.get(address)
-        if conn is not None and not conn.broken:
-            return conn
-        stream = await self._connect(address)
-        conn = FrameConnection(stream)
-        self._conns[address] = conn  # registered first, so a failed handshake closes it
-        await conn.send(codec.encode(MsgType.HELLO, self._request_id(), self._hello()))
-        answer = await _receive(conn, address)
-        if answer.type == MsgType.ERROR:
-            raise error_from_code(answer.fields["code"], answer.fields["message"])
-        if answer.type != MsgType.HELLO_OK:
-            raise RemoteProtocolError(f"expected HELLO_OK, got {answer.type.name}")
-        conn.max_frame = self.max_frame
-        return conn
-
-    async def drop(self, address: str) -> None:
-        """Close the connection to ``address``, if any."""
-        conn = self._conns.pop(address, None)
-        if conn is not None:
-            await conn.aclose()
-
-    async def aclose(self) -> None:
-        """Close every connection."""
-        for address in list(self._conns):
-            await self.drop(address)
-
-    def _request_id(self) -> int:
-        self._next_id = self._next_id % MAX_REQUEST_ID + 1
-        return self._next_id
 
 
 async def _receive(conn: FrameConnection, address: str) -> codec.Message:
@@ -452,7 +326,7 @@ async def serve_peer_connection(stream: trio.abc.Stream, gossiper: Gossiper) -> 
                 return
             if message.type == MsgType.GOSSIP:
                 try:
-                    reply = gossiper.handle_gossip(message.fields, trio.current_time())
+                    reply = gossiper.handle_gossip(message.fields, gossiper.now())
                 except BadRequest as exc:
                     await _send_error(conn, message.request_id, exc)
                     continue

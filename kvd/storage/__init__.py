@@ -58,6 +58,7 @@ async def open_storage(
     cache_mb: int = 64,
     *,
     max_batch_bytes: int | None = None,
+    disk: Any = None,
 ) -> AsyncIterator[Storage]:
     """Open the store in ``path`` (None: in memory) and run its committer until exit.
 
@@ -77,7 +78,7 @@ async def open_storage(
         from kvd.storage.memory import MemoryStorage
 
         storage = MemoryStorage(
-            sync=sync, sync_interval=sync_interval, max_batch_bytes=max_batch_bytes
+            sync=sync, sync_interval=sync_interval, max_batch_bytes=max_batch_bytes, disk=disk
         )
     else:
         from kvd.storage.leveldb import LevelDBStorage

@@ -87,8 +87,13 @@ class BlobStore:
 class MemoryBlobStore:
     """The same interface in memory, for the fast in-process tests."""
 
-    def __init__(self):
+    def __init__(self, disk=None):
+        # disk: a kvd.storage.memory.MemoryDisk keeping sealed blobs across a simulated crash.
+        self._disk = disk
+        self._incarnation = disk.incarnation if disk is not None else 0
         self.blobs: dict[bytes, bytearray] = {}
+        if disk is not None:
+            self.blobs = {vid: bytearray(data) for vid, data in disk.blobs.items()}
 
     async def write(self, vid, offset, data):
         blob = self.blobs.setdefault(vid, bytearray())
@@ -97,6 +102,8 @@ class MemoryBlobStore:
 
     async def seal(self, vid):
         await trio.lowlevel.checkpoint()
+        if self._on_disk() and vid in self.blobs:
+            self._disk.blobs[vid] = bytes(self.blobs[vid])
         return len(self.blobs.get(vid, b""))
 
     async def read(self, vid, offset, size):
@@ -108,8 +115,14 @@ class MemoryBlobStore:
     def exists(self, vid):
         return vid in self.blobs
 
+    def _on_disk(self) -> bool:
+        """Whether writes reach the simulated disk (not after its host crashed)."""
+        return self._disk is not None and self._disk.incarnation == self._incarnation
+
     async def delete(self, vid):
         self.blobs.pop(vid, None)
+        if self._on_disk():
+            self._disk.blobs.pop(vid, None)
         await trio.lowlevel.checkpoint()
 
     def approximate_size(self):

@@ -3,7 +3,12 @@
 It group-commits through the same base logic as LevelDB, so tests see the same batching and
 failure behaviour; syncing is a no-op (but is counted, so sync-mode logic is testable). A
 commit yields once before applying, like a disk write would, and applies its ops in one step,
-so readers never see half a batch. Nothing survives the process.
+so readers never see half a batch.
+
+A ``MemoryDisk`` given to it plays the disk for the simulator (tests/sim): what a synced
+commit (or a later sync) wrote survives ``MemoryDisk.crash()`` and is what the next
+MemoryStorage on that disk starts from; what was committed without a sync is lost, as
+LevelDB loses it when the host dies. Without a disk nothing survives the process.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ class MemoryStorage(Storage):
         sync: str = "batch",
         sync_interval: float = 1.0,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        disk: MemoryDisk | None = None,
     ) -> None:
         super().__init__(sync=sync, sync_interval=sync_interval, max_batch_bytes=max_batch_bytes)
-        self._data: dict[bytes, bytes] = {}
-        self._keys: list[bytes] = []  # sorted
-        self._size = 0
+        self._disk = disk
+        self._incarnation = disk.incarnation if disk is not None else 0
+        self._data: dict[bytes, bytes] = dict(disk.synced) if disk is not None else {}
+        self._keys: list[bytes] = sorted(self._data)
+        self._size = sum(len(k) + len(v) for k, v in self._data.items())
+        self._unsynced: list[Op] = []
 
     def get(self, key: bytes) -> bytes | None:
         return self._data.get(key)
@@ -65,9 +74,45 @@ class MemoryStorage(Storage):
                 bisect.insort(keys, key)
             data[key] = value
             self._size += len(key) + len(value)
+        if self._disk is not None:
+            self._unsynced += ops
+            if sync:
+                self._flush_to_disk()
+
+    def _flush_to_disk(self) -> None:
+        assert self._disk is not None
+        if self._disk.incarnation != self._incarnation:
+            return  # the host crashed: this process's writes reach no disk any more
+        synced = self._disk.synced
+        for key, value in self._unsynced:
+            if value is None:
+                synced.pop(key, None)
+            else:
+                synced[key] = value
+        self._unsynced = []
 
     async def _sync(self) -> None:
         await trio.lowlevel.checkpoint()
+        if self._disk is not None:
+            self._flush_to_disk()
 
     async def _close_backend(self) -> None:
         pass
+
+
+class MemoryDisk:
+    """What survives a simulated crash of one node: synced keys and sealed blobs."""
+
+    def __init__(self) -> None:
+        self.synced: dict[bytes, bytes] = {}
+        self.blobs: dict[bytes, bytes] = {}  # sealed blob bytes, by vid
+        self.incarnation = 0  # bumped by a crash: the crashed process writes nothing more
+
+    def crash(self) -> None:
+        """The host dies now: what was synced stays, the process that used it writes no more."""
+        self.incarnation += 1
+
+    def wipe(self) -> None:
+        """Lose everything, as an operator replacing a dead disk does."""
+        self.synced.clear()
+        self.blobs.clear()

@@ -1,0 +1,182 @@
+"""Whole kvd nodes in one trio run: the simulator's cluster (DESIGN section 8, ring 2).
+
+Each node is the real ``kvd.server.serve`` (server, coordinator, gossip, hints, read repair,
+anti-entropy, transfers, tombstone GC), given an in-memory network (kvd.net.memory), trio's
+MockClock through ``kvd.clocks`` (with a per-node wall-clock skew) and a ``MemoryDisk``
+that survives a simulated crash as far as it was synced.
+
+Rules:
+1. Everything random comes from the run's seed: the fault schedule, the workload, trio's
+   scheduler (its batch shuffling), the network's loss, every node's rng and ``os.urandom``
+   (node incarnations, value ids, cluster ids). With PYTHONHASHSEED fixed (make sim and
+   make test fix it), one seed replays one run exactly.
+2. A crash cancels the node and drops its connections at once; writes its storage had not
+   synced are lost (``MemoryDisk.crash``). A restart serves the same disk again.
+3. A pause is the node cut off from everyone (its sends wait, nothing reaches it) for longer
+   than the failure detector's threshold: what a SIGSTOPped process looks like from outside.
+4. A node task that raises, and every ERROR log record with a traceback (an "internal
+   error"), is recorded in ``SimCluster.crashes``: the checker fails the run on any.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from kvd.client import open_client
+from kvd.clocks import skewed
+from kvd.config import Config
+from kvd.net.memory import MemoryNetwork
+from kvd.server import serve
+from kvd.storage.memory import MemoryDisk
+
+EPOCH = 1_780_000_000.0  # the simulated wall clock starts here (plus each node's skew)
+
+
+@dataclass
+class SimNode:
+    name: str
+    address: str  # client port
+    peer_address: str
+    disk: MemoryDisk = field(default_factory=MemoryDisk)
+    skew: float = 0.0
+    scope: trio.CancelScope | None = None
+    node: object = None  # kvd.server.Node while running
+    starts: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.node is not None
+
+
+class _CrashLog(logging.Handler):
+    """Rule 4: tracebacks logged by a node are bugs."""
+
+    def __init__(self, crashes: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.crashes = crashes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.crashes.append(f"{record.name}: {record.getMessage()}: {record.exc_info[1]!r}")
+
+
+@contextmanager
+def seeded(seed: int):
+    """Rule 1: seed trio's scheduler and os.urandom for the duration of one run."""
+    import trio._core._run as trio_run
+
+    rng = random.Random(f"urandom/{seed}")
+    real_urandom = os.urandom
+    trio_run._r.seed(f"trio/{seed}")
+    os.urandom = lambda n: rng.randbytes(n)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        os.urandom = real_urandom
+
+
+class SimCluster:
+    """Nodes on one MemoryNetwork, started, crashed, paused and partitioned by the schedule."""
+
+    def __init__(self, nursery: trio.Nursery, seed: int, **config) -> None:
+        self.nursery = nursery
+        self.seed = seed
+        self.rng = random.Random(f"cluster/{seed}")
+        self.net = MemoryNetwork()
+        self.net.set_loss(0.0, random.Random(f"loss/{seed}"))
+        self.nodes: dict[str, SimNode] = {}
+        self.crashes: list[str] = []
+        self.config = dict(
+            ring_size=32, n=3, r=2, w=2, metrics_listen="", gossip_interval=1.0,
+            request_timeout=5.0, tombstone_grace=30.0, hint_window=3600.0,
+            anti_entropy_interval=10.0, chunk_size=65536, max_frame=1 << 20,
+            handshake_timeout=5.0, idle_timeout=120.0, transfer_rate_mb=50.0,
+        )
+        self.config.update(config)
+        self._clients = 0
+        self._log = _CrashLog(self.crashes)
+        logging.getLogger("kvd").addHandler(self._log)
+
+    def close(self) -> None:
+        logging.getLogger("kvd").removeHandler(self._log)
+
+    # --- nodes --------------------------------------------------------------------------------
+
+    def add(self, name: str) -> SimNode:
+        i = len(self.nodes) + 1
+        node = SimNode(name, f"127.0.1.{i}:7379", f"127.0.1.{i}:7380",
+                       skew=self.rng.uniform(-30.0, 30.0))
+        self.net.host(node.peer_address, node.address)
+        self.nodes[name] = node
+        return node
+
+    def config_of(self, sn: SimNode, seeds: list[str]) -> Config:
+        return Config(node_id=sn.name, listen=sn.address, peer_listen=sn.peer_address,
+                      data_dir=":memory:", seeds=seeds, **self.config)
+
+    async def start(self, name: str, seeds: list[str] | None = None) -> SimNode:
+        """Start (or restart) node ``name``; returns once it accepts connections."""
+        sn = self.nodes[name] if name in self.nodes else self.add(name)
+        if seeds is None:
+            seeds = [n.peer_address for n in self.nodes.values() if n is not sn]
+        config = self.config_of(sn, seeds)
+        sn.starts += 1
+        await self.nursery.start(self._run, sn, config)
+        return sn
+
+    async def _run(self, sn: SimNode, config: Config, task_status=trio.TASK_STATUS_IGNORED):
+        scope = sn.scope = trio.CancelScope()
+
+        async def listen(_key: str, address: str) -> list:
+            return [self.net.listen(address)]
+
+        started = False
+        with scope:
+            try:
+                async with trio.open_nursery() as inner:
+                    _, sn.node = await inner.start(
+                        lambda task_status: serve(
+                            config, listen=listen, dial=self.net.connector(sn.peer_address),
+                            clocks=skewed(EPOCH, sn.skew), disk=sn.disk,
+                            rng=random.Random(f"node/{self.seed}/{sn.name}/{sn.starts}"),
+                            task_status=task_status))
+                    started = True
+                    task_status.started()
+            except Exception as exc:
+                self.crashes.append(f"{sn.name}: node task raised {exc!r}")
+                if not started:
+                    task_status.started()
+            finally:
+                sn.node = None
+
+    def crash(self, name: str) -> None:
+        """Rule 2."""
+        sn = self.nodes[name]
+        sn.disk.crash()
+        self.net.stop(sn.peer_address)
+        self.net.stop(sn.address)
+        if sn.scope is not None:
+            sn.scope.cancel()
+        sn.node = None
+
+    def running(self) -> list[SimNode]:
+        return [sn for sn in self.nodes.values() if sn.running]
+
+    # --- clients ------------------------------------------------------------------------------
+
+    def client_address(self) -> str:
+        """A fresh source address for a client (the network only lets serving hosts dial)."""
+        self._clients += 1
+        address = f"127.0.9.{self._clients // 250}:{self._clients % 250 + 1}"
+        self.net.listen(address)
+        return address
+
+    def open_client(self, name: str, source: str):
+        return open_client(self.nodes[name].address, dial=self.net.connector(source),
+                           connect_timeout=2.0)
