@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo demo-stop test test-fast bench fuzz clean deb man ops-tools
+.PHONY: venv demo demo-stop test test-fast bench fuzz clean deb man ops-tools sim
 
 venv: $(STAMP)
 
@@ -20,11 +20,22 @@ demo: venv
 demo-stop:
 	$(BIN)/python scripts/demo.py --stop
 
+# PYTHONHASHSEED fixed: a simulator seed that fails in make test replays exactly in make sim.
 test: venv ops-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	PYTHONHASHSEED=0 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# The whole-cluster simulation (tests/sim): `make sim SEEDS=2000` soaks, `make sim SEED=42`
+# replays one seed exactly with its fault log. `make test` runs 50 short seeds of it (SHORT=1
+# replays those).
+SEEDS ?= 500
+FIRST ?= 1
+SIM_FLAGS = $(if $(SHORT),--short)
+sim: venv
+	@if [ -n "$(SEED)" ]; then PYTHONHASHSEED=0 $(BIN)/python -m tests.sim --seed $(SEED) $(SIM_FLAGS); \
+	else PYTHONHASHSEED=0 $(BIN)/python -m tests.sim --seeds $(SEEDS) --first $(FIRST) $(SIM_FLAGS); fi
 
 # Coverage-guided fuzzing of the wire codec (atheris, installed here only); minutes.
 # `make test` runs the same property briefly on hypothesis input (tests/test_fuzz.py).

@@ -30,6 +30,9 @@ Rules:
    connection reset.  ``set_loss(rate)`` makes that fraction of ``send_all`` calls (drawn
    from a seeded rng) reset their connection: nothing is sent, the sender gets
    BrokenResourceError and the other end end-of-file.  ``reset(a, b)`` does it at once.
+6. ``set_delay(max_delay, hosts)`` delays every send from or to those hosts (all, without
+   ``hosts``) by a time drawn from the same rng, up to ``max_delay`` seconds.  Bytes of one
+   connection stay in order (the sender waits); different connections overtake each other.
 """
 
 from __future__ import annotations
@@ -66,8 +69,13 @@ class MemoryStream(trio.abc.Stream):
         self._receive = receive
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data``; waits while a partition separates the two ends (rule 2)."""
+        """Send ``data``; waits while a partition separates the two ends (rule 2), and for the
+        link's delay (rule 6)."""
         await self._net._wait_link(self.local, self.remote)
+        delay = self._net._delay_of(self.local, self.remote)
+        if delay:
+            await trio.sleep(delay)
+            await self._net._wait_link(self.local, self.remote)
         if self._net._lose():
             self.close()
             raise trio.BrokenResourceError(f"connection {self.local} -> {self.remote} reset (simulated loss)")
@@ -150,6 +158,8 @@ class MemoryNetwork:
         # Set and replaced whenever the partitions change, to wake blocked senders.
         self._changed = trio.Event()
         self._loss = 0.0
+        self._max_delay = 0.0
+        self._delayed: set[str] | None = None
         self._rng = random.Random(0)
 
     # --- serving ------------------------------------------------------------------------------
@@ -276,6 +286,18 @@ class MemoryNetwork:
         ends = {self._of(a), self._of(b)}
         for stream in [s for s in self._streams if {self._of(s.local), self._of(s.remote)} == ends]:
             stream.close()
+
+    def set_delay(self, max_delay: float, hosts: Iterable[str] | None = None) -> None:
+        """Delay sends from or to ``hosts`` (every host when None) by up to ``max_delay`` s."""
+        self._max_delay = max_delay
+        self._delayed = None if hosts is None else {self._of(h) for h in hosts}
+
+    def _delay_of(self, a: str, b: str) -> float:
+        if not self._max_delay:
+            return 0.0
+        if self._delayed is not None and not {self._of(a), self._of(b)} & self._delayed:
+            return 0.0
+        return self._rng.uniform(0.0, self._max_delay)
 
     def _lose(self) -> bool:
         return self._loss > 0.0 and self._rng.random() < self._loss

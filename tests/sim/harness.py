@@ -48,6 +48,8 @@ class SimNode:
     scope: trio.CancelScope | None = None
     node: object = None  # kvd.server.Node while running
     starts: int = 0
+    leaving: bool = False  # a leave was committed for it
+    removed: bool = False  # it left the cluster and stopped, as the daemon does
 
     @property
     def running(self) -> bool:
@@ -99,7 +101,7 @@ class SimCluster:
             handshake_timeout=5.0, idle_timeout=120.0, transfer_rate_mb=50.0,
         )
         self.config.update(config)
-        self._clients = 0
+        self.client_sources: list[str] = []
         self._log = _CrashLog(self.crashes)
         logging.getLogger("kvd").addHandler(self._log)
 
@@ -150,6 +152,7 @@ class SimCluster:
                     task_status.started()
             except Exception as exc:
                 self.crashes.append(f"{sn.name}: node task raised {exc!r}")
+                logging.getLogger("sim").debug("%s crashed", sn.name, exc_info=True)
                 if not started:
                     task_status.started()
             finally:
@@ -172,9 +175,10 @@ class SimCluster:
 
     def client_address(self) -> str:
         """A fresh source address for a client (the network only lets serving hosts dial)."""
-        self._clients += 1
-        address = f"127.0.9.{self._clients // 250}:{self._clients % 250 + 1}"
+        count = len(self.client_sources)
+        address = f"127.0.9.{count // 250}:{count % 250 + 1}"
         self.net.listen(address)
+        self.client_sources.append(address)
         return address
 
     def open_client(self, name: str, source: str):
