@@ -1,27 +1,61 @@
 """make sim: run many seeds of the whole-cluster simulation and report what they found.
 
     python -m tests.sim --seeds 1000 [--first 1] [--jobs 2] [--short]
-    python -m tests.sim --seed 42            # replay one seed exactly, with its fault log
+    python -m tests.sim --seed 42 [--short]      # replay one seed exactly, with its fault log
 
-PYTHONHASHSEED must be fixed for a replay to be exact (make sim sets it).
+Every seed runs in a fresh process started the same way (``--seed N``), so a seed that
+fails in a bulk run or in make test replays exactly: trio keeps tasks in sets ordered by
+object address, which only a process built the same way reproduces. PYTHONHASHSEED must
+be fixed too (make sim and make test set it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
+import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
-from .simulation import FULL, SHORT, replay_command, run
+from .simulation import FULL, SHORT, Report, replay_command, run
 
 
-def _one(args: tuple[int, bool]):
-    seed, short = args
-    logging.basicConfig(level=logging.CRITICAL)
-    return run(seed, profile=SHORT if short else FULL)
+def run_seed_process(seed: int, short: bool) -> Report:
+    """Run one seed in a fresh interpreter, exactly as its replay command does."""
+    command = [sys.executable, "-m", "tests.sim", "--seed", str(seed), "--json"]
+    if short:
+        command.append("--short")
+    env = dict(os.environ, PYTHONHASHSEED=os.environ.get("PYTHONHASHSEED", "0"))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
+    try:
+        return Report(**json.loads(done.stdout.strip().splitlines()[-1]))
+    except (IndexError, ValueError, TypeError):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        return Report(seed, "short" if short else "full", 0,
+                      problems=["the simulation process failed: " + " | ".join(tail)])
+
+
+def run_seeds(seeds, short: bool, jobs: int, progress=None) -> list[Report]:
+    with ThreadPoolExecutor(jobs) as pool:
+        reports = []
+        for report in pool.map(lambda s: run_seed_process(s, short), seeds):
+            if progress is not None:
+                progress(report)
+            reports.append(report)
+    return reports
+
+
+def _print(report: Report) -> None:
+    print(report.summary(), flush=True)
+    if not report.ok:
+        for problem in report.problems[:5]:
+            print("  " + problem)
+        print("  replay: " + replay_command(report), flush=True)
 
 
 def main() -> int:
@@ -31,38 +65,28 @@ def main() -> int:
     parser.add_argument("--seed", type=int, help="replay this one seed, printing its faults")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--short", action="store_true", help="the short runs of make test")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if os.environ.get("PYTHONHASHSEED") is None:
-        print("note: PYTHONHASHSEED is not set; a replay may differ (make sim sets it)",
-              file=sys.stderr)
     if opts.seed is not None:
-        logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+        logging.basicConfig(level=logging.CRITICAL if opts.json else logging.WARNING,
+                            format="%(name)s %(message)s")
         report = run(opts.seed, profile=SHORT if opts.short else FULL)
+        if opts.json:
+            print(json.dumps(dataclasses.asdict(report)))
+            return 0
         print("faults:", ", ".join(report.faults))
-        print(report.summary())
-        for problem in report.problems:
-            print("  " + problem)
+        _print(report)
         return 0 if report.ok else 1
-    seeds = range(opts.first, opts.first + opts.seeds)
     started = time.monotonic()
-    failed = []
-    converge = []
-    with ProcessPoolExecutor(opts.jobs) as pool:
-        for report in pool.map(_one, [(s, opts.short) for s in seeds]):
-            print(report.summary(), flush=True)
-            if report.converge_seconds is not None:
-                converge.append(report.converge_seconds)
-            if not report.ok:
-                failed.append(report)
-                for problem in report.problems[:5]:
-                    print("  " + problem)
-                print("  replay: " + replay_command(report))
-    elapsed = time.monotonic() - started
-    converge.sort()
+    seeds = range(opts.first, opts.first + opts.seeds)
+    reports = run_seeds(seeds, opts.short, opts.jobs, _print)
+    failed = [r for r in reports if not r.ok]
+    converge = sorted(r.converge_seconds for r in reports if r.converge_seconds is not None)
     if converge:
-        print(f"convergence after heal: median {converge[len(converge) // 2]:.0f} s, "
-              f"max {converge[-1]:.0f} s (simulated)")
-    print(f"{len(seeds) - len(failed)} passed, {len(failed)} failed in {elapsed:.0f} s")
+        print(f"convergence after heal (simulated): median {converge[len(converge) // 2]:.0f} s, "
+              f"max {converge[-1]:.0f} s")
+    print(f"{len(reports) - len(failed)} passed, {len(failed)} failed "
+          f"in {time.monotonic() - started:.0f} s")
     if failed:
         print("failing seeds: " + " ".join(str(r.seed) for r in failed))
     return 1 if failed else 0

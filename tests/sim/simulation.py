@@ -82,7 +82,7 @@ class Profile:
     think: tuple[float, float]  # seconds a client waits between operations
 
 
-SHORT = Profile("short", sizes=(3, 4, 5), duration=(30.0, 50.0), clients=3, think=(0.2, 1.2))
+SHORT = Profile("short", sizes=(3, 4, 5), duration=(30.0, 45.0), clients=3, think=(0.2, 1.2))
 FULL = Profile("full", sizes=(3, 4, 5, 6, 7), duration=(60.0, 150.0), clients=4, think=(0.05, 0.6))
 
 

@@ -4,24 +4,21 @@ negative control that proves the checker can fail. ``make sim SEEDS=N`` runs tho
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
-
-from .simulation import FULL, SHORT, replay_command, run
+from .__main__ import run_seed_process, run_seeds
+from .simulation import SHORT, replay_command, run
 
 SEEDS = int(os.environ.get("KVD_SIM_SEEDS", "50"))
 
 # Seeds that once failed, with what they found; each must pass for good.
 REGRESSIONS = [
-    (2, FULL, "a coordinator's local hint store lacked write_chunk/discard_upload: a large "
-              "write with a down primary crashed the node"),
-    (8, FULL, "a tombstone-purge RPC lost to a connection reset crashed the node"),
-    (2, SHORT, "a PUT applied twice (re-minted after a timeout): 7 siblings from 6 writes"),
-    (7, SHORT, "a deleted key came back"),
+    (1, "short", "a failed tombstone-purge RPC (connection closed) crashed the node"),
+    (25, "short", "the coordinator's local hint store lacked discard_upload/write_chunk: a "
+                  "large write with a down primary crashed the node"),
+    (7, "short", "replicas of one partition never converged after the heal"),
+    (11, "short", "a deleted key came back"),
+    (39, "short", "a deleted key came back; a purge RPC lost to a reset crashed the node"),
+    (92, "short", "a PUT applied twice: more siblings than writes"),
 ]
-
-
-def _short(seed: int):
-    return run(seed, profile=SHORT)
 
 
 def _failures(reports) -> list[str]:
@@ -35,14 +32,13 @@ def _failures(reports) -> list[str]:
 
 def test_simulated_seeds():
     """Rules 1-6 of tests/sim/simulation.py hold for every seed."""
-    with ProcessPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
-        reports = list(pool.map(_short, range(1, SEEDS + 1)))
+    reports = run_seeds(range(1, SEEDS + 1), short=True, jobs=min(2, os.cpu_count() or 1))
     failures = _failures(reports)
     assert not failures, "\n".join(failures)
 
 
 def test_regression_seeds():
-    reports = [run(seed, profile=profile) for seed, profile, _found in REGRESSIONS]
+    reports = [run_seed_process(seed, short=profile == "short") for seed, profile, _ in REGRESSIONS]
     failures = _failures(reports)
     assert not failures, "\n".join(failures)
 
