@@ -191,7 +191,7 @@ class NodeMetrics:
         node = self.node
         if node is None:
             return
-        now = trio.current_time()
+        now = node.clocks.monotonic()
         if now - self._blob_bytes_at >= SIZE_CACHE_SECONDS:
             self._blob_bytes_at = now
             self._blob_bytes = await trio.to_thread.run_sync(

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import plyvel
 import trio
 
+from kvd.clocks import REAL
 from kvd.errors import ConfigError
 from kvd.storage.base import DEFAULT_MAX_BATCH_BYTES, Op, Storage, StorageError
 
@@ -38,6 +39,7 @@ BLOOM_FILTER_BITS = 10
 MAX_OPEN_FILES_CAP = 10_000
 # approximate_size() is for `kvctl status`: a few seconds stale is fine, a directory walk on
 # every call is not.
+_clock = REAL.monotonic  # LevelDB never runs in the simulator; the daemon's clock
 SIZE_REFRESH_SECONDS = 10.0
 
 
@@ -119,7 +121,7 @@ class LevelDBStorage(Storage):
         self._db = db
         self._path = path
         self._size = size
-        self._size_at = trio.current_time()
+        self._size_at = _clock()
         self._size_refreshing = False
 
     @classmethod
@@ -167,7 +169,7 @@ class LevelDBStorage(Storage):
             not self._closing
             and not self._size_refreshing
             and self._nursery is not None
-            and trio.current_time() - self._size_at >= SIZE_REFRESH_SECONDS
+            and _clock() - self._size_at >= SIZE_REFRESH_SECONDS
         ):
             self._size_refreshing = True
             self._nursery.start_soon(self._refresh_size)
@@ -179,7 +181,7 @@ class LevelDBStorage(Storage):
         except OSError:
             pass
         finally:
-            self._size_at = trio.current_time()
+            self._size_at = _clock()
             self._size_refreshing = False
 
     # --- writes ---------------------------------------------------------------------------
