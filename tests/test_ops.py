@@ -33,6 +33,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvd.clocks import REAL
 from kvd import metrics as kvd_metrics
 from kvd import systemd as kvd_systemd
 from kvd.client import SyncClient, open_client
@@ -485,7 +486,7 @@ def fake_node(q: int = 8) -> SimpleNamespace:
     cluster.hints_pending = lambda: dict(cluster.hints)
     sizes = {"leveldb": 0, "blobs": 0}
     return SimpleNamespace(
-        node_id="me", draining=False, in_flight=0, counters=Counters(),
+        node_id="me", draining=False, in_flight=0, counters=Counters(), clocks=REAL,
         coordinator=FakeCoordinator(), cluster=cluster, up=up, sizes=sizes,
         aae=SimpleNamespace(totals=RepairStats()),
         storage=SimpleNamespace(approximate_size=lambda: sizes["leveldb"]),
