@@ -267,26 +267,42 @@ async def _nemesis(sim: SimCluster, rng: random.Random, workload: Workload, repo
 
 
 async def _topology_change(sim: SimCluster, rng: random.Random, running: list[str], report) -> None:
-    """Join a new node, or have one leave, while data moves (a refusal is fine)."""
-    members = [sn.name for sn in sim.nodes.values() if not sn.removed]
+    """Join, leave, replace or force-remove a node while data moves (a refusal is fine)."""
+    members = [sn.name for sn in sim.nodes.values() if not sn.removed and not sn.leaving]
+    kind = "join" if len(members) <= 3 else rng.choice(("join", "leave", "replace", "force-remove"))
+    victim = rng.choice([n for n in running if n in members] or running)
+    coordinator = rng.choice(running)
     try:
-        if len(members) <= 3 or rng.random() < 0.5:
-            name = f"n{len(sim.nodes) + 1}"
-            seed_node = sim.nodes[rng.choice(running)]
-            await sim.start(name, seeds=[seed_node.peer_address])
-            with trio.fail_after(30):
+        with trio.fail_after(30):
+            if kind in ("join", "replace"):
+                name = f"n{len(sim.nodes) + 1}"
+                seed_node = sim.nodes[coordinator]
+                await sim.start(name, seeds=[seed_node.peer_address])
                 await _admin(sim, [name], lambda _: {"op": "join", "seed": seed_node.peer_address})
-                await _admin(sim, [rng.choice(running)], lambda _: {"op": "commit"})
-            report.faults[-1] += f" join {name}"
-        else:
-            victim = rng.choice(running)
-            with trio.fail_after(30):
-                await _admin(sim, [rng.choice(running)], lambda _: {"op": "leave", "node": victim})
-                await _admin(sim, [rng.choice(running)], lambda _: {"op": "commit"})
-            sim.nodes[victim].leaving = True
-            report.faults[-1] += f" leave {victim}"
+                if kind == "replace":
+                    await _admin(sim, [coordinator],
+                                 lambda _: {"op": "replace", "node": victim, "target": name})
+                    sim.nodes[victim].leaving = True
+                report.faults[-1] += f" {kind} {name}" + (f" for {victim}" if kind == "replace" else "")
+            elif kind == "leave":
+                await _admin(sim, [coordinator], lambda _: {"op": "leave", "node": victim})
+                sim.nodes[victim].leaving = True
+                report.faults[-1] += f" leave {victim}"
+            else:  # a dead node the operator gives up on: its replicas are rebuilt elsewhere
+                sim.crash(victim)
+                sim.nodes[victim].removed = True
+                coordinator = rng.choice([n for n in running if n != victim])
+                await _admin(sim, [coordinator], lambda _: {"op": "force-remove", "node": victim})
+                report.faults[-1] += f" force-remove {victim}"
+            await _admin(sim, [coordinator], lambda _: {"op": "commit"})
     except (trio.TooSlowError, Exception) as exc:  # refused or unreachable: no change made
-        report.faults[-1] += f" refused ({type(exc).__name__})"
+        report.faults[-1] += f" refused ({type(exc).__name__}: {str(exc)[:60]})"
+        sim.nodes[victim].leaving = sim.nodes[victim].removed = False
+        with trio.move_on_after(30):
+            try:
+                await _admin(sim, [coordinator], lambda _: {"op": "clear"})
+            except Exception:
+                pass  # unreachable now: what it staged may be committed later, as in life
 
 
 async def _lose_one_acknowledged_write(sim: SimCluster, workload: Workload) -> None:
