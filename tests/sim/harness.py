@@ -139,15 +139,17 @@ class SimCluster:
             return [self.net.listen(address)]
 
         started = False
+        node = None
         with scope:
             try:
                 async with trio.open_nursery() as inner:
-                    _, sn.node = await inner.start(
+                    _, node = await inner.start(
                         lambda task_status: serve(
                             config, listen=listen, dial=self.net.connector(sn.peer_address),
                             clocks=skewed(EPOCH, sn.skew), disk=sn.disk,
                             rng=random.Random(f"node/{self.seed}/{sn.name}/{sn.starts}"),
                             task_status=task_status))
+                    sn.node = node
                     started = True
                     task_status.started()
             except Exception as exc:
@@ -156,7 +158,8 @@ class SimCluster:
                 if not started:
                     task_status.started()
             finally:
-                sn.node = None
+                if sn.node is node:  # not the node of a restart that came meanwhile
+                    sn.node = None
 
     def crash(self, name: str) -> None:
         """Rule 2."""
