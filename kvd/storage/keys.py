@@ -134,3 +134,26 @@ def index_range(partition: int, segment: int) -> tuple[bytes, bytes]:
     """Every index entry of one segment: listing a segment's keys is one range read."""
     start = _INDEX + _partition(partition) + _U16.pack(segment)
     return start, _successor(start)
+
+
+def hint_space() -> tuple[bytes, bytes]:
+    """``[start, stop)`` covering every hint, for every node."""
+    return _HINT, _successor(_HINT)
+
+
+def _hint_blob_prefix(vid: bytes) -> bytes:
+    if len(vid) > 0xFFFF:
+        raise ValueError("value id is longer than 65535 bytes")
+    return meta_key("hint-blob:") + _U16.pack(len(vid)) + vid
+
+
+def hint_blob_key(vid: bytes, hint_key: bytes) -> bytes:
+    """A reference from the hint ``hint_key`` to the blob ``vid`` it needs delivered with it
+    (a meta key, value empty): the blob is kept while any reference remains."""
+    return _hint_blob_prefix(vid) + hint_key
+
+
+def hint_blob_range(vid: bytes) -> tuple[bytes, bytes]:
+    """Every reference to blob ``vid``; the suffix after ``start`` is the hint's key."""
+    start = _hint_blob_prefix(vid)
+    return start, _successor(start)
