@@ -159,3 +159,54 @@ async def test_chunked_value_hints_are_delivered_and_do_not_block_others(autojum
         assert not node(sim, fallback).store.blobs.exists(ref.vid), "the fallback leaks the bytes"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ anti-entropy and GC
+
+
+def replicas_of(sim, key, n=3):
+    from kvd.ring import partition_of
+
+    cluster = next(sn.node for sn in sim.nodes.values() if sn.node is not None).cluster
+    return cluster.primaries(partition_of(key, cluster.state.ring.q), n)
+
+
+async def test_failed_purge_rpc_neither_crashes_the_node_nor_resurrects(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        sim = await cluster(nursery, tombstone_grace=30.0, hint_window=20.0,
+                            anti_entropy_interval=10.0)
+        key = b"doomed"
+        async with sim.open_client("n1", sim.client_address()) as c:
+            await c.put(key, b"v", w=3)
+            context = (await c.get(key, r=3)).context
+            await c.delete(key, context=context, w=3)
+        first, middle, victim = replicas_of(sim, key)
+        addresses = {name: sim.nodes[name].peer_address for name in sim.nodes}
+        peers = node(sim, first).cluster.peers
+        real_call = peers.call
+        cut = []
+
+        async def call(address, kind, fields, expect):
+            if fields.get("op") == "aae-purge" and address == addresses[victim] and not cut:
+                # The purge request to the victim fails: it is cut off just now.
+                cut.append(trio.current_time())
+                sim.net.partition(address, [a for n, a in addresses.items() if n != victim])
+            return await real_call(address, kind, fields, expect)
+
+        peers.call = call
+        for _ in range(120):
+            await trio.sleep(1)
+            if cut:
+                break
+        assert cut, f"no purge was attempted {node(sim, first).aae.totals} {[node(sim, n).store.read(key) for n in sim.nodes]}"
+        await trio.sleep(30)
+        assert not sim.crashes, sim.crashes
+        assert node(sim, first) is not None, f"{first} stopped"
+        sim.net.heal()
+        await trio.sleep(120)
+        assert not sim.crashes, sim.crashes
+        for name in (first, middle, victim):
+            assert node(sim, name).store.read(key) is None, f"{name} still holds the tombstone"
+        async with sim.open_client(first, sim.client_address()) as c:
+            assert not (await c.get(key, r=3)).found
+        nursery.cancel_scope.cancel()

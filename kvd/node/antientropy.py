@@ -13,7 +13,12 @@ exchange on demand for every partition the node replicates.
 Tombstone GC (DESIGN section 2: deleted data must never come back): when an exchange finds
 a partition identical on *every* replica of it (all up, all compared), its tombstones older
 than ``tombstone_grace`` are purged on every replica, each replica purging only the
-tombstone it holds with that exact digest. Never while a replica is unreachable.
+tombstone it holds with that exact digest. Never while a replica is unreachable. A
+partition with one replica (n = 1, a one-node cluster) purges after the grace alone. The
+candidates come from the tombstone index (``keys.tombstone_range``, written with each
+object), so a round costs in proportion to the tombstones, not the data, and yields.
+
+While partitions move, only the moving ones are left out (their replica sets change).
 """
 
 from __future__ import annotations
@@ -23,13 +28,21 @@ from dataclasses import dataclass
 
 import trio
 
-from kvd import aae, versions
+from kvd import aae
 from kvd.errors import KvdError
 from kvd.node.remote import RemoteReplica
 from kvd.proto.messages import MsgType
 from kvd.ring import partition_of, preference_list
+from kvd.storage import keys
 
 log = logging.getLogger("kvd.aae")
+
+PURGE_BATCH = 256  # tombstones per aae-purge request
+PURGE_BATCH_BYTES = 256 << 10  # and at most this many bytes of keys (or max_frame / 2)
+SCAN_YIELD = 512  # tombstone index entries read between checkpoints
+
+# A peer that fails, times out or goes away: counted as an error, never fatal to the node.
+_PEER_FAILURES = (KvdError, trio.TooSlowError, OSError)
 
 
 @dataclass
@@ -158,7 +171,9 @@ class AntiEntropy:
                     offset += len(data)
 
     async def repair_partition(self, partition: int) -> RepairStats:
-        """Exchange with every other replica; then, if all agreed, purge old tombstones."""
+        """Exchange with every other replica; then, if all agreed, purge old tombstones.
+
+        Never raises for a peer that fails or goes away: that is an error in the stats."""
         stats = RepairStats()
         others = [n for n in self._replicas(partition) if n != self.cluster.me]
         all_in_sync = True
@@ -168,7 +183,7 @@ class AntiEntropy:
                 continue
             try:
                 result = await self.exchange(partition, node)
-            except (KvdError, trio.TooSlowError, OSError) as exc:
+            except _PEER_FAILURES as exc:
                 log.info("anti-entropy of partition %d with %s failed: %s", partition, node, exc)
                 stats.errors += 1
                 all_in_sync = False
@@ -177,32 +192,61 @@ class AntiEntropy:
             if result.partitions_differing:
                 all_in_sync = False
         stats.partitions = 1
-        if all_in_sync and others:
-            stats.tombstones_purged += await self._collect_tombstones(partition, others)
+        if all_in_sync:  # also with no other replica (n = 1, a one-node cluster)
+            try:
+                stats.tombstones_purged += await self._collect_tombstones(partition, others)
+            except _PEER_FAILURES as exc:
+                log.info("tombstone purge of partition %d stopped: %s", partition, exc)
+                stats.errors += 1
         return stats
 
-    async def _collect_tombstones(self, partition: int, others: list[str]) -> int:
-        """Every replica holds exactly what we hold: purge tombstones past the grace."""
-        cutoff = self.cluster.clocks.wall() - self.config.tombstone_grace
-        doomed = []
-        for segment in range(aae.SEGMENTS):
-            if self.store.tree(partition).segment(segment) == 0:
+    async def _old_tombstones(self, partition: int, cutoff: float):
+        """Batches of [key, digest] of the tombstones deleted before ``cutoff``, read from
+        the tombstone index (never the objects), bounded in count and bytes, yielding
+        between batches."""
+        start, stop = keys.tombstone_range(partition)
+        limit = min(PURGE_BATCH_BYTES, self.config.max_frame // 2)
+        batch: list[list[bytes]] = []
+        size = scanned = 0
+        for entry_key, value in self.store.storage.iterate(start, stop):
+            scanned += 1
+            if scanned % SCAN_YIELD == 0:
+                await trio.lowlevel.checkpoint()
+            key, deleted_at = keys.tombstone_entry(partition, entry_key, value)
+            if deleted_at >= cutoff:
                 continue
-            for key, digest in self.store.segment_entries(partition, segment).items():
-                obj = self.store.read(key)
-                if obj is not None and obj.siblings and not versions.is_found(obj) and \
-                        max(s.timestamp for s in obj.siblings) < cutoff:
-                    doomed.append([key, digest])
-        if not doomed:
-            return 0
-        for node in others:
-            peer = RemoteReplica(node, self.cluster.peer_address(node), self.cluster.peers)
-            with trio.fail_after(self.config.request_timeout):
-                await peer.peers.call(peer.address, MsgType.REPLICA_PUT,
-                                      {"op": "aae-purge", "partition": partition, "tombstones": doomed},
-                                      MsgType.REPLICA_PUT_REPLY)
-        purged = await self.purge_confirmed(partition, doomed)
-        log.info("partition %d: purged %d tombstones confirmed on every replica", partition, purged)
+            digest = self.store.storage.get(keys.index_key(partition, aae.segment_of(key), key))
+            if digest is None:
+                continue
+            if batch and (len(batch) == PURGE_BATCH or size + len(key) + 16 > limit):
+                yield batch
+                batch, size = [], 0
+            batch.append([key, digest])
+            size += len(key) + 16
+        if batch:
+            yield batch
+
+    async def _collect_tombstones(self, partition: int, others: list[str]) -> int:
+        """Every replica holds exactly what we hold: purge tombstones past the grace.
+
+        Each batch is purged on every other replica first, then here. When a replica fails
+        the purge stops: the replicas that purged already differ from the rest by those
+        tombstones only, and the next exchange gives them back (same digests), after which
+        the purge runs again. A tombstone is never lost while a live version could return."""
+        cutoff = self.cluster.clocks.wall() - self.config.tombstone_grace
+        purged = 0
+        async for doomed in self._old_tombstones(partition, cutoff):
+            for node in others:
+                peer = RemoteReplica(node, self.cluster.peer_address(node), self.cluster.peers)
+                with trio.fail_after(self.config.request_timeout):
+                    await peer.peers.call(peer.address, MsgType.REPLICA_PUT,
+                                          {"op": "aae-purge", "partition": partition,
+                                           "tombstones": doomed},
+                                          MsgType.REPLICA_PUT_REPLY)
+            purged += await self.purge_confirmed(partition, doomed)
+        if purged:
+            log.info("partition %d: purged %d tombstones confirmed on every replica",
+                     partition, purged)
         return purged
 
     async def repair(self, partitions: list[int] | None = None) -> RepairStats:
@@ -212,19 +256,37 @@ class AntiEntropy:
         self.progress = {"partitions_total": len(todo), "partitions_done": 0, "state": "running"}
         for partition in todo:
             stats.add(await self.repair_partition(partition))
+            await trio.sleep(0)
             self.progress["partitions_done"] += 1
         self.progress["state"] = "done"
         self.totals.add(stats)
         return stats
 
+    def moving_partitions(self) -> set[int]:
+        """Partitions whose replicas change with the pending moves: anti-entropy leaves them
+        alone until the move is done (their new replicas are still being filled)."""
+        state = self.cluster.state
+        if not state.pending:
+            return set()
+        serving, future = self.cluster.serving_ring(), state.ring
+        n_now, n_next = self.cluster._replication(serving), self.cluster._replication(future)
+        return {p for p in range(future.q)
+                if preference_list(serving, p, n_now) != preference_list(future, p, n_next)}
+
     async def run(self) -> None:
-        """Background exchanges, throttled: the partitions this node is first primary of."""
+        """Background exchanges, throttled: the partitions this node is first primary of,
+        except those that are moving."""
         while True:
             await trio.sleep(self.config.anti_entropy_interval)
-            if not self.config.anti_entropy or self.cluster.state.pending or self.cluster.restoring:
+            if not self.config.anti_entropy or self.cluster.restoring:
                 continue
             stats = RepairStats()
+            state, moving = self.cluster.state, self.moving_partitions()
             for partition in self.my_partitions(first_only=True):
+                if self.cluster.state is not state:  # a commit mid-round moves others
+                    state, moving = self.cluster.state, self.moving_partitions()
+                if partition in moving:
+                    continue
                 stats.add(await self.repair_partition(partition))
                 await trio.sleep(0)  # let requests through between partitions
             self.totals.add(stats)
