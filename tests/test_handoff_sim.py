@@ -290,3 +290,21 @@ async def test_anti_entropy_repairs_partitions_that_are_not_moving(autojump_cloc
         assert not missing, f"n3 still misses {len(missing)} of {len(steady)} keys of steady partitions"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_hint_window_must_be_shorter_than_tombstone_grace():
+    from kvd.config import load_config
+    from kvd.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"KVD_HINT_WINDOW": "7200", "KVD_TOMBSTONE_GRACE": "3600"}, {})
+    message = str(info.value)
+    assert "\n" not in message
+    assert "hint_window" in message and "tombstone_grace" in message, message
+    # Without hinted handoff there are no hints to resurrect anything.
+    load_config(None, {"KVD_HINT_WINDOW": "7200", "KVD_TOMBSTONE_GRACE": "3600",
+                       "KVD_HINTED_HANDOFF": "false"}, {})
+    load_config(None, {"KVD_HINT_WINDOW": "3599", "KVD_TOMBSTONE_GRACE": "3600"}, {})
