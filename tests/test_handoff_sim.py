@@ -308,3 +308,83 @@ def test_hint_window_must_be_shorter_than_tombstone_grace():
     load_config(None, {"KVD_HINT_WINDOW": "7200", "KVD_TOMBSTONE_GRACE": "3600",
                        "KVD_HINTED_HANDOFF": "false"}, {})
     load_config(None, {"KVD_HINT_WINDOW": "3599", "KVD_TOMBSTONE_GRACE": "3600"}, {})
+
+
+# ------------------------------------------------------------------ objects larger than a frame
+
+PATHS = {  # how n3 gets what it missed while down: one repair path at a time
+    "hint": dict(hinted_handoff=True, read_repair=False, anti_entropy=False),
+    "read-repair": dict(hinted_handoff=False, read_repair=True, anti_entropy=False),
+    "anti-entropy": dict(hinted_handoff=False, read_repair=False, anti_entropy=True),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+async def test_object_with_many_near_1mib_inline_siblings_travels(autojump_clock, path):
+    """Six inline siblings of ~1 MB: a 6 MB object, over the 4 MiB max_frame."""
+    async with trio.open_nursery() as nursery:
+        sim = await cluster(nursery, chunk_size=1 << 20, max_frame=4 << 20,
+                            anti_entropy_interval=10.0, **PATHS[path])
+        key = b"crowded"
+        values = [bytes([i]) * 1_000_000 for i in range(1, 7)]
+        sim.crash("n3")
+        await trio.sleep(15)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            await c.put(key, b"first")
+            context = (await c.get(key)).context
+            for value in values:  # concurrent with one another: each becomes a sibling
+                await c.put(key, value, context=context)
+        await sim.start("n3")
+        await trio.sleep(10)
+        if path == "read-repair":
+            async with sim.open_client("n1", sim.client_address()) as c:
+                got = await c.get(key, r=3)
+            assert sorted(s.value for s in got.siblings) == values
+        await trio.sleep(60)
+        obj = node(sim, "n3").store.read(key)
+        assert obj is not None, f"n3 never got the object by {path}"
+        assert sorted(s.value for s in obj.siblings) == values
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+def same_segment_keys(q: int, count: int, length: int = 1000) -> list[bytes]:
+    """``count`` keys of ``length`` bytes in one partition (of ``q``) and one AAE segment."""
+    import hashlib
+
+    from kvd import aae
+    from kvd.ring import partition_of
+
+    prefix = b"p" * (length - 8)
+    want = None
+    out = []
+    i = 0
+    while len(out) < count:
+        key = prefix + i.to_bytes(8, "big")
+        i += 1
+        where = (partition_of(key, q), aae.segment_of(key))
+        if want is None:
+            want = where
+        if where == want:
+            out.append(key)
+    del hashlib
+    return out
+
+
+async def test_anti_entropy_key_lists_are_capped_by_the_frame(autojump_clock):
+    """A segment listing larger than max_frame (64 KiB) arrives in pieces."""
+    async with trio.open_nursery() as nursery:
+        sim = await cluster(nursery, chunk_size=64 << 10, max_frame=64 << 10,
+                            hinted_handoff=False, read_repair=False, anti_entropy_interval=10.0)
+        keys = same_segment_keys(node(sim, "n1").cluster.state.ring.q, 80)
+        sim.crash("n3")
+        await trio.sleep(15)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            for key in keys:
+                await c.put(key, b"v")
+        await sim.start("n3")
+        await trio.sleep(90)
+        missing = [k for k in keys if node(sim, "n3").store.read(k) is None]
+        assert not missing, f"n3 still misses {len(missing)} of {len(keys)} keys"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()

@@ -39,6 +39,7 @@ log = logging.getLogger("kvd.aae")
 
 PURGE_BATCH = 256  # tombstones per aae-purge request
 PURGE_BATCH_BYTES = 256 << 10  # and at most this many bytes of keys (or max_frame / 2)
+KEY_ENTRY_OVERHEAD = 8  # msgpack framing of one [key, digest] pair, rounded up
 SCAN_YIELD = 512  # tombstone index entries read between checkpoints
 
 # A peer that fails, times out or goes away: counted as an error, never fatal to the node.
@@ -83,9 +84,39 @@ class AntiEntropy:
         if op == "aae-segments":
             return {"segments": self.store.tree(fields["partition"]).branch_segments(fields["branch"])}
         if op == "aae-keys":
-            entries = self.store.segment_entries(fields["partition"], fields["segment"])
-            return {"entries": [[k, d] for k, d in entries.items()]}
+            return self._key_page(fields["partition"], fields["segment"], fields.get("after"))
         raise KvdError(f"unknown anti-entropy operation {op!r}")
+
+    def _key_page(self, partition: int, segment: int, after: bytes | None) -> dict:
+        """One reply's worth of a segment's (key, digest) list, in key order after ``after``:
+        at most half of max_frame, so a crowded segment never closes the connection."""
+        start, stop = keys.index_range(partition, segment)
+        prefix = len(start)
+        if after is not None:
+            start = start + after + b"\x00"
+        budget = self.config.max_frame // 2
+        entries, size = [], 0
+        for index_key, digest in self.store.storage.iterate(start, stop):
+            key = index_key[prefix:]
+            size += len(key) + len(digest) + KEY_ENTRY_OVERHEAD
+            if entries and size > budget:
+                return {"entries": entries, "more": True}
+            entries.append([key, digest])
+        return {"entries": entries, "more": False}
+
+    async def _their_entries(self, peer, partition: int, segment: int) -> dict[bytes, bytes]:
+        """The peer's (key, digest) list of one segment, page by page."""
+        out: dict[bytes, bytes] = {}
+        after = None
+        while True:
+            fields = {"op": "aae-keys", "partition": partition, "segment": segment}
+            if after is not None:
+                fields["after"] = after
+            reply = await self._ask(peer, fields)
+            out.update((k, d) for k, d in reply["entries"])
+            if not reply.get("more") or not reply["entries"]:
+                return out
+            after = reply["entries"][-1][0]
 
     async def purge_confirmed(self, partition: int, tombstones: list) -> int:
         """Purge tombstones every replica confirmed holding (REPLICA_PUT aae-purge)."""
@@ -133,11 +164,10 @@ class AntiEntropy:
             stats.bytes_exchanged += 8 * aae.SEGMENTS_PER_BRANCH
             for segment in aae.differing_segments(branch, tree.branch_segments(branch), their_segments):
                 stats.segments_differing += 1
-                entries = (await self._ask(
-                    peer, {"op": "aae-keys", "partition": partition, "segment": segment}))["entries"]
-                stats.bytes_exchanged += sum(len(k) + len(d) for k, d in entries)
+                theirs_keys = await self._their_entries(peer, partition, segment)
+                stats.bytes_exchanged += sum(len(k) + len(d) for k, d in theirs_keys.items())
                 mine = self.store.segment_entries(partition, segment)
-                need, give = aae.diff_keys(mine, {k: d for k, d in entries})
+                need, give = aae.diff_keys(mine, theirs_keys)
                 for key in need:
                     obj = await peer.get(key)
                     if obj is not None:

@@ -84,6 +84,7 @@ class Cluster:
         self.local = local
         self.nursery = nursery
         self.peers = PeerPool(nursery, {"node": self.me}, dial=dial)
+        self.peers.frame_budget = config.max_frame // 2  # object bytes per request (remote.py)
         self.rng = rng or random.Random()
         self.gossiper: Gossiper | None = None
         self.fresh = False
