@@ -356,18 +356,25 @@ def same_segment_keys(q: int, count: int, length: int = 1000) -> list[bytes]:
     from kvd.ring import partition_of
 
     prefix = b"p" * (length - 8)
-    want = None
-    out = []
-    i = 0
+    # The hashes of the shared prefix, computed once (partition_of and aae.segment_of).
+    by_partition = hashlib.blake2b(prefix, digest_size=8)
+    by_segment = hashlib.blake2b(prefix, digest_size=8, person=b"kvd-aae")
+    want, out, i = None, [], 0
     while len(out) < count:
-        key = prefix + i.to_bytes(8, "big")
+        suffix = i.to_bytes(8, "big")
         i += 1
-        where = (partition_of(key, q), aae.segment_of(key))
-        if want is None:
-            want = where
+        h = by_partition.copy()
+        h.update(suffix)
+        partition = int.from_bytes(h.digest(), "big") >> (64 - (q.bit_length() - 1))
+        if want is not None and partition != want[0]:
+            continue
+        h = by_segment.copy()
+        h.update(suffix)
+        where = (partition, int.from_bytes(h.digest(), "big") % aae.SEGMENTS)
+        want = want or where
         if where == want:
-            out.append(key)
-    del hashlib
+            out.append(prefix + suffix)
+    assert {(partition_of(k, q), aae.segment_of(k)) for k in out} == {want}
     return out
 
 
@@ -386,5 +393,28 @@ async def test_anti_entropy_key_lists_are_capped_by_the_frame(autojump_clock):
         await trio.sleep(90)
         missing = [k for k in keys if node(sim, "n3").store.read(k) is None]
         assert not missing, f"n3 still misses {len(missing)} of {len(keys)} keys"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+async def test_tombstones_written_before_the_index_are_indexed_once_and_collected(autojump_clock):
+    from kvd.storage import keys as layout
+
+    async with trio.open_nursery() as nursery:
+        sim = await cluster(nursery, names=("n1",), tombstone_grace=30.0, hint_window=20.0,
+                            anti_entropy_interval=10.0)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            await c.put(b"old", b"v")
+            await c.delete(b"old", context=(await c.get(b"old")).context)
+        # As a data directory from before the index: no entry, no "indexed" mark.
+        storage = node(sim, "n1").storage
+        q = layout.partition_of(b"old", node(sim, "n1").store.ring_size)
+        await storage.write([layout.tombstone_op(q, b"old", None),
+                             (layout.meta_key("tombstone-index"), None)])
+        sim.crash("n1")
+        await trio.sleep(1)
+        await sim.start("n1", seeds=[])
+        await trio.sleep(90)
+        assert node(sim, "n1").store.read(b"old") is None, "the old tombstone was never collected"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kvd import aae
+from kvd import aae, versions
 from kvd.errors import KvdError
 from kvd.node.remote import RemoteReplica
 from kvd.proto.messages import MsgType
@@ -122,8 +122,14 @@ class AntiEntropy:
         """Purge tombstones every replica confirmed holding (REPLICA_PUT aae-purge)."""
         purged = 0
         for key, digest in tombstones:
-            if partition_of(key, self.store.ring_size) == partition and await self.store.purge(key, digest):
+            if partition_of(key, self.store.ring_size) != partition:
+                continue
+            if await self.store.purge(key, digest):
                 purged += 1
+            else:
+                obj = self.store._latest(key)  # with a write still committing, if any
+                if obj is None or versions.is_found(obj):  # a stale index entry: drop it
+                    await self.store.storage.write([keys.tombstone_op(partition, key, None)])
         return purged
 
     # ------------------------------------------------------------- exchanges
@@ -303,9 +309,38 @@ class AntiEntropy:
         return {p for p in range(future.q)
                 if preference_list(serving, p, n_now) != preference_list(future, p, n_next)}
 
+    async def index_old_tombstones(self) -> int:
+        """Once per data directory: index the tombstones written before the tombstone index
+        existed (one scan of the objects, yielding), so they are collected too. An entry
+        that a concurrent write made stale is harmless: purge refuses a live key, and
+        ``purge_confirmed`` then drops the entry."""
+        done_key = keys.meta_key("tombstone-index")
+        if self.store.storage.get(done_key) is not None:
+            return 0
+        found = scanned = 0
+        batch: list = []
+        for object_key, raw in self.store.storage.iterate(*keys.object_space()):
+            partition, key = keys.user_key_of(object_key)
+            obj = versions.decode_object(raw)
+            if obj.siblings and not versions.is_found(obj):
+                found += 1
+                batch.append(keys.tombstone_op(partition, key,
+                                               max(s.timestamp for s in obj.siblings)))
+            scanned += 1
+            if scanned % SCAN_YIELD == 0:
+                if batch:
+                    await self.store.storage.write(batch)
+                    batch = []
+                await trio.sleep(0)
+        await self.store.storage.write(batch + [(done_key, b"1")])
+        if found:
+            log.info("indexed %d tombstones written before the tombstone index", found)
+        return found
+
     async def run(self) -> None:
         """Background exchanges, throttled: the partitions this node is first primary of,
         except those that are moving."""
+        await self.index_old_tombstones()
         while True:
             await trio.sleep(self.config.anti_entropy_interval)
             if not self.config.anti_entropy or self.cluster.restoring:

@@ -73,6 +73,11 @@ def object_range(partition: int) -> tuple[bytes, bytes]:
     return start, _successor(start)
 
 
+def object_space() -> tuple[bytes, bytes]:
+    """``[start, stop)`` covering every object key of every partition."""
+    return _OBJECT, _successor(_OBJECT)
+
+
 def user_key_of(object_key: bytes) -> tuple[int, bytes]:
     """``(partition, key)`` of a key built by ``object_key``."""
     if len(object_key) < 5 or object_key[:1] != _OBJECT:
