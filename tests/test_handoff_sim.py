@@ -418,3 +418,22 @@ async def test_tombstones_written_before_the_index_are_indexed_once_and_collecte
         assert node(sim, "n1").store.read(b"old") is None, "the old tombstone was never collected"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+async def test_an_unreadable_hint_does_not_stop_the_others(autojump_clock):
+    from kvd.storage import keys as layout
+
+    async with trio.open_nursery() as nursery:
+        sim = await cluster(nursery)
+        sim.crash("n3")
+        await trio.sleep(15)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            await c.put(b"good", b"v")
+        # Sorts first: a record damaged on disk (or written by a buggy version).
+        await node(sim, "n1").storage.write([(layout.hint_key("n3", 1), b"\xc1garbage")])
+        await sim.start("n3")
+        await trio.sleep(30)
+        assert node(sim, "n3").store.read(b"good") is not None, "the good hint was not delivered"
+        assert node(sim, "n1").cluster.hints_pending() == {}
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()

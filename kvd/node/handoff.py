@@ -40,6 +40,7 @@ from kvd.errors import ConnectFailed, KvdError, ProtocolError
 from kvd.node.local import _GARBAGE, _ledger_key
 from kvd.node.remote import RemoteReplica
 from kvd.storage import keys
+from kvd.storage.base import StorageError
 
 log = logging.getLogger("kvd.handoff")
 
@@ -61,6 +62,19 @@ def _unpack(data: bytes):
 
 def _vids(obj: versions.VersionedObject) -> set[bytes]:
     return {s.chunks.vid for s in obj.siblings if s.chunks is not None}
+
+
+def _decode(hint_key: bytes, raw: bytes) -> dict:
+    """A stored hint; one that cannot be read counts as expired (Rule 5: it must not stop
+    the others), and is dropped with a warning."""
+    try:
+        hint = _unpack(raw)
+        versions.decode_object(hint["object"])
+        float(hint["at"])
+        return hint
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("dropping unreadable hint %r: %s", hint_key[:80], exc)
+        return {"key": b"", "object": versions.encode_object(versions.empty()), "at": 0.0}
 
 
 class Handoff:
@@ -105,10 +119,12 @@ class Handoff:
             if self.objects.blobs.exists(vid):
                 await self.objects.blobs.seal(vid)
                 ops += [(_ledger_key(vid), None), (keys.hint_blob_key(vid, hint_key), b"")]
+        # Counted before the write: a count too high costs one seek a second, one too low
+        # could hide a hint from delivery until the next start.
         self._counts[target] = self._counts.get(target, 0) + 1
         try:
             await self.storage.write(ops)
-        except BaseException:
+        except StorageError:  # not applied (a cancelled write may have been)
             self._counts[target] -= 1
             raise
 
@@ -141,7 +157,7 @@ class Handoff:
         while True:
             doomed = []
             for hint_key, raw in self.storage.iterate(start, stop):
-                hint = _unpack(raw)
+                hint = _decode(hint_key, raw)
                 if not self._is_expired(hint) or len(doomed) == HINT_BATCH:
                     break
                 doomed.append((hint_key, hint))
@@ -162,7 +178,7 @@ class Handoff:
         for hint_key, raw in self.storage.iterate(start, stop):
             if out and (len(out) == HINT_BATCH or size + len(raw) > HINT_BATCH_BYTES):
                 break
-            out.append((hint_key, _unpack(raw), len(raw)))
+            out.append((hint_key, _decode(hint_key, raw), len(raw)))
             size += len(raw)
         return out
 
@@ -174,7 +190,9 @@ class Handoff:
         try:
             while batch := self._batch(start, stop):
                 done: list[tuple[bytes, dict]] = []
-                old = [(k, h) for k, h, _ in batch if self._is_expired(h)]
+                old, due = [], []
+                for hint_key, hint, _size in batch:
+                    (old if self._is_expired(hint) else due).append((hint_key, hint))
                 unreachable: list[BaseException] = []
 
                 async def one(hint_key: bytes, hint: dict) -> None:
@@ -186,9 +204,8 @@ class Handoff:
 
                 # Concurrently, so the node commits the batch in few group commits.
                 async with trio.open_nursery() as nursery:
-                    for hint_key, hint, _size in batch:
-                        if not self._is_expired(hint):
-                            nursery.start_soon(one, hint_key, hint)
+                    for hint_key, hint in due:
+                        nursery.start_soon(one, hint_key, hint)
                 await self._remove(target, old + done)
                 delivered += len(done)
                 expired += len(old)
