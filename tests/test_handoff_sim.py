@@ -437,3 +437,35 @@ async def test_an_unreadable_hint_does_not_stop_the_others(autojump_clock):
         assert node(sim, "n1").cluster.hints_pending() == {}
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+async def test_a_partition_of_large_objects_travels(autojump_clock, path):
+    """Twelve ~1 MB inline objects in one partition (max_frame 4 MiB): batches stay bounded."""
+    from kvd.ring import partition_of
+
+    async with trio.open_nursery() as nursery:
+        sim = await cluster(nursery, chunk_size=1 << 20, max_frame=4 << 20,
+                            anti_entropy_interval=10.0, **PATHS[path])
+        q = node(sim, "n1").cluster.state.ring.q
+        keys = [k for k in (b"big%d" % i for i in range(2000)) if partition_of(k, q) == 0][:12]
+        values = {key: bytes([i]) * 1_000_000 for i, key in enumerate(keys)}
+        sim.crash("n3")
+        await trio.sleep(15)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            for key, value in values.items():
+                await c.put(key, value)
+        await sim.start("n3")
+        await trio.sleep(10)
+        if path == "read-repair":
+            async with sim.open_client("n1", sim.client_address()) as c:
+                for key in keys:
+                    await c.get(key, r=3)
+        await trio.sleep(60)
+        store3 = node(sim, "n3").store
+        got = {key: store3.read(key) for key in keys}
+        missing = [key for key, obj in got.items() if obj is None]
+        assert not missing, f"n3 misses {len(missing)} of {len(keys)} by {path}"
+        assert all(got[k].siblings[0].value == values[k] for k in keys)
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
