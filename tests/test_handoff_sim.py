@@ -13,7 +13,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from sim.harness import SimCluster, seeded  # noqa: E402
 
-from kvd.proto.messages import MsgType  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
