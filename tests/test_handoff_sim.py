@@ -468,3 +468,31 @@ async def test_a_partition_of_large_objects_travels(autojump_clock, path):
         assert all(got[k].siblings[0].value == values[k] for k in keys)
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+async def test_anti_entropy_push_never_leaves_a_named_blob_to_the_sweep(autojump_clock):
+    """The initiator pushes a chunked value to a replica that already has it (and more): the
+    bytes it re-sends must not be swept at that replica's next start."""
+    async with trio.open_nursery() as nursery:
+        sim = await cluster(nursery, hinted_handoff=False, read_repair=False,
+                            anti_entropy_interval=10.0)
+        key = next(k for k in (b"k%d" % i for i in range(1000)) if replicas_of(sim, k)[0] == "n1")
+        other = replicas_of(sim, key)[1]
+        async with sim.open_client("n1", sim.client_address()) as c:
+            await c.put(key, b"v0", w=3)
+            context = (await c.get(key, r=3)).context
+            await c.put(key, os.urandom(200_000), context=context, w=3)  # chunked, everywhere
+        vid = node(sim, other).store.read(key).siblings[0].chunks.vid
+        sim.crash("n1")
+        await trio.sleep(15)
+        async with sim.open_client(other, sim.client_address()) as c:
+            await c.put(key, b"concurrent", context=context, w=2)  # n1 misses this sibling
+        await sim.start("n1")
+        await trio.sleep(60)  # n1, first replica, exchanges: it has less than the others
+        assert vid in {s.chunks.vid for s in node(sim, other).store.read(key).siblings if s.chunks}
+        sim.crash(other)
+        await trio.sleep(1)
+        await sim.start(other)
+        assert node(sim, other).store.blobs.exists(vid), "a restart swept bytes a manifest names"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()

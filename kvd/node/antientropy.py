@@ -198,9 +198,10 @@ class AntiEntropy:
                     offset += len(data)
 
     async def _push_blobs(self, peer, key, obj) -> None:
+        """Stream the bytes of chunked siblings the peer lacks (only those: see has_blob)."""
         for sibling in obj.siblings:
             ref = sibling.chunks
-            if ref is not None:
+            if ref is not None and not await peer.has_blob(key, ref.vid):
                 offset = 0
                 async for data in self.store.read_chunks(key, ref):
                     await peer.write_chunk(key, ref.vid, offset, data)

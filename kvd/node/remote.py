@@ -22,7 +22,7 @@ import os
 import trio
 
 from kvd import versions
-from kvd.errors import BadRequest, KvdError
+from kvd.errors import BadRequest, KvdError, Unavailable
 from kvd.net.peer import PeerPool
 from kvd.proto.messages import MsgType
 
@@ -139,6 +139,18 @@ class RemoteReplica:
 
     async def discard_upload(self, key, vid):
         await self._put({"op": "discard", "key": key, "vid": vid})
+
+    async def has_blob(self, key, vid) -> bool:
+        """Whether the replica holds bytes of value ``vid`` (a zero-byte ``blob`` read).
+        Senders ask before streaming a value: re-sending bytes a replica already has marks
+        them as an unfinished upload there, which its next start would sweep."""
+        try:
+            await self.peers.call(self.address, MsgType.REPLICA_GET,
+                                  {"op": "blob", "key": key, "vid": vid, "offset": 0, "size": 0},
+                                  MsgType.REPLICA_GET_REPLY)
+        except Unavailable:
+            return False
+        return True
 
     async def read_chunks(self, key, ref, piece: int = 1 << 20):
         for offset in range(0, ref.length, piece):
