@@ -391,7 +391,8 @@ class Config(BaseModel):
         description=(
             "Seconds (default 3 h) a hint is kept for a down node. Past it the hint is "
             "dropped and anti-entropy restores the data, so a long outage cannot fill the "
-            "disks of the other nodes."
+            "disks of the other nodes. Must be shorter than tombstone_grace, so no hint "
+            "outlives a tombstone purge it could undo."
         ),
     )
     read_repair: bool = Field(
@@ -514,6 +515,15 @@ class Config(BaseModel):
                 f"chunk_size ({self.chunk_size}) must not exceed max_frame ({self.max_frame})",
                 "chunk_size",
                 "max_frame",
+            )
+        if self.hinted_handoff and self.hint_window >= self.tombstone_grace:
+            # A hint older than the grace could bring back a key whose tombstone is purged.
+            raise _KeyedError(
+                f"hint_window ({self.hint_window:g} s) must be shorter than tombstone_grace "
+                f"({self.tombstone_grace:g} s): a hint delivered after a tombstone is purged "
+                "would bring the deleted key back",
+                "hint_window",
+                "tombstone_grace",
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise _KeyedError(

@@ -13,7 +13,12 @@ exchange on demand for every partition the node replicates.
 Tombstone GC (DESIGN section 2: deleted data must never come back): when an exchange finds
 a partition identical on *every* replica of it (all up, all compared), its tombstones older
 than ``tombstone_grace`` are purged on every replica, each replica purging only the
-tombstone it holds with that exact digest. Never while a replica is unreachable.
+tombstone it holds with that exact digest. Never while a replica is unreachable. A
+partition with one replica (n = 1, a one-node cluster) purges after the grace alone. The
+candidates come from the tombstone index (``keys.tombstone_range``, written with each
+object), so a round costs in proportion to the tombstones, not the data, and yields.
+
+While partitions move, only the moving ones are left out (their replica sets change).
 """
 
 from __future__ import annotations
@@ -28,8 +33,17 @@ from kvd.errors import KvdError
 from kvd.node.remote import RemoteReplica
 from kvd.proto.messages import MsgType
 from kvd.ring import partition_of, preference_list
+from kvd.storage import keys
 
 log = logging.getLogger("kvd.aae")
+
+PURGE_BATCH = 256  # tombstones per aae-purge request
+PURGE_BATCH_BYTES = 256 << 10  # and at most this many bytes of keys (or max_frame / 2)
+KEY_ENTRY_OVERHEAD = 8  # msgpack framing of one [key, digest] pair, rounded up
+SCAN_YIELD = 512  # tombstone index entries read between checkpoints
+
+# A peer that fails, times out or goes away: counted as an error, never fatal to the node.
+_PEER_FAILURES = (KvdError, trio.TooSlowError, OSError)
 
 
 @dataclass
@@ -70,16 +84,52 @@ class AntiEntropy:
         if op == "aae-segments":
             return {"segments": self.store.tree(fields["partition"]).branch_segments(fields["branch"])}
         if op == "aae-keys":
-            entries = self.store.segment_entries(fields["partition"], fields["segment"])
-            return {"entries": [[k, d] for k, d in entries.items()]}
+            return self._key_page(fields["partition"], fields["segment"], fields.get("after"))
         raise KvdError(f"unknown anti-entropy operation {op!r}")
+
+    def _key_page(self, partition: int, segment: int, after: bytes | None) -> dict:
+        """One reply's worth of a segment's (key, digest) list, in key order after ``after``:
+        at most half of max_frame, so a crowded segment never closes the connection."""
+        start, stop = keys.index_range(partition, segment)
+        prefix = len(start)
+        if after is not None:
+            start = start + after + b"\x00"
+        budget = self.config.max_frame // 2
+        entries, size = [], 0
+        for index_key, digest in self.store.storage.iterate(start, stop):
+            key = index_key[prefix:]
+            size += len(key) + len(digest) + KEY_ENTRY_OVERHEAD
+            if entries and size > budget:
+                return {"entries": entries, "more": True}
+            entries.append([key, digest])
+        return {"entries": entries, "more": False}
+
+    async def _their_entries(self, peer, partition: int, segment: int) -> dict[bytes, bytes]:
+        """The peer's (key, digest) list of one segment, page by page."""
+        out: dict[bytes, bytes] = {}
+        after = None
+        while True:
+            fields = {"op": "aae-keys", "partition": partition, "segment": segment}
+            if after is not None:
+                fields["after"] = after
+            reply = await self._ask(peer, fields)
+            out.update((k, d) for k, d in reply["entries"])
+            if not reply.get("more") or not reply["entries"]:
+                return out
+            after = reply["entries"][-1][0]
 
     async def purge_confirmed(self, partition: int, tombstones: list) -> int:
         """Purge tombstones every replica confirmed holding (REPLICA_PUT aae-purge)."""
         purged = 0
         for key, digest in tombstones:
-            if partition_of(key, self.store.ring_size) == partition and await self.store.purge(key, digest):
+            if partition_of(key, self.store.ring_size) != partition:
+                continue
+            if await self.store.purge(key, digest):
                 purged += 1
+            else:
+                obj = self.store._latest(key)  # with a write still committing, if any
+                if obj is None or versions.is_found(obj):  # a stale index entry: drop it
+                    await self.store.storage.write([keys.tombstone_op(partition, key, None)])
         return purged
 
     # ------------------------------------------------------------- exchanges
@@ -120,11 +170,10 @@ class AntiEntropy:
             stats.bytes_exchanged += 8 * aae.SEGMENTS_PER_BRANCH
             for segment in aae.differing_segments(branch, tree.branch_segments(branch), their_segments):
                 stats.segments_differing += 1
-                entries = (await self._ask(
-                    peer, {"op": "aae-keys", "partition": partition, "segment": segment}))["entries"]
-                stats.bytes_exchanged += sum(len(k) + len(d) for k, d in entries)
+                theirs_keys = await self._their_entries(peer, partition, segment)
+                stats.bytes_exchanged += sum(len(k) + len(d) for k, d in theirs_keys.items())
                 mine = self.store.segment_entries(partition, segment)
-                need, give = aae.diff_keys(mine, {k: d for k, d in entries})
+                need, give = aae.diff_keys(mine, theirs_keys)
                 for key in need:
                     obj = await peer.get(key)
                     if obj is not None:
@@ -149,16 +198,19 @@ class AntiEntropy:
                     offset += len(data)
 
     async def _push_blobs(self, peer, key, obj) -> None:
+        """Stream the bytes of chunked siblings the peer lacks (only those: see has_blob)."""
         for sibling in obj.siblings:
             ref = sibling.chunks
-            if ref is not None:
+            if ref is not None and not await peer.has_blob(key, ref.vid):
                 offset = 0
                 async for data in self.store.read_chunks(key, ref):
                     await peer.write_chunk(key, ref.vid, offset, data)
                     offset += len(data)
 
     async def repair_partition(self, partition: int) -> RepairStats:
-        """Exchange with every other replica; then, if all agreed, purge old tombstones."""
+        """Exchange with every other replica; then, if all agreed, purge old tombstones.
+
+        Never raises for a peer that fails or goes away: that is an error in the stats."""
         stats = RepairStats()
         others = [n for n in self._replicas(partition) if n != self.cluster.me]
         all_in_sync = True
@@ -168,7 +220,7 @@ class AntiEntropy:
                 continue
             try:
                 result = await self.exchange(partition, node)
-            except (KvdError, trio.TooSlowError, OSError) as exc:
+            except _PEER_FAILURES as exc:
                 log.info("anti-entropy of partition %d with %s failed: %s", partition, node, exc)
                 stats.errors += 1
                 all_in_sync = False
@@ -177,32 +229,61 @@ class AntiEntropy:
             if result.partitions_differing:
                 all_in_sync = False
         stats.partitions = 1
-        if all_in_sync and others:
-            stats.tombstones_purged += await self._collect_tombstones(partition, others)
+        if all_in_sync:  # also with no other replica (n = 1, a one-node cluster)
+            try:
+                stats.tombstones_purged += await self._collect_tombstones(partition, others)
+            except _PEER_FAILURES as exc:
+                log.info("tombstone purge of partition %d stopped: %s", partition, exc)
+                stats.errors += 1
         return stats
 
-    async def _collect_tombstones(self, partition: int, others: list[str]) -> int:
-        """Every replica holds exactly what we hold: purge tombstones past the grace."""
-        cutoff = self.cluster.clocks.wall() - self.config.tombstone_grace
-        doomed = []
-        for segment in range(aae.SEGMENTS):
-            if self.store.tree(partition).segment(segment) == 0:
+    async def _old_tombstones(self, partition: int, cutoff: float):
+        """Batches of [key, digest] of the tombstones deleted before ``cutoff``, read from
+        the tombstone index (never the objects), bounded in count and bytes, yielding
+        between batches."""
+        start, stop = keys.tombstone_range(partition)
+        limit = min(PURGE_BATCH_BYTES, self.config.max_frame // 2)
+        batch: list[list[bytes]] = []
+        size = scanned = 0
+        for entry_key, value in self.store.storage.iterate(start, stop):
+            scanned += 1
+            if scanned % SCAN_YIELD == 0:
+                await trio.lowlevel.checkpoint()
+            key, deleted_at = keys.tombstone_entry(partition, entry_key, value)
+            if deleted_at >= cutoff:
                 continue
-            for key, digest in self.store.segment_entries(partition, segment).items():
-                obj = self.store.read(key)
-                if obj is not None and obj.siblings and not versions.is_found(obj) and \
-                        max(s.timestamp for s in obj.siblings) < cutoff:
-                    doomed.append([key, digest])
-        if not doomed:
-            return 0
-        for node in others:
-            peer = RemoteReplica(node, self.cluster.peer_address(node), self.cluster.peers)
-            with trio.fail_after(self.config.request_timeout):
-                await peer.peers.call(peer.address, MsgType.REPLICA_PUT,
-                                      {"op": "aae-purge", "partition": partition, "tombstones": doomed},
-                                      MsgType.REPLICA_PUT_REPLY)
-        purged = await self.purge_confirmed(partition, doomed)
-        log.info("partition %d: purged %d tombstones confirmed on every replica", partition, purged)
+            digest = self.store.storage.get(keys.index_key(partition, aae.segment_of(key), key))
+            if digest is None:
+                continue
+            if batch and (len(batch) == PURGE_BATCH or size + len(key) + 16 > limit):
+                yield batch
+                batch, size = [], 0
+            batch.append([key, digest])
+            size += len(key) + 16
+        if batch:
+            yield batch
+
+    async def _collect_tombstones(self, partition: int, others: list[str]) -> int:
+        """Every replica holds exactly what we hold: purge tombstones past the grace.
+
+        Each batch is purged on every other replica first, then here. When a replica fails
+        the purge stops: the replicas that purged already differ from the rest by those
+        tombstones only, and the next exchange gives them back (same digests), after which
+        the purge runs again. A tombstone is never lost while a live version could return."""
+        cutoff = self.cluster.clocks.wall() - self.config.tombstone_grace
+        purged = 0
+        async for doomed in self._old_tombstones(partition, cutoff):
+            for node in others:
+                peer = RemoteReplica(node, self.cluster.peer_address(node), self.cluster.peers)
+                with trio.fail_after(self.config.request_timeout):
+                    await peer.peers.call(peer.address, MsgType.REPLICA_PUT,
+                                          {"op": "aae-purge", "partition": partition,
+                                           "tombstones": doomed},
+                                          MsgType.REPLICA_PUT_REPLY)
+            purged += await self.purge_confirmed(partition, doomed)
+        if purged:
+            log.info("partition %d: purged %d tombstones confirmed on every replica",
+                     partition, purged)
         return purged
 
     async def repair(self, partitions: list[int] | None = None) -> RepairStats:
@@ -212,19 +293,66 @@ class AntiEntropy:
         self.progress = {"partitions_total": len(todo), "partitions_done": 0, "state": "running"}
         for partition in todo:
             stats.add(await self.repair_partition(partition))
+            await trio.sleep(0)
             self.progress["partitions_done"] += 1
         self.progress["state"] = "done"
         self.totals.add(stats)
         return stats
 
+    def moving_partitions(self) -> set[int]:
+        """Partitions whose replicas change with the pending moves: anti-entropy leaves them
+        alone until the move is done (their new replicas are still being filled)."""
+        state = self.cluster.state
+        if not state.pending:
+            return set()
+        serving, future = self.cluster.serving_ring(), state.ring
+        n_now, n_next = self.cluster._replication(serving), self.cluster._replication(future)
+        return {p for p in range(future.q)
+                if preference_list(serving, p, n_now) != preference_list(future, p, n_next)}
+
+    async def index_old_tombstones(self) -> int:
+        """Once per data directory: index the tombstones written before the tombstone index
+        existed (one scan of the objects, yielding), so they are collected too. An entry
+        that a concurrent write made stale is harmless: purge refuses a live key, and
+        ``purge_confirmed`` then drops the entry."""
+        done_key = keys.meta_key("tombstone-index")
+        if self.store.storage.get(done_key) is not None:
+            return 0
+        found = scanned = 0
+        batch: list = []
+        for object_key, raw in self.store.storage.iterate(*keys.object_space()):
+            partition, key = keys.user_key_of(object_key)
+            obj = versions.decode_object(raw)
+            if obj.siblings and not versions.is_found(obj):
+                found += 1
+                batch.append(keys.tombstone_op(partition, key,
+                                               max(s.timestamp for s in obj.siblings)))
+            scanned += 1
+            if scanned % SCAN_YIELD == 0:
+                if batch:
+                    await self.store.storage.write(batch)
+                    batch = []
+                await trio.sleep(0)
+        await self.store.storage.write(batch + [(done_key, b"1")])
+        if found:
+            log.info("indexed %d tombstones written before the tombstone index", found)
+        return found
+
     async def run(self) -> None:
-        """Background exchanges, throttled: the partitions this node is first primary of."""
+        """Background exchanges, throttled: the partitions this node is first primary of,
+        except those that are moving."""
+        await self.index_old_tombstones()
         while True:
             await trio.sleep(self.config.anti_entropy_interval)
-            if not self.config.anti_entropy or self.cluster.state.pending or self.cluster.restoring:
+            if not self.config.anti_entropy or self.cluster.restoring:
                 continue
             stats = RepairStats()
+            state, moving = self.cluster.state, self.moving_partitions()
             for partition in self.my_partitions(first_only=True):
+                if self.cluster.state is not state:  # a commit mid-round moves others
+                    state, moving = self.cluster.state, self.moving_partitions()
+                if partition in moving:
+                    continue
                 stats.add(await self.repair_partition(partition))
                 await trio.sleep(0)  # let requests through between partitions
             self.totals.add(stats)

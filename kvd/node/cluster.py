@@ -9,8 +9,9 @@ live inputs (time, the peer connections, storage) and carries out what they retu
   also to the new owner of a moving partition. Only primaries mint versions (a fallback
   knows nothing of the key's history, so it could reuse a dot).
 - Gossip: every ``gossip_interval`` push-pull with one peer (members table + cluster state).
-- Handoff: hints are delivered to their node once the failure detector sees it up, and
-  dropped once older than ``hint_window`` (anti-entropy covers what they miss).
+- Handoff (kvd.node.handoff): hints are delivered to their node once the failure detector
+  sees it up, and dropped once older than ``hint_window`` (anti-entropy covers what they
+  miss).
 - Transfers: a node that becomes a replica of a partition fetches it from an old replica
   (pull, batched, throttled), then publishes ``transfer_done`` for the moves towards it.
 """
@@ -33,6 +34,7 @@ from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.peer import PeerPool
 from kvd.node.gossip import Gossiper
+from kvd.node.handoff import Handoff
 from kvd.node.local import LocalStore
 from kvd.node.remote import HintedReplica, RemoteReplica
 from kvd.node.replica import LocalReplica
@@ -82,6 +84,7 @@ class Cluster:
         self.local = local
         self.nursery = nursery
         self.peers = PeerPool(nursery, {"node": self.me}, dial=dial)
+        self.peers.frame_budget = config.max_frame // 2  # object bytes per request (remote.py)
         self.rng = rng or random.Random()
         self.gossiper: Gossiper | None = None
         self.fresh = False
@@ -96,8 +99,7 @@ class Cluster:
         me = MemberInfo(self.me, config.listen, config.peer_listen, int(clocks.wall() * 1000), 0)
         self.members = MemberTable(me, threshold=config.phi_threshold)
         self.addresses: dict[str, tuple[str, str]] = {}
-        self._hint_seq = int(clocks.wall() * 1e6)
-        self.hints_delivered = 0
+        self.handoff = Handoff(self)
         self.transfer_progress: dict = {"keys_done": 0, "bytes_done": 0, "state": "idle"}
         self._plan: dict | None = None  # {"old": Ring | None, "todo": set of partitions}
         self._planned: tuple[str, int] | None = None  # the ring the plan was made for
@@ -119,6 +121,7 @@ class Cluster:
                 if node != self.me:
                     self.members.merge([MemberInfo(node, address, peer_address, 0, 0)], self.now())
         self.addresses[self.me] = (self.config.listen, self.config.peer_listen)
+        await self.handoff.load()
         self.gossiper = Gossiper(
             self.members, self.peers.call, state=state, seeds=self.config.seeds,
             interval=self.config.gossip_interval, rng=self.rng,
@@ -266,44 +269,19 @@ class Cluster:
     # ------------------------------------------------------------- hints
 
     async def store_hint(self, target: str, key: bytes, obj) -> None:
-        self._hint_seq += 1
-        record = _pack({"key": key, "object": versions.encode_object(obj), "at": self.clocks.wall()})
-        await self.storage.write([(keys.hint_key(target, self._hint_seq), record)])
+        """Keep ``obj`` durably for the down node ``target`` (kvd.node.handoff)."""
+        await self.handoff.store(target, key, obj)
 
     def hints_pending(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for k in self.storage.iterate_keys(b"h", b"i"):
-            target, _ = keys.hint_of(k)
-            counts[target] = counts.get(target, 0) + 1
-        return counts
+        """{node: hints held for it}, from memory (no scan)."""
+        return self.handoff.pending()
+
+    @property
+    def hints_delivered(self) -> int:
+        return self.handoff.delivered
 
     async def handoff_loop(self) -> None:
-        while True:
-            await trio.sleep(1.0)
-            for target in self.hints_pending():
-                if target != self.me and self.is_up(target):
-                    try:
-                        await self._deliver_hints(target)
-                    except (KvdError, trio.TooSlowError, OSError) as exc:
-                        log.info("handoff to %s paused: %s", target, exc)
-
-    async def _deliver_hints(self, target: str) -> None:
-        start, stop = keys.hint_range(target)
-        replica = RemoteReplica(target, self.peer_address(target), self.peers)
-        delivered = 0
-        expired = 0
-        for hint_key, raw in list(self.storage.iterate(start, stop)):
-            hint = _unpack(raw)
-            if self.clocks.wall() - hint["at"] <= self.config.hint_window:
-                with trio.fail_after(self.config.request_timeout):
-                    await replica.merge(hint["key"], versions.decode_object(hint["object"]))
-                delivered += 1
-            else:
-                expired += 1
-            await self.storage.write([(hint_key, None)])
-        self.hints_delivered += delivered
-        if delivered or expired:
-            log.info("handed off %d hints to %s (%d expired)", delivered, target, expired)
+        await self.handoff.run()
 
     # ------------------------------------------------------------- gossip
 

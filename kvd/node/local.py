@@ -168,6 +168,7 @@ class LocalStore:
         if hashlib.blake2b(raw, digest_size=8).digest() != digest:
             return False
         ops = [(keys.object_key(partition, key), None)] + self._index_ops(partition, key, None)
+        ops.append(keys.tombstone_op(partition, key, None))
         await self._commit(key, versions.empty(), None, ops)
         return True
 
@@ -178,6 +179,8 @@ class LocalStore:
         raw = versions.encode_object(obj)
         digest = hashlib.blake2b(raw, digest_size=8).digest()
         ops = [(keys.object_key(partition, key), raw)] + self._index_ops(partition, key, digest)
+        dead = bool(obj.siblings) and not versions.is_found(obj)  # tombstone index (antientropy)
+        ops.append(keys.tombstone_op(partition, key, max(s.timestamp for s in obj.siblings) if dead else None))
         kept = {s.chunks.vid for s in obj.siblings if s.chunks is not None}
         garbage = {s.chunks.vid for s in discarded if s.chunks is not None} - kept
         ops += [(_ledger_key(vid), None) for vid in kept]

@@ -10,6 +10,7 @@ from kvd import versions
 from kvd.errors import BadRequest, Unavailable
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo
+from kvd.node.local import new_vid
 from kvd.node.remote import decode_payload
 from kvd.proto import codec
 from kvd.proto.messages import MsgType
@@ -40,7 +41,7 @@ async def replica_get(node, conn, message, _chunks) -> None:
     if not node.cluster.has_its_data:
         raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
     obj = store.read(fields["key"])
-    reply = {"object": None if obj is None else versions.encode_object(obj)}
+    reply = {"object": None} if obj is None else await _object_fields(node, fields["key"], obj)
     await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
 
 
@@ -53,11 +54,12 @@ async def replica_put(node, conn, message, _chunks) -> None:
         context = versions.decode_context(fields.get("context") or b"")
         obj = await store.coordinate(fields["key"], context, node.identity.actor,
                                      **decode_payload(fields["payload"]))
-        reply["object"] = versions.encode_object(obj)
+        reply.update(await _object_fields(node, fields["key"], obj))
     elif op == "merge":
-        await store.merge(fields["key"], _object(fields["object"]))
+        await store.merge(fields["key"], await _incoming_object(node, fields))
     elif op == "hint":
-        await node.cluster.store_hint(fields["for"], fields["key"], _object(fields["object"]))
+        await node.cluster.store_hint(fields["for"], fields["key"],
+                                      await _incoming_object(node, fields))
     elif op == "chunk":
         await store.write_chunk(fields["key"], fields["vid"], fields["offset"], fields["data"])
     elif op == "aae-purge":
@@ -67,6 +69,34 @@ async def replica_put(node, conn, message, _chunks) -> None:
     else:
         raise BadRequest(f"unknown replica operation {op!r}")
     await _reply(conn, message, MsgType.REPLICA_PUT_REPLY, reply)
+
+
+async def _incoming_object(node, fields: dict) -> versions.VersionedObject:
+    """The object of a merge or hint: inline, or staged by the sender (kvd.node.remote)."""
+    if fields.get("staged") is None:
+        return _object(fields["object"])
+    vid, length = fields["staged"]
+    store = node.store
+    try:
+        if not store.blobs.exists(vid):
+            raise BadRequest("the staged object is not here (staged on another connection?)")
+        raw = await store.blobs.read(vid, 0, length)
+    finally:
+        await store.discard_upload(fields["key"], vid)
+    if len(raw) != length:
+        raise BadRequest(f"staged object has {len(raw)} of {length} bytes")
+    return _object(raw)
+
+
+async def _object_fields(node, key: bytes, obj) -> dict:
+    """A reply's fields carrying ``obj``: inline up to half of max_frame, else staged here
+    for the requester to read (``blob``) and discard (kvd.node.remote)."""
+    raw = versions.encode_object(obj)
+    if len(raw) <= node.config.max_frame // 2:
+        return {"object": raw}
+    vid = new_vid()
+    await node.store.write_chunk(key, vid, 0, raw)
+    return {"object": None, "staged": [vid, len(raw)]}
 
 
 def _object(raw: bytes) -> versions.VersionedObject:

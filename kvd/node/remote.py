@@ -3,13 +3,38 @@
 ``RemoteReplica`` is the network twin of ``LocalReplica``. ``HintedReplica`` is a fallback
 standing in for a down primary: what it is given to merge it keeps as a durable hint for that
 primary (DESIGN section 4), delivered by the handoff task once the primary is back.
+
+Objects larger than a frame (DESIGN section 6: a frame over ``max_frame`` closes the peer
+connection and every request on it). An object is up to 100 siblings of up to ``chunk_size``
+inline bytes each, so its encoding can exceed any frame. Every object that travels goes
+through ``object_fields``/``object_of``: up to ``frame_budget(peers)`` bytes it travels inline
+(``"object"``); above, it is *staged*: written as a temporary upload with the ``chunk``
+operation large values use (pieces of at most the budget, into the receiver's blob store,
+where the ledger sweeps it after a crash), then named (``"staged": [vid, length]``) and
+discarded by the receiver once read. Replies work the same way in reverse: the replica
+stages the object on its side and the requester reads it with ``blob`` and discards it.
 """
 
 from __future__ import annotations
 
+import os
+
+import trio
+
 from kvd import versions
+from kvd.errors import BadRequest, KvdError, Unavailable
 from kvd.net.peer import PeerPool
 from kvd.proto.messages import MsgType
+
+# Bytes of an encoded object sent inline when the pool does not say (the smallest
+# max_frame is 64 KiB; half of it leaves room for the other fields).
+DEFAULT_FRAME_BUDGET = 32 << 10
+
+
+def frame_budget(peers: PeerPool) -> int:
+    """Most bytes of object data one request to a peer carries (Cluster sets it to half of
+    max_frame; every node of a cluster is expected to share max_frame)."""
+    return getattr(peers, "frame_budget", DEFAULT_FRAME_BUDGET)
 
 
 def encode_payload(payload: dict) -> dict:
@@ -50,23 +75,82 @@ class RemoteReplica:
     async def get(self, key):
         reply = await self.peers.call(self.address, MsgType.REPLICA_GET, {"op": "get", "key": key},
                                       MsgType.REPLICA_GET_REPLY)
-        raw = reply.get("object")
-        return None if raw is None else versions.decode_object(raw)
+        return await self.object_of(key, reply)
 
     async def coordinate(self, key, context, payload):
         reply = await self._put({"op": "coordinate", "key": key,
                                  "context": versions.encode_context(context),
                                  "payload": encode_payload(payload)})
-        return versions.decode_object(reply["object"])
+        obj = await self.object_of(key, reply)
+        if obj is None:
+            raise BadRequest(f"{self.node} answered a write of {key[:64]!r} without the object")
+        return obj
 
     async def merge(self, key, obj):
-        await self._put({"op": "merge", "key": key, "object": versions.encode_object(obj)})
+        await self._put({"op": "merge", "key": key, **await self.object_fields(key, obj)})
+
+    async def object_fields(self, key, obj) -> dict:
+        """The fields that carry ``obj`` in a request: inline, or staged on the peer first."""
+        raw = versions.encode_object(obj)
+        budget = frame_budget(self.peers)
+        if len(raw) <= budget:
+            return {"object": raw}
+        vid = os.urandom(16)
+        try:
+            for offset in range(0, len(raw), budget):
+                await self.write_chunk(key, vid, offset, raw[offset : offset + budget])
+        except BaseException:
+            await self._discard_quietly(key, vid)
+            raise
+        return {"staged": [vid, len(raw)]}
+
+    async def object_of(self, key, reply: dict):
+        """The object a reply carries (None for none): inline, or staged on the peer."""
+        if reply.get("staged") is None:
+            raw = reply.get("object")
+            return None if raw is None else versions.decode_object(raw)
+        vid, length = reply["staged"]
+        budget = frame_budget(self.peers)
+        parts = []
+        try:
+            for offset in range(0, length, budget):
+                answer = await self.peers.call(
+                    self.address, MsgType.REPLICA_GET,
+                    {"op": "blob", "key": key, "vid": vid, "offset": offset,
+                     "size": min(budget, length - offset)}, MsgType.REPLICA_GET_REPLY)
+                parts.append(answer["data"])
+        finally:
+            await self._discard_quietly(key, vid)
+        raw = b"".join(parts)
+        if len(raw) != length:
+            raise BadRequest(f"{self.node} staged {length} bytes of {key[:64]!r}, sent {len(raw)}")
+        return versions.decode_object(raw)
+
+    async def _discard_quietly(self, key, vid) -> None:
+        """Best effort (its ledger entry sweeps it at the peer's next start otherwise)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self.discard_upload(key, vid)
+            except (KvdError, OSError):
+                pass
 
     async def write_chunk(self, key, vid, offset, data):
         await self._put({"op": "chunk", "key": key, "vid": vid, "offset": offset, "data": data})
 
     async def discard_upload(self, key, vid):
         await self._put({"op": "discard", "key": key, "vid": vid})
+
+    async def has_blob(self, key, vid) -> bool:
+        """Whether the replica holds bytes of value ``vid`` (a zero-byte ``blob`` read).
+        Senders ask before streaming a value: re-sending bytes a replica already has marks
+        them as an unfinished upload there, which its next start would sweep."""
+        try:
+            await self.peers.call(self.address, MsgType.REPLICA_GET,
+                                  {"op": "blob", "key": key, "vid": vid, "offset": 0, "size": 0},
+                                  MsgType.REPLICA_GET_REPLY)
+        except Unavailable:
+            return False
+        return True
 
     async def read_chunks(self, key, ref, piece: int = 1 << 20):
         for offset in range(0, ref.length, piece):
@@ -94,5 +178,5 @@ class HintedReplica(RemoteReplica):
         raise NotImplementedError  # fallbacks never mint (the coordinator skips them)
 
     async def merge(self, key, obj):
-        await self._put({"op": "hint", "key": key, "object": versions.encode_object(obj),
-                         "for": self.stands_for})
+        await self._put({"op": "hint", "key": key, "for": self.stands_for,
+                         **await self.object_fields(key, obj)})

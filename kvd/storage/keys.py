@@ -4,7 +4,8 @@ Invariants:
 
 1. One type byte starts every key, so the kinds never interleave:
    ``h`` hints, ``m`` node metadata, ``o`` objects, ``t`` anti-entropy tree segments,
-   ``x`` the anti-entropy index (each object's digest, by partition and segment). (Large values' bytes are not keys: they
+   ``x`` the anti-entropy index (each object's digest, by partition and segment),
+   ``d`` the tombstone index (each key whose object is only tombstones, by partition). (Large values' bytes are not keys: they
    live in blob files beside LevelDB, see kvd/storage/blobs.py.)
 2. Integers are fixed-width big-endian, so byte order equals numeric order.
 3. All object keys of one partition form one contiguous range, ``object_range(p)``; the same
@@ -20,6 +21,10 @@ Layouts::
     meta    b"m" + name (utf-8)
     segment b"t" + partition u32 + segment u16              -> segment hash (8 bytes)
     index   b"x" + partition u32 + segment u16 + key         -> object digest (8 bytes)
+    dead    b"d" + partition u32 + key                       -> newest tombstone's wall time
+                                                                (f64), written in the same
+                                                                batch as the object
+    hintref b"m" "hint-blob:" + len(vid) u16 + vid + hint key -> b"" (a hint needs blob vid)
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ _HINT = b"h"
 _META = b"m"
 _SEGMENT = b"t"
 _INDEX = b"x"
+_DEAD = b"d"
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_F64 = struct.Struct(">d")
 
 
 def _successor(prefix: bytes) -> bytes:
@@ -64,6 +71,11 @@ def object_range(partition: int) -> tuple[bytes, bytes]:
     """``[start, stop)`` covering every object key of ``partition`` and nothing else."""
     start = _OBJECT + _partition(partition)
     return start, _successor(start)
+
+
+def object_space() -> tuple[bytes, bytes]:
+    """``[start, stop)`` covering every object key of every partition."""
+    return _OBJECT, _successor(_OBJECT)
 
 
 def user_key_of(object_key: bytes) -> tuple[int, bytes]:
@@ -134,3 +146,45 @@ def index_range(partition: int, segment: int) -> tuple[bytes, bytes]:
     """Every index entry of one segment: listing a segment's keys is one range read."""
     start = _INDEX + _partition(partition) + _U16.pack(segment)
     return start, _successor(start)
+
+
+def hint_space() -> tuple[bytes, bytes]:
+    """``[start, stop)`` covering every hint, for every node."""
+    return _HINT, _successor(_HINT)
+
+
+def _hint_blob_prefix(vid: bytes) -> bytes:
+    if len(vid) > 0xFFFF:
+        raise ValueError("value id is longer than 65535 bytes")
+    return meta_key("hint-blob:") + _U16.pack(len(vid)) + vid
+
+
+def hint_blob_key(vid: bytes, hint_key: bytes) -> bytes:
+    """A reference from the hint ``hint_key`` to the blob ``vid`` it needs delivered with it
+    (a meta key, value empty): the blob is kept while any reference remains."""
+    return _hint_blob_prefix(vid) + hint_key
+
+
+def hint_blob_range(vid: bytes) -> tuple[bytes, bytes]:
+    """Every reference to blob ``vid``; the suffix after ``start`` is the hint's key."""
+    start = _hint_blob_prefix(vid)
+    return start, _successor(start)
+
+
+def tombstone_op(partition: int, key: bytes, deleted_at: float | None) -> tuple[bytes, bytes | None]:
+    """The storage op that indexes ``key`` as only tombstones, newest written at wall time
+    ``deleted_at`` (None: the key is live or gone, so no entry). The tombstone collector
+    reads this index, never the objects, so its work follows the tombstones, not the data."""
+    value = None if deleted_at is None else _F64.pack(deleted_at)
+    return _DEAD + _partition(partition) + key, value
+
+
+def tombstone_range(partition: int) -> tuple[bytes, bytes]:
+    """Every tombstone index entry of ``partition``."""
+    start = _DEAD + _partition(partition)
+    return start, _successor(start)
+
+
+def tombstone_entry(partition: int, entry_key: bytes, value: bytes) -> tuple[bytes, float]:
+    """``(key, deleted_at)`` of an entry in ``tombstone_range(partition)``."""
+    return entry_key[5:], _F64.unpack(value)[0]

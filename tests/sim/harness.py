@@ -96,7 +96,7 @@ class SimCluster:
         self.crashes: list[str] = []
         self.config = dict(
             ring_size=32, n=3, r=2, w=2, metrics_listen="", gossip_interval=1.0,
-            request_timeout=5.0, tombstone_grace=30.0, hint_window=3600.0,
+            request_timeout=5.0, tombstone_grace=7200.0, hint_window=3600.0,
             anti_entropy_interval=10.0, chunk_size=65536, max_frame=1 << 20,
             handshake_timeout=5.0, idle_timeout=120.0, transfer_rate_mb=50.0,
         )

@@ -40,7 +40,8 @@ from .harness import SimCluster, seeded
 from .workload import BIG, HOT_KEYS, Workload, decode_set, unique_value
 
 CONVERGE_LIMIT = 900.0  # simulated seconds from heal until every replica agrees
-TOMBSTONE_GRACE = 30.0
+TOMBSTONE_GRACE = 40.0  # short, so GC runs while faults come and go
+HINT_WINDOW = 30.0  # below the grace (a hint older than it could bring back a purged key)
 
 
 @dataclass
@@ -98,7 +99,8 @@ async def simulate(seed: int, profile: Profile = FULL, lose_one_ack: bool = Fals
     size = rng.choice(profile.sizes)
     report = Report(seed, profile.name, size)
     async with trio.open_nursery() as nursery:
-        sim = SimCluster(nursery, seed, tombstone_grace=TOMBSTONE_GRACE)
+        sim = SimCluster(nursery, seed, tombstone_grace=TOMBSTONE_GRACE,
+                         hint_window=HINT_WINDOW)
         try:
             await _form(sim, [f"n{i}" for i in range(1, size + 1)])
             workload = Workload(sim, seed, profile.clients, profile.think)
