@@ -8,6 +8,7 @@ primary (DESIGN section 4), delivered by the handoff task once the primary is ba
 from __future__ import annotations
 
 from kvd import versions
+from kvd.errors import BadRequest
 from kvd.net.peer import PeerPool
 from kvd.proto.messages import MsgType
 
@@ -19,6 +20,8 @@ def encode_payload(payload: dict) -> dict:
     chunks = payload.get("chunks")
     if chunks is not None:
         out["chunks"] = [chunks.vid, chunks.length, chunks.count]
+    if payload.get("wid"):
+        out["wid"] = payload["wid"]
     return out
 
 
@@ -29,6 +32,11 @@ def decode_payload(fields: dict) -> dict:
     if "chunks" in fields:
         vid, length, count = fields["chunks"]
         payload["chunks"] = versions.ChunkRef(vid=vid, length=length, count=count)
+    if "wid" in fields:
+        wid = fields["wid"]
+        if type(wid) is not bytes or not 0 < len(wid) <= 64:
+            raise BadRequest("malformed write id")
+        payload["wid"] = wid
     return payload
 
 

@@ -1,0 +1,99 @@
+"""Coordinator failure handling in the whole-node simulator (issue 9, section 4: bugs 12, 15, 16).
+
+Every test runs real nodes (kvd.server.serve) on kvd.net.memory under trio's autojump
+MockClock, so the times asserted are simulated seconds and a run is repeatable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import trio
+
+sys.path.insert(0, os.path.dirname(__file__))
+from sim.harness import SimCluster, seeded  # noqa: E402
+
+from kvd import versions  # noqa: E402
+from kvd.errors import QuorumFailed  # noqa: E402
+from kvd.ring import partition_of, preference_list  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    with seeded(1):
+        yield
+
+
+async def _cluster(nursery, names=("n1", "n2", "n3"), **config) -> SimCluster:
+    """A committed cluster of ``names`` (the first is the seed), every node up everywhere."""
+    sim = SimCluster(nursery, seed=1, **config)
+    first = await sim.start(names[0], seeds=[])
+    for name in names[1:]:
+        await sim.start(name, seeds=[first.peer_address])
+    src = sim.client_address()
+    for name in names[1:]:
+        async with sim.open_client(name, src) as c:
+            await c.admin({"op": "join", "seed": first.peer_address})
+    async with sim.open_client(names[0], src) as c:
+        await c.admin({"op": "commit"})
+        while (await c.admin({"op": "ring"}))["pending"]:
+            await trio.sleep(1)
+    await trio.sleep(10)  # gossip: every node judges every other up, with some history
+    for sn in sim.nodes.values():
+        assert all(sn.node.cluster.is_up(other) for other in sim.nodes), sn.name
+    return sim
+
+
+def _primaries(sim: SimCluster, key: bytes, via: str = "n1") -> list[str]:
+    cluster = sim.nodes[via].node.cluster
+    return preference_list(cluster.serving_ring(), partition_of(key, cluster.state.ring.q), 3)
+
+
+def _key_with(sim: SimCluster, first: str, not_first: str | None = None, prefix=b"k") -> bytes:
+    """A key whose preference list starts with ``first``."""
+    for i in range(10_000):
+        key = prefix + str(i).encode()
+        if _primaries(sim, key)[0] == first:
+            return key
+    raise AssertionError("no such key")
+
+
+def _isolate(sim: SimCluster, name: str) -> None:
+    others = [sn.peer_address for sn in sim.nodes.values() if sn.name != name]
+    sim.net.partition(sim.nodes[name].peer_address, others)
+
+
+def _stall(sim: SimCluster, name: str, seconds: float) -> None:
+    """Make ``name`` stall ``seconds`` after receiving each mint request, then apply it: what a
+    SIGSTOPped process does with a request already in its socket buffer when it resumes."""
+    store = sim.nodes[name].node.store
+    coordinate = store.coordinate
+
+    async def stalled(*args, **kwargs):
+        await trio.sleep(seconds)
+        return await coordinate(*args, **kwargs)
+
+    store.coordinate = stalled
+
+
+async def test_put_retried_on_another_primary_is_applied_once(autojump_clock):
+    """Bug 15: the first primary stalls while it mints; the coordinator mints again on the next
+    primary; then the first attempt lands too. The client made one write, so the key must
+    hold one sibling."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery)
+        key = _key_with(sim, "n3")
+        coordinator = next(n for n in _primaries(sim, key) if n != "n3")
+        src = sim.client_address()
+        _stall(sim, "n3", 12.0)  # longer than request_timeout (5 s in the simulator)
+        async with sim.open_client(coordinator, src) as c:
+            await c.put(key, b"once")
+        await trio.sleep(30)  # the stalled mint lands; read repair and gossip settle
+        async with sim.open_client(coordinator, src) as c:
+            reply = await c.get(key, r=3)
+        values = [s.value for s in reply.siblings]
+        assert values == [b"once"], f"one client write became {len(values)} siblings: {values}"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
