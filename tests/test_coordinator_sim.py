@@ -7,6 +7,7 @@ MockClock, so the times asserted are simulated seconds and a run is repeatable.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -95,5 +96,78 @@ async def test_put_retried_on_another_primary_is_applied_once(autojump_clock):
             reply = await c.get(key, r=3)
         values = [s.value for s in reply.siblings]
         assert values == [b"once"], f"one client write became {len(values)} siblings: {values}"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+async def test_write_through_an_isolated_node_fails_fast_naming_every_replica(autojump_clock):
+    """Bug 16: the coordinator is cut off from everyone but still judges them up. Its write
+    must fail within request_timeout (not one request_timeout per primary), and the error
+    must name every replica with a reason an operator can read."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, request_timeout=10.0, replica_timeout=1.0)
+        key = _key_with(sim, "n2")  # minted elsewhere: n1 has to ask n2, then n3
+        src = sim.client_address()
+        async with sim.open_client("n1", src) as c:
+            _isolate(sim, "n1")
+            began = trio.current_time()
+            with pytest.raises(QuorumFailed) as failure:
+                await c.put(key, b"v")
+            took = trio.current_time() - began
+        message = str(failure.value)
+        # Each of the two remote primaries gets one replica_timeout to mint; the local one
+        # mints, and replicating to the two fails at once on the dropped connections.
+        assert took <= 2 * 1.0 + 0.5, f"failed after {took:.1f} s: {message}"
+        for node in ("n2", "n3"):
+            assert f"{node}: timed out after 1.0 s" in message, message
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+def _ring_partition(sim: SimCluster, names: list[str]) -> None:
+    """Each node reaches only its two neighbours on a ring of ``names``."""
+    for i, a in enumerate(names):
+        neighbours = {names[i - 1], names[(i + 1) % len(names)]}
+        far = [sim.nodes[b].peer_address for b in names if b != a and b not in neighbours]
+        sim.net.partition(sim.nodes[a].peer_address, far)
+
+
+async def test_ring_partition_never_stalls_a_request_that_can_reach_a_quorum(autojump_clock):
+    """Bug 16: with a ring partition (each node reaches only its neighbours) gossip relayed by
+    the neighbours keeps every node up, so only the request itself can notice that a
+    replica does not answer. Every write that can reach W primaries succeeds within about
+    one replica_timeout; the others fail within request_timeout with every reason named."""
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        _ring_partition(sim, names)
+        reachable = {"n1", "n2", "n5"}
+        src = sim.client_address()
+        slow = []
+        async with sim.open_client("n1", src) as c:
+            # Right after the cut (connections still open, sends black-holed) and again once
+            # gossip has had time to notice, which it cannot.
+            for batch in ("at once", "after 30 s"):
+                if batch != "at once":
+                    await trio.sleep(30)
+                    cluster = sim.nodes["n1"].node.cluster
+                    assert all(cluster.is_up(n) for n in names), "the detector saw it after all"
+                for i in range(20):
+                    key = f"ring{batch}{i}".encode()
+                    primaries = _primaries(sim, key)
+                    began = trio.current_time()
+                    if len(reachable & set(primaries)) >= 2:
+                        await c.put(key, b"v")
+                        took = trio.current_time() - began
+                        if took > 1.5:
+                            slow.append((batch, key, primaries, round(took, 1)))
+                    else:
+                        with pytest.raises(QuorumFailed) as failure:
+                            await c.put(key, b"v")
+                        took = trio.current_time() - began
+                        assert took <= 10.5, (key, primaries, took)
+                        for node in set(primaries) - reachable:  # named, with a reason
+                            assert re.search(f"{node}: [a-z]", str(failure.value)), failure.value
+        assert not slow, f"writes that could reach a quorum but stalled: {slow}"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
