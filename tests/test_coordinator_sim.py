@@ -171,3 +171,27 @@ async def test_ring_partition_never_stalls_a_request_that_can_reach_a_quorum(aut
         assert not slow, f"writes that could reach a quorum but stalled: {slow}"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+async def test_detection_time_stays_bounded_after_earlier_pauses(autojump_clock):
+    """Bug 16, whole nodes: n3 is cut off for 20 s five times, a minute apart. Every other
+    node must judge it down as fast after the fifth pause as after the first."""
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names)
+        watchers = [sim.nodes[n].node.cluster for n in names if n != "n3"]
+        times = []
+        for _ in range(5):
+            await trio.sleep(40)
+            _isolate(sim, "n3")
+            began = trio.current_time()
+            while any(w.is_up("n3") for w in watchers):
+                await trio.sleep(0.1)
+            times.append(round(trio.current_time() - began, 1))
+            await trio.sleep(max(0.0, 20 - (trio.current_time() - began)))
+            sim.net.heal()
+            while not all(w.is_up("n3") for w in watchers):
+                await trio.sleep(0.1)
+        assert max(times[1:]) <= times[0] + 1.0 and max(times) <= 10.0, times
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
