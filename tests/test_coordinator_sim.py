@@ -195,3 +195,28 @@ async def test_detection_time_stays_bounded_after_earlier_pauses(autojump_clock)
         assert max(times[1:]) <= times[0] + 1.0 and max(times) <= 10.0, times
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+async def test_every_acknowledged_write_reaches_a_replica_killed_just_before(autojump_clock):
+    """Bug 12: n3 dies; for the seconds the failure detector needs, writes still go to it,
+    fail there, and are acknowledged by the two others (W=2). Each failed leg must leave a
+    hint, so that once n3 is back every acknowledged write reached it, with anti-entropy
+    off."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, anti_entropy=False)
+        src = sim.client_address()
+        acknowledged = []
+        sim.crash("n3")
+        async with sim.open_client("n1", src) as c:
+            for i in range(100):
+                key = b"w" + str(i).encode()
+                await c.put(key, b"v%d" % i, w=2)
+                acknowledged.append(key)
+        await trio.sleep(5)
+        await sim.start("n3")
+        await trio.sleep(60)  # n3 is seen up again and the hints are handed off
+        store = sim.nodes["n3"].node.store
+        missing = [k for k in acknowledged if "n3" in _primaries(sim, k) and store.read(k) is None]
+        assert not missing, f"{len(missing)} acknowledged writes never reached n3: {missing[:5]}"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
