@@ -28,7 +28,7 @@ import trio
 from kvd import versions
 from kvd.client import Dial
 from kvd.clocks import REAL, Clocks
-from kvd.errors import BadRequest, KvdError, unwrap_single_error
+from kvd.errors import BadRequest, KvdError, Unavailable, unwrap_single_error
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.peer import PeerPool
@@ -55,7 +55,12 @@ def _unpack(data: bytes):
 
 
 class LocalHintStore:
-    """This node as a fallback: hints for a down primary, kept durably in storage."""
+    """This node as a fallback: hints for a down primary, kept durably in storage.
+
+    A whole replica as the coordinator sees it (kvd.node.replica.Replica): a large value's
+    chunks are stored here like any upload and kept with the hint that names them, and are
+    sent before the manifest when the hint is delivered. It never mints.
+    """
 
     def __init__(self, node: str, cluster: "Cluster", stands_for: str, role: str = "fallback"):
         self.node = node
@@ -66,8 +71,20 @@ class LocalHintStore:
     async def get(self, key):
         return None
 
+    async def coordinate(self, key, context, payload):
+        raise Unavailable(f"{self.node} only keeps hints for {self.stands_for}: it does not mint")
+
     async def merge(self, key, obj):
         await self.cluster.store_hint(self.stands_for, key, obj)
+
+    async def write_chunk(self, key, vid, offset, data):
+        await self.cluster.store.write_chunk(key, vid, offset, data)
+
+    def read_chunks(self, key, ref):
+        return self.cluster.store.read_chunks(key, ref)
+
+    async def discard_upload(self, key, vid):
+        await self.cluster.store.discard_upload(key, vid)
 
 
 class Cluster:
@@ -266,9 +283,18 @@ class Cluster:
     # ------------------------------------------------------------- hints
 
     async def store_hint(self, target: str, key: bytes, obj) -> None:
+        """Keep ``obj`` for ``target``. The chunks of its large values must be here already
+        (uploaded to this node); the hint keeps them until it is delivered."""
         self._hint_seq += 1
         record = _pack({"key": key, "object": versions.encode_object(obj), "at": self.clocks.wall()})
-        await self.storage.write([(keys.hint_key(target, self._hint_seq), record)])
+        vids = _chunked_vids(obj)
+        for vid in vids:
+            if not self.store.blobs.exists(vid):
+                raise Unavailable(f"the bytes of a large value of {key[:64]!r} are not here "
+                                  f"to keep a hint for {target}")
+            await self.store.blobs.seal(vid)
+        await self.storage.write([(keys.hint_key(target, self._hint_seq), record)]
+                                 + self.store.keep_blobs_ops(vids))
 
     def hints_pending(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -294,16 +320,46 @@ class Cluster:
         expired = 0
         for hint_key, raw in list(self.storage.iterate(start, stop)):
             hint = _unpack(raw)
+            obj = versions.decode_object(hint["object"])
             if self.clocks.wall() - hint["at"] <= self.config.hint_window:
                 with trio.fail_after(self.config.request_timeout):
-                    await replica.merge(hint["key"], versions.decode_object(hint["object"]))
+                    await self._send_hinted_chunks(replica, hint["key"], obj)
+                    await replica.merge(hint["key"], obj)
                 delivered += 1
             else:
                 expired += 1
             await self.storage.write([(hint_key, None)])
+            await self._release_hinted_chunks(hint["key"], obj)
         self.hints_delivered += delivered
         if delivered or expired:
             log.info("handed off %d hints to %s (%d expired)", delivered, target, expired)
+
+    async def _send_hinted_chunks(self, replica, key: bytes, obj) -> None:
+        """A hinted large value's bytes go first: a replica stores no manifest without them."""
+        for sibling in obj.siblings:
+            ref = sibling.chunks
+            if ref is None or not self.store.blobs.exists(ref.vid):
+                continue
+            offset = 0
+            async for data in self.store.read_chunks(key, ref):
+                await replica.write_chunk(key, ref.vid, offset, data)
+                offset += len(data)
+
+    async def _release_hinted_chunks(self, key: bytes, obj) -> None:
+        """Delete the bytes a delivered (or expired) hint kept, unless still named here: by
+        this node's own object of the key or by another hint (a write that failed on two
+        replicas leaves two hints naming the same bytes)."""
+        vids = _chunked_vids(obj)
+        if not vids:
+            return
+        mine = self.store.read(key)
+        if mine is not None:
+            vids -= _chunked_vids(mine)
+        for _, raw in self.storage.iterate(b"h", b"i"):
+            if not vids:
+                return
+            vids -= _chunked_vids(versions.decode_object(_unpack(raw)["object"]))
+        await self.store.release_blobs(vids)
 
     # ------------------------------------------------------------- gossip
 
@@ -605,6 +661,10 @@ class Cluster:
 
 
 _RETRYABLE = (KvdError, trio.TooSlowError, OSError)
+
+
+def _chunked_vids(obj) -> set[bytes]:
+    return {s.chunks.vid for s in obj.siblings if s.chunks is not None}
 
 
 def _all_expected(group: BaseExceptionGroup) -> bool:

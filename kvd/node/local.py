@@ -211,6 +211,18 @@ class LocalStore:
             await self.storage.write([(_ledger_key(vid), _UPLOADING)])
         await self.blobs.write(vid, offset, data)
 
+    def keep_blobs_ops(self, vids) -> list:
+        """Ops that take uploads ``vids`` off the ledger so ``sweep`` keeps them; they go in
+        the batch of the record that names them when that is not a manifest (a hint)."""
+        return [(_ledger_key(vid), None) for vid in vids]
+
+    async def release_blobs(self, vids) -> None:
+        """Delete blobs nothing here names any more (Rule 3: marked garbage first)."""
+        vids = list(vids)
+        if vids:
+            await self.storage.write([(_ledger_key(vid), _GARBAGE) for vid in vids])
+            await self._delete_blobs(vids)
+
     async def discard_upload(self, key: bytes, vid: bytes) -> None:
         """Remove the bytes of an upload that never got its manifest (client went away)."""
         await self._delete_blobs([vid])
