@@ -81,7 +81,8 @@ class Coordinator:
         clock: Callable[[], float] | None = None,
     ):
         """``keep_hint(node, key, obj)`` stores a durable hint for a failed leg (None: hinted
-        handoff is off); ``clock`` is the node's monotonic clock (rule 5)."""
+        handoff is off); ``clock`` is the node's monotonic
+        clock (trio's: deadlines are cancel scopes)."""
         self.read_replicas = read_replicas
         self.write_replicas = write_replicas
         self.background = background
@@ -94,9 +95,11 @@ class Coordinator:
         self.hints_kept = 0  # hints kept for replication legs that failed (rule 3)
         self._suspects: dict[str, float] = {}  # node -> until when it is tried last
 
-    async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable], deadline: float):
-        """``call(replica)`` within the replica's deadline (rule 1), noting who timed out."""
-        timeout = max(0.0, min(self.replica_timeout, deadline - self.clock()))
+    async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable], deadline: float,
+                    patience: float | None = None):
+        """``call(replica)`` within the replica's deadline (rule 1), noting who timed out.
+        ``patience`` replaces ``replica_timeout`` for calls that must fsync a large value."""
+        timeout = max(0.0, min(patience or self.replica_timeout, deadline - self.clock()))
         try:
             with trio.fail_after(timeout):
                 result = await call(replica)
@@ -117,6 +120,7 @@ class Coordinator:
         needed: int,
         deadline: float | None = None,
         on_failure: Callable[[Replica, BaseException], Awaitable] | None = None,
+        patience: float | None = None,
     ) -> tuple[list[tuple[Replica, object]], list[tuple[Replica, BaseException]], object]:
         """Run ``call`` on every replica; return once ``needed`` succeeded or all finished.
 
@@ -131,7 +135,7 @@ class Coordinator:
 
         async def one(replica: Replica) -> None:
             try:
-                result = await self._call(replica, call, deadline)
+                result = await self._call(replica, call, deadline, patience)
             except Exception as exc:
                 if not isinstance(exc, (KvdError, OSError)):  # a bug: keep the node up, log it
                     log.exception("replica call to %s failed", replica.node)
@@ -146,7 +150,7 @@ class Coordinator:
         ok: list = []
         failed: list = []
         # The calls end by the deadline; the margin lets their failure handlers finish.
-        with trio.move_on_at(deadline + self.replica_timeout):
+        with trio.move_on_at(deadline + (patience or self.replica_timeout)):
             while len(ok) < needed and len(ok) + len(failed) < len(replicas):
                 replica, success, value = await receive.receive()
                 (ok if success else failed).append((replica, value))
@@ -216,6 +220,7 @@ class Coordinator:
         # Rule 2: one id for every attempt of this write, wherever it is minted.
         payload: dict = {"deleted": deleted, "timestamp": timestamp,
                          "wid": os.urandom(WRITE_ID_BYTES)}
+        patience = None
         if chunks is None:
             payload["value"] = value
             deadline = self.clock() + self.request_timeout
@@ -225,8 +230,11 @@ class Coordinator:
                 targets, count = await self._stream_chunks(key, vid, length, chunks, replicas, w)
                 payload["chunks"] = versions.ChunkRef(vid=vid, length=length, count=count)
                 deadline = self.clock() + self.request_timeout  # the upload is the client's
+                # A replica seals (fsyncs) the value's bytes before it stores the manifest:
+                # proportional to the size, so these calls get the whole request's time.
+                patience = self.request_timeout
                 minted, others, failed = await self._mint(key, context, payload, targets, w,
-                                                          deadline)
+                                                          deadline, patience)
             except BaseException:
                 # No manifest references this upload anywhere: its chunks are garbage.
                 for replica in replicas:
@@ -243,7 +251,7 @@ class Coordinator:
                 await self._keep_hint(replica, key, minted, exc)
 
             ok, lost, _ = await self._quorum(others, lambda rep: rep.merge(key, minted), w - 1,
-                                             deadline, on_failure=keep_hint)
+                                             deadline, on_failure=keep_hint, patience=patience)
             failed += lost
         acks = 1 + len(ok)
         if acks < w:
@@ -262,7 +270,7 @@ class Coordinator:
         except (KvdError, OSError) as hint_exc:  # the leg's own error is what the client sees
             log.warning("no hint kept for %s after %s: %s", target, exc, hint_exc)
 
-    async def _mint(self, key, context, payload, replicas, w, deadline):
+    async def _mint(self, key, context, payload, replicas, w, deadline, patience=None):
         """Have the first primary that answers mint the new version (rules 1, 2, 5); return it,
         the other replicas, and the primaries that failed to mint (the write still goes to
         them: one that timed out may have it, and otherwise they get a hint)."""
@@ -275,7 +283,7 @@ class Coordinator:
                 continue
             try:
                 minted = await self._call(
-                    replica, lambda rep: rep.coordinate(key, context, payload), deadline)
+                    replica, lambda rep: rep.coordinate(key, context, payload), deadline, patience)
             except (TooManySiblings, BadRequest):
                 raise  # no other replica would accept it either
             except (KvdError, OSError) as exc:
