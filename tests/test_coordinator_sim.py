@@ -132,11 +132,12 @@ def _ring_partition(sim: SimCluster, names: list[str]) -> None:
         sim.net.partition(sim.nodes[a].peer_address, far)
 
 
-async def test_ring_partition_never_stalls_a_request_that_can_reach_a_quorum(autojump_clock):
+async def test_ring_partition_never_stalls_a_write(autojump_clock):
     """Bug 16: with a ring partition (each node reaches only its neighbours) gossip relayed by
     the neighbours keeps every node up, so only the request itself can notice that a
-    replica does not answer. Every write that can reach W primaries succeeds within about
-    one replica_timeout; the others fail within request_timeout with every reason named."""
+    replica does not answer. n1 reaches n2 and n5, a quorum: every write through it must
+    succeed, those with two reachable primaries within about one replica_timeout, the
+    others (fallbacks stand in for the silent primaries) within two."""
     names = ["n1", "n2", "n3", "n4", "n5"]
     async with trio.open_nursery() as nursery:
         sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
@@ -156,19 +157,12 @@ async def test_ring_partition_never_stalls_a_request_that_can_reach_a_quorum(aut
                     key = f"ring{batch}{i}".encode()
                     primaries = _primaries(sim, key)
                     began = trio.current_time()
-                    if len(reachable & set(primaries)) >= 2:
-                        await c.put(key, b"v")
-                        took = trio.current_time() - began
-                        if took > 1.5:
-                            slow.append((batch, key, primaries, round(took, 1)))
-                    else:
-                        with pytest.raises(QuorumFailed) as failure:
-                            await c.put(key, b"v")
-                        took = trio.current_time() - began
-                        assert took <= 10.5, (key, primaries, took)
-                        for node in set(primaries) - reachable:  # named, with a reason
-                            assert re.search(f"{node}: [a-z]", str(failure.value)), failure.value
-        assert not slow, f"writes that could reach a quorum but stalled: {slow}"
+                    await c.put(key, b"v")
+                    took = trio.current_time() - began
+                    bound = 1.5 if len(reachable & set(primaries)) >= 2 else 2.5
+                    if took > bound:
+                        slow.append((batch, key, primaries, round(took, 1)))
+        assert not slow, f"writes that stalled: {slow}"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
 

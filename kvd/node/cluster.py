@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Collection
 from dataclasses import replace
 
 import msgpack
@@ -245,14 +246,20 @@ class Cluster:
         return [self._replica(node) for node in self.primaries(partition, n)
                 if self.is_up(node) and not (node == self.me and not self.has_its_data)]
 
-    def replicas_for_write(self, key: bytes, n: int):
+    def replicas_for_write(self, key: bytes, n: int, failed: Collection[str] = ()):
+        """Replicas for a write; nodes in ``failed`` (those that did not answer this request:
+        the coordinator's local failure view) are treated as down, so fallbacks stand in."""
         partition = partition_of(key, self.state.ring.q)
         primaries = self.primaries(partition, n)
-        if all(self.is_up(node) for node in primaries) and not self.state.pending:
+
+        def is_up(node: str) -> bool:
+            return node not in failed and self.is_up(node)
+
+        if all(is_up(node) for node in primaries) and not self.state.pending:
             return [self._replica(node) for node in primaries]  # the common case
         out = []
         for node, role, stands_for in annotated_preference_list(
-                self.serving_ring(), partition, n, self.is_up):
+                self.serving_ring(), partition, n, is_up):
             if role == "primary":
                 out.append(self._replica(node))
             elif not self.config.hinted_handoff:
@@ -266,12 +273,12 @@ class Cluster:
             # hint itself (as Cassandra does). Such a hint does not count towards W.
             covered = {r.stands_for for r in out if getattr(r, "stands_for", None)}
             for node in primaries:
-                if node not in covered and not self.is_up(node):
+                if node not in covered and not is_up(node):
                     out.append(LocalHintStore(self.me, self, node, role="hint"))
         if self.state.pending:
             named = {r.node for r in out}
             for node in preference_list(self.state.ring, partition, n):
-                if node not in named and self.is_up(node):
+                if node not in named and is_up(node):
                     out.append(self._replica(node))  # new owner of a moving partition
         return out
 
@@ -283,18 +290,25 @@ class Cluster:
     # ------------------------------------------------------------- hints
 
     async def store_hint(self, target: str, key: bytes, obj) -> None:
-        """Keep ``obj`` for ``target``. The chunks of its large values must be here already
-        (uploaded to this node); the hint keeps them until it is delivered."""
+        """Keep ``obj`` for ``target``, with the bytes of its large values that are here
+        (uploaded to this node as a stand-in): they stay until the hint is delivered."""
         self._hint_seq += 1
         record = _pack({"key": key, "object": versions.encode_object(obj), "at": self.clocks.wall()})
-        vids = _chunked_vids(obj)
+        vids = {vid for vid in _chunked_vids(obj) if self.store.blobs.exists(vid)}
         for vid in vids:
-            if not self.store.blobs.exists(vid):
-                raise Unavailable(f"the bytes of a large value of {key[:64]!r} are not here "
-                                  f"to keep a hint for {target}")
             await self.store.blobs.seal(vid)
         await self.storage.write([(keys.hint_key(target, self._hint_seq), record)]
                                  + self.store.keep_blobs_ops(vids))
+
+    async def keep_hint_for_failed_leg(self, target: str, key: bytes, obj) -> None:
+        """The coordinator's hint for a replica that failed a write (kvd.node.coordinator
+        rule 3). Refused when a large value's bytes are not here: delivering its manifest
+        alone would fail on the target (anti-entropy repairs that replica instead)."""
+        missing = [vid for vid in _chunked_vids(obj) if not self.store.blobs.exists(vid)]
+        if missing:
+            raise Unavailable(f"the bytes of a large value of {key[:64]!r} are not on "
+                              f"{self.me}")
+        await self.store_hint(target, key, obj)
 
     def hints_pending(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -18,7 +18,10 @@ Failure handling (DESIGN section 4):
 2. Every attempt of one client write carries the same write id, so a mint that times out
    but lands later is the same sibling as its retry (versions rule 7): at most once.
 3. A replication leg that fails or times out leaves a hint for its node here, kept before
-   the leg is given up (Cassandra's behaviour); it never counts towards W.
+   the leg is given up (Cassandra's behaviour); it never counts towards W. When W is then
+   short, routing is asked again with the failed nodes taken as down, and the fallbacks it
+   names stand in for them (sloppy quorum) and count, as they would had the failure
+   detector seen the failure. (Not for large values: a fallback has none of their bytes.)
 4. A quorum error names every replica asked and what happened to it.
 5. A replica that timed out is tried last for minting for ``SUSPECT_FOR`` seconds, so a
    partition the failure detector cannot see (gossip relayed around it) costs one
@@ -71,7 +74,7 @@ class Coordinator:
     def __init__(
         self,
         read_replicas: Callable[[bytes, int], Sequence[Replica]],
-        write_replicas: Callable[[bytes, int], Sequence[Replica]],
+        write_replicas: Callable[..., Sequence[Replica]],
         background: trio.Nursery,
         request_timeout: float,
         read_repair: bool = True,
@@ -253,10 +256,27 @@ class Coordinator:
             ok, lost, _ = await self._quorum(others, lambda rep: rep.merge(key, minted), w - 1,
                                              deadline, on_failure=keep_hint, patience=patience)
             failed += lost
+            if 1 + len(ok) < w and minted_inline(minted):
+                ok += await self._stand_ins(key, n, minted, w - 1 - len(ok), replicas, failed,
+                                            deadline)
         acks = 1 + len(ok)
         if acks < w:
             raise QuorumFailed(_quorum_message("write", w, [None] * acks, failed))
         return WriteResult(minted, acks)
+
+    async def _stand_ins(self, key, n, minted, needed, asked, failed, deadline) -> list:
+        """Rule 3: fallbacks for the nodes that failed this request, counted towards W."""
+        down = {rep.node for rep, _ in failed if getattr(rep, "role", "primary") == "primary"}
+        named = {(rep.node, getattr(rep, "stands_for", None)) for rep in asked}
+        stand_ins = [rep for rep in self.write_replicas(key, n, down)
+                     if getattr(rep, "role", "") == "fallback"
+                     and (rep.node, rep.stands_for) not in named and rep.node not in down]
+        if not stand_ins:
+            return []
+        ok, lost, _ = await self._quorum(stand_ins, lambda rep: rep.merge(key, minted), needed,
+                                         deadline)
+        failed += lost
+        return ok
 
     async def _keep_hint(self, replica, key, obj, exc) -> None:
         """Rule 3: a replication leg failed; keep the write for its node (or for the down
@@ -321,6 +341,11 @@ class Coordinator:
         if received != length:
             raise BadRequest(f"value ended after {received} of {length} declared bytes")
         return alive, count
+
+
+def minted_inline(obj: versions.VersionedObject) -> bool:
+    """Whether every sibling of ``obj`` is inline (a fallback can then hold all of it)."""
+    return all(s.chunks is None for s in obj.siblings)
 
 
 def _chunk_source(merged, ok) -> Replica | None:
