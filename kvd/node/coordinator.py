@@ -166,7 +166,11 @@ class Coordinator:
         replicas = self.read_replicas(key, n)
         if len(replicas) == 1 and r == 1:
             # One replica: no fan-out, no background task (the single-node hot path).
-            obj = await replicas[0].get(key)
+            try:
+                obj = await self._call(replicas[0], lambda rep: rep.get(key),
+                                       self.clock() + self.request_timeout)
+            except ReplicaTimedOut as exc:
+                raise QuorumFailed(_quorum_message("read", r, [], [(replicas[0], exc)])) from None
             return ReadResult(obj, 1, _chunk_source(obj, [(replicas[0], obj)]))
         ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), r)
         if len(ok) < r:
@@ -371,7 +375,7 @@ def _quorum_message(kind: str, needed: int, ok: Sequence, failed: Sequence) -> s
                 said.append(_reason(exc))
     text = f"{kind} quorum not reached: {len(ok)} of {needed} required replicas answered"
     if not reasons:
-        return text
+        return f"{text} (no other replica of the key is up)"
     listed = "; ".join(f"{name}: " + ", then ".join(why) for name, why in reasons.items())
     return f"{text} ({listed})"
 
