@@ -7,7 +7,10 @@ live inputs (time, the peer connections, storage) and carries out what they retu
   moving is served by its old owner until the new one holds its data). Writes go to the
   same primaries, each down primary replaced by a fallback that keeps a durable hint, and
   also to the new owner of a moving partition. Only primaries mint versions (a fallback
-  knows nothing of the key's history, so it could reuse a dot).
+  knows nothing of the key's history, so it could reuse a dot). A coordinator may name
+  nodes that failed its request: they count as down for it (its local failure view).
+- Hints keep a large value's bytes that were uploaded to this node; delivery sends them
+  before the manifest, and frees them once no hint or object here names them.
 - Gossip: every ``gossip_interval`` push-pull with one peer (members table + cluster state).
 - Handoff: hints are delivered to their node once the failure detector sees it up, and
   dropped once older than ``hint_window`` (anti-entropy covers what they miss).
