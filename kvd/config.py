@@ -357,6 +357,17 @@ class Config(BaseModel):
             "quorum was not reached."
         ),
     )
+    replica_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "Seconds a coordinator waits for one replica's answer to one request before "
+            "counting that replica as failed for the request (Dynamo's local failure "
+            "view): it mints on the next primary or keeps a hint at once instead of "
+            "waiting for the failure detector. Replicas answer in milliseconds; 1 s leaves "
+            "room for a loaded disk's fsync. At most request_timeout."
+        ),
+    )
 
     # --- membership -------------------------------------------------------------------------
     gossip_interval: float = Field(
@@ -510,6 +521,13 @@ class Config(BaseModel):
             raise _KeyedError(f"r ({self.r}) must not exceed n ({self.n})", "r", "n")
         if self.w > self.n:
             raise _KeyedError(f"w ({self.w}) must not exceed n ({self.n})", "w", "n")
+        if self.replica_timeout > self.request_timeout:
+            raise _KeyedError(
+                f"replica_timeout ({self.replica_timeout}) must not exceed request_timeout "
+                f"({self.request_timeout})",
+                "replica_timeout",
+                "request_timeout",
+            )
         if self.chunk_size > self.max_frame:
             raise _KeyedError(
                 f"chunk_size ({self.chunk_size}) must not exceed max_frame ({self.max_frame})",

@@ -206,6 +206,9 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
                 nursery,
                 config.request_timeout,
                 read_repair=config.read_repair,
+                replica_timeout=config.replica_timeout,
+                keep_hint=cluster.keep_hint_for_failed_leg if config.hinted_handoff else None,
+                clock=clocks.monotonic,
             )
             node = Node(config, storage, identity, store, coordinator, cluster,
                         AntiEntropy(cluster, store, config), clocks, clocks.monotonic())

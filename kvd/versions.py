@@ -26,6 +26,12 @@ here and checked by ``decode_object``:
 6. ``sync`` is the join of a semilattice (commutative, associative, idempotent). Replicas
    converge whatever order replication, read repair, handoff and anti-entropy deliver
    objects in.
+7. One client write is one sibling (DESIGN section 2: applied at most once). A coordinator
+   that gives up on a slow replica mints the same write again elsewhere, with the same
+   write id (``wid``), so the write may exist under two dots. ``update`` applies nothing
+   when the object already holds a sibling with that write id, and ``sync`` keeps only the
+   sibling with the smallest dot among those sharing a write id; the clock still covers
+   every dot, so the dropped twin counts as seen (rule 3) and never comes back.
 
 Timestamps never resolve conflicts. Wall clocks on different machines drift, step and
 disagree. Last-writer-wins by timestamp would silently drop an acknowledged concurrent write,
@@ -38,8 +44,9 @@ replicas, and why contexts are opaque bytes that are validated strictly.
 
 Encodings (msgpack, deterministic). The object is ``[1, [actor, counter, ...], [sibling, ...]]``
 with the clock as a flat list sorted by actor. A sibling is ``[actor_index, counter, value,
-deleted, timestamp]``, plus ``vid, length, count`` when chunked; ``actor_index`` points into
-the clock's actor list, so long actor ids are stored once. A context is the flat sorted clock
+deleted, timestamp]``, plus ``vid, length, count`` when chunked, plus ``wid`` last when the
+write has a write id; ``actor_index`` points into the clock's actor list, so long actor ids
+are stored once. A context is the flat sorted clock
 list alone, and b"" for the empty vector.
 """
 
@@ -113,6 +120,7 @@ class Sibling:
     deleted: bool = False  # a tombstone
     chunks: ChunkRef | None = None  # set when the value is stored in chunks
     timestamp: float = 0.0  # wall clock at write; informational only, never resolves
+    wid: bytes = b""  # the client write's id (rule 7); b"" for writes made without one
 
     @property
     def length(self) -> int:
@@ -175,14 +183,18 @@ def update(
     chunks: ChunkRef | None = None,
     timestamp: float = 0.0,
     key: bytes = b"",
+    wid: bytes = b"",
 ) -> tuple[VersionedObject, list[Sibling]]:
     """Apply a client write at its coordinating replica ``actor``, whose stored copy is ``obj``.
 
     The new sibling gets the next dot of ``actor``. It replaces the siblings whose dots
     ``context`` covers and sits beside the others. Returns the new object and the siblings it
     discarded (the caller garbage-collects their chunks). Raises ``TooManySiblings`` when the
-    result would hold more than ``SIBLING_LIMIT`` siblings.
+    result would hold more than ``SIBLING_LIMIT`` siblings. A write whose ``wid`` the object
+    already holds was applied before (rule 7): ``obj`` is returned unchanged.
     """
+    if wid and any(s.wid == wid for s in obj.siblings):
+        return obj, []
     if deleted and (value or chunks is not None):
         raise ValueError("a tombstone carries no value")
     if chunks is not None and value:
@@ -199,7 +211,7 @@ def update(
             f"key {_show_key(key)} would have {len(kept) + 1} siblings"
             f" (limit {SIBLING_LIMIT}); read it and write back with its context"
         )
-    kept.append(Sibling((actor, counter), value, deleted, chunks, timestamp))
+    kept.append(Sibling((actor, counter), value, deleted, chunks, timestamp, wid))
     kept.sort(key=_dot_of)
     clock = dict(obj.clock)
     for other, seen in context.items():
@@ -245,8 +257,20 @@ def _sync(a: VersionedObject, b: VersionedObject) -> tuple[VersionedObject, dict
     for dot, sibling in in_b.items():
         if dot not in held and not covers(a_clock, dot):
             held[dot] = sibling
+    _drop_twins(held)
     siblings = tuple(sorted(held.values(), key=_dot_of))
     return VersionedObject(merge_vv(a_clock, b_clock), siblings), held
+
+
+def _drop_twins(held: dict[Dot, Sibling]) -> None:
+    """Rule 7: of siblings sharing a write id keep the one with the smallest dot."""
+    first: dict[bytes, Dot] = {}
+    for dot in sorted(d for d, s in held.items() if s.wid):
+        wid = held[dot].wid
+        if wid in first:
+            del held[dot]
+        else:
+            first[wid] = dot
 
 
 def live(obj: VersionedObject) -> tuple[Sibling, ...]:
@@ -349,9 +373,12 @@ def _encode_sibling(s: Sibling, index: dict[str, int]) -> list:
     # float(...) + 0.0 turns ints into floats and -0.0 into 0.0, so equal objects pack equal.
     timestamp = float(s.timestamp) + 0.0
     ref = s.chunks
-    if ref is None:
-        return [i, counter, s.value, s.deleted, timestamp]
-    return [i, counter, s.value, s.deleted, timestamp, ref.vid, ref.length, ref.count]
+    out = [i, counter, s.value, s.deleted, timestamp]
+    if ref is not None:
+        out += [ref.vid, ref.length, ref.count]
+    if s.wid:
+        out.append(s.wid)
+    return out
 
 
 def _encode_sibling_alone(s: Sibling) -> bytes:
@@ -408,8 +435,14 @@ def decode_object(data: bytes) -> VersionedObject:
 
 
 def _decode_sibling(raw: object, actors: list, clock: VersionVector) -> Sibling:
-    if type(raw) is not list or len(raw) not in (5, 8):
-        raise ValueError("malformed sibling: not a 5 or 8 element list")
+    if type(raw) is not list or len(raw) not in (5, 6, 8, 9):
+        raise ValueError("malformed sibling: not a 5, 6, 8 or 9 element list")
+    wid = b""
+    if len(raw) in (6, 9):  # a write id comes last (rule 7)
+        wid = raw[-1]
+        if type(wid) is not bytes or not wid:
+            raise ValueError("malformed sibling: bad write id")
+        raw = raw[:-1]
     i, counter, value, deleted, timestamp = raw[:5]
     if type(i) is not int or not 0 <= i < len(actors):
         raise ValueError("malformed sibling: actor index out of range")
@@ -430,7 +463,7 @@ def _decode_sibling(raw: object, actors: list, clock: VersionVector) -> Sibling:
         chunks = ChunkRef(vid, length, count)
     if deleted and (value or chunks is not None):
         raise ValueError("malformed sibling: tombstone with a value")
-    return Sibling((actor, counter), value, deleted, chunks, timestamp)
+    return Sibling((actor, counter), value, deleted, chunks, timestamp, wid)
 
 
 def digest(obj: VersionedObject) -> str:

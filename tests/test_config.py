@@ -115,8 +115,8 @@ def test_no_silent_coercion(tmp_path):
 
 
 def test_unknown_key(tmp_path):
-    path = write(tmp_path, "replicas = 3\n")
-    assert config_error(path, {}, {}) == f"{path}: unknown key 'replicas'"
+    path = write(tmp_path, "copies = 3\n")
+    assert config_error(path, {}, {}) == f"{path}: unknown key 'copies'"
     path = write(tmp_path, "node_idd = 'x'\n")
     assert "did you mean 'node_id'?" in config_error(path, {}, {})
 

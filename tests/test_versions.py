@@ -499,7 +499,9 @@ def test_decode_object_of_damaged_encodings_raises_only_value_error(obj, data):
         [1, ["a", 1], [[0, 1, b"", False, 0]]],  # timestamp must be a float
         [1, ["a", 1], [[0, 1, b"x", False, 0.0, b"v" * 16, 1, 1]]],  # chunked and inline
         [1, ["a", 1], [[0, 1, b"", False, 0.0, b"v" * 16, -1, 1]]],
-        [1, ["a", 1], [[0, 1, b"", False, 0.0, b"v" * 16]]],  # wrong length
+        [1, ["a", 1], [[0, 1, b"", False, 0.0, b"v" * 16, 1]]],  # wrong length
+        [1, ["a", 1], [[0, 1, b"", False, 0.0, 7]]],  # a write id must be bytes
+        [1, ["a", 1], [[0, 1, b"", False, 0.0, b""]]],  # and not empty
         [1, ["b", 1, "a", 1], []],  # clock not sorted
         [1, {"a": 1}, []],
     ],

@@ -7,7 +7,10 @@ live inputs (time, the peer connections, storage) and carries out what they retu
   moving is served by its old owner until the new one holds its data). Writes go to the
   same primaries, each down primary replaced by a fallback that keeps a durable hint, and
   also to the new owner of a moving partition. Only primaries mint versions (a fallback
-  knows nothing of the key's history, so it could reuse a dot).
+  knows nothing of the key's history, so it could reuse a dot). A coordinator may name
+  nodes that failed its request: they count as down for it (its local failure view).
+- Hints keep a large value's bytes that were uploaded to this node; delivery sends them
+  before the manifest, and frees them once no hint or object here names them.
 - Gossip: every ``gossip_interval`` push-pull with one peer (members table + cluster state).
 - Handoff (kvd.node.handoff): hints are delivered to their node once the failure detector
   sees it up, and dropped once older than ``hint_window`` (anti-entropy covers what they
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Collection
 from dataclasses import replace
 
 import msgpack
@@ -29,12 +33,12 @@ import trio
 from kvd import versions
 from kvd.client import Dial
 from kvd.clocks import REAL, Clocks
-from kvd.errors import BadRequest, KvdError, unwrap_single_error
+from kvd.errors import BadRequest, KvdError, Unavailable, unwrap_single_error
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.peer import PeerPool
 from kvd.node.gossip import Gossiper
-from kvd.node.handoff import Handoff
+from kvd.node.handoff import Handoff, chunked_vids
 from kvd.node.local import LocalStore
 from kvd.node.remote import HintedReplica, RemoteReplica
 from kvd.node.replica import LocalReplica
@@ -57,7 +61,12 @@ def _unpack(data: bytes):
 
 
 class LocalHintStore:
-    """This node as a fallback: hints for a down primary, kept durably in storage."""
+    """This node as a fallback: hints for a down primary, kept durably in storage.
+
+    A whole replica as the coordinator sees it (kvd.node.replica.Replica): a large value's
+    chunks are stored here like any upload and kept with the hint that names them, and are
+    sent before the manifest when the hint is delivered. It never mints.
+    """
 
     def __init__(self, node: str, cluster: "Cluster", stands_for: str, role: str = "fallback"):
         self.node = node
@@ -68,8 +77,20 @@ class LocalHintStore:
     async def get(self, key):
         return None
 
+    async def coordinate(self, key, context, payload):
+        raise Unavailable(f"{self.node} only keeps hints for {self.stands_for}: it does not mint")
+
     async def merge(self, key, obj):
         await self.cluster.store_hint(self.stands_for, key, obj)
+
+    async def write_chunk(self, key, vid, offset, data):
+        await self.cluster.store.write_chunk(key, vid, offset, data)
+
+    def read_chunks(self, key, ref):
+        return self.cluster.store.read_chunks(key, ref)
+
+    async def discard_upload(self, key, vid):
+        await self.cluster.store.discard_upload(key, vid)
 
 
 class Cluster:
@@ -231,14 +252,20 @@ class Cluster:
         return [self._replica(node) for node in self.primaries(partition, n)
                 if self.is_up(node) and not (node == self.me and not self.has_its_data)]
 
-    def replicas_for_write(self, key: bytes, n: int):
+    def replicas_for_write(self, key: bytes, n: int, failed: Collection[str] = ()):
+        """Replicas for a write; nodes in ``failed`` (those that did not answer this request:
+        the coordinator's local failure view) are treated as down, so fallbacks stand in."""
         partition = partition_of(key, self.state.ring.q)
         primaries = self.primaries(partition, n)
-        if all(self.is_up(node) for node in primaries) and not self.state.pending:
+
+        def is_up(node: str) -> bool:
+            return node not in failed and self.is_up(node)
+
+        if all(is_up(node) for node in primaries) and not self.state.pending:
             return [self._replica(node) for node in primaries]  # the common case
         out = []
         for node, role, stands_for in annotated_preference_list(
-                self.serving_ring(), partition, n, self.is_up):
+                self.serving_ring(), partition, n, is_up):
             if role == "primary":
                 out.append(self._replica(node))
             elif not self.config.hinted_handoff:
@@ -252,12 +279,12 @@ class Cluster:
             # hint itself (as Cassandra does). Such a hint does not count towards W.
             covered = {r.stands_for for r in out if getattr(r, "stands_for", None)}
             for node in primaries:
-                if node not in covered and not self.is_up(node):
+                if node not in covered and not is_up(node):
                     out.append(LocalHintStore(self.me, self, node, role="hint"))
         if self.state.pending:
             named = {r.node for r in out}
             for node in preference_list(self.state.ring, partition, n):
-                if node not in named and self.is_up(node):
+                if node not in named and is_up(node):
                     out.append(self._replica(node))  # new owner of a moving partition
         return out
 
@@ -271,6 +298,16 @@ class Cluster:
     async def store_hint(self, target: str, key: bytes, obj) -> None:
         """Keep ``obj`` durably for the down node ``target`` (kvd.node.handoff)."""
         await self.handoff.store(target, key, obj)
+
+    async def keep_hint_for_failed_leg(self, target: str, key: bytes, obj) -> None:
+        """The coordinator's hint for a replica that failed a write (kvd.node.coordinator
+        rule 3). Refused when a large value's bytes are not here: delivering its manifest
+        alone would fail on the target (anti-entropy repairs that replica instead)."""
+        missing = [vid for vid in chunked_vids(obj) if not self.store.blobs.exists(vid)]
+        if missing:
+            raise Unavailable(f"the bytes of a large value of {key[:64]!r} are not on "
+                              f"{self.me}")
+        await self.store_hint(target, key, obj)
 
     def hints_pending(self) -> dict[str, int]:
         """{node: hints held for it}, from memory (no scan)."""

@@ -8,23 +8,51 @@ replica, answers after R replies with their merge, then repairs the replicas tha
 
 Requests keep running on the remaining replicas after the answer (Dynamo's behaviour): the
 background work lives in the node's nursery, not the request's.
+
+Failure handling (DESIGN section 4):
+
+1. Every call to one replica has ``replica_timeout`` to answer; one that does not counts as
+   failed for this request (Dynamo's local failure view), whatever the failure detector
+   says. A mint that fails moves to the next primary at once; the whole request (mint and
+   replication, not the client's upload) is bounded by ``request_timeout``.
+2. Every attempt of one client write carries the same write id, so a mint that times out
+   but lands later is the same sibling as its retry (versions rule 7): at most once.
+3. A replication leg that fails or times out leaves a hint for its node here, kept before
+   the leg is given up (Cassandra's behaviour); it never counts towards W. When W is then
+   short, routing is asked again with the failed nodes taken as down, and the fallbacks it
+   names stand in for them (sloppy quorum) and count, as they would had the failure
+   detector seen the failure. (Not for large values: a fallback has none of their bytes.)
+4. A quorum error names every replica asked and what happened to it.
+5. A replica that timed out is tried last for minting for ``SUSPECT_FOR`` seconds, so a
+   partition the failure detector cannot see (gossip relayed around it) costs one
+   ``replica_timeout``, not one per request.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
 from kvd import versions
+from kvd.clocks import REAL
 from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
 from kvd.node.replica import Replica
 
 log = logging.getLogger("kvd.coordinator")
 
 MAX_VALUE = 1 << 30  # 1 GiB, DESIGN section 2
+SUSPECT_FOR = 10.0  # seconds a replica that timed out is tried last for minting (rule 5)
+WRITE_ID_BYTES = 8  # unique among one key's siblings is all a write id needs
+
+
+class ReplicaTimedOut(KvdError):
+    """A replica did not answer one call within its deadline (rule 1)."""
+
+    code = "unavailable"
 
 
 @dataclass
@@ -46,39 +74,76 @@ class Coordinator:
     def __init__(
         self,
         read_replicas: Callable[[bytes, int], Sequence[Replica]],
-        write_replicas: Callable[[bytes, int], Sequence[Replica]],
+        write_replicas: Callable[..., Sequence[Replica]],
         background: trio.Nursery,
         request_timeout: float,
         read_repair: bool = True,
+        *,
+        replica_timeout: float | None = None,
+        keep_hint: Callable[[str, bytes, versions.VersionedObject], Awaitable] | None = None,
+        clock: Callable[[], float] | None = None,
     ):
+        """``keep_hint(node, key, obj)`` stores a durable hint for a failed leg (None: hinted
+        handoff is off); ``clock`` is the node's monotonic
+        clock (trio's: deadlines are cancel scopes)."""
         self.read_replicas = read_replicas
         self.write_replicas = write_replicas
         self.background = background
         self.request_timeout = request_timeout
+        self.replica_timeout = min(replica_timeout or request_timeout, request_timeout)
         self.read_repair = read_repair
+        self.keep_hint = keep_hint
+        self.clock = clock or REAL.monotonic
         self.read_repairs = 0
+        self.hints_kept = 0  # hints kept for replication legs that failed (rule 3)
+        self._suspects: dict[str, float] = {}  # node -> until when it is tried last
+
+    async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable], deadline: float,
+                    patience: float | None = None):
+        """``call(replica)`` within the replica's deadline (rule 1), noting who timed out.
+        ``patience`` replaces ``replica_timeout`` for calls that must fsync a large value."""
+        timeout = max(0.0, min(patience or self.replica_timeout, deadline - self.clock()))
+        try:
+            with trio.fail_after(timeout):
+                result = await call(replica)
+        except trio.TooSlowError:
+            self._suspects[replica.node] = self.clock() + SUSPECT_FOR
+            raise ReplicaTimedOut(f"timed out after {timeout:.1f} s") from None
+        self._suspects.pop(replica.node, None)
+        return result
+
+    def _suspected(self, node: str) -> bool:
+        until = self._suspects.get(node)
+        return until is not None and until > self.clock()
 
     async def _quorum(
         self,
         replicas: Sequence[Replica],
         call: Callable[[Replica], Awaitable],
         needed: int,
+        deadline: float | None = None,
+        on_failure: Callable[[Replica, BaseException], Awaitable] | None = None,
+        patience: float | None = None,
     ) -> tuple[list[tuple[Replica, object]], list[tuple[Replica, BaseException]], object]:
         """Run ``call`` on every replica; return once ``needed`` succeeded or all finished.
 
-        Calls still running when we return go on in the background nursery; their outcomes
-        arrive later on the returned channel (read repair waits for them).
+        Each call has ``replica_timeout`` (rule 1). Calls still running when we return go on
+        in the background nursery; their outcomes arrive later on the returned channel (read
+        repair waits for them). ``on_failure(replica, exc)`` runs in the failed call's task
+        before its outcome is reported, so what it does is done before a quorum error.
         """
+        if deadline is None:
+            deadline = self.clock() + self.request_timeout
         send, receive = trio.open_memory_channel(len(replicas))
 
         async def one(replica: Replica) -> None:
             try:
-                with trio.fail_after(self.request_timeout):
-                    result = await call(replica)
-            except (KvdError, trio.TooSlowError, OSError) as exc:
-                send.send_nowait((replica, False, exc))
-            except Exception as exc:  # a bug: keep the node up, log it once
-                log.exception("replica call to %s failed", replica.node)
+                result = await self._call(replica, call, deadline, patience)
+            except Exception as exc:
+                if not isinstance(exc, (KvdError, OSError)):  # a bug: keep the node up, log it
+                    log.exception("replica call to %s failed", replica.node)
+                if on_failure is not None:
+                    await on_failure(replica, exc)
                 send.send_nowait((replica, False, exc))
             else:
                 send.send_nowait((replica, True, result))
@@ -87,17 +152,25 @@ class Coordinator:
             self.background.start_soon(one, replica)
         ok: list = []
         failed: list = []
-        with trio.move_on_after(self.request_timeout + 1):
+        # The calls end by the deadline; the margin lets their failure handlers finish.
+        with trio.move_on_at(deadline + (patience or self.replica_timeout)):
             while len(ok) < needed and len(ok) + len(failed) < len(replicas):
                 replica, success, value = await receive.receive()
                 (ok if success else failed).append((replica, value))
+        answered = {id(rep) for rep, _ in ok + failed}
+        failed += [(rep, ReplicaTimedOut("no answer")) for rep in replicas
+                   if id(rep) not in answered and len(ok) < needed]
         return ok, failed, receive
 
     async def get(self, key: bytes, n: int, r: int) -> ReadResult:
         replicas = self.read_replicas(key, n)
         if len(replicas) == 1 and r == 1:
             # One replica: no fan-out, no background task (the single-node hot path).
-            obj = await replicas[0].get(key)
+            try:
+                obj = await self._call(replicas[0], lambda rep: rep.get(key),
+                                       self.clock() + self.request_timeout)
+            except ReplicaTimedOut as exc:
+                raise QuorumFailed(_quorum_message("read", r, [], [(replicas[0], exc)])) from None
             return ReadResult(obj, 1, _chunk_source(obj, [(replicas[0], obj)]))
         ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), r)
         if len(ok) < r:
@@ -127,7 +200,7 @@ class Coordinator:
         for replica, obj in answered.items():
             if obj != merged:
                 try:
-                    with trio.fail_after(self.request_timeout):
+                    with trio.fail_after(self.replica_timeout):
                         await replica.merge(key, merged)
                     self.read_repairs += 1
                 except (KvdError, trio.TooSlowError, OSError) as exc:
@@ -151,15 +224,24 @@ class Coordinator:
         replicas = list(self.write_replicas(key, n))
         if length > MAX_VALUE:
             raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
-        payload: dict = {"deleted": deleted, "timestamp": timestamp}
+        # Rule 2: one id for every attempt of this write, wherever it is minted.
+        payload: dict = {"deleted": deleted, "timestamp": timestamp,
+                         "wid": os.urandom(WRITE_ID_BYTES)}
+        patience = None
         if chunks is None:
             payload["value"] = value
-            minted, others = await self._mint(key, context, payload, replicas, w)
+            deadline = self.clock() + self.request_timeout
+            minted, others, failed = await self._mint(key, context, payload, replicas, w, deadline)
         else:
             try:
                 targets, count = await self._stream_chunks(key, vid, length, chunks, replicas, w)
                 payload["chunks"] = versions.ChunkRef(vid=vid, length=length, count=count)
-                minted, others = await self._mint(key, context, payload, targets, w)
+                deadline = self.clock() + self.request_timeout  # the upload is the client's
+                # A replica seals (fsyncs) the value's bytes before it stores the manifest:
+                # proportional to the size, so these calls get the whole request's time.
+                patience = self.request_timeout
+                minted, others, failed = await self._mint(key, context, payload, targets, w,
+                                                          deadline, patience)
             except BaseException:
                 # No manifest references this upload anywhere: its chunks are garbage.
                 for replica in replicas:
@@ -169,34 +251,74 @@ class Coordinator:
         others = [rep for rep in others if rep not in hints]
         for hint in hints:  # local and durable before we answer; not counted towards W
             await hint.merge(key, minted)
-        ok, failed = [], []
+        ok: list = []
         if others:
-            ok, failed, _ = await self._quorum(others, lambda rep: rep.merge(key, minted), w - 1)
+
+            async def keep_hint(replica, exc) -> None:
+                await self._keep_hint(replica, key, minted, exc)
+
+            ok, lost, _ = await self._quorum(others, lambda rep: rep.merge(key, minted), w - 1,
+                                             deadline, on_failure=keep_hint, patience=patience)
+            failed += lost
+            if 1 + len(ok) < w and minted_inline(minted):
+                ok += await self._stand_ins(key, n, minted, w - 1 - len(ok), replicas, failed,
+                                            deadline)
         acks = 1 + len(ok)
         if acks < w:
             raise QuorumFailed(_quorum_message("write", w, [None] * acks, failed))
         return WriteResult(minted, acks)
 
-    async def _mint(self, key, context, payload, replicas, w):
-        """Have the first replica that can mint the new version; return it and the others."""
+    async def _stand_ins(self, key, n, minted, needed, asked, failed, deadline) -> list:
+        """Rule 3: fallbacks for the nodes that failed this request, counted towards W."""
+        down = {rep.node for rep, _ in failed if getattr(rep, "role", "primary") == "primary"}
+        named = {(rep.node, getattr(rep, "stands_for", None)) for rep in asked}
+        stand_ins = [rep for rep in self.write_replicas(key, n, down)
+                     if getattr(rep, "role", "") == "fallback"
+                     and (rep.node, rep.stands_for) not in named and rep.node not in down]
+        if not stand_ins:
+            return []
+        ok, lost, _ = await self._quorum(stand_ins, lambda rep: rep.merge(key, minted), needed,
+                                         deadline)
+        failed += lost
+        return ok
+
+    async def _keep_hint(self, replica, key, obj, exc) -> None:
+        """Rule 3: a replication leg failed; keep the write for its node (or for the down
+        primary a fallback stood in for) and deliver it once that node is back."""
+        target = getattr(replica, "stands_for", None) or replica.node
+        if self.keep_hint is None or getattr(replica, "role", "primary") == "hint":
+            return
+        try:
+            await self.keep_hint(target, key, obj)
+            self.hints_kept += 1
+        except (KvdError, OSError) as hint_exc:  # the leg's own error is what the client sees
+            log.warning("no hint kept for %s after %s: %s", target, exc, hint_exc)
+
+    async def _mint(self, key, context, payload, replicas, w, deadline, patience=None):
+        """Have the first primary that answers mint the new version (rules 1, 2, 5); return it,
+        the other replicas, and the primaries that failed to mint (the write still goes to
+        them: one that timed out may have it, and otherwise they get a hint)."""
         errors: list[tuple[Replica, BaseException]] = []
-        for index, replica in enumerate(replicas):
-            if getattr(replica, "role", "primary") != "primary":
-                continue  # fallbacks hold hints; only a replica with the key's history mints
+        primaries = [rep for rep in replicas if getattr(rep, "role", "primary") == "primary"]
+        # Fallbacks hold hints; only a replica with the key's history mints.
+        for replica in sorted(primaries, key=lambda rep: self._suspected(rep.node)):
+            if self.clock() >= deadline:
+                errors.append((replica, ReplicaTimedOut("not tried: the request timed out")))
+                continue
             try:
-                with trio.fail_after(self.request_timeout):
-                    minted = await replica.coordinate(key, context, payload)
+                minted = await self._call(
+                    replica, lambda rep: rep.coordinate(key, context, payload), deadline, patience)
             except (TooManySiblings, BadRequest):
                 raise  # no other replica would accept it either
-            except (KvdError, trio.TooSlowError, OSError) as exc:
+            except (KvdError, OSError) as exc:
                 errors.append((replica, exc))
                 continue
-            return minted, replicas[:index] + replicas[index + 1 :]
+            return minted, [rep for rep in replicas if rep is not replica], errors
         raise QuorumFailed(_quorum_message("write", w, [], errors))
 
     async def _discard_upload(self, replica, key, vid) -> None:
         try:
-            with trio.fail_after(self.request_timeout):
+            with trio.fail_after(self.replica_timeout):
                 await replica.discard_upload(key, vid)
         except (KvdError, trio.TooSlowError, OSError) as exc:
             log.info("could not discard failed upload on %s: %s", replica.node, exc)
@@ -225,6 +347,11 @@ class Coordinator:
         return alive, count
 
 
+def minted_inline(obj: versions.VersionedObject) -> bool:
+    """Whether every sibling of ``obj`` is inline (a fallback can then hold all of it)."""
+    return all(s.chunks is None for s in obj.siblings)
+
+
 def _chunk_source(merged, ok) -> Replica | None:
     """A replica whose object includes every chunked sibling of the merged object."""
     if merged is None:
@@ -239,8 +366,24 @@ def _chunk_source(merged, ok) -> Replica | None:
 
 
 def _quorum_message(kind: str, needed: int, ok: Sequence, failed: Sequence) -> str:
-    reasons = "; ".join(f"{rep.node}: {exc}" for rep, exc in failed if rep is not None)
+    """Rule 4: every replica that failed, with its reasons in order (never an empty one)."""
+    reasons: dict[str, list[str]] = {}
+    for replica, exc in failed:
+        if replica is not None:
+            said = reasons.setdefault(_name(replica), [])
+            if _reason(exc) not in said:
+                said.append(_reason(exc))
     text = f"{kind} quorum not reached: {len(ok)} of {needed} required replicas answered"
-    return f"{text} ({reasons})" if reasons else text
+    if not reasons:
+        return f"{text} (no other replica of the key is up)"
+    listed = "; ".join(f"{name}: " + ", then ".join(why) for name, why in reasons.items())
+    return f"{text} ({listed})"
 
 
+def _name(replica) -> str:
+    stands_for = getattr(replica, "stands_for", None)
+    return f"{replica.node} (for {stands_for})" if stands_for else replica.node
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

@@ -60,7 +60,7 @@ def _unpack(data: bytes):
     return msgpack.unpackb(data, raw=False)
 
 
-def _vids(obj: versions.VersionedObject) -> set[bytes]:
+def chunked_vids(obj: versions.VersionedObject) -> set[bytes]:
     return {s.chunks.vid for s in obj.siblings if s.chunks is not None}
 
 
@@ -115,7 +115,7 @@ class Handoff:
         record = _pack({"key": key, "object": versions.encode_object(obj),
                         "at": self.clocks.wall()})
         ops = [(hint_key, record)]
-        for vid in _vids(obj):
+        for vid in chunked_vids(obj):
             if self.objects.blobs.exists(vid):
                 await self.objects.blobs.seal(vid)
                 ops += [(_ledger_key(vid), None), (keys.hint_blob_key(vid, hint_key), b"")]
@@ -232,7 +232,7 @@ class Handoff:
         except _UNREACHABLE:
             raise
         except KvdError as exc:
-            if not _vids(obj):
+            if not chunked_vids(obj):
                 self._note_refused(hint_key, replica.node, key, exc)
                 return False
         # The node lacks the bytes of a chunked sibling: stream them, then the manifest.
@@ -273,7 +273,7 @@ class Handoff:
         for hint_key, hint in hints:
             ops.append((hint_key, None))
             self._refused.discard(hint_key)
-            for vid in _vids(versions.decode_object(hint["object"])):
+            for vid in chunked_vids(versions.decode_object(hint["object"])):
                 ops.append((keys.hint_blob_key(vid, hint_key), None))
                 released[vid] = hint["key"]
         removed = {k for k, _ in hints}
@@ -282,7 +282,7 @@ class Handoff:
             start, stop = keys.hint_blob_range(vid)
             others = {k[len(start):] for k in self.storage.iterate_keys(start, stop)} - removed
             local = self.objects.read(key)
-            if not others and not (local is not None and vid in _vids(local)):
+            if not others and not (local is not None and vid in chunked_vids(local)):
                 garbage.append(vid)
                 ops.append((_ledger_key(vid), _GARBAGE))
         await self.storage.write(ops)

@@ -80,8 +80,10 @@ class LocalStore:
         deleted: bool = False,
         chunks: versions.ChunkRef | None = None,
         timestamp: float = 0.0,
+        wid: bytes = b"",
     ) -> versions.VersionedObject:
-        """Apply a client write as its coordinating replica: mint a new dot for ``actor``."""
+        """Apply a client write as its coordinating replica: mint a new dot for ``actor``
+        (none when the write with id ``wid`` is already here: versions rule 7)."""
         if chunks is not None:
             await self._seal(chunks)
         current = self._latest(key) or versions.empty()
@@ -94,6 +96,7 @@ class LocalStore:
             chunks=chunks,
             timestamp=timestamp,
             key=key,
+            wid=wid,
         )
         await self._store(key, updated, discarded)
         if versions.needs_warning(updated):

@@ -44,6 +44,8 @@ def encode_payload(payload: dict) -> dict:
     chunks = payload.get("chunks")
     if chunks is not None:
         out["chunks"] = [chunks.vid, chunks.length, chunks.count]
+    if payload.get("wid"):
+        out["wid"] = payload["wid"]
     return out
 
 
@@ -54,6 +56,11 @@ def decode_payload(fields: dict) -> dict:
     if "chunks" in fields:
         vid, length, count = fields["chunks"]
         payload["chunks"] = versions.ChunkRef(vid=vid, length=length, count=count)
+    if "wid" in fields:
+        wid = fields["wid"]
+        if type(wid) is not bytes or not 0 < len(wid) <= 64:
+            raise BadRequest("malformed write id")
+        payload["wid"] = wid
     return payload
 
 

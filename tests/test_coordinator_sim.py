@@ -1,0 +1,256 @@
+"""Coordinator failure handling in the whole-node simulator (issue 9, section 4: bugs 12, 15, 16).
+
+Every test runs real nodes (kvd.server.serve) on kvd.net.memory under trio's autojump
+MockClock, so the times asserted are simulated seconds and a run is repeatable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import pytest
+import trio
+
+sys.path.insert(0, os.path.dirname(__file__))
+from sim.harness import SimCluster, seeded  # noqa: E402
+
+from kvd import versions  # noqa: E402
+from kvd.errors import QuorumFailed  # noqa: E402
+from kvd.ring import partition_of, preference_list  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    with seeded(1):
+        yield
+
+
+async def _cluster(nursery, names=("n1", "n2", "n3"), **config) -> SimCluster:
+    """A committed cluster of ``names`` (the first is the seed), every node up everywhere."""
+    sim = SimCluster(nursery, seed=1, **config)
+    first = await sim.start(names[0], seeds=[])
+    for name in names[1:]:
+        await sim.start(name, seeds=[first.peer_address])
+    src = sim.client_address()
+    for name in names[1:]:
+        async with sim.open_client(name, src) as c:
+            await c.admin({"op": "join", "seed": first.peer_address})
+    async with sim.open_client(names[0], src) as c:
+        await c.admin({"op": "commit"})
+        while (await c.admin({"op": "ring"}))["pending"]:
+            await trio.sleep(1)
+    await trio.sleep(10)  # gossip: every node judges every other up, with some history
+    for sn in sim.nodes.values():
+        assert all(sn.node.cluster.is_up(other) for other in sim.nodes), sn.name
+    return sim
+
+
+def _primaries(sim: SimCluster, key: bytes, via: str = "n1") -> list[str]:
+    cluster = sim.nodes[via].node.cluster
+    return preference_list(cluster.serving_ring(), partition_of(key, cluster.state.ring.q), 3)
+
+
+def _key_with(sim: SimCluster, first: str, not_first: str | None = None, prefix=b"k") -> bytes:
+    """A key whose preference list starts with ``first``."""
+    for i in range(10_000):
+        key = prefix + str(i).encode()
+        if _primaries(sim, key)[0] == first:
+            return key
+    raise AssertionError("no such key")
+
+
+def _isolate(sim: SimCluster, name: str) -> None:
+    others = [sn.peer_address for sn in sim.nodes.values() if sn.name != name]
+    sim.net.partition(sim.nodes[name].peer_address, others)
+
+
+def _stall(sim: SimCluster, name: str, seconds: float) -> None:
+    """Make ``name`` stall ``seconds`` after receiving each mint request, then apply it: what a
+    SIGSTOPped process does with a request already in its socket buffer when it resumes."""
+    store = sim.nodes[name].node.store
+    coordinate = store.coordinate
+
+    async def stalled(*args, **kwargs):
+        await trio.sleep(seconds)
+        return await coordinate(*args, **kwargs)
+
+    store.coordinate = stalled
+
+
+async def test_put_retried_on_another_primary_is_applied_once(autojump_clock):
+    """Bug 15: the first primary stalls while it mints; the coordinator mints again on the next
+    primary; then the first attempt lands too. The client made one write, so the key must
+    hold one sibling."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery)
+        key = _key_with(sim, "n3")
+        coordinator = next(n for n in _primaries(sim, key) if n != "n3")
+        src = sim.client_address()
+        _stall(sim, "n3", 12.0)  # longer than request_timeout (5 s in the simulator)
+        async with sim.open_client(coordinator, src) as c:
+            await c.put(key, b"once")
+        await trio.sleep(30)  # the stalled mint lands; read repair and gossip settle
+        async with sim.open_client(coordinator, src) as c:
+            reply = await c.get(key, r=3)
+        values = [s.value for s in reply.siblings]
+        assert values == [b"once"], f"one client write became {len(values)} siblings: {values}"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+async def test_write_through_an_isolated_node_fails_fast_naming_every_replica(autojump_clock):
+    """Bug 16: the coordinator is cut off from everyone but still judges them up. Its write
+    must fail within request_timeout (not one request_timeout per primary), and the error
+    must name every replica with a reason an operator can read."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, request_timeout=10.0, replica_timeout=1.0)
+        key = _key_with(sim, "n2")  # minted elsewhere: n1 has to ask n2, then n3
+        src = sim.client_address()
+        async with sim.open_client("n1", src) as c:
+            _isolate(sim, "n1")
+            began = trio.current_time()
+            with pytest.raises(QuorumFailed) as failure:
+                await c.put(key, b"v")
+            took = trio.current_time() - began
+        message = str(failure.value)
+        # Each of the two remote primaries gets one replica_timeout to mint; the local one
+        # mints, and replicating to the two fails at once on the dropped connections.
+        assert took <= 2 * 1.0 + 0.5, f"failed after {took:.1f} s: {message}"
+        for node in ("n2", "n3"):
+            assert f"{node}: timed out after 1.0 s" in message, message
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+def _ring_partition(sim: SimCluster, names: list[str]) -> None:
+    """Each node reaches only its two neighbours on a ring of ``names``."""
+    for i, a in enumerate(names):
+        neighbours = {names[i - 1], names[(i + 1) % len(names)]}
+        far = [sim.nodes[b].peer_address for b in names if b != a and b not in neighbours]
+        sim.net.partition(sim.nodes[a].peer_address, far)
+
+
+async def test_ring_partition_never_stalls_a_write(autojump_clock):
+    """Bug 16: with a ring partition (each node reaches only its neighbours) gossip relayed by
+    the neighbours keeps every node up, so only the request itself can notice that a
+    replica does not answer. n1 reaches n2 and n5, a quorum: every write through it must
+    succeed, those with two reachable primaries within about one replica_timeout, the
+    others (fallbacks stand in for the silent primaries) within two."""
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        _ring_partition(sim, names)
+        reachable = {"n1", "n2", "n5"}
+        src = sim.client_address()
+        slow = []
+        async with sim.open_client("n1", src) as c:
+            # Right after the cut (connections still open, sends black-holed) and again once
+            # gossip has had time to notice, which it cannot.
+            for batch in ("at once", "after 30 s"):
+                if batch != "at once":
+                    await trio.sleep(30)
+                    cluster = sim.nodes["n1"].node.cluster
+                    assert all(cluster.is_up(n) for n in names), "the detector saw it after all"
+                for i in range(20):
+                    key = f"ring{batch}{i}".encode()
+                    primaries = _primaries(sim, key)
+                    began = trio.current_time()
+                    await c.put(key, b"v")
+                    took = trio.current_time() - began
+                    bound = 1.5 if len(reachable & set(primaries)) >= 2 else 2.5
+                    if took > bound:
+                        slow.append((batch, key, primaries, round(took, 1)))
+        assert not slow, f"writes that stalled: {slow}"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+async def test_detection_time_stays_bounded_after_earlier_pauses(autojump_clock):
+    """Bug 16, whole nodes: n3 is cut off for 20 s five times, a minute apart. Every other
+    node must judge it down as fast after the fifth pause as after the first."""
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names)
+        watchers = [sim.nodes[n].node.cluster for n in names if n != "n3"]
+        times = []
+        for _ in range(5):
+            await trio.sleep(40)
+            _isolate(sim, "n3")
+            began = trio.current_time()
+            while any(w.is_up("n3") for w in watchers):
+                await trio.sleep(0.1)
+            times.append(round(trio.current_time() - began, 1))
+            await trio.sleep(max(0.0, 20 - (trio.current_time() - began)))
+            sim.net.heal()
+            while not all(w.is_up("n3") for w in watchers):
+                await trio.sleep(0.1)
+        assert max(times[1:]) <= times[0] + 1.0 and max(times) <= 10.0, times
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+async def test_every_acknowledged_write_reaches_a_replica_killed_just_before(autojump_clock):
+    """Bug 12: n3 dies; for the seconds the failure detector needs, writes still go to it,
+    fail there, and are acknowledged by the two others (W=2). Each failed leg must leave a
+    hint, so that once n3 is back every acknowledged write reached it, with anti-entropy
+    off."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, anti_entropy=False)
+        src = sim.client_address()
+        acknowledged = []
+        sim.crash("n3")
+        async with sim.open_client("n1", src) as c:
+            for i in range(100):
+                key = b"w" + str(i).encode()
+                await c.put(key, b"v%d" % i, w=2)
+                acknowledged.append(key)
+        await trio.sleep(5)
+        await sim.start("n3")
+        await trio.sleep(60)  # n3 is seen up again and the hints are handed off
+        store = sim.nodes["n3"].node.store
+        missing = [k for k in acknowledged if "n3" in _primaries(sim, k) and store.read(k) is None]
+        assert not missing, f"{len(missing)} acknowledged writes never reached n3: {missing[:5]}"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("names", [("n1", "n2", "n3"), ("n1", "n2", "n3", "n4")])
+async def test_large_write_with_a_down_primary_is_hinted_with_its_bytes(autojump_clock, names):
+    """Bug 12: n3 is down. With three nodes the coordinator (n1) keeps n3's hint itself; with
+    four, n1 is picked as the fallback that stands in for n3 (and counts towards W=3). A
+    value larger than chunk_size travels as chunks, which the local hint store could not
+    take (a traceback, no hint, and the fallback dropped from W). The hint must hold the
+    bytes, n3 must get the whole value once back, and then the hinted bytes are freed."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, anti_entropy=False)
+        sim.crash("n3")
+        await trio.sleep(20)  # judged down: the write is routed with a hint for n3
+        cluster = sim.nodes["n1"].node.cluster
+        key = next(k for k in (b"big" + str(i).encode() for i in range(10_000))
+                   if "n3" in _primaries(sim, k) and
+                   any(getattr(r, "stands_for", None) == "n3" and r.node == "n1"
+                       for r in cluster.replicas_for_write(k, 3)))
+        w = len(names) - 1  # n3's stand-in is needed when there is one
+        value = bytes(range(256)) * 1000  # 256 000 bytes, four chunks of 65 536
+        src = sim.client_address()
+        async with sim.open_client("n1", src) as c:
+            await c.put(key, value, w=w)
+        assert not sim.crashes, sim.crashes
+        await sim.start("n3")
+        await trio.sleep(60)
+        node = sim.nodes["n3"].node
+        obj = node.store.read(key)
+        assert obj is not None, "the hint never reached n3"
+        (sibling,) = obj.siblings
+        stored = b"".join([piece async for piece in node.store.read_chunks(key, sibling.chunks)])
+        assert stored == value
+        async with sim.open_client("n3", src) as c:
+            assert [s.value for s in (await c.get(key, r=3)).siblings] == [value]
+        n1 = sim.nodes["n1"].node
+        assert not n1.cluster.hints_pending(), "the hint was not handed off"
+        if "n1" not in _primaries(sim, key):  # n1 held the bytes for the hint only
+            assert not n1.store.blobs.exists(sibling.chunks.vid), "hinted bytes were kept"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
