@@ -387,3 +387,37 @@ async def test_a_store_written_before_dot_sequences_still_mints_new_dots():
         new = await store.coordinate(b"k", {}, "a:1", value=b"new")
         await other.merge(b"k", new)
         assert b"new" in _values(other.read(b"k"))
+
+
+async def test_a_cancelled_purge_keeps_the_tree_in_step_with_the_objects():
+    """Bug 1, purge side: a purge cancelled while queued still lands; a write that follows
+    builds on the purged (empty) key, and the hash tree matches a replica holding the same."""
+    async with slow_disk() as disk, open_storage(None) as other_disk:
+        store, other = LocalStore(disk, None, 64), LocalStore(other_disk, None, 64)
+        tomb = versions.update(versions.empty(), {}, "b:1", deleted=True)[0]
+        await store.merge(b"k", tomb)
+        await store.coordinate(b"other key", {}, "a:1", value=b"")  # a node already running
+        digest = hashlib.blake2b(versions.encode_object(tomb), digest_size=8).digest()
+        disk.slow_down()
+        async with trio.open_nursery() as nursery:
+            cancelled = trio.CancelScope()
+
+            async def cancelled_purge():
+                with cancelled:
+                    await store.purge(b"k", digest)
+
+            nursery.start_soon(cancelled_purge)
+            await wait_all_tasks_blocked()
+            cancelled.cancel()
+            await wait_all_tasks_blocked()
+            nursery.start_soon(lambda: store.coordinate(b"k", {}, "a:1", value=b"new"))
+            await wait_all_tasks_blocked()
+            await disk.let_one_batch_through()
+            await disk.let_one_batch_through()
+        disk.speed_up()
+        await other.merge(b"k", store.read(b"k"))
+        await other.merge(b"other key", store.read(b"other key"))
+        assert _values(store.read(b"k")) == [b"new"]
+        partition = store.partition(b"k")
+        assert store.read(b"k") == other.read(b"k")
+        assert store.tree(partition).root() == other.tree(partition).root()

@@ -40,6 +40,7 @@ class BlobStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.sync = sync
+        self._root_durable = not sync  # root's own name, fsynced before the first seal
 
     def _path(self, vid: bytes) -> Path:
         name = vid.hex()
@@ -71,6 +72,9 @@ class BlobStore:
             if self.sync:
                 os.fsync(fd)
                 _fsync_dir(path.parent)  # the file's name, created by the first write
+                if not self._root_durable:
+                    _fsync_dir(self.root.parent)
+                    self._root_durable = True
             return os.fstat(fd).st_size
         finally:
             os.close(fd)
