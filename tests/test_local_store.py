@@ -1,11 +1,18 @@
 """The local replica store: large-value blobs are never orphaned, writes never lose each other."""
 
+import hashlib
+import logging
+import os
+from contextlib import asynccontextmanager
+
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from kvd import versions
 from kvd.node.local import LocalStore, new_vid
 from kvd.storage import open_storage
-from kvd.storage.blobs import BlobStore
+from kvd.storage.blobs import BlobStore, MemoryBlobStore
+from kvd.storage.memory import MemoryStorage
 
 
 async def _upload(store, key, data: bytes):
@@ -57,18 +64,6 @@ async def test_concurrent_writes_to_one_key_all_survive():
 
 
 # --- issue 9 section 4: data-loss bugs of the replica store ----------------------------------
-
-import hashlib  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-from contextlib import asynccontextmanager  # noqa: E402
-
-import pytest  # noqa: E402
-from trio.testing import wait_all_tasks_blocked  # noqa: E402
-
-from kvd.errors import Unavailable  # noqa: E402
-from kvd.storage.blobs import MemoryBlobStore  # noqa: E402
-from kvd.storage.memory import MemoryStorage  # noqa: E402
 
 
 class SlowDisk(MemoryStorage):

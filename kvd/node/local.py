@@ -228,8 +228,8 @@ class LocalStore:
                 else:
                     merged, discarded = versions.sync_with_discarded(current, incoming)
                     if merged == current:
-                        committing = self._pending.get(key)
-                        if committing is None or committing.obj is not current:
+                        committing = self._pending.get(key)  # ``current`` when there is one
+                        if committing is None:
                             return current  # already durable
                         await committing.durable.wait()
                         continue  # durable now, unless that commit failed: look again
