@@ -5,10 +5,12 @@ import logging
 import os
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
 from kvd import versions
+from kvd.errors import Unavailable
 from kvd.node.local import LocalStore, new_vid
 from kvd.storage import open_storage
 from kvd.storage.blobs import BlobStore, MemoryBlobStore
@@ -67,7 +69,8 @@ async def test_concurrent_writes_to_one_key_all_survive():
 
 
 class SlowDisk(MemoryStorage):
-    """A MemoryStorage whose batches commit only when the test lets one through."""
+    """A MemoryStorage that, once slowed down, commits a batch only when the test lets one
+    through (a disk busy with someone else's fsync)."""
 
     def __init__(self):
         super().__init__()
@@ -416,3 +419,17 @@ async def test_a_cancelled_purge_keeps_the_tree_in_step_with_the_objects():
         partition = store.partition(b"k")
         assert store.read(b"k") == other.read(b"k")
         assert store.tree(partition).root() == other.tree(partition).root()
+
+
+async def test_a_chunk_arriving_after_its_upload_was_discarded_leaves_no_orphan(tmp_path):
+    """A chunk write still in flight when the coordinator discarded the upload must not
+    recreate the blob behind the ledger's back (no ledger entry: never collected)."""
+    async with open_storage(str(tmp_path / "db")) as storage:
+        blobs = BlobStore(tmp_path / "blobs")
+        store = LocalStore(storage, blobs, 64)
+        vid = new_vid()
+        await store.write_chunk(b"k", vid, 0, b"0123")
+        await store.discard_upload(b"k", vid)
+        with pytest.raises(Unavailable):
+            await store.write_chunk(b"k", vid, 4, b"4567")  # the late one
+        assert not blobs.exists(vid)

@@ -13,7 +13,8 @@ Invariants:
   batch as the manifest that names it; the batch that drops the last manifest naming a blob
   marks it "g" (garbage). ``sweep`` at start deletes every blob still in the ledger, unless
   the stored object of the entry's key names it (then only the entry goes), so a crash at
-  any point leaves no orphan and no live blob is ever swept.
+  any point leaves no orphan and no live blob is ever swept. A chunk past offset 0 of a blob
+  that is gone (its upload was discarded) is refused, so a late chunk never recreates it.
 - Rule 4: every write of a key builds on the latest object *written* for it, durable or not:
   the not-yet-durable object waits in ``_pending`` while its batch commits, and reading it,
   deriving the next object and publishing that happen with no checkpoint in between. So two
@@ -350,6 +351,9 @@ class LocalStore:
             return
         if offset == 0:
             await self.storage.write([(_ledger_key(vid), _UPLOADING + key)])
+        elif not self.blobs.exists(vid):
+            # Discarded meanwhile: writing would create a blob no ledger entry covers.
+            raise Unavailable(f"upload {vid.hex()} was discarded; its chunks are not wanted")
         await self.blobs.write(vid, offset, data)
 
     async def discard_upload(self, key: bytes, vid: bytes) -> None:
