@@ -18,11 +18,16 @@ here and checked by ``decode_object``:
    covers but lacks, and must keep one it does not cover.
 4. A sibling disappears only when a write's context covers its dot (``update``) or when
    another replica shows it was superseded that way (``sync``). Nothing else discards data.
-5. An actor never mints the same dot twice for a key. ``update`` takes the next counter
-   after everything the actor's stored copy and the context have seen. The caller must
-   therefore serialise writes per key and update the actor's latest durable copy. Actor ids
-   include the node's incarnation, so a node whose data was wiped starts a new actor instead
-   of reusing old counters.
+5. An actor never mints the same dot twice, for any key. ``update`` takes the next counter
+   after everything the actor's stored copy and the context have seen, and at least
+   ``min_counter``: the caller passes a per-actor counter that only grows (across keys,
+   purges and restarts), because a purged key's stored copy no longer remembers what the
+   actor minted for it. Counters of one actor within one key may therefore jump; a clock
+   entry covering the gap claims only dots that never existed for that key. The caller must
+   also serialise writes per key and update the actor's latest copy. Actor ids include the
+   node's incarnation, so a node whose data was wiped starts a new actor instead of reusing
+   old counters. Should a broken caller still produce two siblings with one dot,
+   ``conflicting_dots`` names them and ``sync`` keeps one by a total order.
 6. ``sync`` is the join of a semilattice (commutative, associative, idempotent). Replicas
    converge whatever order replication, read repair, handoff and anti-entropy deliver
    objects in.
@@ -69,6 +74,7 @@ __all__ = [
     "Sibling",
     "VersionVector",
     "VersionedObject",
+    "conflicting_dots",
     "context_of",
     "covers",
     "decode_context",
@@ -82,6 +88,7 @@ __all__ = [
     "live",
     "merge_vv",
     "needs_warning",
+    "next_counter",
     "sync",
     "sync_with_discarded",
     "update",
@@ -173,6 +180,13 @@ def context_of(obj: VersionedObject) -> VersionVector:
     return obj.clock
 
 
+def next_counter(
+    obj: VersionedObject, context: VersionVector, actor: str, min_counter: int = 0
+) -> int:
+    """The counter of ``actor``'s next dot on ``obj`` (see invariant 5)."""
+    return max(obj.clock.get(actor, 0) + 1, context.get(actor, 0) + 1, min_counter)
+
+
 def update(
     obj: VersionedObject,
     context: VersionVector,
@@ -184,14 +198,16 @@ def update(
     timestamp: float = 0.0,
     key: bytes = b"",
     wid: bytes = b"",
+    min_counter: int = 0,
 ) -> tuple[VersionedObject, list[Sibling]]:
     """Apply a client write at its coordinating replica ``actor``, whose stored copy is ``obj``.
 
-    The new sibling gets the next dot of ``actor``. It replaces the siblings whose dots
-    ``context`` covers and sits beside the others. Returns the new object and the siblings it
-    discarded (the caller garbage-collects their chunks). Raises ``TooManySiblings`` when the
-    result would hold more than ``SIBLING_LIMIT`` siblings. A write whose ``wid`` the object
-    already holds was applied before (rule 7): ``obj`` is returned unchanged.
+    The new sibling gets the next dot of ``actor`` (its counter at least ``min_counter``). It
+    replaces the siblings whose dots ``context`` covers and sits beside the others. Returns
+    the new object and the siblings it discarded (the caller garbage-collects their chunks).
+    Raises ``TooManySiblings`` when the result would hold more than ``SIBLING_LIMIT``
+    siblings. A write whose ``wid`` the object already holds was applied before (rule 7):
+    ``obj`` is returned unchanged.
     """
     if wid and any(s.wid == wid for s in obj.siblings):
         return obj, []
@@ -201,7 +217,7 @@ def update(
         raise ValueError("a chunked value has no inline bytes")
     if type(value) is not bytes:
         value = bytes(value)
-    counter = max(obj.clock.get(actor, 0), context.get(actor, 0)) + 1
+    counter = next_counter(obj, context, actor, min_counter)
     kept: list[Sibling] = []
     discarded: list[Sibling] = []
     for sibling in obj.siblings:
@@ -271,6 +287,14 @@ def _drop_twins(held: dict[Dot, Sibling]) -> None:
             del held[dot]
         else:
             first[wid] = dot
+
+
+def conflicting_dots(a: VersionedObject, b: VersionedObject) -> list[Dot]:
+    """Dots that ``a`` and ``b`` both hold with different payloads (a broken invariant 5)."""
+    if a is b:
+        return []
+    in_b = {s.dot: s for s in b.siblings}
+    return [s.dot for s in a.siblings if s.dot in in_b and in_b[s.dot] != s]
 
 
 def live(obj: VersionedObject) -> tuple[Sibling, ...]:

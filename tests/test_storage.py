@@ -291,6 +291,16 @@ async def test_periodic_sync_only_when_dirty(autojump_clock):
     assert storage.statistics().syncs == 2  # closing syncs what is left
 
 
+async def test_flush_syncs_now_in_periodic_mode(open_store, autojump_clock):
+    async with open_store(sync="periodic", sync_interval=1000.0) as storage:
+        await storage.write([(b"lease", b"1")])
+        assert storage.statistics().syncs == 0
+        await storage.flush()  # durable now, not at the next tick
+        assert storage.statistics().syncs == 1
+        await storage.flush()
+        assert storage.statistics().syncs == 2
+
+
 async def test_periodic_sync_leveldb(tmp_path):
     path = str(tmp_path / "db")
     async with open_storage(path, sync="periodic", sync_interval=0.05) as storage:

@@ -37,9 +37,11 @@ from kvd.versions import (
     encode_context,
     encode_object,
     is_found,
+    conflicting_dots,
     live,
     merge_vv,
     needs_warning,
+    next_counter,
     sync,
     sync_with_discarded,
     update,
@@ -529,3 +531,35 @@ def test_importing_versions_does_not_import_trio_or_plyvel():
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+# -- dots from a per-actor sequence (kv679) -----------------------------------------------------
+
+
+@PROPS
+@given(st.integers(min_value=0, max_value=2**40), st.integers(min_value=0, max_value=50))
+def test_update_takes_a_counter_at_least_min_counter_and_above_the_history(floor, seen):
+    obj = VersionedObject({"n1:1": seen}, ()) if seen else empty()
+    new, _ = update(obj, {}, "n1:1", value=b"v", min_counter=floor)
+    dot = new.siblings[0].dot
+    assert dot[1] == next_counter(obj, {}, "n1:1", floor)
+    assert dot[1] >= floor and dot[1] > seen
+    assert covers(new.clock, dot)
+
+
+def test_a_jump_in_counters_discards_nothing_concurrent():
+    """A clock entry covering the gap of a jumped counter claims only dots that never existed
+    for that key, so a concurrent write from another actor still survives the merge."""
+    base, _ = update(empty(), {}, "n1:1", value=b"v1")
+    jumped, _ = update(base, base.clock, "n1:1", value=b"v2", min_counter=1000)
+    concurrent, _ = update(base, base.clock, "n2:1", value=b"w")
+    merged = sync(jumped, concurrent)
+    assert sorted(s.value for s in merged.siblings) == [b"v2", b"w"]
+
+
+def test_conflicting_dots_names_a_reused_dot():
+    one, _ = update(empty(), {}, "n1:1", value=b"one")
+    two, _ = update(empty(), {}, "n1:1", value=b"two")
+    assert conflicting_dots(one, two) == [("n1:1", 1)]
+    assert conflicting_dots(one, one) == []
+    assert sync(one, two) == sync(two, one)  # still one winner, the same everywhere

@@ -4,20 +4,39 @@ Invariants:
 - Rule 1: an object record naming a blob (a chunked value) is written only after that blob
   is sealed (fsynced): ``coordinate`` and ``merge`` seal before they write.
 - Rule 2: a blob is deleted only after the object that no longer names it is durable, so a
-  crash never leaves a manifest without its bytes.
-- Rule 3: no blob is ever forgotten. A blob ledger entry is written before an upload's first
-  byte ("u": uploading) and removed in the same batch as the manifest that names it; the
-  batch that drops the last manifest naming a blob marks it "g" (garbage). ``sweep`` at
-  start deletes every blob still in the ledger, so a crash at any point leaves no orphan.
-- Rule 5: every object write also updates the partition's anti-entropy tree (kvd/aae.py)
-  and the key's index entry, in the same batch: the tree on disk always matches the
-  objects, and is never rebuilt by a scan.
+  crash never leaves a manifest without its bytes. Nothing deletes a blob that the key's
+  latest object names: ``discard_upload`` of such a blob, or of one being sealed for a
+  manifest, is a no-op, and ``write_chunk`` of a blob the key's object already names (an
+  anti-entropy re-send) is skipped, so it never marks a live blob "uploading".
+- Rule 3: no blob is ever forgotten. A blob ledger entry (its mark and the key it belongs
+  to) is written before an upload's first byte ("u": uploading) and removed in the same
+  batch as the manifest that names it; the batch that drops the last manifest naming a blob
+  marks it "g" (garbage). ``sweep`` at start deletes every blob still in the ledger, unless
+  the stored object of the entry's key names it (then only the entry goes), so a crash at
+  any point leaves no orphan and no live blob is ever swept. A chunk past offset 0 of a blob
+  that is gone (its upload was discarded) is refused, so a late chunk never recreates it.
 - Rule 4: every write of a key builds on the latest object *written* for it, durable or not:
   the not-yet-durable object waits in ``_pending`` while its batch commits, and reading it,
   deriving the next object and publishing that happen with no checkpoint in between. So two
   concurrent writes never build on the same old object (and lose one another), and writes to
   a hot key share group commits instead of queueing for one fsync each. Storage applies
-  batches in write() order, so the later object is also the one that lands last.
+  batches in write() order, so the later object is also the one that lands last. Once
+  published, a commit runs to its end under a shield even if its caller is cancelled (the
+  caller still sees the cancellation): a queued batch lands anyway, so ``_pending`` and the
+  in-memory tree must keep describing it until it has.
+- Rule 5: every object write also updates the partition's anti-entropy tree (kvd/aae.py)
+  and the key's index entry, in the same batch: the tree on disk always matches the
+  objects, and is never rebuilt by a scan.
+- Rule 6: a dot is never reused (DESIGN section 2). Each actor's counters come from one
+  sequence shared by all keys that only grows: a block of ``DOT_LEASE`` counters is leased
+  by a durable (flushed) high-water mark before any of it is used, and after a restart the
+  sequence continues above the mark. So a purge, which forgets what a key's clock had seen,
+  never lets the actor mint a dot an older surviving copy already covers (kv679).
+- Rule 7: a merge returns only once the object it leaves is durable: when the incoming
+  object adds nothing to one still committing, it waits for that commit (a W ack or a hint
+  deletion must never precede the fsync). Two siblings with one dot and different payloads
+  are logged as an error and counted (``dot_collisions``); ``versions.sync`` keeps the same
+  one on every replica.
 """
 
 from __future__ import annotations
@@ -25,8 +44,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import AsyncIterator
 
+import trio
 
 from kvd import aae, versions
 from kvd.errors import Unavailable
@@ -37,18 +58,60 @@ log = logging.getLogger("kvd.local")
 
 READ_SIZE = 1 << 20  # bytes per CHUNK frame when streaming a stored value out
 
+# Counters leased per durable write of the high-water mark (Rule 6): one flushed write per
+# this many client writes, and at most this many counters skipped per restart.
+DOT_LEASE = 1 << 14
+# Where a store written before Rule 6 (objects but no lease) starts its sequence: above any
+# per-key counter one key could have reached.
+LEGACY_DOT_FLOOR = 1 << 32
 
 _UPLOADING = b"u"
 _GARBAGE = b"g"
+
+
+# Present when every object in this store was written under Rule 6 (see LEGACY_DOT_FLOOR).
+_SEQUENCES = keys.meta_key("dot-sequences")
 
 
 def _ledger_key(vid: bytes) -> bytes:
     return keys.meta_key("blob:") + vid
 
 
+def _lease_key(actor: str) -> bytes:
+    return keys.meta_key("dots:" + actor)
+
+
 def new_vid() -> bytes:
     """A fresh name for one upload of a chunked value."""
     return os.urandom(16)
+
+
+def _names(obj: versions.VersionedObject | None, vid: bytes) -> bool:
+    return obj is not None and any(
+        s.chunks is not None and s.chunks.vid == vid for s in obj.siblings
+    )
+
+
+class _Commit:
+    """An object published as its key's latest while its batch commits (Rule 4)."""
+
+    __slots__ = ("obj", "digest", "durable")
+
+    def __init__(self, obj: versions.VersionedObject, digest: bytes | None):
+        self.obj = obj
+        self.digest = digest
+        self.durable = trio.Event()  # set when the batch committed or failed
+
+
+class _DotLease:
+    """One actor's counter sequence: ``next`` is free, everything up to ``limit`` is leased."""
+
+    __slots__ = ("next", "limit", "lock")
+
+    def __init__(self, limit: int):
+        self.next = limit + 1  # a restart skips what the last run leased but never used
+        self.limit = limit
+        self.lock = trio.Lock()
 
 
 class LocalStore:
@@ -58,9 +121,11 @@ class LocalStore:
         self.storage = storage
         self.blobs = blobs
         self.ring_size = ring_size
-        self._pending: dict[bytes, versions.VersionedObject] = {}
-        self._pending_digest: dict[bytes, bytes] = {}
+        self._pending: dict[bytes, _Commit] = {}
         self._trees: dict[int, aae.Tree] = {}
+        self._leases: dict[str, _DotLease] = {}
+        self._sealing: Counter[bytes] = Counter()  # vids a write is sealing for its manifest
+        self.dot_collisions = 0  # same dot, different payload: should stay 0 (Rule 7)
 
     def partition(self, key: bytes) -> int:
         return partition_of(key, self.ring_size)
@@ -84,41 +149,117 @@ class LocalStore:
     ) -> versions.VersionedObject:
         """Apply a client write as its coordinating replica: mint a new dot for ``actor``
         (none when the write with id ``wid`` is already here: versions rule 7)."""
-        if chunks is not None:
-            await self._seal(chunks)
-        current = self._latest(key) or versions.empty()
-        updated, discarded = versions.update(
-            current,
-            context,
-            actor,
-            value=value,
-            deleted=deleted,
-            chunks=chunks,
-            timestamp=timestamp,
-            key=key,
-            wid=wid,
-        )
-        await self._store(key, updated, discarded)
+        vids = [] if chunks is None else [chunks.vid]
+        self._sealing.update(vids)  # from now on a discard of these bytes is a no-op
+        try:
+            if chunks is not None:
+                await self._seal(chunks)
+            lease = self._lease(actor)
+            while True:
+                current = self._latest(key) or versions.empty()
+                if wid and any(s.wid == wid for s in current.siblings):
+                    # Applied before (a coordinator's retry): answer once it is durable.
+                    committing = self._pending.get(key)
+                    if committing is None:
+                        return current
+                    await committing.durable.wait()
+                    continue
+                counter = versions.next_counter(current, context, actor, lease.next)
+                if counter <= lease.limit:
+                    break
+                await self._extend_lease(actor, lease, counter)
+            # No checkpoint from reading ``current`` to publishing ``updated`` (Rule 4).
+            updated, discarded = versions.update(
+                current,
+                context,
+                actor,
+                value=value,
+                deleted=deleted,
+                chunks=chunks,
+                timestamp=timestamp,
+                key=key,
+                wid=wid,
+                min_counter=lease.next,
+            )
+            lease.next = counter + 1
+            await self._store(key, updated, discarded)
+        finally:
+            self._unhold(vids)
         if versions.needs_warning(updated):
             log.warning("key %r has %d siblings", key[:64], len(updated.siblings))
         return updated
 
+    def _unhold(self, vids) -> None:
+        for vid in vids:
+            self._sealing[vid] -= 1
+            if not self._sealing[vid]:
+                del self._sealing[vid]
+
+    def _lease(self, actor: str) -> _DotLease:
+        lease = self._leases.get(actor)
+        if lease is None:
+            raw = self.storage.get(_lease_key(actor))
+            if raw is not None:
+                limit = int.from_bytes(raw, "big")
+            elif self.storage.get(_SEQUENCES) is not None or not self._has_objects():
+                limit = 0
+            else:  # objects this actor may have minted per key before Rule 6
+                limit = LEGACY_DOT_FLOOR
+            lease = self._leases[actor] = _DotLease(limit)
+        return lease
+
+    async def _extend_lease(self, actor: str, lease: _DotLease, needed: int) -> None:
+        """Durably lease counters up to at least ``needed`` before any of them is used."""
+        async with lease.lock:
+            if lease.limit >= needed:
+                return  # another write extended it meanwhile
+            limit = max(needed, lease.limit) + DOT_LEASE
+            with trio.CancelScope(shield=True):  # never leave a lease half-written
+                await self.storage.write([(_lease_key(actor), limit.to_bytes(8, "big"))])
+                await self.storage.flush()
+            lease.limit = limit
+
     async def merge(
         self, key: bytes, incoming: versions.VersionedObject
     ) -> versions.VersionedObject:
-        """Merge an object from another replica (replication, read repair, handoff)."""
-        for sibling in incoming.siblings:
-            if sibling.chunks is not None:
-                await self._seal(sibling.chunks)
+        """Merge an object from another replica (replication, read repair, handoff).
+
+        Returns once the resulting object is durable (Rule 7)."""
+        vids = [s.chunks.vid for s in incoming.siblings if s.chunks is not None]
+        self._sealing.update(vids)
+        try:
+            for sibling in incoming.siblings:
+                if sibling.chunks is not None:
+                    await self._seal(sibling.chunks)
+            self._check_dots(key, incoming)
+            while True:
+                current = self._latest(key)
+                if current is None:
+                    merged, discarded = incoming, []
+                else:
+                    merged, discarded = versions.sync_with_discarded(current, incoming)
+                    if merged == current:
+                        committing = self._pending.get(key)  # ``current`` when there is one
+                        if committing is None:
+                            return current  # already durable
+                        await committing.durable.wait()
+                        continue  # durable now, unless that commit failed: look again
+                await self._store(key, merged, discarded)
+                return merged
+        finally:
+            self._unhold(vids)
+
+    def _check_dots(self, key: bytes, incoming: versions.VersionedObject) -> None:
         current = self._latest(key)
         if current is None:
-            merged, discarded = incoming, []
-        else:
-            merged, discarded = versions.sync_with_discarded(current, incoming)
-            if merged == current:
-                return current
-        await self._store(key, merged, discarded)
-        return merged
+            return
+        collisions = versions.conflicting_dots(current, incoming)
+        if collisions:
+            self.dot_collisions += len(collisions)
+            log.error(
+                "key %r: same dot with different values on two replicas %s; keeping one by a"
+                " fixed order (a dot was reused: report this)", key[:64], collisions,
+            )
 
     async def _seal(self, ref: versions.ChunkRef) -> None:
         if not self.blobs.exists(ref.vid):
@@ -128,8 +269,8 @@ class LocalStore:
             raise Unavailable(f"value bytes {ref.vid.hex()} are incomplete ({size} of {ref.length})")
 
     def _latest(self, key: bytes) -> versions.VersionedObject | None:
-        pending = self._pending.get(key)
-        return pending if pending is not None else self.read(key)
+        committing = self._pending.get(key)
+        return committing.obj if committing is not None else self.read(key)
 
     def tree(self, partition: int) -> aae.Tree:
         """The partition's anti-entropy tree (loaded from its stored segments once)."""
@@ -147,8 +288,9 @@ class LocalStore:
         go in the same batch as the object, so tree and objects never disagree on disk."""
         segment = aae.segment_of(key)
         index = keys.index_key(partition, segment, key)
-        if key in self._pending_digest:  # a write of this key is still committing
-            old = self._pending_digest[key]
+        committing = self._pending.get(key)
+        if committing is not None:  # a write of this key is still committing
+            old = committing.digest
         else:
             old = self.storage.get(index)
         tree = self.tree(partition)
@@ -162,7 +304,9 @@ class LocalStore:
         return {k[len(start):]: v for k, v in self.storage.iterate(start, stop)}
 
     async def purge(self, key: bytes, digest: bytes) -> bool:
-        """Remove a tombstone confirmed on every replica, if it is still exactly that."""
+        """Remove a tombstone confirmed on every replica, if it is still exactly that.
+
+        The key's clock goes with it; Rule 6 keeps the next write's dot new all the same."""
         partition = self.partition(key)
         current = self._latest(key)
         if current is None or versions.is_found(current):
@@ -187,21 +331,25 @@ class LocalStore:
         kept = {s.chunks.vid for s in obj.siblings if s.chunks is not None}
         garbage = {s.chunks.vid for s in discarded if s.chunks is not None} - kept
         ops += [(_ledger_key(vid), None) for vid in kept]
-        ops += [(_ledger_key(vid), _GARBAGE) for vid in garbage]
+        ops += [(_ledger_key(vid), _GARBAGE + key) for vid in garbage]
         await self._commit(key, obj, digest, ops)
         if garbage:
             await self._delete_blobs(garbage)
 
     async def _commit(self, key, obj, digest, ops) -> None:
-        """Write ``ops``; meanwhile ``obj`` (digest) is what later writes of ``key`` build on."""
-        self._pending[key] = obj
-        self._pending_digest[key] = digest
+        """Write ``ops``; meanwhile ``obj`` (digest) is what later writes of ``key`` build on.
+
+        Shielded (Rule 4): once published, the batch lands whatever happens to the caller,
+        so ``_pending`` stays until it has; a cancelled caller sees Cancelled afterwards."""
+        committing = self._pending[key] = _Commit(obj, digest)
         try:
-            await self.storage.write(ops)
+            with trio.CancelScope(shield=True):
+                await self.storage.write(ops)
         finally:
-            if self._pending.get(key) is obj:
+            if self._pending.get(key) is committing:
                 del self._pending[key]
-                del self._pending_digest[key]
+            committing.durable.set()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def _delete_blobs(self, vids) -> None:
         for vid in vids:
@@ -210,22 +358,55 @@ class LocalStore:
 
     async def write_chunk(self, key: bytes, vid: bytes, offset: int, data: bytes) -> None:
         """Store bytes of upload ``vid`` at ``offset`` (sealed before its manifest)."""
+        if _names(self._latest(key), vid) and self.blobs.exists(vid):
+            # A re-send of bytes this replica holds, sealed, for a manifest it has (Rule 2).
+            await trio.lowlevel.checkpoint()
+            return
         if offset == 0:
-            await self.storage.write([(_ledger_key(vid), _UPLOADING)])
+            await self.storage.write([(_ledger_key(vid), _UPLOADING + key)])
+        elif not self.blobs.exists(vid):
+            # Discarded meanwhile: writing would create a blob no ledger entry covers.
+            raise Unavailable(f"upload {vid.hex()} was discarded; its chunks are not wanted")
         await self.blobs.write(vid, offset, data)
 
     async def discard_upload(self, key: bytes, vid: bytes) -> None:
-        """Remove the bytes of an upload that never got its manifest (client went away)."""
+        """Remove the bytes of an upload that never got its manifest (client went away).
+
+        A no-op when a manifest names the upload after all: a mint that timed out at the
+        coordinator may still have landed here (Rule 2)."""
+        while True:
+            if self._sealing[vid] or _names(self._latest(key), vid):
+                await trio.lowlevel.checkpoint()
+                return
+            committing = self._pending.get(key)
+            if committing is None:
+                break
+            await committing.durable.wait()  # the object on disk may name it until then
         await self._delete_blobs([vid])
 
+    def _has_objects(self) -> bool:
+        start, _ = keys.object_range(0)
+        return next(iter(self.storage.iterate_keys(start, b"p")), None) is not None
+
     async def sweep(self) -> int:
-        """Delete the blobs a crash left behind (see Rule 3); returns how many."""
+        """Delete the blobs a crash left behind (see Rule 3); returns how many.
+
+        Run once at start, before any write."""
+        if self.storage.get(_SEQUENCES) is None and not self._has_objects():
+            await self.storage.write([(_SEQUENCES, b"1")])  # a new store: Rule 6 from day one
         start = _ledger_key(b"")
-        vids = [k[len(start):] for k in self.storage.iterate_keys(start, start + b"\xff")]
-        if vids:
-            await self._delete_blobs(vids)
-            log.info("removed %d unfinished or superseded large values", len(vids))
-        return len(vids)
+        garbage, live = [], []
+        for k, mark in self.storage.iterate(start, start + b"\xff"):
+            vid = k[len(start):]
+            owner = mark[1:]  # the key the blob was uploaded for (empty in older ledgers)
+            (live if owner and _names(self.read(owner), vid) else garbage).append(vid)
+        if live:
+            await self.storage.write([(_ledger_key(vid), None) for vid in live])
+            log.info("kept %d large values still named by their keys", len(live))
+        if garbage:
+            await self._delete_blobs(garbage)
+            log.info("removed %d unfinished or superseded large values", len(garbage))
+        return len(garbage)
 
     async def read_chunks(self, key: bytes, ref: versions.ChunkRef) -> AsyncIterator[bytes]:
         """Yield a stored value in READ_SIZE pieces, one at a time (bounded memory)."""

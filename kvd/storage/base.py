@@ -18,6 +18,7 @@ Invariants:
    or may not be applied (as with any timed-out database write).
 6. ``aclose()`` refuses new writes, commits everything already queued, syncs (periodic mode),
    then closes the backend. It is idempotent.
+7. ``flush()`` makes every returned write durable whatever the sync mode (except "none").
 
 Sync modes: ``batch`` commits each batch with sync=True; ``periodic`` commits with sync=False
 and a background task issues one synced write every ``sync_interval`` seconds when something
@@ -202,6 +203,19 @@ class Storage(abc.ABC):
             raise StorageError(
                 f"commit of a batch of {len(batch.ops)} ops failed: {batch.error!r}"
             ) from batch.error
+
+    async def flush(self) -> None:
+        """Make every write that has returned durable now, in every sync mode but "none".
+
+        For the rare write that must be on disk before anything builds on it (a lease of
+        version counters) even when the store syncs only periodically.
+        """
+        if self._sync_mode == "periodic":
+            if self._closing:
+                raise StorageError("storage is closed")
+            await self._sync_now()
+        else:
+            await trio.lowlevel.checkpoint()
 
     def _fits(self, nbytes: int) -> bool:
         queued = self._forming.nbytes

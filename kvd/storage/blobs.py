@@ -9,6 +9,10 @@ append-only file read with pread in a worker thread, so memory stays at one chun
 
 Rules: a blob is fsynced (``seal``) before the manifest that names it is written; a blob is
 deleted only in the same step that removes the last manifest naming it (LocalStore).
+A file's name is durable only once its directory is fsynced: ``seal`` fsyncs the blob's
+directory (and a new subdirectory's parent), and ``delete`` fsyncs the directory after the
+unlink, so a crash neither loses a sealed blob's name nor brings back a deleted blob the
+ledger has forgotten. All of it runs in worker threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ import trio
 from kvd.errors import Unavailable
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BlobStore:
     """Append-only blob files under ``root`` (data_dir/blobs), one per upload id."""
 
@@ -28,6 +40,7 @@ class BlobStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.sync = sync
+        self._root_durable = not sync  # root's own name, fsynced before the first seal
 
     def _path(self, vid: bytes) -> Path:
         name = vid.hex()
@@ -35,7 +48,13 @@ class BlobStore:
 
     def _append(self, vid: bytes, offset: int, data: bytes) -> None:
         path = self._path(vid)
-        path.parent.mkdir(exist_ok=True)
+        try:
+            path.parent.mkdir()
+        except FileExistsError:
+            pass
+        else:
+            if self.sync:  # the new subdirectory's name, before any blob relies on it
+                _fsync_dir(self.root)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.pwrite(fd, data, offset)
@@ -52,6 +71,10 @@ class BlobStore:
         try:
             if self.sync:
                 os.fsync(fd)
+                _fsync_dir(path.parent)  # the file's name, created by the first write
+                if not self._root_durable:
+                    _fsync_dir(self.root.parent)
+                    self._root_durable = True
             return os.fstat(fd).st_size
         finally:
             os.close(fd)
@@ -76,8 +99,17 @@ class BlobStore:
     def exists(self, vid: bytes) -> bool:
         return self._path(vid).exists()
 
+    def _delete(self, vid: bytes) -> None:
+        path = self._path(vid)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        if self.sync:  # before the caller forgets the blob in its ledger
+            _fsync_dir(path.parent)
+
     async def delete(self, vid: bytes) -> None:
-        await trio.to_thread.run_sync(self._path(vid).unlink, True)
+        await trio.to_thread.run_sync(self._delete, vid)
 
     def approximate_size(self) -> int:
         """Bytes held in blobs (a directory scan: for status, not the hot path)."""
