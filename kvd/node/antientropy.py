@@ -191,7 +191,7 @@ class AntiEntropy:
     async def _pull_blobs(self, peer, key, obj) -> None:
         for sibling in obj.siblings:
             ref = sibling.chunks
-            if ref is not None and not self.store.blobs.exists(ref.vid):
+            if ref is not None and not self.store.holds(ref):
                 offset = 0
                 async for data in peer.read_chunks(key, ref):
                     await self.store.write_chunk(key, ref.vid, offset, data)
@@ -201,7 +201,7 @@ class AntiEntropy:
         """Stream the bytes of chunked siblings the peer lacks (only those: see has_blob)."""
         for sibling in obj.siblings:
             ref = sibling.chunks
-            if ref is not None and not await peer.has_blob(key, ref.vid):
+            if ref is not None and not await peer.has_blob(key, ref):
                 offset = 0
                 async for data in self.store.read_chunks(key, ref):
                     await peer.write_chunk(key, ref.vid, offset, data)

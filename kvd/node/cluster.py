@@ -38,7 +38,7 @@ from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.peer import PeerPool
 from kvd.node.gossip import Gossiper
-from kvd.node.handoff import Handoff, chunked_vids
+from kvd.node.handoff import Handoff
 from kvd.node.local import LocalStore
 from kvd.node.remote import HintedReplica, RemoteReplica
 from kvd.node.replica import LocalReplica
@@ -303,8 +303,7 @@ class Cluster:
         """The coordinator's hint for a replica that failed a write (kvd.node.coordinator
         rule 3). Refused when a large value's bytes are not here: delivering its manifest
         alone would fail on the target (anti-entropy repairs that replica instead)."""
-        missing = [vid for vid in chunked_vids(obj) if not self.store.blobs.exists(vid)]
-        if missing:
+        if not all(self.store.holds(s.chunks) for s in obj.siblings if s.chunks is not None):
             raise Unavailable(f"the bytes of a large value of {key[:64]!r} are not on "
                               f"{self.me}")
         await self.store_hint(target, key, obj)
@@ -557,7 +556,7 @@ class Cluster:
             objects = [(key, versions.decode_object(raw)) for key, raw in reply["objects"]]
             for key, obj in objects:
                 for sibling in obj.siblings:
-                    if sibling.chunks is not None and not self.store.blobs.exists(sibling.chunks.vid):
+                    if sibling.chunks is not None and not self.store.holds(sibling.chunks):
                         await self._fetch_blob(source, key, sibling.chunks)
             # Merged concurrently, so the whole batch shares a group commit (one fsync).
             async with trio.open_nursery() as nursery:

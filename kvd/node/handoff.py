@@ -238,9 +238,9 @@ class Handoff:
         # The node lacks the bytes of a chunked sibling: stream them, then the manifest.
         for ref in (s.chunks for s in obj.siblings if s.chunks is not None):
             with trio.fail_after(self.config.request_timeout):
-                if await replica.has_blob(key, ref.vid):
+                if await replica.has_blob(key, ref):
                     continue  # never re-send bytes it has (its sweep would take them)
-            if not self.objects.blobs.exists(ref.vid):
+            if not self.objects.holds(ref):
                 log.warning("dropping the hint of %r for %s: its value bytes %s are gone",
                             key[:64], replica.node, ref.vid.hex())
                 return True

@@ -356,6 +356,11 @@ class LocalStore:
             await self.blobs.delete(vid)
         await self.storage.write([(_ledger_key(vid), None) for vid in vids])
 
+    def holds(self, ref: versions.ChunkRef) -> bool:
+        """Whether every byte of the chunked value ``ref`` is here (an upload that failed
+        part-way leaves a short blob: it must be fetched again, not trusted)."""
+        return self.blobs.exists(ref.vid) and self.blobs.size(ref.vid) >= ref.length
+
     async def write_chunk(self, key: bytes, vid: bytes, offset: int, data: bytes) -> None:
         """Store bytes of upload ``vid`` at ``offset`` (sealed before its manifest)."""
         if _names(self._latest(key), vid) and self.blobs.exists(vid):

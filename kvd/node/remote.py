@@ -147,17 +147,21 @@ class RemoteReplica:
     async def discard_upload(self, key, vid):
         await self._put({"op": "discard", "key": key, "vid": vid})
 
-    async def has_blob(self, key, vid) -> bool:
-        """Whether the replica holds bytes of value ``vid`` (a zero-byte ``blob`` read).
-        Senders ask before streaming a value: re-sending bytes a replica already has marks
-        them as an unfinished upload there, which its next start would sweep."""
+    async def has_blob(self, key, ref) -> bool:
+        """Whether the replica holds every byte of value ``ref`` (a read of its last byte:
+        a short blob left by a failed upload answers none). Senders ask before streaming a
+        value: re-sending bytes a replica already has marks them as an unfinished upload
+        there, which its next start would sweep."""
+        last = max(ref.length - 1, 0)
         try:
-            await self.peers.call(self.address, MsgType.REPLICA_GET,
-                                  {"op": "blob", "key": key, "vid": vid, "offset": 0, "size": 0},
-                                  MsgType.REPLICA_GET_REPLY)
+            reply = await self.peers.call(
+                self.address, MsgType.REPLICA_GET,
+                {"op": "blob", "key": key, "vid": ref.vid, "offset": last,
+                 "size": min(ref.length, 1)},
+                MsgType.REPLICA_GET_REPLY)
         except Unavailable:
             return False
-        return True
+        return len(reply["data"]) == min(ref.length, 1)
 
     async def read_chunks(self, key, ref, piece: int = 1 << 20):
         for offset in range(0, ref.length, piece):

@@ -99,6 +99,13 @@ class BlobStore:
     def exists(self, vid: bytes) -> bool:
         return self._path(vid).exists()
 
+    def size(self, vid: bytes) -> int:
+        """Bytes held of blob ``vid`` (0 when absent): a failed upload leaves a short one."""
+        try:
+            return self._path(vid).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def _delete(self, vid: bytes) -> None:
         path = self._path(vid)
         try:
@@ -146,6 +153,9 @@ class MemoryBlobStore:
 
     def exists(self, vid):
         return vid in self.blobs
+
+    def size(self, vid):
+        return len(self.blobs.get(vid, b""))
 
     def _on_disk(self) -> bool:
         """Whether writes reach the simulated disk (not after its host crashed)."""
