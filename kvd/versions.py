@@ -33,10 +33,15 @@ here and checked by ``decode_object``:
    objects in.
 7. One client write is one sibling (DESIGN section 2: applied at most once). A coordinator
    that gives up on a slow replica mints the same write again elsewhere, with the same
-   write id (``wid``), so the write may exist under two dots. ``update`` applies nothing
-   when the object already holds a sibling with that write id, and ``sync`` keeps only the
-   sibling with the smallest dot among those sharing a write id; the clock still covers
-   every dot, so the dropped twin counts as seen (rule 3) and never comes back.
+   write id (``wid``), so the write may exist under two dots ("twins"), and the late twin
+   may land after a later write already replaced the first. So:
+   - ``sync`` keeps one sibling per write id (the smallest dot) and records the others'
+     dots as its ``aliases``; a context or clock that covers any dot of a write has seen
+     that write (rule 3 applies to the write, not to one of its dots);
+   - a write records in ``supersedes`` the write ids of the siblings its context replaced,
+     and a sibling whose write id some sibling supersedes is dropped (``sync``) or never
+     minted (``update``): a twin landing late cannot bring back what was replaced;
+   - ``update`` applies nothing when the object already holds or supersedes its write id.
 
 Timestamps never resolve conflicts. Wall clocks on different machines drift, step and
 disagree. Last-writer-wins by timestamp would silently drop an acknowledged concurrent write,
@@ -49,9 +54,9 @@ replicas, and why contexts are opaque bytes that are validated strictly.
 
 Encodings (msgpack, deterministic). The object is ``[1, [actor, counter, ...], [sibling, ...]]``
 with the clock as a flat list sorted by actor. A sibling is ``[actor_index, counter, value,
-deleted, timestamp]``, plus ``vid, length, count`` when chunked, plus ``wid`` last when the
-write has a write id; ``actor_index`` points into the clock's actor list, so long actor ids
-are stored once. A context is the flat sorted clock
+deleted, timestamp]``, plus ``vid, length, count`` when chunked, plus ``[wid, aliases,
+supersedes]`` last when any is set (aliases as a flat ``[actor_index, counter, ...]``);
+``actor_index`` points into the clock's actor list, so long actor ids are stored once. A context is the flat sorted clock
 list alone, and b"" for the empty vector.
 """
 
@@ -59,7 +64,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import attrgetter
 
 import msgpack
@@ -128,6 +133,8 @@ class Sibling:
     chunks: ChunkRef | None = None  # set when the value is stored in chunks
     timestamp: float = 0.0  # wall clock at write; informational only, never resolves
     wid: bytes = b""  # the client write's id (rule 7); b"" for writes made without one
+    aliases: tuple[Dot, ...] = ()  # the other dots this same write got (rule 7), sorted
+    supersedes: tuple[bytes, ...] = ()  # write ids this write's context replaced, sorted
 
     @property
     def length(self) -> int:
@@ -209,7 +216,7 @@ def update(
     siblings. A write whose ``wid`` the object already holds was applied before (rule 7):
     ``obj`` is returned unchanged.
     """
-    if wid and any(s.wid == wid for s in obj.siblings):
+    if wid and (any(s.wid == wid for s in obj.siblings) or wid in _superseded(obj.siblings)):
         return obj, []
     if deleted and (value or chunks is not None):
         raise ValueError("a tombstone carries no value")
@@ -221,13 +228,17 @@ def update(
     kept: list[Sibling] = []
     discarded: list[Sibling] = []
     for sibling in obj.siblings:
-        (discarded if covers(context, sibling.dot) else kept).append(sibling)
+        (discarded if _seen(context, sibling) else kept).append(sibling)
+    replaced = {s.wid for s in discarded if s.wid}
+    discarded += [s for s in kept if s.wid in replaced]  # twins of what the context saw
+    kept = [s for s in kept if s.wid not in replaced]
     if len(kept) + 1 > SIBLING_LIMIT:
         raise TooManySiblings(
             f"key {_show_key(key)} would have {len(kept) + 1} siblings"
             f" (limit {SIBLING_LIMIT}); read it and write back with its context"
         )
-    kept.append(Sibling((actor, counter), value, deleted, chunks, timestamp, wid))
+    kept.append(Sibling((actor, counter), value, deleted, chunks, timestamp, wid,
+                        supersedes=tuple(sorted(replaced))))
     kept.sort(key=_dot_of)
     clock = dict(obj.clock)
     for other, seen in context.items():
@@ -255,13 +266,15 @@ def _sync(a: VersionedObject, b: VersionedObject) -> tuple[VersionedObject, dict
         return a, {s.dot: s for s in a.siblings}
     in_b = {s.dot: s for s in b.siblings}
     b_clock = b.clock
+    a_writes = {s.wid for s in a.siblings if s.wid}
+    b_writes = {s.wid for s in b.siblings if s.wid}
     held: dict[Dot, Sibling] = {}
     for sibling in a.siblings:
         dot = sibling.dot
         other = in_b.get(dot)
         if other is None:
-            if not covers(b_clock, dot):
-                held[dot] = sibling  # b has not seen it yet
+            if sibling.wid in b_writes or not _seen(b_clock, sibling):
+                held[dot] = sibling  # b holds a twin of it, or has not seen it yet
             # else b saw it and something superseded it
         elif other == sibling:
             held[dot] = sibling
@@ -271,22 +284,42 @@ def _sync(a: VersionedObject, b: VersionedObject) -> tuple[VersionedObject, dict
             held[dot] = max(sibling, other, key=_encode_sibling_alone)
     a_clock = a.clock
     for dot, sibling in in_b.items():
-        if dot not in held and not covers(a_clock, dot):
+        if dot not in held and (sibling.wid in a_writes or not _seen(a_clock, sibling)):
             held[dot] = sibling
-    _drop_twins(held)
+    _join_twins(held)
+    replaced = _superseded(held.values())
+    for dot in [d for d, s in held.items() if s.wid in replaced]:
+        del held[dot]
     siblings = tuple(sorted(held.values(), key=_dot_of))
     return VersionedObject(merge_vv(a_clock, b_clock), siblings), held
 
 
-def _drop_twins(held: dict[Dot, Sibling]) -> None:
-    """Rule 7: of siblings sharing a write id keep the one with the smallest dot."""
-    first: dict[bytes, Dot] = {}
-    for dot in sorted(d for d, s in held.items() if s.wid):
-        wid = held[dot].wid
-        if wid in first:
-            del held[dot]
-        else:
-            first[wid] = dot
+def _seen(vv: VersionVector, sibling: Sibling) -> bool:
+    """Whether ``vv`` covers the write of ``sibling``: its dot or one of its aliases."""
+    return covers(vv, sibling.dot) or any(covers(vv, d) for d in sibling.aliases)
+
+
+def _superseded(siblings) -> set[bytes]:
+    return {wid for s in siblings for wid in s.supersedes}
+
+
+def _join_twins(held: dict[Dot, Sibling]) -> None:
+    """Rule 7: siblings sharing a write id become one, at the smallest dot, with the other
+    dots as aliases and every write id any of them superseded."""
+    twins: dict[bytes, list[Sibling]] = {}
+    for sibling in held.values():
+        if sibling.wid:
+            twins.setdefault(sibling.wid, []).append(sibling)
+    for group in twins.values():
+        if len(group) == 1:
+            continue
+        group.sort(key=_dot_of)
+        first = group[0]
+        dots = {d for s in group for d in (s.dot, *s.aliases)} - {first.dot}
+        for twin in group[1:]:
+            del held[twin.dot]
+        held[first.dot] = replace(first, aliases=tuple(sorted(dots)),
+                                  supersedes=tuple(sorted(_superseded(group))))
 
 
 def conflicting_dots(a: VersionedObject, b: VersionedObject) -> list[Dot]:
@@ -400,13 +433,18 @@ def _encode_sibling(s: Sibling, index: dict[str, int]) -> list:
     out = [i, counter, s.value, s.deleted, timestamp]
     if ref is not None:
         out += [ref.vid, ref.length, ref.count]
-    if s.wid:
-        out.append(s.wid)
+    if s.wid or s.aliases or s.supersedes:
+        aliases: list = []
+        for actor_, counter_ in s.aliases:
+            aliases += [index[actor_], counter_]
+        out.append([s.wid, aliases, list(s.supersedes)])
     return out
 
 
 def _encode_sibling_alone(s: Sibling) -> bytes:
-    return _packer().pack([s.dot[0], _encode_sibling(s, {s.dot[0]: 0})])
+    actors = sorted({s.dot[0], *(actor for actor, _ in s.aliases)})
+    index = {actor: i for i, actor in enumerate(actors)}
+    return _packer().pack([actors, _encode_sibling(s, index)])
 
 
 def encode_object(obj: VersionedObject) -> bytes:
@@ -461,11 +499,9 @@ def decode_object(data: bytes) -> VersionedObject:
 def _decode_sibling(raw: object, actors: list, clock: VersionVector) -> Sibling:
     if type(raw) is not list or len(raw) not in (5, 6, 8, 9):
         raise ValueError("malformed sibling: not a 5, 6, 8 or 9 element list")
-    wid = b""
-    if len(raw) in (6, 9):  # a write id comes last (rule 7)
-        wid = raw[-1]
-        if type(wid) is not bytes or not wid:
-            raise ValueError("malformed sibling: bad write id")
+    wid, aliases, supersedes = b"", (), ()
+    if len(raw) in (6, 9):  # write id, aliases and superseded write ids come last (rule 7)
+        wid, aliases, supersedes = _decode_write(raw[-1], actors, clock)
         raw = raw[:-1]
     i, counter, value, deleted, timestamp = raw[:5]
     if type(i) is not int or not 0 <= i < len(actors):
@@ -487,7 +523,33 @@ def _decode_sibling(raw: object, actors: list, clock: VersionVector) -> Sibling:
         chunks = ChunkRef(vid, length, count)
     if deleted and (value or chunks is not None):
         raise ValueError("malformed sibling: tombstone with a value")
-    return Sibling((actor, counter), value, deleted, chunks, timestamp, wid)
+    return Sibling((actor, counter), value, deleted, chunks, timestamp, wid, aliases, supersedes)
+
+
+_MAX_WID = 64
+
+
+def _decode_write(raw: object, actors: list, clock: VersionVector):
+    if type(raw) is not list or len(raw) != 3:
+        raise ValueError("malformed sibling: bad write id record")
+    wid, flat, supersedes = raw
+    if type(wid) is not bytes or len(wid) > _MAX_WID:
+        raise ValueError("malformed sibling: bad write id")
+    if type(flat) is not list or len(flat) % 2 or len(flat) > 2 * SIBLING_LIMIT:
+        raise ValueError("malformed sibling: bad aliases")
+    aliases = []
+    for i, counter in zip(flat[0::2], flat[1::2]):
+        if type(i) is not int or not 0 <= i < len(actors):
+            raise ValueError("malformed sibling: alias actor index out of range")
+        if type(counter) is not int or not 1 <= counter <= clock[actors[i]]:
+            raise ValueError("malformed sibling: alias not covered by the clock")
+        aliases.append((actors[i], counter))
+    if (type(supersedes) is not list or len(supersedes) > SIBLING_LIMIT
+            or any(type(w) is not bytes or not w or len(w) > _MAX_WID for w in supersedes)):
+        raise ValueError("malformed sibling: bad superseded write ids")
+    if aliases != sorted(set(aliases)) or supersedes != sorted(set(supersedes)):
+        raise ValueError("malformed sibling: aliases or superseded ids not sorted")
+    return wid, tuple(aliases), tuple(supersedes)
 
 
 def digest(obj: VersionedObject) -> str:

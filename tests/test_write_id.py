@@ -71,3 +71,42 @@ def test_a_superseded_write_stays_superseded_when_its_twin_arrives_later():
     replaced, _ = update(merged, merged.clock, "a:1", value=b"new")
     assert [s.value for s in sync(replaced, at_b).siblings] == [b"new"]
     assert [s.value for s in sync(replaced, at_a).siblings] == [b"new"]
+
+
+# Seen by the simulator (seeds 11 and 26 of the short runs) and by the chaos suite: a put
+# acknowledged through its twin on b, then deleted with the context of that acknowledgement,
+# came back through the twin minted late on a.
+
+
+def _deleted_with_the_acknowledged_context(holder):
+    """Delete, minted on ``holder`` (an object of replica a), with the context b's ack gave."""
+    ack_context = {"b:1": 1}
+    deleted, _ = update(holder, ack_context, "a:1", deleted=True, wid=b"d" * 8)
+    return deleted
+
+
+def test_a_delete_whose_context_saw_one_twin_replaces_both():
+    """(a) The deleting replica holds both twins, kept at a's dot with b's as an alias."""
+    at_a, at_b = _twins()
+    deleted = _deleted_with_the_acknowledged_context(sync(at_a, at_b))
+    assert [s.deleted for s in deleted.siblings] == [True]
+    for other in (at_a, at_b):
+        assert [s.deleted for s in sync(deleted, other).siblings] == [True]
+        assert [s.deleted for s in sync(other, deleted).siblings] == [True]
+
+
+def test_a_delete_minted_beside_only_the_late_twin_still_wins_at_merge():
+    """(b) The deleting replica got the late twin only; merging b's copy must not revive it."""
+    at_a, at_b = _twins()
+    deleted_on_b, _ = update(at_b, {"b:1": 1}, "b:1", deleted=True, wid=b"d" * 8)
+    for merged in (sync(deleted_on_b, at_a), sync(at_a, deleted_on_b)):
+        assert [s.deleted for s in merged.siblings] == [True], merged
+
+
+def test_a_twin_minted_after_the_delete_landed_is_not_applied():
+    """(c) The paused replica resumes and applies the write after the delete reached it."""
+    _, at_b = _twins()
+    deleted_on_b, _ = update(at_b, {"b:1": 1}, "b:1", deleted=True, wid=b"d" * 8)
+    late, _ = update(deleted_on_b, {}, "a:1", value=b"v", wid=WID)
+    assert late == deleted_on_b
+    assert decode_object(encode_object(deleted_on_b)) == deleted_on_b
