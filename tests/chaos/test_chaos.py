@@ -1,0 +1,131 @@
+"""Chaos suite (issue 9, section 3; DESIGN section 8, ring 4): real kvd processes in Linux
+network namespaces, real partitions, kill -9, SIGSTOP, a lossy slow link.
+
+Five kvd daemons run in their own namespaces (tests/chaos/netns.py), bridged on
+10.77.0.0/24; concurrent clients in the root namespace write while the faults happen:
+majority/minority split, a non-transitive ring, kill -9 and restart, SIGSTOP/SIGCONT, 20 %
+loss + 50 ms delay on one node's link (NFQUEUE: this kernel has no netem).
+
+The checker's rules (tests/chaos/checker.py has the full text), applied after the cluster
+healed, `kvctl repair --wait` ran on every node and every key was read at R=N:
+
+- every ACKNOWLEDGED write is present (a unique key's value is a live sibling; a hot key's
+  read-modify-write token is in the union of its siblings) -- else "lost": FAILURE;
+- no live value that no client ever attempted on that key -- else "phantom": FAILURE;
+- a key whose delete was acknowledged has no live sibling -- else "resurrected": FAILURE,
+  except when the signature of the known duplicate-mint bug is present (the live value is
+  the acknowledged put's, a tombstone stands beside it, the put took at least the
+  coordinator's retry deadline): then the test is an expected failure (xfail) naming it;
+- every key can be read at R=N after the heal -- else "unreadable": FAILURE;
+- writes that FAILED (definite error, e.g. quorum not reached) or are INDETERMINATE
+  (timeout, connection lost) may or may not be present: both are fine;
+- the same value as several siblings is counted as "duplicated": a figure, not a failure;
+- a daemon that died without being killed by the test: FAILURE.
+- negative control: after the run one acknowledged key is deleted and another blindly
+  overwritten through the normal API, behind the checker's back; the re-check must report
+  exactly those two as lost (and the overwrite as a phantom), or the test fails.
+
+Speed (convergence time, latency) is printed, never asserted.
+
+`test_short_chaos` (every scenario, 5 s faults, about 90 s) is part of `make test`;
+`make chaos` runs `test_full_chaos` (30 s faults, several minutes). Both skip with one line
+when not root, without `ip netns`, nftables or iptables, or while another chaos run holds
+/run/kvdchaos.lock.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+
+import pytest
+import trio
+
+from tests.chaos import harness, netns
+
+pytestmark = pytest.mark.slow
+
+SHORT_CAP_SECONDS = 120
+
+
+def _prepare():
+    reason = netns.missing_prerequisites()
+    if reason:
+        pytest.skip(f"chaos suite skipped: {reason}")
+    lock = netns.RunLock()
+    if not lock.acquire(timeout=60):
+        pytest.skip("chaos suite skipped: another chaos run holds /run/kvdchaos.lock")
+    atexit.register(netns.sweep)
+    stale = netns.sweep()
+    if stale:
+        harness.log(f"removed stale {', '.join(stale)}")
+    return lock
+
+
+async def _run(tmp_path, capsys, full: bool) -> float:
+    began = time.monotonic()
+    lock = _prepare()
+    cluster = None
+    try:
+        await trio.to_thread.run_sync(netns.setup, 5)
+        cluster = harness.Cluster(tmp_path, 5)
+        await cluster.form()
+        formed = time.monotonic() - began
+        harness.log(f"5-node cluster formed in {formed:.1f} s")
+        results = []
+        for seed, scenario in enumerate(harness.scenarios(full), start=1):
+            result = await harness.run_scenario(
+                cluster, scenario, seed, workers=10 if full else 6,
+                converge_timeout=60 if full else 10)
+            results.append(result)
+            crashed = cluster.crashed()
+            assert not crashed, (f"{scenario.name}: daemons died: {crashed}\n"
+                                 + "\n".join(n.log_tail() for n in cluster.nodes))
+        control = await harness.tamper_and_recheck(cluster, results[0])
+        elapsed = time.monotonic() - began
+        report = harness.figures(results)
+        tracebacks = {n.node_id: n.tracebacks() for n in cluster.nodes if n.tracebacks()}
+        with capsys.disabled():
+            print(f"\n== chaos ({'full' if full else 'short'} run, {elapsed:.0f} s, "
+                  f"cluster formed in {formed:.0f} s) ==")
+            print(report)
+            print(f"negative control: tampered {control.tampered}; checker reports lost "
+                  f"{control.lost}, phantom {control.phantom}")
+            if tracebacks:
+                print(f"tracebacks in daemon logs (reported, not failed): {tracebacks}")
+        # The checker must catch the tampering: exactly the two keys lost, one phantom.
+        victim, overwritten = control.tampered
+        assert sorted(control.lost) == sorted([victim, overwritten]), control.lost
+        assert len(control.phantom) == 1 and control.phantom[0].startswith(overwritten), \
+            control.phantom
+        failures = [f"{r.scenario}: {r.verdict.problems()}" for r in results if not r.verdict.ok]
+        assert not failures, ("correctness violations:\n" + "\n".join(failures) + "\n"
+                              + report + "\n" + "\n".join(n.log_tail() for n in cluster.nodes))
+        known = [f"{r.scenario}: {', '.join(r.verdict.resurrected_by_duplicate[:3])}"
+                 for r in results if r.verdict.resurrected_by_duplicate]
+        if known:
+            pytest.xfail(
+                "kvd bug (duplicate mint): a put whose first mint timed out was minted again "
+                "on another replica; its delete (with the put's own context) left the other "
+                "copy alive, so deleted keys came back: " + "; ".join(known))
+        return elapsed
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        netns.sweep()
+        lock.release()
+
+
+async def test_short_chaos(tmp_path, capsys):
+    """Every scenario with 5 s faults; part of `make test`."""
+    elapsed = await _run(tmp_path, capsys, full=False)
+    if elapsed > SHORT_CAP_SECONDS:
+        harness.log(f"short run took {elapsed:.0f} s, above its {SHORT_CAP_SECONDS} s budget")
+
+
+@pytest.mark.skipif(os.environ.get("KVD_CHAOS_FULL") != "1",
+                    reason="full chaos run only with `make chaos` (KVD_CHAOS_FULL=1)")
+async def test_full_chaos(tmp_path, capsys):
+    """Every scenario at full length (30 s faults); `make chaos`."""
+    await _run(tmp_path, capsys, full=True)
