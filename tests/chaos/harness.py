@@ -416,8 +416,8 @@ class Result:
 
 
 def scenarios(full: bool) -> list[Scenario]:
-    fault = 30.0 if full else 5.0
-    pre, post = (3.0, 5.0) if full else (1.0, 1.5)
+    fault = 30.0 if full else 7.0
+    pre, post = (3.0, 5.0) if full else (1.0, 2.0)
     return [
         Scenario("majority", "partition {n1,n2,n3} | {n4,n5}", pre, fault, post),
         Scenario("ring", "non-transitive ring: each node reaches only its 2 neighbours",
@@ -473,7 +473,6 @@ class Faults:
 
 async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers: int,
                        converge_timeout: float) -> Result:
-    log(f"{scenario.name}: {scenario.describe}")
     workload = Workload(cluster, scenario.name, workers, seed)
     faults = Faults(cluster)
     notes: list[str] = []

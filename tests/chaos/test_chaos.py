@@ -56,6 +56,8 @@ def _prepare():
     lock = netns.RunLock()
     if not lock.acquire(timeout=60):
         pytest.skip("chaos suite skipped: another chaos run holds /run/kvdchaos.lock")
+    # Swept at exit too (an interrupted run), but only while this run holds the lock: a
+    # later run's namespaces are never touched by an earlier one.
     atexit.register(netns.sweep)
     stale = netns.sweep()
     if stale:
@@ -75,6 +77,7 @@ async def _run(tmp_path, capsys, full: bool) -> float:
         harness.log(f"5-node cluster formed in {formed:.1f} s")
         results = []
         for seed, scenario in enumerate(harness.scenarios(full), start=1):
+            harness.log(f"{scenario.name}: {scenario.describe}")
             result = await harness.run_scenario(
                 cluster, scenario, seed, workers=10 if full else 6,
                 converge_timeout=60 if full else 10)
@@ -114,6 +117,7 @@ async def _run(tmp_path, capsys, full: bool) -> float:
         if cluster is not None:
             cluster.stop()
         netns.sweep()
+        atexit.unregister(netns.sweep)
         lock.release()
 
 
