@@ -472,8 +472,8 @@ class Faults:
 
 
 async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers: int,
-                       converge_timeout: float) -> Result:
-    workload = Workload(cluster, scenario.name, workers, seed)
+                       converge_timeout: float, pace: float = 0.02) -> Result:
+    workload = Workload(cluster, scenario.name, workers, seed, pace=pace)
     faults = Faults(cluster)
     notes: list[str] = []
     async with trio.open_nursery() as nursery:

@@ -70,9 +70,9 @@ def node_ip(index: int) -> str:
 def missing_prerequisites() -> str | None:
     """Why the chaos suite cannot run here (one line), or None when it can."""
     if sys.platform != "linux":
-        return "the chaos suite needs Linux network namespaces"
+        return "not Linux (network namespaces needed)"
     if os.geteuid() != 0:
-        return "the chaos suite needs root (network namespaces, nftables)"
+        return "not root (network namespaces and nftables need it)"
     for tool, package in (("ip", "iproute2"), ("nft", "nftables"),
                           ("iptables-legacy", "iptables")):
         if shutil.which(tool) is None:
