@@ -74,7 +74,8 @@ chaos-tools:
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-		echo "chaos-tools: missing$$missing (as root: make chaos-tools); the chaos suite will skip"; exit 0; fi; \
+		echo "chaos-tools: missing$$missing (as root: make chaos-tools); chaos tests will skip"; \
+		exit 0; fi; \
 	echo "chaos-tools: installing$$missing"; \
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing \
 		|| { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \

@@ -411,13 +411,14 @@ class Result:
     p99_ms: float | None
     ops_during_fault: int
     repair_ok: bool
+    wall_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     history: list[Op] = field(default_factory=list)
 
 
 def scenarios(full: bool) -> list[Scenario]:
-    fault = 30.0 if full else 7.0
-    pre, post = (3.0, 5.0) if full else (1.0, 2.0)
+    fault = 30.0 if full else 6.0
+    pre, post = (3.0, 5.0) if full else (1.0, 1.5)
     return [
         Scenario("majority", "partition {n1,n2,n3} | {n4,n5}", pre, fault, post),
         Scenario("ring", "non-transitive ring: each node reaches only its 2 neighbours",
@@ -473,6 +474,7 @@ class Faults:
 
 async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers: int,
                        converge_timeout: float, pace: float = 0.02) -> Result:
+    began = trio.current_time()
     workload = Workload(cluster, scenario.name, workers, seed, pace=pace)
     faults = Faults(cluster)
     notes: list[str] = []
@@ -523,7 +525,7 @@ async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers:
     dump_history(cluster.workdir / f"{scenario.name}.history.json", workload.history, reads)
     return Result(scenario.name, verdict, healed - fault_start, converged,
                   _ms(percentile(during, 50)), _ms(percentile(during, 99)), len(during),
-                  repair_ok, notes, workload.history)
+                  repair_ok, trio.current_time() - began, notes, workload.history)
 
 
 def dump_history(path: Path, history: list[Op], reads: dict[bytes, Read]) -> None:
@@ -561,8 +563,8 @@ async def tamper_and_recheck(cluster: Cluster, result: Result) -> Verdict:
 
 def figures(results: list[Result]) -> str:
     head = (f"{'scenario':<9} {'ack':>6} {'failed':>6} {'indet':>6} {'lost':>5} {'phantom':>7} "
-            f"{'resurr':>6} {'res_dup':>7} {'dup':>4} {'unread':>6} {'converge_s':>10} {'p50_ms':>8} "
-            f"{'p99_ms':>8} {'fault_s':>7}")
+            f"{'resurr':>6} {'res_dup':>7} {'dup':>4} {'unread':>6} {'converge_s':>10} "
+            f"{'p50_ms':>8} {'p99_ms':>8} {'fault_s':>7} {'wall_s':>6}")
     lines = [head]
     for r in results:
         v = r.verdict
@@ -572,7 +574,7 @@ def figures(results: list[Result]) -> str:
             f"{len(v.lost):>5} {len(v.phantom):>7} {len(v.resurrected):>6} "
             f"{len(v.resurrected_by_duplicate):>7} {v.duplicated:>4} "
             f"{len(v.unreadable):>6} {conv:>10} {_fmt(r.p50_ms):>8} {_fmt(r.p99_ms):>8} "
-            f"{r.fault_seconds:>7.1f}")
+            f"{r.fault_seconds:>7.1f} {r.wall_seconds:>6.1f}")
         for note in r.notes:
             lines.append(f"    {note}")
     return "\n".join(lines)

@@ -2,8 +2,10 @@
 
 Layout (every name starts with ``kvdchaos``; 10.77.0.0/24 exists only on links created here)::
 
-    root ns (the test, its clients, kvctl)       kvdchaos-br (bridge ns)       kvdchaos-nI
-    kvdchaos-h 10.77.0.254/24  <-- veth -->  hostport --- br0 --- pI  <-- veth -->  eth0 10.77.0.(10+I)/24
+    root ns: the test, its clients, kvctl        kvdchaos-br: the bridge
+        kvdchaos-h 10.77.0.254/24  <-- veth -->  hostport --- br0 --- pI
+    kvdchaos-nI: node I (I = 1..5)                                     |
+        eth0 10.77.0.(10+I)/24  <------------------ veth -------------'
 
 Faults live inside the node namespaces, so healing never touches the root namespace:
 
