@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import time
 
 import pytest
 import trio
 
+from kvd.errors import unwrap_single_error
 from tests.chaos import harness, netns
 
 pytestmark = pytest.mark.slow
@@ -88,6 +90,11 @@ def _chaos(tmp_path, capsys, full: bool) -> float:
     began = time.monotonic()
     lock = _prepare()
     cluster = None
+
+    def terminated(signum, frame):  # a CI timeout's SIGTERM: clean up like Ctrl-C
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         netns.setup(5)
         cluster = harness.Cluster(tmp_path, 5)
@@ -96,7 +103,18 @@ def _chaos(tmp_path, capsys, full: bool) -> float:
         async def main():
             nonlocal clock_began
             clock_began = trio.current_time()
-            return await _scenarios(cluster, full)
+
+            async def on_sigterm():  # inside trio, SIGTERM cancels cleanly like Ctrl-C
+                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        raise KeyboardInterrupt(f"signal {signum}")
+
+            with unwrap_single_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(on_sigterm)
+                    outcome = await _scenarios(cluster, full)
+                    nursery.cancel_scope.cancel()
+            return outcome
 
         formed_at, results, control = trio.run(main)
         formed = formed_at - clock_began
@@ -131,6 +149,7 @@ def _chaos(tmp_path, capsys, full: bool) -> float:
                 "copy alive, so deleted keys came back: " + "; ".join(known))
         return elapsed
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if cluster is not None:
             cluster.stop()
         netns.sweep()
