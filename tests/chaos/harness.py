@@ -544,20 +544,32 @@ def _ms(seconds: float | None) -> float | None:
 
 
 async def tamper_and_recheck(cluster: Cluster, result: Result) -> Verdict:
-    """Negative control: behind the checker's back, delete one acknowledged key and blindly
-    overwrite another through the normal API; the re-check must name both."""
+    """Negative control: behind the checker's back, through the normal API, delete one
+    acknowledged key, overwrite another (with its context, so the old value is superseded)
+    and rewrite a hot key without one acknowledged token. The re-check must name all three."""
     acked = [op for op in result.history if op.kind == "put" and op.outcome == "ok"
              and not any(o.kind == "delete" and o.key == op.key for o in result.history)]
     victim, overwritten = acked[0].key, acked[1].key
+    tokens = {(op.key, op.value) for op in result.history if op.kind == "rmw"
+              and op.outcome == "ok"}
     async with open_client(cluster.nodes[0].address, token=TOKEN) as client:
         got = await client.get(victim, r=3)
         await client.delete(victim, context=got.context)
         got = await client.get(overwritten, r=3)
         await client.put(overwritten, b"never-written-by-the-workload", context=got.context)
+        hot_key, dropped = sorted(tokens)[0]
+        got = await client.get(hot_key, r=3)
+        union: set[bytes] = set()
+        for sibling in got.siblings:
+            if not sibling.deleted:
+                union |= hot_tokens(sibling.value)
+        await client.put(hot_key, hot_value(union - {dropped}), context=got.context)
     keys = sorted({op.key for op in result.history})
     verdict = check(result.history, await read_all(cluster, keys),
                     retry_after=NODE_CONFIG["request_timeout"])
-    verdict.tampered = (victim.decode(), overwritten.decode())  # type: ignore[attr-defined]
+    verdict.tampered = (  # type: ignore[attr-defined]
+        victim.decode(), overwritten.decode(),
+        f"{hot_key.decode()} token {dropped.decode()}")
     return verdict
 
 

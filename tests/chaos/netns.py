@@ -246,9 +246,10 @@ class LossyLink:
         self.netem = netem_available()
 
     def start(self) -> None:
-        if self.netem:
-            run("tc", "qdisc", "add", "dev", "eth0", "root", "netem", "loss",
-                f"{self.drop * 100:g}%", "delay", f"{self.delay * 1000:g}ms", ns=self.ns)
+        if self.netem:  # both directions: the node's eth0 and its bridge port
+            for ns, dev in ((self.ns, "eth0"), (BRIDGE_NS, f"p{self.index}")):
+                run("tc", "qdisc", "add", "dev", dev, "root", "netem", "loss",
+                    f"{self.drop * 100:g}%", "delay", f"{self.delay * 1000:g}ms", ns=ns)
             return
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, sys.executable, str(NFQUEUE_PROGRAM),
@@ -267,7 +268,8 @@ class LossyLink:
 
     def stop(self) -> None:
         if self.netem:
-            run("tc", "qdisc", "del", "dev", "eth0", "root", ns=self.ns, check=False)
+            for ns, dev in ((self.ns, "eth0"), (BRIDGE_NS, f"p{self.index}")):
+                run("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
             self.summary = "netem"
             return
         run("iptables-legacy", "-F", "INPUT", ns=self.ns, check=False)

@@ -21,9 +21,10 @@ healed, `kvctl repair --wait` ran on every node and every key was read at R=N:
   (timeout, connection lost) may or may not be present: both are fine;
 - the same value as several siblings is counted as "duplicated": a figure, not a failure;
 - a daemon that died without being killed by the test: FAILURE.
-- negative control: after the run one acknowledged key is deleted and another blindly
-  overwritten through the normal API, behind the checker's back; the re-check must report
-  exactly those two as lost (and the overwrite as a phantom), or the test fails.
+- negative control: after the run, behind the checker's back and through the normal API,
+  one acknowledged key is deleted, another overwritten (with its context) and a hot key
+  rewritten without one acknowledged token; the re-check must report exactly those three as
+  lost (and the overwrite as a phantom), or the test fails.
 
 Speed (convergence time, latency) is printed, never asserted.
 
@@ -129,9 +130,9 @@ def _chaos(tmp_path, capsys, full: bool) -> float:
                   f"{control.lost}, phantom {control.phantom}")
             if tracebacks:
                 print(f"tracebacks in daemon logs (reported, not failed): {tracebacks}")
-        # The checker must catch the tampering: exactly the two keys lost, one phantom.
-        victim, overwritten = control.tampered
-        assert sorted(control.lost) == sorted([victim, overwritten]), control.lost
+        # The checker must catch the tampering: exactly the three lost, one phantom.
+        victim, overwritten, hot_token = control.tampered
+        assert sorted(control.lost) == sorted([victim, overwritten, hot_token]), control.lost
         assert len(control.phantom) == 1 and control.phantom[0].startswith(overwritten), \
             control.phantom
         failures = [f"{r.scenario}: {r.verdict.problems()}" for r in results if not r.verdict.ok]
