@@ -28,7 +28,7 @@ healed, `kvctl repair --wait` ran on every node and every key was read at R=N:
 
 Speed (convergence time, latency) is printed, never asserted.
 
-`test_short_chaos` (every scenario, 5 s faults, about 90 s) is part of `make test`;
+`test_short_chaos` (every scenario, 6 s faults, 60-90 s) is part of `make test`;
 `make chaos` runs `test_full_chaos` (30 s faults, several minutes). Both skip with one line
 when not root, without `ip netns`, nftables or iptables, or while another chaos run holds
 /run/kvdchaos.lock.
@@ -159,7 +159,7 @@ def _chaos(tmp_path, capsys, full: bool) -> float:
 
 
 def test_short_chaos(tmp_path, capsys):
-    """Every scenario with 7 s faults (about 70 s); part of `make test`."""
+    """Every scenario with 6 s faults (60-90 s); part of `make test`."""
     _chaos(tmp_path, capsys, full=False)
 
 
