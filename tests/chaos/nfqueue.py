@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import os
 import random
 import select
 import signal
@@ -86,7 +87,7 @@ class Queue:
         if kind == NLMSG_ERROR:
             (error,) = struct.unpack_from("=i", reply, 16)
             if error != 0:
-                raise OSError(-error, f"nfqueue config message {msg}: {os_strerror(-error)}")
+                raise OSError(-error, f"nfqueue config message {msg}: {os.strerror(-error)}")
 
     def bind(self) -> None:
         self._request(NFQNL_MSG_CONFIG, _attr(
@@ -121,11 +122,6 @@ class Queue:
     def verdict(self, packet_id: int, verdict: int) -> None:
         self.sock.send(_message(NFQNL_MSG_VERDICT, self.queue, _attr(
             NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id))))
-
-
-def os_strerror(code: int) -> str:
-    import os
-    return os.strerror(code)
 
 
 def main(argv: list[str] | None = None) -> int:
