@@ -448,23 +448,46 @@ class Faults:
         count = self.cluster.count
         if name == "majority":
             netns.partition([[1, 2, 3], [4, 5]], count)
+            await self.expect_links({(1, 2): True, (1, 4): False, (5, 4): True, (5, 3): False})
         elif name == "ring":
             netns.ring(count)
+            await self.expect_links({(1, 2): True, (1, 5): True, (1, 3): False,
+                                     (1, 4): False, (3, 5): False, (3, 4): True})
         elif name == "kill9":
             node = self.cluster.node(2)
             node.kill9()
+            assert node.proc.returncode == -signal.SIGKILL, node.proc.returncode
             self.notes.append(f"n2 SIGKILLed: exit {node.proc.returncode}")
         elif name == "sigstop":
             node = self.cluster.node(3)
             node.signal(signal.SIGSTOP)
             await trio.sleep(0.2)
             state = Path(f"/proc/{node.proc.pid}/stat").read_text().split()[2]
+            assert state == "T", f"n3 not stopped after SIGSTOP: state {state}"
             self.notes.append(f"n3 SIGSTOPped: state {state}")
         elif name == "lossy":
             self.lossy = netns.LossyLink(4)
             await trio.to_thread.run_sync(self.lossy.start)
         else:
             raise ValueError(name)
+
+    async def expect_links(self, expected: dict[tuple[int, int], bool]) -> None:
+        """The partition is real: probe peer ports from inside the namespaces (TCP)."""
+        seen = {}
+
+        async def probe(src: int, dst: int, want: bool) -> None:
+            seen[(src, dst)] = await trio.to_thread.run_sync(
+                netns.can_connect, src, netns.node_ip(dst), PEER_PORT, 5.0 if want else 1.0)
+
+        async with trio.open_nursery() as nursery:
+            for (src, dst), want in expected.items():
+                nursery.start_soon(probe, src, dst, want)
+        seen = {link: seen[link] for link in expected}
+        wrong = {f"n{s}->n{d}": ("open" if ok else "blocked") for (s, d), ok in seen.items()
+                 if ok != expected[(s, d)]}
+        assert not wrong, f"the partition is not in effect: {wrong}"
+        self.notes.append("verified by TCP probes: " + ", ".join(
+            f"n{s}->n{d} {'open' if ok else 'blocked'}" for (s, d), ok in seen.items()))
 
     async def heal(self, name: str) -> None:
         if name in ("majority", "ring"):
@@ -478,6 +501,9 @@ class Faults:
         elif name == "lossy" and self.lossy is not None:
             await trio.to_thread.run_sync(self.lossy.stop)
             self.notes.append(f"nfqueue: {self.lossy.summary}")
+            if not self.lossy.netem:  # the link really was lossy: packets seen and dropped
+                counts = dict(part.split("=") for part in self.lossy.summary.split())
+                assert int(counts.get("dropped", 0)) > 0, f"nfqueue dropped nothing: {counts}"
 
 
 async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers: int,

@@ -229,6 +229,13 @@ def ring(count: int) -> None:
                             if p != index and p not in neighbours])
 
 
+def can_connect(index: int, ip: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether node ``index``'s namespace can open a TCP connection to ``ip:port`` now."""
+    out = run("timeout", str(timeout), "bash", "-c", f"exec 3<>/dev/tcp/{ip}/{port}",
+              ns=node_ns(index), check=False, timeout=timeout + 10)
+    return out.returncode == 0
+
+
 def heal(count: int) -> None:
     for index in range(1, count + 1):
         set_blocked(index, [])
