@@ -79,7 +79,7 @@ def missing_prerequisites() -> str | None:
                           ("iptables-legacy", "iptables")):
         if shutil.which(tool) is None:
             return f"{tool} not found (Debian package {package}; `make chaos-tools` installs it)"
-    probe = f"{PREFIX}-probe"
+    probe = f"{PREFIX}-probe{os.getpid()}"
     try:
         run("ip", "netns", "add", probe)
     except (NetError, OSError, subprocess.TimeoutExpired) as exc:
@@ -106,7 +106,7 @@ def subnet_in_use() -> bool:
 
 def netem_available() -> bool:
     """True when ``tc qdisc add ... netem`` works (tried on a dummy namespace's loopback)."""
-    probe = f"{PREFIX}-netem"
+    probe = f"{PREFIX}-netem{os.getpid()}"
     try:
         run("ip", "netns", "add", probe)
         out = run("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",

@@ -59,8 +59,8 @@ def _prepare():
     lock = netns.RunLock()
     if not lock.acquire(timeout=60):
         pytest.skip("chaos suite skipped: another chaos run holds /run/kvdchaos.lock")
-    # Swept at exit too (an interrupted run), but only while this run holds the lock: a
-    # later run's namespaces are never touched by an earlier one.
+    # Swept at exit too (an interrupted run); unregistered when the lock is released, so
+    # this process never sweeps the namespaces of a later run.
     atexit.register(netns.sweep)
     stale = netns.sweep()
     if stale:
