@@ -104,3 +104,162 @@ async def test_transfers_respect_the_rate_throttle(sim, autojump_clock):
     # 12 MB held by n1; n2 replicates every partition (N=3 > 2 nodes): 12 MB must move.
     assert took >= 12e6 / (0.05 * 1e6) * 0.8, f"12 MB moved in {took:.1f} s at 0.05 MB/s"
     assert not sim.crashes
+
+
+def _holders_missing(sim, keys, names, ring_of):
+    """(key, node) pairs where ``node`` is a replica of ``key`` on ``ring_of(cluster)``, is
+    running, and does not hold ``key``."""
+    from kvd.ring import partition_of, preference_list
+
+    cluster = sim.nodes["n1"].node.cluster
+    ring = ring_of(cluster)
+    n = min(3, len(ring.nodes()))
+    missing = []
+    for key in keys:
+        for name in preference_list(ring, partition_of(key, ring.q), n):
+            sn = sim.nodes.get(name)
+            if sn is not None and sn.running and sn.node.store.read(key) is None:
+                missing.append((key, name))
+    return missing
+
+
+async def _fill(sim, name, keys, size=2000):
+    async with sim.open_client(name, sim.client_address()) as c:
+        for k in keys:
+            await c.put(k, b"v" * size, w=3)
+
+
+async def test_a_read_replica_holds_the_data_while_partitions_move(sim, autojump_clock):
+    """Bug 11: no node is asked to answer for a partition it has not finished fetching."""
+    sim.config.update(transfer_rate_mb=0.2)
+    n1 = await sim.start("n1", seeds=[])
+    for name in ("n2", "n3"):
+        await sim.start(name, seeds=[n1.peer_address])
+    await _join(sim, ["n2", "n3"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim)
+    keys = [f"key-{i}".encode() for i in range(600)]
+    await _fill(sim, "n1", keys)
+    for name in ("n4", "n5"):
+        await sim.start(name, seeds=[n1.peer_address])
+    await _join(sim, ["n4", "n5"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _wait_all_see_commit(sim, ["n1"])
+    seen = []
+    while _in_transition(sim):
+        missing = _holders_missing(sim, keys, ["n1", "n2", "n3", "n4", "n5"],
+                                   lambda cluster: cluster.serving_ring())
+        seen.extend(missing)
+        await trio.sleep(0.5)
+    assert not seen, f"{len(seen)} times a serving replica lacked a key, e.g. {seen[:3]}"
+    assert not _holders_missing(sim, keys, [], lambda cluster: cluster.state.ring)
+    assert not sim.crashes
+
+
+async def test_partitions_added_to_a_running_plan_are_fetched(sim, autojump_clock):
+    """Bug 10: a force-remove committed during a rebalance adds partitions to the running
+    fetch plan; each must be fetched before the node reports its transfers done."""
+    sim.config.update(transfer_rate_mb=0.05, anti_entropy=False)
+    n1 = await sim.start("n1", seeds=[])
+    for name in ("n2", "n3", "n4"):
+        await sim.start(name, seeds=[n1.peer_address])
+    await _join(sim, ["n2", "n3", "n4"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim)
+    keys = [f"key-{i}".encode() for i in range(600)]
+    await _fill(sim, "n1", keys, size=5000)
+    await sim.start("n5", seeds=[n1.peer_address])
+    await _join(sim, ["n5"])
+    await _admin(sim, "n1", {"op": "commit"})
+    with trio.fail_after(30):
+        while sim.nodes["n5"].node.cluster.transfer_progress["state"] != "running":
+            await trio.sleep(0.1)
+    sim.crash("n4")
+    await trio.sleep(15)  # judged down
+    assert _in_transition(sim), "the rebalance finished before the force-remove"
+    await _admin(sim, "n1", {"op": "force-remove", "node": "n4"})
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim, limit=3600)
+    missing = _holders_missing(sim, keys, [], lambda cluster: cluster.state.ring)
+    assert not missing, f"{len(missing)} keys missing on their replicas, e.g. {missing[:3]}"
+    assert not sim.crashes
+
+
+async def test_a_key_only_the_departing_replica_holds_moves(sim, autojump_clock):
+    """Bug 17: keys that only a leaving replica holds (its peers missed the write and the
+    hints expired) are fetched from it, not only from the first old replica."""
+    from kvd import versions
+
+    sim.config.update(anti_entropy=False)
+    n1 = await sim.start("n1", seeds=[])
+    for name in ("n2", "n3", "n4"):
+        await sim.start(name, seeds=[n1.peer_address])
+    await _join(sim, ["n2", "n3", "n4"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim)
+    n4 = sim.nodes["n4"].node
+    mine = [k for k in (f"only-{i}".encode() for i in range(400))
+            if "n4" in n4.cluster.primaries(n4.store.partition(k), 3)][:40]
+    for key in mine:
+        obj, _ = versions.update(versions.empty(), {}, "n4-actor", value=b"acknowledged", key=key)
+        await n4.store.merge(key, obj)
+    await _admin(sim, "n1", {"op": "leave", "node": "n4"})
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim)
+    lost = [k for k in mine
+            if not any(sim.nodes[x].node.store.read(k) for x in ("n1", "n2", "n3"))]
+    assert not lost, f"{len(lost)} of {len(mine)} keys held only by the leaving node were lost"
+    assert not sim.crashes
+
+
+async def test_a_partition_of_large_objects_moves(sim, autojump_clock):
+    """Bug 6: scan replies are capped in bytes, so objects of 60 KB (and one of 1.2 MB in
+    inline siblings) move through a 1 MiB frame limit."""
+    from kvd import versions
+    from kvd.ring import partition_of
+
+    n1 = await sim.start("n1", seeds=[])
+    await sim.start("n2", seeds=[n1.peer_address])
+    big = [k for k in (f"big-{i}".encode() for i in range(3000)) if partition_of(k, 32) == 5][:30]
+    await _fill(sim, "n1", big[:-1], size=60_000)
+    wide, siblings = big[-1], versions.empty()
+    for i in range(20):  # concurrent writers: 20 inline siblings of 60 KB
+        siblings, _ = versions.update(siblings, {}, f"writer-{i}", value=bytes([i]) * 60_000, key=wide)
+    await sim.nodes["n1"].node.store.merge(wide, siblings)
+    await _join(sim, ["n2"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim, limit=300)
+    n2 = sim.nodes["n2"].node.store
+    assert all(n2.read(k) is not None for k in big[:-1])
+    assert n2.read(wide) == siblings
+    assert not sim.crashes
+
+
+async def test_a_wiped_node_restores_large_objects(sim, autojump_clock):
+    """Bug 6 (restore path): a wiped node refetches objects larger than a scan reply."""
+    from kvd import versions
+    from kvd.ring import partition_of
+    from kvd.storage.memory import MemoryDisk
+
+    n1 = await sim.start("n1", seeds=[])
+    await sim.start("n2", seeds=[n1.peer_address])
+    await _join(sim, ["n2"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim)
+    big = [k for k in (f"big-{i}".encode() for i in range(3000)) if partition_of(k, 32) == 7][:30]
+    await _fill(sim, "n1", big, size=60_000)
+    wide, siblings = b"wide", versions.empty()
+    for i in range(20):
+        siblings, _ = versions.update(siblings, {}, f"writer-{i}", value=bytes([i]) * 60_000, key=wide)
+    for name in ("n1", "n2"):
+        await sim.nodes[name].node.store.merge(wide, siblings)
+    sim.crash("n2")
+    sim.nodes["n2"].disk = MemoryDisk()  # the operator wiped its data directory
+    await sim.start("n2")
+    n2 = sim.nodes["n2"]
+    with trio.fail_after(300):
+        while not (n2.node and n2.node.cluster.has_its_data):
+            await trio.sleep(1)
+    assert all(n2.node.store.read(k) is not None for k in big)
+    assert n2.node.store.read(wide) == siblings
+    assert not sim.crashes
