@@ -263,3 +263,99 @@ async def test_a_wiped_node_restores_large_objects(sim, autojump_clock):
     assert all(n2.node.store.read(k) is not None for k in big)
     assert n2.node.store.read(wide) == siblings
     assert not sim.crashes
+
+
+async def test_join_with_a_wrong_seed_fails_with_a_clear_error(sim, autojump_clock):
+    """Bug 13: an unreachable seed, a client port or a port that never answers (metrics)
+    gets an error naming the seed within seconds, never a request that hangs."""
+    n1 = await sim.start("n1", seeds=[])
+    await sim.start("n2", seeds=[])
+    silent = sim.client_address()  # accepts nothing and says nothing, like an HTTP port
+    for seed in ("127.0.1.99:7380", n1.address, silent):
+        began = trio.current_time()
+        with trio.fail_after(120):
+            with pytest.raises(KvdError, match=f"seed {seed}"):
+                await _admin(sim, "n2", {"op": "join", "seed": seed})
+        assert trio.current_time() - began <= 30
+    await _admin(sim, "n2", {"op": "join", "seed": n1.peer_address})  # the right one works
+    assert not sim.crashes
+
+
+async def _three(sim, keys=()):
+    n1 = await sim.start("n1", seeds=[])
+    for name in ("n2", "n3"):
+        await sim.start(name, seeds=[n1.peer_address])
+    await _join(sim, ["n2", "n3"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim)
+    await _fill(sim, "n1", keys)
+    return n1
+
+
+async def test_replace_with_a_node_that_never_contacted_the_cluster_is_refused(sim, autojump_clock):
+    """Bug 13: `cluster replace n3 TYPO` must not stage a phantom that wedges the cluster."""
+    await _three(sim)
+    with pytest.raises(KvdError, match="TYPO has not contacted"):
+        await _admin(sim, "n1", {"op": "replace", "node": "n3", "target": "TYPO"})
+    # The real way still works: the new node joins, then replaces.
+    await sim.start("n4", seeds=[sim.nodes["n1"].peer_address])
+    await _join(sim, ["n4"])
+    await _admin(sim, "n1", {"op": "replace", "node": "n3", "target": "n4"})
+    with trio.fail_after(30):  # gossip carries it to every node
+        while (await _admin(sim, "n2", {"op": "ring"}))["staged"] != ["replace n3 with n4"]:
+            await trio.sleep(1)
+    assert not sim.crashes
+
+
+async def test_a_transition_that_cannot_finish_can_be_aborted(sim, autojump_clock):
+    """Bug 13: a joining node dies for good mid-transfer; `cluster abort` restores the prior
+    ring, reads work throughout and the next change can be staged and finishes."""
+    sim.config.update(transfer_rate_mb=0.05)
+    keys = [f"key-{i}".encode() for i in range(300)]
+    n1 = await _three(sim, keys)
+    await sim.start("n4", seeds=[n1.peer_address])
+    await _join(sim, ["n4"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await trio.sleep(3)
+    sim.crash("n4")  # gone for good, mid-transfer
+    await trio.sleep(60)
+    assert _in_transition(sim)
+    with pytest.raises(KvdError, match="still moving data"):
+        await _admin(sim, "n1", {"op": "leave", "node": "n3"})
+    reply = await _admin(sim, "n2", {"op": "abort"})
+    assert reply["dropped"] == ["n4"]
+    assert "n4" not in (await _admin(sim, "n2", {"op": "ring"}))["ownership"]
+    await _settle(sim, limit=60)
+    async with sim.open_client("n3", sim.client_address()) as c:
+        for k in keys[::10]:
+            assert (await c.get(k, r=2)).siblings
+    await sim.start("n5", seeds=[n1.peer_address])
+    await _join(sim, ["n5"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim, limit=3600)
+    assert not _holders_missing(sim, keys, [], lambda cluster: cluster.state.ring)
+    assert not sim.crashes
+
+
+def test_kvctl_join_gives_up_on_a_node_that_never_answers(monkeypatch):
+    """Bug 13: `kvctl cluster join` against a node that never replies exits with a clear
+    error (exit 4, naming the seed) instead of hanging."""
+    from contextlib import asynccontextmanager
+
+    from typer.testing import CliRunner
+
+    from kvctl import app as kvctl_app
+
+    class Silent:
+        async def admin(self, fields):
+            await trio.sleep_forever()
+
+    @asynccontextmanager
+    async def open_client(*args, **kwargs):
+        yield Silent()
+
+    monkeypatch.setattr(kvctl_app, "open_client", open_client)
+    monkeypatch.setattr(kvctl_app, "JOIN_TIMEOUT", 0.5, raising=False)
+    result = CliRunner().invoke(kvctl_app.app, ["cluster", "join", "127.0.0.1:9100"])
+    assert result.exit_code == 4, result.output
+    assert "127.0.0.1:9100" in result.output and "peer address" in result.output

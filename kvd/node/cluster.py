@@ -28,7 +28,7 @@ import trio
 from kvd import versions
 from kvd.client import Dial
 from kvd.clocks import REAL, Clocks
-from kvd.errors import BadRequest, KvdError, unwrap_single_error
+from kvd.errors import BadRequest, KvdError, Unavailable, unwrap_single_error
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.peer import PeerPool
@@ -395,10 +395,20 @@ class Cluster:
             raise BadRequest("this node holds data; only an empty node can join a cluster")
         if len(self.state.members) > 1:
             raise BadRequest("this node is already a member of a cluster")
-        reply = await self.peers.call(seed, MsgType.ADMIN, {
-            "op": "stage-join", "node": self.me,
-            "address": self.config.listen, "peer_address": self.config.peer_listen,
-        }, MsgType.ADMIN_REPLY)
+        try:
+            # Bounded: a wrong SEED (a closed port, a client or metrics port) must get an
+            # answer naming it, not a request that waits forever.
+            with trio.fail_after(self.config.request_timeout):
+                reply = await self.peers.call(seed, MsgType.ADMIN, {
+                    "op": "stage-join", "node": self.me,
+                    "address": self.config.listen, "peer_address": self.config.peer_listen,
+                }, MsgType.ADMIN_REPLY)
+        except BadRequest as exc:
+            raise BadRequest(f"seed {seed} refused the join: {exc}") from None
+        except (KvdError, OSError, trio.TooSlowError) as exc:
+            reason = str(exc) or "no answer"
+            raise Unavailable(f"seed {seed} did not answer as a member's peer address ({reason});"
+                              " SEED is the peer_listen HOST:PORT of a cluster member") from None
         try:
             state = cs.ClusterState.from_dict(reply["state"])
         except (KeyError, ValueError) as exc:
@@ -414,6 +424,11 @@ class Cluster:
 
     async def commit(self) -> cs.ClusterState:
         state = cs.commit(self.state, self.config.n)
+        await self.set_state(state)
+        return state
+
+    async def abort(self) -> cs.ClusterState:
+        state = cs.abort(self.state)
         await self.set_state(state)
         return state
 
