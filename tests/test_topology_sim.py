@@ -359,3 +359,56 @@ def test_kvctl_join_gives_up_on_a_node_that_never_answers(monkeypatch):
     result = CliRunner().invoke(kvctl_app.app, ["cluster", "join", "127.0.0.1:9100"])
     assert result.exit_code == 4, result.output
     assert "127.0.0.1:9100" in result.output and "peer address" in result.output
+
+
+async def test_a_former_replica_does_not_bring_back_purged_deletes(sim, autojump_clock):
+    """Bug 3: n4 stops replicating some partitions (n5 joins), their keys are deleted and
+    the tombstones purged, then n4 replicates them again (n5 leaves). Its stale copies
+    must be gone: no read, read repair or anti-entropy brings the deleted keys back."""
+    from kvd.ring import partition_of, preference_list
+
+    sim.config.update(tombstone_grace=30.0, anti_entropy_interval=5.0)
+    n1 = await sim.start("n1", seeds=[])
+    for name in ("n2", "n3", "n4"):
+        await sim.start(name, seeds=[n1.peer_address])
+    await _join(sim, ["n2", "n3", "n4"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim)
+    keys = [f"key-{i}".encode() for i in range(400)]
+    await _fill(sim, "n1", keys, size=100)
+    await sim.start("n5", seeds=[n1.peer_address])
+    await _join(sim, ["n5"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim)
+    ring = sim.nodes["n1"].node.cluster.state.ring
+    left_n4 = [k for k in keys if "n4" not in preference_list(ring, partition_of(k, ring.q), 3)]
+    assert left_n4
+    async with sim.open_client("n1", sim.client_address()) as c:
+        for k in left_n4:
+            await c.delete(k, context=(await c.get(k)).context, w=3)
+    # Wait until anti-entropy purged the tombstones on the replicas.
+    with trio.fail_after(600):
+        while any(sim.nodes[x].node.store.read(k) is not None for k in left_n4
+                  for x in preference_list(ring, partition_of(k, ring.q), 3)):
+            await trio.sleep(5)
+    await _admin(sim, "n1", {"op": "leave", "node": "n5"})
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim)
+    back = []
+    async with sim.open_client("n4", sim.client_address()) as c:
+        for k in left_n4:
+            found = (await c.get(k, r=3)).siblings
+            if any(not s.deleted for s in found):
+                back.append(k)
+    await _admin(sim, "n4", {"op": "repair", "wait": True})
+    stale = [k for k in left_n4 if sim.nodes["n4"].node.store.read(k) is not None]
+    assert not back and not stale, (
+        f"{len(back)} deleted keys readable again, {len(stale)} stale copies on n4")
+    # The dropped generations' keys are deleted in the background.
+    with trio.fail_after(120):
+        while any(sim.nodes[x].node.store.reclaimable() for x in ("n1", "n2", "n3", "n4")):
+            await trio.sleep(5)
+    n4 = sim.nodes["n4"].node
+    objects = sum(1 for _ in n4.storage.iterate_keys(b"o", b"p"))
+    assert objects == sum(1 for k in keys if n4.store.read(k) is not None)
+    assert not sim.crashes

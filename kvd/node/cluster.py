@@ -44,6 +44,10 @@ log = logging.getLogger("kvd.cluster")
 
 MIB = 1 << 20
 SEED_WAIT = 30  # seconds a node with a new data directory waits for a seed to answer
+# Seconds between the end of a transition (as this node sees it) and dropping the
+# partitions it no longer replicates: coordinators that have not heard yet still read
+# from the prior ring. Gossip reaches 64 nodes in 15 s (tests/test_gossip_sim.py).
+DROP_DELAY = 60.0
 TRANSFER_BATCH = 256  # most objects per scan reply when fetching a partition
 
 
@@ -108,6 +112,8 @@ class Cluster:
         self._plan: dict | None = None  # {"old": Ring | None, "todo": set of partitions}
         self._planned: tuple[str, int] | None = None  # the ring the plan was made for
         self._throttle_at = 0.0  # when the transfer throttle's reserved bytes are paid off
+        self._dropped_for: tuple[str, int] | None = None  # the ring stale partitions were dropped for
+        self._settled_since: tuple[tuple[str, int], float] | None = None  # (ring, when it settled)
 
     # ------------------------------------------------------------- state
 
@@ -466,6 +472,15 @@ class Cluster:
         mine = {q for q in range(new.q) if self.me in preference_list(new, q, n_new)}
         todo = {q for q in mine if old is None or self.me not in preference_list(old, q, n_old)}
         plan = self._plan or {"old": None, "todo": set()}
+        # A copy kept from when this node last replicated a partition is stale (deletes
+        # since then may be purged): drop it before fetching (LocalStore Rule 6); the prior
+        # replicas it is fetched from hold everything written meanwhile. Only when this
+        # commit starts a transition: during one, what this node holds of a partition it
+        # does not replicate on the prior ring is what it fetched (or is fetching) for it.
+        if not before.in_transition:
+            for q in sorted(todo - plan["todo"]):
+                if self.store.holds(q):
+                    await self.store.drop_partition(q)
         # Partitions this node no longer replicates (a force-remove, an abort) are not fetched.
         plan["todo"] = (plan["todo"] & mine) | todo
         if old is not None:
@@ -505,6 +520,7 @@ class Cluster:
                 self.transfer_progress["state"] = "retrying"
                 await trio.sleep(1.0)
                 continue
+            await self._drop_stale_partitions()
             with trio.move_on_after(1.0):
                 await self.wait_state_change()
 
@@ -539,6 +555,42 @@ class Cluster:
             await self._save_plan()
         if self.restoring:
             await self._restored()
+
+    async def _drop_stale_partitions(self) -> None:
+        """Once a transition is over (every new replica holds its data: the handoff is
+        confirmed), drop the partitions this node no longer replicates, so a stale copy is
+        never served or repaired back if it becomes a replica again (LocalStore Rule 6)."""
+        state = self.state
+        ring_id = (state.cluster_id, state.ring.version)
+        if (self._dropped_for == ring_id or state.in_transition or not self.has_its_data
+                or self._planned != ring_id or (self._plan and self._plan["todo"])
+                or state.status(self.me) is None):  # force-removed: nothing was handed off
+            self._settled_since = None
+            return
+        if self._settled_since is None or self._settled_since[0] != ring_id:
+            self._settled_since = (ring_id, self.clocks.monotonic())
+        if self.clocks.monotonic() - self._settled_since[1] < DROP_DELAY:
+            return  # let the end of the transition reach every coordinator first
+        n = self._replication(state.ring)
+        stale = [q for q in range(state.ring.q) if self.me not in preference_list(state.ring, q, n)
+                 and self.store.holds(q)]
+        for q in stale:
+            await self.store.drop_partition(q)
+        if stale:
+            log.info("dropped %d partitions this node no longer replicates", len(stale))
+        self._dropped_for = ring_id
+
+    async def reclaim_loop(self) -> None:
+        """Free the space of dropped partitions in the background, ``reclaim_rate`` keys/s."""
+        step = max(1, min(256, self.config.reclaim_rate))
+        while True:
+            slots = self.store.reclaimable()
+            if not slots:
+                await trio.sleep(5.0)
+                continue
+            for slot in slots:
+                while deleted := await self.store.reclaim(slot, step):
+                    await trio.sleep(deleted / self.config.reclaim_rate)
 
     async def _fetch_guarded(self, q: int, limiter) -> None:
         async with limiter:
@@ -657,9 +709,10 @@ class Cluster:
         """Objects of partition ``q`` after user key ``after`` (for a fetching node): at most
         ``limit`` objects and ``max_bytes`` bytes. An object larger than that on its own is
         named as ``large`` (the fetcher reads it with ``scan_piece``)."""
-        start, stop = keys.object_range(q)
+        slot = self.store.slot(q)
+        start, stop = keys.object_range(slot)
         if after:
-            start = keys.object_key(q, after) + b"\x00"
+            start = keys.object_key(slot, after) + b"\x00"
         out: list = []
         size = 0
         for object_key, raw in self.storage.iterate(start, stop):
@@ -673,7 +726,7 @@ class Cluster:
 
     def scan_piece(self, q: int, key: bytes, offset: int, max_bytes: int) -> dict:
         """Bytes ``offset..offset+max_bytes`` of one stored object of partition ``q``."""
-        raw = self.storage.get(keys.object_key(q, key)) or b""
+        raw = self.storage.get(keys.object_key(self.store.slot(q), key)) or b""
         return {"piece": raw[offset:offset + max_bytes], "total": len(raw), "done": False}
 
     def transfer_rows(self) -> list[dict]:
@@ -699,6 +752,7 @@ class Cluster:
             nursery.start_soon(self.persist_loop)
             nursery.start_soon(self.handoff_loop)
             nursery.start_soon(self.transfer_loop)
+            nursery.start_soon(self.reclaim_loop)
 
 
 
