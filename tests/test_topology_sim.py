@@ -412,3 +412,20 @@ async def test_a_former_replica_does_not_bring_back_purged_deletes(sim, autojump
     objects = sum(1 for _ in n4.storage.iterate_keys(b"o", b"p"))
     assert objects == sum(1 for k in keys if n4.store.read(k) is not None)
     assert not sim.crashes
+
+
+async def test_large_values_count_towards_the_transfer_throttle(sim, autojump_clock):
+    """Bug 14 (throttle, chunked values): 8 values of 1 MB at 0.05 MiB/s take minutes."""
+    sim.config.update(transfer_rate_mb=0.05)
+    n1 = await sim.start("n1", seeds=[])
+    await sim.start("n2", seeds=[n1.peer_address])
+    async with sim.open_client("n1", sim.client_address()) as c:
+        for i in range(8):
+            await c.put(f"large-{i}".encode(), bytes([i]) * 1_000_000)
+    await _join(sim, ["n2"])
+    await _admin(sim, "n1", {"op": "commit"})
+    took = await _settle(sim, limit=3600)
+    assert took >= 8e6 / (0.05 * (1 << 20)) * 0.8, f"8 MB moved in {took:.1f} s at 0.05 MiB/s"
+    async with sim.open_client("n2", sim.client_address()) as c:
+        assert (await c.get(b"large-7", r=2)).siblings[0].value == bytes([7]) * 1_000_000
+    assert not sim.crashes

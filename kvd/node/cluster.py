@@ -645,7 +645,7 @@ class Cluster:
                                                   "max_bytes": scan_budget(self.config.max_frame)})
                 if not reply["total"]:
                     return None  # deleted meanwhile (purged): nothing to fetch
-                if total is not None and reply["total"] != total or not reply["piece"]:
+                if (total is not None and reply["total"] != total) or not reply["piece"]:
                     break  # it changed while we read it
                 total = reply["total"]
                 parts.append(reply["piece"])
@@ -700,10 +700,12 @@ class Cluster:
 
     async def _fetch_blob(self, source, key, ref) -> None:
         offset = 0
-        piece = min(1 << 20, scan_budget(self.config.max_frame))
+        piece = min(MIB, scan_budget(self.config.max_frame))  # a reply fits our frame limit
         async for data in source.read_chunks(key, ref, piece):
             await self.store.write_chunk(key, ref.vid, offset, data)
             offset += len(data)
+            self.transfer_progress["bytes_done"] += len(data)
+            await self._throttle(len(data))  # large values count towards the rate too
 
     def scan_partition(self, q: int, after: bytes, limit: int, max_bytes: int) -> dict:
         """Objects of partition ``q`` after user key ``after`` (for a fetching node): at most
