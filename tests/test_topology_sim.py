@@ -429,3 +429,40 @@ async def test_large_values_count_towards_the_transfer_throttle(sim, autojump_cl
     async with sim.open_client("n2", sim.client_address()) as c:
         assert (await c.get(b"large-7", r=2)).siblings[0].value == bytes([7]) * 1_000_000
     assert not sim.crashes
+
+
+async def test_a_down_departing_holder_delays_only_its_own_partitions(sim, autojump_clock):
+    """Bug 17: a partition whose departing holder is down waits for it (its keys may be
+    there only), while every other partition moves on; it finishes once it is back."""
+    from kvd.ring import preference_list
+
+    sim.config.update(transfer_rate_mb=0.2, anti_entropy=False)
+    n1 = await sim.start("n1", seeds=[])
+    for name in ("n2", "n3", "n4"):
+        await sim.start(name, seeds=[n1.peer_address])
+    await _join(sim, ["n2", "n3", "n4"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _settle(sim)
+    keys = [f"key-{i}".encode() for i in range(600)]
+    await _fill(sim, "n1", keys, size=3000)
+    await sim.start("n5", seeds=[n1.peer_address])
+    await _join(sim, ["n5"])
+    await _admin(sim, "n1", {"op": "commit"})
+    n5 = sim.nodes["n5"]
+    with trio.fail_after(30):
+        while n5.node.cluster.transfer_progress["state"] != "running":
+            await trio.sleep(0.1)
+    sim.crash("n4")
+    await trio.sleep(300)
+    cluster = n5.node.cluster
+    state = cluster.state
+    waiting = {q for q in range(state.ring.q)
+               if "n4" in preference_list(state.prior, q, 3)
+               and "n4" not in preference_list(state.ring, q, 3)}
+    left = set(cluster._plan["todo"]) if cluster._plan else set()
+    assert left and left <= waiting, f"still to fetch {sorted(left)}; waiting on n4 {sorted(waiting)}"
+    await sim.start("n4")
+    await _settle(sim, limit=3600)
+    missing = _holders_missing(sim, keys, [], lambda c: c.state.ring)
+    assert not missing, f"{len(missing)} keys missing on their replicas, e.g. {missing[:3]}"
+    assert not sim.crashes

@@ -538,9 +538,13 @@ class Cluster:
             progress.setdefault("started", self.clocks.wall())
             progress.update(state="running", partitions_left=len(todo))
             limiter = trio.CapacityLimiter(self.config.transfer_limit)
+            failed: list[tuple[int, BaseException]] = []
             async with trio.open_nursery() as nursery:
                 for q in todo:
-                    nursery.start_soon(self._fetch_guarded, q, limiter)
+                    nursery.start_soon(self._fetch_guarded, q, limiter, failed)
+            if failed:  # the others went on meanwhile; transfer_loop retries these
+                q, exc = failed[0]
+                raise KvdError(f"{len(failed)} partitions not fetched yet (partition {q}: {exc})")
         # No checkpoint since the check above: the plan is empty for the current ring.
         finished = self._plan is not None
         if finished:
@@ -592,9 +596,16 @@ class Cluster:
                 while deleted := await self.store.reclaim(slot, step):
                     await trio.sleep(deleted / self.config.reclaim_rate)
 
-    async def _fetch_guarded(self, q: int, limiter) -> None:
+    async def _fetch_guarded(self, q: int, limiter, failed: list) -> None:
+        """Fetch ``q``; a peer or network failure is noted in ``failed`` instead of
+        cancelling the fetches of other partitions (one unreachable source must not keep
+        restarting every transfer)."""
         async with limiter:
-            await self._fetch_partition(q)
+            try:
+                await self._fetch_partition(q)
+            except _RETRYABLE as exc:
+                failed.append((q, exc))
+                return
         self._plan["todo"].discard(q)
         self.transfer_progress["partitions_left"] = len(self._plan["todo"])
         await self._save_plan()
