@@ -477,6 +477,8 @@ def ring() -> None:
                  [[n, c, f"{c / doc['q'] * 100:.1f}%"] for n, c in doc["ownership"].items()])
     if doc["pending"]:
         _moves_table(f"{len(doc['pending'])} pending moves", doc["pending"])
+    if doc.get("fetching"):
+        render.note("still fetching their new partitions: " + ", ".join(doc["fetching"]))
     if doc["staged"]:
         render.note("staged: " + ", ".join(doc["staged"]))
 

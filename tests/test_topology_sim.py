@@ -30,16 +30,20 @@ async def _join(sim, names, seed_node="n1"):
 
 
 async def _settle(sim, name="n1", limit=600):
-    """Wait until no move is pending; returns the simulated seconds it took."""
+    """Wait until the transition is over (no move pending, no node fetching); returns the
+    simulated seconds it took."""
     began = trio.current_time()
     with trio.fail_after(limit):
-        while (await _admin(sim, name, {"op": "ring"}))["pending"]:
+        while True:
+            ring = await _admin(sim, name, {"op": "ring"})
+            if not ring["pending"] and not ring["fetching"]:
+                break
             await trio.sleep(1)
     return trio.current_time() - began
 
 
 def _in_transition(sim, name="n1"):
-    return bool(sim.nodes[name].node.cluster.state.pending)
+    return sim.nodes[name].node.cluster.state.in_transition
 
 
 async def _wait_all_see_commit(sim, names):

@@ -71,6 +71,9 @@ async def handle(node, fields: dict) -> dict:
         return {"q": state.ring.q, "version": state.ring.version,
                 "ownership": _ownership(state.ring.owners), "owners": list(state.ring.owners),
                 "pending": _moves(state.pending),
+                # Nodes still fetching partitions they newly replicate: the transition
+                # (cluster_state Rule 3) lasts until this and "pending" are both empty.
+                "fetching": list(state.fetching),
                 "staged": [c.describe() for c in state.staged]}
     if op == "repair":
         partition = fields.get("partition")
