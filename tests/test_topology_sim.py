@@ -470,3 +470,32 @@ async def test_a_down_departing_holder_delays_only_its_own_partitions(sim, autoj
     missing = _holders_missing(sim, keys, [], lambda c: c.state.ring)
     assert not missing, f"{len(missing)} keys missing on their replicas, e.g. {missing[:3]}"
     assert not sim.crashes
+
+
+async def test_writes_acknowledged_during_growth_are_on_every_new_replica(sim, autojump_clock):
+    """Bug 14 (writes): while one node grows to three, acknowledged writes reach the new
+    replicas too, so none is missing once the new ring serves."""
+    sim.config.update(transfer_rate_mb=0.05)
+    n1 = await sim.start("n1", seeds=[])
+    for name in ("n2", "n3"):
+        await sim.start(name, seeds=[n1.peer_address])
+    await _fill(sim, "n1", [f"key-{i}".encode() for i in range(300)], size=4000)
+    await _join(sim, ["n2", "n3"])
+    await _admin(sim, "n1", {"op": "commit"})
+    await _wait_all_see_commit(sim, ["n1", "n2", "n3"])
+    acked: dict[bytes, bytes] = {}
+    async with sim.open_client("n2", sim.client_address()) as c:
+        i = 0
+        while _in_transition(sim):
+            key, value = f"key-{i % 300}".encode(), f"new-{i}".encode()
+            await c.put(key, value, context=(await c.get(key)).context)
+            acked[key] = value
+            i += 1
+            await trio.sleep(0.2)
+    assert len(acked) > 50
+    await trio.sleep(5)  # background merges of the last writes
+    for key, value in acked.items():
+        for name in ("n1", "n2", "n3"):
+            obj = sim.nodes[name].node.store.read(key)
+            assert obj is not None and [s.value for s in obj.siblings] == [value], (name, key)
+    assert not sim.crashes
