@@ -729,12 +729,14 @@ class Cluster:
         out: list = []
         size = 0
         for object_key, raw in self.storage.iterate(start, stop):
-            if len(out) == limit or size + len(raw) > max_bytes:
+            key = keys.user_key_of(object_key)[1]
+            entry = len(key) + len(raw) + 16  # with msgpack's headers: the reply must fit
+            if len(out) == limit or size + entry > max_bytes:
                 if not out:
-                    return {"objects": [], "large": keys.user_key_of(object_key)[1], "done": False}
+                    return {"objects": [], "large": key, "done": False}
                 return {"objects": out, "done": False}
-            out.append((keys.user_key_of(object_key)[1], raw))
-            size += len(raw)
+            out.append((key, raw))
+            size += entry
         return {"objects": out, "done": True}
 
     def scan_piece(self, q: int, key: bytes, offset: int, max_bytes: int) -> dict:
