@@ -716,3 +716,21 @@ def test_state_round_trips_with_its_transition():
     assert state.in_transition
     again = cs.ClusterState.from_dict(state.to_dict())
     assert again == state and again.digest() == state.digest() and again.prior == state.prior
+
+
+def test_merge_keeps_concurrent_node_done_and_ends_the_transition():
+    state = cs.commit(cs.stage(_cluster(["a", "b", "c", "d", "e"]), Change("leave", "e"), 3), 3)
+    fetchers = set(state.fetching)
+    assert fetchers == {"a", "b", "c", "d"} and state.members["e"] == "leaving"
+    done = [cs.node_done(state, n) for n in sorted(fetchers)]
+    merged = done[0]
+    for other in done[1:]:
+        assert cs.merge(merged, other) == cs.merge(other, merged)
+        merged = cs.merge(merged, other)
+    assert merged.fetching == () and merged.pending == () and merged.prior is None
+    assert cs.serving_ring(merged) == merged.ring and not merged.in_transition
+    assert merged.members["e"] == "exiting"
+    partial = cs.merge(done[0], done[1])
+    assert partial.in_transition and partial.fetching == ("c", "d")
+    assert partial.members["e"] == "leaving"  # still a prior replica the others fetch from
+    assert cs.serving_ring(partial) == state.prior
