@@ -104,19 +104,12 @@ class LocalStore:
         """Delete up to ``limit`` keys of dropped ``slot`` (objects first, with the blobs
         they name: Rule 3's ledger marks them garbage in the same batch). Returns how many
         were deleted; 0 once the slot is empty (its reclaim mark is then removed)."""
+        objects = keys.object_range(slot)
         for start, stop in keys.slot_prefixes(slot):
             batch = list(itertools.islice(self.storage.iterate(start, stop), limit))
             if not batch:
                 continue
-            garbage: set[bytes] = set()
-            if start[:1] == keys.object_range(0)[0][:1]:
-                for object_key, raw in batch:
-                    key = keys.user_key_of(object_key)[1]
-                    current = self.read(key)  # a refetched copy may share the blob: keep it
-                    kept = set() if current is None else {
-                        s.chunks.vid for s in current.siblings if s.chunks is not None}
-                    garbage |= {s.chunks.vid for s in versions.decode_object(raw).siblings
-                                if s.chunks is not None} - kept
+            garbage = self._blobs_of_dropped(batch) if (start, stop) == objects else set()
             await self.storage.write([(k, None) for k, _ in batch]
                                      + [(_ledger_key(vid), _GARBAGE) for vid in garbage])
             if garbage:
@@ -124,6 +117,18 @@ class LocalStore:
             return len(batch)
         await self.storage.write([(_RECLAIM + slot.to_bytes(4, "big"), None)])
         return 0
+
+    def _blobs_of_dropped(self, batch: list[tuple[bytes, bytes]]) -> set[bytes]:
+        """Blobs named by dropped object records and not by the key's live object (a copy
+        fetched again after the drop finds the blob present and names it again)."""
+        garbage: set[bytes] = set()
+        for object_key, raw in batch:
+            current = self.read(keys.user_key_of(object_key)[1])
+            kept = set() if current is None else {
+                s.chunks.vid for s in current.siblings if s.chunks is not None}
+            garbage |= {s.chunks.vid for s in versions.decode_object(raw).siblings
+                        if s.chunks is not None} - kept
+        return garbage
 
     def read(self, key: bytes) -> versions.VersionedObject | None:
         """The stored object of ``key``, or None when this node holds nothing for it."""
