@@ -20,7 +20,7 @@ import typer
 
 from kvctl import render
 from kvd.client import DEFAULT_ADDRESS, open_client
-from kvd.errors import KvdError, NotFound, unwrap_single_error
+from kvd.errors import ConnectFailed, KvdError, NotFound, unwrap_single_error
 
 app = typer.Typer(
     add_completion=True,
@@ -368,10 +368,23 @@ def _moves_table(title: str, moves: list[dict]) -> None:
         render.note(f"... and {len(moves) - len(shown)} more (--json lists all)")
 
 
+JOIN_TIMEOUT = 60.0  # seconds; the node gives up on a silent seed after request_timeout
+
+
 @cluster_app.command("join")
 def cluster_join(seed: Annotated[str, typer.Argument(help="Peer address HOST:PORT of any member.")]) -> None:
     """Stage this node's (--host's) join to the cluster that SEED belongs to."""
-    _stage({"op": "join", "seed": seed})
+
+    async def join(client):
+        try:
+            with trio.fail_after(JOIN_TIMEOUT):
+                return await client.admin({"op": "join", "seed": seed})
+        except trio.TooSlowError:
+            raise ConnectFailed(
+                f"{options.host} did not finish joining within {JOIN_TIMEOUT:.0f} s; is {seed} "
+                "the peer address (peer_listen) of a cluster member?") from None
+
+    _show_staged(call(join))
 
 
 @cluster_app.command("leave")
@@ -394,7 +407,10 @@ def cluster_force_remove(node: Annotated[str, typer.Argument(help="A dead node t
 
 
 def _stage(fields: dict) -> None:
-    doc = _admin(fields)
+    _show_staged(_admin(fields))
+
+
+def _show_staged(doc: dict) -> None:
     if options.json:
         render.emit_json(doc)
     else:
@@ -426,6 +442,19 @@ def cluster_commit() -> None:
                     f"{len(doc['moves'])} partitions to transfer (see `kvctl transfers`)")
 
 
+@cluster_app.command("abort")
+def cluster_abort() -> None:
+    """Undo a committed change whose data cannot finish moving (a target died for good):
+    the previous ring comes back and nodes it does not include leave the cluster."""
+    doc = _admin({"op": "abort"})
+    if options.json:
+        render.emit_json(doc)
+    else:
+        dropped = ", ".join(doc["dropped"]) or "no node"
+        render.note(f"aborted: ring version {doc['ring_version']} restores the previous "
+                    f"ownership; {doc['moves_abandoned']} moves abandoned, {dropped} dropped")
+
+
 @cluster_app.command("clear")
 def cluster_clear() -> None:
     """Discard every staged change."""
@@ -448,6 +477,8 @@ def ring() -> None:
                  [[n, c, f"{c / doc['q'] * 100:.1f}%"] for n, c in doc["ownership"].items()])
     if doc["pending"]:
         _moves_table(f"{len(doc['pending'])} pending moves", doc["pending"])
+    if doc.get("fetching"):
+        render.note("still fetching their new partitions: " + ", ".join(doc["fetching"]))
     if doc["staged"]:
         render.note("staged: " + ", ".join(doc["staged"]))
 

@@ -448,6 +448,15 @@ class Config(BaseModel):
         gt=0,
         description="Throttle for all outgoing transfers and repair streams, in MiB/s.",
     )
+    reclaim_rate: int = Field(
+        default=5000,
+        ge=1,
+        description=(
+            "Keys per second deleted in the background from partitions this node no longer "
+            "replicates (dropped at once when their handoff completes, so this only bounds "
+            "the disk work of freeing their space)."
+        ),
+    )
 
     # --- logging ----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field(

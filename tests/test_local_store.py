@@ -433,3 +433,39 @@ async def test_a_chunk_arriving_after_its_upload_was_discarded_leaves_no_orphan(
         with pytest.raises(Unavailable):
             await store.write_chunk(b"k", vid, 4, b"4567")  # the late one
         assert not blobs.exists(vid)
+
+
+async def test_a_dropped_partition_vanishes_at_once_and_is_reclaimed(tmp_path):
+    """Bug 3: dropping a partition is one small write; its objects, tree and blobs are gone
+    from every read at once, a later write starts from nothing, and reclaim frees the old
+    keys (and blobs) in bounded steps, keeping a blob a refetched copy names again."""
+    async with open_storage(str(tmp_path / "db")) as storage:
+        blobs = BlobStore(tmp_path / "blobs")
+        store = LocalStore(storage, blobs, 64)
+        p = store.partition(b"k")
+        same = [k for k in (f"x{i}".encode() for i in range(2000)) if store.partition(k) == p][:20]
+        for key in same:
+            await store.coordinate(key, {}, "a:1", value=b"old")
+        ref = await _upload(store, b"k", b"0123456789")
+        kept = await store.coordinate(b"k", {}, "a:1", chunks=ref)
+        gone = await _upload(store, same[0], b"abcdefgh")
+        await store.coordinate(same[0], {}, "a:1", chunks=gone)
+        assert store.holds(p) and store.tree(p).root() != 0
+        await store.drop_partition(p)
+        assert not store.holds(p) and store.tree(p).root() == 0
+        assert all(store.read(k) is None for k in same + [b"k"])
+        assert store.segment_entries(p, 0) == {}
+        # Refetched while the old generation is reclaimed: its blob is shared, so kept.
+        await store.merge(b"k", kept)
+        assert store.reclaimable() != []
+        steps = 0
+        for slot in store.reclaimable():
+            while await store.reclaim(slot, 5):
+                steps += 1
+        assert steps >= 4 and store.reclaimable() == []
+        assert store.read(b"k") == kept and blobs.exists(ref.vid)
+        assert not blobs.exists(gone.vid) and await store.sweep() == 0
+        assert sum(1 for _ in storage.iterate_keys(b"o", b"p")) == 1
+    async with open_storage(str(tmp_path / "db")) as storage:  # generations survive a restart
+        store = LocalStore(storage, BlobStore(tmp_path / "blobs"), 64)
+        assert store.read(b"k") == kept and all(store.read(k) is None for k in same)

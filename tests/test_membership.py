@@ -366,15 +366,16 @@ def _cluster(nodes, n_val=3, q=Q):
     for node in nodes[1:]:
         state = cs.stage(state, Change("join", node), n_val)
     if len(nodes) > 1:
-        state = cs.commit(state, n_val)
-        for move in state.pending:
-            state = cs.transfer_done(state, move)
+        state = _drain(cs.commit(state, n_val))
     return state
 
 
 def _drain(state):
+    """Every move done and every new replica has fetched its data: the transition ends."""
     for move in state.pending:
         state = cs.transfer_done(state, move)
+    for node in state.fetching:
+        state = cs.node_done(state, node)
     return state
 
 
@@ -405,11 +406,17 @@ def test_join_flow():
     unmoved = next(q for q in range(Q) if ring.owners[q] == "a")
     assert cs.serving_owner(done, unmoved) == "a" and cs.owners_for_writes(done, unmoved) == ["a"]
 
+    assert done.fetching == ("b",) and done.prior.owners == ("a",) * Q
     after = cs.transfer_done(done, moves[0])
-    assert cs.serving_owner(after, p) == "b" and cs.owners_for_writes(after, p) == ["b"]
+    # The prior ring serves until the transition ends: a mixed ring could name a node that
+    # has not fetched a partition (Rule 3).
+    assert cs.serving_owner(after, p) == "a" and cs.owners_for_writes(after, p) == ["a", "b"]
     assert after.version == 4 and len(after.pending) == len(moves) - 1
     assert cs.transfer_done(after, moves[0]) is after  # already done: unchanged
-    assert _drain(after).pending == ()
+    finished = cs.node_done(after, "b")
+    assert finished.pending == () and finished.prior is None and not finished.in_transition
+    assert cs.serving_owner(finished, p) == "b" and cs.owners_for_writes(finished, p) == ["b"]
+    assert cs.node_done(finished, "b") is finished
 
 
 def test_join_several_at_once_keeps_n_distinct():
@@ -435,6 +442,8 @@ def test_leave_flow():
         state = cs.transfer_done(state, move)
     assert state.members["d"] == "leaving"
     state = cs.transfer_done(state, state.pending[-1])
+    assert state.members["d"] == "leaving"  # a prior replica: fetchers may still need it
+    state = _drain(state)
     assert state.members["d"] == "exiting"
     assert cs.serving_owner(state, moves[0].partition) == moves[0].target
     # The next commit drops exiting nodes.
@@ -467,7 +476,9 @@ def test_force_remove_does_not_wait_for_the_dead_node():
     assert moves and {m.source for m in moves} == {"d"}  # listed for the operator
     state = cs.commit(state, 3)
     assert "d" not in state.members and state.pending == ()
-    assert cs.serving_owner(state, moves[0].partition) == moves[0].target
+    # The other prior replicas serve until the new ones have fetched d's partitions.
+    assert state.fetching and "d" not in state.fetching
+    assert cs.serving_owner(_drain(state), moves[0].partition) == moves[0].target
 
 
 def test_force_remove_while_moves_are_pending():
@@ -683,3 +694,43 @@ def test_importing_membership_imports_neither_trio_nor_plyvel():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_abort_brings_back_the_prior_owners():
+    state = _cluster(["a", "b", "c"])
+    state = cs.commit(cs.stage(state, Change("replace", "c", "typo"), 3), 3)
+    assert state.in_transition and state.members["typo"] == "valid"
+    with pytest.raises(BadRequest, match="still moving data"):
+        cs.stage(state, Change("join", "c"), 3)
+    aborted = cs.abort(state)
+    assert aborted.ring.owners == state.prior.owners and aborted.ring.version == state.ring.version + 1
+    assert dict(aborted.members) == {"a": "valid", "b": "valid", "c": "valid"}
+    assert not aborted.in_transition and aborted.prior is None
+    assert cs.merge(state, aborted) == aborted  # the newer ring wins everywhere
+    with pytest.raises(BadRequest, match="nothing to abort"):
+        cs.abort(aborted)
+
+
+def test_state_round_trips_with_its_transition():
+    state = cs.commit(cs.stage(_cluster(["a", "b", "c"]), Change("join", "d"), 3), 3)
+    assert state.in_transition
+    again = cs.ClusterState.from_dict(state.to_dict())
+    assert again == state and again.digest() == state.digest() and again.prior == state.prior
+
+
+def test_merge_keeps_concurrent_node_done_and_ends_the_transition():
+    state = cs.commit(cs.stage(_cluster(["a", "b", "c", "d", "e"]), Change("leave", "e"), 3), 3)
+    fetchers = set(state.fetching)
+    assert fetchers == {"a", "b", "c", "d"} and state.members["e"] == "leaving"
+    done = [cs.node_done(state, n) for n in sorted(fetchers)]
+    merged = done[0]
+    for other in done[1:]:
+        assert cs.merge(merged, other) == cs.merge(other, merged)
+        merged = cs.merge(merged, other)
+    assert merged.fetching == () and merged.pending == () and merged.prior is None
+    assert cs.serving_ring(merged) == merged.ring and not merged.in_transition
+    assert merged.members["e"] == "exiting"
+    partial = cs.merge(done[0], done[1])
+    assert partial.in_transition and partial.fetching == ("c", "d")
+    assert partial.members["e"] == "leaving"  # still a prior replica the others fetch from
+    assert cs.serving_ring(partial) == state.prior

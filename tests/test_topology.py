@@ -815,3 +815,24 @@ async def test_deletes_with_a_replica_away_never_come_back(tmp_path, procs):
     assert after["segments_differing"] == 0 and after["keys_repaired"] == 0, after
     print(f"\ndeletes: grace check {checked_at - deleted_from:.1f} s after the first delete "
           f"(grace {GRACE} s); partition {part}: {first}\nsynced {synced}\npurged {purged}")
+
+
+def test_join_with_a_wrong_seed_fails_with_an_error_naming_it(tmp_path, procs, monkeypatch):
+    """Bug 13 over real TCP (what the simulator cannot show): `kvctl cluster join` with the
+    metrics port (HTTP), the client port or a closed port as SEED exits non-zero within
+    seconds with a message naming the seed; the right seed still works."""
+    from tests.procs import free_port
+
+    metrics = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("KVD_METRICS_LISTEN", metrics)  # the test config turns it off
+    n1 = start_node(tmp_path, procs, "n1", GOSSIP)
+    monkeypatch.delenv("KVD_METRICS_LISTEN")
+    n2 = start_node(tmp_path, procs, "n2", GOSSIP)
+    wait_port(int(metrics.rsplit(":", 1)[1]), proc=n1.proc)
+    for seed in (metrics, n1.address, f"127.0.0.1:{free_port()}"):
+        began = time.monotonic()
+        out = run_kvctl(n2, "cluster", "join", seed, timeout=90)
+        err = out.stderr.decode(errors="replace")
+        assert out.returncode != 0 and seed in err, (seed, out.returncode, err)
+        assert time.monotonic() - began < 30, f"join with seed {seed} took {time.monotonic() - began:.0f} s"
+    assert run_kvctl(n2, "cluster", "join", n1.peer_address).returncode == 0

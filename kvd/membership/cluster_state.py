@@ -7,8 +7,9 @@ gossip and transfer tasks (kvd/node/) only call them.
 
 Lifecycle of a change (DESIGN section 5):
 
-    stage(join|leave|replace|force-remove)  ->  plan()  ->  commit()  ->  transfer_done()...
-                      clear() discards everything staged
+    stage(join|leave|replace|force-remove)  ->  plan()  ->  commit()  ->  node_done()...
+                      clear() discards everything staged; abort() undoes a commit whose
+                      data cannot finish moving
 
 Rule 1 (status table).  ``members`` maps node -> status, and is a function of the committed
   statuses and the staged changes and pending moves:
@@ -17,30 +18,37 @@ Rule 1 (status table).  ``members`` maps node -> status, and is a function of th
       ----------+-----------------------------------------------+-------------------------------
       joining   | target of a staged join/replace, owns nothing | valid at commit; gone on clear
       valid     | claims partitions                             | leaving at commit of its leave
-      leaving   | still the source of pending moves             | exiting when its moves drain
+      leaving   | still holds data the transition needs         | exiting when the transition ends
       exiting   | owns and serves nothing; may shut down        | dropped at the next commit
       (absent)  | force-removed, or never a member              |
 
   A node that is exiting may be joined again: it stays "exiting" until that commit.
-  ``__post_init__`` recomputes leaving/exiting and joining from ``pending`` and ``staged``,
-  so no state can say otherwise.
+  ``__post_init__`` recomputes leaving/exiting and joining from ``pending``, ``fetching``
+  and ``staged``, so no state can say otherwise.
 
 Rule 2 (one change at a time).  Nothing can be staged while a committed change is still
-  moving data, except force-remove: a dead node that is the source or target of a pending
+  moving data (``in_transition``), except force-remove: a dead node that is the source or target of a pending
   move would otherwise block the cluster forever.  Each node appears in at most one staged
   change.  A leave or force-remove must not leave fewer than ``n_val`` valid nodes when the
   cluster had at least that many (staged joins count, so "join the new node, force-remove
   the dead one" works on a cluster of exactly N).  Refusals raise BadRequest with one line.
 
-Rule 3 (routing during a move).  After commit, ``ring`` is the NEW ring.  A partition with
-  a pending move is still served by the move's source (``serving_owner``): the new owner
-  has no data yet.  Writes go to both (``owners_for_writes``) so that nothing written
-  during the transfer is missing when the target takes over.  The transfer task calls
-  ``transfer_done`` once the target holds everything; from then on the ring owner serves.
-  Moves out of a force-removed node are never pending (nobody can stream from it): the new
-  owner serves at once and is filled by read repair and anti-entropy (`kvctl repair`).
-  A commit made while moves are pending (force-remove) composes them: the data of each
-  partition moves from whoever serves it now to its owner in the newer ring.
+Rule 3 (routing during a transition).  After commit, ``ring`` is the NEW ring and
+  ``prior`` the ring that served before it; ``fetching`` names every node that newly
+  replicates some partition (it must fetch it), ``pending`` the ownership moves (what
+  `kvctl transfers` shows).  While either is non-empty (``in_transition``) reads are served
+  by the prior ring (``serving_ring``): its replicas hold every key, while a new replica
+  may not have fetched it yet (riak_core keeps the old owner serving until handoff
+  completes).  Writes go to the replicas of both rings, so nothing written during the
+  transfers is missing when the new ring takes over.  A node calls ``node_done`` once it
+  holds every partition it newly replicates; when the last one has, ``prior`` is dropped
+  and the new ring serves, all partitions at once (a mixed ring could name, for a
+  partition, a node that neither held nor fetched it).  Moves out of a force-removed node
+  are never pending (nobody can stream from it); its partitions are fetched from the
+  other prior replicas.  A commit made during a transition (force-remove) keeps ``prior``
+  (still the ring whose replicas hold the data) and adds the newer ring's fetchers.
+  ``abort`` ends a transition that cannot finish (a dead or phantom target): the prior
+  ring's owners come back in a new ring version, nodes that own nothing in it drop out.
 
 Rule 4 (merge: how two states converge).  ``merge`` is a join-semilattice (commutative,
   associative, idempotent), so gossip in any order converges:
@@ -50,8 +58,9 @@ Rule 4 (merge: how two states converge).  ``merge`` is a join-semilattice (commu
     node that staged twice undo a commit).  Two claimants committing different plans in a
     partition end with the same ring everywhere (the digest breaks the tie); the transfer
     task reconciles against whatever ring is current.
-  * Same ring: componentwise.  ``pending`` is the intersection (a finished move is a
-    monotone fact, so two nodes finishing transfers at once both count); ``version`` is the
+  * Same ring: componentwise.  ``pending`` and ``fetching`` are intersections (a finished
+    move is a monotone fact, so two nodes finishing transfers at once both count);
+    ``prior`` is the same commit's (kept while either side still needs it); ``version`` is the
     maximum and ``staged`` comes from the higher version, or is the union of both when the
     versions are equal (two nodes staging at once both count; a clear wins over what was
     staged before it).  plan/commit re-validate the staged set, since a union of two valid
@@ -73,10 +82,11 @@ from typing import Any
 
 from kvd.errors import BadRequest
 from kvd.membership.members import STATUSES
-from kvd.ring import Move, Ring, claim, new_ring
+from kvd.ring import Move, Ring, claim, new_ring, preference_list
 
 __all__ = [
     "CHANGE_KINDS",
+    "abort",
     "Change",
     "ClusterState",
     "claimant",
@@ -85,9 +95,11 @@ __all__ = [
     "merge",
     "moving",
     "new_cluster",
+    "node_done",
     "owners_for_writes",
     "plan",
     "serving_owner",
+    "serving_ring",
     "stage",
     "transfer_done",
 ]
@@ -157,10 +169,13 @@ def _base(members: Mapping[str, str]) -> dict[str, str]:
     return {n: ("leaving" if s == "exiting" else s) for n, s in members.items() if s != "joining"}
 
 
-def _derive(base: Mapping[str, str], staged: Iterable[Change], pending: Iterable[Move]) -> dict[str, str]:
-    """Rule 1: the full status map from committed statuses, staged changes, pending moves."""
+def _derive(base: Mapping[str, str], staged: Iterable[Change], pending: Iterable[Move],
+            fetching: Collection[str] = ()) -> dict[str, str]:
+    """Rule 1: the full status map from committed statuses, staged changes, pending moves
+    and fetching nodes (a leaving node is a prior replica: fetchers and reads need it)."""
     sources = {m.source for m in pending}
-    out = {n: ("exiting" if s == "leaving" and n not in sources else s) for n, s in base.items()}
+    out = {n: ("exiting" if s == "leaving" and n not in sources and not fetching else s)
+           for n, s in base.items()}
     for c in staged:
         j = _joiner(c)
         if j is not None and j not in out:
@@ -178,6 +193,8 @@ class ClusterState:
     staged: tuple[Change, ...] = ()
     pending: tuple[Move, ...] = ()
     version: int = 1
+    prior: Ring | None = None  # the ring serving reads while data moves (Rule 3)
+    fetching: tuple[str, ...] = ()  # nodes still fetching partitions they newly replicate
     _digest: str = field(init=False, repr=False, compare=False)
     _moving: Mapping[int, Move] = field(init=False, repr=False, compare=False)
 
@@ -194,7 +211,20 @@ class ClusterState:
             if m.target != self.ring.owners[m.partition] or m.source == m.target:
                 raise ValueError(f"pending move {m} does not end at the ring's owner")
             moving[m.partition] = m
-        members = _derive(_base(self.members), staged, pending)
+        fetching = tuple(sorted(set(self.fetching)))
+        prior = self.prior
+        if not pending and not fetching:
+            prior = None
+        elif prior is None:  # a state saved before ``prior`` existed: moves revert to sources
+            owners = list(self.ring.owners)
+            for m in pending:
+                owners[m.partition] = m.source
+            prior = Ring(self.ring.q, tuple(owners), self.ring.version, dict(self.ring.zones))
+        elif prior.q != self.ring.q:
+            raise ValueError("the prior ring has a different number of partitions")
+        members = _derive(_base(self.members), staged, pending, fetching)
+        object.__setattr__(self, "fetching", fetching)
+        object.__setattr__(self, "prior", prior)
         object.__setattr__(self, "staged", staged)
         object.__setattr__(self, "pending", pending)
         object.__setattr__(self, "members", MappingProxyType(members))
@@ -212,7 +242,14 @@ class ClusterState:
             "staged": [c.to_dict() for c in self.staged],
             "pending": [[m.partition, m.source, m.target] for m in self.pending],
             "version": self.version,
+            "prior": None if self.prior is None else self.prior.to_dict(),
+            "fetching": list(self.fetching),
         }
+
+    @property
+    def in_transition(self) -> bool:
+        """Whether a committed change is still moving data (Rule 3)."""
+        return bool(self.pending or self.fetching)
 
     def digest(self) -> str:
         """Content hash: equal digests, equal states (gossip compares these first)."""
@@ -244,6 +281,8 @@ class ClusterState:
                 staged=tuple(Change.from_dict(c) for c in d.get("staged") or ()),
                 pending=tuple(Move(int(p), str(s), str(t)) for p, s, t in d.get("pending") or ()),
                 version=int(d["version"]),
+                prior=None if d.get("prior") is None else Ring.from_dict(d["prior"]),
+                fetching=tuple(str(n) for n in d.get("fetching") or ()),
             )
         except (KeyError, TypeError, AttributeError, BadRequest) as exc:
             raise ValueError(f"malformed cluster state: {exc}") from None
@@ -262,6 +301,8 @@ def _bump(state: ClusterState, **changes: Any) -> ClusterState:
         "staged": state.staged,
         "pending": state.pending,
         "version": state.version + 1,
+        "prior": state.prior,
+        "fetching": state.fetching,
     }
     fields.update(changes)
     return ClusterState(**fields)
@@ -277,9 +318,10 @@ def _check(state: ClusterState, staged: tuple[Change, ...], n_val: int, culprit:
 
     ``culprit`` is the change being staged, named when the set as a whole is refused.
     """
-    if state.pending and any(c.kind != "force-remove" for c in staged):
+    if state.in_transition and any(c.kind != "force-remove" for c in staged):
         raise BadRequest(
-            f"a committed change is still moving data: {len(state.pending)} partitions pending"
+            f"a committed change is still moving data: {len(state.pending)} partitions pending,"
+            f" {len(state.fetching)} nodes fetching (wait, or `kvctl cluster abort`)"
         )
     base = _base(state.members)
     seen: dict[str, Change] = {}
@@ -352,16 +394,33 @@ def clear(state: ClusterState) -> ClusterState:
     return _bump(state, staged=())
 
 
+def serving_ring(state: ClusterState) -> Ring:
+    """The ring whose replicas serve reads now (Rule 3): the prior one during a transition."""
+    return state.prior if state.prior is not None else state.ring
+
+
 def serving_owner(state: ClusterState, partition: int) -> str:
-    """Who serves reads of ``partition`` now: a pending move's source, else the owner."""
-    m = state._moving.get(partition)
-    return state.ring.owners[partition] if m is None else m.source
+    """Who serves reads of ``partition`` now: its owner on the serving ring."""
+    return serving_ring(state).owners[partition]
 
 
 def owners_for_writes(state: ClusterState, partition: int) -> list[str]:
-    """Who must receive writes to ``partition``: source and target while it moves."""
-    m = state._moving.get(partition)
-    return [state.ring.owners[partition]] if m is None else [m.source, m.target]
+    """Who must receive writes to ``partition``: its serving owner and its new owner."""
+    serving, owner = serving_owner(state, partition), state.ring.owners[partition]
+    return [owner] if serving == owner else [serving, owner]
+
+
+def _replication(ring: Ring, n_val: int) -> int:
+    return min(n_val, max(1, len(ring.nodes())))
+
+
+def fetchers(before: Ring, after: Ring, n_val: int) -> set[str]:
+    """Nodes that replicate some partition on ``after`` and did not on ``before``."""
+    n_before, n_after = _replication(before, n_val), _replication(after, n_val)
+    out: set[str] = set()
+    for p in range(after.q):
+        out.update(set(preference_list(after, p, n_after)) - set(preference_list(before, p, n_before)))
+    return out
 
 
 def moving(state: ClusterState, partition: int) -> Move | None:
@@ -417,14 +476,44 @@ def commit(state: ClusterState, n_val: int, zones: Mapping[str, str] | None = No
             base.pop(c.node, None)
             removed.add(c.node)
     pending = tuple(m for m in moves if m.source not in removed)
-    return _bump(state, ring=ring, members=base, staged=(), pending=pending)
+    prior = serving_ring(state)
+    fetching = {n for n in state.fetching if n in base} | fetchers(prior, ring, n_val)
+    return _bump(state, ring=ring, members=base, staged=(), pending=pending, prior=prior,
+                 fetching=tuple(fetching))
 
 
 def transfer_done(state: ClusterState, move: Move) -> ClusterState:
-    """``move`` finished: its target now serves the partition (unknown move: unchanged)."""
+    """``move`` finished (unknown move: unchanged)."""
     if move not in state.pending:
         return state
     return _bump(state, pending=tuple(m for m in state.pending if m != move))
+
+
+def node_done(state: ClusterState, node: str) -> ClusterState:
+    """``node`` holds every partition it newly replicates: its moves and its fetching end
+    (when it was the last, the transition ends and the new ring serves)."""
+    pending = tuple(m for m in state.pending if m.target != node)
+    if pending == state.pending and node not in state.fetching:
+        return state
+    return _bump(state, pending=pending, fetching=tuple(n for n in state.fetching if n != node))
+
+
+def abort(state: ClusterState) -> ClusterState:
+    """End a transition that cannot finish (Rule 3): the prior ring's owners come back.
+
+    Partitions whose prior owner is no longer a member (force-removed) keep their new
+    owner; members that own nothing afterwards drop out unless leaving (they go exiting).
+    """
+    if not state.in_transition:
+        raise BadRequest("nothing to abort: no committed change is moving data")
+    base = _base(state.members)
+    prior = serving_ring(state)
+    owners = tuple(o if o in base else state.ring.owners[p] for p, o in enumerate(prior.owners))
+    ring = Ring(state.ring.q, owners, state.ring.version + 1, dict(state.ring.zones))
+    owning = set(owners)
+    members = {n: ("valid" if n in owning else s) for n, s in base.items()
+               if n in owning or s == "leaving"}
+    return _bump(state, ring=ring, members=members, pending=(), fetching=(), prior=None)
 
 
 def claimant(state: ClusterState, up: Collection[str]) -> str | None:
@@ -455,4 +544,8 @@ def merge(a: ClusterState, b: ClusterState) -> ClusterState:
     else:
         staged = tuple(set(a.staged) | set(b.staged))
     pending = tuple(set(a.pending) & set(b.pending))
-    return ClusterState(a.cluster_id, a.ring, base, staged, pending, max(a.version, b.version))
+    fetching = tuple(set(a.fetching) & set(b.fetching))
+    priors = [r for r in (a.prior, b.prior) if r is not None]
+    prior = max(priors, key=lambda r: _hash(r.to_dict())) if priors else None
+    return ClusterState(a.cluster_id, a.ring, base, staged, pending, max(a.version, b.version),
+                        prior, fetching)

@@ -1,8 +1,10 @@
 """Cluster administration requests from kvctl (ADMIN frames on the client port).
 
 Staged changes are cluster-wide (DESIGN section 7): they live in the gossiped cluster state,
-so any node can stage, plan, commit or clear. ``join`` is the exception: it is sent to the
-new node, which asks the cluster at SEED to stage it.
+so any node can stage, plan, commit, clear or abort. ``join`` is the exception: it is sent
+to the new node, which asks the cluster at SEED to stage it. A replace target must have
+contacted the cluster first (a node the cluster has never heard of is refused), and a
+committed change whose data cannot finish moving is undone with ``abort``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ async def handle(node, fields: dict) -> dict:
     if op == "replace":
         old, new = _text(fields, "node"), _text(fields, "target")
         _member(cluster, old)
+        _contacted(cluster, new)
         await cluster.stage(cs.Change("replace", old, new))
         return {"staged": f"replace {old} with {new}"}
     if op == "plan":
@@ -53,6 +56,12 @@ async def handle(node, fields: dict) -> dict:
         state = await cluster.commit()
         return {"ring_version": state.ring.version, "moves": _moves(state.pending),
                 "committed": [c.describe() for c in before.staged]}
+    if op == "abort":
+        before = cluster.state
+        state = await cluster.abort()
+        return {"aborted": True, "ring_version": state.ring.version,
+                "dropped": sorted(set(before.ring.nodes()) - set(state.ring.nodes())),
+                "moves_abandoned": len(before.pending)}
     if op == "clear":
         dropped = [c.describe() for c in cluster.state.staged]
         await cluster.clear()
@@ -62,6 +71,9 @@ async def handle(node, fields: dict) -> dict:
         return {"q": state.ring.q, "version": state.ring.version,
                 "ownership": _ownership(state.ring.owners), "owners": list(state.ring.owners),
                 "pending": _moves(state.pending),
+                # Nodes still fetching partitions they newly replicate: the transition
+                # (cluster_state Rule 3) lasts until this and "pending" are both empty.
+                "fetching": list(state.fetching),
                 "staged": [c.describe() for c in state.staged]}
     if op == "repair":
         partition = fields.get("partition")
@@ -89,6 +101,16 @@ def _text(fields: dict, name: str) -> str:
 def _member(cluster, node: str) -> None:
     if cluster.state.status(node) is None:
         raise BadRequest(f"{node} is not a member of this cluster")
+
+
+def _contacted(cluster, node: str) -> None:
+    """A replace target must be a running node that has reached the cluster (its staged
+    join): a typo would otherwise become a member nobody can stream to, and wedge it."""
+    if cs.Change("join", node) in cluster.state.staged:
+        return
+    if cluster.members.get(node) is None or not cluster.is_up(node):
+        raise BadRequest(f"{node} has not contacted this cluster: start it, run "
+                         f"`kvctl --host NEW cluster join SEED` on it, then stage the replace")
 
 
 async def _all_transfers(cluster) -> list[dict]:

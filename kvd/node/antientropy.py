@@ -90,7 +90,7 @@ class AntiEntropy:
     def _key_page(self, partition: int, segment: int, after: bytes | None) -> dict:
         """One reply's worth of a segment's (key, digest) list, in key order after ``after``:
         at most half of max_frame, so a crowded segment never closes the connection."""
-        start, stop = keys.index_range(partition, segment)
+        start, stop = keys.index_range(self.store.slot(partition), segment)
         prefix = len(start)
         if after is not None:
             start = start + after + b"\x00"
@@ -129,7 +129,8 @@ class AntiEntropy:
             else:
                 obj = self.store._latest(key)  # with a write still committing, if any
                 if obj is None or versions.is_found(obj):  # a stale index entry: drop it
-                    await self.store.storage.write([keys.tombstone_op(partition, key, None)])
+                    await self.store.storage.write(
+                        [keys.tombstone_op(self.store.slot(partition), key, None)])
         return purged
 
     # ------------------------------------------------------------- exchanges
@@ -191,7 +192,7 @@ class AntiEntropy:
     async def _pull_blobs(self, peer, key, obj) -> None:
         for sibling in obj.siblings:
             ref = sibling.chunks
-            if ref is not None and not self.store.holds(ref):
+            if ref is not None and not self.store.has_value_bytes(ref):
                 offset = 0
                 async for data in peer.read_chunks(key, ref):
                     await self.store.write_chunk(key, ref.vid, offset, data)
@@ -241,7 +242,7 @@ class AntiEntropy:
         """Batches of [key, digest] of the tombstones deleted before ``cutoff``, read from
         the tombstone index (never the objects), bounded in count and bytes, yielding
         between batches."""
-        start, stop = keys.tombstone_range(partition)
+        start, stop = keys.tombstone_range(self.store.slot(partition))
         limit = min(PURGE_BATCH_BYTES, self.config.max_frame // 2)
         batch: list[list[bytes]] = []
         size = scanned = 0
@@ -321,11 +322,11 @@ class AntiEntropy:
         found = scanned = 0
         batch: list = []
         for object_key, raw in self.store.storage.iterate(*keys.object_space()):
-            partition, key = keys.user_key_of(object_key)
+            slot, key = keys.user_key_of(object_key)  # object keys are built on slots
             obj = versions.decode_object(raw)
             if obj.siblings and not versions.is_found(obj):
                 found += 1
-                batch.append(keys.tombstone_op(partition, key,
+                batch.append(keys.tombstone_op(slot, key,
                                                max(s.timestamp for s in obj.siblings)))
             scanned += 1
             if scanned % SCAN_YIELD == 0:

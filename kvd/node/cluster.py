@@ -3,20 +3,19 @@
 The decisions are made by the pure cores (kvd.ring, kvd.membership); this module feeds them
 live inputs (time, the peer connections, storage) and carries out what they return.
 
-- Routing. Reads go to the key's primaries on the *serving* ring (a partition that is
-  moving is served by its old owner until the new one holds its data). Writes go to the
-  same primaries, each down primary replaced by a fallback that keeps a durable hint, and
-  also to the new owner of a moving partition. Only primaries mint versions (a fallback
-  knows nothing of the key's history, so it could reuse a dot). A coordinator may name
-  nodes that failed its request: they count as down for it (its local failure view).
-- Hints keep a large value's bytes that were uploaded to this node; delivery sends them
-  before the manifest, and frees them once no hint or object here names them.
+- Routing. Reads go to the key's primaries on the *serving* ring (during a transition the
+  prior ring, whose replicas hold every key, until every new replica holds its data:
+  cluster_state Rule 3). Writes go to the same primaries, each down primary replaced by a
+  fallback that keeps a durable hint, and also to the new ring's replicas during a
+  transition. Only primaries mint versions (a fallback knows nothing of the key's history,
+  so it could reuse a dot). A coordinator may name nodes that failed its request: they
+  count as down for it (its local failure view).
 - Gossip: every ``gossip_interval`` push-pull with one peer (members table + cluster state).
 - Handoff (kvd.node.handoff): hints are delivered to their node once the failure detector
   sees it up, and dropped once older than ``hint_window`` (anti-entropy covers what they
-  miss).
-- Transfers: a node that becomes a replica of a partition fetches it from an old replica
-  (pull, batched, throttled), then publishes ``transfer_done`` for the moves towards it.
+  miss). Hints keep the bytes of large values uploaded to this node until delivered.
+- Transfers: a node that becomes a replica of a partition fetches it from every old replica
+  (pull, batched in bytes, throttled), then publishes ``node_done`` once its plan is empty.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import logging
 import os
 import random
 from collections.abc import Collection
-from dataclasses import replace
 
 import msgpack
 import trio
@@ -48,8 +46,18 @@ from kvd.storage import keys
 
 log = logging.getLogger("kvd.cluster")
 
+MIB = 1 << 20
 SEED_WAIT = 30  # seconds a node with a new data directory waits for a seed to answer
-TRANSFER_BATCH = 256  # objects per scan reply when fetching a partition
+# Seconds between the end of a transition (as this node sees it) and dropping the
+# partitions it no longer replicates: coordinators that have not heard yet still read
+# from the prior ring. Gossip reaches 64 nodes in 15 s (tests/test_gossip_sim.py).
+DROP_DELAY = 60.0
+TRANSFER_BATCH = 256  # most objects per scan reply when fetching a partition
+
+
+def scan_budget(max_frame: int) -> int:
+    """Most bytes of objects in one scan reply: half a frame leaves room for keys and framing."""
+    return max_frame // 2
 
 
 def _pack(obj) -> bytes:
@@ -124,6 +132,9 @@ class Cluster:
         self.transfer_progress: dict = {"keys_done": 0, "bytes_done": 0, "state": "idle"}
         self._plan: dict | None = None  # {"old": Ring | None, "todo": set of partitions}
         self._planned: tuple[str, int] | None = None  # the ring the plan was made for
+        self._throttle_at = 0.0  # when the transfer throttle's reserved bytes are paid off
+        self._dropped_for: tuple[str, int] | None = None  # the ring stale partitions were dropped for
+        self._settled_since: tuple[tuple[str, int], float] | None = None  # (ring, when it settled)
 
     # ------------------------------------------------------------- state
 
@@ -204,7 +215,9 @@ class Cluster:
         return self.clocks.monotonic()
 
     def member_count(self) -> int:
-        return max(1, len(self.state.ring.nodes()))
+        """Distinct replicas a key can have now: during a transition the serving (prior)
+        ring may have fewer nodes (a one-node cluster growing), and R/W clamp to it."""
+        return max(1, min(len(self.state.ring.nodes()), len(self.serving_ring().nodes())))
 
     def is_up(self, node: str) -> bool:
         return self.members.is_up(node, self.now())
@@ -261,7 +274,7 @@ class Cluster:
         def is_up(node: str) -> bool:
             return node not in failed and self.is_up(node)
 
-        if all(is_up(node) for node in primaries) and not self.state.pending:
+        if all(is_up(node) for node in primaries) and not self.state.in_transition:
             return [self._replica(node) for node in primaries]  # the common case
         out = []
         for node, role, stands_for in annotated_preference_list(
@@ -281,11 +294,12 @@ class Cluster:
             for node in primaries:
                 if node not in covered and not is_up(node):
                     out.append(LocalHintStore(self.me, self, node, role="hint"))
-        if self.state.pending:
+        if self.state.in_transition:
             named = {r.node for r in out}
-            for node in preference_list(self.state.ring, partition, n):
+            new = self.state.ring
+            for node in preference_list(new, partition, self._replication(new)):
                 if node not in named and is_up(node):
-                    out.append(self._replica(node))  # new owner of a moving partition
+                    out.append(self._replica(node))  # a new replica, fetching the partition
         return out
 
     def replica_roles(self, key: bytes, n: int) -> list[tuple[str, str]]:
@@ -303,7 +317,7 @@ class Cluster:
         """The coordinator's hint for a replica that failed a write (kvd.node.coordinator
         rule 3). Refused when a large value's bytes are not here: delivering its manifest
         alone would fail on the target (anti-entropy repairs that replica instead)."""
-        if not all(self.store.holds(s.chunks) for s in obj.siblings if s.chunks is not None):
+        if not all(self.store.has_value_bytes(s.chunks) for s in obj.siblings if s.chunks is not None):
             raise Unavailable(f"the bytes of a large value of {key[:64]!r} are not on "
                               f"{self.me}")
         await self.store_hint(target, key, obj)
@@ -399,10 +413,20 @@ class Cluster:
             raise BadRequest("this node holds data; only an empty node can join a cluster")
         if len(self.state.members) > 1:
             raise BadRequest("this node is already a member of a cluster")
-        reply = await self.peers.call(seed, MsgType.ADMIN, {
-            "op": "stage-join", "node": self.me,
-            "address": self.config.listen, "peer_address": self.config.peer_listen,
-        }, MsgType.ADMIN_REPLY)
+        try:
+            # Bounded: a wrong SEED (a closed port, a client or metrics port) must get an
+            # answer naming it, not a request that waits forever.
+            with trio.fail_after(self.config.request_timeout):
+                reply = await self.peers.call(seed, MsgType.ADMIN, {
+                    "op": "stage-join", "node": self.me,
+                    "address": self.config.listen, "peer_address": self.config.peer_listen,
+                }, MsgType.ADMIN_REPLY)
+        except BadRequest as exc:
+            raise BadRequest(f"seed {seed} refused the join: {exc}") from None
+        except (KvdError, OSError, trio.TooSlowError) as exc:
+            reason = str(exc) or "no answer"
+            raise Unavailable(f"seed {seed} did not answer as a member's peer address ({reason});"
+                              " SEED is the peer_listen HOST:PORT of a cluster member") from None
         try:
             state = cs.ClusterState.from_dict(reply["state"])
         except (KeyError, ValueError) as exc:
@@ -418,6 +442,11 @@ class Cluster:
 
     async def commit(self) -> cs.ClusterState:
         state = cs.commit(self.state, self.config.n)
+        await self.set_state(state)
+        return state
+
+    async def abort(self) -> cs.ClusterState:
+        state = cs.abort(self.state)
         await self.set_state(state)
         return state
 
@@ -452,10 +481,20 @@ class Cluster:
         else:
             old = self._serving_ring_of(before)
             n_old = self._replication(old)
-        todo = {q for q in range(new.q) if self.me in preference_list(new, q, n_new)
-                and (old is None or self.me not in preference_list(old, q, n_old))}
+        mine = {q for q in range(new.q) if self.me in preference_list(new, q, n_new)}
+        todo = {q for q in mine if old is None or self.me not in preference_list(old, q, n_old)}
         plan = self._plan or {"old": None, "todo": set()}
-        plan["todo"] |= todo
+        # A copy kept from when this node last replicated a partition is stale (deletes
+        # since then may be purged): drop it before fetching (LocalStore Rule 6); the prior
+        # replicas it is fetched from hold everything written meanwhile. Only when this
+        # commit starts a transition: during one, what this node holds of a partition it
+        # does not replicate on the prior ring is what it fetched (or is fetching) for it.
+        if not before.in_transition:
+            for q in sorted(todo - plan["todo"]):
+                if self.store.holds(q):
+                    await self.store.drop_partition(q)
+        # Partitions this node no longer replicates (a force-remove, an abort) are not fetched.
+        plan["todo"] = (plan["todo"] & mine) | todo
         if old is not None:
             plan["old"] = old
         self._plan = plan
@@ -465,10 +504,7 @@ class Cluster:
             log.info("ring version %d: %d partitions to fetch", new.version, len(todo))
 
     def _serving_ring_of(self, state: cs.ClusterState) -> Ring:
-        owners = list(state.ring.owners)
-        for move in state.pending:
-            owners[move.partition] = move.source
-        return replace(state.ring, owners=tuple(owners))
+        return cs.serving_ring(state)
 
     async def _save_plan(self) -> None:
         plan = self._plan
@@ -496,67 +532,173 @@ class Cluster:
                 self.transfer_progress["state"] = "retrying"
                 await trio.sleep(1.0)
                 continue
+            await self._drop_stale_partitions()
             with trio.move_on_after(1.0):
                 await self.wait_state_change()
 
     async def _run_plan(self) -> None:
-        if self._planned != (self.state.cluster_id, self.state.ring.version):
-            return  # the plan for this ring is not worked out yet (persist_loop does it)
-        plan = self._plan
-        if plan is not None and plan["todo"]:
+        # Partitions added to the plan while it runs (a commit during a transition) are
+        # fetched in the next round: the plan is done only when a round finds it empty.
+        while True:
+            if self._planned != (self.state.cluster_id, self.state.ring.version):
+                return  # the plan for this ring is not worked out yet (persist_loop does it)
+            plan = self._plan
+            todo = sorted(plan["todo"]) if plan is not None else []
+            if not todo:
+                break
             progress = self.transfer_progress
             progress.setdefault("started", self.clocks.wall())
-            progress.update(state="running", partitions_left=len(plan["todo"]))
+            progress.update(state="running", partitions_left=len(todo))
             limiter = trio.CapacityLimiter(self.config.transfer_limit)
+            failed: list[tuple[int, BaseException]] = []
             async with trio.open_nursery() as nursery:
-                for q in sorted(plan["todo"]):
-                    nursery.start_soon(self._fetch_guarded, q, limiter)
-            log.info("fetched every partition of the plan: %d keys", progress["keys_done"])
+                for q in todo:
+                    nursery.start_soon(self._fetch_guarded, q, limiter, failed)
+            if failed:  # the others went on meanwhile; transfer_loop retries these
+                q, exc = failed[0]
+                raise KvdError(f"{len(failed)} partitions not fetched yet (partition {q}: {exc})")
+        # No checkpoint since the check above: the plan is empty for the current ring.
+        finished = self._plan is not None
+        if finished:
+            log.info("fetched every partition of the plan: %d keys",
+                     self.transfer_progress["keys_done"])
             self._plan = None
-            await self._save_plan()
             self.transfer_progress = {"keys_done": 0, "bytes_done": 0, "state": "idle"}
-        if self.restoring and not (self._plan and self._plan["todo"]):
+        done = cs.node_done(self.state, self.me)
+        if done is not self.state:
+            self.gossiper.publish(done)
+        if finished:
+            await self._save_plan()
+        if self.restoring:
             await self._restored()
-        for move in [m for m in self.state.pending if m.target == self.me]:
-            await self.set_state(cs.transfer_done(self.state, move))
 
-    async def _fetch_guarded(self, q: int, limiter) -> None:
+    async def _drop_stale_partitions(self) -> None:
+        """Once a transition is over (every new replica holds its data: the handoff is
+        confirmed), drop the partitions this node no longer replicates, so a stale copy is
+        never served or repaired back if it becomes a replica again (LocalStore Rule 6)."""
+        state = self.state
+        ring_id = (state.cluster_id, state.ring.version)
+        if (self._dropped_for == ring_id or state.in_transition or not self.has_its_data
+                or self._planned != ring_id or (self._plan and self._plan["todo"])
+                or state.status(self.me) is None):  # force-removed: nothing was handed off
+            self._settled_since = None
+            return
+        if self._settled_since is None or self._settled_since[0] != ring_id:
+            self._settled_since = (ring_id, self.clocks.monotonic())
+        if self.clocks.monotonic() - self._settled_since[1] < DROP_DELAY:
+            return  # let the end of the transition reach every coordinator first
+        n = self._replication(state.ring)
+        stale = [q for q in range(state.ring.q) if self.me not in preference_list(state.ring, q, n)
+                 and self.store.holds(q)]
+        for q in stale:
+            await self.store.drop_partition(q)
+        if stale:
+            log.info("dropped %d partitions this node no longer replicates", len(stale))
+        self._dropped_for = ring_id
+
+    async def reclaim_loop(self) -> None:
+        """Free the space of dropped partitions in the background, ``reclaim_rate`` keys/s."""
+        step = max(1, min(256, self.config.reclaim_rate))
+        while True:
+            slots = self.store.reclaimable()
+            if not slots:
+                await trio.sleep(5.0)
+                continue
+            for slot in slots:
+                while deleted := await self.store.reclaim(slot, step):
+                    await trio.sleep(deleted / self.config.reclaim_rate)
+
+    async def _fetch_guarded(self, q: int, limiter, failed: list) -> None:
+        """Fetch ``q``; a peer or network failure is noted in ``failed`` instead of
+        cancelling the fetches of other partitions (one unreachable source must not keep
+        restarting every transfer)."""
         async with limiter:
-            await self._fetch_partition(q)
+            try:
+                await self._fetch_partition(q)
+            except _RETRYABLE as exc:
+                failed.append((q, exc))
+                return
         self._plan["todo"].discard(q)
         self.transfer_progress["partitions_left"] = len(self._plan["todo"])
         await self._save_plan()
 
     def _sources(self, q: int) -> list[str]:
-        """Up nodes that held partition ``q`` before (else any other replica of it now)."""
-        rings = [r for r in (self._plan and self._plan["old"], self.serving_ring(), self.state.ring)
-                 if r is not None]
-        out: list[str] = []
-        for ring in rings:
-            for node in preference_list(ring, q, self._replication(ring)):
-                if node != self.me and node not in out and self.is_up(node):
-                    out.append(node)
-        return out
+        """Every up node that held partition ``q`` before: a key acknowledged by W of them
+        may be on any one only, so the fetch merges all of them.
+
+        A holder that is down and departing (it will not be a replica, so anti-entropy can
+        not bring its keys later) is waited for: KvdError, the plan retries. With no holder
+        up at all (a wiped node restoring on a changed ring), the current replicas serve.
+        """
+        old = (self._plan and self._plan["old"]) or self.serving_ring()
+        holders = [n for n in preference_list(old, q, self._replication(old)) if n != self.me]
+        new = self.state.ring
+        staying = set(preference_list(new, q, self._replication(new)))
+        up = [n for n in holders if self.is_up(n)]
+        departing_down = [n for n in holders if n not in up and n not in staying
+                          and self.state.status(n) is not None]
+        if departing_down:
+            raise KvdError(f"partition {q}: waiting for {', '.join(departing_down)}, which holds "
+                           "it, leaves, and is down")
+        if not up:
+            up = [n for n in preference_list(self.serving_ring(), q, self._replication(old))
+                  + sorted(staying) if n != self.me and self.is_up(n)]
+        return list(dict.fromkeys(up))
 
     async def _fetch_partition(self, q: int) -> None:
         sources = self._sources(q)
         if not sources:
             raise KvdError(f"no replica of partition {q} is up to copy it from")
-        source = RemoteReplica(sources[0], self.peer_address(sources[0]), self.peers)
+        for node in sources:
+            await self._fetch_from(RemoteReplica(node, self.peer_address(node), self.peers), q)
+
+    async def _scan(self, source: RemoteReplica, fields: dict) -> dict:
+        with trio.fail_after(self.config.request_timeout * 3):
+            return await self.peers.call(source.address, MsgType.REPLICA_GET,
+                                         {"op": "scan", **fields}, MsgType.REPLICA_GET_REPLY)
+
+    async def _fetch_large(self, source: RemoteReplica, q: int, key: bytes) -> bytes | None:
+        """One object too large for a scan reply, in pieces (restarted if it changes)."""
+        for _ in range(5):
+            parts: list[bytes] = []
+            total = None
+            while total is None or sum(map(len, parts)) < total:
+                reply = await self._scan(source, {"partition": q, "within": key,
+                                                  "offset": sum(map(len, parts)),
+                                                  "max_bytes": scan_budget(self.config.max_frame)})
+                if not reply["total"]:
+                    return None  # deleted meanwhile (purged): nothing to fetch
+                if (total is not None and reply["total"] != total) or not reply["piece"]:
+                    break  # it changed while we read it
+                total = reply["total"]
+                parts.append(reply["piece"])
+            else:
+                raw = b"".join(parts)
+                try:
+                    versions.decode_object(raw)
+                    return raw
+                except ValueError:
+                    pass  # pieces of two versions
+        raise KvdError(f"object {key[:64]!r} of partition {q} kept changing while it was fetched")
+
+    async def _fetch_from(self, source: RemoteReplica, q: int) -> None:
         after = b""
-        rate = self.config.transfer_rate_mb * 1e6
         progress = self.transfer_progress
         while True:
-            began = self.clocks.monotonic()
-            with trio.fail_after(self.config.request_timeout * 3):
-                reply = await self.peers.call(
-                    source.address, MsgType.REPLICA_GET,
-                    {"op": "scan", "partition": q, "after": after, "limit": TRANSFER_BATCH},
-                    MsgType.REPLICA_GET_REPLY)
-            objects = [(key, versions.decode_object(raw)) for key, raw in reply["objects"]]
+            reply = await self._scan(source, {"partition": q, "after": after,
+                                              "limit": TRANSFER_BATCH,
+                                              "max_bytes": scan_budget(self.config.max_frame)})
+            raws = list(reply["objects"])
+            if reply.get("large") is not None:
+                key = reply["large"]
+                raw = await self._fetch_large(source, q, key)
+                if raw is not None:
+                    raws.append((key, raw))
+                after = key
+            objects = [(key, versions.decode_object(raw)) for key, raw in raws]
             for key, obj in objects:
                 for sibling in obj.siblings:
-                    if sibling.chunks is not None and not self.store.holds(sibling.chunks):
+                    if sibling.chunks is not None and not self.store.has_value_bytes(sibling.chunks):
                         await self._fetch_blob(source, key, sibling.chunks)
             # Merged concurrently, so the whole batch shares a group commit (one fsync).
             async with trio.open_nursery() as nursery:
@@ -564,33 +706,55 @@ class Cluster:
                     nursery.start_soon(self.store.merge, key, obj)
             if objects:
                 after = objects[-1][0]
+            batch_bytes = sum(len(raw) for _, raw in raws)
             progress["keys_done"] += len(objects)
-            progress["bytes_done"] += sum(len(raw) for _, raw in reply["objects"])
-            # Throttle to transfer_rate_mb: sleep off whatever this batch got ahead.
-            batch_bytes = sum(len(raw) for _, raw in reply["objects"])
-            ahead = batch_bytes / rate - (self.clocks.monotonic() - began)
-            if ahead > 0:
-                await trio.sleep(ahead)
+            progress["bytes_done"] += batch_bytes
+            await self._throttle(batch_bytes)
             if reply["done"]:
                 return
 
+    async def _throttle(self, nbytes: int) -> None:
+        """Hold every fetch of this node together to ``transfer_rate_mb``: each batch reserves
+        its share of time after those already reserved (concurrent fetches queue up)."""
+        now = self.clocks.monotonic()
+        self._throttle_at = max(self._throttle_at, now) + nbytes / (self.config.transfer_rate_mb * MIB)
+        if self._throttle_at > now:
+            await trio.sleep(self._throttle_at - now)
+
     async def _fetch_blob(self, source, key, ref) -> None:
         offset = 0
-        async for data in source.read_chunks(key, ref):
+        piece = min(MIB, scan_budget(self.config.max_frame))  # a reply fits our frame limit
+        async for data in source.read_chunks(key, ref, piece):
             await self.store.write_chunk(key, ref.vid, offset, data)
             offset += len(data)
+            self.transfer_progress["bytes_done"] += len(data)
+            await self._throttle(len(data))  # large values count towards the rate too
 
-    def scan_partition(self, q: int, after: bytes, limit: int) -> tuple[list, bool]:
-        """Objects of partition ``q`` after user key ``after`` (for a fetching node)."""
-        start, stop = keys.object_range(q)
+    def scan_partition(self, q: int, after: bytes, limit: int, max_bytes: int) -> dict:
+        """Objects of partition ``q`` after user key ``after`` (for a fetching node): at most
+        ``limit`` objects and ``max_bytes`` bytes. An object larger than that on its own is
+        named as ``large`` (the fetcher reads it with ``scan_piece``)."""
+        slot = self.store.slot(q)
+        start, stop = keys.object_range(slot)
         if after:
-            start = keys.object_key(q, after) + b"\x00"
-        out = []
+            start = keys.object_key(slot, after) + b"\x00"
+        out: list = []
+        size = 0
         for object_key, raw in self.storage.iterate(start, stop):
-            if len(out) == limit:
-                return out, False
-            out.append((keys.user_key_of(object_key)[1], raw))
-        return out, True
+            key = keys.user_key_of(object_key)[1]
+            entry = len(key) + len(raw) + 16  # with msgpack's headers: the reply must fit
+            if len(out) == limit or size + entry > max_bytes:
+                if not out:
+                    return {"objects": [], "large": key, "done": False}
+                return {"objects": out, "done": False}
+            out.append((key, raw))
+            size += entry
+        return {"objects": out, "done": True}
+
+    def scan_piece(self, q: int, key: bytes, offset: int, max_bytes: int) -> dict:
+        """Bytes ``offset..offset+max_bytes`` of one stored object of partition ``q``."""
+        raw = self.storage.get(keys.object_key(self.store.slot(q), key)) or b""
+        return {"piece": raw[offset:offset + max_bytes], "total": len(raw), "done": False}
 
     def transfer_rows(self) -> list[dict]:
         """This node's view of pending moves, with progress for those it is fetching."""
@@ -615,6 +779,7 @@ class Cluster:
             nursery.start_soon(self.persist_loop)
             nursery.start_soon(self.handoff_loop)
             nursery.start_soon(self.transfer_loop)
+            nursery.start_soon(self.reclaim_loop)
 
 
 

@@ -240,7 +240,7 @@ class Handoff:
             with trio.fail_after(self.config.request_timeout):
                 if await replica.has_blob(key, ref):
                     continue  # never re-send bytes it has (its sweep would take them)
-            if not self.objects.holds(ref):
+            if not self.objects.has_value_bytes(ref):
                 log.warning("dropping the hint of %r for %s: its value bytes %s are gone",
                             key[:64], replica.node, ref.vid.hex())
                 return True

@@ -15,6 +15,11 @@ Invariants:
   the stored object of the entry's key names it (then only the entry goes), so a crash at
   any point leaves no orphan and no live blob is ever swept. A chunk past offset 0 of a blob
   that is gone (its upload was discarded) is refused, so a late chunk never recreates it.
+- Rule 6: a partition this node stopped replicating is dropped in O(1): its generation is
+  bumped (kvd/storage/keys.py rule 5), so its objects, tree, index and tombstone index
+  vanish from every read at once; ``reclaim`` deletes the old keys (and blobs) in the
+  background, in bounded steps. The new generation starts empty: stale copies never come
+  back as "data".
 - Rule 4: every write of a key builds on the latest object *written* for it, durable or not:
   the not-yet-durable object waits in ``_pending`` while its batch commits, and reading it,
   deriving the next object and publishing that happen with no checkpoint in between. So two
@@ -42,6 +47,8 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import logging
 import os
 from collections import Counter
@@ -79,6 +86,10 @@ def _ledger_key(vid: bytes) -> bytes:
 
 def _lease_key(actor: str) -> bytes:
     return keys.meta_key("dots:" + actor)
+
+
+_GENERATIONS = keys.meta_key("generations")  # {partition: generation}, only those above 0
+_RECLAIM = keys.meta_key("reclaim:")  # + slot u32: a dropped slot whose keys remain
 
 
 def new_vid() -> bytes:
@@ -126,13 +137,68 @@ class LocalStore:
         self._leases: dict[str, _DotLease] = {}
         self._sealing: Counter[bytes] = Counter()  # vids a write is sealing for its manifest
         self.dot_collisions = 0  # same dot, different payload: should stay 0 (Rule 7)
+        raw = storage.get(_GENERATIONS)
+        self._generations: dict[int, int] = (
+            {} if raw is None else {int(p): g for p, g in json.loads(raw).items()})
 
     def partition(self, key: bytes) -> int:
         return partition_of(key, self.ring_size)
 
+    def slot(self, partition: int) -> int:
+        """Where the live generation of ``partition`` keeps its keys (Rule 6)."""
+        return keys.slot(partition, self._generations.get(partition, 0), self.ring_size)
+
+    def holds(self, partition: int) -> bool:
+        """Whether this node stores any object of ``partition`` (one seek)."""
+        start, stop = keys.object_range(self.slot(partition))
+        return next(iter(self.storage.iterate_keys(start, stop)), None) is not None
+
+    async def drop_partition(self, partition: int) -> None:
+        """Rule 6: forget ``partition`` at once; ``reclaim`` frees its space later."""
+        old = self.slot(partition)
+        self._generations[partition] = self._generations.get(partition, 0) + 1
+        self._trees.pop(partition, None)
+        doc = json.dumps({str(p): g for p, g in sorted(self._generations.items())}).encode()
+        await self.storage.write([(_GENERATIONS, doc), (_RECLAIM + old.to_bytes(4, "big"), b"")])
+
+    def reclaimable(self) -> list[int]:
+        """Dropped slots whose keys are not all deleted yet."""
+        return [int.from_bytes(k[len(_RECLAIM):], "big")
+                for k in self.storage.iterate_keys(_RECLAIM, _RECLAIM + b"\xff")]
+
+    async def reclaim(self, slot: int, limit: int) -> int:
+        """Delete up to ``limit`` keys of dropped ``slot`` (objects first, with the blobs
+        they name: Rule 3's ledger marks them garbage in the same batch). Returns how many
+        were deleted; 0 once the slot is empty (its reclaim mark is then removed)."""
+        objects = keys.object_range(slot)
+        for start, stop in keys.slot_prefixes(slot):
+            batch = list(itertools.islice(self.storage.iterate(start, stop), limit))
+            if not batch:
+                continue
+            garbage = self._blobs_of_dropped(batch) if (start, stop) == objects else set()
+            await self.storage.write([(k, None) for k, _ in batch]
+                                     + [(_ledger_key(vid), _GARBAGE) for vid in garbage])
+            if garbage:
+                await self._delete_blobs(garbage)
+            return len(batch)
+        await self.storage.write([(_RECLAIM + slot.to_bytes(4, "big"), None)])
+        return 0
+
+    def _blobs_of_dropped(self, batch: list[tuple[bytes, bytes]]) -> set[bytes]:
+        """Blobs named by dropped object records and not by the key's live object (a copy
+        fetched again after the drop finds the blob present and names it again)."""
+        garbage: set[bytes] = set()
+        for object_key, raw in batch:
+            current = self.read(keys.user_key_of(object_key)[1])
+            kept = set() if current is None else {
+                s.chunks.vid for s in current.siblings if s.chunks is not None}
+            garbage |= {s.chunks.vid for s in versions.decode_object(raw).siblings
+                        if s.chunks is not None} - kept
+        return garbage
+
     def read(self, key: bytes) -> versions.VersionedObject | None:
         """The stored object of ``key``, or None when this node holds nothing for it."""
-        raw = self.storage.get(keys.object_key(self.partition(key), key))
+        raw = self.storage.get(keys.object_key(self.slot(self.partition(key)), key))
         return None if raw is None else versions.decode_object(raw)
 
     async def coordinate(
@@ -277,7 +343,7 @@ class LocalStore:
         tree = self._trees.get(partition)
         if tree is None:
             segments = [0] * aae.SEGMENTS
-            start, stop = keys.segment_range(partition)
+            start, stop = keys.segment_range(self.slot(partition))
             for k, v in self.storage.iterate(start, stop):
                 segments[int.from_bytes(k[-2:], "big")] = int.from_bytes(v, "big")
             tree = self._trees[partition] = aae.Tree(segments)
@@ -287,7 +353,7 @@ class LocalStore:
         """Update the tree for ``key``'s new digest (None: removed); the ops that store it
         go in the same batch as the object, so tree and objects never disagree on disk."""
         segment = aae.segment_of(key)
-        index = keys.index_key(partition, segment, key)
+        index = keys.index_key(self.slot(partition), segment, key)
         committing = self._pending.get(key)
         if committing is not None:  # a write of this key is still committing
             old = committing.digest
@@ -296,11 +362,11 @@ class LocalStore:
         tree = self.tree(partition)
         tree.update(key, old, digest)
         return [(index, digest),
-                (keys.segment_key(partition, segment), tree.segment(segment).to_bytes(8, "big"))]
+                (keys.segment_key(self.slot(partition), segment), tree.segment(segment).to_bytes(8, "big"))]
 
     def segment_entries(self, partition: int, segment: int) -> dict[bytes, bytes]:
         """{key: digest} of one segment, from the index (a range read)."""
-        start, stop = keys.index_range(partition, segment)
+        start, stop = keys.index_range(self.slot(partition), segment)
         return {k[len(start):]: v for k, v in self.storage.iterate(start, stop)}
 
     async def purge(self, key: bytes, digest: bytes) -> bool:
@@ -314,8 +380,9 @@ class LocalStore:
         raw = versions.encode_object(current)
         if hashlib.blake2b(raw, digest_size=8).digest() != digest:
             return False
-        ops = [(keys.object_key(partition, key), None)] + self._index_ops(partition, key, None)
-        ops.append(keys.tombstone_op(partition, key, None))
+        slot = self.slot(partition)
+        ops = [(keys.object_key(slot, key), None)] + self._index_ops(partition, key, None)
+        ops.append(keys.tombstone_op(slot, key, None))
         await self._commit(key, versions.empty(), None, ops)
         return True
 
@@ -325,9 +392,11 @@ class LocalStore:
         partition = self.partition(key)
         raw = versions.encode_object(obj)
         digest = hashlib.blake2b(raw, digest_size=8).digest()
-        ops = [(keys.object_key(partition, key), raw)] + self._index_ops(partition, key, digest)
+        slot = self.slot(partition)
+        ops = [(keys.object_key(slot, key), raw)] + self._index_ops(partition, key, digest)
         dead = bool(obj.siblings) and not versions.is_found(obj)  # tombstone index (antientropy)
-        ops.append(keys.tombstone_op(partition, key, max(s.timestamp for s in obj.siblings) if dead else None))
+        deleted_at = max(s.timestamp for s in obj.siblings) if dead else None
+        ops.append(keys.tombstone_op(slot, key, deleted_at))
         kept = {s.chunks.vid for s in obj.siblings if s.chunks is not None}
         garbage = {s.chunks.vid for s in discarded if s.chunks is not None} - kept
         ops += [(_ledger_key(vid), None) for vid in kept]
@@ -356,7 +425,7 @@ class LocalStore:
             await self.blobs.delete(vid)
         await self.storage.write([(_ledger_key(vid), None) for vid in vids])
 
-    def holds(self, ref: versions.ChunkRef) -> bool:
+    def has_value_bytes(self, ref: versions.ChunkRef) -> bool:
         """Whether every byte of the chunked value ``ref`` is here (an upload that failed
         part-way leaves a short blob: it must be fetched again, not trusted)."""
         return self.blobs.exists(ref.vid) and self.blobs.size(ref.vid) >= ref.length

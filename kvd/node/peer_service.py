@@ -10,6 +10,7 @@ from kvd import versions
 from kvd.errors import BadRequest, Unavailable
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo
+from kvd.node.cluster import scan_budget
 from kvd.node.local import new_vid
 from kvd.node.remote import decode_payload
 from kvd.proto import codec
@@ -26,10 +27,17 @@ async def replica_get(node, conn, message, _chunks) -> None:
     if fields.get("op") == "scan":
         if not node.cluster.has_its_data:
             raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
-        objects, done = node.cluster.scan_partition(fields["partition"], fields["after"],
-                                                    min(fields["limit"], 1024))
-        await _reply(conn, message, MsgType.REPLICA_GET_REPLY,
-                     {"objects": objects, "done": done})
+        # Replies stay below our frame limit however large the objects (and below the
+        # fetcher's, which it sends; older fetchers send none).
+        budget = min(fields.get("max_bytes") or scan_budget(node.config.max_frame),
+                     scan_budget(node.config.max_frame))
+        if fields.get("within") is not None:
+            reply = node.cluster.scan_piece(fields["partition"], fields["within"],
+                                            fields["offset"], budget)
+        else:
+            reply = node.cluster.scan_partition(fields["partition"], fields["after"],
+                                                min(fields["limit"], 1024), budget)
+        await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
         return
     if str(fields.get("op", "")).startswith("aae-"):
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, node.aae.answer(fields))

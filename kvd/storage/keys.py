@@ -13,15 +13,20 @@ Invariants:
    range iteration and never touch another partition's keys.
 4. The node id in a hint key carries a u16 length prefix, so one node's hints never
    interleave with another node's; within a node, hint keys sort by seq.
+5. Object, segment and index keys are built on a partition's *slot*, not the partition:
+   ``slot(p, generation, q) = generation * q + p``. Dropping a partition (this node stopped
+   replicating it) bumps its generation, so its old keys become invisible at once (O(1):
+   no range delete in LevelDB) and are deleted in the background; generation 0 is the
+   partition itself, the layout from before generations.
 
 Layouts::
 
-    object  b"o" + partition u32 + key
+    object  b"o" + slot u32 + key          (slot: rule 5; "partition" below means slot)
     hint    b"h" + len(node) u16 + node (utf-8) + seq u64
     meta    b"m" + name (utf-8)
     segment b"t" + partition u32 + segment u16              -> segment hash (8 bytes)
     index   b"x" + partition u32 + segment u16 + key         -> object digest (8 bytes)
-    dead    b"d" + partition u32 + key                       -> newest tombstone's wall time
+    dead    b"d" + slot u32 + key                            -> newest tombstone's wall time
                                                                 (f64), written in the same
                                                                 batch as the object
     hintref b"m" "hint-blob:" + len(vid) u16 + vid + hint key -> b"" (a hint needs blob vid)
@@ -60,6 +65,23 @@ def _partition(partition: int) -> bytes:
     if not 0 <= partition < 1 << PARTITION_BITS_MAX:
         raise ValueError(f"partition {partition} is out of range 0..2**{PARTITION_BITS_MAX}-1")
     return _U32.pack(partition)
+
+
+def slot(partition: int, generation: int, q: int) -> int:
+    """Where generation ``generation`` of ``partition`` (of ``q``) keeps its keys (rule 5)."""
+    if not 0 <= partition < q or generation < 0:
+        raise ValueError(f"partition {partition} generation {generation} is out of range")
+    found = generation * q + partition
+    _partition(found)  # raises when it no longer fits the u32
+    return found
+
+
+def slot_prefixes(slot_: int) -> list[tuple[bytes, bytes]]:
+    """Every ``[start, stop)`` range holding keys of ``slot_``: objects, tree segments, index,
+    tombstone index."""
+    ranges = [object_range(slot_), segment_range(slot_), tombstone_range(slot_)]
+    start = _INDEX + _partition(slot_)
+    return ranges + [(start, _successor(start))]
 
 
 def object_key(partition: int, key: bytes) -> bytes:
