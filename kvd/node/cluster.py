@@ -31,7 +31,7 @@ import trio
 from kvd import versions
 from kvd.client import Dial
 from kvd.clocks import REAL, Clocks
-from kvd.errors import BadRequest, KvdError, Unavailable, unwrap_single_error
+from kvd.errors import BadRequest, KvdError, Unauthorized, Unavailable, unwrap_single_error
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.peer import PeerPool
@@ -423,6 +423,8 @@ class Cluster:
                 }, MsgType.ADMIN_REPLY)
         except BadRequest as exc:
             raise BadRequest(f"seed {seed} refused the join: {exc}") from None
+        except Unauthorized:
+            raise  # the secrets differ: exit 4 with the reason, not "did not answer"
         except (KvdError, OSError, trio.TooSlowError) as exc:
             reason = str(exc) or "no answer"
             raise Unavailable(f"seed {seed} did not answer as a member's peer address ({reason});"
