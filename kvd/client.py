@@ -331,7 +331,8 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
 async def _handshake(conn: FrameConnection, address: str, hello: dict,
                      secret: bytes | None) -> dict:
     """HELLO -> HELLO_OK; with a secret, HELLO{nonce} -> HELLO_OK{nonce, proof} ->
-    HELLO{proof} -> HELLO_OK (docs/protocol.md section 2). Returns the final HELLO_OK."""
+    HELLO{proof} -> HELLO_OK (docs/protocol.md section 2), then without TLS authenticated
+    records both ways (kvd.net.sealed). Returns the final HELLO_OK."""
     nonce = None
     if secret is not None:
         nonce = hello["nonce"] = security.new_nonce()
@@ -350,6 +351,8 @@ async def _handshake(conn: FrameConnection, address: str, hello: dict,
     if "node" in hello:
         answer["node"] = hello["node"]
     await conn.send(codec.encode(MsgType.HELLO, 0, answer))
+    to_them, to_us = security.session_keys(secret, nonce, theirs, me, them)
+    security.seal_peer_connection(conn, to_them, to_us)  # the final HELLO_OK is sealed
     return await _hello_reply(conn, address)
 
 

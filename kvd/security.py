@@ -17,6 +17,9 @@ Invariants:
 - Rule 5: without a cluster secret, peers are accepted unauthenticated (loopback-only dev
   clusters, DESIGN section 7); without client tokens, clients are accepted only from
   loopback addresses.
+- Rule 6: the handshake protects every frame after it too. Once the connecting node has sent
+  its proof, a plain-TCP peer connection carries authenticated records (kvd.net.sealed)
+  under keys derived like the proofs (``session_keys``), both ways; over TLS, TLS does it.
 
 The peer exchange (docs/protocol.md, section 2)::
 
@@ -24,6 +27,7 @@ The peer exchange (docs/protocol.md, section 2)::
     node  -> peer  HELLO_OK {node: B, nonce: Nb, proof: HMAC(K, "server" | Na | Nb | A | B)}
     peer  -> node  HELLO    {role: "peer", node: A, proof: HMAC(K, "client" | Na | Nb | A | B)}
     node  -> peer  HELLO_OK {node: B, max_frame, ...}    or ERROR unauthorized, closed
+    (from the second HELLO's end on, without TLS: authenticated records both ways, rule 6)
 """
 
 from __future__ import annotations
@@ -65,7 +69,9 @@ __all__ = [
     "load_tokens",
     "new_nonce",
     "required_role",
+    "seal_peer_connection",
     "server_proof",
+    "session_keys",
     "verify_proof",
 ]
 
@@ -267,6 +273,20 @@ def client_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes,
     return _proof(b"client", secret, client_nonce, server_nonce, client_node, server_node)
 
 
+def session_keys(secret: bytes, client_nonce: bytes, server_nonce: bytes,
+                 client_node: str, server_node: str) -> tuple[bytes, bytes]:
+    """(connecting -> accepting, accepting -> connecting) record keys of one connection
+    (rule 6): fresh per connection because both nonces are, one per direction."""
+    parts = (secret, client_nonce, server_nonce, client_node, server_node)
+    return _proof(b"records client", *parts), _proof(b"records server", *parts)
+
+
+def seal_peer_connection(conn: FrameConnection, send_key: bytes, receive_key: bytes) -> None:
+    """Authenticate every later byte of ``conn`` (rule 6), unless TLS already does."""
+    if not isinstance(conn.stream, trio.SSLStream):
+        conn.seal(send_key, receive_key)
+
+
 def verify_proof(expected: bytes, got: object) -> bool:
     return isinstance(got, bytes) and hmac.compare_digest(expected, got)
 
@@ -422,6 +442,8 @@ class Security:
         if not verify_proof(expected, answer.fields.get("proof")):
             raise Unauthorized("peer authentication failed: wrong cluster secret, or a "
                                "replayed handshake")
+        to_us, to_them = session_keys(self.secret, theirs, mine, who, me)
+        seal_peer_connection(conn, to_them, to_us)  # the final HELLO_OK is the first record
         return Grant(f"peer {who}", PEER), answer
 
 

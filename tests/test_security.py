@@ -19,6 +19,7 @@ import trio
 
 from kvd import security
 from kvd.client import open_client
+from kvd.net.sealed import Opener
 from kvd.errors import ConfigError, Unauthorized
 from kvd.proto import codec
 from kvd.proto.codec import NEED_DATA, FrameDecoder
@@ -205,9 +206,28 @@ def peer_hello(node: str, **fields) -> bytes:
                                            **fields})
 
 
+class SealedDecoder:
+    """A FrameDecoder behind the authenticated records that follow a peer handshake."""
+
+    def __init__(self, key: bytes):
+        self.opener = Opener(key)
+        self.frames = FrameDecoder(16 * 1024 * 1024)
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            self.frames.receive_data(b"")
+        self.opener.receive_data(data)
+        while (payload := self.opener.next_payload()) is not None:
+            self.frames.receive_data(payload)
+
+    def next_message(self):
+        return self.frames.next_message()
+
+
 def authenticate_by_hand(port: int, secret: str, node: str = "mallory", verify: bool = True):
     """The peer exchange of docs/protocol.md done with a socket; returns (socket, decoder,
-    the bytes this side sent). ``verify``: check the node's proof first, as a peer must."""
+    the bytes this side sent). ``verify``: check the node's proof first, as a peer must;
+    then the decoder reads the node's authenticated records (the final HELLO_OK on)."""
     sock = raw_connect(port)
     decoder = FrameDecoder(16 * 1024 * 1024)
     nonce = os.urandom(32)
@@ -221,6 +241,9 @@ def authenticate_by_hand(port: int, secret: str, node: str = "mallory", verify: 
                                                          them)
     second = peer_hello(node, proof=client_proof(secret.encode(), nonce, theirs, node, them))
     sock.sendall(second)
+    if verify:
+        _, from_node = security.session_keys(secret.encode(), nonce, theirs, node, them)
+        decoder = SealedDecoder(from_node)
     return sock, decoder, first + second
 
 

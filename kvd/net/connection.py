@@ -10,6 +10,7 @@ from __future__ import annotations
 import trio
 
 from kvd.errors import ConnectFailed
+from kvd.net.sealed import SealedStream
 from kvd.proto.codec import NEED_DATA, FrameDecoder, Message
 from kvd.proto.messages import PRE_AUTH_MAX_FRAME
 
@@ -35,6 +36,11 @@ class FrameConnection:
     @max_frame.setter
     def max_frame(self, value: int) -> None:
         self.decoder.max_frame = value
+
+    def seal(self, send_key: bytes, receive_key: bytes) -> None:
+        """From now on every byte travels in authenticated records (kvd.net.sealed). Call it
+        between frames, with no send in progress: the peer handshake does."""
+        self.stream = SealedStream(self.stream, send_key, receive_key, self.decoder.detach())
 
     async def receive(self) -> Message | None:
         """The next message, or None when the peer closed cleanly between frames.

@@ -17,7 +17,7 @@ import logging
 import trio
 
 from kvd.client import Client, Dial, open_client
-from kvd.errors import ConnectFailed, KvdError, Unauthorized
+from kvd.errors import ConnectFailed, KvdError, ProtocolError, Unauthorized
 from kvd.proto.messages import MsgType
 from kvd.security import Security
 
@@ -76,6 +76,8 @@ class PeerPool:
                 self._connecting.pop(address, None)
                 ready.set()
                 await client.closed.wait()
+                if isinstance(client._failure, ProtocolError):  # e.g. a record that failed
+                    log.warning("closed the connection to peer %s: %s", address, client._failure)
         except Unauthorized as exc:
             # Once per address: a peer with another secret would otherwise log every round.
             if address not in self._refused and len(self._refused) < 1024:

@@ -344,6 +344,16 @@ class FrameDecoder:
         """Bytes received and not yet returned as frames."""
         return len(self._buf) - self._pos
 
+    def detach(self) -> bytes:
+        """Remove and return the bytes received but not yet parsed, between frames: the
+        connection is switching to another layer below (kvd.net.sealed) that owns them."""
+        if self._header is not None:
+            raise RuntimeError("detach in the middle of a frame")
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = 0
+        return rest
+
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the connection; ``b""`` means the peer closed it."""
         if self._eof:
