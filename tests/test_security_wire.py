@@ -19,7 +19,7 @@ import trio
 
 from kvd import security
 from kvd.client import open_client
-from kvd.errors import ConfigError, Unauthorized
+from kvd.errors import ConnectFailed, Unauthorized
 from kvd.net.sealed import MAX_RECORD, IntegrityError, Opener, Sealer
 from kvd.proto import codec
 from kvd.proto.messages import MsgType
@@ -212,3 +212,61 @@ async def test_a_frame_injected_into_an_authenticated_peer_link_is_refused(tmp_p
         await pool.call(proxy.address, MsgType.PING, {}, MsgType.PONG)  # a new link works
         nursery.cancel_scope.cancel()
     assert n1.proc.poll() is None
+
+
+# ----------------------------------------------------------------------------- TLS + tokens
+
+
+@pytest.mark.slow
+async def test_tokens_and_client_certificates_over_tls(tmp_path, procs):
+    """Tokens keep their roles inside TLS; the peer port asks for a certificate from the
+    cluster's CA and still wants the secret; the client port wants a token, not a cert."""
+    from tests.procs import kvctl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    secret = private_file(tmp_path / "secret", SECRET)
+    tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS))
+    files = tls_files(tmp_path, ca, "n1")
+    n1 = start(tmp_path, procs, "n1", {**files, "cluster_secret_file": str(secret),
+                                       "client_tokens_file": str(tokens),
+                                       "handshake_timeout": 2.0})
+    tls = security.client_context(files["tls_ca_file"])
+    (write, _), (read, _) = TOKENS["app"], TOKENS["viewer"]
+
+    async with open_client(n1.address, ssl_context=tls, token=write) as client:
+        await client.put(b"k", b"v")
+    async with open_client(n1.address, ssl_context=tls, token=read) as client:
+        assert (await client.get(b"k")).siblings[0].value == b"v"
+        with pytest.raises(Unauthorized, match="viewer has role read; PUT needs write"):
+            await client.put(b"k", b"w")
+    for token, reason in ((None, "requires a client token"), ("x" * 24, "not valid")):
+        with pytest.raises(Unauthorized, match=reason):
+            async with open_client(n1.address, ssl_context=tls, token=token) as client:
+                await client.ping()
+    token_file = private_file(tmp_path / "app.token", write)
+    out = kvctl("--tls-ca", files["tls_ca_file"], "--token-file", str(token_file), "get", "k",
+                host=n1.address)
+    assert out.returncode == 0 and b"v" in out.stdout, out
+    out = kvctl("--tls-ca", files["tls_ca_file"], "get", "k", host=n1.address)
+    assert out.returncode == 4 and len(out.stderr.decode().strip().splitlines()) == 1, out
+
+    peer = {"role": "peer", "node": "n9"}
+    signed = tls_files(tmp_path / "n9", ca, "n9")
+    with_cert = security.client_context(files["tls_ca_file"], signed["tls_cert_file"],
+                                        signed["tls_key_file"])
+    async with open_client(n1.peer_address, ssl_context=with_cert, secret=SECRET.encode(),
+                           hello_fields=peer) as client:
+        await client.call(MsgType.PING, {}, MsgType.PONG)  # CA cert + secret: a peer
+    # A certificate from the cluster's CA is not enough without the secret...
+    with pytest.raises(Unauthorized, match="did not prove the cluster secret"):
+        async with open_client(n1.peer_address, ssl_context=with_cert, hello_fields=peer,
+                               secret=b"not-the-cluster-secret-0000") as client:
+            await client.call(MsgType.PING, {}, MsgType.PONG)
+    # ... and the secret is not enough without a certificate: refused in the TLS handshake.
+    with pytest.raises(ConnectFailed, match="connection lost: TLS: ") as info:
+        async with open_client(n1.peer_address, ssl_context=tls, secret=SECRET.encode(),
+                               hello_fields=peer, connect_timeout=3) as client:
+            await client.call(MsgType.PING, {}, MsgType.PONG)
+    print("\nmissing peer certificate:", info.value)
+    assert "Traceback" not in n1.log_text() and n1.proc.poll() is None

@@ -54,7 +54,7 @@ class FrameConnection:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ConnectFailed(f"connection lost: {exc}") from None
+                raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
             self.decoder.receive_data(data)
 
     async def send(self, data: bytes) -> None:
@@ -82,7 +82,7 @@ class FrameConnection:
             except BaseException as exc:
                 self.broken = True
                 if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
-                    raise ConnectFailed(f"connection lost: {exc}") from None
+                    raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
                 raise
         if self.broken:
             raise ConnectFailed("connection is broken")
@@ -95,3 +95,13 @@ class FrameConnection:
                 await self.stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a stream broke; trio's TLS errors keep the reason (e.g. the server's alert
+    ``TLSV13_ALERT_CERTIFICATE_REQUIRED``) in their cause."""
+    cause = exc.__cause__
+    if not str(exc) and cause is not None:
+        reason = getattr(cause, "reason", None)
+        return f"TLS: {reason}" if reason else str(cause) or type(cause).__name__
+    return str(exc) or type(exc).__name__
