@@ -168,6 +168,9 @@ class TokenTable:
     def __repr__(self) -> str:
         return f"TokenTable({len(self)} tokens)"
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TokenTable) and other._by_digest == self._by_digest
+
     def lookup(self, token: object) -> Grant | None:
         if not isinstance(token, str) or not token:
             return None

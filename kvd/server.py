@@ -121,6 +121,7 @@ class Node:
     in_flight: int = 0
     draining: bool = False
     idle: trio.Event = field(default_factory=trio.Event)
+    security: Security | None = None  # what serve() enforces; SIGHUP re-reads its tokens
 
     @property
     def node_id(self) -> str:
@@ -215,6 +216,7 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             node.idle.set()
             metrics.attach(node)
             security = Security.from_config(config)  # secret, tokens, TLS: checked here
+            node.security = security
             cluster.peers.security = security
             listeners = []
             for key, role in (("peer_listen", "peer"), ("listen", "client")):

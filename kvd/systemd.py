@@ -14,6 +14,10 @@ abstract name written ``@name``). Rules this module keeps:
 5. SIGHUP re-reads the configuration the daemon was started with (file, ``KVD_*``
    environment, flags) and applies the keys in ``RELOADABLE``; every other key that changed is
    named in one warning line saying it needs a restart. A bad file changes nothing.
+6. A reload never weakens authentication: the secret, tokens and key files are checked as at
+   start (kvd.security rule 2) and any problem refuses the whole reload; the secret, TLS and
+   which files are used change only with a restart. The one thing a reload takes from them is
+   the contents of the same tokens file, so a leaked token can be revoked without a restart.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import trio
 
 from kvd.config import Config, load_config
 from kvd.errors import ConfigError
+from kvd.security import Security
 
 __all__ = [
     "Notifier",
@@ -211,10 +216,12 @@ def reload(node: Any, notify: Notifier | None = None) -> tuple[dict[str, Any], l
     try:
         try:
             new = reload_config()
+            fresh = Security.from_config(new)  # rule 6: the same checks as at start
         except ConfigError as exc:
             log.error("reload failed, nothing changed: %s", exc)
             return {}, []
         applied, refused = apply_reload(node, new)
+        _reload_tokens(node, fresh, refused)
         if applied:
             log.info("reloaded: %s", ", ".join(f"{k} = {v!r}" for k, v in applied.items()))
         else:
@@ -224,6 +231,17 @@ def reload(node: Any, notify: Notifier | None = None) -> tuple[dict[str, Any], l
         return applied, refused
     finally:
         notify.notify("READY=1", "STATUS=serving")
+
+
+def _reload_tokens(node: Any, fresh: Security, refused: list[str]) -> None:
+    """Take the re-read contents of the same tokens file (rule 6)."""
+    running = getattr(node, "security", None)
+    if running is None or running.tokens is None or "client_tokens_file" in refused:
+        return
+    if fresh.tokens != running.tokens:
+        running.tokens = fresh.tokens
+        count = len(fresh.tokens)
+        log.info("client tokens re-read: %d token%s", count, "" if count == 1 else "s")
 
 
 async def reload_on_sighup(node: Any, notify: Notifier | None = None) -> None:

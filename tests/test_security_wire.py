@@ -270,3 +270,71 @@ async def test_tokens_and_client_certificates_over_tls(tmp_path, procs):
             await client.call(MsgType.PING, {}, MsgType.PONG)
     print("\nmissing peer certificate:", info.value)
     assert "Traceback" not in n1.log_text() and n1.proc.poll() is None
+
+
+# ----------------------------------------------------------------------------- SIGHUP
+
+
+def hup_and_wait(node, marker: str) -> str:
+    """SIGHUP, then the log lines the reload wrote once one contains ``marker``."""
+    before = len(node.log_text())
+    node.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while marker not in node.log_text()[before:]:
+        assert time.monotonic() < deadline, node.log_text()[before:]
+        time.sleep(0.05)
+    time.sleep(0.1)  # the rest of this reload's lines
+    return node.log_text()[before:]
+
+
+@pytest.mark.slow
+async def test_sighup_cannot_widen_file_permissions_or_weaken_auth(tmp_path, procs):
+    secret = private_file(tmp_path / "secret", SECRET)
+    tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS))
+    node = start(tmp_path, procs, "n1", {"cluster_secret_file": str(secret),
+                                         "client_tokens_file": str(tokens)})
+    (write, _), (admin, _) = TOKENS["app"], TOKENS["ops"]
+
+    async def refused_without_token() -> None:
+        with pytest.raises(Unauthorized, match="requires a client token"):
+            async with open_client(node.address) as client:
+                await client.ping()
+
+    # 1. A secret-bearing file the operator (or a package upgrade) made group-readable is
+    #    refused on reload as it is at start: one line naming the file and the fix.
+    for path, key in ((tokens, "client_tokens_file"), (secret, "cluster_secret_file")):
+        path.chmod(0o640)
+        log = hup_and_wait(node, "reload")
+        assert (f"ERROR kvd.systemd: reload failed, nothing changed: {key} {path} is "
+                f"accessible by group or others (mode 0640): run chmod 600 {path}") in log, log
+        path.chmod(0o600)
+        await refused_without_token()
+        async with open_client(node.address, token=write) as client:
+            await client.put(b"k", b"v")
+
+    # 2. A config that drops the tokens and the secret does not drop them from a running
+    #    node: named as needing a restart, and both stay enforced.
+    del node.extra["cluster_secret_file"], node.extra["client_tokens_file"]
+    node.write_config()
+    log = hup_and_wait(node, "reload")
+    assert ("reload: not applied, restart kvd to change: client_tokens_file, "
+            "cluster_secret_file") in log, log
+    await refused_without_token()
+    with pytest.raises(Unauthorized, match="requires peer authentication"):
+        async with open_client(node.peer_address, hello_fields={"role": "peer", "node": "x"}):
+            pass
+
+    # 3. The same tokens file re-read: a revoked token stops working without a restart.
+    node.extra.update(cluster_secret_file=str(secret), client_tokens_file=str(tokens))
+    node.write_config()
+    private_file(tokens, tokens_toml({"ops": TOKENS["ops"]}))
+    log = hup_and_wait(node, "reload")
+    assert "client tokens re-read: 1 token" in log, log
+    with pytest.raises(Unauthorized, match="not valid"):
+        async with open_client(node.address, token=write) as client:
+            await client.ping()
+    async with open_client(node.address, token=admin) as client:
+        await client.ping()
+    text = node.log_text()
+    assert "Traceback" not in text and SECRET not in text and write not in text
+    assert node.proc.poll() is None
