@@ -62,14 +62,12 @@ class Sealer(_Keyed):
     """Turns bytes to send into records under one direction's key."""
 
     def seal(self, data: bytes) -> bytes:
-        out = bytearray()
+        parts = []
         with memoryview(data) as view:
             for start in range(0, len(view), MAX_RECORD):
                 payload = view[start : start + MAX_RECORD]
-                out += _LENGTH.pack(len(payload))
-                out += payload
-                out += self._tag(payload)
-        return bytes(out)
+                parts += (_LENGTH.pack(len(payload)), payload, self._tag(payload))
+            return b"".join(parts)
 
 
 class Opener(_Keyed):
@@ -78,37 +76,43 @@ class Opener(_Keyed):
     def __init__(self, key: bytes):
         super().__init__(key)
         self._buf = bytearray()
+        self._pos = 0  # bytes at the front of _buf already returned
         self._error: IntegrityError | None = None
 
     def receive_data(self, data: bytes) -> None:
+        if self._pos and self._pos * 2 >= len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
         self._buf += data
 
     def next_payload(self) -> bytes | None:
         """The next verified payload, or None until a whole record has arrived."""
         if self._error is not None:
             raise self._error
-        if len(self._buf) < _LENGTH.size:
+        if self.pending < _LENGTH.size:
             return None
-        (length,) = _LENGTH.unpack_from(self._buf)
+        (length,) = _LENGTH.unpack_from(self._buf, self._pos)
         if length > MAX_RECORD:
             self._fail(f"record {self.sequence} declares {length} bytes, over {MAX_RECORD} "
                        "(injected or altered in transit)")
-        end = _LENGTH.size + length + TAG_SIZE
+        start = self._pos + _LENGTH.size
+        end = start + length + TAG_SIZE
         if len(self._buf) < end:
             return None
-        payload = bytes(self._buf[_LENGTH.size : _LENGTH.size + length])
-        tag = bytes(self._buf[end - TAG_SIZE : end])
+        with memoryview(self._buf) as view:
+            payload = view[start : start + length].tobytes()
+            tag = view[end - TAG_SIZE : end].tobytes()
         sequence = self.sequence
         if not hmac.compare_digest(self._tag(payload), tag):
             self._fail(f"record {sequence} failed its integrity check (injected or altered "
                        "in transit, or not sent by the authenticated peer)")
-        del self._buf[:end]
+        self._pos = end
         return payload
 
     @property
     def pending(self) -> int:
         """Bytes received that do not yet form a whole record."""
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def _fail(self, reason: str) -> None:
         self._error = IntegrityError(f"peer connection integrity: {reason}; closing")
