@@ -307,7 +307,11 @@ def _server_context(cert: str, key: str, ca: str | None,
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_chain(context, cert, key)
     if require_client_cert and ca:
-        context.load_verify_locations(cafile=ca)
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or "not a PEM CA bundle"
+            raise ConfigError(f"tls_ca_file {ca}: cannot load: {reason}") from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 

@@ -217,7 +217,7 @@ def reload(node: Any, notify: Notifier | None = None) -> tuple[dict[str, Any], l
         try:
             new = reload_config()
             fresh = Security.from_config(new)  # rule 6: the same checks as at start
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:  # OSError: whatever a file read let through
             log.error("reload failed, nothing changed: %s", exc)
             return {}, []
         applied, refused = apply_reload(node, new)

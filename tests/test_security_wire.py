@@ -23,7 +23,7 @@ from kvd.errors import ConnectFailed, Unauthorized
 from kvd.net.sealed import MAX_RECORD, IntegrityError, Opener, Sealer
 from kvd.proto import codec
 from kvd.proto.messages import MsgType
-from kvd.security import Security
+from kvd.security import Security, load_tokens
 from tests.procs import free_port
 from tests.test_security import (  # noqa: F401 - procs is a fixture
     SECRET,
@@ -338,3 +338,37 @@ async def test_sighup_cannot_widen_file_permissions_or_weaken_auth(tmp_path, pro
     text = node.log_text()
     assert "Traceback" not in text and SECRET not in text and write not in text
     assert node.proc.poll() is None
+
+
+def test_a_reload_with_a_broken_tls_file_changes_nothing(tmp_path, caplog):
+    """Re-reading TLS material on SIGHUP must not let an ssl error out of the reload task
+    (it would take the daemon down): one line, nothing changed."""
+    from types import SimpleNamespace
+
+    from kvd import systemd
+    from kvd.config import Config
+
+    trustme = pytest.importorskip("trustme")
+    files = tls_files(tmp_path, trustme.CA(), "n1")
+    tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS))
+    config = tmp_path / "kvd.toml"
+    config.write_text("".join(f'{k} = "{v}"\n' for k, v in {
+        **files, "data_dir": str(tmp_path / "data"),
+        "client_tokens_file": str(tokens)}.items()))
+    running = Security.from_config(Config(**files, client_tokens_file=str(tokens),
+                                          data_dir=":memory:"))
+    node = SimpleNamespace(config=Config(**files, client_tokens_file=str(tokens),
+                                         data_dir=str(tmp_path / "data")),
+                           coordinator=SimpleNamespace(read_repair=True), security=running)
+    systemd.set_reload_source(str(config), {})
+    try:
+        (tmp_path / "ca.pem").write_text("not a certificate\n")
+        with caplog.at_level(logging.INFO, logger="kvd.systemd"):
+            assert systemd.reload(node, systemd.Notifier({})) == ({}, [])
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"reload failed, nothing changed: tls_ca_file {tmp_path / 'ca.pem'}: cannot load"), lines
+        assert node.security is running and running.tokens == load_tokens(str(tokens))
+    finally:
+        systemd.set_reload_source(None, {})
+        systemd._reload_source = None

@@ -98,8 +98,8 @@ class FrameConnection:
 
 
 def _reason(exc: BaseException) -> str:
-    """Why a stream broke; trio's TLS errors keep the reason (e.g. the server's alert
-    ``TLSV13_ALERT_CERTIFICATE_REQUIRED``) in their cause."""
+    """Why a stream broke; trio's TLS errors keep the reason in their cause (e.g.
+    ``UNEXPECTED_EOF_WHILE_READING`` when the node refused our certificate)."""
     cause = exc.__cause__
     if not str(exc) and cause is not None:
         reason = getattr(cause, "reason", None)
