@@ -7,7 +7,6 @@ MockClock, so the times asserted are simulated seconds and a run is repeatable.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import pytest
@@ -16,7 +15,6 @@ import trio
 sys.path.insert(0, os.path.dirname(__file__))
 from sim.harness import SimCluster, seeded  # noqa: E402
 
-from kvd import versions  # noqa: E402
 from kvd.errors import QuorumFailed  # noqa: E402
 from kvd.ring import partition_of, preference_list  # noqa: E402
 
@@ -28,20 +26,9 @@ def _seeded():
 
 
 async def _cluster(nursery, names=("n1", "n2", "n3"), **config) -> SimCluster:
-    """A committed cluster of ``names`` (the first is the seed), every node up everywhere."""
+    """A committed cluster of ``names``, every node up everywhere, with some gossip history."""
     sim = SimCluster(nursery, seed=1, **config)
-    first = await sim.start(names[0], seeds=[])
-    for name in names[1:]:
-        await sim.start(name, seeds=[first.peer_address])
-    src = sim.client_address()
-    for name in names[1:]:
-        async with sim.open_client(name, src) as c:
-            await c.admin({"op": "join", "seed": first.peer_address})
-    async with sim.open_client(names[0], src) as c:
-        await c.admin({"op": "commit"})
-        while (await c.admin({"op": "ring"}))["pending"]:
-            await trio.sleep(1)
-    await trio.sleep(10)  # gossip: every node judges every other up, with some history
+    await sim.form(names, settle=10.0)
     for sn in sim.nodes.values():
         assert all(sn.node.cluster.is_up(other) for other in sim.nodes), sn.name
     return sim
@@ -59,11 +46,6 @@ def _key_with(sim: SimCluster, first: str, not_first: str | None = None, prefix=
         if _primaries(sim, key)[0] == first:
             return key
     raise AssertionError("no such key")
-
-
-def _isolate(sim: SimCluster, name: str) -> None:
-    others = [sn.peer_address for sn in sim.nodes.values() if sn.name != name]
-    sim.net.partition(sim.nodes[name].peer_address, others)
 
 
 def _stall(sim: SimCluster, name: str, seconds: float) -> None:
@@ -109,7 +91,7 @@ async def test_write_through_an_isolated_node_fails_fast_naming_every_replica(au
         key = _key_with(sim, "n2")  # minted elsewhere: n1 has to ask n2, then n3
         src = sim.client_address()
         async with sim.open_client("n1", src) as c:
-            _isolate(sim, "n1")
+            sim.isolate("n1")
             began = trio.current_time()
             with pytest.raises(QuorumFailed) as failure:
                 await c.put(key, b"v")
@@ -177,7 +159,7 @@ async def test_detection_time_stays_bounded_after_earlier_pauses(autojump_clock)
         times = []
         for _ in range(5):
             await trio.sleep(40)
-            _isolate(sim, "n3")
+            sim.isolate("n3")
             began = trio.current_time()
             while any(w.is_up("n3") for w in watchers):
                 await trio.sleep(0.1)

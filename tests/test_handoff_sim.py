@@ -24,19 +24,7 @@ def _seeded():
 async def cluster(nursery, names=("n1", "n2", "n3"), **config) -> SimCluster:
     """A committed cluster of ``names`` (the first is the seed), every move done."""
     sim = SimCluster(nursery, seed=1, **config)
-    first = await sim.start(names[0], seeds=[])
-    for name in names[1:]:
-        await sim.start(name, seeds=[first.peer_address])
-    src = sim.client_address()
-    for name in names[1:]:
-        async with sim.open_client(name, src) as c:
-            await c.admin({"op": "join", "seed": first.peer_address})
-    if len(names) > 1:
-        async with sim.open_client(names[0], src) as c:
-            await c.admin({"op": "commit"})
-            while (await c.admin({"op": "ring"}))["pending"]:
-                await trio.sleep(1)
-    await trio.sleep(5)  # every node sees every other up
+    await sim.form(names)
     return sim
 
 

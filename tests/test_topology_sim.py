@@ -19,27 +19,14 @@ from sim.harness import SimCluster, seeded  # noqa: E402
 from kvd.errors import KvdError  # noqa: E402
 
 
-async def _admin(sim, name, fields):
-    async with sim.open_client(name, sim.client_address()) as c:
-        return await c.admin(fields)
-
-
 async def _join(sim, names, seed_node="n1"):
     for name in names:
-        await _admin(sim, name, {"op": "join", "seed": sim.nodes[seed_node].peer_address})
+        await sim.admin(name, {"op": "join", "seed": sim.nodes[seed_node].peer_address})
 
 
 async def _settle(sim, name="n1", limit=600):
-    """Wait until the transition is over (no move pending, no node fetching); returns the
-    simulated seconds it took."""
-    began = trio.current_time()
-    with trio.fail_after(limit):
-        while True:
-            ring = await _admin(sim, name, {"op": "ring"})
-            if not ring["pending"] and not ring["fetching"]:
-                break
-            await trio.sleep(1)
-    return trio.current_time() - began
+    """Wait until the transition is over; returns the simulated seconds it took."""
+    return await sim.wait_settled(name, limit)
 
 
 def _in_transition(sim, name="n1"):
@@ -77,7 +64,7 @@ async def test_reads_succeed_while_a_single_node_cluster_grows(sim, autojump_clo
         for k in keys:
             await c.put(k, b"v" * 8000)
     await _join(sim, ["n2", "n3"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _wait_all_see_commit(sim, ["n1", "n2", "n3"])
     failures, done = [], 0
     async with sim.open_client("n2", sim.client_address()) as c:
@@ -102,9 +89,8 @@ async def test_transfers_respect_the_rate_throttle(sim, autojump_clock):
         for i in range(1500):
             await c.put(f"key-{i}".encode(), b"v" * 8000)
     await _join(sim, ["n2"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     took = await _settle(sim, limit=3600)
-    moved = sim.nodes["n2"].node.cluster.transfer_progress  # reset once done
     # 12 MB held by n1; n2 replicates every partition (N=3 > 2 nodes): 12 MB must move.
     assert took >= 12e6 / (0.05 * 1e6) * 0.8, f"12 MB moved in {took:.1f} s at 0.05 MB/s"
     assert not sim.crashes
@@ -140,14 +126,14 @@ async def test_a_read_replica_holds_the_data_while_partitions_move(sim, autojump
     for name in ("n2", "n3"):
         await sim.start(name, seeds=[n1.peer_address])
     await _join(sim, ["n2", "n3"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim)
     keys = [f"key-{i}".encode() for i in range(600)]
     await _fill(sim, "n1", keys)
     for name in ("n4", "n5"):
         await sim.start(name, seeds=[n1.peer_address])
     await _join(sim, ["n4", "n5"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _wait_all_see_commit(sim, ["n1"])
     seen = []
     while _in_transition(sim):
@@ -168,21 +154,21 @@ async def test_partitions_added_to_a_running_plan_are_fetched(sim, autojump_cloc
     for name in ("n2", "n3", "n4"):
         await sim.start(name, seeds=[n1.peer_address])
     await _join(sim, ["n2", "n3", "n4"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim)
     keys = [f"key-{i}".encode() for i in range(600)]
     await _fill(sim, "n1", keys, size=5000)
     await sim.start("n5", seeds=[n1.peer_address])
     await _join(sim, ["n5"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     with trio.fail_after(30):
         while sim.nodes["n5"].node.cluster.transfer_progress["state"] != "running":
             await trio.sleep(0.1)
     sim.crash("n4")
     await trio.sleep(15)  # judged down
     assert _in_transition(sim), "the rebalance finished before the force-remove"
-    await _admin(sim, "n1", {"op": "force-remove", "node": "n4"})
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "force-remove", "node": "n4"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim, limit=3600)
     missing = _holders_missing(sim, keys, [], lambda cluster: cluster.state.ring)
     assert not missing, f"{len(missing)} keys missing on their replicas, e.g. {missing[:3]}"
@@ -199,7 +185,7 @@ async def test_a_key_only_the_departing_replica_holds_moves(sim, autojump_clock)
     for name in ("n2", "n3", "n4"):
         await sim.start(name, seeds=[n1.peer_address])
     await _join(sim, ["n2", "n3", "n4"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim)
     n4 = sim.nodes["n4"].node
     mine = [k for k in (f"only-{i}".encode() for i in range(400))
@@ -207,8 +193,8 @@ async def test_a_key_only_the_departing_replica_holds_moves(sim, autojump_clock)
     for key in mine:
         obj, _ = versions.update(versions.empty(), {}, "n4-actor", value=b"acknowledged", key=key)
         await n4.store.merge(key, obj)
-    await _admin(sim, "n1", {"op": "leave", "node": "n4"})
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "leave", "node": "n4"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim)
     lost = [k for k in mine
             if not any(sim.nodes[x].node.store.read(k) for x in ("n1", "n2", "n3"))]
@@ -231,7 +217,7 @@ async def test_a_partition_of_large_objects_moves(sim, autojump_clock):
         siblings, _ = versions.update(siblings, {}, f"writer-{i}", value=bytes([i]) * 60_000, key=wide)
     await sim.nodes["n1"].node.store.merge(wide, siblings)
     await _join(sim, ["n2"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim, limit=300)
     n2 = sim.nodes["n2"].node.store
     assert all(n2.read(k) is not None for k in big[:-1])
@@ -248,7 +234,7 @@ async def test_a_wiped_node_restores_large_objects(sim, autojump_clock):
     n1 = await sim.start("n1", seeds=[])
     await sim.start("n2", seeds=[n1.peer_address])
     await _join(sim, ["n2"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim)
     big = [k for k in (f"big-{i}".encode() for i in range(3000)) if partition_of(k, 32) == 7][:30]
     await _fill(sim, "n1", big, size=60_000)
@@ -279,9 +265,9 @@ async def test_join_with_a_wrong_seed_fails_with_a_clear_error(sim, autojump_clo
         began = trio.current_time()
         with trio.fail_after(120):
             with pytest.raises(KvdError, match=f"seed {seed}"):
-                await _admin(sim, "n2", {"op": "join", "seed": seed})
+                await sim.admin("n2", {"op": "join", "seed": seed})
         assert trio.current_time() - began <= 30
-    await _admin(sim, "n2", {"op": "join", "seed": n1.peer_address})  # the right one works
+    await sim.admin("n2", {"op": "join", "seed": n1.peer_address})  # the right one works
     assert not sim.crashes
 
 
@@ -290,7 +276,7 @@ async def _three(sim, keys=()):
     for name in ("n2", "n3"):
         await sim.start(name, seeds=[n1.peer_address])
     await _join(sim, ["n2", "n3"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim)
     await _fill(sim, "n1", keys)
     return n1
@@ -300,13 +286,13 @@ async def test_replace_with_a_node_that_never_contacted_the_cluster_is_refused(s
     """Bug 13: `cluster replace n3 TYPO` must not stage a phantom that wedges the cluster."""
     await _three(sim)
     with pytest.raises(KvdError, match="TYPO has not contacted"):
-        await _admin(sim, "n1", {"op": "replace", "node": "n3", "target": "TYPO"})
+        await sim.admin("n1", {"op": "replace", "node": "n3", "target": "TYPO"})
     # The real way still works: the new node joins, then replaces.
     await sim.start("n4", seeds=[sim.nodes["n1"].peer_address])
     await _join(sim, ["n4"])
-    await _admin(sim, "n1", {"op": "replace", "node": "n3", "target": "n4"})
+    await sim.admin("n1", {"op": "replace", "node": "n3", "target": "n4"})
     with trio.fail_after(30):  # gossip carries it to every node
-        while (await _admin(sim, "n2", {"op": "ring"}))["staged"] != ["replace n3 with n4"]:
+        while (await sim.admin("n2", {"op": "ring"}))["staged"] != ["replace n3 with n4"]:
             await trio.sleep(1)
     assert not sim.crashes
 
@@ -319,23 +305,23 @@ async def test_a_transition_that_cannot_finish_can_be_aborted(sim, autojump_cloc
     n1 = await _three(sim, keys)
     await sim.start("n4", seeds=[n1.peer_address])
     await _join(sim, ["n4"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await trio.sleep(3)
     sim.crash("n4")  # gone for good, mid-transfer
     await trio.sleep(60)
     assert _in_transition(sim)
     with pytest.raises(KvdError, match="still moving data"):
-        await _admin(sim, "n1", {"op": "leave", "node": "n3"})
-    reply = await _admin(sim, "n2", {"op": "abort"})
+        await sim.admin("n1", {"op": "leave", "node": "n3"})
+    reply = await sim.admin("n2", {"op": "abort"})
     assert reply["dropped"] == ["n4"]
-    assert "n4" not in (await _admin(sim, "n2", {"op": "ring"}))["ownership"]
+    assert "n4" not in (await sim.admin("n2", {"op": "ring"}))["ownership"]
     await _settle(sim, limit=60)
     async with sim.open_client("n3", sim.client_address()) as c:
         for k in keys[::10]:
             assert (await c.get(k, r=2)).siblings
     await sim.start("n5", seeds=[n1.peer_address])
     await _join(sim, ["n5"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim, limit=3600)
     assert not _holders_missing(sim, keys, [], lambda cluster: cluster.state.ring)
     assert not sim.crashes
@@ -376,13 +362,13 @@ async def test_a_former_replica_does_not_bring_back_purged_deletes(sim, autojump
     for name in ("n2", "n3", "n4"):
         await sim.start(name, seeds=[n1.peer_address])
     await _join(sim, ["n2", "n3", "n4"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim)
     keys = [f"key-{i}".encode() for i in range(400)]
     await _fill(sim, "n1", keys, size=100)
     await sim.start("n5", seeds=[n1.peer_address])
     await _join(sim, ["n5"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim)
     ring = sim.nodes["n1"].node.cluster.state.ring
     left_n4 = [k for k in keys if "n4" not in preference_list(ring, partition_of(k, ring.q), 3)]
@@ -395,8 +381,8 @@ async def test_a_former_replica_does_not_bring_back_purged_deletes(sim, autojump
         while any(sim.nodes[x].node.store.read(k) is not None for k in left_n4
                   for x in preference_list(ring, partition_of(k, ring.q), 3)):
             await trio.sleep(5)
-    await _admin(sim, "n1", {"op": "leave", "node": "n5"})
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "leave", "node": "n5"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim)
     back = []
     async with sim.open_client("n4", sim.client_address()) as c:
@@ -404,7 +390,7 @@ async def test_a_former_replica_does_not_bring_back_purged_deletes(sim, autojump
             found = (await c.get(k, r=3)).siblings
             if any(not s.deleted for s in found):
                 back.append(k)
-    await _admin(sim, "n4", {"op": "repair", "wait": True})
+    await sim.admin("n4", {"op": "repair", "wait": True})
     stale = [k for k in left_n4 if sim.nodes["n4"].node.store.read(k) is not None]
     assert not back and not stale, (
         f"{len(back)} deleted keys readable again, {len(stale)} stale copies on n4")
@@ -427,7 +413,7 @@ async def test_large_values_count_towards_the_transfer_throttle(sim, autojump_cl
         for i in range(8):
             await c.put(f"large-{i}".encode(), bytes([i]) * 1_000_000)
     await _join(sim, ["n2"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     took = await _settle(sim, limit=3600)
     assert took >= 8e6 / (0.05 * (1 << 20)) * 0.8, f"8 MB moved in {took:.1f} s at 0.05 MiB/s"
     async with sim.open_client("n2", sim.client_address()) as c:
@@ -445,13 +431,13 @@ async def test_a_down_departing_holder_delays_only_its_own_partitions(sim, autoj
     for name in ("n2", "n3", "n4"):
         await sim.start(name, seeds=[n1.peer_address])
     await _join(sim, ["n2", "n3", "n4"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _settle(sim)
     keys = [f"key-{i}".encode() for i in range(600)]
     await _fill(sim, "n1", keys, size=3000)
     await sim.start("n5", seeds=[n1.peer_address])
     await _join(sim, ["n5"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     n5 = sim.nodes["n5"]
     with trio.fail_after(30):
         while n5.node.cluster.transfer_progress["state"] != "running":
@@ -481,7 +467,7 @@ async def test_writes_acknowledged_during_growth_are_on_every_new_replica(sim, a
         await sim.start(name, seeds=[n1.peer_address])
     await _fill(sim, "n1", [f"key-{i}".encode() for i in range(300)], size=4000)
     await _join(sim, ["n2", "n3"])
-    await _admin(sim, "n1", {"op": "commit"})
+    await sim.admin("n1", {"op": "commit"})
     await _wait_all_see_commit(sim, ["n1", "n2", "n3"])
     acked: dict[bytes, bytes] = {}
     async with sim.open_client("n2", sim.client_address()) as c:

@@ -161,6 +161,38 @@ class SimCluster:
                 if sn.node is node:  # not the node of a restart that came meanwhile
                     sn.node = None
 
+    async def admin(self, name: str, fields: dict) -> dict:
+        """One ADMIN request to node ``name`` (join, commit, ring, repair, ...)."""
+        async with self.open_client(name, self.client_address()) as client:
+            return await client.admin(fields)
+
+    async def form(self, names, settle: float = 5.0, limit: float = 600.0) -> None:
+        """Start ``names`` as one committed cluster (the first is the seed); returns once no
+        partition moves or is being fetched, plus ``settle`` seconds of gossip."""
+        first = await self.start(names[0], seeds=[])
+        for name in names[1:]:
+            await self.start(name, seeds=[first.peer_address])
+            await self.admin(name, {"op": "join", "seed": first.peer_address})
+        if len(names) > 1:
+            await self.admin(names[0], {"op": "commit"})
+        await self.wait_settled(names[0], limit)
+        await trio.sleep(settle)
+
+    async def wait_settled(self, name: str, limit: float = 600.0) -> float:
+        """Until node ``name`` sees no move pending and no node fetching; the seconds taken."""
+        began = trio.current_time()
+        with trio.fail_after(limit):
+            while True:
+                ring = await self.admin(name, {"op": "ring"})
+                if not ring["pending"] and not ring.get("fetching"):
+                    return trio.current_time() - began
+                await trio.sleep(1.0)
+
+    def isolate(self, name: str) -> None:
+        """Cut node ``name`` off from every other node (heal with ``net.heal()``)."""
+        others = [sn.peer_address for sn in self.nodes.values() if sn.name != name]
+        self.net.partition(self.nodes[name].peer_address, others)
+
     def crash(self, name: str) -> None:
         """Rule 2."""
         sn = self.nodes[name]

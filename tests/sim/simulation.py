@@ -63,8 +63,9 @@ class Report:
         verdict = "ok" if self.ok else f"FAILED ({len(self.problems)} problems)"
         counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
         converge = "never" if self.converge_seconds is None else f"{self.converge_seconds:.0f}s"
-        return (f"seed {self.seed} ({self.profile}): {verdict}; {self.nodes} nodes, {len(self.faults)} faults, "
-                f"{counts}, converged {converge} after heal, {self.simulated_seconds:.0f}s simulated")
+        return (f"seed {self.seed} ({self.profile}): {verdict}; {self.nodes} nodes, "
+                f"{len(self.faults)} faults, {counts}, converged {converge} after heal, "
+                f"{self.simulated_seconds:.0f}s simulated")
 
 
 def replay_command(report: Report) -> str:
@@ -102,7 +103,7 @@ async def simulate(seed: int, profile: Profile = FULL, lose_one_ack: bool = Fals
         sim = SimCluster(nursery, seed, tombstone_grace=TOMBSTONE_GRACE,
                          hint_window=HINT_WINDOW)
         try:
-            await _form(sim, [f"n{i}" for i in range(1, size + 1)])
+            await sim.form([f"n{i}" for i in range(1, size + 1)], settle=0.0)
             workload = Workload(sim, seed, profile.clients, profile.think)
             duration = rng.uniform(*profile.duration)
             async with trio.open_nursery() as faults:
@@ -123,28 +124,10 @@ async def simulate(seed: int, profile: Profile = FULL, lose_one_ack: bool = Fals
 # --- forming and healing ----------------------------------------------------------------------
 
 
-async def _form(sim: SimCluster, names: list[str]) -> None:
-    first = await sim.start(names[0], seeds=[])
-    for name in names[1:]:
-        await sim.start(name, seeds=[first.peer_address])
-    await _admin(sim, names[1:], lambda _: {"op": "join", "seed": first.peer_address})
-    await _admin(sim, [names[0]], lambda _: {"op": "commit"})
-    await _wait_settled(sim, 600.0)
-
-
-async def _admin(sim: SimCluster, names: list[str], fields) -> list[dict]:
-    source = sim.client_address()
-    replies = []
-    for name in names:
-        async with sim.open_client(name, source) as client:
-            replies.append(await client.admin(fields(name)))
-    return replies
-
-
 async def _wait_settled(sim: SimCluster, limit: float) -> bool:
     """Until no partition is moving on any running node (False after ``limit`` seconds)."""
     with trio.move_on_after(limit):
-        while any(sn.node.cluster.state.pending for sn in sim.running()):
+        while any(sn.node.cluster.state.in_transition for sn in sim.running()):
             await trio.sleep(1.0)
         return True
     return False
@@ -200,9 +183,9 @@ async def _converge(sim: SimCluster, report: Report) -> None:
             f"replicas of partitions {_divergent(sim)[:10]} still differ "
             f"{CONVERGE_LIMIT:.0f} s after the heal")
     await trio.sleep(TOMBSTONE_GRACE + 1.0)
-    names = [sn.name for sn in sim.running()]
     for _ in range(2):
-        await _admin(sim, names, lambda _: {"op": "repair", "wait": True})
+        for sn in sim.running():
+            await sim.admin(sn.name, {"op": "repair", "wait": True})
 
 
 # --- the nemesis ------------------------------------------------------------------------------
@@ -280,29 +263,29 @@ async def _topology_change(sim: SimCluster, rng: random.Random, running: list[st
                 name = f"n{len(sim.nodes) + 1}"
                 seed_node = sim.nodes[coordinator]
                 await sim.start(name, seeds=[seed_node.peer_address])
-                await _admin(sim, [name], lambda _: {"op": "join", "seed": seed_node.peer_address})
+                await sim.admin(name, {"op": "join", "seed": seed_node.peer_address})
                 if kind == "replace":
-                    await _admin(sim, [coordinator],
-                                 lambda _: {"op": "replace", "node": victim, "target": name})
+                    await sim.admin(coordinator, {"op": "replace", "node": victim, "target": name})
                     sim.nodes[victim].leaving = True
-                report.faults[-1] += f" {kind} {name}" + (f" for {victim}" if kind == "replace" else "")
+                replaced = f" for {victim}" if kind == "replace" else ""
+                report.faults[-1] += f" {kind} {name}{replaced}"
             elif kind == "leave":
-                await _admin(sim, [coordinator], lambda _: {"op": "leave", "node": victim})
+                await sim.admin(coordinator, {"op": "leave", "node": victim})
                 sim.nodes[victim].leaving = True
                 report.faults[-1] += f" leave {victim}"
             else:  # a dead node the operator gives up on: its replicas are rebuilt elsewhere
                 sim.crash(victim)
                 sim.nodes[victim].removed = True
                 coordinator = rng.choice([n for n in running if n != victim])
-                await _admin(sim, [coordinator], lambda _: {"op": "force-remove", "node": victim})
+                await sim.admin(coordinator, {"op": "force-remove", "node": victim})
                 report.faults[-1] += f" force-remove {victim}"
-            await _admin(sim, [coordinator], lambda _: {"op": "commit"})
+            await sim.admin(coordinator, {"op": "commit"})
     except (trio.TooSlowError, Exception) as exc:  # refused or unreachable: no change made
         report.faults[-1] += f" refused ({type(exc).__name__}: {str(exc)[:60]})"
         sim.nodes[victim].leaving = sim.nodes[victim].removed = False
         with trio.move_on_after(30):
             try:
-                await _admin(sim, [coordinator], lambda _: {"op": "clear"})
+                await sim.admin(coordinator, {"op": "clear"})
             except Exception:
                 pass  # unreachable now: what it staged may be committed later, as in life
 
@@ -362,8 +345,9 @@ async def _check(sim: SimCluster, workload: Workload, report: Report) -> None:
             if outcome == "ok" and element not in present:
                 lost += 1
                 problems.append(f"acknowledged element {element!r} of {key!r} lost")
-        if present - set(elements):
-            problems.append(f"{key!r} holds elements never written: {sorted(present - set(elements))[:5]}")
+        phantoms = sorted(present - set(elements))
+        if phantoms:
+            problems.append(f"{key!r} holds elements never written: {phantoms[:5]}")
         bound = history.max_writers.get(key, 0) + 1
         if len(result.siblings) > bound:
             problems.append(f"{key!r} has {len(result.siblings)} siblings, more than its "

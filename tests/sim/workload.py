@@ -46,7 +46,8 @@ class History:
     """What clients did and what they were told."""
 
     unique: dict[bytes, str] = field(default_factory=dict)  # key -> ok | fail | unknown
-    elements: dict[bytes, dict[bytes, str]] = field(default_factory=dict)  # hot key -> elem -> outcome
+    # hot key -> element -> outcome
+    elements: dict[bytes, dict[bytes, str]] = field(default_factory=dict)
     deletes: dict[bytes, str] = field(default_factory=dict)  # key -> outcome of its delete
     blind: dict[bytes, int] = field(default_factory=dict)  # sibling key -> writes attempted
     max_writers: dict[bytes, int] = field(default_factory=dict)  # hot key -> most writers at once
