@@ -225,16 +225,10 @@ class Handoff:
         """Deliver one hint; False when the node refused it (kept, Rule 5)."""
         key = hint["key"]
         obj = versions.decode_object(hint["object"])
-        try:
-            with trio.fail_after(self.config.request_timeout):
-                await replica.merge(key, obj)
+        if await self._merge(replica, hint_key, key, obj, note_refusal=not chunked_vids(obj)):
             return True
-        except _UNREACHABLE:
-            raise
-        except KvdError as exc:
-            if not chunked_vids(obj):
-                self._note_refused(hint_key, replica.node, key, exc)
-                return False
+        if not chunked_vids(obj):
+            return False
         # The node lacks the bytes of a chunked sibling: stream them, then the manifest.
         for ref in (s.chunks for s in obj.siblings if s.chunks is not None):
             with trio.fail_after(self.config.request_timeout):
@@ -249,6 +243,11 @@ class Handoff:
                 with trio.fail_after(self.config.request_timeout):
                     await replica.write_chunk(key, ref.vid, offset, data)
                 offset += len(data)
+        return await self._merge(replica, hint_key, key, obj, note_refusal=True)
+
+    async def _merge(self, replica, hint_key: bytes, key: bytes, obj, note_refusal: bool) -> bool:
+        """The hint's object merged into its node: True when accepted. Unreachable propagates
+        (delivery to that node pauses); a refusal is noted once when ``note_refusal``."""
         try:
             with trio.fail_after(self.config.request_timeout):
                 await replica.merge(key, obj)
@@ -256,7 +255,8 @@ class Handoff:
         except _UNREACHABLE:
             raise
         except KvdError as exc:
-            self._note_refused(hint_key, replica.node, key, exc)
+            if note_refusal:
+                self._note_refused(hint_key, replica.node, key, exc)
             return False
 
     def _note_refused(self, hint_key: bytes, node: str, key: bytes, exc: Exception) -> None:
