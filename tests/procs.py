@@ -67,9 +67,10 @@ class KvdProcess:
             f'node_id = "{self.node_id}"',
             f'listen = "127.0.0.1:{self.port}"',
             f'peer_listen = "127.0.0.1:{self.peer_port}"',
-            'metrics_listen = ""',
             f'data_dir = "{self.data_dir}"',
         ]
+        if "metrics_listen" not in self.extra:
+            lines.append('metrics_listen = ""')
         if self.seeds:
             lines.append("seeds = [" + ", ".join(f'"{s}"' for s in self.seeds) + "]")
         for key, value in self.extra.items():

@@ -178,6 +178,20 @@ def test_refusals_are_logged_once_per_address(caplog):
     assert len(caplog.records) == 2
 
 
+WRONG = "peer authentication failed: wrong cluster secret, or a replayed handshake"
+
+
+def test_a_flood_of_forged_names_does_not_hide_a_new_wrong_secret_node(caplog):
+    node = Security()
+    with caplog.at_level("WARNING", logger="kvd.security"):
+        for i in range(2000):
+            node.note_refusal("peer", "10.0.0.1", f"'forged-{i}'", WRONG)
+        node.note_refusal("peer", "10.0.0.2", "'n4'", WRONG)
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("10.0.0.2" in line and "'n4'" in line for line in lines), lines
+    assert len(lines) < 10, lines  # and the flood itself does not flood the log
+
+
 # ----------------------------------------------------------------------------- real processes
 
 

@@ -1,0 +1,87 @@
+"""Connection budgets (issue 10, holes 1 and 3): idle or unfinished connections cannot lock
+anyone out of any port, and no descriptor shortage takes a node down.
+
+The attacks run against real kvd processes over real TCP (descriptors, accept backlogs and
+EMFILE exist only there); the admission rules themselves are tested as a pure table.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from kvd.proto import codec
+from kvd.proto.codec import FrameDecoder
+from kvd.proto.messages import MsgType
+from tests.flood import Flood
+from tests.procs import free_port
+from tests.test_security import procs, raw_connect, read_message, start  # noqa: F401
+
+CLIENT_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "client"})
+PEER_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "peer", "node": "n9"})
+PING = codec.encode(MsgType.PING, 2, {})
+
+
+def http_get(port: int, path: str, timeout: float = 10) -> tuple[str, float]:
+    """(status line, seconds) of one GET on the metrics port."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n", 1)[0].decode(), time.monotonic() - began
+
+
+def new_client(port: int, hello: bytes = CLIENT_HELLO, ping: bool = True) -> float:
+    """Seconds for a new connection to be accepted, complete its HELLO and answer a PING."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.settimeout(10)
+        decoder = FrameDecoder(1 << 20)
+        sock.sendall(hello)
+        reply = read_message(sock, decoder)
+        assert reply is not None and reply.type == MsgType.HELLO_OK, reply
+        if ping:
+            sock.sendall(PING)
+            reply = read_message(sock, decoder)
+            assert reply is not None and reply.type == MsgType.PONG, reply
+    return time.monotonic() - began
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+def test_silent_connections_on_the_metrics_port_do_not_block_health(tmp_path, procs):
+    metrics = free_port()
+    node = start(tmp_path, procs, "n1", {"metrics_listen": f"127.0.0.1:{metrics}"})
+    with Flood(metrics, 300, interval=0.2) as flood:
+        deadline = time.monotonic() + 10
+        while flood.opened < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        took = [http_get(metrics, "/health") for _ in range(5)]
+    assert all(status == "HTTP/1.1 200 OK" for status, _ in took), took
+    assert max(seconds for _, seconds in took) < 1.0, took
+    assert node.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_idle_sockets_do_not_lock_out_clients_or_peers(tmp_path, procs):
+    node = start(tmp_path, procs, "n1", {"max_connections": 256})
+    with Flood(node.port, 600, interval=0.2), Flood(node.peer_port, 600, interval=0.2):
+        time.sleep(1.5)
+        clients = [new_client(node.port) for _ in range(10)]
+        peers = [new_client(node.peer_port, PEER_HELLO, ping=False) for _ in range(10)]
+    assert max(clients) < 1.0 and max(peers) < 1.0, (clients, peers)
+    assert node.proc.poll() is None
