@@ -38,6 +38,13 @@ from kvd.errors import (
     unwrap_single_error,
 )
 from kvd.metrics import NodeMetrics
+from kvd.net.admission import (
+    Admission,
+    Ticket,
+    current_nofile,
+    descriptor_budget,
+    serve_admitted,
+)
 from kvd.net.connection import FrameConnection
 from kvd.node import admin
 from kvd.node.antientropy import AntiEntropy
@@ -120,6 +127,7 @@ class Node:
     counters: Counters = field(default_factory=Counters)
     in_flight: int = 0
     draining: bool = False
+    admissions: dict[str, Admission] = field(default_factory=dict)  # "client", "peer"
     idle: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -216,6 +224,8 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             metrics.attach(node)
             security = Security.from_config(config)  # secret, tokens, TLS: checked here
             cluster.peers.security = security
+            metrics.security = security
+            node.admissions.update(_admissions(config, cluster))
             listeners = []
             for key, role in (("peer_listen", "peer"), ("listen", "client")):
                 bound = await listen(key, getattr(config, key))
@@ -223,13 +233,14 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
                 tls = security.peer_tls if role == "peer" else security.client_tls
                 # With TLS, the TLS handshake runs inside the HELLO's handshake timeout.
                 served = [trio.SSLListener(b, tls) for b in bound] if tls else bound
-                slots = trio.CapacityLimiter(config.max_connections)
                 nursery.start_soon(
-                    trio.serve_listeners,
-                    lambda stream, role=role, slots=slots: handle_connection(
-                        node, stream, slots, role, security),
+                    serve_admitted,
+                    lambda stream, ticket, role=role: handle_connection(
+                        node, stream, ticket, role, security),
                     served,
+                    node.admissions[role],
                 )
+            nursery.start_soon(security.refusals.run)
             socket = getattr(listeners[-1], "socket", None)
             port = socket.getsockname()[1] if socket is not None else 0
             nursery.start_soon(cluster.run)
@@ -247,6 +258,29 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
                 node.draining = True
                 for listener in listeners:
                     await listener.aclose()
+
+
+def _admissions(config: Config, cluster: Cluster) -> dict[str, Admission]:
+    """The budgets of the client and peer ports (kvd.net.admission), within the process's
+    descriptor limit; the peer port keeps slots for the hosts of known members."""
+    nofile = current_nofile()
+    wanted = {"client": config.max_connections, "peer": config.max_connections}
+    limits = descriptor_budget(nofile, wanted)
+    if limits != wanted:
+        log.warning("max_connections %d per port does not fit the descriptor limit %d "
+                    "(RLIMIT_NOFILE): using %d; raise LimitNOFILE", config.max_connections,
+                    nofile, limits["client"])
+
+    def is_member(host: str) -> bool:
+        peers = [peer for _, peer in cluster.addresses.values()] + list(config.seeds)
+        return any(address.rpartition(":")[0].strip("[]") == host for address in peers)
+
+    def budget(role: str, reserved: int = 0) -> Admission:
+        return Admission(role, limits[role], config.max_pending_connections,
+                         config.max_pending_per_address, reserved, is_member)
+
+    return {"client": budget("client"),
+            "peer": budget("peer", config.member_reserved_connections)}
 
 
 async def run(config: Config) -> None:
@@ -283,12 +317,12 @@ async def run(config: Config) -> None:
 # ---------------------------------------------------------------- connections
 
 
-async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter, role: str,
+async def handle_connection(node: Node, stream, ticket: Ticket | None, role: str,
                             security: Security | None = None) -> None:
+    """Serve one accepted connection; ``ticket`` is its admission (kvd.net.admission),
+    None when the port is full of authenticated connections."""
     conn = GuardedConnection(stream, security)
-    try:
-        slots.acquire_nowait()
-    except trio.WouldBlock:
+    if ticket is None:
         node.counters.rejected_connections += 1
         await _send_error(conn, 0, Unavailable("too many connections"))
         await conn.aclose()
@@ -296,7 +330,7 @@ async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter, rol
     node.counters.connections += 1
     try:
         with unwrap_single_error():
-            await _serve_connection(node, conn, role)
+            await _serve_connection(node, conn, role, ticket)
     except Unauthorized as exc:
         # Logged once per address by the handshake; the reason goes back, never a secret.
         await _send_error(conn, 0, exc)
@@ -311,7 +345,6 @@ async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter, rol
         # A bug in one connection's handling must never take the daemon down.
         log.exception("connection handler failed")
     finally:
-        slots.release()
         await conn.aclose()
 
 
@@ -371,8 +404,11 @@ async def _handshake(node: Node, conn: FrameConnection, role: str) -> None:
     )
 
 
-async def _serve_connection(node: Node, conn: FrameConnection, role: str) -> None:
+async def _serve_connection(node: Node, conn: FrameConnection, role: str,
+                            ticket: Ticket | None = None) -> None:
     await _handshake(node, conn, role)
+    if ticket is not None:
+        ticket.established()  # no longer evictable as an idle newcomer
     handlers = PEER_HANDLERS if role == "peer" else HANDLERS
     streams: dict[int, trio.MemorySendChannel] = {}
     slots = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)

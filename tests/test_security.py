@@ -642,9 +642,24 @@ def test_timeouts_caps_and_frame_limits(tmp_path, procs):
         assert messages[-1].fields["code"] == "frame_too_large" and took < 1, messages
         sock.close()
 
-    # The connection cap: 8 held open, the 9th is told why and closed.
+    # The connection cap: 8 silent ones held, a 9th closes the oldest silent one (issue 10,
+    # hole 3) and completes its handshake.
     held = [raw_connect(node.port) for _ in range(8)]
     time.sleep(0.1)
+    ok = raw_connect(node.port)
+    ok.sendall(hello)
+    assert read_message(ok, FrameDecoder(1 << 20)).type == MsgType.HELLO_OK
+    held[0].settimeout(2)
+    assert read_all(held[0])[1] < 1  # closed at once, not at the handshake timeout
+    for sock in held:
+        sock.close()
+    ok.close()
+    # 8 authenticated ones held open: the 9th is told why and closed.
+    time.sleep(0.2)
+    held = [raw_connect(node.port) for _ in range(8)]
+    for sock in held:
+        sock.sendall(hello)
+        assert read_message(sock, FrameDecoder(1 << 20)).type == MsgType.HELLO_OK
     extra = raw_connect(node.port)
     messages, took = read_all(extra)
     assert messages[-1].fields == {"code": "unavailable", "message": "too many connections"}
