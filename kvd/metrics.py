@@ -321,7 +321,7 @@ class _NodeCollector:
         yield _counter("kvd_protocol_errors", "Connections closed for a protocol violation.",
                        c.protocol_errors)
         yield _gauge("kvd_requests_in_flight", "Requests being handled now.", node.in_flight)
-        ports = dict(node.admissions)
+        ports = dict(getattr(node, "admissions", {}))
         if metrics.admission is not None:
             ports["metrics"] = metrics.admission
         open_ = GaugeMetricFamily("kvd_connections_open", "Connections open now, by port and "

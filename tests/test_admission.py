@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kvd.net.admission import Admission, descriptor_budget
 from kvd.proto import codec
 from kvd.proto.codec import FrameDecoder
 from kvd.proto.messages import MsgType
@@ -59,6 +60,67 @@ def new_client(port: int, hello: bytes = CLIENT_HELLO, ping: bool = True) -> flo
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# ----------------------------------------------------------------------------- the rules
+
+
+def test_a_newcomer_evicts_the_oldest_pending_connection_of_its_address_then_of_all():
+    port = Admission("client", limit=10, pending=4, pending_per_host=2)
+    a1, _ = port.admit("10.0.0.1")
+    a2, _ = port.admit("10.0.0.1")
+    a3, evicted = port.admit("10.0.0.1")  # its address is full: its own oldest goes
+    assert evicted == [a1] and a3 is not None
+    b1, evicted = port.admit("10.0.0.2")
+    b2, evicted = port.admit("10.0.0.3")
+    assert evicted == []
+    c1, evicted = port.admit("10.0.0.4")  # all pending full: the oldest of all goes
+    assert evicted == [a2]
+    assert port.statistics()["pending"] == 4 and port.open == 4
+    port.release(a2)  # an evicted ticket's own release later changes nothing
+    assert port.open == 4
+
+
+def test_established_connections_are_never_evicted_and_fill_the_port_before_refusal():
+    port = Admission("client", limit=3, pending=3, pending_per_host=3)
+    tickets = [port.admit("10.0.0.1")[0] for _ in range(3)]
+    tickets[0].established()
+    tickets[1].established()
+    newcomer, evicted = port.admit("10.0.0.2")  # full: the pending one makes room
+    assert evicted == [tickets[2]] and newcomer is not None
+    newcomer.established()
+    assert port.admit("10.0.0.3") == (None, [])  # only established ones: refused
+    assert port.refused == 1
+    port.release(tickets[0])
+    assert port.admit("10.0.0.3")[0] is not None
+
+
+def test_members_keep_reserved_slots_on_the_peer_port():
+    members = {"10.0.0.9"}
+    port = Admission("peer", limit=6, pending=4, pending_per_host=4, reserved=2,
+                     is_member=members.__contains__)
+    strangers = [port.admit(f"192.0.2.{i}")[0] for i in range(4)]
+    for ticket in strangers:
+        ticket.established()
+    assert port.admit("192.0.2.99") == (None, [])  # limit - reserved reached for strangers
+    m1, evicted = port.admit("10.0.0.9")
+    m2, _ = port.admit("10.0.0.9")
+    assert m1 and m2 and evicted == []
+    flood = [port.admit(f"198.51.100.{i}") for i in range(50)]  # pending strangers: refused
+    assert all(ticket is None for ticket, _ in flood) and m1.pending and m2.pending
+
+
+@pytest.mark.parametrize("nofile, wanted, got", [
+    (20000, {"client": 1024, "peer": 1024, "metrics": 64}, {"client": 1024, "peer": 1024,
+                                                             "metrics": 64}),
+    (1024, {"client": 1024, "peer": 1024}, {"client": 128, "peer": 128}),
+    (256, {"client": 1024, "peer": 1024}, {"client": 12, "peer": 12}),
+])
+def test_descriptor_budget_leaves_half_to_storage_and_256_spare(nofile, wanted, got):
+    assert descriptor_budget(nofile, wanted) == got
+
+
+# ----------------------------------------------------------------------------- real attacks
 
 
 @pytest.mark.slow

@@ -190,6 +190,25 @@ def test_a_flood_of_forged_names_does_not_hide_a_new_wrong_secret_node(caplog):
     lines = [record.getMessage() for record in caplog.records]
     assert any("10.0.0.2" in line and "'n4'" in line for line in lines), lines
     assert len(lines) < 10, lines  # and the flood itself does not flood the log
+    # Counted by reason, client-chosen names left out of the label (bounded cardinality).
+    assert node.refusals.totals == {("refused peer connection", WRONG): 2001}
+    summary = node.refusals.summary()
+    assert summary.startswith("refusals in the last interval: 2001 refused peer connection")
+    assert "from 2 addresses" in summary and "10.0.0.2 as 'n4'" in summary, summary
+    assert node.refusals.summary() is None  # a new interval
+
+
+def test_refusal_log_lines_and_memory_are_bounded_whatever_the_flood(caplog):
+    node = Security()
+    with caplog.at_level("WARNING", logger="kvd.security"):
+        for i in range(20000):
+            node.note_refusal("peer", f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}",
+                              f"'forged-{i}'", f"peer sent 'X{i}' before proving")
+    assert len(caplog.records) == security.NEW_HOSTS_LOGGED
+    assert node.refusals.totals == {("refused peer connection", "peer sent _ before proving"):
+                                    20000}
+    assert len(node.refusals._known) == security.REMEMBERED_HOSTS
+    assert "20000 refused peer connection" in node.refusals.summary()
 
 
 # ----------------------------------------------------------------------------- real processes
