@@ -215,7 +215,8 @@ class NodeMetrics:
         """Serve /metrics, /health and /ready on ``listeners`` until cancelled."""
         log.info("metrics on http://%s/metrics", self.config.metrics_listen)
         limit = descriptor_budget(current_nofile(), {"metrics": MAX_CONNECTIONS})["metrics"]
-        self.admission = Admission("metrics", limit, MAX_PENDING, MAX_PENDING)
+        self.admission = Admission("metrics", limit, MAX_PENDING, MAX_PENDING,
+                                   silence=READ_TIMEOUT)
         await serve_admitted(self._handle, listeners, self.admission, task_status=task_status)
 
     async def _handle(self, stream, ticket) -> None:

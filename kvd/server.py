@@ -277,7 +277,8 @@ def _admissions(config: Config, cluster: Cluster) -> dict[str, Admission]:
 
     def budget(role: str, reserved: int = 0) -> Admission:
         return Admission(role, limits[role], config.max_pending_connections,
-                         config.max_pending_per_address, reserved, is_member)
+                         config.max_pending_per_address, reserved, is_member,
+                         silence=config.handshake_timeout)
 
     return {"client": budget("client"),
             "peer": budget("peer", config.member_reserved_connections)}

@@ -20,6 +20,10 @@ Invariants:
 - Rule 4: no accept error ends the accept loop: EMFILE/ENFILE and the like back off (0.1 s
   doubling to 1 s) and are logged once per back-off, without a traceback; a handler's failure
   ends only its own connection.
+- Rule 5: a connection costs little until it speaks: its handler starts only once its first
+  bytes arrive, and one that sends nothing within ``silence`` seconds (the handshake timeout)
+  is closed without an answer. An idle flood is accepted, evicted and closed at the cost of
+  a task, so the node keeps accepting at the rate the flood reopens sockets.
 """
 
 from __future__ import annotations
@@ -65,8 +69,10 @@ class Admission:
     """The budget of one listening port (rules 1-3). Pure bookkeeping: no I/O, no clock."""
 
     def __init__(self, name: str, limit: int, pending: int, pending_per_host: int,
-                 reserved: int = 0, is_member: Callable[[str], bool] = lambda host: False):
+                 reserved: int = 0, is_member: Callable[[str], bool] = lambda host: False,
+                 silence: float = 5.0):
         self.name = name
+        self.silence = silence  # seconds a new connection may send nothing (rule 5)
         self.limit = limit
         self.pending_limit = min(pending, limit)
         self.pending_per_host = pending_per_host
@@ -237,10 +243,33 @@ async def _run(stream, ticket: Ticket | None, handler: Handler, admission: Admis
         if ticket is not None:
             ticket.evict = scope.cancel
         try:
-            await handler(stream, ticket)
+            if ticket is None or await _wait_first_bytes(stream, admission.silence):
+                await handler(stream, ticket)
         except Exception:  # one connection's bug must not end the accept loop (rule 4)
             log.exception("%s port: connection handler failed", admission.name)
         finally:
             if ticket is not None:
                 admission.release(ticket)
-            await trio.aclose_forcefully(stream)
+            sock = _raw_socket(stream)
+            if sock is not None:
+                sock.close()  # synchronous: no checkpoint, no cancel scope (rule 5)
+            else:
+                await trio.aclose_forcefully(stream)
+
+
+async def _wait_first_bytes(stream, timeout: float) -> bool:
+    """Whether the peer sent something within ``timeout`` (rule 5). Streams without a
+    socket (the simulator's) go straight to the handler, whose own deadlines apply."""
+    sock = _raw_socket(stream)
+    if sock is None:
+        return True
+    with trio.move_on_after(timeout):
+        await trio.lowlevel.wait_readable(sock)
+        return True
+    return False
+
+
+def _raw_socket(stream):
+    while not hasattr(stream, "socket") and hasattr(stream, "transport_stream"):
+        stream = stream.transport_stream  # TLS: the ClientHello arrives on the socket first
+    return getattr(stream, "socket", None)
