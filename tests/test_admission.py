@@ -21,7 +21,7 @@ from kvd.proto import codec
 from kvd.proto.codec import FrameDecoder
 from kvd.proto.messages import MsgType
 from tests.flood import Flood
-from tests.procs import ROOT, free_port, rss_kib
+from tests.procs import ROOT, KvdProcess, free_port, rss_kib
 from tests.test_security import procs, raw_connect, read_message, start  # noqa: F401
 
 CLIENT_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "client"})
@@ -244,3 +244,26 @@ def test_2000_idle_sockets_churned_on_every_port(tmp_path, procs):
 @pytest.mark.skipif(not os.environ.get("KVD_SOAK"), reason="make soak: 10,000 sockets a port")
 def test_10000_idle_sockets_churned_on_every_port(tmp_path, procs):
     check_flood_figures(flood_attack(tmp_path, procs, 10000, 40))
+
+
+@pytest.mark.slow
+def test_out_of_descriptors_the_node_backs_off_and_stays_up(tmp_path, procs):
+    """RLIMIT_NOFILE so low that the ports' budgets do not fit: accept meets EMFILE, and the
+    gossip task's blob directory scan (which took the node down) meets it too."""
+    metrics = free_port()
+    node = KvdProcess(tmp_path / "n1" / "data", extra={
+        "gossip_interval": 0.1, "metrics_listen": f"127.0.0.1:{metrics}"},
+        prefix=["prlimit", "--nofile=40:40"])
+    procs.append(node)
+    node.start()
+    with Flood(node.port, 300, interval=0.2), Flood(node.peer_port, 300, interval=0.2), \
+            Flood(metrics, 300, interval=0.2):
+        time.sleep(4)
+        assert node.proc.poll() is None, node.log_text()[-3000:]
+    time.sleep(1.5)  # the floods' sockets time out and close
+    assert new_client(node.port) < 2
+    assert http_get(metrics, "/health")[0] == "HTTP/1.1 200 OK"
+    assert node.proc.poll() is None
+    log = node.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    print(log[-1500:])

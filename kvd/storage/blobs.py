@@ -45,6 +45,7 @@ class BlobStore:
         self.sync = sync
         self._root_durable = not sync  # root's own name, fsynced before the first seal
         self._size = 0  # the last approximate_size that could be measured
+        self._size_failing = False
 
     def _path(self, vid: bytes) -> Path:
         name = vid.hex()
@@ -128,9 +129,12 @@ class BlobStore:
         number must never take its caller (gossip, metrics) down."""
         try:
             self._size = sum(p.stat().st_size for p in self.root.glob("??/*"))
+            self._size_failing = False
         except OSError as exc:
-            log.warning("blob directory %s: cannot measure its size: %s", self.root,
-                        exc.strerror or exc)
+            if not self._size_failing:  # once per streak of failures, not per gossip round
+                log.warning("blob directory %s: cannot measure its size: %s", self.root,
+                            exc.strerror or exc)
+            self._size_failing = True
         return self._size
 
 
