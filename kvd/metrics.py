@@ -18,9 +18,12 @@ Where the numbers come from (rules this module keeps):
 2. Everything else is read from the node's own state at scrape time (``Counters``, the
    coordinator's read repairs, the cluster's hints and transfers, anti-entropy totals,
    storage sizes), so no other module has to know metrics exist.
-3. Label values are bounded: outcomes are a fixed set, hint targets are cluster members.
+3. Label values are bounded: outcomes are a fixed set, hint targets are cluster members,
+   refusal reasons are kvd's own messages with client-chosen parts replaced (at most 32).
 4. The endpoint never blocks the event loop on the disk: the blob directory walk runs in a
    worker thread and is cached for ``SIZE_CACHE_SECONDS``.
+5. The endpoint has a connection budget of its own (kvd.net.admission): silent or slow
+   connections are closed at a deadline or make room for newer ones, never queued.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ storage and return (exit 0).
 
 Connection rules (DESIGN section 6): a HELLO must arrive within ``handshake_timeout`` and fit in
 16 KiB; after it the frame limit rises to ``max_frame``. A malformed frame gets one ERROR frame
-(request id 0, code "protocol") and the connection is closed; nothing else is affected.
+(request id 0, code "protocol") and the connection is closed; nothing else is affected. Each
+port admits connections through its budget (kvd.net.admission): a connection is pending until
+its handshake succeeds, and the oldest pending one makes room for a newcomer.
 """
 
 from __future__ import annotations

@@ -211,6 +211,20 @@ def test_refusal_log_lines_and_memory_are_bounded_whatever_the_flood(caplog):
     assert "20000 refused peer connection" in node.refusals.summary()
 
 
+async def test_the_refusal_summary_is_logged_every_interval(caplog, autojump_clock):
+    refusals = security.Refusals()
+    with caplog.at_level("WARNING", logger="kvd.security"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(refusals.run)
+            refusals.note("refused peer connection", "10.0.0.1", "'x'", WRONG)
+            await trio.sleep(security.REFUSAL_LOG_INTERVAL + 1)
+            await trio.sleep(security.REFUSAL_LOG_INTERVAL)  # nothing new: no line
+            nursery.cancel_scope.cancel()
+    summaries = [r.getMessage() for r in caplog.records if "last interval" in r.getMessage()]
+    assert summaries == ["refusals in the last interval: 1 refused peer connection "
+                         f"({WRONG}) from 1 address, e.g. 10.0.0.1 as 'x'"]
+
+
 # ----------------------------------------------------------------------------- real processes
 
 
@@ -804,3 +818,22 @@ async def test_peer_pool_replaces_a_connection_broken_by_a_cancelled_send(tmp_pa
             with pytest.raises(Unauthorized, match="did not prove the cluster secret"):
                 await wrong.call(address, MsgType.PING, {}, MsgType.PONG)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+def test_refusals_are_counted_on_the_metrics_port(tmp_path, procs):
+    secret = private_file(tmp_path / "secret", SECRET)
+    metrics = free_port()
+    node = start(tmp_path, procs, "n1", {"cluster_secret_file": str(secret),
+                                         "metrics_listen": f"127.0.0.1:{metrics}"})
+    for i in range(50):
+        sock = raw_connect(node.peer_port)
+        sock.sendall(peer_hello(f"forged-{i}"))
+        read_all(sock)
+        sock.close()
+    with socket.create_connection(("127.0.0.1", metrics), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+    assert ('kvd_refusals_total{reason="this node requires peer authentication: give every '
+            'node the same cluster_secret_file",what="refused peer connection"} 50.0') in text
+    assert node.log_text().count("refused peer connection from 127.0.0.1") == 1
