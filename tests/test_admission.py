@@ -122,6 +122,54 @@ def test_members_keep_reserved_slots_on_the_peer_port():
     assert all(ticket is None for ticket, _ in flood) and m1.pending and m2.pending
 
 
+async def test_refusals_being_answered_are_bounded_and_accept_errors_never_end_the_loop():
+    import trio
+
+    from kvd.net import admission as adm
+
+    port = Admission("client", limit=1, pending=1, pending_per_host=1)
+    told = []
+
+    async def handler(stream, ticket):
+        if ticket is None:
+            told.append(stream)
+            await trio.sleep_forever()  # a refused client that never reads its ERROR
+        ticket.established()
+        await trio.sleep_forever()
+
+    class FlakyListener(trio.abc.Listener):
+        """Fails accept with EMFILE twice, then hands out one side of socket pairs."""
+
+        def __init__(self):
+            self.calls = 0
+
+        async def accept(self):
+            if self.calls == 2 + 1 + 50:
+                await trio.sleep_forever()
+            self.calls += 1
+            if self.calls <= 2:
+                raise OSError(24, "Too many open files")
+            await trio.sleep(0.005)  # the handlers of earlier ones run first
+            ours, theirs = trio.socket.socketpair()
+            keep.append(theirs)
+            await theirs.send(b"x")  # the first bytes: the handler may start
+            return trio.SocketStream(ours)
+
+        async def aclose(self):
+            pass
+
+    keep = []
+    async with trio.open_nursery() as nursery:
+        listener = FlakyListener()
+        await nursery.start(adm.serve_admitted, handler, [listener], port)
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert listener.calls == 2 + 1 + 50  # the back-off did not end the loop
+    assert port.refused == 50 and len(told) == adm.MAX_REFUSING
+    for sock in keep:
+        sock.close()
+
+
 @pytest.mark.parametrize("nofile, wanted, got", [
     (20000, {"client": 1024, "peer": 1024, "metrics": 64}, {"client": 1024, "peer": 1024,
                                                              "metrics": 64}),

@@ -12,7 +12,9 @@ Invariants:
   per source address. When a budget is full the *oldest* pending connection is closed to make
   room for the newcomer (as HAProxy and nginx do): an idle socket is the oldest one, a real
   client finishes its handshake in a round trip, so a flood evicts itself, never the client.
-  A newcomer is refused only when established connections fill the port.
+  A newcomer is refused only when established connections fill the port; at most
+  ``MAX_REFUSING`` refused ones per port are being told why at once, the rest are closed
+  without an answer, so refusals cannot pile up descriptors either.
 - Rule 3: on the peer port ``reserved`` slots are kept for the hosts of known members
   (``is_member``): other hosts may fill only ``limit - reserved``, and members' pending
   connections have a pool of ``reserved`` of their own, which no other host's newcomer evicts.
@@ -48,6 +50,7 @@ log = logging.getLogger("kvd.net.admission")
 RESERVED_FOR_STORAGE = 0.5
 RESERVED_OTHER = 256
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 1.0
+MAX_REFUSING = 32  # refused connections per port being sent their ERROR at once (rule 2)
 
 
 @dataclass(eq=False)
@@ -86,6 +89,7 @@ class Admission:
         self._by_host: dict[str, OrderedDict[Ticket, None]] = {}
         self.evicted = 0
         self.refused = 0
+        self.refusing = 0  # refused connections whose handler is still telling them why
         self.peak = 0
 
     def __repr__(self) -> str:
@@ -242,12 +246,16 @@ async def _run(stream, ticket: Ticket | None, handler: Handler, admission: Admis
     with trio.CancelScope() as scope:
         if ticket is not None:
             ticket.evict = scope.cancel
+        refusing = ticket is None and admission.refusing < MAX_REFUSING
+        admission.refusing += refusing
         try:
-            if ticket is None or await _wait_first_bytes(stream, admission.silence):
+            if refusing or (ticket is not None
+                            and await _wait_first_bytes(stream, admission.silence)):
                 await handler(stream, ticket)
         except Exception:  # one connection's bug must not end the accept loop (rule 4)
             log.exception("%s port: connection handler failed", admission.name)
         finally:
+            admission.refusing -= refusing
             if ticket is not None:
                 admission.release(ticket)
             sock = _raw_socket(stream)
