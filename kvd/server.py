@@ -39,6 +39,7 @@ from kvd.errors import (
     Unavailable,
     unwrap_single_error,
 )
+from kvd.metrics import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from kvd.metrics import NodeMetrics
 from kvd.net.admission import (
     Admission,
@@ -266,7 +267,8 @@ def _admissions(config: Config, cluster: Cluster) -> dict[str, Admission]:
     """The budgets of the client and peer ports (kvd.net.admission), within the process's
     descriptor limit; the peer port keeps slots for the hosts of known members."""
     nofile = current_nofile()
-    wanted = {"client": config.max_connections, "peer": config.max_connections}
+    wanted = {"client": config.max_connections, "peer": config.max_connections,
+              "metrics": METRICS_MAX_CONNECTIONS if config.metrics_listen else 0}
     limits = descriptor_budget(nofile, wanted)
     if limits != wanted:
         log.warning("max_connections %d per port does not fit the descriptor limit %d "

@@ -6,8 +6,9 @@ HELLO handshake; for the metrics port, a complete HTTP request), then *establish
 
 Invariants:
 
-- Rule 1: at most ``limit`` connections per port are open, pending and established together,
-  so the ports' limits plus the headroom of ``descriptor_budget`` fit RLIMIT_NOFILE.
+- Rule 1: at most ``limit`` connections per port are open, pending and established together
+  (plus the evicted ones still closing and at most ``MAX_REFUSING`` being refused), so the
+  ports' limits plus the headroom of ``descriptor_budget`` fit RLIMIT_NOFILE.
 - Rule 2: pending connections have smaller budgets: ``pending`` in all, ``pending_per_host``
   per source address. When a budget is full the *oldest* pending connection is closed to make
   room for the newcomer (as HAProxy and nginx do): an idle socket is the oldest one, a real
