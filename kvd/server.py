@@ -337,11 +337,12 @@ async def handle_connection(node: Node, stream, ticket: Ticket | None, role: str
         with unwrap_single_error():
             await _serve_connection(node, conn, role, ticket)
     except Unauthorized as exc:
-        # Logged once per address by the handshake; the reason goes back, never a secret.
+        # Counted (and logged if its address is new) by the handshake; the reason goes back,
+        # never a secret.
         await _send_error(conn, 0, exc)
     except ProtocolError as exc:
         node.counters.protocol_errors += 1
-        # Once per address: hostile input must not be able to flood the log.
+        # Counted by reason, logged once per new address: hostile input cannot flood the log.
         conn.security.note("closed a connection on a protocol error", conn.host, "", str(exc))
         await _send_error(conn, 0, exc)
     except ConnectFailed:
@@ -366,7 +367,7 @@ async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> 
 async def _handshake(node: Node, conn: FrameConnection, role: str) -> None:
     """HELLO (and for peers with a cluster secret the challenge-response of
     kvd.security), all within ``handshake_timeout``; then HELLO_OK and the frame limit
-    rises. A refusal raises Unauthorized, logged once per address."""
+    rises. A refusal raises Unauthorized, counted by kvd.security.Refusals."""
     security = getattr(conn, "security", None) or Security()
     host = getattr(conn, "host", "")
     with trio.move_on_after(node.config.handshake_timeout) as scope:
