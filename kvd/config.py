@@ -331,8 +331,39 @@ class Config(BaseModel):
         default=1024,
         ge=1,
         description=(
-            "Most client plus peer connections open at once; further ones are refused so "
-            "a connection flood cannot exhaust file descriptors or memory."
+            "Most connections open at once on each of the client and peer ports, "
+            "authenticated or not. When only authenticated connections fill a port, a new "
+            "one is refused (\"too many connections\"). kvd raises its descriptor limit "
+            "(RLIMIT_NOFILE) to the hard limit at start and lowers this, with a warning, if "
+            "the ports would not leave half the descriptors to LevelDB plus 256 spare."
+        ),
+    )
+    max_pending_connections: int = Field(
+        default=128,
+        ge=1,
+        description=(
+            "Most connections per port that have not completed the handshake (HELLO and "
+            "authentication) yet. When full, the oldest such connection is closed to make "
+            "room for the new one (as HAProxy and nginx do), so idle sockets cannot lock "
+            "clients or peers out: a real client authenticates in one round trip."
+        ),
+    )
+    max_pending_per_address: int = Field(
+        default=32,
+        ge=1,
+        description=(
+            "Most connections from one source address per port that have not completed the "
+            "handshake; a new one from that address closes its oldest."
+        ),
+    )
+    member_reserved_connections: int = Field(
+        default=64,
+        ge=0,
+        description=(
+            "Connections of the peer port kept for the addresses of known members (the "
+            "member table's peer addresses and the seeds): other addresses can fill only "
+            "max_connections minus this, and members' unauthenticated connections have this "
+            "many slots of their own. At most half of max_connections."
         ),
     )
     handshake_timeout: float = Field(

@@ -119,7 +119,9 @@ def _serve(config: Config) -> None:
     import trio
 
     import kvd.server  # imported here so --check works without the server's dependencies
+    from kvd.net.admission import raise_nofile_limit
 
+    raise_nofile_limit()  # before LevelDB and the connection budgets size themselves on it
     trio.run(kvd.server.run, config)
 
 

@@ -18,9 +18,12 @@ Where the numbers come from (rules this module keeps):
 2. Everything else is read from the node's own state at scrape time (``Counters``, the
    coordinator's read repairs, the cluster's hints and transfers, anti-entropy totals,
    storage sizes), so no other module has to know metrics exist.
-3. Label values are bounded: outcomes are a fixed set, hint targets are cluster members.
+3. Label values are bounded: outcomes are a fixed set, hint targets are cluster members,
+   refusal reasons are kvd's own messages with client-chosen parts replaced (at most 32).
 4. The endpoint never blocks the event loop on the disk: the blob directory walk runs in a
    worker thread and is cached for ``SIZE_CACHE_SECONDS``.
+5. The endpoint has a connection budget of its own (kvd.net.admission): silent or slow
+   connections are closed at a deadline or make room for newer ones, never queued.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from kvd import versions
 from kvd.config import Config
 from kvd.errors import KvdError
+from kvd.net.admission import Admission, current_nofile, descriptor_budget, serve_admitted
 
 __all__ = ["NodeMetrics", "OUTCOMES", "unready_partitions"]
 
@@ -67,7 +71,12 @@ SIBLING_BUCKETS = (1, 2, 3, 4, 5, 10, 25, 50, 100)
 SIZE_CACHE_SECONDS = 10.0
 MAX_REQUEST_HEAD = 8192  # bytes of request line and headers accepted
 READ_TIMEOUT = 5.0  # seconds a client has to send its request
-MAX_CONNECTIONS = 32  # scrapers are few; more wait
+SEND_TIMEOUT = 5.0  # seconds a client has to take the answer
+# The port's budget (kvd.net.admission): scrapers and probes are few and quick. A connection
+# is pending until its request head has arrived; a newcomer closes the oldest pending one, so
+# silent sockets cannot keep /health from answering; beyond MAX_CONNECTIONS it is refused.
+MAX_CONNECTIONS = 64
+MAX_PENDING = 32
 
 
 def unready_partitions(primaries: Callable[[int], list[str]], q: int, me: str,
@@ -118,6 +127,8 @@ class NodeMetrics:
         self.registry.register(_NodeCollector(self))
         self._blob_bytes = 0
         self._blob_bytes_at = -SIZE_CACHE_SECONDS
+        self.security: Any = None  # kvd.security.Security, for the refusal counts
+        self.admission: Admission | None = None  # the metrics port's own budget
 
     # ------------------------------------------------------------- wiring
 
@@ -206,16 +217,14 @@ class NodeMetrics:
     async def serve(self, listeners: list, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve /metrics, /health and /ready on ``listeners`` until cancelled."""
         log.info("metrics on http://%s/metrics", self.config.metrics_listen)
-        slots = trio.CapacityLimiter(MAX_CONNECTIONS)
+        limit = descriptor_budget(current_nofile(), {"metrics": MAX_CONNECTIONS})["metrics"]
+        self.admission = Admission("metrics", limit, MAX_PENDING, MAX_PENDING,
+                                   silence=READ_TIMEOUT)
+        await serve_admitted(self._handle, listeners, self.admission, task_status=task_status)
 
-        async def handler(stream):
-            async with slots:
-                await self._handle(stream)
-
-        task_status.started()
-        await trio.serve_listeners(handler, listeners)
-
-    async def _handle(self, stream) -> None:
+    async def _handle(self, stream, ticket) -> None:
+        if ticket is None:
+            return  # full of requests being answered: closed at once, never queued
         try:
             async with stream:
                 head = b""
@@ -227,11 +236,15 @@ class NodeMetrics:
                         head += data
                         if len(head) > MAX_REQUEST_HEAD:
                             break
+                if not head:
+                    return  # silent until the deadline, or closed: nothing to answer
+                ticket.established()
                 status, ctype, body, method = await self._respond(head)
                 headers = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
                            "Connection: close\r\n\r\n").encode()
-                await stream.send_all(headers + (b"" if method == "HEAD" else body))
+                with trio.move_on_after(SEND_TIMEOUT):
+                    await stream.send_all(headers + (b"" if method == "HEAD" else body))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
@@ -312,6 +325,28 @@ class _NodeCollector:
         yield _counter("kvd_protocol_errors", "Connections closed for a protocol violation.",
                        c.protocol_errors)
         yield _gauge("kvd_requests_in_flight", "Requests being handled now.", node.in_flight)
+        ports = dict(getattr(node, "admissions", {}))
+        if metrics.admission is not None:
+            ports["metrics"] = metrics.admission
+        open_ = GaugeMetricFamily("kvd_connections_open", "Connections open now, by port and "
+                                  "whether they have authenticated yet.", labels=["port", "state"])
+        evicted = CounterMetricFamily("kvd_connections_evicted", "Unauthenticated connections "
+                                      "closed to make room for a newer one.", labels=["port"])
+        for port, admission in sorted(ports.items()):
+            stats = admission.statistics()
+            open_.add_metric([port, "pending"], stats["pending"])
+            open_.add_metric([port, "established"], stats["open"] - stats["pending"])
+            evicted.add_metric([port], stats["evicted"])
+        yield open_
+        yield evicted
+        if metrics.security is not None:
+            refusals = CounterMetricFamily(
+                "kvd_refusals", "Connections refused or closed by the handshake, by what "
+                "happened and why (client-chosen names and numbers replaced by _).",
+                labels=["what", "reason"])
+            for (what, reason), count in sorted(metrics.security.refusals.totals.items()):
+                refusals.add_metric([what, reason], count)
+            yield refusals
         yield _counter("kvd_read_repairs", "Replicas rewritten by read repair.",
                        node.coordinator.read_repairs)
 

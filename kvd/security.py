@@ -20,6 +20,11 @@ Invariants:
 - Rule 6: the handshake protects every frame after it too. Once the connecting node has sent
   its proof, a plain-TCP peer connection carries authenticated records (kvd.net.sealed)
   under keys derived like the proofs (``session_keys``), both ways; over TLS, TLS does it.
+- Rule 7: refusals are aggregated, never dropped from view (``Refusals``): every one is
+  counted by reason (the ``kvd_refusals_total`` metric and a summary line per
+  ``REFUSAL_LOG_INTERVAL``), and an address's first refusal is logged at once, so a flood
+  of forged names from a few addresses cannot hide a new node with a wrong secret. Memory
+  and log lines per interval are bounded whatever the flood.
 
 The peer exchange (docs/protocol.md, section 2)::
 
@@ -36,15 +41,18 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import ssl
 import stat
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
 
 from kvd.config import is_loopback_host
 from kvd.errors import ConfigError, ProtocolError, Unauthorized
+from kvd.net.admission import remote_host
 from kvd.net.connection import FrameConnection
 from kvd.proto import codec
 from kvd.proto.messages import FLAG_END, PRE_AUTH_MAX_FRAME, PROTOCOL_VERSION, MsgType
@@ -60,6 +68,7 @@ __all__ = [
     "NONCE_SIZE",
     "PEER",
     "ROLES",
+    "Refusals",
     "Security",
     "TokenTable",
     "allows",
@@ -85,9 +94,15 @@ MIN_TOKEN = 16
 ROLES = ("read", "write", "admin")
 PEER = "peer"
 _RANK = {"read": 1, "write": 2, "admin": 3, PEER: 4}
-# Distinct addresses whose refusal is logged; past this, refusals are counted, not logged,
-# so a flood of forged source names cannot grow memory or the log.
-MAX_LOGGED_ADDRESSES = 1024
+# Refusal logging (rule 6): each address's first refusal is logged at once, at most
+# NEW_HOSTS_LOGGED new addresses per interval; every refusal is counted by reason, and a
+# summary line per interval gives the counts and the first EXAMPLES of each reason.
+REFUSAL_LOG_INTERVAL = 60.0
+NEW_HOSTS_LOGGED = 10
+EXAMPLES = 3
+REMEMBERED_HOSTS = 4096  # addresses already logged, least recently seen forgotten first
+MAX_REASONS = 32  # distinct reasons counted (metric labels); later ones count as "other"
+MAX_WINDOW_HOSTS = 10_000  # distinct addresses counted per reason per interval
 # Streamed PUTs refused on one connection whose CHUNK frames are still being dropped.
 MAX_REFUSED_STREAMS = 64
 # Inline request bodies one connection may have in flight, in multiples of max_frame.
@@ -355,7 +370,7 @@ class Security:
         self.peer_tls = peer_tls
         self.peer_client_tls = peer_client_tls
         self.refused = 0
-        self._logged: set[tuple[str, str]] = set()
+        self.refusals = Refusals()
 
     def __repr__(self) -> str:
         return (f"Security(secret={'set' if self.secret else 'none'}, tokens={self.tokens!r}, "
@@ -379,26 +394,13 @@ class Security:
         return cls(secret, tokens, client_tls, peer_tls, peer_client_tls)
 
     def note_refusal(self, kind: str, host: str, who: str, reason: str) -> None:
-        """Log a refused connection once per (address, claimed name), then only count."""
+        """Count a refused connection (rule 6); log it if its address is new."""
         self.refused += 1
-        self.note(f"refused {kind} connection", host, who, reason)
+        self.refusals.note(f"refused {kind} connection", host, who, reason)
 
     def note(self, what: str, host: str, who: str, reason: str) -> None:
-        """Log ``what`` happened on a connection from ``host``, once per (host, who)."""
-        key = (host, who)
-        if key in self._logged:
-            return
-        if len(self._logged) >= MAX_LOGGED_ADDRESSES:
-            if len(self._logged) == MAX_LOGGED_ADDRESSES:
-                self._logged.add(("", "overflow"))
-                log.warning("refused connections from over %d addresses; no longer logging "
-                            "new ones", MAX_LOGGED_ADDRESSES)
-            return
-        self._logged.add(key)
-        log.warning("%s from %s%s: %s (logged once per address)",
-                    what, host or "an unknown address", f" claiming to be {who}" if who else "",
-                    reason)
-
+        """Count that ``what`` happened on a connection from ``host`` (rule 6)."""
+        self.refusals.note(what, host, who, reason)
 
     def authenticate_client(self, hello, host: str) -> Grant:
         """The Grant of a client HELLO from ``host``, or Unauthorized (rule 5)."""
@@ -454,6 +456,77 @@ class Security:
         return Grant(f"peer {who}", PEER), answer
 
 
+class _Window:
+    """One reason's refusals in the current interval."""
+
+    def __init__(self):
+        self.count = 0
+        self.hosts: set[str] = set()
+        self.examples: list[tuple[str, str]] = []
+
+
+class Refusals:
+    """Refusals aggregated by reason (rule 6): totals for the metric, a window for the
+    periodic summary line, and the addresses already logged."""
+
+    def __init__(self):
+        self.totals: dict[tuple[str, str], int] = {}  # (what, reason) -> count since start
+        self._window: dict[tuple[str, str], _Window] = {}
+        self._known: OrderedDict[str, None] = OrderedDict()
+        self._new_logged = 0
+
+    def note(self, what: str, host: str, who: str, reason: str) -> None:
+        key = (what, _reason_label(reason))
+        if key not in self.totals and len(self.totals) >= MAX_REASONS:
+            key = (what, "other")
+        self.totals[key] = self.totals.get(key, 0) + 1
+        window = self._window.setdefault(key, _Window())
+        window.count += 1
+        if len(window.hosts) < MAX_WINDOW_HOSTS:
+            window.hosts.add(host)
+        if len(window.examples) < EXAMPLES and all(h != host for h, _ in window.examples):
+            window.examples.append((host, who))
+        if host in self._known:
+            self._known.move_to_end(host)
+            return
+        self._known[host] = None
+        if len(self._known) > REMEMBERED_HOSTS:
+            self._known.popitem(last=False)
+        if self._new_logged < NEW_HOSTS_LOGGED:
+            self._new_logged += 1
+            log.warning("%s from %s%s: %s (first from this address; more are counted in the "
+                        "refusal summary)", what, host or "an unknown address",
+                        f" claiming to be {who}" if who else "", reason)
+
+    def summary(self) -> str | None:
+        """The summary line of the interval now ending (None if nothing was refused), and
+        a new interval."""
+        window, self._window, self._new_logged = self._window, {}, 0
+        if not window:
+            return None
+        parts = []
+        for (what, reason), seen in sorted(window.items(), key=lambda kv: -kv[1].count):
+            hosts = len(seen.hosts)
+            more = "+" if hosts >= MAX_WINDOW_HOSTS else ""
+            examples = ", ".join(f"{h or '?'}{' as ' + w if w else ''}" for h, w in seen.examples)
+            parts.append(f"{seen.count} {what} ({reason}) from {hosts}{more} "
+                         f"address{'es' if hosts != 1 else ''}, e.g. {examples}")
+        return "refusals in the last interval: " + "; ".join(parts)
+
+    async def run(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        """Log the summary line every ``interval`` seconds while there are refusals."""
+        while True:
+            await trio.sleep(interval)
+            line = self.summary()
+            if line:
+                log.warning("%s", line)
+
+
+def _reason_label(reason: str) -> str:
+    """A reason without the parts a client chooses (quoted names, numbers): a bounded label."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"|\d+", "_", reason)[:100]
+
+
 def printable(name: object, limit: int = 64) -> str:
     """A peer-supplied name made safe for one log line."""
     text = name if isinstance(name, str) else ""
@@ -461,18 +534,6 @@ def printable(name: object, limit: int = 64) -> str:
 
 
 # --------------------------------------------------------------------------- connections
-
-
-def remote_host(stream) -> str:
-    """The remote IP of a (possibly TLS-wrapped) trio socket stream, or "" if unknown."""
-    while not hasattr(stream, "socket") and hasattr(stream, "transport_stream"):
-        stream = stream.transport_stream
-    if isinstance(getattr(stream, "remote", None), str):  # kvd.net.memory: "HOST:PORT"
-        return stream.remote.rpartition(":")[0]
-    try:
-        return str(stream.socket.getpeername()[0])
-    except (AttributeError, OSError, IndexError, TypeError):
-        return ""
 
 
 class GuardedConnection(FrameConnection):

@@ -7,7 +7,9 @@ storage and return (exit 0).
 
 Connection rules (DESIGN section 6): a HELLO must arrive within ``handshake_timeout`` and fit in
 16 KiB; after it the frame limit rises to ``max_frame``. A malformed frame gets one ERROR frame
-(request id 0, code "protocol") and the connection is closed; nothing else is affected.
+(request id 0, code "protocol") and the connection is closed; nothing else is affected. Each
+port admits connections through its budget (kvd.net.admission): a connection is pending until
+its handshake succeeds, and the oldest pending one makes room for a newcomer.
 """
 
 from __future__ import annotations
@@ -37,7 +39,15 @@ from kvd.errors import (
     Unavailable,
     unwrap_single_error,
 )
+from kvd.metrics import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from kvd.metrics import NodeMetrics
+from kvd.net.admission import (
+    Admission,
+    Ticket,
+    current_nofile,
+    descriptor_budget,
+    serve_admitted,
+)
 from kvd.net.connection import FrameConnection
 from kvd.node import admin
 from kvd.node.antientropy import AntiEntropy
@@ -120,6 +130,7 @@ class Node:
     counters: Counters = field(default_factory=Counters)
     in_flight: int = 0
     draining: bool = False
+    admissions: dict[str, Admission] = field(default_factory=dict)  # "client", "peer"
     idle: trio.Event = field(default_factory=trio.Event)
     security: Security | None = None  # what serve() enforces; SIGHUP re-reads its tokens
 
@@ -218,6 +229,8 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             security = Security.from_config(config)  # secret, tokens, TLS: checked here
             node.security = security
             cluster.peers.security = security
+            metrics.security = security
+            node.admissions.update(_admissions(config, cluster))
             listeners = []
             for key, role in (("peer_listen", "peer"), ("listen", "client")):
                 bound = await listen(key, getattr(config, key))
@@ -225,13 +238,14 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
                 tls = security.peer_tls if role == "peer" else security.client_tls
                 # With TLS, the TLS handshake runs inside the HELLO's handshake timeout.
                 served = [trio.SSLListener(b, tls) for b in bound] if tls else bound
-                slots = trio.CapacityLimiter(config.max_connections)
                 nursery.start_soon(
-                    trio.serve_listeners,
-                    lambda stream, role=role, slots=slots: handle_connection(
-                        node, stream, slots, role, security),
+                    serve_admitted,
+                    lambda stream, ticket, role=role: handle_connection(
+                        node, stream, ticket, role, security),
                     served,
+                    node.admissions[role],
                 )
+            nursery.start_soon(security.refusals.run)
             socket = getattr(listeners[-1], "socket", None)
             port = socket.getsockname()[1] if socket is not None else 0
             nursery.start_soon(cluster.run)
@@ -249,6 +263,31 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
                 node.draining = True
                 for listener in listeners:
                     await listener.aclose()
+
+
+def _admissions(config: Config, cluster: Cluster) -> dict[str, Admission]:
+    """The budgets of the client and peer ports (kvd.net.admission), within the process's
+    descriptor limit; the peer port keeps slots for the hosts of known members."""
+    nofile = current_nofile()
+    wanted = {"client": config.max_connections, "peer": config.max_connections,
+              "metrics": METRICS_MAX_CONNECTIONS if config.metrics_listen else 0}
+    limits = descriptor_budget(nofile, wanted)
+    if limits != wanted:
+        log.warning("max_connections %d per port does not fit the descriptor limit %d "
+                    "(RLIMIT_NOFILE): using %d; raise LimitNOFILE", config.max_connections,
+                    nofile, limits["client"])
+
+    def is_member(host: str) -> bool:
+        peers = [peer for _, peer in cluster.addresses.values()] + list(config.seeds)
+        return any(address.rpartition(":")[0].strip("[]") == host for address in peers)
+
+    def budget(role: str, reserved: int = 0) -> Admission:
+        return Admission(role, limits[role], config.max_pending_connections,
+                         config.max_pending_per_address, reserved, is_member,
+                         silence=config.handshake_timeout)
+
+    return {"client": budget("client"),
+            "peer": budget("peer", config.member_reserved_connections)}
 
 
 async def run(config: Config) -> None:
@@ -285,12 +324,12 @@ async def run(config: Config) -> None:
 # ---------------------------------------------------------------- connections
 
 
-async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter, role: str,
+async def handle_connection(node: Node, stream, ticket: Ticket | None, role: str,
                             security: Security | None = None) -> None:
+    """Serve one accepted connection; ``ticket`` is its admission (kvd.net.admission),
+    None when the port is full of authenticated connections."""
     conn = GuardedConnection(stream, security)
-    try:
-        slots.acquire_nowait()
-    except trio.WouldBlock:
+    if ticket is None:
         node.counters.rejected_connections += 1
         await _send_error(conn, 0, Unavailable("too many connections"))
         await conn.aclose()
@@ -298,13 +337,14 @@ async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter, rol
     node.counters.connections += 1
     try:
         with unwrap_single_error():
-            await _serve_connection(node, conn, role)
+            await _serve_connection(node, conn, role, ticket)
     except Unauthorized as exc:
-        # Logged once per address by the handshake; the reason goes back, never a secret.
+        # Counted (and logged if its address is new) by the handshake; the reason goes back,
+        # never a secret.
         await _send_error(conn, 0, exc)
     except ProtocolError as exc:
         node.counters.protocol_errors += 1
-        # Once per address: hostile input must not be able to flood the log.
+        # Counted by reason, logged once per new address: hostile input cannot flood the log.
         conn.security.note("closed a connection on a protocol error", conn.host, "", str(exc))
         await _send_error(conn, 0, exc)
     except ConnectFailed:
@@ -313,7 +353,6 @@ async def handle_connection(node: Node, stream, slots: trio.CapacityLimiter, rol
         # A bug in one connection's handling must never take the daemon down.
         log.exception("connection handler failed")
     finally:
-        slots.release()
         await conn.aclose()
 
 
@@ -330,7 +369,7 @@ async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> 
 async def _handshake(node: Node, conn: FrameConnection, role: str) -> None:
     """HELLO (and for peers with a cluster secret the challenge-response of
     kvd.security), all within ``handshake_timeout``; then HELLO_OK and the frame limit
-    rises. A refusal raises Unauthorized, logged once per address."""
+    rises. A refusal raises Unauthorized, counted by kvd.security.Refusals."""
     security = getattr(conn, "security", None) or Security()
     host = getattr(conn, "host", "")
     with trio.move_on_after(node.config.handshake_timeout) as scope:
@@ -373,8 +412,11 @@ async def _handshake(node: Node, conn: FrameConnection, role: str) -> None:
     )
 
 
-async def _serve_connection(node: Node, conn: FrameConnection, role: str) -> None:
+async def _serve_connection(node: Node, conn: FrameConnection, role: str,
+                            ticket: Ticket | None = None) -> None:
     await _handshake(node, conn, role)
+    if ticket is not None:
+        ticket.established()  # no longer evictable as an idle newcomer
     handlers = PEER_HANDLERS if role == "peer" else HANDLERS
     streams: dict[int, trio.MemorySendChannel] = {}
     slots = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)

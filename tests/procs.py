@@ -44,8 +44,9 @@ class KvdProcess:
     """One kvd daemon: start, stop (SIGTERM), kill (SIGKILL), restart with the same data."""
 
     def __init__(self, data_dir: Path, node_id: str = "n1", extra: dict | None = None,
-                 seeds: list[str] | None = None):
+                 seeds: list[str] | None = None, prefix: list[str] | None = None):
         self.data_dir = Path(data_dir)
+        self.prefix = list(prefix or [])  # e.g. ["prlimit", "--nofile=64"]
         self.node_id = node_id
         self.port = free_port()
         self.peer_port = free_port()
@@ -67,9 +68,10 @@ class KvdProcess:
             f'node_id = "{self.node_id}"',
             f'listen = "127.0.0.1:{self.port}"',
             f'peer_listen = "127.0.0.1:{self.peer_port}"',
-            'metrics_listen = ""',
             f'data_dir = "{self.data_dir}"',
         ]
+        if "metrics_listen" not in self.extra:
+            lines.append('metrics_listen = ""')
         if self.seeds:
             lines.append("seeds = [" + ", ".join(f'"{s}"' for s in self.seeds) + "]")
         for key, value in self.extra.items():
@@ -88,7 +90,7 @@ class KvdProcess:
         config = self.write_config()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvd.main", "--config", str(config)],
+            [*self.prefix, sys.executable, "-m", "kvd.main", "--config", str(config)],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

@@ -606,9 +606,14 @@ class Cluster:
             if not slots:
                 await trio.sleep(5.0)
                 continue
-            for slot in slots:
-                while deleted := await self.store.reclaim(slot, step):
-                    await trio.sleep(deleted / self.config.reclaim_rate)
+            try:
+                for slot in slots:
+                    while deleted := await self.store.reclaim(slot, step):
+                        await trio.sleep(deleted / self.config.reclaim_rate)
+            except OSError as exc:  # a blob directory fsync meeting EMFILE: try again later
+                log.warning("reclaiming dropped partitions: %s; retrying in 5 s",
+                            exc.strerror or exc)
+                await trio.sleep(5.0)
 
     async def _fetch_guarded(self, q: int, limiter, failed: list) -> None:
         """Fetch ``q``; a peer or network failure is noted in ``failed`` instead of

@@ -17,12 +17,15 @@ ledger has forgotten. All of it runs in worker threads, never on the event loop.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import trio
 
 from kvd.errors import Unavailable
+
+log = logging.getLogger("kvd.storage.blobs")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -41,6 +44,8 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.sync = sync
         self._root_durable = not sync  # root's own name, fsynced before the first seal
+        self._size = 0  # the last approximate_size that could be measured
+        self._size_failing = False
 
     def _path(self, vid: bytes) -> Path:
         name = vid.hex()
@@ -119,8 +124,18 @@ class BlobStore:
         await trio.to_thread.run_sync(self._delete, vid)
 
     def approximate_size(self) -> int:
-        """Bytes held in blobs (a directory scan: for status, not the hot path)."""
-        return sum(p.stat().st_size for p in self.root.glob("??/*"))
+        """Bytes held in blobs (a directory scan: for status, not the hot path). When the
+        scan fails (EMFILE, a file removed meanwhile) the last figure stands: a status
+        number must never take its caller (gossip, metrics) down."""
+        try:
+            self._size = sum(p.stat().st_size for p in self.root.glob("??/*"))
+            self._size_failing = False
+        except OSError as exc:
+            if not self._size_failing:  # once per streak of failures, not per gossip round
+                log.warning("blob directory %s: cannot measure its size: %s", self.root,
+                            exc.strerror or exc)
+            self._size_failing = True
+        return self._size
 
 
 class MemoryBlobStore:

@@ -1,0 +1,317 @@
+"""Connection budgets (issue 10, holes 1 and 3): idle or unfinished connections cannot lock
+anyone out of any port, and no descriptor shortage takes a node down.
+
+The attacks run against real kvd processes over real TCP (descriptors, accept backlogs and
+EMFILE exist only there); the admission rules themselves are tested as a pure table.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvd.net.admission import Admission, descriptor_budget
+from kvd.proto import codec
+from kvd.proto.codec import FrameDecoder
+from kvd.proto.messages import MsgType
+from tests.flood import Flood
+from tests.procs import ROOT, KvdProcess, free_port, rss_kib
+from tests.test_security import procs, raw_connect, read_message, start  # noqa: F401
+
+CLIENT_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "client"})
+PEER_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "peer", "node": "n9"})
+PING = codec.encode(MsgType.PING, 2, {})
+
+
+def http_get(port: int, path: str, timeout: float = 10) -> tuple[str, float]:
+    """(status line, seconds) of one GET on the metrics port."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n", 1)[0].decode(), time.monotonic() - began
+
+
+def new_client(port: int, hello: bytes = CLIENT_HELLO, ping: bool = True) -> float:
+    """Seconds for a new connection to be accepted, complete its HELLO and answer a PING."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.settimeout(10)
+        decoder = FrameDecoder(1 << 20)
+        sock.sendall(hello)
+        reply = read_message(sock, decoder)
+        assert reply is not None and reply.type == MsgType.HELLO_OK, reply
+        if ping:
+            sock.sendall(PING)
+            reply = read_message(sock, decoder)
+            assert reply is not None and reply.type == MsgType.PONG, reply
+    return time.monotonic() - began
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because an accept queue was full (all
+    listeners of the machine: informational)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split()))["ListenOverflows"])
+    return 0
+
+
+# ----------------------------------------------------------------------------- the rules
+
+
+def test_a_newcomer_evicts_the_oldest_pending_connection_of_its_address_then_of_all():
+    port = Admission("client", limit=10, pending=4, pending_per_host=2)
+    a1, _ = port.admit("10.0.0.1")
+    a2, _ = port.admit("10.0.0.1")
+    a3, evicted = port.admit("10.0.0.1")  # its address is full: its own oldest goes
+    assert evicted == [a1] and a3 is not None
+    b1, evicted = port.admit("10.0.0.2")
+    b2, evicted = port.admit("10.0.0.3")
+    assert evicted == []
+    c1, evicted = port.admit("10.0.0.4")  # all pending full: the oldest of all goes
+    assert evicted == [a2]
+    assert port.statistics()["pending"] == 4 and port.open == 4
+    port.release(a2)  # an evicted ticket's own release later changes nothing
+    assert port.open == 4
+
+
+def test_established_connections_are_never_evicted_and_fill_the_port_before_refusal():
+    port = Admission("client", limit=3, pending=3, pending_per_host=3)
+    tickets = [port.admit("10.0.0.1")[0] for _ in range(3)]
+    tickets[0].established()
+    tickets[1].established()
+    newcomer, evicted = port.admit("10.0.0.2")  # full: the pending one makes room
+    assert evicted == [tickets[2]] and newcomer is not None
+    newcomer.established()
+    assert port.admit("10.0.0.3") == (None, [])  # only established ones: refused
+    assert port.refused == 1
+    port.release(tickets[0])
+    assert port.admit("10.0.0.3")[0] is not None
+
+
+def test_members_keep_reserved_slots_on_the_peer_port():
+    members = {"10.0.0.9"}
+    port = Admission("peer", limit=6, pending=4, pending_per_host=4, reserved=2,
+                     is_member=members.__contains__)
+    strangers = [port.admit(f"192.0.2.{i}")[0] for i in range(4)]
+    for ticket in strangers:
+        ticket.established()
+    assert port.admit("192.0.2.99") == (None, [])  # limit - reserved reached for strangers
+    m1, evicted = port.admit("10.0.0.9")
+    m2, _ = port.admit("10.0.0.9")
+    assert m1 and m2 and evicted == []
+    flood = [port.admit(f"198.51.100.{i}") for i in range(50)]  # pending strangers: refused
+    assert all(ticket is None for ticket, _ in flood) and m1.pending and m2.pending
+
+
+async def test_refusals_being_answered_are_bounded_and_accept_errors_never_end_the_loop():
+    import trio
+
+    from kvd.net import admission as adm
+
+    port = Admission("client", limit=1, pending=1, pending_per_host=1)
+    told = []
+
+    async def handler(stream, ticket):
+        if ticket is None:
+            told.append(stream)
+            await trio.sleep_forever()  # a refused client that never reads its ERROR
+        ticket.established()
+        await trio.sleep_forever()
+
+    class FlakyListener(trio.abc.Listener):
+        """Fails accept with EMFILE twice, then hands out one side of socket pairs."""
+
+        def __init__(self):
+            self.calls = 0
+
+        async def accept(self):
+            if self.calls == 2 + 1 + 50:
+                await trio.sleep_forever()
+            self.calls += 1
+            if self.calls <= 2:
+                raise OSError(24, "Too many open files")
+            await trio.sleep(0.005)  # the handlers of earlier ones run first
+            ours, theirs = trio.socket.socketpair()
+            keep.append(theirs)
+            await theirs.send(b"x")  # the first bytes: the handler may start
+            return trio.SocketStream(ours)
+
+        async def aclose(self):
+            pass
+
+    keep = []
+    async with trio.open_nursery() as nursery:
+        listener = FlakyListener()
+        await nursery.start(adm.serve_admitted, handler, [listener], port)
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert listener.calls == 2 + 1 + 50  # the back-off did not end the loop
+    assert port.refused == 50 and len(told) == adm.MAX_REFUSING
+    for sock in keep:
+        sock.close()
+
+
+@pytest.mark.parametrize("nofile, wanted, got", [
+    (20000, {"client": 1024, "peer": 1024, "metrics": 64}, {"client": 1024, "peer": 1024,
+                                                             "metrics": 64}),
+    (1024, {"client": 1024, "peer": 1024}, {"client": 128, "peer": 128}),
+    (256, {"client": 1024, "peer": 1024}, {"client": 12, "peer": 12}),
+])
+def test_descriptor_budget_leaves_half_to_storage_and_256_spare(nofile, wanted, got):
+    assert descriptor_budget(nofile, wanted) == got
+
+
+# ----------------------------------------------------------------------------- real attacks
+
+
+@pytest.mark.slow
+def test_silent_connections_on_the_metrics_port_do_not_block_health(tmp_path, procs):
+    metrics = free_port()
+    node = start(tmp_path, procs, "n1", {"metrics_listen": f"127.0.0.1:{metrics}"})
+    with Flood(metrics, 300, interval=0.2) as flood:
+        deadline = time.monotonic() + 10
+        while flood.opened < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        took = [http_get(metrics, "/health") for _ in range(5)]
+    assert all(status == "HTTP/1.1 200 OK" for status, _ in took), took
+    assert max(seconds for _, seconds in took) < 1.0, took
+    assert node.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_idle_sockets_do_not_lock_out_clients_or_peers(tmp_path, procs):
+    node = start(tmp_path, procs, "n1", {"max_connections": 256})
+    with Flood(node.port, 600, interval=0.2), Flood(node.peer_port, 600, interval=0.2):
+        time.sleep(1.5)
+        clients = [new_client(node.port) for _ in range(10)]
+        peers = [new_client(node.peer_port, PEER_HELLO, ping=False) for _ in range(10)]
+    assert max(clients) < 1.0 and max(peers) < 1.0, (clients, peers)
+    assert node.proc.poll() is None
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def flood_attack(tmp_path, procs, count: int, seconds: float) -> dict:
+    """``count`` idle sockets churned on each of the client, peer and metrics ports (one
+    flooding process per port) while new clients, peers and /health are timed. Returns the
+    figures; the node must stay up throughout."""
+    metrics = free_port()
+    node = start(tmp_path, procs, "n1", {"metrics_listen": f"127.0.0.1:{metrics}"})
+    pid = node.proc.pid
+    quiet = [new_client(node.port) for _ in range(100)]
+    fds_quiet, rss_quiet, overflows = open_fds(pid), rss_kib(pid), listen_overflows()
+    floods = [subprocess.Popen([sys.executable, "-m", "tests.flood", str(port), str(count),
+                                str(seconds), "5"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+              for port in (node.port, node.peer_port, metrics)]
+    try:
+        time.sleep(min(3.0, seconds / 4))  # let the floods reach their count
+        attacked, peers, health, fds = [], [], [], []
+        end = time.monotonic() + seconds - 4
+        while time.monotonic() < end:
+            attacked.append(new_client(node.port))
+            peers.append(new_client(node.peer_port, PEER_HELLO, ping=False))
+            if len(attacked) % 10 == 0:
+                status, took = http_get(metrics, "/health")
+                assert status == "HTTP/1.1 200 OK", status
+                health.append(took)
+                fds.append(open_fds(pid))
+            assert node.proc.poll() is None, node.log_text()[-2000:]
+        reports = [flood.communicate(timeout=seconds + 30)[0].strip() for flood in floods]
+    finally:
+        for flood in floods:
+            flood.kill()
+    figures = {
+        "count": count,
+        "p99_quiet_ms": round(percentile(quiet, 0.99) * 1000, 1),
+        "p99_attack_ms": round(percentile(attacked, 0.99) * 1000, 1),
+        "clients": len(attacked),
+        "peers": len(peers),
+        "client_max_ms": round(max(attacked) * 1000, 1),
+        "client_p99_9_ms": round(percentile(attacked, 0.999) * 1000, 1),
+        "clients_over_1s": sum(1 for took in attacked if took >= 1),
+        "peer_p99_ms": round(percentile(peers, 0.99) * 1000, 1),
+        "peer_max_ms": round(max(peers) * 1000, 1),
+        "peers_over_1s": sum(1 for took in peers if took >= 1),
+        "listen_overflows": listen_overflows() - overflows,
+        "health_max_ms": round(max(health) * 1000, 1),
+        "fds_quiet": fds_quiet,
+        "fds_peak": max(fds),
+        "rss_growth_kib": rss_kib(pid) - rss_quiet,
+        "floods": reports,
+    }
+    print(figures)
+    assert node.proc.poll() is None
+    return figures
+
+
+def check_flood_figures(figures: dict) -> None:
+    # Bounds of issue 10: new clients and peers connect within 1 s, /health answers, and
+    # (with headroom on a shared 2-core machine) p99 within 2x quiet, or 50 ms on loopback.
+    # Every new client and peer got in (new_client asserts HELLO_OK). A burst of thousands of
+    # reopened sockets can overflow the kernel's accept queue (somaxconn), and a SYN dropped
+    # there is resent after 1 s: so the bound applies to p99 and to all but 1 % of
+    # connections; the max is reported (docs/DECISIONS.md).
+    for kind in ("client", "peer"):
+        samples = figures["clients" if kind == "client" else "peers"]
+        assert figures[f"{kind}_p99_ms" if kind == "peer" else "p99_attack_ms"] < 1000, figures
+        assert figures[f"{kind}s_over_1s"] <= max(1, samples // 100), figures
+    assert figures["health_max_ms"] < 1000, figures
+    assert figures["p99_attack_ms"] < max(2 * figures["p99_quiet_ms"], 50), figures
+    # Descriptors stay within the budgets: client + peer max_connections, metrics, storage.
+    assert figures["fds_peak"] < 2 * 1024 + 64 + 200, figures
+
+
+@pytest.mark.slow
+def test_2000_idle_sockets_churned_on_every_port(tmp_path, procs):
+    check_flood_figures(flood_attack(tmp_path, procs, 2000, 12))
+
+
+@pytest.mark.skipif(not os.environ.get("KVD_SOAK"), reason="make soak: 10,000 sockets a port")
+def test_10000_idle_sockets_churned_on_every_port(tmp_path, procs):
+    check_flood_figures(flood_attack(tmp_path, procs, 10000, 40))
+
+
+@pytest.mark.slow
+def test_out_of_descriptors_the_node_backs_off_and_stays_up(tmp_path, procs):
+    """RLIMIT_NOFILE so low that the ports' budgets do not fit: accept meets EMFILE, and the
+    gossip task's blob directory scan (which took the node down) meets it too."""
+    metrics = free_port()
+    node = KvdProcess(tmp_path / "n1" / "data", extra={
+        "gossip_interval": 0.1, "metrics_listen": f"127.0.0.1:{metrics}"},
+        prefix=["prlimit", "--nofile=40:40"])
+    procs.append(node)
+    node.start()
+    with Flood(node.port, 300, interval=0.2), Flood(node.peer_port, 300, interval=0.2), \
+            Flood(metrics, 300, interval=0.2):
+        time.sleep(4)
+        assert node.proc.poll() is None, node.log_text()[-3000:]
+    time.sleep(1.5)  # the floods' sockets time out and close
+    assert new_client(node.port) < 2
+    assert http_get(metrics, "/health")[0] == "HTTP/1.1 200 OK"
+    assert node.proc.poll() is None
+    log = node.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    print(log[-1500:])
