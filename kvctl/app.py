@@ -19,6 +19,7 @@ import trio
 import typer
 
 from kvctl import render
+from kvd._version import version
 from kvd.client import DEFAULT_ADDRESS, open_client
 from kvd.errors import ConnectFailed, KvdError, NotFound, unwrap_single_error
 
@@ -42,12 +43,7 @@ options = Options()
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            print(f"kvctl {version('kvd')}")
-        except PackageNotFoundError:
-            print("kvctl (development)")
+        print(f"kvctl {version(fallback='(development)')}")
         raise typer.Exit()
 
 

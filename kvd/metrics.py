@@ -25,7 +25,6 @@ Where the numbers come from (rules this module keeps):
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvd import versions
+from kvd._version import version
 from kvd.config import Config
 from kvd.errors import KvdError
 
@@ -301,7 +301,7 @@ class _NodeCollector:
         if node is None:
             return
         info = GaugeMetricFamily("kvd_info", "This node's identity.", labels=["node", "version"])
-        info.add_metric([node.node_id, _version()], 1)
+        info.add_metric([node.node_id, version()], 1)
         yield info
         c = node.counters
         yield _counter("kvd_requests", "Client and peer requests handled.", c.requests)
@@ -382,10 +382,3 @@ def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, text, value=value)
-
-
-@functools.cache
-def _version() -> str:
-    from kvd.main import version
-
-    return version()
