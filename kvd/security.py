@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kvd.config import is_loopback_host
+from kvd.address import is_loopback_host
 from kvd.errors import ConfigError, ProtocolError, Unauthorized
 from kvd.net.connection import FrameConnection
 from kvd.proto import codec

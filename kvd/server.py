@@ -26,7 +26,8 @@ import trio
 from kvd import systemd, versions
 from kvd.client import Dial
 from kvd.clocks import REAL, Clocks
-from kvd.config import Config, parse_address
+from kvd.address import parse_address
+from kvd.config import Config
 from kvd.errors import (
     BadRequest,
     ConfigError,
