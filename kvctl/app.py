@@ -21,7 +21,8 @@ import typer
 from kvctl import render
 from kvd._version import version
 from kvd.client import DEFAULT_ADDRESS, open_client
-from kvd.errors import ConnectFailed, KvdError, NotFound, unwrap_single_error
+from kvd.errors import BadRequest, ConnectFailed, KvdError, NotFound, unwrap_single_error
+from kvd.proto.messages import MAX_KEY_LEN, validate_key
 
 app = typer.Typer(
     add_completion=True,
@@ -106,10 +107,12 @@ def call(operation):
 
 
 def _key(key: str) -> bytes:
+    """The KEY argument as bytes, checked by the protocol's one key rule (usage error: 2)."""
     data = key.encode()
-    if not 1 <= len(data) <= 1024:
-        _fail(f"KEY must be 1..1024 bytes, got {len(data)}", 2)
-    return data
+    try:
+        return validate_key(data)
+    except BadRequest:
+        _fail(f"KEY must be 1..{MAX_KEY_LEN} bytes, got {len(data)}", 2)
 
 
 def _context(text: str | None) -> bytes | None:

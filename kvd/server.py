@@ -48,7 +48,7 @@ from kvd.node.coordinator import MAX_VALUE, Coordinator
 from kvd.node.local import LocalStore, new_vid
 from kvd.node.replica import LocalReplica
 from kvd.proto import codec
-from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
+from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType, validate_key
 from kvd.security import GuardedConnection, Security, printable
 from kvd.storage import keys, open_storage
 from kvd.storage.blobs import BlobStore, MemoryBlobStore
@@ -60,7 +60,6 @@ log = logging.getLogger("kvd.server")
 MAX_IN_FLIGHT_PER_CONNECTION = 128
 # Chunk frames buffered per streaming request before the reader stops reading the socket.
 STREAM_BUFFER_FRAMES = 2
-MAX_KEY = 1024
 
 
 @dataclass
@@ -483,10 +482,7 @@ def _settled(node: Node) -> None:
 
 
 def _key(fields) -> bytes:
-    key = fields["key"]
-    if not 1 <= len(key) <= MAX_KEY:
-        raise BadRequest(f"key must be 1..{MAX_KEY} bytes, got {len(key)}")
-    return key
+    return validate_key(fields["key"])
 
 
 def _quorum_params(node: Node, fields, name: str) -> tuple[int, int]:
