@@ -51,7 +51,18 @@ def _spread(length: int, k: int) -> list[int]:
 
 
 class Layout:
-    """Working state of one claim: owners as member indexes (-1 = unowned)."""
+    """Working state of one claim.  Members are indexes into the sorted member names.
+
+    ``q``            partitions in the ring
+    ``n_val``        N, the replicas of a key
+    ``window``       min(N, q): Rule 2 looks at every run of this many consecutive partitions
+    ``owners[p]``    the member owning partition ``p``, -1 while it has none
+    ``n_members``    how many members there are
+    ``owned[x]``     how many partitions member ``x`` owns (``assign`` keeps it current)
+    ``zone_of[x]``   member ``x``'s zone index (a member without a zone is its own zone)
+    ``zoned``        whether zones are configured; ``zone_weight`` is then their weight in picks
+    ``effort``       repair work done so far; repairs stop at ``max_effort``
+    """
 
     def __init__(
         self,
