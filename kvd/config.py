@@ -45,13 +45,10 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 __all__ = [
-    "AddressError",
     "Config",
     "ENV_PREFIX",
     "format_config",
-    "is_loopback_host",
     "load_config",
-    "parse_address",
     "unknown_env_vars",
 ]
 
