@@ -18,6 +18,8 @@ Rules:
   4. kvctl never reaches the daemon (server, node, storage, metrics, config, main) nor
      pydantic, plyvel or prometheus_client: a kvctl run loads only the client side.
   5. Nothing in kvd imports kvctl.
+  6. Each heavy library has one home: plyvel only in kvd.storage.leveldb, pydantic only in
+     kvd.config, prometheus_client only in kvd.metrics, typer and rich only in kvctl.
 
 The graph is built with ``ast`` from every import statement, so a lazy import inside a
 function counts; imports under ``if TYPE_CHECKING:`` do not (they never run).
@@ -42,6 +44,13 @@ NO_IO = {"trio", "plyvel"}
 DAEMON = ("kvd.server", "kvd.node", "kvd.storage", "kvd.metrics", "kvd.config", "kvd.main",
           "kvd.systemd")
 DAEMON_THIRD_PARTY = {"pydantic", "plyvel", "prometheus_client"}
+HOMES = {
+    "plyvel": ("kvd.storage.leveldb",),
+    "pydantic": ("kvd.config",),
+    "prometheus_client": ("kvd.metrics",),
+    "typer": ("kvctl",),
+    "rich": ("kvctl",),
+}
 
 
 def _within(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -216,6 +225,14 @@ def test_kvd_does_not_import_kvctl() -> None:
         if _within(target, ("kvctl",))
     )
     assert not bad
+
+
+@pytest.mark.parametrize("library", sorted(HOMES))
+def test_each_library_has_one_home(library: str) -> None:
+    importers = sorted(n for n in MODULES if library in _edges(n, lazy=True))
+    assert importers, f"nothing imports {library}: is the table out of date?"
+    bad = [n for n in importers if not _within(n, HOMES[library])]
+    assert not bad, f"{library} is imported by {bad}, outside {HOMES[library]}"
 
 
 def test_a_kvctl_run_loads_no_daemon_library() -> None:
