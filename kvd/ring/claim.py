@@ -32,10 +32,7 @@ Rule 4 (determinism).  Same inputs, same output: members are sorted, every choic
   total order as tie-break, no hash randomisation or set order leaks, and the work spent
   on repairs is capped by a count, never by a clock.
 
-How (riak_core's claim is the model; the algorithm is our own), one module per part:
-  claim_rules.py  the rules as predicates (feasibility, violations);
-  claim_layout.py the working layout and steps 1 to 3;
-  claim_repair.py step 4;  claim_fresh.py step 5.  This module is the API and runs the steps.
+How (riak_core's claim is the model; the algorithm is our own):
   1. Targets: q // n each, the q % n extra partitions to the members owning most now.
   2. Partitions of departed nodes go to members under target: a bipartite matching
      (partition -> member that fits there), most constrained partition first, with
@@ -57,6 +54,13 @@ How (riak_core's claim is the model; the algorithm is our own), one module per p
      in a fixed (zone-interleaved) order, a greedy cyclic sequence, and for tiny rings an
      exhaustive search -- and the one with fewest violations, then fewest moves, wins.
      A first claim from a one-node ring (no prior layout) starts here.
+
+Where, one module per part (as riak_core splits its claim):
+  claim.py          this API: ``claim``, ``plan``, and the order of the steps;
+  claim_rules.py    the rules as predicates (Rule 2 feasibility, ``violations``);
+  claim_layout.py   the working layout and steps 1 to 3;
+  claim_repair.py   step 4;
+  claim_fresh.py    step 5.
 
 Cost: a claim in the test grid takes at most a few tens of milliseconds at q = 4096;
 repairs of hard layouts are capped (about a second or two).  The claimant should still

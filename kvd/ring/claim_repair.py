@@ -2,11 +2,12 @@
 
 Each repair keeps every member's partition count and only accepts a change that strictly
 lowers the weighted violations (a repeated node outweighs any repeated zones), so repairs
-cannot undo each other.  Cheapest first: swaps of two partitions' owners (fewest moves from
-the old ring first); chains (p goes to a member that fits, which gives up a partition to the
-next, ..., back to p's owner); re-ordering a small window around a violation, alone or
-trading one partition with a far one.  Work is counted in ``Layout.effort`` and stops at
-``Layout.max_effort``: bounded by a count, never by a clock (Rule 4).
+cannot undo one another: the total only falls.  Cheapest first: swaps of two partitions'
+owners (fewest moves from the old ring first); chains (p goes to a member that fits, which
+gives up a partition to the next, ..., back to p's owner); re-ordering a small window
+around a violation, alone or trading one partition with a far one.  Work is counted in
+``Layout.effort`` and stops at ``Layout.max_effort``: bounded by a count, never by a clock
+(Rule 4).
 
 Pure: no I/O, no trio, no plyvel.
 """
