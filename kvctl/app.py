@@ -13,7 +13,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import trio
 import typer
@@ -81,7 +81,7 @@ def main_options(
             _fail(f"--token-file {token_file}: {exc.strerror}", 2)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     render.error(message)
     raise typer.Exit(code)
 
