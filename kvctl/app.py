@@ -13,14 +13,16 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import trio
 import typer
 
 from kvctl import render
+from kvd._version import version
 from kvd.client import DEFAULT_ADDRESS, open_client
-from kvd.errors import ConnectFailed, KvdError, NotFound, unwrap_single_error
+from kvd.errors import BadRequest, ConnectFailed, KvdError, NotFound, unwrap_single_error
+from kvd.proto.messages import MAX_KEY_LEN, validate_key
 
 app = typer.Typer(
     add_completion=True,
@@ -42,12 +44,7 @@ options = Options()
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            print(f"kvctl {version('kvd')}")
-        except PackageNotFoundError:
-            print("kvctl (development)")
+        print(f"kvctl {version(fallback='(development)')}")
         raise typer.Exit()
 
 
@@ -84,7 +81,7 @@ def main_options(
             _fail(f"--token-file {token_file}: {exc.strerror}", 2)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     render.error(message)
     raise typer.Exit(code)
 
@@ -110,10 +107,12 @@ def call(operation):
 
 
 def _key(key: str) -> bytes:
+    """The KEY argument as bytes, checked by the protocol's one key rule (usage error: 2)."""
     data = key.encode()
-    if not 1 <= len(data) <= 1024:
-        _fail(f"KEY must be 1..1024 bytes, got {len(data)}", 2)
-    return data
+    try:
+        return validate_key(data)
+    except BadRequest:
+        _fail(f"KEY must be 1..{MAX_KEY_LEN} bytes, got {len(data)}", 2)
 
 
 def _context(text: str | None) -> bytes | None:

@@ -23,6 +23,7 @@ from typing import IO, Any
 import trio
 
 from kvd import security
+from kvd.address import parse_address
 from kvd.errors import (
     ConnectFailed,
     KvdError,
@@ -61,14 +62,6 @@ class PutResult:
     context: bytes
     siblings: int
     replicas: int
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port); ValueError with a clear message."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"address {address!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 class Client:
@@ -277,7 +270,7 @@ Dial = Callable[[str], Awaitable[trio.abc.Stream]]
 
 async def tcp_dial(address: str) -> trio.abc.Stream:
     """Open a TCP connection to HOST:PORT (the daemon's and kvctl's dialler)."""
-    host, port = split_address(address)
+    host, port = parse_address(address)
     return await trio.open_tcp_stream(host, port)
 
 
@@ -294,7 +287,7 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
     verifying the node's certificate for the host name in ``address``. ``dial``: how to open
     the stream (default TCP; the simulator passes its in-memory network's)."""
     try:
-        host, port = split_address(address)
+        host, port = parse_address(address)
     except ValueError as exc:
         raise ConnectFailed(str(exc)) from None
     try:

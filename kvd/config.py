@@ -18,7 +18,6 @@ Rules this module keeps:
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from kvd.address import AddressError, is_loopback_host, parse_address
 from kvd.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -45,13 +45,10 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 __all__ = [
-    "AddressError",
     "Config",
     "ENV_PREFIX",
     "format_config",
-    "is_loopback_host",
     "load_config",
-    "parse_address",
     "unknown_env_vars",
 ]
 
@@ -60,15 +57,9 @@ KIB = 1024
 MIB = 1024 * KIB
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?$")
 # Source label of a value nobody set; such errors are reported without a source prefix.
 _DEFAULT = "default"
 _SOURCE_RANK = {"default": 0, "file": 1, "env": 2, "flag": 3}
-
-
-class AddressError(ConfigError, ValueError):
-    """An address is not HOST:PORT. Both a ConfigError and a ValueError, so it works as a
-    pydantic validator error and can be caught by callers of either kind."""
 
 
 class _KeyedError(ValueError):
@@ -77,65 +68,6 @@ class _KeyedError(ValueError):
     def __init__(self, message: str, *keys: str) -> None:
         super().__init__(message)
         self.keys = keys
-
-
-def parse_address(s: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (IPv6 as ``[::1]:PORT``) into ``(host, port)``.
-
-    The host is returned without brackets. Raises :class:`AddressError` (a ConfigError and a
-    ValueError) with a one-line message that does not name any config key.
-    """
-    if not isinstance(s, str):
-        raise AddressError(f"expected HOST:PORT, got {_describe(s)}")
-    if s.startswith("["):
-        end = s.find("]")
-        if end < 0 or s[end + 1 : end + 2] != ":":
-            raise AddressError(f"expected [IPV6]:PORT, got {s!r}")
-        host, port_text = s[1:end], s[end + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise AddressError(f"{host!r} in {s!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = s.rpartition(":")
-        if not sep or not host:
-            raise AddressError(f"expected HOST:PORT, got {s!r}")
-        if ":" in host:
-            raise AddressError(f"IPv6 addresses need brackets, e.g. [::1]:7379, got {s!r}")
-        if not _is_ipv4(host) and not _is_hostname(host):
-            raise AddressError(f"{host!r} in {s!r} is not a valid host name or IP address")
-    if not port_text.isascii() or not port_text.isdigit():
-        raise AddressError(f"port must be a number 0..65535, got {port_text!r} in {s!r}")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise AddressError(f"port must be 0..65535 (0: any free port), got {port} in {s!r}")
-    return host, port
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 (also IPv4-mapped) and ``localhost``; no DNS lookups."""
-    if host.rstrip(".").lower() == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
-def _is_ipv4(host: str) -> bool:
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_hostname(host: str) -> bool:
-    labels = host.rstrip(".").split(".")
-    return len(host) <= 253 and all(_HOSTNAME_RE.match(label) for label in labels)
 
 
 def _is_wildcard(host: str) -> bool:

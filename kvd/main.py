@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from kvd._version import version
 from kvd.config import Config, format_config, load_config, unknown_env_vars
 from kvd.errors import ConfigError, KvdError
 
@@ -34,16 +35,6 @@ _SYSLOG_PRIORITY = {
     logging.ERROR: 3,
     logging.CRITICAL: 2,
 }
-
-
-def version() -> str:
-    """The installed package version, or the source tree's when not installed."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version as dist_version
-
-        return dist_version("kvd")
-    except PackageNotFoundError:
-        return "0.1.0"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,6 @@ Where the numbers come from (rules this module keeps):
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvd import versions
+from kvd._version import version
 from kvd.config import Config
 from kvd.errors import KvdError
 from kvd.net.admission import Admission, current_nofile, descriptor_budget, serve_admitted
@@ -314,7 +314,7 @@ class _NodeCollector:
         if node is None:
             return
         info = GaugeMetricFamily("kvd_info", "This node's identity.", labels=["node", "version"])
-        info.add_metric([node.node_id, _version()], 1)
+        info.add_metric([node.node_id, version()], 1)
         yield info
         c = node.counters
         yield _counter("kvd_requests", "Client and peer requests handled.", c.requests)
@@ -417,10 +417,3 @@ def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, text, value=value)
-
-
-@functools.cache
-def _version() -> str:
-    from kvd.main import version
-
-    return version()

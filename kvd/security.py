@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kvd.config import is_loopback_host
+from kvd.address import is_loopback_host
 from kvd.errors import ConfigError, ProtocolError, Unauthorized
 from kvd.net.admission import remote_host
 from kvd.net.connection import FrameConnection

@@ -28,7 +28,8 @@ import trio
 from kvd import systemd, versions
 from kvd.client import Dial
 from kvd.clocks import REAL, Clocks
-from kvd.config import Config, parse_address
+from kvd.address import parse_address
+from kvd.config import Config
 from kvd.errors import (
     BadRequest,
     ConfigError,
@@ -57,7 +58,7 @@ from kvd.node.coordinator import MAX_VALUE, Coordinator
 from kvd.node.local import LocalStore, new_vid
 from kvd.node.replica import LocalReplica
 from kvd.proto import codec
-from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
+from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType, validate_key
 from kvd.security import GuardedConnection, Security, printable
 from kvd.storage import keys, open_storage
 from kvd.storage.blobs import BlobStore, MemoryBlobStore
@@ -69,7 +70,6 @@ log = logging.getLogger("kvd.server")
 MAX_IN_FLIGHT_PER_CONNECTION = 128
 # Chunk frames buffered per streaming request before the reader stops reading the socket.
 STREAM_BUFFER_FRAMES = 2
-MAX_KEY = 1024
 
 
 @dataclass
@@ -524,10 +524,7 @@ def _settled(node: Node) -> None:
 
 
 def _key(fields) -> bytes:
-    key = fields["key"]
-    if not 1 <= len(key) <= MAX_KEY:
-        raise BadRequest(f"key must be 1..{MAX_KEY} bytes, got {len(key)}")
-    return key
+    return validate_key(fields["key"])
 
 
 def _quorum_params(node: Node, fields, name: str) -> tuple[int, int]:

@@ -159,7 +159,7 @@ def default_text(key: str, field) -> str:
 
 
 def render() -> str:
-    from kvd.main import version
+    from kvd._version import version
 
     out = [HEADER.format(date=DATE, version=version())]
     firsts = {first: title for title, first in GROUPS}

@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvd.config import (
-    AddressError,
-    Config,
-    format_config,
-    is_loopback_host,
-    load_config,
-    parse_address,
-    unknown_env_vars,
-)
+from kvd.address import AddressError, is_loopback_host, parse_address
+from kvd.config import Config, format_config, load_config, unknown_env_vars
 from kvd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -447,7 +447,7 @@ def test_metrics_parse_and_move_with_requests(tmp_path, nodes):
 
 
 def kvd_version() -> str:
-    from kvd.main import version
+    from kvd._version import version
 
     return version()
 
