@@ -102,6 +102,7 @@ class SimCluster:
         )
         self.config.update(config)
         self.client_sources: list[str] = []
+        self.cluster_id = ""  # set by form()
         self._log = _CrashLog(self.crashes)
         logging.getLogger("kvd").addHandler(self._log)
 
@@ -170,6 +171,7 @@ class SimCluster:
         """Start ``names`` as one committed cluster (the first is the seed); returns once no
         partition moves or is being fetched, plus ``settle`` seconds of gossip."""
         first = await self.start(names[0], seeds=[])
+        self.cluster_id = first.node.cluster.state.cluster_id
         for name in names[1:]:
             await self.start(name, seeds=[first.peer_address])
             await self.admin(name, {"op": "join", "seed": first.peer_address})
@@ -205,6 +207,14 @@ class SimCluster:
 
     def running(self) -> list[SimNode]:
         return [sn for sn in self.nodes.values() if sn.running]
+
+    def members(self) -> list[SimNode]:
+        """Running nodes that belong to the cluster ``form`` made: a node started for a join
+        that was refused serves a one-node cluster of its own, and no client of the cluster
+        talks to it (that would be an operator's mistake, not kvd's)."""
+        return [sn for sn in self.running()
+                if sn.node.cluster.state.cluster_id == self.cluster_id
+                and sn.name in sn.node.cluster.state.members]
 
     # --- clients ------------------------------------------------------------------------------
 

@@ -140,14 +140,18 @@ async def _heal(sim: SimCluster, report: Report) -> None:
     for sn in list(sim.nodes.values()):
         if not sn.running and not sn.removed:
             await sim.start(sn.name)
-    # Every running node sees every other running node up (gossip and phi after the heal).
+    for sn in sim.running():
+        if sn not in sim.members():  # its join was refused: it never was part of the cluster
+            sim.crash(sn.name)
+            sn.removed = True
+    # Every member sees every other member up (gossip and phi after the heal).
     with trio.move_on_after(120.0):
-        while not all(a.node.cluster.is_up(b.name) for a in sim.running() for b in sim.running()):
+        while not all(a.node.cluster.is_up(b.name) for a in sim.members() for b in sim.members()):
             await trio.sleep(1.0)
     if not await _wait_settled(sim, 600.0):
         report.problems.append("partitions still moving 600 s after the heal")
-    for sn in sim.running():  # a node that has left exits by itself, as the daemon does
-        if sn.node.cluster.left.is_set():
+    for sn in sim.running():
+        if sn.node.cluster.left.is_set():  # a node that has left exits, as the daemon does
             sim.crash(sn.name)
             sn.removed = True
 
@@ -198,7 +202,7 @@ async def _nemesis(sim: SimCluster, rng: random.Random, workload: Workload, repo
     """One fault at a time: apply, hold, undo; until the workload stops."""
     while not workload.stop.is_set():
         await trio.sleep(rng.uniform(1.0, 6.0))
-        running = sorted(sn.name for sn in sim.running())
+        running = sorted(sn.name for sn in sim.members())
         if len(running) < 2:
             continue
         fault = rng.choice(FAULTS)
@@ -257,10 +261,10 @@ async def _topology_change(sim: SimCluster, rng: random.Random, running: list[st
     kind = "join" if len(members) <= 3 else rng.choice(("join", "leave", "replace", "force-remove"))
     victim = rng.choice([n for n in running if n in members] or running)
     coordinator = rng.choice(running)
+    name = f"n{len(sim.nodes) + 1}"  # the new node of a join or replace
     try:
         with trio.fail_after(30):
             if kind in ("join", "replace"):
-                name = f"n{len(sim.nodes) + 1}"
                 seed_node = sim.nodes[coordinator]
                 await sim.start(name, seeds=[seed_node.peer_address])
                 await sim.admin(name, {"op": "join", "seed": seed_node.peer_address})
@@ -282,6 +286,9 @@ async def _topology_change(sim: SimCluster, rng: random.Random, running: list[st
             await sim.admin(coordinator, {"op": "commit"})
     except (trio.TooSlowError, Exception) as exc:  # refused or unreachable: no change made
         report.faults[-1] += f" refused ({type(exc).__name__}: {str(exc)[:60]})"
+        if kind in ("join", "replace") and name in sim.nodes:
+            if sim.nodes[name] not in sim.members():
+                sim.crash(name)  # a one-node cluster of its own: no client talks to it
         sim.nodes[victim].leaving = sim.nodes[victim].removed = False
         with trio.move_on_after(30):
             try:
@@ -297,7 +304,7 @@ async def _lose_one_acknowledged_write(sim: SimCluster, workload: Workload) -> N
     if not acked:
         return
     source = sim.client_address()
-    async with sim.open_client(sim.running()[0].name, source) as client:
+    async with sim.open_client(sim.members()[0].name, source) as client:
         current = await client.get(acked[0], r=1)
         await client.delete(acked[0], context=current.context or None, w=1)
 
@@ -307,7 +314,7 @@ async def _lose_one_acknowledged_write(sim: SimCluster, workload: Workload) -> N
 
 async def _read_all(sim: SimCluster, keys: list[bytes]) -> dict:
     source = sim.client_address()
-    names = [sn.name for sn in sim.running()]
+    names = [sn.name for sn in sim.members()]
     out = {}
     for i, key in enumerate(keys):
         async with sim.open_client(names[i % len(names)], source) as client:

@@ -83,7 +83,7 @@ class Workload:
         source = self.sim.client_address()
         for i in range(10**9):
             await trio.sleep(rng.uniform(*self.think))
-            running = self.sim.running()
+            running = self.sim.members()
             if not running:
                 continue
             coordinator = rng.choice(sorted(n.name for n in running))
