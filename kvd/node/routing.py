@@ -28,6 +28,8 @@ from kvd.ring import Ring, annotated_preference_list, partition_of, preference_l
 
 if TYPE_CHECKING:
     from kvd.node.cluster import Cluster
+    from kvd.node.handoff import Handoff
+    from kvd.node.local import LocalStore
 
 
 class LocalHintStore:
@@ -38,9 +40,11 @@ class LocalHintStore:
     sent before the manifest when the hint is delivered. It never mints.
     """
 
-    def __init__(self, node: str, cluster: Cluster, stands_for: str, role: str = "fallback"):
+    def __init__(self, node: str, handoff: Handoff, store: LocalStore, stands_for: str,
+                 role: str = "fallback"):
         self.node = node
-        self.cluster = cluster
+        self.handoff = handoff
+        self.store = store
         self.stands_for = stands_for
         self.role = role  # "hint" when kept by the coordinator: it never counts towards W
 
@@ -51,16 +55,16 @@ class LocalHintStore:
         raise Unavailable(f"{self.node} only keeps hints for {self.stands_for}: it does not mint")
 
     async def merge(self, key, obj):
-        await self.cluster.handoff.store(self.stands_for, key, obj)
+        await self.handoff.store(self.stands_for, key, obj)
 
     async def write_chunk(self, key, vid, offset, data):
-        await self.cluster.store.write_chunk(key, vid, offset, data)
+        await self.store.write_chunk(key, vid, offset, data)
 
     def read_chunks(self, key, ref):
-        return self.cluster.store.read_chunks(key, ref)
+        return self.store.read_chunks(key, ref)
 
     async def discard_upload(self, key, vid):
-        await self.cluster.store.discard_upload(key, vid)
+        await self.store.discard_upload(key, vid)
 
 
 class Routing:
@@ -126,14 +130,15 @@ class Routing:
             elif not hinted_handoff:
                 continue
             elif node == cluster.me:
-                out.append(LocalHintStore(node, cluster, stands_for))
+                out.append(LocalHintStore(node, cluster.handoff, cluster.store, stands_for))
             else:
                 out.append(HintedReplica(node, cluster.peer_address(node), cluster.peers, stands_for))
         if hinted_handoff:  # Rule 4
             covered = {r.stands_for for r in out if getattr(r, "stands_for", None)}
             for node in primaries:
                 if node not in covered and not is_up(node):
-                    out.append(LocalHintStore(cluster.me, cluster, node, role="hint"))
+                    out.append(LocalHintStore(cluster.me, cluster.handoff, cluster.store, node,
+                                              role="hint"))
         if state.in_transition:
             named = {r.node for r in out}
             new = state.ring
