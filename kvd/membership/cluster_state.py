@@ -98,6 +98,7 @@ __all__ = [
     "node_done",
     "owners_for_writes",
     "plan",
+    "replicated_by",
     "replication",
     "serving_owner",
     "serving_ring",
@@ -414,6 +415,12 @@ def owners_for_writes(state: ClusterState, partition: int) -> list[str]:
 def replication(ring: Ring, n_val: int) -> int:
     """Replicas of each partition on ``ring``: ``n_val``, capped by its node count."""
     return min(n_val, max(1, len(ring.nodes())))
+
+
+def replicated_by(ring: Ring, node: str, n_val: int) -> set[int]:
+    """The partitions whose preference list on ``ring`` includes ``node``: what it stores."""
+    n = replication(ring, n_val)
+    return {p for p in range(ring.q) if node in preference_list(ring, p, n)}
 
 
 def fetchers(before: Ring, after: Ring, n_val: int) -> set[str]:

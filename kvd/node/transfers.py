@@ -105,15 +105,13 @@ class Transfers:
         cluster = self.cluster
         me, store = cluster.me, cluster.store
         self._planned = None
-        new = after.ring
-        n_new = cluster.replication(new)
+        new, n = after.ring, cluster.config.n
         if before.cluster_id != after.cluster_id:
-            old, n_old = None, 0  # we joined (or were wiped): nothing of this cluster is here
+            old = None  # we joined (or were wiped): nothing of this cluster is here
         else:
             old = cs.serving_ring(before)
-            n_old = cluster.replication(old)
-        mine = {q for q in range(new.q) if me in preference_list(new, q, n_new)}
-        todo = {q for q in mine if old is None or me not in preference_list(old, q, n_old)}
+        mine = cs.replicated_by(new, me, n)
+        todo = mine if old is None else mine - cs.replicated_by(old, me, n)
         plan = self.plan or {"old": None, "todo": set()}
         # A copy kept from when this node last replicated a partition is stale (deletes
         # since then may be purged): drop it before fetching (Rule 4); the prior
@@ -205,9 +203,8 @@ class Transfers:
             self._settled_since = (ring_id, cluster.clocks.monotonic())
         if cluster.clocks.monotonic() - self._settled_since[1] < DROP_DELAY:
             return  # let the end of the transition reach every coordinator first
-        n = cluster.replication(state.ring)
-        stale = [q for q in range(state.ring.q)
-                 if cluster.me not in preference_list(state.ring, q, n) and cluster.store.holds(q)]
+        mine = cs.replicated_by(state.ring, cluster.me, cluster.config.n)
+        stale = [q for q in range(state.ring.q) if q not in mine and cluster.store.holds(q)]
         for q in stale:
             await cluster.store.drop_partition(q)
         if stale:
