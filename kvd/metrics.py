@@ -175,14 +175,14 @@ class NodeMetrics:
         if node.draining:
             return False, "not ready: shutting down"
         cluster = node.cluster
-        if cluster.restoring:
+        if cluster.restore.restoring:
             return False, "not ready: restoring this node's replicas after a wipe"
         state = cluster.state
-        members = cluster.member_count()
+        members = cluster.routing.member_count()
         n = min(self.config.n, members)
         quorum = min(max(self.config.r, self.config.w), n)
         up = {m for m in state.ring.nodes() if m == node.node_id or cluster.is_up(m)}
-        mine, short = unready_partitions(lambda p: cluster.primaries(p, n), state.ring.q,
+        mine, short = unready_partitions(lambda p: cluster.routing.primaries(p, n), state.ring.q,
                                          node.node_id, up, quorum)
         if short:
             return False, (f"not ready: {short} of {mine} partitions have fewer than {quorum} "
@@ -351,7 +351,7 @@ class _NodeCollector:
                        node.coordinator.read_repairs)
 
         cluster = node.cluster
-        hints = cluster.hints_pending()
+        hints = cluster.handoff.pending()
         yield _gauge("kvd_hints_pending", "Hints this node holds for down replicas.",
                      sum(hints.values()))
         by_node = GaugeMetricFamily("kvd_hints_pending_by_node",
@@ -361,9 +361,9 @@ class _NodeCollector:
             by_node.add_metric([target], count)
         yield by_node
         yield _counter("kvd_hints_delivered", "Hints handed off to their node.",
-                       cluster.hints_delivered)
+                       cluster.handoff.delivered)
 
-        progress = cluster.transfer_progress
+        progress = cluster.transfers.progress
         fetching = progress.get("partitions_left", 0) if progress.get("state") in (
             "running", "retrying") else 0
         yield _gauge("kvd_transfers_in_progress",

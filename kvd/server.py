@@ -53,6 +53,7 @@ from kvd.net.connection import FrameConnection
 from kvd.node import admin
 from kvd.node.antientropy import AntiEntropy
 from kvd.node.cluster import Cluster
+from kvd.node.staging import Offload
 from kvd.node.peer_service import PEER_HANDLERS
 from kvd.node.coordinator import MAX_VALUE, Coordinator
 from kvd.node.local import LocalStore, new_vid
@@ -139,7 +140,7 @@ class Node:
         return self.identity.node
 
     def member_count(self) -> int:
-        return self.cluster.member_count()
+        return self.cluster.routing.member_count()
 
     def request_started(self) -> None:
         if self.draining:
@@ -190,15 +191,16 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
 
 async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | None = None,
                 clocks: Clocks = REAL, disk: MemoryDisk | None = None,
-                rng: random.Random | None = None,
+                rng: random.Random | None = None, offload: Offload = trio.to_thread.run_sync,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run a node until cancelled. Reports (client_port, node) when the port accepts.
 
     The world is injected (DESIGN section 1, STYLE 15): ``listen(config_key, address)``
     opens listeners, ``dial(address)`` opens peer streams, ``clocks`` tells time, ``disk``
-    holds the data. The daemon passes TCP, the real clocks and LevelDB; the simulator
-    (tests/sim) passes kvd.net.memory, trio's MockClock and a MemoryDisk, and runs the
-    same code."""
+    holds the data, ``offload`` runs CPU-heavy pure work (claim) off the event loop. The
+    daemon passes TCP, the real clocks, LevelDB and a worker thread; the simulator
+    (tests/sim) passes kvd.net.memory, trio's MockClock, a MemoryDisk and inline offload
+    (a thread would break exact replay), and runs the same code."""
     async with _open_store(config, disk) as (storage, blobs):
         identity = await load_identity(storage, config.node_id, clocks.wall())
         store = LocalStore(storage, blobs, config.ring_size)
@@ -210,16 +212,16 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
                                     await listen("metrics_listen", config.metrics_listen))
             local = LocalReplica(identity.node, identity.actor, store)
             cluster = Cluster(config, identity, storage, store, local, nursery,
-                              clocks=clocks, dial=dial, rng=rng)
+                              clocks=clocks, dial=dial, rng=rng, offload=offload)
             await cluster.load()
             coordinator = Coordinator(
-                cluster.replicas_for_read,
-                cluster.replicas_for_write,
+                cluster.routing.replicas_for_read,
+                cluster.routing.replicas_for_write,
                 nursery,
                 config.request_timeout,
                 read_repair=config.read_repair,
                 replica_timeout=config.replica_timeout,
-                keep_hint=cluster.keep_hint_for_failed_leg if config.hinted_handoff else None,
+                keep_hint=cluster.handoff.keep_for_failed_leg if config.hinted_handoff else None,
                 clock=clocks.monotonic,
             )
             node = Node(config, storage, identity, store, coordinator, cluster,
@@ -518,7 +520,7 @@ async def _handle_request(node, conn, message, chunks, slots, handlers) -> None:
 
 
 def _settled(node: Node) -> None:
-    if not node.cluster.settled.is_set():
+    if not node.cluster.restore.settled.is_set():
         raise Unavailable("this node has a new data directory and is asking its seeds whether "
                           "it lost its data; try another node or retry shortly")
 
@@ -643,7 +645,7 @@ async def _status(node: Node, conn, message, _chunks) -> None:
     cluster = node.cluster
     state = cluster.state
     counts = {n: len(state.ring.partitions_of(n)) for n in state.ring.nodes()}
-    hints = cluster.hints_pending()
+    hints = cluster.handoff.pending()
     rows = []
     for member in sorted(set(state.members) | set(counts)):
         record = cluster.members.get(member)
@@ -653,7 +655,7 @@ async def _status(node: Node, conn, message, _chunks) -> None:
         else:
             load = record.load_bytes if record else 0
         letter = _STATE_LETTER.get(state.members.get(member, "valid"), "N")
-        if member == node.node_id and cluster.restoring:
+        if member == node.node_id and cluster.restore.restoring:
             letter = "J"  # joining back: fetching its replicas after a wipe
         rows.append({
             "node": member,
@@ -670,7 +672,7 @@ async def _status(node: Node, conn, message, _chunks) -> None:
     mine.update({"uptime_s": round(node.clocks.monotonic() - node.started, 1),
                  "requests": node.counters.requests, "connections": node.counters.connections,
                  "read_repairs": node.coordinator.read_repairs,
-                 "hints_held": sum(hints.values()), "hints_delivered": cluster.hints_delivered,
+                 "hints_held": sum(hints.values()), "hints_delivered": cluster.handoff.delivered,
                  "anti_entropy": node.aae.totals.to_dict()})
     reply = {"node": node.node_id, "nodes": rows, "ring_version": state.ring.version,
              "cluster": state.cluster_id}
@@ -682,12 +684,12 @@ async def _inspect(node: Node, conn, message, _chunks) -> None:
     cluster = node.cluster
     n = min(node.config.n, node.member_count())
     replicas = []
-    for member, role in cluster.replica_roles(key, n):
+    for member, role in cluster.routing.replica_roles(key, n):
         entry = {"node": member, "role": role, "present": False, "siblings": 0, "digest": "",
                  "version": b"", "deleted": False}
         try:
             with trio.fail_after(node.config.request_timeout):
-                obj = await cluster._replica(member).get(key)
+                obj = await cluster.replica(member).get(key)
         except (KvdError, trio.TooSlowError, OSError) as exc:
             entry["error"] = str(exc) or "timed out"
             obj = None

@@ -36,7 +36,7 @@ async def _cluster(nursery, names=("n1", "n2", "n3"), **config) -> SimCluster:
 
 def _primaries(sim: SimCluster, key: bytes, via: str = "n1") -> list[str]:
     cluster = sim.nodes[via].node.cluster
-    return preference_list(cluster.serving_ring(), partition_of(key, cluster.state.ring.q), 3)
+    return preference_list(cluster.routing.serving_ring(), partition_of(key, cluster.state.ring.q), 3)
 
 
 def _key_with(sim: SimCluster, first: str, not_first: str | None = None, prefix=b"k") -> bytes:
@@ -213,7 +213,7 @@ async def test_large_write_with_a_down_primary_is_hinted_with_its_bytes(autojump
         key = next(k for k in (b"big" + str(i).encode() for i in range(10_000))
                    if "n3" in _primaries(sim, k) and
                    any(getattr(r, "stands_for", None) == "n3" and r.node == "n1"
-                       for r in cluster.replicas_for_write(k, 3)))
+                       for r in cluster.routing.replicas_for_write(k, 3)))
         w = len(names) - 1  # n3's stand-in is needed when there is one
         value = bytes(range(256)) * 1000  # 256 000 bytes, four chunks of 65 536
         src = sim.client_address()
@@ -231,7 +231,7 @@ async def test_large_write_with_a_down_primary_is_hinted_with_its_bytes(autojump
         async with sim.open_client("n3", src) as c:
             assert [s.value for s in (await c.get(key, r=3)).siblings] == [value]
         n1 = sim.nodes["n1"].node
-        assert not n1.cluster.hints_pending(), "the hint was not handed off"
+        assert not n1.cluster.handoff.pending(), "the hint was not handed off"
         if "n1" not in _primaries(sim, key):  # n1 held the bytes for the hint only
             assert not n1.store.blobs.exists(sibling.chunks.vid), "hinted bytes were kept"
         assert not sim.crashes, sim.crashes

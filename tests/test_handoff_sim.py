@@ -43,9 +43,9 @@ async def test_hints_for_a_node_that_stays_down_expire(autojump_clock):
         async with sim.open_client("n1", sim.client_address()) as c:
             for i in range(5):
                 await c.put(b"k%d" % i, b"v")
-        assert node(sim, "n1").cluster.hints_pending() == {"n3": 5}
+        assert node(sim, "n1").cluster.handoff.pending() == {"n3": 5}
         await trio.sleep(60)  # n3 stays down, past hint_window
-        assert node(sim, "n1").cluster.hints_pending() == {}, "expired hints are still kept"
+        assert node(sim, "n1").cluster.handoff.pending() == {}, "expired hints are still kept"
         assert not sim.crashes
         nursery.cancel_scope.cancel()
 
@@ -85,14 +85,14 @@ async def test_hint_counts_need_no_scan_and_delivery_reads_bounded_batches(autoj
             return gen()
 
         storage.iterate_keys, storage.iterate = no_hint_scans, counted
-        assert node(sim, "n1").cluster.hints_pending() == {"n3": len(keys)}
+        assert node(sim, "n1").cluster.handoff.pending() == {"n3": len(keys)}
         await sim.start("n3")
         for _ in range(60):
             await trio.sleep(1)
             assert not sim.crashes, sim.crashes
-            if not node(sim, "n1").cluster.hints_pending():
+            if not node(sim, "n1").cluster.handoff.pending():
                 break
-        assert node(sim, "n1").cluster.hints_pending() == {}
+        assert node(sim, "n1").cluster.handoff.pending() == {}
         assert max(hint_reads) <= HINT_BATCH + 1, f"read {max(hint_reads)} hints at once"
         store3 = node(sim, "n3").store
         assert all(store3.read(key) is not None for key in keys), "n3 misses handed-off writes"
@@ -109,7 +109,7 @@ async def test_chunked_value_hints_are_delivered_and_do_not_block_others(autojum
         c1 = node(sim, "n1").cluster
 
         def primaries(key):
-            return c1.primaries(partition_of(key, c1.state.ring.q), 3)
+            return c1.routing.primaries(partition_of(key, c1.state.ring.q), 3)
 
         # Keys with n4 as a primary, coordinated by another primary (so a *remote*
         # fallback, the fourth node, keeps the hint and gets the chunks).
@@ -125,14 +125,14 @@ async def test_chunked_value_hints_are_delivered_and_do_not_block_others(autojum
             await c.put(big, value)
             for key in small:
                 await c.put(key, b"after the big one")
-        held = {name: node(sim, name).cluster.hints_pending() for name in ("n1", "n2", "n3")}
+        held = {name: node(sim, name).cluster.handoff.pending() for name in ("n1", "n2", "n3")}
         assert sum(h.get("n4", 0) for h in held.values()) >= 1 + len(small), held
         await sim.start("n4")
         for _ in range(60):
             await trio.sleep(1)
-            if not any(node(sim, n).cluster.hints_pending() for n in ("n1", "n2", "n3")):
+            if not any(node(sim, n).cluster.handoff.pending() for n in ("n1", "n2", "n3")):
                 break
-        left = {n: node(sim, n).cluster.hints_pending() for n in ("n1", "n2", "n3")}
+        left = {n: node(sim, n).cluster.handoff.pending() for n in ("n1", "n2", "n3")}
         assert not any(left.values()), f"hints stuck: {left}"
         store4 = node(sim, "n4").store
         for key in small:
@@ -155,7 +155,7 @@ def replicas_of(sim, key, n=3):
     from kvd.ring import partition_of
 
     cluster = next(sn.node for sn in sim.nodes.values() if sn.node is not None).cluster
-    return cluster.primaries(partition_of(key, cluster.state.ring.q), n)
+    return cluster.routing.primaries(partition_of(key, cluster.state.ring.q), n)
 
 
 async def test_failed_purge_rpc_neither_crashes_the_node_nor_resurrects(autojump_clock):
@@ -267,7 +267,7 @@ async def test_anti_entropy_repairs_partitions_that_are_not_moving(autojump_cloc
         assert cluster1.state.pending, "the move finished: the test needs it pending"
         from kvd.ring import partition_of, preference_list
 
-        serving, future = cluster1.serving_ring(), cluster1.state.ring
+        serving, future = cluster1.routing.serving_ring(), cluster1.state.ring
         moving = {p for p in range(future.q)
                   if preference_list(serving, p, 3) != preference_list(future, p, 3)}
         steady = [k for k in keys if partition_of(k, cluster1.state.ring.q) not in moving
@@ -445,7 +445,7 @@ async def test_an_unreadable_hint_does_not_stop_the_others(autojump_clock):
         await sim.start("n3")
         await trio.sleep(30)
         assert node(sim, "n3").store.read(b"good") is not None, "the good hint was not delivered"
-        assert node(sim, "n1").cluster.hints_pending() == {}
+        assert node(sim, "n1").cluster.handoff.pending() == {}
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
 

@@ -734,3 +734,21 @@ def test_merge_keeps_concurrent_node_done_and_ends_the_transition():
     assert partial.in_transition and partial.fetching == ("c", "d")
     assert partial.members["e"] == "leaving"  # still a prior replica the others fetch from
     assert cs.serving_ring(partial) == state.prior
+
+
+@pytest.mark.parametrize("joins", [("b",), ("b", "c"), ("b", "c", "d", "e")])
+def test_replicated_by_is_what_each_node_stores_and_names_the_fetchers(joins):
+    from kvd.ring import preference_list
+
+    state = cs.new_cluster("a", 16, "c1")
+    for node in joins:
+        state = cs.stage(state, Change("join", node), 3)
+    after = cs.commit(state, 3)
+    before, new = cs.serving_ring(after), after.ring
+    n = cs.replication(new, 3)
+    for node in new.nodes():
+        assert cs.replicated_by(new, node, 3) == {
+            p for p in range(new.q) if node in preference_list(new, p, n)}
+    newly = {node for node in new.nodes()
+             if cs.replicated_by(new, node, 3) - cs.replicated_by(before, node, 3)}
+    assert newly == cs.fetchers(before, new, 3)

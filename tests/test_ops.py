@@ -478,12 +478,15 @@ def fake_node(q: int = 8) -> SimpleNamespace:
 
     ring = Ring(q=q, owners=tuple("me" if p % 2 else "peer" for p in range(q)), version=3)
     up = {"me", "peer"}
+    hints: dict[str, int] = {}
     cluster = SimpleNamespace(
-        state=SimpleNamespace(ring=ring, pending=[]), restoring=False, hints={},
-        hints_delivered=0, transfer_progress={"keys_done": 0, "bytes_done": 0, "state": "idle"},
-        member_count=lambda: 2, is_up=lambda m: m in up,
-        primaries=lambda p, n: [ring.owners[p], ring.owners[(p + 1) % q]][:n])
-    cluster.hints_pending = lambda: dict(cluster.hints)
+        state=SimpleNamespace(ring=ring, pending=[]), is_up=lambda m: m in up, hints=hints,
+        restore=SimpleNamespace(restoring=False),
+        handoff=SimpleNamespace(delivered=0, pending=lambda: dict(hints)),
+        transfers=SimpleNamespace(progress={"keys_done": 0, "bytes_done": 0, "state": "idle"}),
+        routing=SimpleNamespace(
+            member_count=lambda: 2,
+            primaries=lambda p, n: [ring.owners[p], ring.owners[(p + 1) % q]][:n]))
     sizes = {"leveldb": 0, "blobs": 0}
     return SimpleNamespace(
         node_id="me", draining=False, in_flight=0, counters=Counters(), clocks=REAL,
@@ -509,12 +512,12 @@ MOVES = [
     ("kvd_read_repairs_total", {}, lambda n: setattr(n.coordinator, "read_repairs", 5)),
     ("kvd_hints_pending", {}, lambda n: n.cluster.hints.update(peer=9)),
     ("kvd_hints_pending_by_node", {"target": "peer"}, lambda n: n.cluster.hints.update(peer=9)),
-    ("kvd_hints_delivered_total", {}, lambda n: setattr(n.cluster, "hints_delivered", 11)),
-    ("kvd_transfers_in_progress", {}, lambda n: n.cluster.transfer_progress.update(
+    ("kvd_hints_delivered_total", {}, lambda n: setattr(n.cluster.handoff, "delivered", 11)),
+    ("kvd_transfers_in_progress", {}, lambda n: n.cluster.transfers.progress.update(
         state="running", partitions_left=2)),
     ("kvd_transfers_pending", {}, lambda n: n.cluster.state.pending.append(_pending_move())),
-    ("kvd_transfer_bytes", {}, lambda n: n.cluster.transfer_progress.update(bytes_done=100)),
-    ("kvd_transfer_keys", {}, lambda n: n.cluster.transfer_progress.update(keys_done=10)),
+    ("kvd_transfer_bytes", {}, lambda n: n.cluster.transfers.progress.update(bytes_done=100)),
+    ("kvd_transfer_keys", {}, lambda n: n.cluster.transfers.progress.update(keys_done=10)),
     ("kvd_anti_entropy_segments_repaired_total", {},
      lambda n: setattr(n.aae.totals, "segments_differing", 6)),
     ("kvd_anti_entropy_keys_repaired_total", {},

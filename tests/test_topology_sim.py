@@ -138,7 +138,7 @@ async def test_a_read_replica_holds_the_data_while_partitions_move(sim, autojump
     seen = []
     while _in_transition(sim):
         missing = _holders_missing(sim, keys, ["n1", "n2", "n3", "n4", "n5"],
-                                   lambda cluster: cluster.serving_ring())
+                                   lambda cluster: cluster.routing.serving_ring())
         seen.extend(missing)
         await trio.sleep(0.5)
     assert not seen, f"{len(seen)} times a serving replica lacked a key, e.g. {seen[:3]}"
@@ -162,7 +162,7 @@ async def test_partitions_added_to_a_running_plan_are_fetched(sim, autojump_cloc
     await _join(sim, ["n5"])
     await sim.admin("n1", {"op": "commit"})
     with trio.fail_after(30):
-        while sim.nodes["n5"].node.cluster.transfer_progress["state"] != "running":
+        while sim.nodes["n5"].node.cluster.transfers.progress["state"] != "running":
             await trio.sleep(0.1)
     sim.crash("n4")
     await trio.sleep(15)  # judged down
@@ -189,7 +189,7 @@ async def test_a_key_only_the_departing_replica_holds_moves(sim, autojump_clock)
     await _settle(sim)
     n4 = sim.nodes["n4"].node
     mine = [k for k in (f"only-{i}".encode() for i in range(400))
-            if "n4" in n4.cluster.primaries(n4.store.partition(k), 3)][:40]
+            if "n4" in n4.cluster.routing.primaries(n4.store.partition(k), 3)][:40]
     for key in mine:
         obj, _ = versions.update(versions.empty(), {}, "n4-actor", value=b"acknowledged", key=key)
         await n4.store.merge(key, obj)
@@ -248,7 +248,7 @@ async def test_a_wiped_node_restores_large_objects(sim, autojump_clock):
     await sim.start("n2")
     n2 = sim.nodes["n2"]
     with trio.fail_after(300):
-        while not (n2.node and n2.node.cluster.has_its_data):
+        while not (n2.node and n2.node.cluster.restore.has_its_data):
             await trio.sleep(1)
     assert all(n2.node.store.read(k) is not None for k in big)
     assert n2.node.store.read(wide) == siblings
@@ -440,7 +440,7 @@ async def test_a_down_departing_holder_delays_only_its_own_partitions(sim, autoj
     await sim.admin("n1", {"op": "commit"})
     n5 = sim.nodes["n5"]
     with trio.fail_after(30):
-        while n5.node.cluster.transfer_progress["state"] != "running":
+        while n5.node.cluster.transfers.progress["state"] != "running":
             await trio.sleep(0.1)
     sim.crash("n4")
     await trio.sleep(300)
@@ -449,7 +449,7 @@ async def test_a_down_departing_holder_delays_only_its_own_partitions(sim, autoj
     waiting = {q for q in range(state.ring.q)
                if "n4" in preference_list(state.prior, q, 3)
                and "n4" not in preference_list(state.ring, q, 3)}
-    left = set(cluster._plan["todo"]) if cluster._plan else set()
+    left = set(cluster.transfers.plan["todo"]) if cluster.transfers.plan else set()
     assert left and left <= waiting, f"still to fetch {sorted(left)}; waiting on n4 {sorted(waiting)}"
     await sim.start("n4")
     await _settle(sim, limit=3600)

@@ -98,6 +98,8 @@ __all__ = [
     "node_done",
     "owners_for_writes",
     "plan",
+    "replicated_by",
+    "replication",
     "serving_owner",
     "serving_ring",
     "stage",
@@ -410,13 +412,20 @@ def owners_for_writes(state: ClusterState, partition: int) -> list[str]:
     return [owner] if serving == owner else [serving, owner]
 
 
-def _replication(ring: Ring, n_val: int) -> int:
+def replication(ring: Ring, n_val: int) -> int:
+    """Replicas of each partition on ``ring``: ``n_val``, capped by its node count."""
     return min(n_val, max(1, len(ring.nodes())))
+
+
+def replicated_by(ring: Ring, node: str, n_val: int) -> set[int]:
+    """The partitions whose preference list on ``ring`` includes ``node``: what it stores."""
+    n = replication(ring, n_val)
+    return {p for p in range(ring.q) if node in preference_list(ring, p, n)}
 
 
 def fetchers(before: Ring, after: Ring, n_val: int) -> set[str]:
     """Nodes that replicate some partition on ``after`` and did not on ``before``."""
-    n_before, n_after = _replication(before, n_val), _replication(after, n_val)
+    n_before, n_after = replication(before, n_val), replication(after, n_val)
     out: set[str] = set()
     for p in range(after.q):
         out.update(set(preference_list(after, p, n_after)) - set(preference_list(before, p, n_before)))

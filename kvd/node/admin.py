@@ -27,44 +27,44 @@ def _moves(moves) -> list[dict]:
 
 
 async def handle(node, fields: dict) -> dict:
-    cluster, config = node.cluster, node.config
+    cluster = node.cluster
     op = fields.get("op")
     named = fields.get("node")
     if op == "join":
-        return await cluster.stage_join_at(_text(fields, "seed"))
+        return await cluster.staging.join_at(_text(fields, "seed"))
     if op in ("leave", "force-remove"):
         target = named or (cluster.me if op == "leave" else None)
         if not target:
             raise BadRequest(f"{op} needs a NODE")
         _member(cluster, target)
-        await cluster.stage(cs.Change(op, target))
+        await cluster.staging.stage(cs.Change(op, target))
         return {"staged": f"{op} {target}"}
     if op == "replace":
         old, new = _text(fields, "node"), _text(fields, "target")
         _member(cluster, old)
         _contacted(cluster, new)
-        await cluster.stage(cs.Change("replace", old, new))
+        await cluster.staging.stage(cs.Change("replace", old, new))
         return {"staged": f"replace {old} with {new}"}
     if op == "plan":
-        ring, moves = cs.plan(cluster.state, config.n)
-        return {"staged": [c.describe() for c in cluster.state.staged],
+        state, ring, moves = await cluster.staging.plan()
+        return {"staged": [c.describe() for c in state.staged],
                 "moves": _moves(moves),
-                "before": _ownership(cluster.state.ring.owners),
+                "before": _ownership(state.ring.owners),
                 "after": _ownership(ring.owners)}
     if op == "commit":
         before = cluster.state
-        state = await cluster.commit()
+        state = await cluster.staging.commit()
         return {"ring_version": state.ring.version, "moves": _moves(state.pending),
                 "committed": [c.describe() for c in before.staged]}
     if op == "abort":
         before = cluster.state
-        state = await cluster.abort()
+        state = await cluster.staging.abort()
         return {"aborted": True, "ring_version": state.ring.version,
                 "dropped": sorted(set(before.ring.nodes()) - set(state.ring.nodes())),
                 "moves_abandoned": len(before.pending)}
     if op == "clear":
         dropped = [c.describe() for c in cluster.state.staged]
-        await cluster.clear()
+        await cluster.staging.clear()
         return {"cleared": dropped}
     if op == "ring":
         state = cluster.state
@@ -115,7 +115,7 @@ def _contacted(cluster, node: str) -> None:
 
 async def _all_transfers(cluster) -> list[dict]:
     """Pending moves with progress as reported by each fetching node (targets pull)."""
-    rows = {(r["partition"], r["to"]): r for r in cluster.transfer_rows()}
+    rows = {(r["partition"], r["to"]): r for r in cluster.transfers.rows()}
     for target in sorted({r["to"] for r in rows.values()} - {cluster.me}):
         if not cluster.is_up(target):
             continue

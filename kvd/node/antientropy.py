@@ -136,8 +136,8 @@ class AntiEntropy:
     # ------------------------------------------------------------- exchanges
 
     def _replicas(self, partition: int) -> list[str]:
-        ring = self.cluster.serving_ring()
-        return preference_list(ring, partition, self.cluster._replication(ring))
+        ring = self.cluster.routing.serving_ring()
+        return preference_list(ring, partition, self.cluster.replication(ring))
 
     def my_partitions(self, first_only: bool = False) -> list[int]:
         me = self.cluster.me
@@ -306,8 +306,8 @@ class AntiEntropy:
         state = self.cluster.state
         if not state.pending:
             return set()
-        serving, future = self.cluster.serving_ring(), state.ring
-        n_now, n_next = self.cluster._replication(serving), self.cluster._replication(future)
+        serving, future = self.cluster.routing.serving_ring(), state.ring
+        n_now, n_next = self.cluster.replication(serving), self.cluster.replication(future)
         return {p for p in range(future.q)
                 if preference_list(serving, p, n_now) != preference_list(future, p, n_next)}
 
@@ -345,7 +345,7 @@ class AntiEntropy:
         await self.index_old_tombstones()
         while True:
             await trio.sleep(self.config.anti_entropy_interval)
-            if not self.config.anti_entropy or self.cluster.restoring:
+            if not self.config.anti_entropy or self.cluster.restore.restoring:
                 continue
             stats = RepairStats()
             state, moving = self.cluster.state, self.moving_partitions()

@@ -36,7 +36,7 @@ import msgpack
 import trio
 
 from kvd import versions
-from kvd.errors import ConnectFailed, KvdError, ProtocolError
+from kvd.errors import ConnectFailed, KvdError, ProtocolError, Unavailable
 from kvd.node.local import _GARBAGE, _ledger_key
 from kvd.node.remote import RemoteReplica
 from kvd.storage import keys
@@ -107,6 +107,15 @@ class Handoff:
     def pending(self) -> dict[str, int]:
         """{node: hints held for it}, from memory."""
         return dict(self._counts)
+
+    async def keep_for_failed_leg(self, target: str, key: bytes, obj: versions.VersionedObject) -> None:
+        """The coordinator's hint for a replica that failed a write (kvd.node.coordinator
+        rule 3). Refused when a large value's bytes are not here: delivering its manifest
+        alone would fail on the target (anti-entropy repairs that replica instead)."""
+        if not all(self.objects.has_value_bytes(s.chunks) for s in obj.siblings if s.chunks is not None):
+            raise Unavailable(f"the bytes of a large value of {key[:64]!r} are not on "
+                              f"{self.cluster.me}")
+        await self.store(target, key, obj)
 
     async def store(self, target: str, key: bytes, obj: versions.VersionedObject) -> None:
         """Keep ``obj`` durably for ``target`` (Rule 4 for its chunked siblings)."""

@@ -9,8 +9,7 @@ from __future__ import annotations
 from kvd import versions
 from kvd.errors import BadRequest, Unavailable
 from kvd.membership import cluster_state as cs
-from kvd.membership.members import MemberInfo
-from kvd.node.cluster import scan_budget
+from kvd.node.transfers import scan_budget
 from kvd.node.local import new_vid
 from kvd.node.remote import decode_payload
 from kvd.proto import codec
@@ -25,18 +24,18 @@ async def replica_get(node, conn, message, _chunks) -> None:
     fields = message.fields
     store = node.store
     if fields.get("op") == "scan":
-        if not node.cluster.has_its_data:
+        if not node.cluster.restore.has_its_data:
             raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
         # Replies stay below our frame limit however large the objects (and below the
         # fetcher's, which it sends; older fetchers send none).
         budget = min(fields.get("max_bytes") or scan_budget(node.config.max_frame),
                      scan_budget(node.config.max_frame))
         if fields.get("within") is not None:
-            reply = node.cluster.scan_piece(fields["partition"], fields["within"],
-                                            fields["offset"], budget)
+            reply = node.cluster.transfers.scan_piece(fields["partition"], fields["within"],
+                                                      fields["offset"], budget)
         else:
-            reply = node.cluster.scan_partition(fields["partition"], fields["after"],
-                                                min(fields["limit"], 1024), budget)
+            reply = node.cluster.transfers.scan_partition(fields["partition"], fields["after"],
+                                                          min(fields["limit"], 1024), budget)
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
         return
     if str(fields.get("op", "")).startswith("aae-"):
@@ -46,7 +45,7 @@ async def replica_get(node, conn, message, _chunks) -> None:
         data = await store.blobs.read(fields["vid"], fields["offset"], fields["size"])
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, {"data": data})
         return
-    if not node.cluster.has_its_data:
+    if not node.cluster.restore.has_its_data:
         raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
     obj = store.read(fields["key"])
     reply = {"object": None} if obj is None else await _object_fields(node, fields["key"], obj)
@@ -66,8 +65,8 @@ async def replica_put(node, conn, message, _chunks) -> None:
     elif op == "merge":
         await store.merge(fields["key"], await _incoming_object(node, fields))
     elif op == "hint":
-        await node.cluster.store_hint(fields["for"], fields["key"],
-                                      await _incoming_object(node, fields))
+        await node.cluster.handoff.store(fields["for"], fields["key"],
+                                        await _incoming_object(node, fields))
     elif op == "chunk":
         await store.write_chunk(fields["key"], fields["vid"], fields["offset"], fields["data"])
     elif op == "aae-purge":
@@ -115,7 +114,7 @@ def _object(raw: bytes) -> versions.VersionedObject:
 
 
 async def gossip(node, conn, message, _chunks) -> None:
-    await node.cluster.maybe_restore(message.fields)
+    await node.cluster.restore.maybe_restore(message.fields)
     await _reply(conn, message, MsgType.GOSSIP_REPLY, node.cluster.gossip_reply(message.fields))
 
 
@@ -126,15 +125,13 @@ async def peer_admin(node, conn, message, _chunks) -> None:
         await _reply(conn, message, MsgType.ADMIN_REPLY, cluster.full_gossip())
         return
     if fields.get("op") == "transfers":
-        await _reply(conn, message, MsgType.ADMIN_REPLY, {"transfers": cluster.transfer_rows()})
+        await _reply(conn, message, MsgType.ADMIN_REPLY, {"transfers": cluster.transfers.rows()})
         return
     if fields.get("op") != "stage-join":
         raise BadRequest(f"unknown peer admin operation {fields.get('op')!r}")
     joiner = fields["node"]
-    cluster.addresses[joiner] = (fields["address"], fields["peer_address"])
-    cluster.members.merge([MemberInfo(joiner, fields["address"], fields["peer_address"], 0, 0)],
-                          cluster.now())
-    await cluster.stage(cs.Change("join", joiner))
+    cluster.add_member(joiner, fields["address"], fields["peer_address"])
+    await cluster.staging.stage(cs.Change("join", joiner))
     await _reply(conn, message, MsgType.ADMIN_REPLY, cluster.full_gossip())
 
 

@@ -32,6 +32,7 @@ from kvd.client import open_client
 from kvd.clocks import skewed
 from kvd.config import Config
 from kvd.net.memory import MemoryNetwork
+from kvd.node.staging import run_inline
 from kvd.server import serve
 from kvd.storage.memory import MemoryDisk
 
@@ -149,6 +150,7 @@ class SimCluster:
                             config, listen=listen, dial=self.net.connector(sn.peer_address),
                             clocks=skewed(EPOCH, sn.skew), disk=sn.disk,
                             rng=random.Random(f"node/{self.seed}/{sn.name}/{sn.starts}"),
+                            offload=run_inline,  # a worker thread would break exact replay
                             task_status=task_status))
                     sn.node = node
                     started = True

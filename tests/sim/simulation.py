@@ -158,7 +158,7 @@ async def _heal(sim: SimCluster, report: Report) -> None:
 
 def _replicas_of(sim: SimCluster, partition: int) -> list[str]:
     cluster = sim.running()[0].node.cluster
-    ring = cluster.serving_ring()
+    ring = cluster.routing.serving_ring()
     return preference_list(ring, partition, min(cluster.config.n, len(ring.nodes())))
 
 

@@ -1,0 +1,108 @@
+"""Staging: topology changes (join, leave, replace, force-remove), plan, commit, clear, abort.
+
+riak_core's claimant, as the shell around ``kvd.membership.cluster_state``: every change is
+a pure function of the cluster state; this module publishes its result through gossip.
+
+1. A node joins by asking a member (``join_at``): only an empty node that is in no cluster
+   yet may, and it takes that cluster's state as its own.
+2. ``plan`` and ``commit`` compute a ring (``ring.claim``), which can take long on a large
+   ring: they run it off the event loop, through the injected ``offload`` (a worker thread
+   in the daemon, inline in the simulator, whose runs must replay exactly).
+3. Any node may commit (docs/DECISIONS.md, "Any member may commit"): commit is a pure
+   function of the state, so two nodes committing the same staged set make the same ring,
+   and gossip's merge settles two different commits on one ring everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from kvd.errors import BadRequest, KvdError, Unauthorized, Unavailable
+from kvd.membership import cluster_state as cs
+from kvd.proto.messages import MsgType
+from kvd.ring import Move, Ring
+
+if TYPE_CHECKING:
+    from kvd.node.cluster import Cluster
+
+# How CPU-heavy pure work (claim) runs: ``await offload(fn, *args)`` returns ``fn(*args)``.
+Offload = Callable[..., Awaitable[Any]]
+
+
+async def run_inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """An ``Offload`` for a deterministic world (the simulator): on the event loop."""
+    await trio.lowlevel.checkpoint()
+    return fn(*args)
+
+
+class Staging:
+    """The staged changes of this node's cluster state, and their commit."""
+
+    def __init__(self, cluster: Cluster, offload: Offload = trio.to_thread.run_sync) -> None:
+        self.cluster = cluster
+        self.offload = offload
+
+    async def join_at(self, seed: str) -> dict:
+        """Run on the joining node: ask the cluster at ``seed`` to stage our join (Rule 1)."""
+        cluster = self.cluster
+        config = cluster.config
+        if cluster.holds_data():
+            raise BadRequest("this node holds data; only an empty node can join a cluster")
+        if len(cluster.state.members) > 1:
+            raise BadRequest("this node is already a member of a cluster")
+        try:
+            # Bounded: a wrong SEED (a closed port, a client or metrics port) must get an
+            # answer naming it, not a request that waits forever.
+            with trio.fail_after(config.request_timeout):
+                reply = await cluster.peers.call(seed, MsgType.ADMIN, {
+                    "op": "stage-join", "node": cluster.me,
+                    "address": config.listen, "peer_address": config.peer_listen,
+                }, MsgType.ADMIN_REPLY)
+        except BadRequest as exc:
+            raise BadRequest(f"seed {seed} refused the join: {exc}") from None
+        except Unauthorized:
+            raise  # the secrets differ: exit 4 with the reason, not "did not answer"
+        except (KvdError, OSError, trio.TooSlowError) as exc:
+            reason = str(exc) or "no answer"
+            raise Unavailable(f"seed {seed} did not answer as a member's peer address ({reason});"
+                              " SEED is the peer_listen HOST:PORT of a cluster member") from None
+        try:
+            state = cs.ClusterState.from_dict(reply["state"])
+        except (KeyError, ValueError) as exc:
+            raise BadRequest(f"seed {seed} answered with a malformed cluster state: {exc}") from None
+        cluster.members.merge(reply.get("members", []), cluster.now())
+        cluster.gossiper.replace_state(state)  # our own one-node cluster held no data
+        return {"staged": f"join {cluster.me}", "cluster": cluster.state.cluster_id}
+
+    async def stage(self, change: cs.Change) -> cs.ClusterState:
+        """Stage ``change`` (cluster_state Rule 2 refuses what cannot be staged)."""
+        state = cs.stage(self.cluster.state, change, self.cluster.config.n)
+        await self.cluster.set_state(state)
+        return state
+
+    async def plan(self) -> tuple[cs.ClusterState, Ring, list[Move]]:
+        """The state planned from, the ring its staged changes would make, and the moves."""
+        state = self.cluster.state
+        ring, moves = await self.offload(cs.plan, state, self.cluster.config.n)
+        return state, ring, moves
+
+    async def commit(self) -> cs.ClusterState:
+        """Commit what is staged in the current state (Rule 3); returns the committed state."""
+        state = await self.offload(cs.commit, self.cluster.state, self.cluster.config.n)
+        await self.cluster.set_state(state)
+        return state
+
+    async def abort(self) -> cs.ClusterState:
+        """End the transition that cannot finish (cluster_state Rule 3)."""
+        state = cs.abort(self.cluster.state)
+        await self.cluster.set_state(state)
+        return state
+
+    async def clear(self) -> cs.ClusterState:
+        """Discard everything staged."""
+        state = cs.clear(self.cluster.state)
+        await self.cluster.set_state(state)
+        return state
