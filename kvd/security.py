@@ -17,6 +17,11 @@ Invariants:
 - Rule 5: without a cluster secret, peers are accepted unauthenticated (loopback-only dev
   clusters, DESIGN section 7); without client tokens, clients are accepted only from
   loopback addresses.
+- Rule 6: client contexts are sealed with ``context_key``, derived from the cluster secret,
+  so every node verifies what any other minted and nobody without the secret can forge one
+  (kvd.versions). Without a secret the key is public: contexts are then checked, not
+  authenticated, which protects nothing less than the unauthenticated peer port already
+  gives away on such a loopback-only cluster (docs/DECISIONS.md).
 
 The peer exchange (docs/protocol.md, section 2)::
 
@@ -61,6 +66,7 @@ __all__ = [
     "allows",
     "check_private_file",
     "client_proof",
+    "context_key",
     "load_secret",
     "load_tokens",
     "new_nonce",
@@ -255,6 +261,12 @@ def _proof(label: bytes, secret: bytes, client_nonce: bytes, server_nonce: bytes
     return mac.digest()
 
 
+def context_key(secret: bytes | None) -> bytes:
+    """The key that seals client contexts (rule 6): HMAC-SHA256 of the secret over a label
+    of its own, so it is independent of the handshake proofs; public without a secret."""
+    return hmac.new(secret or b"", b"kvd-context-key-v1", hashlib.sha256).digest()
+
+
 def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes,
                  client_node: str, server_node: str) -> bytes:
     """What the accepting node sends to prove the secret."""
@@ -327,6 +339,7 @@ class Security:
         self.client_tls = client_tls
         self.peer_tls = peer_tls
         self.peer_client_tls = peer_client_tls
+        self.context_key = context_key(secret)
         self.refused = 0
         self._logged: set[tuple[str, str]] = set()
 

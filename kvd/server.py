@@ -48,7 +48,7 @@ from kvd.node.local import LocalStore, new_vid
 from kvd.node.replica import LocalReplica
 from kvd.proto import codec
 from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
-from kvd.security import GuardedConnection, Security, printable
+from kvd.security import GuardedConnection, Security, context_key, printable
 from kvd.storage import keys, open_storage
 from kvd.storage.blobs import BlobStore, MemoryBlobStore
 from kvd.storage.memory import MemoryDisk
@@ -121,6 +121,8 @@ class Node:
     in_flight: int = 0
     draining: bool = False
     idle: trio.Event = field(default_factory=trio.Event)
+    # Seals the contexts clients carry (kvd.versions); serve sets the cluster's.
+    context_key: bytes = field(default_factory=lambda: context_key(None))
 
     @property
     def node_id(self) -> str:
@@ -215,6 +217,7 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             node.idle.set()
             metrics.attach(node)
             security = Security.from_config(config)  # secret, tokens, TLS: checked here
+            node.context_key = security.context_key
             cluster.peers.security = security
             listeners = []
             for key, role in (("peer_listen", "peer"), ("listen", "client")):
@@ -508,7 +511,7 @@ async def _get(node: Node, conn, message, _chunks) -> None:
     obj = result.obj
     rid = message.request_id
     if obj is None or not versions.is_found(obj):
-        context = versions.encode_context(obj.clock) if obj is not None else b""
+        context = versions.seal_context(node.context_key, key, obj.clock) if obj else b""
         reply = {"key": key, "found": False, "context": context, "siblings": [],
                  "replicas": result.replicas}
         await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
@@ -525,7 +528,8 @@ async def _get(node: Node, conn, message, _chunks) -> None:
         else:
             described.append({"value": None, "length": sibling.length, "deleted": False})
             streamed.append(sibling)
-    reply = {"key": key, "found": True, "context": versions.encode_context(obj.clock),
+    reply = {"key": key, "found": True,
+             "context": versions.seal_context(node.context_key, key, obj.clock),
              "siblings": described, "replicas": result.replicas}
     await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
     for sibling in streamed:
@@ -556,7 +560,7 @@ async def _put(node: Node, conn, message, chunks) -> None:
     _settled(node)
     key = _key(fields)
     n, w = _quorum_params(node, fields, "w")
-    context = versions.decode_context(fields.get("context") or b"")
+    context = versions.open_context(node.context_key, key, fields.get("context") or b"")
     length = fields["length"]
     if not 0 <= length <= MAX_VALUE:
         raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
@@ -576,11 +580,11 @@ async def _put(node: Node, conn, message, chunks) -> None:
         result = await node.coordinator.put(
             key, context, n, w, length=length, chunks=chunk_data(), timestamp=now, vid=vid
         )
-    await _reply_written(conn, message.request_id, result)
+    await _reply_written(node, conn, message.request_id, key, result)
 
 
-async def _reply_written(conn, rid, result) -> None:
-    reply = {"context": versions.encode_context(result.obj.clock),
+async def _reply_written(node, conn, rid, key, result) -> None:
+    reply = {"context": versions.seal_context(node.context_key, key, result.obj.clock),
              "siblings": len(versions.live(result.obj)), "replicas": result.replicas}
     await conn.send(codec.encode(MsgType.PUT_REPLY, rid, reply))
 
@@ -590,9 +594,9 @@ async def _delete(node: Node, conn, message, _chunks) -> None:
     _settled(node)
     key = _key(fields)
     n, w = _quorum_params(node, fields, "w")
-    context = versions.decode_context(fields.get("context") or b"")
+    context = versions.open_context(node.context_key, key, fields.get("context") or b"")
     result = await node.coordinator.put(key, context, n, w, deleted=True, timestamp=node.clocks.wall())
-    await _reply_written(conn, message.request_id, result)
+    await _reply_written(node, conn, message.request_id, key, result)
 
 
 _STATE_LETTER = {"valid": "N", "joining": "J", "leaving": "L", "exiting": "L"}
