@@ -240,7 +240,8 @@ def required_role(kind: MsgType, fields: dict) -> str:
     needed = _REQUIRED.get(kind)
     if needed is not None:
         return needed
-    if kind == MsgType.ADMIN and fields.get("op") in _READ_ONLY_ADMIN:
+    op = fields.get("op")
+    if kind == MsgType.ADMIN and isinstance(op, str) and op in _READ_ONLY_ADMIN:
         return "read"
     return "admin"  # ADMIN, and anything a client port does not expect
 

@@ -151,3 +151,178 @@ async def test_without_a_secret_a_well_sealed_forgery_cannot_exhaust_a_node(auto
             assert sim.nodes["n1"].node.store._lease(actor).limit < 2**20
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ hole 4: malformed bodies
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kvd.net.connection import FrameConnection  # noqa: E402
+from kvd.proto import codec  # noqa: E402
+from kvd.proto.messages import OPS, SCHEMA, ListOf, MsgType, Tuple  # noqa: E402
+
+
+def _frame(kind: int, rid: int, body: object) -> bytes:
+    """A frame with any body at all: the codec's encoder would refuse most of these."""
+    raw = msgpack.packb(body, use_bin_type=True)
+    return codec.HEADER.pack(codec.MAGIC, 1, kind, 0, rid, len(raw)) + raw
+
+
+class _Raw:
+    """One raw connection to a simulated node's client or peer port."""
+
+    def __init__(self, sim: SimCluster, name: str, role: str):
+        sn = sim.nodes[name]
+        self.sim, self.role = sim, role
+        self.address = sn.peer_address if role == "peer" else sn.address
+        self.source = sim.client_address()
+        self.conn = None
+        self.rid = 0
+
+    async def _open(self):
+        stream = await self.sim.net.connector(self.source)(self.address)
+        conn = FrameConnection(stream)
+        hello = {"versions": [1], "role": self.role, "node": "fuzzer"}
+        await conn.send(codec.encode(MsgType.HELLO, 1, hello))
+        reply = await conn.receive()
+        assert reply is not None and reply.type == MsgType.HELLO_OK, reply
+        conn.max_frame = 1 << 21
+        return conn
+
+    async def ask(self, kind: int, body: object):
+        """Send one request; the reply (an ERROR's fields included), "closed" when the node
+        closed the connection (it must have sent an ERROR first), or "timeout"."""
+        if self.conn is None:
+            self.conn = await self._open()
+        self.rid += 1
+        await self.conn.send(_frame(kind, self.rid, body))
+        error = None
+        with trio.move_on_after(60):
+            while True:
+                message = await self.conn.receive()
+                if message is None:
+                    self.conn = None
+                    assert error is not None, f"closed without an ERROR frame after {body!r}"
+                    return ("closed", error)
+                if message.type == MsgType.ERROR:
+                    error = message.fields
+                    if message.request_id == self.rid:
+                        return ("error", error)
+                    continue  # a connection-level ERROR (id 0): the close follows
+                if message.request_id == self.rid and message.type != MsgType.CHUNK:
+                    return ("reply", message.fields)
+        return ("timeout", None)
+
+
+async def test_an_admin_op_that_is_a_list_gets_a_protocol_error(autojump_clock):
+    """Before: ADMIN {"op": ["ring"]} raised TypeError (unhashable) in the role check, logged a
+    traceback and dropped the connection without an ERROR frame."""
+    async with trio.open_nursery() as nursery:
+        sim = SimCluster(nursery, seed=1)
+        await sim.start("n1", seeds=[])
+        raw = _Raw(sim, "n1", "client")
+        outcome, error = await raw.ask(MsgType.ADMIN, {"op": ["ring"]})
+        assert outcome == "closed" and error["code"] == "protocol", (outcome, error)
+        assert "'op'" in error["message"]
+        outcome, reply = await raw.ask(MsgType.ADMIN, {"op": "ring"})  # a new connection
+        assert outcome == "reply" and reply["q"] == 32
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_string_vid_in_a_blob_request_gets_a_protocol_error(autojump_clock):
+    """Before: REPLICA_GET blob with a str vid answered `internal` (a traceback in the log)."""
+    async with trio.open_nursery() as nursery:
+        sim = SimCluster(nursery, seed=1)
+        await sim.start("n1", seeds=[])
+        raw = _Raw(sim, "n1", "peer")
+        outcome, error = await raw.ask(MsgType.REPLICA_GET, {
+            "op": "blob", "key": b"k", "vid": "0123", "offset": 0, "size": 10})
+        assert outcome == "closed" and error["code"] == "protocol", (outcome, error)
+        assert "'vid'" in error["message"]
+        outcome, error = await raw.ask(MsgType.REPLICA_GET, {
+            "op": "blob", "key": b"k", "vid": b"", "offset": 0, "size": 10})
+        assert outcome == "error" and error["code"] == "bad_request", (outcome, error)
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+_ANY = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats()
+    | st.text(max_size=8) | st.binary(max_size=24),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=4),
+    max_leaves=8)
+_INTS = st.one_of(st.integers(-3, 40), st.integers(-2**63, 2**64 - 1),
+                  st.sampled_from([2**31, 2**53, 2**63, 1 << 40]))
+
+
+def _value(spec) -> st.SearchStrategy:
+    """A value of ``spec``'s type (with hostile contents), or now and then of any type."""
+    if isinstance(spec, ListOf):
+        right = st.lists(_value(spec.item), max_size=3)
+    elif isinstance(spec, Tuple):
+        right = st.tuples(*map(_value, spec.items)).map(list)
+    elif isinstance(spec, dict):
+        right = _body(spec)
+    else:
+        options = []
+        for t in spec:
+            options.append({bytes: st.binary(max_size=40), str: st.text(max_size=12),
+                            int: _INTS, bool: st.booleans(), float: st.floats(),
+                            dict: st.dictionaries(st.text(max_size=4), _ANY, max_size=3),
+                            list: st.lists(_ANY, max_size=3),
+                            type(None): st.none()}[t])
+        right = st.one_of(*options)
+    return st.one_of(right, right, right, _ANY)
+
+
+def _body(schema: dict) -> st.SearchStrategy:
+    fields = {name: _value(spec) for name, (spec, _required) in schema.items()}
+    return st.fixed_dictionaries({}, optional={**fields, "zz": _ANY})
+
+
+def _bodies(kind: MsgType) -> st.SearchStrategy:
+    schema = SCHEMA.get(kind, {})
+    if kind not in OPS:
+        return _body(schema)
+    ops = OPS[kind]
+    return st.one_of(*[_body({**ops[op], "op": ((str,), True)}).map(
+        lambda b, op=op: {**b, "op": op}) for op in ops], _body(schema))
+
+
+_REQUESTS = st.sampled_from([t for t in MsgType if t not in (MsgType.HELLO, MsgType.CHUNK)]
+                            ).flatmap(lambda t: st.tuples(st.just(t), _bodies(t)))
+
+
+@settings(max_examples=int(os.environ.get("KVD_FUZZ_EXAMPLES", 25)), deadline=None, suppress_health_check=list(HealthCheck))
+@given(client=st.lists(_REQUESTS, min_size=1, max_size=12),
+       peer=st.lists(_REQUESTS, min_size=1, max_size=12))
+def test_no_body_of_any_message_type_reaches_a_traceback(client, peer):
+    """Random bodies for every message type, on both ports of a live node (with some data,
+    so reads, scans and blobs have something to find): every request gets a reply or an
+    ERROR (`protocol` closes the connection first), never `internal`, never a traceback."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = SimCluster(nursery, seed=1)
+            try:
+                await sim.start("n1", seeds=[])
+                async with sim.open_client("n1", sim.client_address()) as c:
+                    await c.put(b"k", b"v")
+                    await c.put(b"big", b"x" * 200_000)  # chunked (chunk_size 64 KiB)
+                    await c.delete(b"k", context=(await c.get(b"k")).context)
+                for role, requests in (("client", client), ("peer", peer)):
+                    raw = _Raw(sim, "n1", role)
+                    for kind, body in requests:
+                        outcome, fields = await raw.ask(kind, body)
+                        if outcome in ("error", "closed"):
+                            assert fields["code"] != "internal", (kind.name, body, fields)
+                    assert not sim.crashes, sim.crashes
+            finally:
+                sim.close()
+                nursery.cancel_scope.cancel()
+
+    with seeded(1):
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
