@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import signal
+import stat
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -165,10 +166,7 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
     the simulator's, which survives a simulated crash as far as it was synced)."""
     data_dir = None if config.data_dir == ":memory:" or disk is not None else config.data_dir
     if data_dir is not None:
-        try:
-            os.makedirs(data_dir, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"data_dir {data_dir}: {exc.strerror}") from None
+        _private_data_dir(data_dir)
     async with open_storage(data_dir, sync=config.sync, sync_interval=config.sync_interval,
                             cache_mb=config.cache_mb, disk=disk) as storage:
         if data_dir is None:
@@ -176,6 +174,25 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
         else:
             blobs = BlobStore(os.path.join(data_dir, "blobs"), sync=config.sync != "none")
         yield storage, blobs
+
+
+def _private_data_dir(data_dir: str) -> None:
+    """Make kvd's files its own, whatever umask it was started with (issue 10, hole 5): the
+    process umask becomes 077, so LevelDB and blob files are created 0600 and directories
+    0700, and a new data_dir is created 0700. An existing one that others may enter, or
+    its group may write, is refused (ConfigError: one line, exit 2), as PostgreSQL refuses
+    its data directory; 0750 is accepted (the package's StateDirectoryMode, for a backup
+    group). docs/DECISIONS.md, "The data directory is private"."""
+    os.umask(0o077)  # process-wide on purpose: LevelDB creates files as it compacts
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(data_dir).st_mode)
+    except OSError as exc:
+        raise ConfigError(f"data_dir {data_dir}: {exc.strerror}") from None
+    if mode & 0o027:
+        raise ConfigError(
+            f"data_dir {data_dir} is accessible by {'others' if mode & 0o007 else 'its group'}"
+            f" (mode {mode:04o}): run chmod -R go-rwx {data_dir}")
 
 
 async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | None = None,

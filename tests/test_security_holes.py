@@ -326,3 +326,71 @@ def test_no_body_of_any_message_type_reaches_a_traceback(client, peer):
 
     with seeded(1):
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# ------------------------------------------------------------------ hole 5: data directory modes
+
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+
+from procs import KvdProcess, kvctl  # noqa: E402
+
+
+def _modes(root) -> dict[str, int]:
+    """Mode of every directory and file under ``root`` (root included), by relative path."""
+    out = {".": stat.S_IMODE(os.stat(root).st_mode)}
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            out[os.path.relpath(path, root)] = stat.S_IMODE(os.lstat(path).st_mode)
+    return out
+
+
+@pytest.mark.slow
+def test_data_dir_is_private_whatever_the_umask(tmp_path):
+    """Before: started with umask 022, kvd made 0755 directories and 0644 LevelDB files.
+    Now every directory under data_dir is 0700 and every file 0600, blobs included."""
+    data = tmp_path / "new" / "data"  # kvd creates it, and its parent
+    node = KvdProcess(data)
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(3 << 20))  # above chunk_size: a blob file
+    old = os.umask(0o022)
+    try:
+        node.start()
+    finally:
+        os.umask(old)
+    try:
+        assert kvctl("put", "small", "v", host=node.address).returncode == 0
+        put = kvctl("put", "big", "--file", str(big), host=node.address)
+        assert put.returncode == 0, put.stderr
+    finally:
+        assert node.stop() == 0, node.log_text()
+    modes = _modes(data)
+    assert any(p.startswith("blobs" + os.sep) and os.path.isfile(data / p) for p in modes)
+    assert any(p.endswith(".log") or p.startswith("MANIFEST") for p in modes), modes
+    wrong = {p: f"{m:04o}" for p, m in modes.items()
+             if m != (0o700 if os.path.isdir(data / p) else 0o600)}
+    assert not wrong, f"not private: {wrong}"
+
+
+@pytest.mark.slow
+def test_a_data_dir_open_to_others_stops_the_start(tmp_path):
+    """As PostgreSQL does: a data_dir others may enter (or its group may write) is refused
+    with one line and exit 2; 0750 (the package's StateDirectoryMode) is accepted."""
+    data = tmp_path / "data"
+    data.mkdir()
+    node = KvdProcess(data)
+    for mode, who in ((0o755, "others"), (0o770, "its group")):
+        data.chmod(mode)
+        config = node.write_config()
+        run = subprocess.run([sys.executable, "-m", "kvd.main", "--config", str(config)],
+                             capture_output=True, text=True, timeout=20)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr == (f"kvd: error: data_dir {data} is accessible by {who} "
+                              f"(mode {mode:04o}): run chmod -R go-rwx {data}\n")
+    data.chmod(0o750)
+    node.start()
+    try:
+        assert kvctl("put", "k", "v", host=node.address).returncode == 0
+    finally:
+        assert node.stop() == 0
