@@ -173,13 +173,14 @@ CASES = [
     (Message(T.PING, 0xFFFFFFFF, {}), frame_bytes("4b56 01 0e 00 ffffffff 00000001", "80")),
     (Message(T.PONG, 0xFFFFFFFF, {}), frame_bytes("4b56 01 0f 00 ffffffff 00000001", "80")),
     (
-        Message(T.REPLICA_GET, 8, {"key": b"k"}),
-        frame_bytes("4b56 01 10 00 00000008 00000008", "81a36b6579c4016b"),
+        Message(T.REPLICA_GET, 8, {"op": "get", "key": b"k"}),
+        frame_bytes("4b56 01 10 00 00000008 0000000f", "82a26f70a3676574a36b6579c4016b"),
     ),
     (Message(T.REPLICA_GET_REPLY, 8, {}), frame_bytes("4b56 01 11 00 00000008 00000001", "80")),
     (
-        Message(T.REPLICA_PUT, 9, {"p": 1}),
-        frame_bytes("4b56 01 12 00 00000009 00000004", "81a17001"),
+        # An op the codec does not know passes it (its handler answers bad_request).
+        Message(T.REPLICA_PUT, 9, {"op": "unknown-op", "p": 1}),
+        frame_bytes("4b56 01 12 00 00000009 00000012", "82a26f70aa756e6b6e6f776e2d6f70a17001"),
     ),
     (Message(T.REPLICA_PUT_REPLY, 9, {}), frame_bytes("4b56 01 13 00 00000009 00000001", "80")),
     (
