@@ -11,12 +11,12 @@ Invariants:
   is raw bytes.
 - Rule 3: fields may be added to a type, never removed or retyped. A receiver ignores fields
   it does not know (forward compatibility), so a new optional field needs no version bump.
+- Rule 4: the codec checks types only. Value checks (key length, R <= N, role names) belong
+  to whoever acts on the request; ``validate_key`` is the shared helper for keys.
 - Rule 5: the body of a type with operations (REPLICA_GET, REPLICA_PUT, ADMIN) is checked
   against ``OPS[type][op]`` too, so a handler never sees a field of the wrong type (issue
   10, hole 4). An operation not in the table passes the codec; its handler refuses it with
   ``bad_request`` naming it, so a newer sender's new operation closes nothing.
-- Rule 4: the codec checks types only. Value checks (key length, R <= N, role names) belong
-  to whoever acts on the request; ``validate_key`` is the shared helper for keys.
 
 Like the codec, this module imports neither trio nor plyvel.
 """
