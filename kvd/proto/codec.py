@@ -3,7 +3,8 @@
 Frame = 13-byte header + body. Header, big-endian (``struct ">2sBBBII"``):
 magic ``b"KV"``, protocol version (1), message type, flags, request id (u32), body length
 (u32). Bodies are msgpack maps checked against ``messages.SCHEMA`` (and ``messages.OPS`` for
-types with operations), except CHUNK whose body is raw bytes. docs/protocol.md is the description for client authors.
+types with operations), except CHUNK whose body is raw bytes. docs/protocol.md is the
+description for client authors.
 
 Invariants:
 
