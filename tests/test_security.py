@@ -320,8 +320,9 @@ async def test_wrong_missing_or_replayed_secret_changes_nothing(tmp_path, procs)
         assert len(lines) == 1 and reason in lines[0], lines
 
     # 2. Nor read, write or gossip: peer requests before (or instead of) the proof.
-    fake_put = codec.encode(MsgType.REPLICA_PUT, 2, {"key": b"planted", "object": b"x"})
-    fake_get = codec.encode(MsgType.REPLICA_GET, 3, {"key": b"existing"})
+    fake_put = codec.encode(MsgType.REPLICA_PUT, 2, {"op": "merge", "key": b"planted",
+                                                     "object": b"x"})
+    fake_get = codec.encode(MsgType.REPLICA_GET, 3, {"op": "get", "key": b"existing"})
     gossip = codec.encode(MsgType.GOSSIP, 4, {"node": "mallory", "members": [
         {"node": "mallory", "address": "127.0.0.1:1", "peer_address": "127.0.0.1:2",
          "heartbeat": 1, "incarnation": 1}]})
