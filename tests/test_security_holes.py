@@ -394,3 +394,39 @@ def test_a_data_dir_open_to_others_stops_the_start(tmp_path):
         assert kvctl("put", "k", "v", host=node.address).returncode == 0
     finally:
         assert node.stop() == 0
+
+
+@pytest.mark.slow
+def test_malformed_bodies_on_a_real_node_get_errors_not_tracebacks(tmp_path):
+    """The two bodies of the report, on a real node (LevelDB, blob files, a cluster secret,
+    a peer authenticated by hand): an ERROR frame each, no traceback in the log."""
+    from test_security import authenticate_by_hand, raw_connect, read_message
+
+    secret = os.urandom(24).hex()
+    path = tmp_path / "secret"
+    path.write_text(secret)
+    path.chmod(0o600)
+    node = KvdProcess(tmp_path / "data", extra={"cluster_secret_file": str(path)}).start()
+    try:
+        client = raw_connect(node.port)
+        decoder = codec.FrameDecoder(1 << 22)
+        client.sendall(codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "client"}))
+        assert read_message(client, decoder).type == MsgType.HELLO_OK
+        client.sendall(_frame(MsgType.ADMIN, 2, {"op": ["ring"]}))
+        error = read_message(client, decoder)
+        assert error.type == MsgType.ERROR and error.fields["code"] == "protocol", error
+        assert read_message(client, decoder) is None  # then closed
+
+        peer, decoder, _ = authenticate_by_hand(node.peer_port, secret)
+        assert read_message(peer, decoder).type == MsgType.HELLO_OK
+        for rid, vid, code in ((3, b"", "bad_request"), (4, b"\x00" * 16, "unavailable"),
+                               (5, "0123", "protocol")):
+            peer.sendall(_frame(MsgType.REPLICA_GET, rid, {
+                "op": "blob", "key": b"k", "vid": vid, "offset": 0, "size": 10}))
+            error = read_message(peer, decoder)
+            assert error.type == MsgType.ERROR and error.fields["code"] == code, error
+        assert kvctl("put", "k", "v", host=node.address).returncode == 0
+    finally:
+        assert node.stop() == 0
+    log = node.log_text()
+    assert "Traceback" not in log and "internal" not in log, log
