@@ -37,14 +37,14 @@ from kvd.proto.messages import (
     HEADER_SIZE,
     MAX_KEY_LEN,
     MAX_REQUEST_ID,
+    OPS,
     PRE_AUTH_MAX_FRAME,
     PROTOCOL_VERSION,
     RAW_BODY,
-    OPS,
     SCHEMA,
     ListOf,
-    Tuple,
     MsgType,
+    Tuple,
     validate_key,
 )
 
