@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import threading
 from dataclasses import dataclass, replace
 from operator import attrgetter
@@ -573,7 +574,8 @@ def _decode_sibling(raw: object, actors: list, clock: VersionVector) -> Sibling:
     actor = actors[i]
     if type(counter) is not int or not 1 <= counter <= clock[actor]:
         raise ValueError("malformed sibling: dot not covered by the clock")
-    if type(value) is not bytes or type(deleted) is not bool or type(timestamp) is not float:
+    if (type(value) is not bytes or type(deleted) is not bool or type(timestamp) is not float
+            or not math.isfinite(timestamp)):  # NaN is unequal to itself: no stable object
         raise ValueError("malformed sibling: bad value, deleted flag or timestamp")
     chunks = None
     if len(raw) == 8:

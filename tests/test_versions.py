@@ -637,3 +637,9 @@ def test_decode_object_of_mutated_objects_raises_only_value_error(obj, data):
     except ValueError:
         return
     assert decode_object(encode_object(back)) == back
+
+
+@pytest.mark.parametrize("stamp", [float("nan"), float("inf"), float("-inf")])
+def test_objects_with_a_timestamp_that_is_not_finite_are_refused(stamp):
+    with pytest.raises(ValueError, match="timestamp"):
+        decode_object(_pack([1, ["a", 1], [[0, 1, b"v", False, stamp]]]))
