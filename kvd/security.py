@@ -25,6 +25,11 @@ Invariants:
   ``REFUSAL_LOG_INTERVAL``), and an address's first refusal is logged at once, so a flood
   of forged names from a few addresses cannot hide a new node with a wrong secret. Memory
   and log lines per interval are bounded whatever the flood.
+- Rule 8: client contexts are sealed with ``context_key``, derived from the cluster secret,
+  so every node verifies what any other minted and nobody without the secret can forge one
+  (kvd.versions). Without a secret the key is public: contexts are then checked, not
+  authenticated, which protects nothing less than the unauthenticated peer port already
+  gives away on such a loopback-only cluster (docs/DECISIONS.md).
 
 The peer exchange (docs/protocol.md, section 2)::
 
@@ -74,6 +79,7 @@ __all__ = [
     "allows",
     "check_private_file",
     "client_proof",
+    "context_key",
     "load_secret",
     "load_tokens",
     "new_nonce",
@@ -258,7 +264,8 @@ def required_role(kind: MsgType, fields: dict) -> str:
     needed = _REQUIRED.get(kind)
     if needed is not None:
         return needed
-    if kind == MsgType.ADMIN and fields.get("op") in _READ_ONLY_ADMIN:
+    op = fields.get("op")
+    if kind == MsgType.ADMIN and isinstance(op, str) and op in _READ_ONLY_ADMIN:
         return "read"
     return "admin"  # ADMIN, and anything a client port does not expect
 
@@ -277,6 +284,12 @@ def _proof(label: bytes, secret: bytes, client_nonce: bytes, server_nonce: bytes
         mac.update(len(part).to_bytes(4, "big"))  # length-prefixed: no ambiguous splits
         mac.update(part)
     return mac.digest()
+
+
+def context_key(secret: bytes | None) -> bytes:
+    """The key that seals client contexts (rule 6): HMAC-SHA256 of the secret over a label
+    of its own, so it is independent of the handshake proofs; public without a secret."""
+    return hmac.new(secret or b"", b"kvd-context-key-v1", hashlib.sha256).digest()
 
 
 def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes,
@@ -369,6 +382,7 @@ class Security:
         self.client_tls = client_tls
         self.peer_tls = peer_tls
         self.peer_client_tls = peer_client_tls
+        self.context_key = context_key(secret)
         self.refused = 0
         self.refusals = Refusals()
 

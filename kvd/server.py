@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import signal
+import stat
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from kvd.node.local import LocalStore, new_vid
 from kvd.node.replica import LocalReplica
 from kvd.proto import codec
 from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType, validate_key
-from kvd.security import GuardedConnection, Security, printable
+from kvd.security import GuardedConnection, Security, context_key, printable
 from kvd.storage import keys, open_storage
 from kvd.storage.blobs import BlobStore, MemoryBlobStore
 from kvd.storage.memory import MemoryDisk
@@ -134,6 +135,8 @@ class Node:
     admissions: dict[str, Admission] = field(default_factory=dict)  # "client", "peer"
     idle: trio.Event = field(default_factory=trio.Event)
     security: Security | None = None  # what serve() enforces; SIGHUP re-reads its tokens
+    # Seals the contexts clients carry (kvd.versions); serve sets the cluster's.
+    context_key: bytes = field(default_factory=lambda: context_key(None))
 
     @property
     def node_id(self) -> str:
@@ -176,10 +179,7 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
     the simulator's, which survives a simulated crash as far as it was synced)."""
     data_dir = None if config.data_dir == ":memory:" or disk is not None else config.data_dir
     if data_dir is not None:
-        try:
-            os.makedirs(data_dir, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"data_dir {data_dir}: {exc.strerror}") from None
+        _private_data_dir(data_dir)
     async with open_storage(data_dir, sync=config.sync, sync_interval=config.sync_interval,
                             cache_mb=config.cache_mb, disk=disk) as storage:
         if data_dir is None:
@@ -187,6 +187,25 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
         else:
             blobs = BlobStore(os.path.join(data_dir, "blobs"), sync=config.sync != "none")
         yield storage, blobs
+
+
+def _private_data_dir(data_dir: str) -> None:
+    """Make kvd's files its own, whatever umask it was started with (issue 10, hole 5): the
+    process umask becomes 077, so LevelDB and blob files are created 0600 and directories
+    0700, and a new data_dir is created 0700. An existing one that others may enter, or
+    its group may write, is refused (ConfigError: one line, exit 2), as PostgreSQL refuses
+    its data directory; 0750 is accepted (the package's StateDirectoryMode, for a backup
+    group). docs/DECISIONS.md, "The data directory is private"."""
+    os.umask(0o077)  # process-wide on purpose: LevelDB creates files as it compacts
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(data_dir).st_mode)
+    except OSError as exc:
+        raise ConfigError(f"data_dir {data_dir}: {exc.strerror}") from None
+    if mode & 0o027:
+        raise ConfigError(
+            f"data_dir {data_dir} is accessible by {'others' if mode & 0o007 else 'its group'}"
+            f" (mode {mode:04o}): run chmod -R go-rwx {data_dir}")
 
 
 async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | None = None,
@@ -230,6 +249,7 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             metrics.attach(node)
             security = Security.from_config(config)  # secret, tokens, TLS: checked here
             node.security = security
+            node.context_key = security.context_key
             cluster.peers.security = security
             metrics.security = security
             node.admissions.update(_admissions(config, cluster))
@@ -551,7 +571,7 @@ async def _get(node: Node, conn, message, _chunks) -> None:
     obj = result.obj
     rid = message.request_id
     if obj is None or not versions.is_found(obj):
-        context = versions.encode_context(obj.clock) if obj is not None else b""
+        context = versions.seal_context(node.context_key, key, obj.clock) if obj else b""
         reply = {"key": key, "found": False, "context": context, "siblings": [],
                  "replicas": result.replicas}
         await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
@@ -568,7 +588,8 @@ async def _get(node: Node, conn, message, _chunks) -> None:
         else:
             described.append({"value": None, "length": sibling.length, "deleted": False})
             streamed.append(sibling)
-    reply = {"key": key, "found": True, "context": versions.encode_context(obj.clock),
+    reply = {"key": key, "found": True,
+             "context": versions.seal_context(node.context_key, key, obj.clock),
              "siblings": described, "replicas": result.replicas}
     await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
     for sibling in streamed:
@@ -599,7 +620,7 @@ async def _put(node: Node, conn, message, chunks) -> None:
     _settled(node)
     key = _key(fields)
     n, w = _quorum_params(node, fields, "w")
-    context = versions.decode_context(fields.get("context") or b"")
+    context = versions.open_context(node.context_key, key, fields.get("context") or b"")
     length = fields["length"]
     if not 0 <= length <= MAX_VALUE:
         raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
@@ -619,11 +640,11 @@ async def _put(node: Node, conn, message, chunks) -> None:
         result = await node.coordinator.put(
             key, context, n, w, length=length, chunks=chunk_data(), timestamp=now, vid=vid
         )
-    await _reply_written(conn, message.request_id, result)
+    await _reply_written(node, conn, message.request_id, key, result)
 
 
-async def _reply_written(conn, rid, result) -> None:
-    reply = {"context": versions.encode_context(result.obj.clock),
+async def _reply_written(node, conn, rid, key, result) -> None:
+    reply = {"context": versions.seal_context(node.context_key, key, result.obj.clock),
              "siblings": len(versions.live(result.obj)), "replicas": result.replicas}
     await conn.send(codec.encode(MsgType.PUT_REPLY, rid, reply))
 
@@ -633,9 +654,9 @@ async def _delete(node: Node, conn, message, _chunks) -> None:
     _settled(node)
     key = _key(fields)
     n, w = _quorum_params(node, fields, "w")
-    context = versions.decode_context(fields.get("context") or b"")
+    context = versions.open_context(node.context_key, key, fields.get("context") or b"")
     result = await node.coordinator.put(key, context, n, w, deleted=True, timestamp=node.clocks.wall())
-    await _reply_written(conn, message.request_id, result)
+    await _reply_written(node, conn, message.request_id, key, result)
 
 
 _STATE_LETTER = {"valid": "N", "joining": "J", "leaving": "L", "exiting": "L"}

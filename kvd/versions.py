@@ -58,11 +58,25 @@ deleted, timestamp]``, plus ``vid, length, count`` when chunked, plus ``[wid, al
 supersedes]`` last when any is set (aliases as a flat ``[actor_index, counter, ...]``);
 ``actor_index`` points into the clock's actor list, so long actor ids are stored once. A context is the flat sorted clock
 list alone, and b"" for the empty vector.
+
+Contexts that clients carry are sealed (issue 10, hole 2). Because a context is trusted (a
+write supersedes whatever it covers), a hand-built one could replace values its writer never
+read, or push a counter to the edge of the integer range and make a key unwritable. So the
+context a client sees is ``seal_context``: a format byte, the encoded clock and a 16-byte
+keyed BLAKE2b tag over the format, the object's key and the clock, under a key every node
+of the cluster derives from the cluster secret (``kvd.security.context_key``).
+``open_context`` refuses anything whose tag does not verify: forged, altered, or minted for
+another key. Nodes exchange the plain ``encode_context`` form, over authenticated peer
+connections. Every counter, here and in objects, is at most ``MAX_COUNTER`` (2**53, far
+below 2**63 and exact in a double), and ``update`` refuses to mint past it, so no clock can
+overflow anything.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import math
 import threading
 from dataclasses import dataclass, replace
 from operator import attrgetter
@@ -72,6 +86,7 @@ import msgpack
 from kvd.errors import BadRequest, TooManySiblings
 
 __all__ = [
+    "MAX_COUNTER",
     "SIBLING_LIMIT",
     "SIBLING_WARN",
     "ChunkRef",
@@ -96,6 +111,8 @@ __all__ = [
     "next_counter",
     "sync",
     "sync_with_discarded",
+    "open_context",
+    "seal_context",
     "update",
 ]
 
@@ -109,7 +126,12 @@ _FORMAT = 1  # first element of an encoded object; bump for an incompatible layo
 _MAX_ACTOR_LEN = 1024  # an actor id is "<node_id>:<incarnation>"; far below this
 _MAX_CONTEXT_BYTES = 256 * 1024  # a client-supplied context is checked before unpacking
 _MAX_CONTEXT_ACTORS = 16384
-_MAX_COUNTER = 2**64 - 1  # msgpack's largest integer
+# Counters grow by one per write of an actor (kvd.node.local leases them), so 2**53 writes
+# (285 years at a million writes a second) is out of reach honestly; a clock at the bound was
+# forged. Well below 2**63: lease arithmetic and any client language stay exact.
+MAX_COUNTER = 2**53
+_SEAL_FORMAT = b"\x01"  # first byte of a sealed context; bump for an incompatible change
+_TAG_SIZE = 16
 
 _dot_of = attrgetter("dot")
 
@@ -225,6 +247,9 @@ def update(
     if type(value) is not bytes:
         value = bytes(value)
     counter = next_counter(obj, context, actor, min_counter)
+    if counter > MAX_COUNTER:
+        raise BadRequest(f"key {_show_key(key)}: the clock of {actor} is exhausted "
+                         f"(counter {counter} above {MAX_COUNTER}); its context was forged")
     kept: list[Sibling] = []
     discarded: list[Sibling] = []
     for sibling in obj.siblings:
@@ -401,10 +426,50 @@ def decode_context(data: bytes) -> VersionVector:
         raise BadRequest(f"malformed context: {e}") from None
 
 
+def _tag(secret_key: bytes, key: bytes, body: bytes) -> bytes:
+    mac = hashlib.blake2b(key=secret_key, digest_size=_TAG_SIZE, person=b"kvd-context")
+    mac.update(len(key).to_bytes(4, "big"))  # length-prefixed: no ambiguous splits
+    mac.update(key)
+    mac.update(body)
+    return mac.digest()
+
+
+def seal_context(secret_key: bytes, key: bytes, vv: VersionVector) -> bytes:
+    """The context a client gets for ``key``: unforgeable without ``secret_key`` (at most
+    64 bytes, ``kvd.security.context_key``); b"" for the empty vector, which grants nothing."""
+    if not vv:
+        return b""
+    body = _SEAL_FORMAT + encode_context(vv)
+    return body + _tag(secret_key, key, body)
+
+
+def open_context(secret_key: bytes, key: bytes, data: object) -> VersionVector:
+    """The vector of a context a client sent with a write of ``key``. Raises ``BadRequest``
+    (and nothing else) unless ``seal_context`` made it, with this key, for this key."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadRequest("malformed context: expected bytes")
+    data = bytes(data)
+    if not data:
+        return {}
+    if len(data) < 1 + _TAG_SIZE or data[:1] != _SEAL_FORMAT:
+        raise BadRequest("malformed context: not a context this cluster issued "
+                         "(use the context of a GET or PUT reply, unchanged)")
+    body, tag = data[:-_TAG_SIZE], data[-_TAG_SIZE:]
+    if not hmac.compare_digest(tag, _tag(secret_key, key, body)):
+        raise BadRequest("forged or altered context: it was not issued for this key by this "
+                         "cluster (use the context of a GET or PUT reply of the same key)")
+    vv = decode_context(body[1:])
+    if not vv:
+        raise BadRequest("malformed context: empty clock")
+    return vv
+
+
 def _parse_clock(flat: object) -> VersionVector:
     """A validated vector from its flat sorted form; ValueError when malformed."""
     if type(flat) is not list or len(flat) % 2:
         raise ValueError("expected a flat list of actor, counter pairs")
+    if len(flat) > 2 * _MAX_CONTEXT_ACTORS:
+        raise ValueError(f"more than {_MAX_CONTEXT_ACTORS} actors")
     vv: VersionVector = {}
     previous = None
     for i in range(0, len(flat), 2):
@@ -414,7 +479,7 @@ def _parse_clock(flat: object) -> VersionVector:
             raise ValueError("actor is not a non-empty string")
         if previous is not None and actor <= previous:
             raise ValueError("actors not strictly sorted")
-        if type(counter) is not int or not 1 <= counter <= _MAX_COUNTER:
+        if type(counter) is not int or not 1 <= counter <= MAX_COUNTER:
             raise ValueError(f"bad counter for actor {actor!r}")
         vv[actor] = counter
         previous = actor
@@ -509,14 +574,16 @@ def _decode_sibling(raw: object, actors: list, clock: VersionVector) -> Sibling:
     actor = actors[i]
     if type(counter) is not int or not 1 <= counter <= clock[actor]:
         raise ValueError("malformed sibling: dot not covered by the clock")
-    if type(value) is not bytes or type(deleted) is not bool or type(timestamp) is not float:
+    if (type(value) is not bytes or type(deleted) is not bool or type(timestamp) is not float
+            or not math.isfinite(timestamp)):  # NaN is unequal to itself: no stable object
         raise ValueError("malformed sibling: bad value, deleted flag or timestamp")
     chunks = None
     if len(raw) == 8:
         vid, length, count = raw[5:]
         if type(vid) is not bytes or not vid:
             raise ValueError("malformed sibling: bad chunk upload id")
-        if type(length) is not int or type(count) is not int or length < 0 or count < 0:
+        if (type(length) is not int or type(count) is not int
+                or not 0 <= length <= MAX_COUNTER or not 0 <= count <= MAX_COUNTER):
             raise ValueError("malformed sibling: bad chunk length or count")
         if value:
             raise ValueError("malformed sibling: chunked value with inline bytes")

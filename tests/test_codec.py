@@ -173,13 +173,14 @@ CASES = [
     (Message(T.PING, 0xFFFFFFFF, {}), frame_bytes("4b56 01 0e 00 ffffffff 00000001", "80")),
     (Message(T.PONG, 0xFFFFFFFF, {}), frame_bytes("4b56 01 0f 00 ffffffff 00000001", "80")),
     (
-        Message(T.REPLICA_GET, 8, {"key": b"k"}),
-        frame_bytes("4b56 01 10 00 00000008 00000008", "81a36b6579c4016b"),
+        Message(T.REPLICA_GET, 8, {"op": "get", "key": b"k"}),
+        frame_bytes("4b56 01 10 00 00000008 0000000f", "82a26f70a3676574a36b6579c4016b"),
     ),
     (Message(T.REPLICA_GET_REPLY, 8, {}), frame_bytes("4b56 01 11 00 00000008 00000001", "80")),
     (
-        Message(T.REPLICA_PUT, 9, {"p": 1}),
-        frame_bytes("4b56 01 12 00 00000009 00000004", "81a17001"),
+        # An op the codec does not know passes it (its handler answers bad_request).
+        Message(T.REPLICA_PUT, 9, {"op": "unknown-op", "p": 1}),
+        frame_bytes("4b56 01 12 00 00000009 00000012", "82a26f70aa756e6b6e6f776e2d6f70a17001"),
     ),
     (Message(T.REPLICA_PUT_REPLY, 9, {}), frame_bytes("4b56 01 13 00 00000009 00000001", "80")),
     (
@@ -781,3 +782,49 @@ def test_protocol_doc_hex_dumps_are_true():
         encode(T.HELLO_OK, 1, {"version": 1, "node": "n1", "max_frame": 4194304}),
         encode(T.GET, 2, {"key": b"user:42"}),
     ]
+
+
+# Bodies of types with operations are checked per operation (messages Rule 5, issue 10 hole 4).
+OP_CASES = [
+    (T.ADMIN, {"op": ["ring"]}, "field 'op': expected str, got list"),
+    (T.ADMIN, {}, "missing required field 'op'"),
+    (T.ADMIN, {"op": "repair", "partition": "3"}, "'repair' field 'partition'"),
+    (T.ADMIN, {"op": "repair", "wait": 1}, "'repair' field 'wait': expected bool, got int"),
+    (T.ADMIN, {"op": "join"}, "'join' missing required field 'seed'"),
+    (T.REPLICA_GET, {"op": "blob", "key": b"k", "vid": "0123", "offset": 0, "size": 1},
+     "'blob' field 'vid': expected bytes, got str"),
+    (T.REPLICA_GET, {"op": "aae-keys", "partition": 1, "segment": True},
+     "'aae-keys' field 'segment': expected int, got bool"),
+    (T.REPLICA_PUT, {"op": "merge", "key": b"k", "staged": [b"v"]},
+     "'merge' field 'staged': expected a list of 2 items, got 1"),
+    (T.REPLICA_PUT, {"op": "coordinate", "key": b"k", "context": b"",
+                     "payload": {"deleted": False, "timestamp": "now"}},
+     "'coordinate' field 'payload': field 'timestamp': expected float or int, got str"),
+    (T.REPLICA_PUT, {"op": "aae-purge", "partition": 0, "tombstones": [[b"k", 5]]},
+     "'aae-purge' field 'tombstones': item 0: item 1: expected bytes, got int"),
+]
+
+
+@pytest.mark.parametrize("kind, body, problem", OP_CASES)
+def test_operation_bodies_are_checked(kind, body, problem):
+    raw = msgpack.packb(body, use_bin_type=True)
+    with pytest.raises(RemoteProtocolError) as failure:
+        decode_fields(Frame(kind, 1, raw))
+    assert problem in str(failure.value)
+    with pytest.raises(LocalProtocolError):
+        encode(kind, 1, body)
+
+
+@pytest.mark.parametrize("kind, body", [
+    (T.ADMIN, {"op": "some-future-op", "x": [1]}),  # the handler answers bad_request
+    (T.ADMIN, {"op": "repair", "partition": None, "wait": True}),
+    (T.REPLICA_PUT, {"op": "coordinate", "key": b"k", "context": b"",
+                     "payload": {"deleted": False, "timestamp": 1.5, "wid": b"w",
+                                 "chunks": [b"v" * 16, 3 << 20, 3]}}),
+    (T.REPLICA_PUT, {"op": "hint", "key": b"k", "for": "n2", "object": b"\x93"}),
+])
+def test_operation_bodies_that_pass(kind, body):
+    data = encode(kind, 7, body)
+    decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+    decoder.receive_data(data)
+    assert decoder.next_message().fields == body

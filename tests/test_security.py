@@ -19,7 +19,7 @@ import trio
 
 from kvd import security
 from kvd.client import open_client
-from kvd.net.sealed import Opener
+from kvd.net.sealed import Opener, Sealer
 from kvd.errors import ConfigError, Unauthorized
 from kvd.proto import codec
 from kvd.proto.codec import NEED_DATA, FrameDecoder
@@ -273,8 +273,9 @@ class SealedDecoder:
 
 def authenticate_by_hand(port: int, secret: str, node: str = "mallory", verify: bool = True):
     """The peer exchange of docs/protocol.md done with a socket; returns (socket, decoder,
-    the bytes this side sent). ``verify``: check the node's proof first, as a peer must;
-    then the decoder reads the node's authenticated records (the final HELLO_OK on)."""
+    the bytes this side sent, a sealer for the frames this side sends next). ``verify``:
+    check the node's proof first, as a peer must; then the decoder reads the node's
+    authenticated records (the final HELLO_OK on)."""
     sock = raw_connect(port)
     decoder = FrameDecoder(16 * 1024 * 1024)
     nonce = os.urandom(32)
@@ -288,10 +289,10 @@ def authenticate_by_hand(port: int, secret: str, node: str = "mallory", verify: 
                                                          them)
     second = peer_hello(node, proof=client_proof(secret.encode(), nonce, theirs, node, them))
     sock.sendall(second)
+    to_node, from_node = security.session_keys(secret.encode(), nonce, theirs, node, them)
     if verify:
-        _, from_node = security.session_keys(secret.encode(), nonce, theirs, node, them)
         decoder = SealedDecoder(from_node)
-    return sock, decoder, first + second
+    return sock, decoder, first + second, Sealer(to_node)
 
 
 async def status_of(node: KvdProcess, token: str | None = None) -> dict:
@@ -390,8 +391,9 @@ async def test_wrong_missing_or_replayed_secret_changes_nothing(tmp_path, procs)
         assert len(lines) == 1 and reason in lines[0], lines
 
     # 2. Nor read, write or gossip: peer requests before (or instead of) the proof.
-    fake_put = codec.encode(MsgType.REPLICA_PUT, 2, {"key": b"planted", "object": b"x"})
-    fake_get = codec.encode(MsgType.REPLICA_GET, 3, {"key": b"existing"})
+    fake_put = codec.encode(MsgType.REPLICA_PUT, 2, {"op": "merge", "key": b"planted",
+                                                     "object": b"x"})
+    fake_get = codec.encode(MsgType.REPLICA_GET, 3, {"op": "get", "key": b"existing"})
     gossip = codec.encode(MsgType.GOSSIP, 4, {"node": "mallory", "members": [
         {"node": "mallory", "address": "127.0.0.1:1", "peer_address": "127.0.0.1:2",
          "heartbeat": 1, "incarnation": 1}]})
@@ -413,7 +415,7 @@ async def test_wrong_missing_or_replayed_secret_changes_nothing(tmp_path, procs)
         assert all(m.type in (MsgType.HELLO_OK, MsgType.ERROR) for m in replies)
 
     # 3. A recorded handshake (made with the right secret) replayed on a new connection.
-    sock, decoder, sent = authenticate_by_hand(a.peer_port, SECRET)
+    sock, decoder, sent, _ = authenticate_by_hand(a.peer_port, SECRET)
     assert read_message(sock, decoder).type == MsgType.HELLO_OK  # accepted: it was live
     sock.close()
     for _ in range(3):
@@ -584,7 +586,7 @@ def test_secrets_and_tokens_never_appear_in_logs(tmp_path, procs):
         kvctl_as(node, kvctl_file, "put", "k", "v")
         kvctl_as(node, kvctl_file, "cluster", "commit")
     kvctl_as(node, private_file(tmp_path / "t", "not-a-token-" + SECRET), "get", "k")
-    sock, decoder, _ = authenticate_by_hand(node.peer_port, WRONG_SECRET, verify=False)
+    sock, decoder, _, _ = authenticate_by_hand(node.peer_port, WRONG_SECRET, verify=False)
     assert sock.recv(1) in (b"", b"K")  # refused either way
     sock.close()
     node.stop()

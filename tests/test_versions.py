@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from kvd.errors import BadRequest, TooManySiblings
 from kvd.versions import (
+    MAX_COUNTER,
     SIBLING_LIMIT,
     SIBLING_WARN,
     ChunkRef,
@@ -42,6 +43,8 @@ from kvd.versions import (
     merge_vv,
     needs_warning,
     next_counter,
+    open_context,
+    seal_context,
     sync,
     sync_with_discarded,
     update,
@@ -344,7 +347,7 @@ def test_sync_never_refuses_past_the_limit():
 # -- encodings ----------------------------------------------------------------------------------
 
 actor_names = st.text(min_size=1, max_size=24)
-counters = st.integers(1, 2**64 - 1)
+counters = st.integers(1, MAX_COUNTER)  # the bound every decoder enforces (issue 10)
 vectors = st.dictionaries(actor_names, counters, max_size=6)
 
 
@@ -563,3 +566,80 @@ def test_conflicting_dots_names_a_reused_dot():
     assert conflicting_dots(one, two) == [("n1:1", 1)]
     assert conflicting_dots(one, one) == []
     assert sync(one, two) == sync(two, one)  # still one winner, the same everywhere
+
+
+# -- sealed contexts (issue 10, hole 2) -------------------------------------------------------
+
+SEAL_KEY = b"k" * 32
+
+
+@PROPS
+@given(vectors, st.binary(min_size=1, max_size=64))
+def test_sealed_context_round_trip_and_any_change_is_refused(vv, key):
+    sealed = seal_context(SEAL_KEY, key, vv)
+    assert open_context(SEAL_KEY, key, sealed) == vv
+    if not vv:
+        assert sealed == b""
+        return
+    for i in range(len(sealed)):  # any flipped bit anywhere: refused, never misread
+        altered = bytearray(sealed)
+        altered[i] ^= 0x01
+        with pytest.raises(BadRequest, match="context"):
+            open_context(SEAL_KEY, key, bytes(altered))
+    with pytest.raises(BadRequest, match="forged or altered"):
+        open_context(SEAL_KEY, key + b"x", sealed)  # another key's context
+    with pytest.raises(BadRequest, match="forged or altered"):
+        open_context(b"o" * 32, key, sealed)  # another cluster's
+    with pytest.raises(BadRequest, match="context"):
+        open_context(SEAL_KEY, key, encode_context(vv))  # the unsealed form
+
+
+@PROPS
+@given(st.binary(max_size=96))
+def test_open_context_of_random_bytes_raises_only_bad_request(data):
+    try:
+        vv = open_context(SEAL_KEY, b"k", data)
+    except BadRequest as e:
+        assert "context" in str(e)
+    else:
+        assert vv == {} and data == b""
+
+
+@pytest.mark.parametrize("counter", [MAX_COUNTER + 1, 2**63, 2**64 - 2, 2**64 - 1])
+def test_counters_past_the_bound_are_refused_even_when_sealed(counter):
+    """A context sealed with the right key (as one is without a cluster secret) still cannot
+    carry a counter that overflows a clock."""
+    body = b"\x01" + _pack(["a", counter])
+    from kvd.versions import _tag
+    with pytest.raises(BadRequest, match="bad counter"):
+        open_context(SEAL_KEY, b"k", body + _tag(SEAL_KEY, b"k", body))
+    with pytest.raises(ValueError, match="clock"):
+        decode_object(_pack([1, ["a", counter], []]))
+
+
+def test_minting_past_the_bound_is_a_clean_refusal():
+    at_bound = {"n1:1": MAX_COUNTER}
+    with pytest.raises(BadRequest, match="exhausted"):
+        update(empty(), at_bound, "n1:1", value=b"x")
+    obj, _ = update(empty(), at_bound, "n2:1", value=b"x")  # another actor still writes
+    assert decode_object(encode_object(obj)) == obj
+
+
+@PROPS
+@given(arbitrary_objects(), st.data())
+def test_decode_object_of_mutated_objects_raises_only_value_error(obj, data):
+    raw = bytearray(encode_object(obj))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    try:
+        back = decode_object(bytes(raw))
+    except ValueError:
+        return
+    assert decode_object(encode_object(back)) == back
+
+
+@pytest.mark.parametrize("stamp", [float("nan"), float("inf"), float("-inf")])
+def test_objects_with_a_timestamp_that_is_not_finite_are_refused(stamp):
+    with pytest.raises(ValueError, match="timestamp"):
+        decode_object(_pack([1, ["a", 1], [[0, 1, b"v", False, stamp]]]))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import trio
 
 from kvd import aae, versions
-from kvd.errors import KvdError
+from kvd.errors import BadRequest, KvdError
 from kvd.node.remote import RemoteReplica
 from kvd.proto.messages import MsgType
 from kvd.ring import partition_of, preference_list
@@ -85,7 +85,7 @@ class AntiEntropy:
             return {"segments": self.store.tree(fields["partition"]).branch_segments(fields["branch"])}
         if op == "aae-keys":
             return self._key_page(fields["partition"], fields["segment"], fields.get("after"))
-        raise KvdError(f"unknown anti-entropy operation {op!r}")
+        raise BadRequest(f"unknown anti-entropy operation {op!r}")
 
     def _key_page(self, partition: int, segment: int, after: bytes | None) -> dict:
         """One reply's worth of a segment's (key, digest) list, in key order after ``after``:

@@ -57,7 +57,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from kvd import aae, versions
-from kvd.errors import Unavailable
+from kvd.errors import BadRequest, Unavailable
 from kvd.storage import Storage, keys
 from kvd.ring import partition_of
 
@@ -233,6 +233,13 @@ class LocalStore:
                 counter = versions.next_counter(current, context, actor, lease.next)
                 if counter <= lease.limit:
                     break
+                if counter > lease.limit + 1:
+                    # The context (or a clock merged from one) claims dots of this actor
+                    # past anything it leased: forged. Refused before the lease, which all
+                    # keys share, could jump (issue 10, hole 2; sealing stops it earlier
+                    # whenever the cluster has a secret).
+                    raise BadRequest(f"context claims writes of {actor} up to {counter - 1}, "
+                                     f"which it never made: a forged context")
                 await self._extend_lease(actor, lease, counter)
             # No checkpoint from reading ``current`` to publishing ``updated`` (Rule 4).
             updated, discarded = versions.update(

@@ -2,18 +2,54 @@
 
 Every handler takes (node, conn, message, chunks) like the client handlers in kvd.server,
 and replies on the same request id.
+
+Bodies arrive type-checked against ``kvd.proto.messages.OPS`` (the codec closes the
+connection otherwise); ``_check_values`` then checks the ranges a type cannot express,
+before any handler runs, so a wrong value is ``bad_request`` and never a traceback (issue 10,
+hole 4).
 """
 
 from __future__ import annotations
 
-from kvd import versions
+from kvd import aae, versions
 from kvd.errors import BadRequest, Unavailable
 from kvd.membership import cluster_state as cs
 from kvd.node.transfers import scan_budget
 from kvd.node.local import new_vid
 from kvd.node.remote import decode_payload
 from kvd.proto import codec
-from kvd.proto.messages import MsgType
+from kvd.proto.messages import MAX_KEY_LEN, MsgType
+
+# Largest offset into an upload or staged object: a value is at most 1 GiB, a staged object
+# (up to 100 siblings' inline values) stays far below this.
+MAX_BLOB_OFFSET = 1 << 40
+MAX_VID = 64
+
+
+def _check_values(node, fields: dict) -> None:
+    """BadRequest unless every field a peer operation may carry is in range."""
+    q = node.store.ring_size
+    bounds = {
+        "partition": (0, q - 1),
+        "offset": (0, MAX_BLOB_OFFSET),
+        "size": (0, node.config.max_frame),
+        "limit": (1, 1 << 31),
+        "branch": (0, aae.BRANCHES - 1),
+        "segment": (0, aae.SEGMENTS - 1),
+    }
+    for name, (low, high) in bounds.items():
+        value = fields.get(name)
+        if value is not None and not low <= value <= high:
+            raise BadRequest(f"{name} {value} is not in {low}..{high}")
+    if fields.get("max_bytes") is not None and fields["max_bytes"] < 1:
+        raise BadRequest("max_bytes must be at least 1")
+    for name in ("key", "within"):
+        key = fields.get(name)
+        if key is not None and not 1 <= len(key) <= MAX_KEY_LEN:
+            raise BadRequest(f"{name} must be 1..{MAX_KEY_LEN} bytes, got {len(key)}")
+    vids = [fields.get("vid"), (fields.get("staged") or [None])[0]]
+    if any(vid is not None and not 1 <= len(vid) <= MAX_VID for vid in vids):
+        raise BadRequest(f"an upload id must be 1..{MAX_VID} bytes")
 
 
 async def _reply(conn, message, kind: MsgType, fields: dict) -> None:
@@ -23,6 +59,7 @@ async def _reply(conn, message, kind: MsgType, fields: dict) -> None:
 async def replica_get(node, conn, message, _chunks) -> None:
     fields = message.fields
     store = node.store
+    _check_values(node, fields)
     if fields.get("op") == "scan":
         if not node.cluster.restore.has_its_data:
             raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
@@ -31,20 +68,26 @@ async def replica_get(node, conn, message, _chunks) -> None:
         budget = min(fields.get("max_bytes") or scan_budget(node.config.max_frame),
                      scan_budget(node.config.max_frame))
         if fields.get("within") is not None:
+            if fields.get("offset") is None:
+                raise BadRequest("a scan within a key needs an offset")
             reply = node.cluster.transfers.scan_piece(fields["partition"], fields["within"],
                                                       fields["offset"], budget)
         else:
+            if fields.get("after") is None or fields.get("limit") is None:
+                raise BadRequest("a scan needs after and limit (or within and offset)")
             reply = node.cluster.transfers.scan_partition(fields["partition"], fields["after"],
                                                           min(fields["limit"], 1024), budget)
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
         return
-    if str(fields.get("op", "")).startswith("aae-"):
+    if fields["op"] in ("aae-root", "aae-branches", "aae-segments", "aae-keys"):
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, node.aae.answer(fields))
         return
     if fields.get("op") == "blob":
         data = await store.blobs.read(fields["vid"], fields["offset"], fields["size"])
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, {"data": data})
         return
+    if fields["op"] != "get":
+        raise BadRequest(f"unknown replica read operation {fields['op'][:32]!r}")
     if not node.cluster.restore.has_its_data:
         raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
     obj = store.read(fields["key"])
@@ -56,6 +99,7 @@ async def replica_put(node, conn, message, _chunks) -> None:
     fields = message.fields
     op = fields.get("op")
     store = node.store
+    _check_values(node, fields)
     reply: dict = {}
     if op == "coordinate":
         context = versions.decode_context(fields.get("context") or b"")
@@ -81,6 +125,8 @@ async def replica_put(node, conn, message, _chunks) -> None:
 async def _incoming_object(node, fields: dict) -> versions.VersionedObject:
     """The object of a merge or hint: inline, or staged by the sender (kvd.node.remote)."""
     if fields.get("staged") is None:
+        if fields.get("object") is None:
+            raise BadRequest("no object: neither inline nor staged")
         return _object(fields["object"])
     vid, length = fields["staged"]
     store = node.store

@@ -17,6 +17,7 @@ stages the object on its side and the requester reads it with ``blob`` and disca
 
 from __future__ import annotations
 
+import math
 import os
 
 import trio
@@ -24,6 +25,7 @@ import trio
 from kvd import versions
 from kvd.errors import BadRequest, KvdError, Unavailable
 from kvd.net.peer import PeerPool
+from kvd.node.coordinator import MAX_VALUE
 from kvd.proto.messages import MsgType
 
 # Bytes of an encoded object sent inline when the pool does not say (the smallest
@@ -50,12 +52,22 @@ def encode_payload(payload: dict) -> dict:
 
 
 def decode_payload(fields: dict) -> dict:
+    """The keyword arguments of a write from its wire form (types checked by the codec
+    against ``messages.PAYLOAD``); BadRequest for values no sender of ours produces."""
     payload = {"deleted": bool(fields.get("deleted")), "timestamp": float(fields.get("timestamp", 0.0))}
     if "value" in fields:
         payload["value"] = fields["value"]
     if "chunks" in fields:
         vid, length, count = fields["chunks"]
+        if not 1 <= len(vid) <= 64 or not 0 <= length <= MAX_VALUE or not 0 <= count <= length + 1:
+            raise BadRequest("malformed chunk reference")
+        if payload.get("value"):
+            raise BadRequest("a chunked value has no inline bytes")
         payload["chunks"] = versions.ChunkRef(vid=vid, length=length, count=count)
+    if payload["deleted"] and (payload.get("value") or "chunks" in payload):
+        raise BadRequest("a tombstone carries no value")
+    if not math.isfinite(payload["timestamp"]):
+        raise BadRequest("timestamp must be a finite number")
     if "wid" in fields:
         wid = fields["wid"]
         if type(wid) is not bytes or not 0 < len(wid) <= 64:

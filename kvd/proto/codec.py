@@ -2,8 +2,9 @@
 
 Frame = 13-byte header + body. Header, big-endian (``struct ">2sBBBII"``):
 magic ``b"KV"``, protocol version (1), message type, flags, request id (u32), body length
-(u32). Bodies are msgpack maps checked against ``messages.SCHEMA``, except CHUNK whose body
-is raw bytes. docs/protocol.md is the description for client authors.
+(u32). Bodies are msgpack maps checked against ``messages.SCHEMA`` (and ``messages.OPS`` for
+types with operations), except CHUNK whose body is raw bytes. docs/protocol.md is the
+description for client authors.
 
 Invariants:
 
@@ -36,12 +37,14 @@ from kvd.proto.messages import (
     HEADER_SIZE,
     MAX_KEY_LEN,
     MAX_REQUEST_ID,
+    OPS,
     PRE_AUTH_MAX_FRAME,
     PROTOCOL_VERSION,
     RAW_BODY,
     SCHEMA,
     ListOf,
     MsgType,
+    Tuple,
     validate_key,
 )
 
@@ -139,6 +142,8 @@ def _compile(spec, widen: bool):
     """Return a checker for one schema type: value -> None, or what is wrong."""
     if isinstance(spec, ListOf):
         return _compile_list(spec, widen)
+    if isinstance(spec, Tuple):
+        return _compile_tuple(spec, widen)
     if isinstance(spec, dict):
         return _compile_map(spec, widen)
     exact = set(spec)
@@ -180,6 +185,24 @@ def _compile_list(spec: ListOf, widen: bool):
     return check_list
 
 
+def _compile_tuple(spec: Tuple, widen: bool):
+    checks = tuple(_compile(item, widen) for item in spec.items)
+    containers = (list, tuple) if widen else (list,)
+
+    def check_tuple(value):
+        if type(value) not in containers and not (widen and isinstance(value, containers)):
+            return f"expected list, got {_type_name(value)}"
+        if len(value) != len(checks):
+            return f"expected a list of {len(checks)} items, got {len(value)}"
+        for i, (check, item) in enumerate(zip(checks, value)):
+            problem = check(item)
+            if problem is not None:
+                return f"item {i}: {problem}"
+        return None
+
+    return check_tuple
+
+
 def _compile_map(schema: dict, widen: bool):
     check_fields = _compile_fields(schema, widen)
 
@@ -211,8 +234,30 @@ def _compile_fields(schema: dict, widen: bool):
     return check_fields
 
 
-_DECODE_CHECKS = {t: _compile_fields(schema, widen=False) for t, schema in SCHEMA.items()}
-_ENCODE_CHECKS = {t: _compile_fields(schema, widen=True) for t, schema in SCHEMA.items()}
+def _compile_body(type: MsgType, widen: bool):
+    """The check of a whole body: its type's fields, then its operation's (Rule 5 of
+    kvd.proto.messages) when the type has operations."""
+    check_fields = _compile_fields(SCHEMA[type], widen)
+    if type not in OPS:
+        return check_fields
+    by_op = {op: _compile_fields(schema, widen) for op, schema in OPS[type].items()}
+
+    def check_op(fields: dict):
+        problem = check_fields(fields)
+        if problem is not None:
+            return problem
+        op = fields["op"]
+        check = by_op.get(op)
+        if check is None:
+            return None  # the handler refuses an operation it does not know
+        problem = check(fields)
+        return None if problem is None else f"{op[:32]!r} {problem}"
+
+    return check_op
+
+
+_DECODE_CHECKS = {t: _compile_body(t, widen=False) for t in SCHEMA}
+_ENCODE_CHECKS = {t: _compile_body(t, widen=True) for t in SCHEMA}
 assert set(SCHEMA) | RAW_BODY == set(MsgType) and not set(SCHEMA) & RAW_BODY
 
 # Indexed by the header's type byte: the MsgType, or None for numbers not (yet) assigned.

@@ -13,6 +13,10 @@ Invariants:
   it does not know (forward compatibility), so a new optional field needs no version bump.
 - Rule 4: the codec checks types only. Value checks (key length, R <= N, role names) belong
   to whoever acts on the request; ``validate_key`` is the shared helper for keys.
+- Rule 5: the body of a type with operations (REPLICA_GET, REPLICA_PUT, ADMIN) is checked
+  against ``OPS[type][op]`` too, so a handler never sees a field of the wrong type (issue
+  10, hole 4). An operation not in the table passes the codec; its handler refuses it with
+  ``bad_request`` naming it, so a newer sender's new operation closes nothing.
 
 Like the codec, this module imports neither trio nor plyvel.
 """
@@ -67,6 +71,12 @@ class MsgType(enum.IntEnum):
     ADMIN_REPLY = 23
 
 
+class Tuple(NamedTuple):
+    """Schema type of a msgpack array of exactly ``len(items)`` items, each of its type."""
+
+    items: tuple
+
+
 class ListOf(NamedTuple):
     """Schema type of a msgpack array whose every item matches ``item``.
 
@@ -87,6 +97,8 @@ BOOL = (bool,)
 MAP = (dict,)
 LIST = (list,)
 OPTIONAL_BYTES = (bytes, type(None))
+NUMBER = (float, int)
+OPTIONAL_INT = (int, type(None))
 
 REQUIRED = True
 OPTIONAL = False
@@ -167,16 +179,74 @@ SCHEMA: dict[MsgType, dict[str, tuple[object, bool]]] = {
     },
     MsgType.PING: {},
     MsgType.PONG: {},
-    MsgType.REPLICA_GET: FREE_FORM,
+    MsgType.REPLICA_GET: {"op": (STR, REQUIRED)},  # and OPS below
     MsgType.REPLICA_GET_REPLY: FREE_FORM,
-    MsgType.REPLICA_PUT: FREE_FORM,
+    MsgType.REPLICA_PUT: {"op": (STR, REQUIRED)},
     MsgType.REPLICA_PUT_REPLY: FREE_FORM,
-    MsgType.GOSSIP: FREE_FORM,
+    MsgType.GOSSIP: FREE_FORM,  # kvd.node.gossip checks it (BadRequest on anything wrong)
     MsgType.GOSSIP_REPLY: FREE_FORM,
-    MsgType.ADMIN: FREE_FORM,
+    MsgType.ADMIN: {"op": (STR, REQUIRED)},
     MsgType.ADMIN_REPLY: FREE_FORM,
 }
 """Body schema of every map-bodied type: field -> (type, required)."""
+
+_KEY = {"key": (BYTES, REQUIRED)}
+_OBJECT = {  # an object inline, or staged on the receiver by earlier chunk requests
+    "object": (OPTIONAL_BYTES, OPTIONAL),
+    "staged": (Tuple((BYTES, INT)), OPTIONAL),  # [vid, length]
+}
+PAYLOAD = {  # what a coordinating replica writes (kvd.node.remote.encode_payload)
+    "deleted": (BOOL, REQUIRED),
+    "timestamp": (NUMBER, REQUIRED),
+    "value": (BYTES, OPTIONAL),
+    "chunks": (Tuple((BYTES, INT, INT)), OPTIONAL),  # [vid, length, count]
+    "wid": (BYTES, OPTIONAL),
+}
+_NOTHING: dict = {}
+
+OPS: dict[MsgType, dict[str, dict[str, tuple[object, bool]]]] = {
+    MsgType.REPLICA_GET: {
+        "get": _KEY,
+        "blob": {**_KEY, "vid": (BYTES, REQUIRED), "offset": (INT, REQUIRED),
+                 "size": (INT, REQUIRED)},
+        # Either after + limit (a page of keys) or within + offset (a piece of one object).
+        "scan": {"partition": (INT, REQUIRED), "after": (BYTES, OPTIONAL),
+                 "limit": (INT, OPTIONAL), "within": (OPTIONAL_BYTES, OPTIONAL),
+                 "offset": (INT, OPTIONAL), "max_bytes": (OPTIONAL_INT, OPTIONAL)},
+        "aae-root": {"partition": (INT, REQUIRED)},
+        "aae-branches": {"partition": (INT, REQUIRED)},
+        "aae-segments": {"partition": (INT, REQUIRED), "branch": (INT, REQUIRED)},
+        "aae-keys": {"partition": (INT, REQUIRED), "segment": (INT, REQUIRED),
+                     "after": (OPTIONAL_BYTES, OPTIONAL)},
+    },
+    MsgType.REPLICA_PUT: {
+        "coordinate": {**_KEY, "context": (BYTES, REQUIRED), "payload": (PAYLOAD, REQUIRED)},
+        "merge": {**_KEY, **_OBJECT},
+        "hint": {**_KEY, **_OBJECT, "for": (STR, REQUIRED)},
+        "chunk": {**_KEY, "vid": (BYTES, REQUIRED), "offset": (INT, REQUIRED),
+                  "data": (BYTES, REQUIRED)},
+        "discard": {**_KEY, "vid": (BYTES, REQUIRED)},
+        "aae-purge": {"partition": (INT, REQUIRED),
+                      "tombstones": (ListOf(Tuple((BYTES, BYTES))), REQUIRED)},
+    },
+    MsgType.ADMIN: {
+        # client port (kvctl cluster ...)
+        "join": {"seed": (STR, REQUIRED)},
+        "leave": {"node": (STR, OPTIONAL)},
+        "force-remove": {"node": (STR, OPTIONAL)},
+        "replace": {"node": (STR, REQUIRED), "target": (STR, REQUIRED)},
+        "plan": _NOTHING, "commit": _NOTHING, "abort": _NOTHING, "clear": _NOTHING,
+        "ring": _NOTHING,
+        "repair": {"partition": (OPTIONAL_INT, OPTIONAL), "wait": (BOOL, OPTIONAL)},
+        # both ports
+        "transfers": _NOTHING,
+        # peer port
+        "stage-join": {"node": (STR, REQUIRED), "address": (STR, REQUIRED),
+                       "peer_address": (STR, REQUIRED)},
+        "state": _NOTHING,
+    },
+}
+"""Body schema of each operation of the types that have them: type -> op -> fields."""
 
 RAW_BODY: frozenset[MsgType] = frozenset({MsgType.CHUNK})
 """Types whose body is raw bytes rather than a msgpack map."""
