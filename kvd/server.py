@@ -571,7 +571,7 @@ async def _get(node: Node, conn, message, _chunks) -> None:
     obj = result.obj
     rid = message.request_id
     if obj is None or not versions.is_found(obj):
-        context = versions.seal_context(node.context_key, key, obj.clock) if obj else b""
+        context = _context(node, key, obj) if obj else b""
         reply = {"key": key, "found": False, "context": context, "siblings": [],
                  "replicas": result.replicas}
         await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
@@ -589,7 +589,7 @@ async def _get(node: Node, conn, message, _chunks) -> None:
             described.append({"value": None, "length": sibling.length, "deleted": False})
             streamed.append(sibling)
     reply = {"key": key, "found": True,
-             "context": versions.seal_context(node.context_key, key, obj.clock),
+             "context": _context(node, key, obj),
              "siblings": described, "replicas": result.replicas}
     await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
     for sibling in streamed:
@@ -643,8 +643,13 @@ async def _put(node: Node, conn, message, chunks) -> None:
     await _reply_written(node, conn, message.request_id, key, result)
 
 
+def _context(node: Node, key: bytes, obj: versions.VersionedObject) -> bytes:
+    """The sealed context a client gets for ``obj``: its clock and its siblings' write ids."""
+    return versions.seal_context(node.context_key, key, versions.context_of(obj))
+
+
 async def _reply_written(node, conn, rid, key, result) -> None:
-    reply = {"context": versions.seal_context(node.context_key, key, result.obj.clock),
+    reply = {"context": _context(node, key, result.obj),
              "siblings": len(versions.live(result.obj)), "replicas": result.replicas}
     await conn.send(codec.encode(MsgType.PUT_REPLY, rid, reply))
 

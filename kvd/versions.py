@@ -95,6 +95,7 @@ __all__ = [
     "VersionVector",
     "VersionedObject",
     "conflicting_dots",
+    "Context",
     "context_of",
     "covers",
     "decode_context",
@@ -204,9 +205,21 @@ def covers(vv: VersionVector, dot: Dot) -> bool:
     return vv.get(dot[0], 0) >= dot[1]
 
 
-def context_of(obj: VersionedObject) -> VersionVector:
+class Context(dict):
+    """What a client read: the clock, and the write ids of the siblings it saw (rule 7). A
+    write made with it supersedes those writes under every dot they got, including a twin
+    the replica that applies the write has not met yet."""
+
+    __slots__ = ("wids",)
+
+    def __init__(self, clock: VersionVector | None = None, wids=()) -> None:
+        super().__init__(clock or {})
+        self.wids = frozenset(wids)
+
+
+def context_of(obj: VersionedObject) -> Context:
     """The causal context a reader gets: a write carrying it supersedes every sibling read."""
-    return obj.clock
+    return Context(obj.clock, (s.wid for s in obj.siblings if s.wid))
 
 
 def next_counter(
@@ -252,9 +265,11 @@ def update(
                          f"(counter {counter} above {MAX_COUNTER}); its context was forged")
     kept: list[Sibling] = []
     discarded: list[Sibling] = []
+    seen_writes = getattr(context, "wids", frozenset())
     for sibling in obj.siblings:
-        (discarded if _seen(context, sibling) else kept).append(sibling)
-    replaced = {s.wid for s in discarded if s.wid}
+        seen = _seen(context, sibling) or sibling.wid in seen_writes
+        (discarded if seen else kept).append(sibling)
+    replaced = {s.wid for s in discarded if s.wid} | seen_writes
     discarded += [s for s in kept if s.wid in replaced]  # twins of what the context saw
     kept = [s for s in kept if s.wid not in replaced]
     if len(kept) + 1 > SIBLING_LIMIT:
@@ -394,10 +409,12 @@ def _flat_clock(vv: VersionVector) -> list:
 
 
 def encode_context(vv: VersionVector) -> bytes:
-    """The opaque context clients carry: compact, deterministic; b"" for the empty vector."""
+    """The opaque context clients carry: compact, deterministic; b"" for the empty vector.
+    A ``Context`` that names write ids packs as ``[flat clock, sorted write ids]``."""
     if not vv:
         return b""
-    return _packer().pack(_flat_clock(vv))
+    wids = sorted(getattr(vv, "wids", ()))
+    return _packer().pack([_flat_clock(vv), wids] if wids else _flat_clock(vv))
 
 
 def decode_context(data: bytes) -> VersionVector:
@@ -413,15 +430,21 @@ def decode_context(data: bytes) -> VersionVector:
             data,
             raw=False,
             max_str_len=_MAX_ACTOR_LEN,
-            max_bin_len=0,
+            max_bin_len=_MAX_WID,
             max_array_len=2 * _MAX_CONTEXT_ACTORS,
             max_map_len=0,
             max_ext_len=0,
         )
     except Exception:
         raise BadRequest("malformed context: not a context this cluster issued") from None
+    wids: list = []
+    if type(flat) is list and len(flat) == 2 and type(flat[0]) is list:
+        flat, wids = flat  # a clock with the write ids it saw (rule 7)
+        if (type(wids) is not list or len(wids) > SIBLING_LIMIT
+                or any(type(w) is not bytes or not w for w in wids)):
+            raise BadRequest("malformed context: bad write ids")
     try:
-        return _parse_clock(flat)
+        return Context(_parse_clock(flat), wids)
     except ValueError as e:
         raise BadRequest(f"malformed context: {e}") from None
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import itertools
 
 from kvd.versions import (
+    context_of,
+    decode_context,
     decode_object,
     empty,
+    encode_context,
     encode_object,
     sync,
     sync_with_discarded,
@@ -110,3 +113,16 @@ def test_a_twin_minted_after_the_delete_landed_is_not_applied():
     late, _ = update(deleted_on_b, {}, "a:1", value=b"v", wid=WID)
     assert late == deleted_on_b
     assert decode_object(encode_object(deleted_on_b)) == deleted_on_b
+
+
+def test_a_delete_minted_beside_only_the_late_twin_replaces_it_through_the_context():
+    """(d) Seen by the simulator after contexts carried only a clock (short seed 8): the
+    deleting replica a holds the late twin only, and the acknowledged context names b's dot.
+    The context also names the write ids it saw, so the twin goes too."""
+    at_a, at_b = _twins()
+    ack_context = context_of(at_b)  # what the client got back from the put acknowledged by b
+    deleted, _ = update(at_a, ack_context, "a:1", deleted=True, wid=b"d" * 8)
+    assert [s.deleted for s in deleted.siblings] == [True]
+    for merged in (sync(deleted, at_b), sync(at_b, deleted)):
+        assert [s.deleted for s in merged.siblings] == [True], merged
+    assert decode_context(encode_context(ack_context)).wids == {WID}
