@@ -267,7 +267,7 @@ async def test_growing_one_node_to_four_under_writes(sim):
     """Was test_topology.py::test_growing_one_node_with_4000_keys_to_four_under_writes."""
     sim.config.update(transfer_rate_mb=0.2)
     n1 = await sim.start("n1", seeds=[])
-    base = [f"grow-{i:05d}".encode() for i in range(400)]
+    base = [f"grow-{i:05d}".encode() for i in range(120)]
     await write_keys(sim, "n1", base, replicas=1)
     assert ownership(sim, "n1") == {"n1": Q}
 
@@ -305,7 +305,7 @@ async def test_growing_one_node_to_four_under_writes(sim):
     # The transfers copied the data itself (checked before any read could repair it).
     problems = {}
     async with client(sim, "n2") as c:
-        for key in base[::5]:
+        for key in base[::3]:
             doc = await c.inspect(key)
             holders = {r["node"] for r in doc["replicas"]}
             problem = replica_problem(doc, holders) if len(holders) == 3 else f"replicas {holders}"
@@ -320,10 +320,10 @@ async def test_growing_one_node_to_four_under_writes(sim):
 async def test_shrinking_five_to_three_with_crashes_mid_transfer(sim):
     """Was test_topology.py::test_shrinking_five_to_three_with_kills_mid_transfer (the
     departing node's exit code stays a real-process test there)."""
-    sim.config.update(transfer_rate_mb=0.05, transfer_limit=2)
+    sim.config.update(transfer_rate_mb=0.002, transfer_limit=2)  # kills land mid-transfer
     names = ("n1", "n2", "n3", "n4", "n5")
     await sim.form(names)
-    base = [f"shrink-{i:05d}".encode() for i in range(500)]
+    base = [f"shrink-{i:05d}".encode() for i in range(150)]
     await write_keys(sim, "n1", base)
 
     writer = Writer(sim, "n1", "shrink-w")
@@ -333,6 +333,7 @@ async def test_shrinking_five_to_three_with_crashes_mid_transfer(sim):
 
         # ---- n5 leaves; crashed mid-transfer and restarted.
         assert (await sim.admin("n1", {"op": "leave", "node": "n5"}))["staged"] == "leave n5"
+        await trio.sleep(3)  # staged on n1, planned from n2: gossip carries it
         plan = await sim.admin("n2", {"op": "plan"})
         assert plan["staged"] == ["leave n5"]
         assert set(plan["after"]) == {"n1", "n2", "n3", "n4"}, plan["after"]
@@ -410,7 +411,7 @@ async def test_anti_entropy_converges_writes_without_reads(sim):
     sim.config.update(hinted_handoff=False, anti_entropy_interval=5.0)
     await sim.form(NODES3)
     everyone = set(NODES3)
-    keys = [f"aae-{i:05d}".encode() for i in range(300)]
+    keys = [f"aae-{i:05d}".encode() for i in range(80)]
     sim.crash("n2")
     sim.crash("n3")
     await trio.sleep(DETECT)
@@ -443,13 +444,13 @@ async def test_anti_entropy_converges_writes_without_reads(sim):
 async def test_a_wiped_node_never_answers_while_it_restores(sim):
     """Was test_topology.py::test_wiped_node_restores_before_serving."""
     await sim.form(NODES3)
-    keys = [f"wipe-{i:05d}".encode() for i in range(300)]
-    probe = keys[:20]
+    keys = [f"wipe-{i:05d}".encode() for i in range(80)]
+    probe = keys[:10]
     await write_keys(sim, "n1", keys, w=3, replicas=3)
     sim.crash("n3")
     await trio.sleep(DETECT)
     sim.nodes["n3"].disk = MemoryDisk()  # the operator wiped its data directory
-    sim.config.update(transfer_rate_mb=0.005)  # a restore slow enough to be probed
+    sim.config.update(transfer_rate_mb=0.001)  # a restore slow enough to be probed
     seen = {"ok": 0, "refused": 0, "inspect_refused": 0, "inspect_present": 0}
     violations: list = []
     n3 = sim.nodes["n3"]
@@ -506,7 +507,7 @@ async def test_deletes_with_a_replica_away_never_come_back(sim):
                       tombstone_grace=GRACE, hint_window=60.0)
     await sim.form(NODES3)
     everyone = set(NODES3)
-    keys = [f"del-{i:05d}".encode() for i in range(200)]
+    keys = [f"del-{i:05d}".encode() for i in range(60)]
     await write_keys(sim, "n1", keys, w=3, replicas=3)
 
     sim.isolate("n3")  # partitioned away: alive but silent
