@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 
 from tests.realcluster import (
+    GOSSIP,
     NODE_IDS,
     Q,
     akvctl_json,
