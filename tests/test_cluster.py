@@ -19,6 +19,7 @@ from tests.realcluster import (
     GOSSIP,
     NODE_IDS,
     Q,
+    SMALL_RING,
     akvctl_json,
     eventually,
     for_each,
@@ -46,7 +47,7 @@ pytestmark = pytest.mark.slow
 
 
 async def test_quorum_survives_one_kill_and_refuses_w2_after_two(tmp_path, procs):
-    n1, n2, n3 = await form_cluster(tmp_path, procs)
+    n1, n2, n3 = await form_cluster(tmp_path, procs, SMALL_RING)
     nodes = [n1, n2, n3]
 
     n3.kill()
@@ -76,7 +77,7 @@ async def test_quorum_survives_one_kill_and_refuses_w2_after_two(tmp_path, procs
 
 
 async def test_hinted_handoff_delivers_writes_after_restart(tmp_path, procs):
-    n1, n2, n3 = await form_cluster(tmp_path, procs)
+    n1, n2, n3 = await form_cluster(tmp_path, procs, SMALL_RING)
     nodes = [n1, n2, n3]
     everyone = set(NODE_IDS)
     keys = [key_of(i, "hh") for i in range(200)]

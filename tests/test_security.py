@@ -675,7 +675,7 @@ async def test_three_node_tls_cluster_refuses_plain_tcp(tmp_path, procs):
     ca = trustme.CA()
     secret = private_file(tmp_path / "secret", SECRET)
     configs = {n: {**tls_files(tmp_path, ca, n), "cluster_secret_file": str(secret),
-                   "handshake_timeout": 2.0, "ring_size": 64}  # fewer partitions to move
+                   "handshake_timeout": 2.0}
                for n in ("n1", "n2", "n3")}
     n1 = start(tmp_path, procs, "n1", configs["n1"])
     n2 = start(tmp_path, procs, "n2", configs["n2"], seeds=[n1.peer_address], wait=False)

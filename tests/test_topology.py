@@ -20,7 +20,8 @@ from tests.procs import KvdProcess, free_port, wait_port
 from tests.realcluster import (
     GOSSIP,
     NODE_IDS,
-    Q,
+    SMALL_Q,
+    SMALL_RING,
     akvctl_json,
     client_status,
     eventually,
@@ -118,8 +119,9 @@ async def wait_drained(observer: KvdProcess, nodes: list[KvdProcess], timeout: f
 async def test_a_leaving_node_hands_off_and_exits_zero_by_itself(tmp_path, procs):
     """The process side of test_cluster_sim.py::test_shrinking_five_to_three_with_crashes_
     mid_transfer: the departing daemon exits 0 on its own once its data has moved."""
-    n1 = start_node(tmp_path, procs, "n1", GOSSIP)
-    others = start_nodes(tmp_path, procs, ("n2", "n3", "n4"), GOSSIP, seeds=[n1.peer_address])
+    extra = {**GOSSIP, **SMALL_RING}
+    n1 = start_node(tmp_path, procs, "n1", extra)
+    others = start_nodes(tmp_path, procs, ("n2", "n3", "n4"), extra, seeds=[n1.peer_address])
     nodes = [n1, *others]
     n2, n3, n4 = others
     await join_all(n1, others)
@@ -140,7 +142,7 @@ async def test_a_leaving_node_hands_off_and_exits_zero_by_itself(tmp_path, procs
     for observer in stayers:
         rows = {row["node"]: row for row in (await client_status(observer))["nodes"]}
         owned = {n: r["partitions"] for n, r in rows.items()}
-        assert owned.get("n4", 0) == 0 and sum(owned.values()) == Q, (observer.node_id, owned)
+        assert owned.get("n4", 0) == 0 and sum(owned.values()) == SMALL_Q, (observer.node_id, owned)
     # A leave that would drop below N=3 valid nodes: refused, one line.
     refusal(await arun_kvctl(n1, "cluster", "leave", "n3"), "fewer than")
 
@@ -187,7 +189,8 @@ async def wait_drained(observer: KvdProcess, nodes: list[KvdProcess], timeout: f
 
 # Background exchanges are on but far apart, so only `kvctl repair` can have done the work
 # (and "anti_entropy = false" cannot be read as "no tombstone removal" either).
-ON_DEMAND_AAE = {"hinted_handoff": False, "anti_entropy": True, "anti_entropy_interval": 3600.0}
+ON_DEMAND_AAE = {"hinted_handoff": False, "anti_entropy": True, "anti_entropy_interval": 3600.0,
+                 **SMALL_RING}
 
 
 async def test_repair_refills_a_replica_that_missed_a_w2_write(tmp_path, procs):
@@ -205,7 +208,7 @@ async def test_repair_refills_a_replica_that_missed_a_w2_write(tmp_path, procs):
     assert replica_problem(before, everyone) == "absent on ['n3']", before  # hints are off
 
     first = await repair_json(n1)
-    assert first["partitions"] == Q and first["errors"] == 0, first
+    assert first["partitions"] == SMALL_Q and first["errors"] == 0, first
     assert first["partitions_differing"] == 1 and first["segments_differing"] == 1, first
     assert first["keys_repaired"] == 1, first
     after = await akvctl_json(n2, "inspect", "repair-me")
