@@ -117,8 +117,8 @@ async def wait_drained(observer: KvdProcess, nodes: list[KvdProcess], timeout: f
 
 
 async def test_a_leaving_node_hands_off_and_exits_zero_by_itself(tmp_path, procs):
-    """The process side of test_cluster_sim.py::test_shrinking_five_to_three_with_crashes_
-    mid_transfer: the departing daemon exits 0 on its own once its data has moved."""
+    """The process side of shrinking (the scenario itself is in test_cluster_sim.py): the
+    departing daemon exits 0 on its own once its data has moved."""
     extra = {**GOSSIP, **SMALL_RING}
     n1 = start_node(tmp_path, procs, "n1", extra)
     others = start_nodes(tmp_path, procs, ("n2", "n3", "n4"), extra, seeds=[n1.peer_address])
@@ -140,7 +140,7 @@ async def test_a_leaving_node_hands_off_and_exits_zero_by_itself(tmp_path, procs
 
     stayers = [n1, n2, n3]
     for observer in stayers:
-        rows = {row["node"]: row for row in (await client_status(observer))["nodes"]}
+        rows = await status_rows(observer)
         owned = {n: r["partitions"] for n, r in rows.items()}
         assert owned.get("n4", 0) == 0 and sum(owned.values()) == SMALL_Q, (observer.node_id, owned)
     # A leave that would drop below N=3 valid nodes: refused, one line.
@@ -155,34 +155,6 @@ async def test_a_leaving_node_hands_off_and_exits_zero_by_itself(tmp_path, procs
 
     await for_each(n2.address, keys, read)
     assert bad == [], bad[:5]
-
-
-async def await_exit(node: KvdProcess, timeout: float) -> int | None:
-    """The node's exit code once it has exited by itself, None if still running."""
-    deadline = trio.current_time() + timeout
-    while node.proc.poll() is None and trio.current_time() < deadline:
-        await trio.sleep(0.2)
-    return node.proc.poll()
-
-
-def refusal(out, fragment: str) -> str:
-    """Assert a kvctl run was refused with one line on stderr containing ``fragment``."""
-    stderr = out.stderr.decode(errors="replace")
-    assert out.returncode != 0, (out.returncode, out.stdout, stderr)
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line, got {lines!r}"
-    assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-async def wait_drained(observer: KvdProcess, nodes: list[KvdProcess], timeout: float) -> None:
-    async def drained():
-        rows = await transfers_of(observer)
-        return rows == [], [(r["partition"], r["from"], r["to"], r["state"], r["keys_done"])
-                            for r in rows[:5]] + [f"{len(rows)} rows"]
-
-    await eventually("transfers drained", drained, timeout, nodes, interval=0.3)
 
 
 # ----------------------------------------------------------------------------- repair
