@@ -305,19 +305,6 @@ def membership(status: dict) -> tuple:
             sorted((row["node"], row["status"]) for row in status["nodes"]))
 
 
-@pytest.fixture
-def procs():
-    started: list[KvdProcess] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            try:
-                proc.kill()
-            except Exception:  # noqa: BLE001 - keep killing the others
-                pass
-
-
 def start(tmp_path: Path, procs: list, node_id: str, extra: dict, seeds=None,
           wait: bool = True) -> KvdProcess:
     node = KvdProcess(tmp_path / node_id / "data", node_id=node_id,

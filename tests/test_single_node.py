@@ -155,7 +155,8 @@ def test_unreachable_host_exits_4_with_one_line():
     assert "cannot connect" in err
 
 
-def test_kvctl_put_get_delete_and_siblings(node):
+def test_kvctl_put_get_delete_and_siblings(node, kvctl_cli):
+    kvctl = kvctl_cli  # in process: the same app, without a subprocess per call
     host = node.address
     assert kvctl("put", "greeting", "hello", host=host).returncode == 0
     got = kvctl("--json", "get", "greeting", host=host)
@@ -190,7 +191,8 @@ def test_kvctl_put_get_delete_and_siblings(node):
     assert raw.stdout == b"\xff\x00\xfe"
 
 
-def test_kvctl_usage_errors(node):
+def test_kvctl_usage_errors(node, kvctl_cli):
+    kvctl = kvctl_cli  # in process: the same app, without a subprocess per call
     too_long = "k" * 1025
     result = kvctl("put", too_long, "v", host=node.address)
     assert result.returncode == 2
@@ -202,7 +204,8 @@ def test_kvctl_usage_errors(node):
     assert "w=5" in result.stderr.decode()
 
 
-def test_status_and_inspect_json(node):
+def test_status_and_inspect_json(node, kvctl_cli):
+    kvctl = kvctl_cli  # in process: the same app, without a subprocess per call
     kvctl("put", "k1", "v1", host=node.address)
     status = json.loads(kvctl("--json", "status", host=node.address).stdout)
     (me,) = status["nodes"]

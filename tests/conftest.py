@@ -1,0 +1,45 @@
+"""Fixtures shared by the test modules. Real-process helpers are in tests/procs.py (one
+daemon) and tests/realcluster.py (a cluster of them); the simulator is tests/sim/."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.procs import KvdProcess
+
+
+@pytest.fixture
+def procs():
+    """Every kvd process a test starts; all are SIGKILLed at teardown, whatever happened."""
+    started: list[KvdProcess] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            try:
+                proc.kill()
+            except Exception:  # noqa: BLE001 - keep killing the others
+                pass
+
+
+@pytest.fixture
+def kvctl_cli():
+    """Run kvctl in this process through typer's CliRunner (no interpreter start-up, unlike
+    tests/procs.py ``kvctl``); returns a CompletedProcess with bytes stdout and stderr."""
+    from typer.testing import CliRunner
+
+    from kvctl.app import app
+
+    runner = CliRunner()
+
+    def run(*args: str, host: str | None = None, input: bytes | None = None):
+        command = (["--host", host] if host else []) + list(args)
+        result = runner.invoke(app, command, input=input, env={"NO_COLOR": "1"})
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return subprocess.CompletedProcess(["kvctl", *command], result.exit_code,
+                                           result.stdout_bytes, result.stderr_bytes)
+
+    return run
