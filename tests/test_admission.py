@@ -22,7 +22,7 @@ from kvd.proto.codec import FrameDecoder
 from kvd.proto.messages import MsgType
 from tests.flood import Flood
 from tests.procs import ROOT, KvdProcess, free_port, rss_kib
-from tests.test_security import procs, raw_connect, read_message, start  # noqa: F401
+from tests.test_security import read_message, start
 
 CLIENT_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "client"})
 PEER_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "peer", "node": "n9"})

@@ -465,7 +465,7 @@ async def test_a_wiped_node_never_answers_while_it_restores(sim, autojump_clock)
     n3 = sim.nodes["n3"]
 
     def restored() -> bool:
-        return n3.node is not None and n3.node.cluster.has_its_data
+        return n3.node is not None and n3.node.cluster.restore.has_its_data
 
     await sim.start("n3")
     async with client(sim, "n3") as via3, client(sim, "n1") as via1:

@@ -25,11 +25,10 @@ from kvd.proto import codec
 from kvd.proto.messages import MsgType
 from kvd.security import Security, load_tokens
 from tests.procs import free_port
-from tests.test_security import (  # noqa: F401 - procs is a fixture
+from tests.test_security import (
     SECRET,
     TOKENS,
     private_file,
-    procs,
     start,
     tls_files,
     tokens_toml,
