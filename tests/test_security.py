@@ -427,12 +427,11 @@ async def test_wrong_missing_or_replayed_secret_changes_nothing(tmp_path, procs)
         status = await status_of(intruder)
         assert [row["node"] for row in status["nodes"]] == [intruder.node_id]
 
-    # Refusals are logged once per address and claimed name, not once per attempt.
+    # An address's first refusal is logged at once; the others (c, mallory, the replays from
+    # the same address) are counted for the refusal summary, not logged once per attempt.
     log = a.log_text()
     refused = [line for line in log.splitlines() if "refused peer connection" in line]
-    assert len([line for line in refused if "'b'" in line]) == 1, refused
-    assert len([line for line in refused if "'c'" in line]) == 1, refused
-    assert len([line for line in refused if "'mallory'" in line]) == 1, refused
+    assert len(refused) == 1 and "more are counted in the refusal summary" in refused[0], refused
     b_log = [line for line in b.log_text().splitlines() if "did not prove" in line]
     # (kvd.cluster's seed contact reports its own retries; the peer pool logs once.)
     assert len([line for line in b_log if "kvd.peer" in line]) == 1, b_log

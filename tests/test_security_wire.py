@@ -94,7 +94,7 @@ def test_session_keys_are_per_connection_and_per_direction():
 
 def test_cost_per_record_is_measured():
     """Reported, not asserted on: the cost of tagging and checking one small frame."""
-    frame = codec.encode(MsgType.REPLICA_GET, 1, {"key": b"k" * 40})
+    frame = codec.encode(MsgType.REPLICA_GET, 1, {"op": "get", "key": b"k" * 40})
     sealer, opener, rounds = Sealer(KEY), Opener(KEY), 20000
     started = time.perf_counter()
     for _ in range(rounds):
