@@ -3,11 +3,17 @@ daemon) and tests/realcluster.py (a cluster of them); the simulator is tests/sim
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 import pytest
+import trio
 
 from tests.procs import KvdProcess
+
+sys.path.insert(0, os.path.dirname(__file__))  # the simulator, as its test modules import it
+from sim.harness import SimCluster, seeded  # noqa: E402
 
 
 @pytest.fixture
@@ -43,3 +49,16 @@ def kvctl_cli():
                                            result.stdout_bytes, result.stderr_bytes)
 
     return run
+
+
+@pytest.fixture
+async def sim(autojump_clock):
+    """An empty simulated cluster (tests/sim/harness.py) on the autojump clock, seed 1."""
+    with seeded(1):
+        async with trio.open_nursery() as nursery:
+            cluster = SimCluster(nursery, seed=1)
+            try:
+                yield cluster
+            finally:
+                cluster.close()
+                nursery.cancel_scope.cancel()

@@ -18,35 +18,19 @@ a node exiting by itself, TCP, the real kvctl) stays there as smoke tests.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import trio
 
-sys.path.insert(0, os.path.dirname(__file__))
-from sim.harness import SimCluster, seeded  # noqa: E402
-
-from kvd.errors import KvdError  # noqa: E402
-from kvd.ring import partition_of  # noqa: E402
-from kvd.storage.memory import MemoryDisk  # noqa: E402
-from tests.realcluster import replica_problem  # noqa: E402
+from kvd.errors import KvdError
+from kvd.ring import partition_of
+from kvd.storage.memory import MemoryDisk
+from tests.realcluster import replica_problem
 
 NODES3 = ("n1", "n2", "n3")
 Q = 32  # the simulator's ring_size
 DETECT = 15.0  # simulated seconds for every node to see a crash or a restart (gossip 1 s)
 
 
-@pytest.fixture
-async def sim(autojump_clock):
-    with seeded(1):
-        async with trio.open_nursery() as nursery:
-            cluster = SimCluster(nursery, seed=1)
-            try:
-                yield cluster
-            finally:
-                cluster.close()
-                nursery.cancel_scope.cancel()
 
 
 def value_of(key: bytes) -> bytes:

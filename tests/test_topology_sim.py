@@ -7,16 +7,10 @@ readable, a node answers only for data it holds, a plan always finishes or can b
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import trio
 
-sys.path.insert(0, os.path.dirname(__file__))
-from sim.harness import SimCluster, seeded  # noqa: E402
-
-from kvd.errors import KvdError  # noqa: E402
+from kvd.errors import KvdError
 
 
 async def _join(sim, names, seed_node="n1"):
@@ -27,6 +21,17 @@ async def _join(sim, names, seed_node="n1"):
 async def _settle(sim, name="n1", limit=600):
     """Wait until the transition is over; returns the simulated seconds it took."""
     return await sim.wait_settled(name, limit)
+
+
+async def _four_nodes_then_a_fifth_joins(sim, value_size: int) -> list[bytes]:
+    """Four nodes holding 600 keys, then n5 joins (committed, moving); returns the keys."""
+    await sim.form(["n1", "n2", "n3", "n4"], settle=0.0)
+    keys = [f"key-{i}".encode() for i in range(600)]
+    await _fill(sim, "n1", keys, size=value_size)
+    await sim.start("n5", seeds=[sim.nodes["n1"].peer_address])
+    await _join(sim, ["n5"])
+    await sim.admin("n1", {"op": "commit"})
+    return keys
 
 
 def _in_transition(sim, name="n1"):
@@ -41,16 +46,6 @@ async def _wait_all_see_commit(sim, names):
             await trio.sleep(0.1)
 
 
-@pytest.fixture
-async def sim(autojump_clock):
-    with seeded(1):
-        async with trio.open_nursery() as nursery:
-            cluster = SimCluster(nursery, seed=1)
-            try:
-                yield cluster
-            finally:
-                cluster.close()
-                nursery.cancel_scope.cancel()
 
 
 async def test_reads_succeed_while_a_single_node_cluster_grows(sim, autojump_clock):
@@ -150,17 +145,7 @@ async def test_partitions_added_to_a_running_plan_are_fetched(sim, autojump_cloc
     """Bug 10: a force-remove committed during a rebalance adds partitions to the running
     fetch plan; each must be fetched before the node reports its transfers done."""
     sim.config.update(transfer_rate_mb=0.05, anti_entropy=False)
-    n1 = await sim.start("n1", seeds=[])
-    for name in ("n2", "n3", "n4"):
-        await sim.start(name, seeds=[n1.peer_address])
-    await _join(sim, ["n2", "n3", "n4"])
-    await sim.admin("n1", {"op": "commit"})
-    await _settle(sim)
-    keys = [f"key-{i}".encode() for i in range(600)]
-    await _fill(sim, "n1", keys, size=5000)
-    await sim.start("n5", seeds=[n1.peer_address])
-    await _join(sim, ["n5"])
-    await sim.admin("n1", {"op": "commit"})
+    keys = await _four_nodes_then_a_fifth_joins(sim, value_size=5000)
     with trio.fail_after(30):
         while sim.nodes["n5"].node.cluster.transfers.progress["state"] != "running":
             await trio.sleep(0.1)
@@ -427,17 +412,7 @@ async def test_a_down_departing_holder_delays_only_its_own_partitions(sim, autoj
     from kvd.ring import preference_list
 
     sim.config.update(transfer_rate_mb=0.2, anti_entropy=False)
-    n1 = await sim.start("n1", seeds=[])
-    for name in ("n2", "n3", "n4"):
-        await sim.start(name, seeds=[n1.peer_address])
-    await _join(sim, ["n2", "n3", "n4"])
-    await sim.admin("n1", {"op": "commit"})
-    await _settle(sim)
-    keys = [f"key-{i}".encode() for i in range(600)]
-    await _fill(sim, "n1", keys, size=3000)
-    await sim.start("n5", seeds=[n1.peer_address])
-    await _join(sim, ["n5"])
-    await sim.admin("n1", {"op": "commit"})
+    keys = await _four_nodes_then_a_fifth_joins(sim, value_size=3000)
     n5 = sim.nodes["n5"]
     with trio.fail_after(30):
         while n5.node.cluster.transfers.progress["state"] != "running":

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from kvd.errors import Unavailable
 from kvd.membership import cluster_state as cs
 from kvd.node.remote import HintedReplica
+from kvd.node.replica import LocalReplica
 from kvd.ring import Ring, annotated_preference_list, partition_of, preference_list
 
 if TYPE_CHECKING:
@@ -32,19 +33,19 @@ if TYPE_CHECKING:
     from kvd.node.local import LocalStore
 
 
-class LocalHintStore:
+class LocalHintStore(LocalReplica):
     """This node as a fallback: hints for a down primary, kept durably in storage.
 
     A whole replica as the coordinator sees it (kvd.node.replica.Replica): a large value's
-    chunks are stored here like any upload and kept with the hint that names them, and are
-    sent before the manifest when the hint is delivered. It never mints.
+    chunks are stored here like any upload (LocalReplica's chunk calls) and kept with the
+    hint that names them, and are sent before the manifest when the hint is delivered. It
+    never mints and holds nothing to read.
     """
 
     def __init__(self, node: str, handoff: Handoff, store: LocalStore, stands_for: str,
                  role: str = "fallback"):
-        self.node = node
+        super().__init__(node, "", store)  # no actor: it never mints
         self.handoff = handoff
-        self.store = store
         self.stands_for = stands_for
         self.role = role  # "hint" when kept by the coordinator: it never counts towards W
 
@@ -56,15 +57,6 @@ class LocalHintStore:
 
     async def merge(self, key, obj):
         await self.handoff.store(self.stands_for, key, obj)
-
-    async def write_chunk(self, key, vid, offset, data):
-        await self.store.write_chunk(key, vid, offset, data)
-
-    def read_chunks(self, key, ref):
-        return self.store.read_chunks(key, ref)
-
-    async def discard_upload(self, key, vid):
-        await self.store.discard_upload(key, vid)
 
 
 class Routing:
