@@ -10,6 +10,10 @@ Connection rules (DESIGN section 6): a HELLO must arrive within ``handshake_time
 (request id 0, code "protocol") and the connection is closed; nothing else is affected. Each
 port admits connections through its budget (kvd.net.admission): a connection is pending until
 its handshake succeeds, and the oldest pending one makes room for a newcomer.
+
+What a request asks is answered elsewhere: client requests by kvd.node.client_service, peer
+requests by kvd.node.peer_service; this module routes each frame to its handler and turns a
+failure into an ERROR frame.
 """
 
 from __future__ import annotations
@@ -18,15 +22,13 @@ import logging
 import os
 import random
 import signal
-import stat
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import msgpack
 import trio
 
-from kvd import systemd, versions
+from kvd import systemd
 from kvd.client import Dial
 from kvd.clocks import REAL, Clocks
 from kvd.address import parse_address
@@ -51,18 +53,19 @@ from kvd.net.admission import (
     serve_admitted,
 )
 from kvd.net.connection import FrameConnection
-from kvd.node import admin
 from kvd.node.antientropy import AntiEntropy
 from kvd.node.cluster import Cluster
 from kvd.node.staging import Offload
+from kvd.node.client_service import CLIENT_HANDLERS
 from kvd.node.peer_service import PEER_HANDLERS
-from kvd.node.coordinator import MAX_VALUE, Coordinator
-from kvd.node.local import LocalStore, new_vid
+from kvd.node.coordinator import Coordinator
+from kvd.node.data_dir import Identity, load_identity, make_private
+from kvd.node.local import LocalStore
 from kvd.node.replica import LocalReplica
 from kvd.proto import codec
-from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType, validate_key
+from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
 from kvd.security import GuardedConnection, Security, context_key, printable
-from kvd.storage import keys, open_storage
+from kvd.storage import open_storage
 from kvd.storage.blobs import BlobStore, MemoryBlobStore
 from kvd.storage.memory import MemoryDisk
 
@@ -72,39 +75,6 @@ log = logging.getLogger("kvd.server")
 MAX_IN_FLIGHT_PER_CONNECTION = 128
 # Chunk frames buffered per streaming request before the reader stops reading the socket.
 STREAM_BUFFER_FRAMES = 2
-
-
-@dataclass
-class Identity:
-    """Who this data directory belongs to. ``actor`` names the dots this node mints; its
-    incarnation part changes when the data directory is recreated, so a wiped node never
-    mints a dot it already minted before the wipe."""
-
-    node: str
-    incarnation: str
-    created: float
-
-    @property
-    def actor(self) -> str:
-        return f"{self.node}:{self.incarnation}"
-
-
-async def load_identity(storage, node_id: str, wall: float) -> Identity:
-    raw = storage.get(keys.meta_key("identity"))
-    if raw is None:
-        identity = Identity(node_id, os.urandom(4).hex(), wall)
-        await storage.write(
-            [(keys.meta_key("identity"), msgpack.packb(identity.__dict__, use_bin_type=True))]
-        )
-        return identity
-    stored = msgpack.unpackb(raw, raw=False)
-    if stored["node"] != node_id:
-        raise ConfigError(
-            f"data_dir belongs to node {stored['node']!r}, not {node_id!r}: "
-            "use that node_id or a fresh data_dir"
-        )
-    return Identity(**stored)
-
 
 
 @dataclass
@@ -179,7 +149,7 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
     the simulator's, which survives a simulated crash as far as it was synced)."""
     data_dir = None if config.data_dir == ":memory:" or disk is not None else config.data_dir
     if data_dir is not None:
-        _private_data_dir(data_dir)
+        make_private(data_dir)
     async with open_storage(data_dir, sync=config.sync, sync_interval=config.sync_interval,
                             cache_mb=config.cache_mb, disk=disk) as storage:
         if data_dir is None:
@@ -187,25 +157,6 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
         else:
             blobs = BlobStore(os.path.join(data_dir, "blobs"), sync=config.sync != "none")
         yield storage, blobs
-
-
-def _private_data_dir(data_dir: str) -> None:
-    """Make kvd's files its own, whatever umask it was started with (issue 10, hole 5): the
-    process umask becomes 077, so LevelDB and blob files are created 0600 and directories
-    0700, and a new data_dir is created 0700. An existing one that others may enter, or
-    its group may write, is refused (ConfigError: one line, exit 2), as PostgreSQL refuses
-    its data directory; 0750 is accepted (the package's StateDirectoryMode, for a backup
-    group). docs/DECISIONS.md, "The data directory is private"."""
-    os.umask(0o077)  # process-wide on purpose: LevelDB creates files as it compacts
-    try:
-        os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        mode = stat.S_IMODE(os.stat(data_dir).st_mode)
-    except OSError as exc:
-        raise ConfigError(f"data_dir {data_dir}: {exc.strerror}") from None
-    if mode & 0o027:
-        raise ConfigError(
-            f"data_dir {data_dir} is accessible by {'others' if mode & 0o007 else 'its group'}"
-            f" (mode {mode:04o}): run chmod -R go-rwx {data_dir}")
 
 
 async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | None = None,
@@ -439,7 +390,7 @@ async def _serve_connection(node: Node, conn: FrameConnection, role: str,
     await _handshake(node, conn, role)
     if ticket is not None:
         ticket.established()  # no longer evictable as an idle newcomer
-    handlers = PEER_HANDLERS if role == "peer" else HANDLERS
+    handlers = PEER_HANDLERS if role == "peer" else CLIENT_HANDLERS
     streams: dict[int, trio.MemorySendChannel] = {}
     slots = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
     async with trio.open_nursery() as nursery:
@@ -534,215 +485,3 @@ async def _handle_request(node, conn, message, chunks, slots, handlers) -> None:
         slots.release()
         if chunks is not None:
             chunks.close()
-
-
-# ---------------------------------------------------------------- request handlers
-
-
-def _settled(node: Node) -> None:
-    if not node.cluster.restore.settled.is_set():
-        raise Unavailable("this node has a new data directory and is asking its seeds whether "
-                          "it lost its data; try another node or retry shortly")
-
-
-def _key(fields) -> bytes:
-    return validate_key(fields["key"])
-
-
-def _quorum_params(node: Node, fields, name: str) -> tuple[int, int]:
-    """(n, r or w) for a request: its own values or the config's, validated, then capped by
-    the number of nodes in the ring (docs/DECISIONS.md: a cluster smaller than N)."""
-    n = fields.get("n") or node.config.n
-    quorum = fields.get(name) or min(getattr(node.config, name), n)
-    if not 1 <= n <= 16:
-        raise BadRequest(f"n={n} must be between 1 and 16")
-    if not 1 <= quorum <= n:
-        raise BadRequest(f"{name}={quorum} must be between 1 and n={n}")
-    members = node.member_count()
-    return min(n, members), min(quorum, members)
-
-
-async def _get(node: Node, conn, message, _chunks) -> None:
-    fields = message.fields
-    _settled(node)
-    key = _key(fields)
-    n, r = _quorum_params(node, fields, "r")
-    result = await node.coordinator.get(key, n, r)
-    obj = result.obj
-    rid = message.request_id
-    if obj is None or not versions.is_found(obj):
-        context = _context(node, key, obj) if obj else b""
-        reply = {"key": key, "found": False, "context": context, "siblings": [],
-                 "replicas": result.replicas}
-        await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
-        return
-    # Inline what fits in one frame; stream the rest as CHUNK frames after the reply.
-    budget = node.config.max_frame // 2
-    described, streamed = [], []
-    for sibling in obj.siblings:
-        inline = sibling.chunks is None and sibling.length <= budget
-        if inline:
-            budget -= sibling.length
-            described.append({"value": sibling.value, "length": sibling.length,
-                              "deleted": sibling.deleted})
-        else:
-            described.append({"value": None, "length": sibling.length, "deleted": False})
-            streamed.append(sibling)
-    reply = {"key": key, "found": True,
-             "context": _context(node, key, obj),
-             "siblings": described, "replicas": result.replicas}
-    await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
-    for sibling in streamed:
-        await _send_value(node, conn, rid, key, sibling, result.source)
-
-
-async def _send_value(node, conn, rid, key, sibling, source) -> None:
-    """Stream one sibling's value as CHUNK frames ending with FLAG_END."""
-    if sibling.chunks is None:
-        size = node.config.chunk_size
-        value = sibling.value
-        pieces = [value[i : i + size] for i in range(0, len(value), size)] or [b""]
-        for i, piece in enumerate(pieces):
-            await conn.send(codec.encode_chunk(rid, piece, end=i == len(pieces) - 1))
-        return
-    if source is None:
-        raise Unavailable(f"no replica answering holds the chunks of key {key[:64]!r}")
-    sent = 0
-    async for data in source.read_chunks(key, sibling.chunks):
-        sent += len(data)
-        await conn.send(codec.encode_chunk(rid, data, end=sent == sibling.chunks.length))
-    if sibling.chunks.length == 0:
-        await conn.send(codec.encode_chunk(rid, b"", end=True))
-
-
-async def _put(node: Node, conn, message, chunks) -> None:
-    fields = message.fields
-    _settled(node)
-    key = _key(fields)
-    n, w = _quorum_params(node, fields, "w")
-    context = versions.open_context(node.context_key, key, fields.get("context") or b"")
-    length = fields["length"]
-    if not 0 <= length <= MAX_VALUE:
-        raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
-    now = node.clocks.wall()
-    if chunks is None:
-        value = fields["value"]
-        if len(value) != length:
-            raise BadRequest(f"inline value is {len(value)} bytes but length says {length}")
-        result = await node.coordinator.put(key, context, n, w, value=value, timestamp=now)
-    else:
-        vid = new_vid()
-
-        async def chunk_data():
-            async for chunk in chunks:
-                yield chunk.fields["data"]
-
-        result = await node.coordinator.put(
-            key, context, n, w, length=length, chunks=chunk_data(), timestamp=now, vid=vid
-        )
-    await _reply_written(node, conn, message.request_id, key, result)
-
-
-def _context(node: Node, key: bytes, obj: versions.VersionedObject) -> bytes:
-    """The sealed context a client gets for ``obj``: its clock and its siblings' write ids."""
-    return versions.seal_context(node.context_key, key, versions.context_of(obj))
-
-
-async def _reply_written(node, conn, rid, key, result) -> None:
-    reply = {"context": _context(node, key, result.obj),
-             "siblings": len(versions.live(result.obj)), "replicas": result.replicas}
-    await conn.send(codec.encode(MsgType.PUT_REPLY, rid, reply))
-
-
-async def _delete(node: Node, conn, message, _chunks) -> None:
-    fields = message.fields
-    _settled(node)
-    key = _key(fields)
-    n, w = _quorum_params(node, fields, "w")
-    context = versions.open_context(node.context_key, key, fields.get("context") or b"")
-    result = await node.coordinator.put(key, context, n, w, deleted=True, timestamp=node.clocks.wall())
-    await _reply_written(node, conn, message.request_id, key, result)
-
-
-_STATE_LETTER = {"valid": "N", "joining": "J", "leaving": "L", "exiting": "L"}
-
-
-async def _status(node: Node, conn, message, _chunks) -> None:
-    cluster = node.cluster
-    state = cluster.state
-    counts = {n: len(state.ring.partitions_of(n)) for n in state.ring.nodes()}
-    hints = cluster.handoff.pending()
-    rows = []
-    for member in sorted(set(state.members) | set(counts)):
-        record = cluster.members.get(member)
-        address, peer_address = cluster.addresses.get(member, ("", ""))
-        if member == node.node_id:
-            load = node.storage.approximate_size() + node.store.blobs.approximate_size()
-        else:
-            load = record.load_bytes if record else 0
-        letter = _STATE_LETTER.get(state.members.get(member, "valid"), "N")
-        if member == node.node_id and cluster.restore.restoring:
-            letter = "J"  # joining back: fetching its replicas after a wipe
-        rows.append({
-            "node": member,
-            "state": ("U" if cluster.is_up(member) else "D") + letter,
-            "address": address,
-            "peer_address": peer_address,
-            "load_bytes": load,
-            "partitions": counts.get(member, 0),
-            "ownership": round(counts.get(member, 0) / state.ring.q, 4),
-            "status": state.members.get(member, "none"),
-            "hints_pending": hints.get(member, 0),
-        })
-    mine = next(r for r in rows if r["node"] == node.node_id)
-    mine.update({"uptime_s": round(node.clocks.monotonic() - node.started, 1),
-                 "requests": node.counters.requests, "connections": node.counters.connections,
-                 "read_repairs": node.coordinator.read_repairs,
-                 "hints_held": sum(hints.values()), "hints_delivered": cluster.handoff.delivered,
-                 "anti_entropy": node.aae.totals.to_dict()})
-    reply = {"node": node.node_id, "nodes": rows, "ring_version": state.ring.version,
-             "cluster": state.cluster_id}
-    await conn.send(codec.encode(MsgType.STATUS_REPLY, message.request_id, reply))
-
-
-async def _inspect(node: Node, conn, message, _chunks) -> None:
-    key = _key(message.fields)
-    cluster = node.cluster
-    n = min(node.config.n, node.member_count())
-    replicas = []
-    for member, role in cluster.routing.replica_roles(key, n):
-        entry = {"node": member, "role": role, "present": False, "siblings": 0, "digest": "",
-                 "version": b"", "deleted": False}
-        try:
-            with trio.fail_after(node.config.request_timeout):
-                obj = await cluster.replica(member).get(key)
-        except (KvdError, trio.TooSlowError, OSError) as exc:
-            entry["error"] = str(exc) or "timed out"
-            obj = None
-        if obj is not None:
-            entry.update(present=True, siblings=len(obj.siblings), digest=versions.digest(obj),
-                         version=versions.encode_context(obj.clock),
-                         deleted=not versions.is_found(obj))
-        replicas.append(entry)
-    reply = {"key": key, "partition": node.store.partition(key), "replicas": replicas}
-    await conn.send(codec.encode(MsgType.INSPECT_REPLY, message.request_id, reply))
-
-
-async def _admin(node: Node, conn, message, _chunks) -> None:
-    reply = await admin.handle(node, message.fields)
-    await conn.send(codec.encode(MsgType.ADMIN_REPLY, message.request_id, reply))
-
-
-async def _ping(node: Node, conn, message, _chunks) -> None:
-    await conn.send(codec.encode(MsgType.PONG, message.request_id, {}))
-
-
-HANDLERS = {
-    MsgType.GET: _get,
-    MsgType.PUT: _put,
-    MsgType.DELETE: _delete,
-    MsgType.STATUS: _status,
-    MsgType.INSPECT: _inspect,
-    MsgType.PING: _ping,
-    MsgType.ADMIN: _admin,
-}

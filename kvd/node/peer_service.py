@@ -1,7 +1,7 @@
 """What a node answers on its peer port: replica operations, gossip, cluster staging.
 
-Every handler takes (node, conn, message, chunks) like the client handlers in kvd.server,
-and replies on the same request id.
+Every handler takes (node, conn, message, chunks) like the client handlers in
+kvd.node.client_service, and replies on the same request id.
 
 Bodies arrive type-checked against ``kvd.proto.messages.OPS`` (the codec closes the
 connection otherwise); ``_check_values`` then checks the ranges a type cannot express,

@@ -1,0 +1,230 @@
+"""What a node answers on its client port: GET, PUT, DELETE, STATUS, INSPECT, ADMIN, PING.
+
+Every handler takes (node, conn, message, chunks) like the peer handlers in
+kvd.node.peer_service, and replies on the same request id; kvd.server looks the handler up
+in ``CLIENT_HANDLERS`` and turns a raised KvdError into an ERROR frame. ``chunks`` carries a
+streamed PUT's CHUNK frames (None otherwise). Quorum work is the coordinator's; these
+handlers validate the request, open and seal contexts, and shape the reply.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from kvd import versions
+from kvd.errors import BadRequest, KvdError, Unavailable
+from kvd.node import admin
+from kvd.node.coordinator import MAX_VALUE
+from kvd.node.local import new_vid
+from kvd.proto import codec
+from kvd.proto.messages import MsgType, validate_key
+
+
+
+def _settled(node) -> None:
+    if not node.cluster.restore.settled.is_set():
+        raise Unavailable("this node has a new data directory and is asking its seeds whether "
+                          "it lost its data; try another node or retry shortly")
+
+
+def _key(fields) -> bytes:
+    return validate_key(fields["key"])
+
+
+def _quorum_params(node, fields, name: str) -> tuple[int, int]:
+    """(n, r or w) for a request: its own values or the config's, validated, then capped by
+    the number of nodes in the ring (docs/DECISIONS.md: a cluster smaller than N)."""
+    n = fields.get("n") or node.config.n
+    quorum = fields.get(name) or min(getattr(node.config, name), n)
+    if not 1 <= n <= 16:
+        raise BadRequest(f"n={n} must be between 1 and 16")
+    if not 1 <= quorum <= n:
+        raise BadRequest(f"{name}={quorum} must be between 1 and n={n}")
+    members = node.member_count()
+    return min(n, members), min(quorum, members)
+
+
+async def _get(node, conn, message, _chunks) -> None:
+    fields = message.fields
+    _settled(node)
+    key = _key(fields)
+    n, r = _quorum_params(node, fields, "r")
+    result = await node.coordinator.get(key, n, r)
+    obj = result.obj
+    rid = message.request_id
+    if obj is None or not versions.is_found(obj):
+        context = _context(node, key, obj) if obj else b""
+        reply = {"key": key, "found": False, "context": context, "siblings": [],
+                 "replicas": result.replicas}
+        await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
+        return
+    # Inline what fits in one frame; stream the rest as CHUNK frames after the reply.
+    budget = node.config.max_frame // 2
+    described, streamed = [], []
+    for sibling in obj.siblings:
+        inline = sibling.chunks is None and sibling.length <= budget
+        if inline:
+            budget -= sibling.length
+            described.append({"value": sibling.value, "length": sibling.length,
+                              "deleted": sibling.deleted})
+        else:
+            described.append({"value": None, "length": sibling.length, "deleted": False})
+            streamed.append(sibling)
+    reply = {"key": key, "found": True,
+             "context": _context(node, key, obj),
+             "siblings": described, "replicas": result.replicas}
+    await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
+    for sibling in streamed:
+        await _send_value(node, conn, rid, key, sibling, result.source)
+
+
+async def _send_value(node, conn, rid, key, sibling, source) -> None:
+    """Stream one sibling's value as CHUNK frames ending with FLAG_END."""
+    if sibling.chunks is None:
+        size = node.config.chunk_size
+        value = sibling.value
+        pieces = [value[i : i + size] for i in range(0, len(value), size)] or [b""]
+        for i, piece in enumerate(pieces):
+            await conn.send(codec.encode_chunk(rid, piece, end=i == len(pieces) - 1))
+        return
+    if source is None:
+        raise Unavailable(f"no replica answering holds the chunks of key {key[:64]!r}")
+    sent = 0
+    async for data in source.read_chunks(key, sibling.chunks):
+        sent += len(data)
+        await conn.send(codec.encode_chunk(rid, data, end=sent == sibling.chunks.length))
+    if sibling.chunks.length == 0:
+        await conn.send(codec.encode_chunk(rid, b"", end=True))
+
+
+async def _put(node, conn, message, chunks) -> None:
+    fields = message.fields
+    _settled(node)
+    key = _key(fields)
+    n, w = _quorum_params(node, fields, "w")
+    context = versions.open_context(node.context_key, key, fields.get("context") or b"")
+    length = fields["length"]
+    if not 0 <= length <= MAX_VALUE:
+        raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
+    now = node.clocks.wall()
+    if chunks is None:
+        value = fields["value"]
+        if len(value) != length:
+            raise BadRequest(f"inline value is {len(value)} bytes but length says {length}")
+        result = await node.coordinator.put(key, context, n, w, value=value, timestamp=now)
+    else:
+        vid = new_vid()
+
+        async def chunk_data():
+            async for chunk in chunks:
+                yield chunk.fields["data"]
+
+        result = await node.coordinator.put(
+            key, context, n, w, length=length, chunks=chunk_data(), timestamp=now, vid=vid
+        )
+    await _reply_written(node, conn, message.request_id, key, result)
+
+
+def _context(node, key: bytes, obj: versions.VersionedObject) -> bytes:
+    """The sealed context a client gets for ``obj``: its clock and its siblings' write ids."""
+    return versions.seal_context(node.context_key, key, versions.context_of(obj))
+
+
+async def _reply_written(node, conn, rid, key, result) -> None:
+    reply = {"context": _context(node, key, result.obj),
+             "siblings": len(versions.live(result.obj)), "replicas": result.replicas}
+    await conn.send(codec.encode(MsgType.PUT_REPLY, rid, reply))
+
+
+async def _delete(node, conn, message, _chunks) -> None:
+    fields = message.fields
+    _settled(node)
+    key = _key(fields)
+    n, w = _quorum_params(node, fields, "w")
+    context = versions.open_context(node.context_key, key, fields.get("context") or b"")
+    result = await node.coordinator.put(key, context, n, w, deleted=True, timestamp=node.clocks.wall())
+    await _reply_written(node, conn, message.request_id, key, result)
+
+
+_STATE_LETTER = {"valid": "N", "joining": "J", "leaving": "L", "exiting": "L"}
+
+
+async def _status(node, conn, message, _chunks) -> None:
+    cluster = node.cluster
+    state = cluster.state
+    counts = {n: len(state.ring.partitions_of(n)) for n in state.ring.nodes()}
+    hints = cluster.handoff.pending()
+    rows = []
+    for member in sorted(set(state.members) | set(counts)):
+        record = cluster.members.get(member)
+        address, peer_address = cluster.addresses.get(member, ("", ""))
+        if member == node.node_id:
+            load = node.storage.approximate_size() + node.store.blobs.approximate_size()
+        else:
+            load = record.load_bytes if record else 0
+        letter = _STATE_LETTER.get(state.members.get(member, "valid"), "N")
+        if member == node.node_id and cluster.restore.restoring:
+            letter = "J"  # joining back: fetching its replicas after a wipe
+        rows.append({
+            "node": member,
+            "state": ("U" if cluster.is_up(member) else "D") + letter,
+            "address": address,
+            "peer_address": peer_address,
+            "load_bytes": load,
+            "partitions": counts.get(member, 0),
+            "ownership": round(counts.get(member, 0) / state.ring.q, 4),
+            "status": state.members.get(member, "none"),
+            "hints_pending": hints.get(member, 0),
+        })
+    mine = next(r for r in rows if r["node"] == node.node_id)
+    mine.update({"uptime_s": round(node.clocks.monotonic() - node.started, 1),
+                 "requests": node.counters.requests, "connections": node.counters.connections,
+                 "read_repairs": node.coordinator.read_repairs,
+                 "hints_held": sum(hints.values()), "hints_delivered": cluster.handoff.delivered,
+                 "anti_entropy": node.aae.totals.to_dict()})
+    reply = {"node": node.node_id, "nodes": rows, "ring_version": state.ring.version,
+             "cluster": state.cluster_id}
+    await conn.send(codec.encode(MsgType.STATUS_REPLY, message.request_id, reply))
+
+
+async def _inspect(node, conn, message, _chunks) -> None:
+    key = _key(message.fields)
+    cluster = node.cluster
+    n = min(node.config.n, node.member_count())
+    replicas = []
+    for member, role in cluster.routing.replica_roles(key, n):
+        entry = {"node": member, "role": role, "present": False, "siblings": 0, "digest": "",
+                 "version": b"", "deleted": False}
+        try:
+            with trio.fail_after(node.config.request_timeout):
+                obj = await cluster.replica(member).get(key)
+        except (KvdError, trio.TooSlowError, OSError) as exc:
+            entry["error"] = str(exc) or "timed out"
+            obj = None
+        if obj is not None:
+            entry.update(present=True, siblings=len(obj.siblings), digest=versions.digest(obj),
+                         version=versions.encode_context(obj.clock),
+                         deleted=not versions.is_found(obj))
+        replicas.append(entry)
+    reply = {"key": key, "partition": node.store.partition(key), "replicas": replicas}
+    await conn.send(codec.encode(MsgType.INSPECT_REPLY, message.request_id, reply))
+
+
+async def _admin(node, conn, message, _chunks) -> None:
+    reply = await admin.handle(node, message.fields)
+    await conn.send(codec.encode(MsgType.ADMIN_REPLY, message.request_id, reply))
+
+
+async def _ping(node, conn, message, _chunks) -> None:
+    await conn.send(codec.encode(MsgType.PONG, message.request_id, {}))
+
+
+CLIENT_HANDLERS = {
+    MsgType.GET: _get,
+    MsgType.PUT: _put,
+    MsgType.DELETE: _delete,
+    MsgType.STATUS: _status,
+    MsgType.INSPECT: _inspect,
+    MsgType.PING: _ping,
+    MsgType.ADMIN: _admin,
+}

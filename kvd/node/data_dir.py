@@ -1,0 +1,71 @@
+"""What a node checks about its data directory before it serves from it: that only kvd can
+read it, and that it was created for this node (its identity).
+
+Both run once at start-up, before anything else touches the data: a data directory others
+may enter is refused, and so is one created for another node, so a misconfigured node never
+serves another's replicas.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+import msgpack
+
+from kvd.errors import ConfigError
+from kvd.storage import keys
+
+
+def make_private(data_dir: str) -> None:
+    """Make kvd's files its own, whatever umask it was started with (issue 10, hole 5): the
+    process umask becomes 077, so LevelDB and blob files are created 0600 and directories
+    0700, and a new data_dir is created 0700. An existing one that others may enter, or
+    its group may write, is refused (ConfigError: one line, exit 2), as PostgreSQL refuses
+    its data directory; 0750 is accepted (the package's StateDirectoryMode, for a backup
+    group). docs/DECISIONS.md, "The data directory is private"."""
+    os.umask(0o077)  # process-wide on purpose: LevelDB creates files as it compacts
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(data_dir).st_mode)
+    except OSError as exc:
+        raise ConfigError(f"data_dir {data_dir}: {exc.strerror}") from None
+    if mode & 0o027:
+        raise ConfigError(
+            f"data_dir {data_dir} is accessible by {'others' if mode & 0o007 else 'its group'}"
+            f" (mode {mode:04o}): run chmod -R go-rwx {data_dir}")
+
+
+@dataclass
+class Identity:
+    """Who this data directory belongs to. ``actor`` names the dots this node mints; its
+    incarnation part changes when the data directory is recreated, so a wiped node never
+    mints a dot it already minted before the wipe."""
+
+    node: str
+    incarnation: str
+    created: float
+
+    @property
+    def actor(self) -> str:
+        return f"{self.node}:{self.incarnation}"
+
+
+async def load_identity(storage, node_id: str, wall: float) -> Identity:
+    """This data directory's identity, created on first use; ConfigError when it was
+    created for another node."""
+    raw = storage.get(keys.meta_key("identity"))
+    if raw is None:
+        identity = Identity(node_id, os.urandom(4).hex(), wall)
+        await storage.write(
+            [(keys.meta_key("identity"), msgpack.packb(identity.__dict__, use_bin_type=True))]
+        )
+        return identity
+    stored = msgpack.unpackb(raw, raw=False)
+    if stored["node"] != node_id:
+        raise ConfigError(
+            f"data_dir belongs to node {stored['node']!r}, not {node_id!r}: "
+            "use that node_id or a fresh data_dir"
+        )
+    return Identity(**stored)
