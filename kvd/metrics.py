@@ -12,9 +12,10 @@ A small HTTP/1.1 server (one request per connection, GET and HEAD only) serves:
 
 Where the numbers come from (rules this module keeps):
 
-1. Request latency and outcome are measured around the coordinator's ``get``/``put``
-   (``instrument``), so the request handlers stay as they are: the histogram is the time to
-   reach R or W replicas, without the time to stream a large value to the client.
+1. Request latency and outcome come from the coordinator, which reports each ``get`` and
+   ``put`` to its observer (``request_finished``; kvd.node.coordinator rule 6): the histogram
+   is the time to reach R or W replicas, without the time to stream a large value to the
+   client.
 2. Everything else is read from the node's own state at scrape time (``Counters``, the
    coordinator's read repairs, the cluster's hints and transfers, anti-entropy totals,
    storage sizes), so no other module has to know metrics exist.
@@ -29,7 +30,6 @@ Where the numbers come from (rules this module keeps):
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -133,37 +133,28 @@ class NodeMetrics:
     # ------------------------------------------------------------- wiring
 
     def attach(self, node: Any) -> None:
-        """Start reporting on ``node`` (its ring is loaded) and time its requests."""
+        """Start reporting on ``node`` (its ring is loaded) and observe its requests."""
         self.node = node
-        self.instrument(node.coordinator)
+        node.coordinator.observer = self
 
-    def instrument(self, coordinator: Any) -> None:
-        """Wrap ``coordinator.get``/``put`` on this instance with timing and outcomes."""
-        get, put = coordinator.get, coordinator.put
-        metrics = self
-
-        async def timed_get(key, n, r):
-            with metrics.observe("get") as outcome:
-                result = await get(key, n, r)
-                if result.obj is None or not versions.is_found(result.obj):
-                    outcome[0] = "not_found"
-                else:
-                    metrics.siblings.labels("get").observe(len(versions.live(result.obj)))
-                return result
-
-        async def timed_put(key, context, n, w, **kwargs):
-            op = "delete" if kwargs.get("deleted") else "put"
-            with metrics.observe(op):
-                result = await put(key, context, n, w, **kwargs)
-                if op == "put":
-                    metrics.siblings.labels("put").observe(len(versions.live(result.obj)))
-                return result
-
-        coordinator.get = timed_get
-        coordinator.put = timed_put
-
-    def observe(self, op: str) -> _Timer:
-        return _Timer(self, op)
+    def request_finished(self, op: str, seconds: float, obj: Any,
+                         error: BaseException | None) -> None:
+        """The coordinator's report of one request (kvd.node.coordinator.RequestObserver):
+        its latency by outcome, and the live siblings of what a get found or a put wrote."""
+        outcome = "ok"
+        if error is None and op == "get" and (obj is None or not versions.is_found(obj)):
+            outcome = "not_found"
+        elif error is None and op in ("get", "put"):
+            self.siblings.labels(op).observe(len(versions.live(obj)))
+        elif isinstance(error, KvdError):
+            outcome = error.code if error.code in OUTCOMES else "error"
+        elif isinstance(error, trio.Cancelled):
+            outcome = "cancelled"
+        elif error is not None:
+            outcome = "error"
+        self.requests.labels(op, outcome).observe(seconds)
+        if outcome == "quorum":
+            self.quorum_failures.labels(op).inc()
 
     # ------------------------------------------------------------- readiness
 
@@ -269,32 +260,6 @@ class NodeMetrics:
             status = "200 OK" if ready else "503 Service Unavailable"
             return status, text, (reason + "\n").encode(), method
         return "404 Not Found", text, b"not found: try /metrics, /health or /ready\n", method
-
-
-class _Timer:
-    """Context manager measuring one coordinator call; ``outcome[0]`` may be overridden."""
-
-    def __init__(self, metrics: NodeMetrics, op: str):
-        self.metrics = metrics
-        self.op = op
-        self.outcome = ["ok"]
-
-    def __enter__(self) -> list[str]:
-        self.start = time.perf_counter()
-        return self.outcome
-
-    def __exit__(self, kind, exc, tb) -> None:
-        if exc is not None:
-            if isinstance(exc, KvdError):
-                self.outcome[0] = exc.code if exc.code in OUTCOMES else "error"
-            elif isinstance(exc, trio.Cancelled):
-                self.outcome[0] = "cancelled"
-            else:
-                self.outcome[0] = "error"
-        elapsed = time.perf_counter() - self.start
-        self.metrics.requests.labels(self.op, self.outcome[0]).observe(elapsed)
-        if self.outcome[0] == "quorum":
-            self.metrics.quorum_failures.labels(self.op).inc()
 
 
 class _NodeCollector:

@@ -461,21 +461,28 @@ def kvd_version() -> str:
 
 
 class FakeCoordinator:
+    """Canned answers, reported to the observer as kvd.node.coordinator reports them."""
+
     def __init__(self):
         self.read_repairs = 0
         self.read_repair = True
         self.fail: Exception | None = None
         self.obj = None
+        self.observer = None  # NodeMetrics.attach sets itself here
 
     async def get(self, key, n, r):
-        if self.fail:
-            raise self.fail
-        return SimpleNamespace(obj=self.obj, replicas=1, source=None)
+        return self._answer("get", SimpleNamespace(obj=self.obj, replicas=1, source=None))
 
     async def put(self, key, context, n, w, **kwargs):
+        op = "delete" if kwargs.get("deleted") else "put"
+        return self._answer(op, SimpleNamespace(obj=self.obj, replicas=1))
+
+    def _answer(self, op, result):
         if self.fail:
+            self.observer.request_finished(op, 0.001, None, self.fail)
             raise self.fail
-        return SimpleNamespace(obj=self.obj, replicas=1)
+        self.observer.request_finished(op, 0.001, result.obj, None)
+        return result
 
 
 def fake_node(q: int = 8) -> SimpleNamespace:

@@ -26,6 +26,8 @@ Failure handling (DESIGN section 4):
 5. A replica that timed out is tried last for minting for ``SUSPECT_FOR`` seconds, so a
    partition the failure detector cannot see (gossip relayed around it) costs one
    ``replica_timeout``, not one per request.
+6. Every ``get`` and ``put`` ends by telling the ``observer`` (if any) how long it took and
+   how it ended; kvd.metrics is the observer, so this module knows nothing of metrics.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -68,6 +71,16 @@ class WriteResult:
     replicas: int
 
 
+class RequestObserver(Protocol):
+    """What wants to know about each client request the coordinator answers (rule 6)."""
+
+    def request_finished(self, op: str, seconds: float, obj: versions.VersionedObject | None,
+                         error: BaseException | None) -> None:
+        """``op`` is "get", "put" or "delete"; ``seconds`` the time to reach R or W replicas
+        on the node's monotonic clock; ``obj`` what was read (None: nothing) or written;
+        ``error`` what the request raised (a KvdError, trio.Cancelled, a bug), else None."""
+
+
 class Coordinator:
     """Quorum logic over whatever replicas ``replicas_for`` names for a key."""
 
@@ -85,7 +98,8 @@ class Coordinator:
     ):
         """``keep_hint(node, key, obj)`` stores a durable hint for a failed leg (None: hinted
         handoff is off); ``clock`` is the node's monotonic
-        clock (trio's: deadlines are cancel scopes)."""
+        clock (trio's: deadlines are cancel scopes). ``observer`` starts empty: kvd.metrics
+        sets itself there when it attaches to the node (rule 6)."""
         self.read_replicas = read_replicas
         self.write_replicas = write_replicas
         self.background = background
@@ -97,6 +111,7 @@ class Coordinator:
         self.read_repairs = 0
         self.hints_kept = 0  # hints kept for replication legs that failed (rule 3)
         self._suspects: dict[str, float] = {}  # node -> until when it is tried last
+        self.observer: RequestObserver | None = None
 
     async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable], deadline: float,
                     patience: float | None = None):
@@ -162,7 +177,24 @@ class Coordinator:
                    if id(rep) not in answered and len(ok) < needed]
         return ok, failed, receive
 
+    async def _observed(self, op: str, request: Awaitable):
+        """Await ``request`` (a read or a write), then tell the observer how it went."""
+        started = self.clock()
+        try:
+            result = await request
+        except BaseException as exc:
+            if self.observer is not None:
+                self.observer.request_finished(op, self.clock() - started, None, exc)
+            raise
+        if self.observer is not None:
+            self.observer.request_finished(op, self.clock() - started, result.obj, None)
+        return result
+
     async def get(self, key: bytes, n: int, r: int) -> ReadResult:
+        """Read ``key`` at quorum R from its ``n`` replicas (observed, rule 6)."""
+        return await self._observed("get", self._read(key, n, r))
+
+    async def _read(self, key: bytes, n: int, r: int) -> ReadResult:
         replicas = self.read_replicas(key, n)
         if len(replicas) == 1 and r == 1:
             # One replica: no fan-out, no background task (the single-node hot path).
@@ -220,7 +252,16 @@ class Coordinator:
         timestamp: float = 0.0,
         vid: bytes = b"",
     ) -> WriteResult:
-        """Write a value (inline, or streamed from ``chunks``) or a tombstone at quorum W."""
+        """Write a value (inline, or streamed from ``chunks``) or a tombstone at quorum W
+        (observed, rule 6)."""
+        write = self._write(key, context, n, w, value=value, deleted=deleted, length=length,
+                            chunks=chunks, timestamp=timestamp, vid=vid)
+        return await self._observed("delete" if deleted else "put", write)
+
+    async def _write(self, key: bytes, context: versions.VersionVector, n: int, w: int, *,
+                     value: bytes, deleted: bool, length: int,
+                     chunks: AsyncIterator[bytes] | None, timestamp: float,
+                     vid: bytes) -> WriteResult:
         replicas = list(self.write_replicas(key, n))
         if length > MAX_VALUE:
             raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
