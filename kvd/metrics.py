@@ -137,7 +137,7 @@ class NodeMetrics:
         self.node = node
         node.coordinator.observer = self
 
-    def request_finished(self, op: str, seconds: float, obj: Any,
+    def request_finished(self, op: str, seconds: float, obj: versions.VersionedObject | None,
                          error: BaseException | None) -> None:
         """The coordinator's report of one request (kvd.node.coordinator.RequestObserver):
         its latency by outcome, and the live siblings of what a get found or a put wrote."""

@@ -3,8 +3,9 @@
 Every handler takes (node, conn, message, chunks) like the peer handlers in
 kvd.node.peer_service, and replies on the same request id; kvd.server looks the handler up
 in ``CLIENT_HANDLERS`` and turns a raised KvdError into an ERROR frame. ``chunks`` carries a
-streamed PUT's CHUNK frames (None otherwise). Quorum work is the coordinator's; these
-handlers validate the request, open and seal contexts, and shape the reply.
+streamed PUT's CHUNK frames (None otherwise); ``node`` is the kvd.server.Node (untyped
+here: kvd.node never imports the server). Quorum work is the coordinator's; these handlers
+validate the request, open and seal contexts, and shape the reply.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from kvd.proto import codec
 from kvd.proto.messages import MsgType, validate_key
 
 
-
 def _settled(node) -> None:
+    """Unavailable while a wiped node asks its seeds whether it lost its data."""
     if not node.cluster.restore.settled.is_set():
         raise Unavailable("this node has a new data directory and is asking its seeds whether "
                           "it lost its data; try another node or retry shortly")
@@ -142,7 +143,8 @@ async def _delete(node, conn, message, _chunks) -> None:
     key = _key(fields)
     n, w = _quorum_params(node, fields, "w")
     context = versions.open_context(node.context_key, key, fields.get("context") or b"")
-    result = await node.coordinator.put(key, context, n, w, deleted=True, timestamp=node.clocks.wall())
+    result = await node.coordinator.put(key, context, n, w, deleted=True,
+                                        timestamp=node.clocks.wall())
     await _reply_written(node, conn, message.request_id, key, result)
 
 
