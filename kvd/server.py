@@ -339,7 +339,8 @@ async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> 
         pass
 
 
-async def _handshake(node: Node, conn: FrameConnection, role: str) -> None:
+async def _handshake(node: Node, conn: FrameConnection, role: str,
+                     ticket: Ticket | None = None) -> None:
     """HELLO (and for peers with a cluster secret the challenge-response of
     kvd.security), all within ``handshake_timeout``; then HELLO_OK and the frame limit
     rises. A refusal raises Unauthorized, counted by kvd.security.Refusals."""
@@ -371,6 +372,10 @@ async def _handshake(node: Node, conn: FrameConnection, role: str) -> None:
         raise ProtocolError("handshake not completed within the handshake timeout")
     conn.max_frame = node.config.max_frame
     conn.grant = grant
+    if ticket is not None:
+        # Authenticated from here on: before HELLO_OK goes out, or a newcomer accepted while
+        # it is being sent could evict this connection as an idle one.
+        ticket.established()
     await conn.send(
         codec.encode(
             MsgType.HELLO_OK,
@@ -387,9 +392,7 @@ async def _handshake(node: Node, conn: FrameConnection, role: str) -> None:
 
 async def _serve_connection(node: Node, conn: FrameConnection, role: str,
                             ticket: Ticket | None = None) -> None:
-    await _handshake(node, conn, role)
-    if ticket is not None:
-        ticket.established()  # no longer evictable as an idle newcomer
+    await _handshake(node, conn, role, ticket)
     handlers = PEER_HANDLERS if role == "peer" else CLIENT_HANDLERS
     streams: dict[int, trio.MemorySendChannel] = {}
     slots = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
