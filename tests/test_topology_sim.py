@@ -34,6 +34,19 @@ async def _four_nodes_then_a_fifth_joins(sim, value_size: int) -> list[bytes]:
     return keys
 
 
+async def _n2_joins_n1_holding(sim, items: dict[bytes, bytes]) -> float:
+    """n1 holds ``items``; n2 joins at transfer_rate_mb = 0.05. The seconds until settled."""
+    sim.config.update(transfer_rate_mb=0.05)
+    n1 = await sim.start("n1", seeds=[])
+    await sim.start("n2", seeds=[n1.peer_address])
+    async with sim.open_client("n1", sim.client_address()) as c:
+        for key, value in items.items():
+            await c.put(key, value)
+    await _join(sim, ["n2"])
+    await sim.admin("n1", {"op": "commit"})
+    return await _settle(sim, limit=3600)
+
+
 def _in_transition(sim, name="n1"):
     return sim.nodes[name].node.cluster.state.in_transition
 
@@ -77,15 +90,8 @@ async def test_reads_succeed_while_a_single_node_cluster_grows(sim, autojump_clo
 
 async def test_transfers_respect_the_rate_throttle(sim, autojump_clock):
     """Bug 14 (throttle): 12 MB at transfer_rate_mb=0.05 must take minutes, not seconds."""
-    sim.config.update(transfer_rate_mb=0.05)
-    n1 = await sim.start("n1", seeds=[])
-    await sim.start("n2", seeds=[n1.peer_address])
-    async with sim.open_client("n1", sim.client_address()) as c:
-        for i in range(1500):
-            await c.put(f"key-{i}".encode(), b"v" * 8000)
-    await _join(sim, ["n2"])
-    await sim.admin("n1", {"op": "commit"})
-    took = await _settle(sim, limit=3600)
+    took = await _n2_joins_n1_holding(sim, {f"key-{i}".encode(): b"v" * 8000
+                                            for i in range(1500)})
     # 12 MB held by n1; n2 replicates every partition (N=3 > 2 nodes): 12 MB must move.
     assert took >= 12e6 / (0.05 * 1e6) * 0.8, f"12 MB moved in {took:.1f} s at 0.05 MB/s"
     assert not sim.crashes
@@ -391,15 +397,8 @@ async def test_a_former_replica_does_not_bring_back_purged_deletes(sim, autojump
 
 async def test_large_values_count_towards_the_transfer_throttle(sim, autojump_clock):
     """Bug 14 (throttle, chunked values): 8 values of 1 MB at 0.05 MiB/s take minutes."""
-    sim.config.update(transfer_rate_mb=0.05)
-    n1 = await sim.start("n1", seeds=[])
-    await sim.start("n2", seeds=[n1.peer_address])
-    async with sim.open_client("n1", sim.client_address()) as c:
-        for i in range(8):
-            await c.put(f"large-{i}".encode(), bytes([i]) * 1_000_000)
-    await _join(sim, ["n2"])
-    await sim.admin("n1", {"op": "commit"})
-    took = await _settle(sim, limit=3600)
+    took = await _n2_joins_n1_holding(sim, {f"large-{i}".encode(): bytes([i]) * 1_000_000
+                                            for i in range(8)})
     assert took >= 8e6 / (0.05 * (1 << 20)) * 0.8, f"8 MB moved in {took:.1f} s at 0.05 MiB/s"
     async with sim.open_client("n2", sim.client_address()) as c:
         assert (await c.get(b"large-7", r=2)).siblings[0].value == bytes([7]) * 1_000_000

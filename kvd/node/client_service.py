@@ -98,12 +98,18 @@ async def _send_value(node, conn, rid, key, sibling, source) -> None:
         await conn.send(codec.encode_chunk(rid, b"", end=True))
 
 
-async def _put(node, conn, message, chunks) -> None:
-    fields = message.fields
+def _write_request(node, fields) -> tuple[bytes, int, int, versions.VersionVector]:
+    """(key, n, w, context) of a PUT or DELETE, each checked: the node has its data, the
+    key's size, the quorum, the context's seal."""
     _settled(node)
     key = _key(fields)
     n, w = _quorum_params(node, fields, "w")
-    context = versions.open_context(node.context_key, key, fields.get("context") or b"")
+    return key, n, w, versions.open_context(node.context_key, key, fields.get("context") or b"")
+
+
+async def _put(node, conn, message, chunks) -> None:
+    fields = message.fields
+    key, n, w, context = _write_request(node, fields)
     length = fields["length"]
     if not 0 <= length <= MAX_VALUE:
         raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
@@ -138,11 +144,7 @@ async def _reply_written(node, conn, rid, key, result) -> None:
 
 
 async def _delete(node, conn, message, _chunks) -> None:
-    fields = message.fields
-    _settled(node)
-    key = _key(fields)
-    n, w = _quorum_params(node, fields, "w")
-    context = versions.open_context(node.context_key, key, fields.get("context") or b"")
+    key, n, w, context = _write_request(node, message.fields)
     result = await node.coordinator.put(key, context, n, w, deleted=True,
                                         timestamp=node.clocks.wall())
     await _reply_written(node, conn, message.request_id, key, result)

@@ -35,12 +35,11 @@ def repair_by_swaps(
     layout: Layout, zone_weight: int, old: Sequence[int], max_rounds: int = 50
 ) -> None:
     """Swap owners of a bad partition and the one that helps most, round after round."""
-    q = layout.q
     where: dict[int, set[int]] = {}  # member -> its partitions, kept current by swaps
     for p, x in enumerate(layout.owners):
         where.setdefault(x, set()).add(p)
     for _ in range(max_rounds):
-        bad = sorted({s for p, d in layout.conflicts(zone_weight) for s in (p, (p + d) % q)})
+        bad = _bad_partitions(layout, zone_weight)
         if not bad:
             return
         improved = False
@@ -118,7 +117,7 @@ def repair_by_chains(layout: Layout, zone_weight: int, max_rounds: int = 20) -> 
     taking a partition from the next, back to ``p``'s owner.  Counts are kept."""
     q = layout.q
     for _ in range(max_rounds):
-        bad = sorted({s for p, d in layout.conflicts(zone_weight) for s in (p, (p + d) % q)})
+        bad = _bad_partitions(layout, zone_weight)
         if not bad:
             return
         improved = False
@@ -196,7 +195,7 @@ def repair_by_reordering(
     q = layout.q
     max_width = min(max_width, q - 2 * (layout.window - 1))
     for _ in range(4):
-        bad = sorted({s for p, d in layout.conflicts(zone_weight) for s in (p, (p + d) % q)})
+        bad = _bad_partitions(layout, zone_weight)
         if not bad:
             return
         improved = False
@@ -322,6 +321,12 @@ def _best_order(
 
     dfs(0, 0)
     return best[0]
+
+
+def _bad_partitions(layout: Layout, zone_weight: int) -> list[int]:
+    """Both ends of every conflicting pair, in partition order."""
+    q = layout.q
+    return sorted({s for p, d in layout.conflicts(zone_weight) for s in (p, (p + d) % q)})
 
 
 def _swap(owners: list[int], p: int, p2: int) -> None:
