@@ -72,6 +72,20 @@ async def eventually(what: str, check: Callable[[], Awaitable[tuple[bool, object
         await trio.sleep(interval)
 
 
+async def plan_seen_by(node: KvdProcess, staged: list[str], nodes: Iterable[KvdProcess],
+                       timeout: float = 30) -> dict:
+    """``kvctl cluster plan`` on ``node`` once it shows ``staged``: changes staged on another
+    member reach this one by gossip, so right after staging it may not have them yet."""
+    async def check():
+        out = await trio.to_thread.run_sync(lambda: run_kvctl(node, "--json", "cluster", "plan"))
+        if out.returncode != 0:  # "nothing staged" (exit 2) until gossip brings the changes
+            return False, out.stderr.decode(errors="replace").strip()
+        plan = json.loads(out.stdout)
+        return sorted(plan["staged"]) == sorted(staged), plan
+
+    return await eventually(f"{node.node_id} plans {staged}", check, timeout, nodes)
+
+
 async def client_status(node: KvdProcess) -> dict:
     async with open_client(node.address) as client:
         return await client.status()
