@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo demo-stop test test-fast bench fuzz soak clean deb man ops-tools sim chaos chaos-tools
+.PHONY: venv demo demo-stop test typecheck test-fast bench fuzz soak clean deb man ops-tools sim chaos chaos-tools
 
 venv: $(STAMP)
 
@@ -21,8 +21,12 @@ demo-stop:
 	$(BIN)/python scripts/demo.py --stop
 
 # PYTHONHASHSEED fixed: a simulator seed that fails in make test replays exactly in make sim.
-test: venv ops-tools chaos-tools
+test: venv ops-tools chaos-tools typecheck
 	PYTHONHASHSEED=0 $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# mypy over kvd/ and kvctl/ ([tool.mypy] in pyproject.toml); its cache is .mypy_cache/.
+typecheck: venv
+	$(BIN)/python -m mypy
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
