@@ -13,7 +13,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import IO, TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import trio
 import typer
@@ -23,6 +23,9 @@ from kvd._version import version
 from kvd.client import DEFAULT_ADDRESS, open_client
 from kvd.errors import BadRequest, ConnectFailed, KvdError, NotFound, unwrap_single_error
 from kvd.proto.messages import MAX_KEY_LEN, validate_key
+
+if TYPE_CHECKING:
+    import ssl
 
 app = typer.Typer(
     add_completion=True,
@@ -36,7 +39,7 @@ class Options:
     host: str = DEFAULT_ADDRESS
     json: bool = False
     token: str | None = None
-    ssl_context = None  # set by --tls-ca
+    ssl_context: ssl.SSLContext | None = None  # set by --tls-ca
 
 
 options = Options()
@@ -155,6 +158,7 @@ def _value_source(value: str | None, file: Path | None):
                 else:
                     yield None, spool
     else:
+        assert value is not None  # exactly one of value and file, checked above
         yield value.encode(), None
 
 
@@ -194,9 +198,10 @@ def get(
 ) -> None:
     """Read a key: every sibling, and the context to write back with."""
     data_key = _key(key)
-    streamed: dict[str, object] = {}  # path -> open file, for values that arrive as chunks
+    streamed: dict[str, IO[bytes]] = {}  # path -> open file, for values that arrive as chunks
 
-    def sink(index: int, count: int):
+    def sink(index: int, count: int) -> IO[bytes]:
+        assert output is not None  # a sink is only given with --output
         path = _output_path(output, index, count)
         streamed[path] = handle = open(path, "wb")
         return handle

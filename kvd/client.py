@@ -198,9 +198,13 @@ class Client:
         """Write ``value`` (bytes) or ``length`` bytes read from the binary file ``source``."""
         if (value is None) == (source is None):
             raise ValueError("give exactly one of value and source")
-        if source is not None and length is None:
-            length = os.fstat(source.fileno()).st_size
-        total = len(value) if value is not None else length
+        if value is not None:
+            total = len(value)
+        elif length is not None:
+            total = length
+        else:
+            assert source is not None  # exactly one of value and source, checked above
+            total = os.fstat(source.fileno()).st_size
         fields: dict[str, Any] = {"key": key, "length": total}
         if context:
             fields["context"] = context
@@ -326,16 +330,16 @@ async def _handshake(conn: FrameConnection, address: str, hello: dict,
     """HELLO -> HELLO_OK; with a secret, HELLO{nonce} -> HELLO_OK{nonce, proof} ->
     HELLO{proof} -> HELLO_OK (docs/protocol.md section 2), then without TLS authenticated
     records both ways (kvd.net.sealed). Returns the final HELLO_OK."""
-    nonce = None
+    nonce = security.new_nonce()
     if secret is not None:
-        nonce = hello["nonce"] = security.new_nonce()
+        hello["nonce"] = nonce
     await conn.send(codec.encode(MsgType.HELLO, 0, hello))
     reply = await _hello_reply(conn, address)
     if secret is None:
         return reply
-    theirs = reply.get("nonce")
+    theirs = reply.get("nonce") or b""  # empty: not a valid nonce, refused below
     me, them = hello.get("node", ""), reply["node"]
-    expected = security.server_proof(secret, nonce, theirs or b"", me, them)
+    expected = security.server_proof(secret, nonce, theirs, me, them)
     if not security.valid_nonce(theirs) or not security.verify_proof(expected, reply.get("proof")):
         raise Unauthorized(f"peer {address} did not prove the cluster secret (is its "
                            "cluster_secret_file the same as ours?)")

@@ -144,7 +144,7 @@ class NodeMetrics:
         outcome = "ok"
         if error is None and op == "get" and (obj is None or not versions.is_found(obj)):
             outcome = "not_found"
-        elif error is None and op in ("get", "put"):
+        elif error is None and obj is not None and op in ("get", "put"):
             self.siblings.labels(op).observe(len(versions.live(obj)))
         elif isinstance(error, KvdError):
             outcome = error.code if error.code in OUTCOMES else "error"

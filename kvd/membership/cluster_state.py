@@ -133,6 +133,12 @@ class Change:
         elif self.target is not None:
             raise BadRequest(f"{self.kind} takes no target")
 
+    @property
+    def replacement(self) -> str:
+        """The new node of a replace (``__post_init__`` refuses a replace without one)."""
+        assert self.target is not None, self
+        return self.target
+
     def nodes(self) -> tuple[str, ...]:
         """Every node this change concerns."""
         return (self.node,) if self.target is None else (self.node, self.target)
@@ -296,7 +302,7 @@ def _hash(content: Mapping[str, Any]) -> str:
 
 
 def _bump(state: ClusterState, **changes: Any) -> ClusterState:
-    fields = {
+    fields: dict[str, Any] = {
         "cluster_id": state.cluster_id,
         "ring": state.ring,
         "members": state.members,
@@ -344,10 +350,10 @@ def _check(state: ClusterState, staged: tuple[Change, ...], n_val: int, culprit:
                 raise BadRequest(f"{c.node} is not a member")
             if status != "valid":
                 raise BadRequest(f"{c.node} is already {status}")
-            if c.kind == "replace" and base.get(c.target) in ("valid", "leaving") and (
-                state.members[c.target] != "exiting"
+            if c.kind == "replace" and base.get(c.replacement) in ("valid", "leaving") and (
+                state.members[c.replacement] != "exiting"
             ):
-                raise BadRequest(f"{c.target} is already a member ({state.members[c.target]})")
+                raise BadRequest(f"{c.target} is already a member ({state.members[c.replacement]})")
         elif status is None:  # force-remove
             raise BadRequest(f"{c.node} is not a member")
     valid_now = len(state.valid_nodes())
@@ -383,7 +389,7 @@ def stage(state: ClusterState, change: Change, n_val: int) -> ClusterState:
     if change in staged:
         raise BadRequest(f"{change.describe()} is already staged")
     if change.kind == "replace":
-        staged = [c for c in staged if c != Change("join", change.target)]
+        staged = [c for c in staged if c != Change("join", change.replacement)]
     staged.append(change)
     _check(state, tuple(staged), n_val, change)
     return _bump(state, staged=tuple(staged))
@@ -449,7 +455,7 @@ def plan(state: ClusterState, n_val: int, zones: Mapping[str, str] | None = None
     owners = list(state.ring.owners)
     for c in state.staged:
         if c.kind == "replace":
-            owners = [c.target if o == c.node else o for o in owners]
+            owners = [c.replacement if o == c.node else o for o in owners]
     members = sorted(_valid_after(state, state.staged))
     start = Ring(state.ring.q, tuple(owners), state.ring.version, dict(state.ring.zones if zones is None else zones))
     new_owners = claim(start, members, n_val, zones)
@@ -480,7 +486,7 @@ def commit(state: ClusterState, n_val: int, zones: Mapping[str, str] | None = No
             base[c.node] = "leaving"
         elif c.kind == "replace":
             base[c.node] = "leaving"
-            base[c.target] = "valid"
+            base[c.replacement] = "valid"
         else:
             base.pop(c.node, None)
             removed.add(c.node)

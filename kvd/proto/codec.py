@@ -24,8 +24,10 @@ Invariants:
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
+from typing import Final, NoReturn
 
 import msgpack
 
@@ -76,17 +78,16 @@ MAX_BODY = 0xFFFFFFFF
 _COMPACT_AT = 64 * 1024
 
 
-class _Sentinel:
-    __slots__ = ("_name",)
+class _Sentinel(enum.Enum):
+    """An enum, so that ``x is NEED_DATA`` narrows the type of x for the type checker."""
 
-    def __init__(self, name: str) -> None:
-        self._name = name
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
-        return self._name
+        return self.value
 
 
-NEED_DATA = _Sentinel("NEED_DATA")
+NEED_DATA: Final = _Sentinel.NEED_DATA
 """Returned by ``next_frame``/``next_message`` when more bytes are needed."""
 
 
@@ -146,11 +147,11 @@ def _compile(spec, widen: bool):
         return _compile_tuple(spec, widen)
     if isinstance(spec, dict):
         return _compile_map(spec, widen)
-    exact = set(spec)
+    allowed = set(spec)
     if widen:
         for t in spec:
-            exact.update(_WIDER.get(t, ()))
-    exact = frozenset(exact)
+            allowed.update(_WIDER.get(t, ()))
+    exact = frozenset(allowed)
     expected = "expected " + " or ".join(_TYPE_NAMES[t] for t in spec)
     subclass_ok = tuple(exact) if widen else ()
     allow_bool = bool in exact
@@ -399,7 +400,7 @@ class FrameDecoder:
         self._pos = 0
         return rest
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add bytes read from the connection; ``b""`` means the peer closed it."""
         if self._eof:
             if data:
@@ -449,7 +450,7 @@ class FrameDecoder:
 
     # -- internals
 
-    def _fail(self, exc: RemoteProtocolError) -> None:
+    def _fail(self, exc: RemoteProtocolError) -> NoReturn:
         self._error = exc
         raise exc
 
