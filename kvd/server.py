@@ -152,6 +152,7 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
         make_private(data_dir)
     async with open_storage(data_dir, sync=config.sync, sync_interval=config.sync_interval,
                             cache_mb=config.cache_mb, disk=disk) as storage:
+        blobs: BlobStore | MemoryBlobStore
         if data_dir is None:
             blobs = MemoryBlobStore(disk)
         else:
@@ -339,7 +340,7 @@ async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> 
         pass
 
 
-async def _handshake(node: Node, conn: FrameConnection, role: str,
+async def _handshake(node: Node, conn: GuardedConnection, role: str,
                      ticket: Ticket | None = None) -> None:
     """HELLO (and for peers with a cluster secret the challenge-response of
     kvd.security), all within ``handshake_timeout``; then HELLO_OK and the frame limit
@@ -390,7 +391,7 @@ async def _handshake(node: Node, conn: FrameConnection, role: str,
     )
 
 
-async def _serve_connection(node: Node, conn: FrameConnection, role: str,
+async def _serve_connection(node: Node, conn: GuardedConnection, role: str,
                             ticket: Ticket | None = None) -> None:
     await _handshake(node, conn, role, ticket)
     handlers = PEER_HANDLERS if role == "peer" else CLIENT_HANDLERS
