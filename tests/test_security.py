@@ -528,7 +528,9 @@ def test_secret_files_open_to_others_stop_the_start_and_never_show(tmp_path):
     tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS), 0o640)
     base = ["--data-dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{free_port()}",
             "--peer-listen", f"127.0.0.1:{free_port()}"]
-    proc = run_kvd(*base, "--cluster-secret-file", str(secret))
+    # No metrics port: the default one may be taken by another kvd on this machine.
+    no_metrics = private_file(tmp_path / "no-metrics.toml", 'metrics_listen = ""\n')
+    proc = run_kvd("--config", str(no_metrics), *base, "--cluster-secret-file", str(secret))
     assert proc.returncode == 2
     assert proc.stderr.endswith(
         f"kvd: error: cluster_secret_file {secret} is accessible by group or others "
