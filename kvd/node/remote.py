@@ -32,7 +32,8 @@ from kvd.node.replica import Role
 from kvd.proto.messages import MsgType
 
 def encode_payload(payload: dict) -> dict:
-    out: dict[str, Any] = {"deleted": payload.get("deleted", False), "timestamp": payload.get("timestamp", 0.0)}
+    out: dict[str, Any] = {"deleted": payload.get("deleted", False),
+                           "timestamp": payload.get("timestamp", 0.0)}
     if payload.get("value") is not None:
         out["value"] = payload["value"]
     chunks = payload.get("chunks")
