@@ -639,8 +639,8 @@ def read_all(sock: socket.socket, since: float | None = None,
             messages.append(message)
     except TimeoutError:
         pytest.fail(f"the node did not close the connection within {deadline} s: {messages}")
-    except (RemoteProtocolError, ConnectionError) as exc:  # bytes that are no frame (a TLS
-        messages.append(exc)                                 # alert), or a reset: it ended
+    except (RemoteProtocolError, ConnectionError) as exc:
+        messages.append(exc)  # bytes that are no frame (a TLS alert), or a reset: it ended
     return messages, time.monotonic() - began
 
 
