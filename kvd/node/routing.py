@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
+from kvd import versions
 from kvd.errors import Unavailable
 from kvd.membership import cluster_state as cs
-from kvd import versions
 from kvd.node.remote import HintedReplica
 from kvd.node.replica import LocalReplica, Replica, Role
 from kvd.ring import Ring, annotated_preference_list, partition_of, preference_list
