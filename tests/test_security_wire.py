@@ -21,7 +21,7 @@ from kvd import security
 from kvd.client import open_client
 from kvd.errors import ConnectFailed, Unauthorized
 from kvd.net.sealed import MAX_RECORD, IntegrityError, Opener, Sealer
-from kvd.proto import codec
+from kvd.proto import codec, handshake
 from kvd.proto.messages import MsgType
 from kvd.security import Security, load_tokens
 from tests.procs import free_port
@@ -83,12 +83,12 @@ def test_records_refuse_every_change_in_transit(attack):
 
 
 def test_session_keys_are_per_connection_and_per_direction():
-    keys = security.session_keys(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2")
-    again = security.session_keys(b"s" * 16, b"a" * 32, b"c" * 32, "n1", "n2")
+    keys = handshake.session_keys(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2")
+    again = handshake.session_keys(b"s" * 16, b"a" * 32, b"c" * 32, "n1", "n2")
     assert len(set(keys + again)) == 4
     assert all(len(k) == 32 for k in keys)
-    proofs = {security.client_proof(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2"),
-              security.server_proof(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2")}
+    proofs = {handshake.client_proof(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2"),
+              handshake.server_proof(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2")}
     assert not proofs & set(keys)  # a key never travels: it is no proof
 
 
