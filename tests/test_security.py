@@ -20,7 +20,7 @@ import trio
 from kvd import security
 from kvd.client import open_client
 from kvd.net.guarded import GuardedConnection
-from kvd.net.sealed import Opener, Sealer
+from kvd.proto.records import Opener, Sealer
 from kvd.errors import ConfigError, Unauthorized
 from kvd.proto import codec, handshake
 from kvd.proto.handshake import client_proof, server_proof

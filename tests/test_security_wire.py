@@ -1,7 +1,7 @@
 """Issue 10, "Also": peer frames keep their integrity after the handshake on plain TCP;
 client tokens together with TLS; a SIGHUP reload cannot widen permissions or weaken auth.
 
-The record layer (kvd.net.sealed) is tested directly; the attacks on real ``kvd`` daemons
+The record layer (kvd.proto.records) is tested directly; the attacks on real ``kvd`` daemons
 (tests/procs.py): an on-path proxy that injects frames into an authenticated peer link,
 TLS clients with and without tokens or certificates, and SIGHUP after the operator loosened
 a secret file.
@@ -20,7 +20,7 @@ import trio
 from kvd import security
 from kvd.client import open_client
 from kvd.errors import ConnectFailed, Unauthorized
-from kvd.net.sealed import MAX_RECORD, IntegrityError, Opener, Sealer
+from kvd.proto.records import MAX_RECORD, IntegrityError, Opener, Sealer
 from kvd.proto import codec, handshake
 from kvd.proto.messages import MsgType
 from kvd.security import Security, load_tokens

@@ -49,8 +49,9 @@ class FrameConnection:
             await self.send(last)  # already sealed by the handshake when it seals
         if done.sealer is not None and done.opener is not None:
             self.stream = SealedStream(self.stream, done.sealer, done.opener)
-        if done.trailing_data:  # b"" would be read as EOF
-            self.decoder.receive_data(done.trailing_data)
+        trailing = machine.trailing_data
+        if trailing:  # b"" would be read as EOF
+            self.decoder.receive_data(trailing)
 
     async def receive(self) -> Message | None:
         """The next message, or None when the peer closed cleanly between frames.

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import trio
 
-from kvd.proto.records import MAX_RECORD, TAG_SIZE, IntegrityError, Opener, Sealer
+from kvd.proto.records import Opener, Sealer
 
-__all__ = ["IntegrityError", "MAX_RECORD", "Opener", "SealedStream", "Sealer", "TAG_SIZE"]
+__all__ = ["SealedStream"]
 
 
 class SealedStream(trio.abc.Stream):

@@ -391,7 +391,7 @@ class FrameDecoder:
 
     def detach(self) -> bytes:
         """Remove and return the bytes received but not yet parsed, between frames: the
-        connection is switching to another layer below (kvd.net.sealed) that owns them."""
+        connection is switching to another layer below (kvd.proto.records) that owns them."""
         if self._header is not None:
             raise RuntimeError("detach in the middle of a frame")
         rest = bytes(self._buf[self._pos :])

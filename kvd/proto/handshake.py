@@ -22,9 +22,10 @@ Invariants:
   exchange with its ``handshake_timeout``.
 - Rule 2: every frame of the handshake is limited to PRE_AUTH_MAX_FRAME (16 KiB), checked
   from the header before the body is buffered (kvd.proto.codec).
-- Rule 3: the machine never consumes a byte past the handshake's last frame. ``Done``
-  hands over the bytes that follow (``trailing_data``) and, on a sealed connection, the
-  record ``Sealer``/``Opener`` to carry on with: nothing is lost, nothing is read twice.
+- Rule 3: the machine never consumes a byte past the handshake's last frame. The bytes
+  that follow are ``trailing_data`` (frames, opened if sealed) and, on a sealed connection,
+  what ``Done.opener`` holds; with ``Done.sealer`` the connection carries on: nothing is
+  lost, nothing is read twice.
 - Rule 4: versions. The client offers ``versions``; the server picks the one it speaks or
   refuses with ProtocolError; the client refuses a HELLO_OK naming a version it did not
   offer.
@@ -149,7 +150,6 @@ class Done:
     grant: Any = None
     sealer: Sealer | None = None
     opener: Opener | None = None
-    trailing_data: bytes = b""
 
 
 @dataclass
@@ -200,7 +200,7 @@ class _Wire:
         self.opener.receive_data(self.decoder.detach())
 
     def done(self, version: int, hello: dict[str, Any], grant: Any = None) -> Done:
-        return Done(version, hello, grant, self.sealer, self.opener, self.decoder.detach())
+        return Done(version, hello, grant, self.sealer, self.opener)
 
 
 class _Handshake:
@@ -220,6 +220,12 @@ class _Handshake:
         out = bytes(self._wire.outgoing)
         self._wire.outgoing.clear()
         return out
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Once done: the frame bytes received past the handshake (rule 3), taken away."""
+        assert self._done is not None, "the handshake is not done"
+        return self._wire.decoder.detach()
 
     def next_event(self) -> Done | object:
         """``Done`` once the handshake succeeded, NEED_DATA until then; raises the refusal."""
@@ -355,7 +361,8 @@ class ServerHandshake(_Handshake):
         self._nonce = self._nonce or new_nonce()
         who = hello.fields.get("node") or ""
         self._wire.send(MsgType.HELLO_OK, hello.request_id, {
-            **self._welcome,
+            "version": PROTOCOL_VERSION,
+            "node": self.node,
             "max_frame": PRE_AUTH_MAX_FRAME,  # a challenge: the pre-auth limit still holds
             "nonce": self._nonce,
             "proof": server_proof(self.secret, hello.fields["nonce"], self._nonce, who,
