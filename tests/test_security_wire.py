@@ -146,7 +146,9 @@ class Proxy:
             pass
         if direction == "peer":
             self.node_closed.set()  # the node hung up on the link
-        scope.cancel()
+            scope.cancel()
+        # The peer hung up (on the node's ERROR, say): keep reading the node, so that its
+        # own hang-up is still seen however late a loaded machine lets it come.
 
     async def inject(self, direction: str, data: bytes) -> None:
         sink = self.to_node if direction == "node" else self.to_peer
