@@ -11,7 +11,8 @@ Invariants:
 - Rule 2: a secret-bearing file that group or others may read is refused at start-up, with
   one line saying which file and how to fix it (``chmod 600``).
 - Rule 3: peer authentication (mutual, replay-proof HMAC challenge-response on the cluster
-  secret) and the authenticated records after it are kvd.proto.handshake's rules 5 to 8.
+  secret) and the authenticated records after it (this module's rule 6 before) are
+  kvd.proto.handshake's rules 5 to 8.
 - Rule 4: comparisons of proofs and tokens are constant-time (``hmac.compare_digest``).
 - Rule 5: without a cluster secret, peers are accepted unauthenticated (loopback-only dev
   clusters, DESIGN section 7); without client tokens, clients are accepted only from
@@ -26,8 +27,6 @@ Invariants:
   (kvd.versions). Without a secret the key is public: contexts are then checked, not
   authenticated, which protects nothing less than the unauthenticated peer port already
   gives away on such a loopback-only cluster (docs/DECISIONS.md).
-
-(Rule 6, the records after a peer handshake, moved to kvd.proto.handshake with rule 3.)
 """
 
 from __future__ import annotations
