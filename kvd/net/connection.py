@@ -1,8 +1,9 @@
 """A framed connection: a trio stream plus the sans-IO codec and handshake.
 
 ``run_handshake`` drives a kvd.proto.handshake machine over a stream; the connection then
-carries on where the handshake stopped (``finish_handshake``). One send lock per connection; a failed or cancelled send marks the connection broken, so
-no half-written frame is ever followed by another (the peer would misparse the stream).
+carries on where the handshake stopped (``finish_handshake``). One send lock per
+connection; a failed or cancelled send marks the connection broken, so no half-written
+frame is ever followed by another (the peer would misparse the stream).
 Callers bound waits with cancel scopes; this module takes no timeout parameters.
 """
 
