@@ -46,6 +46,7 @@ import trio
 
 from kvd.address import is_loopback_host
 from kvd.errors import ConfigError, Unauthorized
+from kvd.proto.codec import Message
 from kvd.proto.messages import MsgType
 
 if sys.version_info >= (3, 11):
@@ -356,7 +357,7 @@ class Security:
             raise Unauthorized("the client token is not valid")
         return grant
 
-    def authorize(self, role: str, host: str, hello) -> Grant:
+    def authorize(self, role: str, host: str, hello: Message) -> Grant:
         """The Grant of the first HELLO on the ``role`` port from ``host``, or Unauthorized;
         a peer's proof of the secret is the handshake's (kvd.proto.handshake)."""
         if role == PEER:

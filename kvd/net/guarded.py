@@ -6,7 +6,7 @@ checked against kvd.security's role rules before any handler sees it.
 
 Rules:
 
-- Rule 1: until ``grant`` is set, every frame is passed through for the handshake to judge.
+- Rule 1: until ``grant`` is set (the handshake sets it), frames pass unchecked.
 - Rule 2: a request the grant does not allow is answered with ERROR ``unauthorized`` on its
   request id, naming the grant and the role needed, and never reaches a handler; the
   connection stays open. The CHUNK frames of a refused streamed PUT are dropped (at most
