@@ -282,13 +282,13 @@ class ClientHandshake(_Handshake):
         if reply["version"] not in self._hello["versions"]:
             raise ProtocolError(f"{self.address} chose protocol version {reply['version']}, "
                                 f"which we did not offer (we speak {self._hello['versions']})")
-        if self._challenged or self.secret is None:
-            if not self._challenged and "nonce" in reply:
-                raise Unauthorized(f"peer {self.address} requires the cluster secret, and "
-                                   "this node has no cluster_secret_file")
-            self._done = self._wire.done(reply["version"], reply)
+        if self.secret is not None and not self._challenged:
+            self._answer(reply)
             return
-        self._answer(reply)
+        if self.secret is None and "nonce" in reply:  # a challenge we cannot answer
+            raise Unauthorized(f"peer {self.address} requires the cluster secret, and "
+                               "this node has no cluster_secret_file")
+        self._done = self._wire.done(reply["version"], reply)
 
     def _answer(self, challenge: dict[str, Any]) -> None:
         assert self.secret is not None and self._nonce is not None
