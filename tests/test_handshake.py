@@ -9,9 +9,12 @@ reflected challenge, and each way to skip the proof (downgrade).
 
 from __future__ import annotations
 
+import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvd.errors import ConnectFailed, FrameTooLarge, ProtocolError, Unauthorized
+from kvd.errors import ConnectFailed, FrameTooLarge, KvdError, ProtocolError, Unauthorized
 from kvd.proto import codec
 from kvd.proto.codec import NEED_DATA, FrameDecoder
 from kvd.proto.handshake import (
@@ -338,3 +341,32 @@ def test_hang_ups_are_told_apart() -> None:
     assert str(error) == "n1:7379 closed the connection during the handshake"
     error = refusal(client_server(), hello(role="client")[:20], b"")
     assert "closed mid-frame" in str(error)
+
+
+def raw_hello(fields: dict, role: str) -> bytes:
+    """A HELLO frame with any fields at all: what no encoder of ours would send."""
+    body = msgpack.packb({"versions": [PROTOCOL_VERSION], "role": role, **fields},
+                         use_bin_type=True)
+    return codec.HEADER.pack(codec.MAGIC, PROTOCOL_VERSION, MsgType.HELLO, 0, 1, len(body)) + body
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=64),
+    st.builds(raw_hello, st.dictionaries(
+        st.sampled_from(["node", "nonce", "proof", "token", "versions", "cluster"]),
+        st.one_of(st.text(max_size=8), st.binary(max_size=40), st.integers(-2**63, 2**64 - 1),
+                  st.lists(st.integers(0, 3), max_size=3)), max_size=4),
+        st.sampled_from(["client", "peer"])),
+), max_size=4), st.sampled_from(["client", "peer"]))
+def test_any_bytes_end_in_done_need_data_or_a_kvd_error(pieces: list[bytes], role: str) -> None:
+    """Whatever a stranger sends, the server's machine answers with an event or a KvdError
+    (an ERROR frame and a closed connection), never another exception (a crash)."""
+    server = peer_server() if role == "peer" else client_server("10.1.2.3")
+    try:
+        for piece in pieces:
+            server.receive_data(piece)
+            server.next_event()
+            server.data_to_send()
+    except KvdError:
+        pass
