@@ -4,7 +4,8 @@ Like the codec's tests: every handshake is run with the bytes fed whole, one byt
 time, and with the other side's first frame right behind the handshake's last bytes (which
 must come out untouched, rule 3). Then every refusal an operator relies on: wrong version,
 wrong secret, wrong token, an oversized frame before authentication, a replayed or
-reflected challenge, and each way to skip the proof (downgrade).
+reflected challenge, and each way to skip the proof (downgrade). Last, a property: whatever
+bytes a stranger sends, the server's machine gives an event or a KvdError, never a crash.
 """
 
 from __future__ import annotations
