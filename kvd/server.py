@@ -339,6 +339,17 @@ async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> 
         pass
 
 
+def _wrong_port(node: Node, role: str, came: str) -> str:
+    """The refusal of a HELLO on the wrong port, naming the port to use instead."""
+    if role == "peer" and came == "client":
+        return (f"this is the peer port of node {node.node_id}; clients and kvctl use its "
+                f"client port {node.config.listen} (listen)")
+    if role == "client" and came == "peer":
+        return (f"this is the client port of node {node.node_id}; nodes use its peer port "
+                f"{node.config.peer_listen} (peer_listen)")
+    return f"this is the {role} port; a {came[:16]!r} connected to it"
+
+
 async def _handshake(node: Node, conn: FrameConnection, role: str,
                      ticket: Ticket | None = None) -> None:
     """HELLO (and for peers with a cluster secret the challenge-response of
@@ -353,8 +364,7 @@ async def _handshake(node: Node, conn: FrameConnection, role: str,
         if hello.type != MsgType.HELLO:
             raise ProtocolError(f"expected HELLO, got {hello.type.name}")
         if hello.fields["role"] != role:
-            raise ProtocolError(
-                f"this is the {role} port; a {hello.fields['role'][:16]!r} connected to it")
+            raise ProtocolError(_wrong_port(node, role, hello.fields["role"]))
         if PROTOCOL_VERSION not in hello.fields["versions"]:
             raise ProtocolError(
                 f"no common protocol version (server speaks {PROTOCOL_VERSION}, "
