@@ -8,7 +8,6 @@ with the trio client, imported only then.
 
 from __future__ import annotations
 
-import sys
 from typing import NoReturn
 
 import typer
@@ -91,7 +90,3 @@ def check_quorum(n: int | None, **quorums: int | None) -> None:
     for name, value in quorums.items():
         if n is not None and value is not None and value > n:
             fail(f"-{name} {value} is more than -n {n}: a quorum is 1..N", 2)
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

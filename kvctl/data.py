@@ -221,7 +221,7 @@ def _conflict(key: str, values: list[bytes], context: str) -> None:
 def _print_values(values: list[bytes], all_siblings: bool, raw: bool) -> None:
     """The value(s) on stdout: exact bytes in a pipe; on a terminal escaped (unless --raw)
     and ending with a newline, so the prompt starts on its own line."""
-    terminal = sys.stdout.isatty()
+    terminal = render.stdout_is_terminal()
     out = sys.stdout.buffer
     for number, value in enumerate(values, start=1):
         if all_siblings:

@@ -64,10 +64,15 @@ def note(message: str) -> None:
     sys.stderr.flush()
 
 
+def stdout_is_terminal() -> bool:
+    """Whether stdout is a terminal: people get rich tables and escaped values there."""
+    return sys.stdout.isatty()
+
+
 def table(title: str | None, columns: list[str], rows: list[list]) -> None:
     """Rows under column headers: rich on a terminal, plain columns in a pipe (the title
     then goes to stderr, so stdout is the header line and the rows only)."""
-    if sys.stdout.isatty():
+    if stdout_is_terminal():
         from rich.console import Console
         from rich.table import Table
 
