@@ -43,6 +43,14 @@ WOpt = Annotated[Optional[int], typer.Option("-w", min=1, metavar="W", help="Wri
 ROpt = Annotated[Optional[int], typer.Option("-r", min=1, metavar="R", help="Read quorum (R), 1..N.")]
 
 
+def _write_context(context: str | None, blind: bool) -> bytes | None:
+    """The --context of a write; with --blind there is none (a blind write supersedes
+    nothing, a write with a context supersedes what that context saw)."""
+    if context is not None and blind:
+        fail("--blind and --context exclude each other", 2)
+    return context_arg(context)
+
+
 @contextmanager
 def _value_source(value: str | None, file: Path | None):
     """Yield (bytes, None) for a literal value or (None, binary file) for --file / stdin."""
@@ -89,7 +97,7 @@ def put(
 ) -> None:
     """Write a value; it supersedes what the cluster holds (--blind: add a sibling)."""
     data_key = key_arg(key)
-    ctx = context_arg(context)
+    ctx = _write_context(context, blind)
     check_quorum(n, w=w)
     with _value_source(value, file) as (data, handle):
         result = call(lambda c: c.put(data_key, data, source=handle, context=ctx, blind=blind,
@@ -107,7 +115,7 @@ def delete(key: KeyArg, context: ContextOpt = None, blind: BlindOpt = False, n: 
            w: WOpt = None) -> None:
     """Delete a key: a tombstone that supersedes what the cluster holds."""
     data_key = key_arg(key)
-    ctx = context_arg(context)
+    ctx = _write_context(context, blind)
     check_quorum(n, w=w)
     result = call(lambda c: c.delete(data_key, context=ctx, blind=blind, n=n, w=w))
     if options.json:

@@ -17,13 +17,21 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 import trio
 
 from kvd import security
 from kvd.address import parse_address
+from kvd.client_protocol import (
+    GetResult,
+    PutResult,
+    Sibling,
+    delete_fields,
+    get_fields,
+    put_fields,
+    put_result,
+)
 from kvd.errors import (
     ConnectFailed,
     KvdError,
@@ -39,29 +47,6 @@ from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
 DEFAULT_ADDRESS = "127.0.0.1:7379"
 # Frame overhead allowance when deciding whether a value fits inline in a PUT frame.
 _FRAME_SLACK = 4096
-
-
-@dataclass
-class Sibling:
-    value: bytes
-    deleted: bool
-    length: int
-
-
-@dataclass
-class GetResult:
-    key: bytes
-    found: bool
-    context: bytes
-    siblings: list[Sibling] = field(default_factory=list)
-    replicas: int = 0
-
-
-@dataclass
-class PutResult:
-    context: bytes
-    siblings: int
-    replicas: int
 
 
 class Client:
@@ -153,12 +138,7 @@ class Client:
         Streamed values are written to ``sink(index, sibling_count)`` (a binary file, written
         from a worker thread) when a sink is given; otherwise they are gathered into memory.
         """
-        fields: dict[str, Any] = {"key": key}
-        if r:
-            fields["r"] = r
-        if n:
-            fields["n"] = n
-        async with self._request(MsgType.GET, fields) as (_, next_reply):
+        async with self._request(MsgType.GET, get_fields(key, r=r, n=n)) as (_, next_reply):
             reply = await next_reply()
             body = reply.fields
             siblings = []
@@ -206,15 +186,11 @@ class Client:
         if source is not None and length is None:
             length = os.fstat(source.fileno()).st_size
         total = len(value) if value is not None else length
-        fields: dict[str, Any] = {"key": key, "length": total, **_write_mode(context, blind)}
-        if n:
-            fields["n"] = n
-        if w:
-            fields["w"] = w
+        fields = put_fields(key, total, context=context, blind=blind, n=n, w=w)
         inline = value is not None and total <= self.chunk_size
         if inline:
             fields["value"] = value
-            return PutResult(**_put_reply(await self._call(MsgType.PUT, fields, MsgType.PUT_REPLY)))
+            return put_result(await self._call(MsgType.PUT, fields, MsgType.PUT_REPLY))
         async with self._request(MsgType.PUT, fields) as (rid, next_reply):
             async with trio.open_nursery() as nursery:
                 # An early ERROR reply raises here and cancels the sender.
@@ -222,7 +198,7 @@ class Client:
                 reply = await next_reply()
         if reply.type != MsgType.PUT_REPLY:
             raise ProtocolError(f"expected PUT_REPLY, got {reply.type.name}")
-        return PutResult(**_put_reply(reply.fields))
+        return put_result(reply.fields)
 
     async def _send_stream(self, rid: int, total: int, value, source) -> None:
         sent = 0
@@ -243,12 +219,8 @@ class Client:
         n: int | None = None, w: int | None = None
     ) -> PutResult:
         """Write a tombstone; ``context`` and ``blind`` as for ``put``."""
-        fields: dict[str, Any] = {"key": key, **_write_mode(context, blind)}
-        if n:
-            fields["n"] = n
-        if w:
-            fields["w"] = w
-        return PutResult(**_put_reply(await self._call(MsgType.DELETE, fields, MsgType.PUT_REPLY)))
+        fields = delete_fields(key, context=context, blind=blind, n=n, w=w)
+        return put_result(await self._call(MsgType.DELETE, fields, MsgType.PUT_REPLY))
 
     async def status(self) -> dict:
         return await self._call(MsgType.STATUS, {}, MsgType.STATUS_REPLY)
@@ -262,19 +234,6 @@ class Client:
     async def admin(self, fields: dict) -> dict:
         """Cluster administration (join, leave, plan, commit, ...), see docs/protocol.md."""
         return await self._call(MsgType.ADMIN, fields, MsgType.ADMIN_REPLY)
-
-
-def _write_mode(context: bytes | None, blind: bool) -> dict[str, Any]:
-    """The PUT/DELETE fields that say what a write supersedes."""
-    if context and blind:
-        raise ValueError("a write has a context or is blind, not both")
-    if context:
-        return {"context": context}
-    return {"blind": True} if blind else {}
-
-
-def _put_reply(fields: dict) -> dict:
-    return {"context": fields["context"], "siblings": fields["siblings"], "replicas": fields["replicas"]}
 
 
 Dial = Callable[[str], Awaitable[trio.abc.Stream]]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["GetResult", "PutResult", "Sibling", "delete_fields", "get_fields", "put_fields",
-           "put_result"]
+           "put_result", "write_fields"]
 
 
 @dataclass
@@ -51,6 +51,8 @@ def write_fields(key: bytes, *, context: bytes | None, blind: bool, n: int | Non
                  w: int | None) -> dict[str, Any]:
     """The body of a DELETE, and of a PUT before its value fields. Without a context the
     node reads the key and supersedes it; ``blind`` adds a sibling instead."""
+    if context and blind:
+        raise ValueError("a write has a context or is blind, not both")
     fields = _options({"key": key}, context=context or None, n=n, w=w)
     if blind:
         fields["blind"] = True

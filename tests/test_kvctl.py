@@ -70,6 +70,8 @@ def test_put_without_context_supersedes_and_blind_adds_a_sibling(kv):
     assert siblings(kv, "w1") == ["v2", "v3"]
     assert kv("put", "w1", "v4").returncode == 0  # supersedes both
     assert siblings(kv, "w1") == ["v4"]
+    both = kv("put", "w1", "v5", "--blind", "--context", "AA")
+    assert both.returncode == 2 and "exclude each other" in err(both)
 
 
 def test_delete_without_context_deletes(kv):
