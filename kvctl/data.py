@@ -192,7 +192,7 @@ def get(
         elif len(live) > 1 and not all_siblings:
             _conflict(key, list(live.values()), context)
         elif out is not None:
-            render.note("wrote " + ", ".join(out.finish(live, numbered=all_siblings)))
+            render.note("wrote " + ", ".join(out.finish(live, numbered=len(live) > 1)))
         else:
             _print_values(list(live.values()), all_siblings, raw)
     finally:
