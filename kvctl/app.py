@@ -12,7 +12,6 @@ Nothing heavy is imported before a command needs it: kvctl must start fast
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -57,7 +56,8 @@ def hoist_global_options(args: list[str]) -> list[str]:
 
 class _Root(TyperGroup):
     """The root group: hoists global options; a usage error is one line plus the usage
-    line; Ctrl-C is "interrupted", exit 130; a local OS error is one line, exit 1."""
+    line; Ctrl-C is "interrupted", exit 130; a local OS error is one line, exit 1; so is
+    a bug (KVCTL_DEBUG=1 shows its traceback)."""
 
     def parse_args(self, ctx, args):
         return super().parse_args(ctx, hoist_global_options(args))
@@ -89,6 +89,13 @@ class _one_line_errors:
         if isinstance(exc, (OSError, KvdError)):
             render.error(str(exc))
             raise typer.Exit(getattr(exc, "exit_code", 1)) from None
+        expected = (click_exceptions.ClickException, typer.Exit, typer.Abort)
+        if isinstance(exc, Exception) and not isinstance(exc, expected) \
+                and not os.environ.get("KVCTL_DEBUG"):
+            # A bug: still one line, with the way to see where it happened.
+            render.error(f"internal error (a bug in kvctl): {type(exc).__name__}: {exc}; "
+                         "run again with KVCTL_DEBUG=1 for the traceback")
+            raise typer.Exit(1) from None
         return False
 
 
