@@ -62,6 +62,10 @@ async def test_quorum_survives_one_kill_and_refuses_w2_after_two(tmp_path, procs
         got = kvctl_json(n2, "get", key, "-r", "2")
         assert got["found"] is True and got["replicas"] == 2
         assert [(s["value"], s["deleted"]) for s in got["siblings"]] == [(value, False)]
+    # kvctl repair --wait names the replica it could not compare (exit 1).
+    repair = run_kvctl(n1, "repair", "--wait")
+    assert repair.returncode == 1, repair
+    assert "could not reach n3" in repair.stderr.decode(errors="replace"), repair
 
     n2.kill()
     await wait_states([n1], {"n1": "UN", "n2": "DN", "n3": "DN"}, nodes)

@@ -345,3 +345,23 @@ def test_everyday_commands_in_a_pipe_parse_with_awk(node):
                               "KVCTL": f"{sys.executable} -m kvctl.app"})
     assert run.returncode == 0, run.stdout.decode() + run.stderr.decode()
     assert run.stdout.decode().splitlines()[-1] == "everyday: ok"
+
+
+def test_json_document_lists_every_command():
+    """docs/kvctl-json.md has a shape for every command (render.py's contract points there)."""
+    import typer
+
+    from kvctl.app import app
+
+    doc = (ROOT / "docs" / "kvctl-json.md").read_text()
+    names = []
+
+    def walk(command, path):
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, [*path, name])
+        if not getattr(command, "commands", None):
+            names.append(path[-1])
+
+    walk(typer.main.get_command(app), [])
+    assert len(names) > 10
+    assert [n for n in names if f"`{n}" not in doc] == []
