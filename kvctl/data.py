@@ -191,10 +191,10 @@ def get(
             fail(f"key {key!r} not found", NOT_FOUND_EXIT)
         elif len(live) > 1 and not all_siblings:
             _conflict(key, list(live.values()), context)
-        elif out is not None:
-            render.note("wrote " + ", ".join(out.finish(live, numbered=len(live) > 1)))
-        else:
+        elif out is None:
             _print_values(list(live.values()), all_siblings, raw)
+        if out is not None and live:
+            render.note("wrote " + ", ".join(out.finish(live, numbered=len(live) > 1)))
     finally:
         if out is not None:
             out.discard()

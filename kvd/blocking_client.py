@@ -177,8 +177,7 @@ class BlockingClient:
         try:
             self._send_stream(rid, total, value, source)
         except ConnectFailed:
-            # The node may have refused the write early and closed: its ERROR says why.
-            return put_result(self._reply(MsgType.PUT_REPLY).fields)
+            pass  # the node may have refused the write early and closed: its ERROR says why
         return put_result(self._reply(MsgType.PUT_REPLY).fields)
 
     def _send_stream(self, rid: int, total: int, value: bytes | None,
