@@ -160,6 +160,8 @@ def main_options(
             fail(f"--token-file {token_file}: {exc.strerror}", 2)
 
 
+_admin = admin_call  # the name kvctl modules written before the split import
+
 # -- commands: keys (kvctl/data.py), topology (kvctl/cluster.py), then status, transfers
 # and bench here.
 app.command()(data.put)

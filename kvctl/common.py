@@ -8,6 +8,7 @@ with the trio client, imported only then.
 
 from __future__ import annotations
 
+import inspect
 from typing import NoReturn
 
 import typer
@@ -39,8 +40,12 @@ def fail(message: str, code: int) -> NoReturn:
 
 
 def call(operation):
-    """``operation(client)`` against --host on a blocking connection; an expected failure
-    becomes one line on stderr and its exit code."""
+    """``operation(client)`` against --host; an expected failure becomes one line on stderr
+    and its exit code. A plain function gets a blocking client (kvd.blocking_client, fast
+    to start); an ``async def`` gets the trio client (kvd.client) for streams and many
+    requests in flight."""
+    if inspect.iscoroutinefunction(operation):
+        return _call_async(operation)
     from kvd.blocking_client import connect
 
     try:
@@ -49,6 +54,17 @@ def call(operation):
             return operation(client)
     except KvdError as exc:
         fail(str(exc), exc.exit_code)
+
+
+def _call_async(operation):
+    from kvd.client import open_client
+
+    async def main():
+        async with open_client(options.host, token=options.token, connect_timeout=options.timeout,
+                               ssl_context=options.ssl_context) as client:
+            return await operation(client)
+
+    return run(main)
 
 
 def run(async_fn):

@@ -365,3 +365,22 @@ def test_json_document_lists_every_command():
     walk(typer.main.get_command(app), [])
     assert len(names) > 10
     assert [n for n in names if f"`{n}" not in doc] == []
+
+
+def test_call_gives_an_async_operation_the_trio_client(node, monkeypatch):
+    """Commands that stream (kvctl keys) pass an async function: it gets kvd.client's."""
+    from kvctl.common import call, options
+    from kvd.blocking_client import BlockingClient
+    from kvd.client import Client
+
+    monkeypatch.setattr(options, "host", node.address)
+
+    async def trio_side(client):
+        assert isinstance(client, Client)
+        return (await client.status())["nodes"][0]["node"]
+
+    def blocking_side(client):
+        assert isinstance(client, BlockingClient)
+        return client.status()["nodes"][0]["node"]
+
+    assert call(trio_side) == call(blocking_side) == LONG_ID
