@@ -19,8 +19,6 @@ import threading
 import pytest
 
 from kvctl import render
-from kvctl.app import hoist_global_options
-from kvd.blocking_client import connect
 from kvd.errors import BadRequest
 from tests.procs import ROOT, KvdProcess, free_port
 
@@ -101,6 +99,8 @@ def test_quorum_out_of_range_is_a_usage_error(kv, args, says):
 
 def test_node_refuses_a_zero_quorum(node):
     """The node itself refuses w=0 and r=0 (it used to read them as 'use the default')."""
+    from kvd.blocking_client import connect
+
     with connect(node.address, timeout=30) as client:
         with pytest.raises(BadRequest, match="w=0"):
             client.put(b"q0", b"v", w=0)
@@ -167,6 +167,8 @@ def test_global_options_after_the_command_and_dash_h(kv, node, kvctl_cli):
 
 
 def test_hoisting_moves_only_global_options():
+    from kvctl.app import hoist_global_options
+
     assert hoist_global_options(["get", "k", "--json", "-r", "2", "--host", "h:1"]) == \
         ["--json", "--host", "h:1", "get", "k", "-r", "2"]
     assert hoist_global_options(["put", "k", "--", "--json"]) == ["put", "k", "--", "--json"]
