@@ -12,6 +12,7 @@ Nothing heavy is imported before a command needs it: kvctl must start fast
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -71,32 +72,34 @@ class _Root(TyperGroup):
             return super().invoke(ctx)
 
 
-class _one_line_errors:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if isinstance(exc, click_exceptions.UsageError):
-            render.error(exc.format_message())
-            if exc.ctx is not None:
-                render.note(exc.ctx.get_usage())
-            raise typer.Exit(2) from None
-        if isinstance(exc, KeyboardInterrupt):
-            render.note("kvctl: interrupted")
-            raise typer.Exit(130) from None
-        if isinstance(exc, BrokenPipeError):
-            return False  # typer's own handling: quiet exit 1
-        if isinstance(exc, (OSError, KvdError)):
-            render.error(str(exc))
-            raise typer.Exit(getattr(exc, "exit_code", 1)) from None
-        expected = (click_exceptions.ClickException, typer.Exit, typer.Abort)
-        if isinstance(exc, Exception) and not isinstance(exc, expected) \
-                and not os.environ.get("KVCTL_DEBUG"):
-            # A bug: still one line, with the way to see where it happened.
-            render.error(f"internal error (a bug in kvctl): {type(exc).__name__}: {exc}; "
-                         "run again with KVCTL_DEBUG=1 for the traceback")
-            raise typer.Exit(1) from None
-        return False
+@contextmanager
+def _one_line_errors():
+    try:
+        yield
+    except click_exceptions.NoArgsIsHelpError:
+        raise  # `kvctl`, `kvctl cluster`: the help, as typer shows it
+    except click_exceptions.UsageError as exc:
+        render.error(exc.format_message())
+        if exc.ctx is not None:
+            render.note(exc.ctx.get_usage())
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        render.note("kvctl: interrupted")
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        raise  # typer's own handling: a quiet exit 1
+    except (OSError, KvdError) as exc:
+        render.error(str(exc))
+        raise typer.Exit(getattr(exc, "exit_code", 1)) from None
+    except (click_exceptions.ClickException, typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        if os.environ.get("KVCTL_DEBUG"):
+            raise
+        # A bug: still one line, with the way to see where it happened.
+        render.error(f"internal error (a bug in kvctl): {type(exc).__name__}: {exc}; "
+                     "run again with KVCTL_DEBUG=1 for the traceback")
+        raise typer.Exit(1) from None
 
 
 app = typer.Typer(

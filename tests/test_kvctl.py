@@ -183,6 +183,10 @@ def test_usage_error_is_one_line_plus_the_usage_line(kv, kvctl_cli):
     assert lines[1].startswith("Usage: kvctl get [OPTIONS]")
     for command in (["put", "-h"], ["-h"], ["get", "-h"]):
         assert b"<bool>" not in kvctl_cli(*command).stdout
+    for bare in ([], ["cluster"]):  # no command: the help, not an error line
+        shown = kvctl_cli(*bare)
+        assert b"Commands:" in shown.stdout + shown.stderr
+        assert b"kvctl: error" not in shown.stderr
 
 
 def test_inspect_of_a_key_never_written_says_the_replicas_agree(kv):
