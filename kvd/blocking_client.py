@@ -25,10 +25,10 @@ from kvd.client_protocol import (
     GetResult,
     PutResult,
     Sibling,
-    delete_fields,
     get_fields,
     put_fields,
     put_result,
+    write_fields,
 )
 from kvd.errors import ConnectFailed, KvdError, ProtocolError, error_from_code
 from kvd.proto import codec
@@ -195,7 +195,7 @@ class BlockingClient:
     def delete(self, key: bytes, *, context: bytes | None = None, blind: bool = False,
                n: int | None = None, w: int | None = None) -> PutResult:
         """Write a tombstone; without ``context`` it supersedes what the node holds."""
-        fields = delete_fields(key, context=context, blind=blind, n=n, w=w)
+        fields = write_fields(key, context=context, blind=blind, n=n, w=w)
         return put_result(self._call(MsgType.DELETE, fields, MsgType.PUT_REPLY))
 
     def status(self) -> dict:
@@ -244,3 +244,32 @@ def connect(address: str, *, timeout: float, token: str | None = None,
 
 def _reason(exc: OSError) -> str:
     return getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
+
+
+class SyncClient:
+    """A blocking client for scripts: each call opens a connection, runs, and closes it."""
+
+    def __init__(self, address: str = "127.0.0.1:7379", *, token: str | None = None,
+                 timeout: float = 30.0):
+        self.address = address
+        self.token = token
+        self.timeout = timeout
+
+    def _run(self, method: str, *args, **kwargs):
+        with connect(self.address, timeout=self.timeout, token=self.token) as client:
+            return getattr(client, method)(*args, **kwargs)
+
+    def get(self, key: bytes, **kwargs) -> GetResult:
+        return self._run("get", key, **kwargs)
+
+    def put(self, key: bytes, value: bytes | None = None, **kwargs) -> PutResult:
+        return self._run("put", key, value, **kwargs)
+
+    def delete(self, key: bytes, **kwargs) -> PutResult:
+        return self._run("delete", key, **kwargs)
+
+    def status(self) -> dict:
+        return self._run("status")
+
+    def inspect(self, key: bytes) -> dict:
+        return self._run("inspect", key)

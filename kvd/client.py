@@ -1,4 +1,5 @@
-"""The kvd client library: an async (trio) client and a small synchronous wrapper.
+"""The kvd client library: the async (trio) client; SyncClient, the blocking wrapper for
+scripts, lives in kvd.blocking_client and is importable from here.
 
 One connection carries many requests at once: each request gets a fresh request id and a
 channel; a reader task routes reply frames to it. Values above the server's chunk size are
@@ -23,14 +24,15 @@ import trio
 
 from kvd import security
 from kvd.address import parse_address
+from kvd.blocking_client import SyncClient  # noqa: F401  (the blocking wrapper, kept here)
 from kvd.client_protocol import (
     GetResult,
     PutResult,
     Sibling,
-    delete_fields,
     get_fields,
     put_fields,
     put_result,
+    write_fields,
 )
 from kvd.errors import (
     ConnectFailed,
@@ -219,7 +221,7 @@ class Client:
         n: int | None = None, w: int | None = None
     ) -> PutResult:
         """Write a tombstone; ``context`` and ``blind`` as for ``put``."""
-        fields = delete_fields(key, context=context, blind=blind, n=n, w=w)
+        fields = write_fields(key, context=context, blind=blind, n=n, w=w)
         return put_result(await self._call(MsgType.DELETE, fields, MsgType.PUT_REPLY))
 
     async def status(self) -> dict:
@@ -341,33 +343,3 @@ def _connect_reason(exc: BaseException) -> str:
         if isinstance(candidate, OSError) and candidate.strerror:
             return candidate.strerror
     return "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-
-
-class SyncClient:
-    """A blocking wrapper for scripts: each call opens a connection, runs, and closes it."""
-
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None):
-        self.address = address
-        self.token = token
-
-    def _run(self, method: str, *args, **kwargs):
-        async def call():
-            async with open_client(self.address, token=self.token) as client:
-                return await getattr(client, method)(*args, **kwargs)
-
-        return trio.run(call)
-
-    def get(self, key: bytes, **kwargs) -> GetResult:
-        return self._run("get", key, **kwargs)
-
-    def put(self, key: bytes, value: bytes | None = None, **kwargs) -> PutResult:
-        return self._run("put", key, value, **kwargs)
-
-    def delete(self, key: bytes, **kwargs) -> PutResult:
-        return self._run("delete", key, **kwargs)
-
-    def status(self) -> dict:
-        return self._run("status")
-
-    def inspect(self, key: bytes) -> dict:
-        return self._run("inspect", key)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["GetResult", "PutResult", "Sibling", "delete_fields", "get_fields", "put_fields",
-           "put_result", "write_fields"]
+__all__ = ["GetResult", "PutResult", "Sibling", "get_fields", "put_fields", "put_result",
+           "write_fields"]
 
 
 @dataclass
@@ -62,10 +62,6 @@ def write_fields(key: bytes, *, context: bytes | None, blind: bool, n: int | Non
 def put_fields(key: bytes, length: int, **write: Any) -> dict[str, Any]:
     """A PUT's body without its value: the caller adds ``value`` or streams CHUNK frames."""
     return {**write_fields(key, **write), "length": length}
-
-
-def delete_fields(key: bytes, **write: Any) -> dict[str, Any]:
-    return write_fields(key, **write)
 
 
 def put_result(fields: dict) -> PutResult:
