@@ -176,7 +176,6 @@ app.command()(cluster.ring)
 app.command()(cluster.repair)
 
 
-
 @app.command()
 def status() -> None:
     """One row per node, like nodetool status: state, address, load, partitions, ownership."""

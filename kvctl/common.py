@@ -1,9 +1,10 @@
 """What every kvctl command shares: the global options, the call to a node, and the one way
 a command fails (one line on stderr and an exit code, DESIGN section 7).
 
-Commands that send requests one at a time use ``call`` (kvd.blocking_client: no event loop
-to import, so kvctl starts fast); commands that need many requests in flight use ``run``
-with the trio client, imported only then.
+``call`` gives a command a client: the blocking one (kvd.blocking_client: no event loop
+to import, so kvctl starts fast) for a plain function, the trio one (kvd.client, imported
+only then) for an ``async def`` that streams or keeps many requests in flight; ``run``
+runs any other trio program (bench).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import NoReturn
 import typer
 
 from kvctl import render
+from kvd.client_protocol import DEFAULT_ADDRESS
 from kvd.errors import BadRequest, KvdError
 
-DEFAULT_ADDRESS = "127.0.0.1:7379"  # kvd.client.DEFAULT_ADDRESS, without importing trio
 DEFAULT_TIMEOUT = 30.0
 CONFLICT_EXIT = 5  # get: several live siblings and no --all (docs/DECISIONS.md)
 

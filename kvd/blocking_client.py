@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from kvd.address import parse_address
 from kvd.client_protocol import (
+    DEFAULT_ADDRESS,
     GetResult,
     PutResult,
     Sibling,
@@ -249,7 +250,7 @@ def _reason(exc: OSError) -> str:
 class SyncClient:
     """A blocking client for scripts: each call opens a connection, runs, and closes it."""
 
-    def __init__(self, address: str = "127.0.0.1:7379", *, token: str | None = None,
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None,
                  timeout: float = 30.0):
         self.address = address
         self.token = token

@@ -26,6 +26,7 @@ from kvd import security
 from kvd.address import parse_address
 from kvd.blocking_client import SyncClient  # noqa: F401  (the blocking wrapper, kept here)
 from kvd.client_protocol import (
+    DEFAULT_ADDRESS,
     GetResult,
     PutResult,
     Sibling,
@@ -46,7 +47,6 @@ from kvd.net.connection import FrameConnection
 from kvd.proto import codec
 from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
 
-DEFAULT_ADDRESS = "127.0.0.1:7379"
 # Frame overhead allowance when deciding whether a value fits inline in a PUT frame.
 _FRAME_SLACK = 4096
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["GetResult", "PutResult", "Sibling", "get_fields", "put_fields", "put_result",
-           "write_fields"]
+__all__ = ["DEFAULT_ADDRESS", "GetResult", "PutResult", "Sibling", "get_fields", "put_fields",
+           "put_result", "write_fields"]
+
+DEFAULT_ADDRESS = "127.0.0.1:7379"  # a node's default client port (kvd.config's listen)
 
 
 @dataclass
