@@ -35,8 +35,18 @@ class Options:
 options = Options()
 
 
+USAGE_EXIT = 2
+
+
 def fail(message: str, code: int) -> NoReturn:
+    """End the command: one line on stderr (a usage error adds the command's usage line)."""
     render.error(message)
+    if code == USAGE_EXIT:
+        from typer._click.globals import get_current_context
+
+        ctx = get_current_context(silent=True)
+        if ctx is not None:
+            render.note(ctx.get_usage())
     raise typer.Exit(code)
 
 

@@ -93,8 +93,9 @@ def test_delete_without_context_deletes(kv):
 def test_quorum_out_of_range_is_a_usage_error(kv, args, says):
     result = kv(*args)
     assert result.returncode == 2
-    assert says in err(result)
-    assert err(result).startswith("kvctl: error: ")
+    error, usage = err(result).splitlines()
+    assert error.startswith("kvctl: error: ") and says in error
+    assert usage.startswith("Usage: kvctl ")
 
 
 def test_node_refuses_a_zero_quorum(node):
@@ -217,7 +218,8 @@ def test_output_file_problems_are_one_line(kv, tmp_path):
 def test_bad_host_is_a_usage_error(kvctl_cli, host, says):
     result = kvctl_cli("get", "k", host=host)
     assert result.returncode == 2
-    assert says in err(result) and err(result).count("\n") == 1
+    error, usage = err(result).splitlines()
+    assert says in error and usage.startswith("Usage: kvctl ")
 
 
 def test_wrong_port_is_named_with_the_port_to_use(node, kvctl_cli):
