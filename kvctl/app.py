@@ -224,7 +224,8 @@ def bench(
     result = run(lambda: run_bench(
         options.host, workload=workload, ops=ops, concurrency=concurrency,
         value_size=value_size, keys=keys, connections=min(connections, concurrency),
-        token=options.token, ssl_context=options.ssl_context, load=not no_load))
+        token=options.token, ssl_context=options.ssl_context, load=not no_load,
+        timeout=options.timeout))
     summary = result.summary()
     if options.json:
         render.emit_json(summary)

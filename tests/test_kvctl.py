@@ -265,6 +265,7 @@ def test_timeout_bounds_a_silent_node(kvctl_cli, silent_port, monkeypatch):
     assert "did not answer the handshake within 0.5 s" in err(result)
     monkeypatch.setenv("KVCTL_TIMEOUT", "0.5")
     assert kvctl_cli("status", host=f"127.0.0.1:{port}").returncode == 4
+    assert kvctl_cli("bench", "--ops", "1", host=f"127.0.0.1:{port}").returncode == 4
 
 
 def test_join_with_a_wrong_seed_ends(tmp_path, silent_port, kvctl_cli):
