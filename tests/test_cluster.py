@@ -112,7 +112,7 @@ async def test_hinted_handoff_delivers_writes_after_restart(tmp_path, procs):
     await eventually("n3 holds every hinted write and no hint is left", handed_off,
                      60, nodes, interval=0.5)
     assert await hint_counts(nodes) == {nid: (0, 0) for nid in NODE_IDS}
-    # The CLI's view of the same thing, on a sample: one kvctl process costs ~0.5 s of CPU,
+    # The CLI's view of the same thing, on a sample: one kvctl process costs ~0.1 s of CPU,
     # so every key went through the client's INSPECT (the request kvctl renders) above.
     assert await kvctl_inspect_sample(n2, keys[::50], everyone) == {}
 
