@@ -124,14 +124,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     host: Annotated[str, typer.Option(
-        "--host", envvar="KVCTL_HOST", metavar="HOST:PORT", help="Node to talk to: its client port, HOST:PORT.")
-    ] = DEFAULT_ADDRESS,
-    json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+        "--host", envvar="KVCTL_HOST", metavar="HOST:PORT",
+        help="Node to talk to: its client port, HOST:PORT.")] = DEFAULT_ADDRESS,
+    json: Annotated[bool, typer.Option(
+        "--json", help="Machine-readable output on stdout.")] = False,
     token_file: Annotated[Optional[Path], typer.Option(
-        "--token-file", envvar="KVCTL_TOKEN_FILE", metavar="FILE", help="File holding a client token.")] = None,
+        "--token-file", envvar="KVCTL_TOKEN_FILE", metavar="FILE",
+        help="File holding a client token.")] = None,
     tls_ca: Annotated[Optional[Path], typer.Option(
-        "--tls-ca", envvar="KVCTL_TLS_CA", metavar="FILE", help="Connect with TLS, trusting this CA file.")
-    ] = None,
+        "--tls-ca", envvar="KVCTL_TLS_CA", metavar="FILE",
+        help="Connect with TLS, trusting this CA file.")] = None,
     timeout: Annotated[float, typer.Option(
         "--timeout", envvar="KVCTL_TIMEOUT", min=0.001, metavar="SECONDS",
         help="Seconds to wait for the node at each step before giving up.")] = DEFAULT_TIMEOUT,

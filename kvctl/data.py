@@ -35,12 +35,16 @@ _SPOOL_IN_MEMORY = 8 << 20
 KeyArg = Annotated[str, typer.Argument(metavar="KEY", help="The key (1..1024 bytes of UTF-8).",
                                        show_default=False)]
 ContextOpt = Annotated[Optional[str], typer.Option(
-    "--context", "-c", metavar="CONTEXT", help="Context from a previous get: supersede what that get saw.")]
+    "--context", "-c", metavar="CONTEXT",
+    help="Context from a previous get: supersede what that get saw.")]
 BlindOpt = Annotated[bool, typer.Option(
     "--blind", help="Do not supersede: add a sibling beside what is stored.")]
-NOpt = Annotated[Optional[int], typer.Option("-n", min=1, metavar="N", help="Replicas (N) for this request.")]
-WOpt = Annotated[Optional[int], typer.Option("-w", min=1, metavar="W", help="Write quorum (W), 1..N.")]
-ROpt = Annotated[Optional[int], typer.Option("-r", min=1, metavar="R", help="Read quorum (R), 1..N.")]
+NOpt = Annotated[Optional[int], typer.Option(
+    "-n", min=1, metavar="N", help="Replicas (N) for this request.")]
+WOpt = Annotated[Optional[int], typer.Option(
+    "-w", min=1, metavar="W", help="Write quorum (W), 1..N.")]
+ROpt = Annotated[Optional[int], typer.Option(
+    "-r", min=1, metavar="R", help="Read quorum (R), 1..N.")]
 
 
 def _write_context(context: str | None, blind: bool) -> bytes | None:
@@ -87,9 +91,10 @@ def _value_source(value: str | None, file: Path | None):
 
 def put(
     key: KeyArg,
-    value: Annotated[Optional[str], typer.Argument(metavar="[VALUE|-]", help="The value, or '-' to read stdin.",
-                                                   show_default=False)] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", metavar="FILE", help="Read the value from a file.")] = None,
+    value: Annotated[Optional[str], typer.Argument(
+        metavar="[VALUE|-]", help="The value, or '-' to read stdin.", show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Option(
+        "--file", "-f", metavar="FILE", help="Read the value from a file.")] = None,
     context: ContextOpt = None,
     blind: BlindOpt = False,
     n: NOpt = None,
@@ -133,7 +138,7 @@ class _Output:
 
     def __init__(self, path: Path):
         self.path = path
-        self.directory = path.parent if str(path.parent) else Path(".")
+        self.directory = path.parent
         if path.is_dir():
             fail(f"-o {path}: is a directory; give a file name", 2)
         if not self.directory.is_dir():
@@ -169,9 +174,11 @@ class _Output:
 def get(
     key: KeyArg,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", metavar="FILE", help="Write the value to a file (streamed); with --all FILE.1 .. FILE.N.")] = None,
+        "--output", "-o", metavar="FILE",
+        help="Write the value to a file (streamed); several siblings (--all) to FILE.1 ..")] = None,
     all_siblings: Annotated[bool, typer.Option(
-        "--all", help="Print every sibling, each after a '--- sibling I of N: BYTES bytes' line.")] = False,
+        "--all",
+        help="Print every sibling, each after a '--- sibling I of N: BYTES bytes' line.")] = False,
     raw: Annotated[bool, typer.Option(
         "--raw", help="On a terminal too, print the bytes as they are (no escaping).")] = False,
     r: ROpt = None,
