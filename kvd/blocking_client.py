@@ -113,9 +113,11 @@ class BlockingClient:
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self.address}: {_reason(exc)}") from None
         if first.startswith(b"HTTP/"):
-            raise ConnectFailed(f"{self.address} answers HTTP: that is a metrics port "
-                                "(metrics_listen); kvctl talks to the client port (listen, "
-                                "default 7379)")
+            # A kvd metrics port says which client port to use in its answer's body.
+            said = first.partition(b"\r\n\r\n")[2].decode("utf-8", "replace").strip()
+            raise ConnectFailed(f"{self.address} answers HTTP: " + (
+                said if "client port" in said else "that is a metrics port (metrics_listen); "
+                "kvctl talks to the client port (listen, default 7379)"))
         if not first:
             raise ConnectFailed(f"{self.address} closed the connection during the handshake")
         self._decoder.receive_data(first)
