@@ -2,8 +2,8 @@
 scripts can trust, errors that tell the fix, a fast start.
 
 Most cases run kvctl in this process through typer's CliRunner (the ``kvctl_cli``
-fixture) against one real node; the few that need a real process (Ctrl-C, what a fresh
-interpreter imports, the awk script) say why.
+fixture) against one real node; the few that need a real process (Ctrl-C, a real
+terminal, what a fresh interpreter imports, the awk script) say why.
 """
 
 from __future__ import annotations
@@ -140,6 +140,33 @@ def test_value_in_a_pipe_is_exact_and_on_a_terminal_escaped_with_a_newline(kv, t
     assert shown.stdout == b"\\x1b[2Jclear\\x0d\\x00\n"
     assert "context: " in err(shown)  # the context line is on stderr
     assert kv("get", "ctl", "--raw").stdout == b"\x1b[2Jclear\r\x00\n"
+
+
+def test_on_a_real_terminal_the_value_is_escaped_and_ends_with_a_newline(kv, node):
+    """A real process writing to a pseudo-terminal: what an operator sees."""
+    import pty
+
+    kv("put", "tty", "-", input=b"\x1b[2Jtop")
+    master, slave = pty.openpty()
+    try:
+        got = subprocess.run([sys.executable, "-m", "kvctl.app", "--host", node.address,
+                              "get", "tty"], stdout=slave, stderr=subprocess.PIPE, cwd=ROOT,
+                             timeout=60, env={**os.environ, "NO_COLOR": "1"})
+    finally:
+        os.close(slave)
+    shown = b""
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's other side is closed and drained
+            break
+        if not data:
+            break
+        shown += data
+    os.close(master)
+    assert got.returncode == 0, got.stderr
+    assert shown == b"\\x1b[2Jtop\r\n"  # the terminal turns the newline into CR LF
+    assert b"context: " in got.stderr
 
 
 def test_value_in_a_pipe_is_exact(kv):
