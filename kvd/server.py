@@ -352,7 +352,8 @@ async def _handshake(node: Node, conn: FrameConnection, role: str,
     machine = ServerHandshake(
         role, node.node_id, max_frame=node.config.max_frame, chunk_size=node.config.chunk_size,
         authorize=partial(security.authorize, role, host), secret=security.secret,
-        seal=not isinstance(conn.stream, trio.SSLStream))
+        seal=not isinstance(conn.stream, trio.SSLStream),
+        ports={"client": node.config.listen, "peer": node.config.peer_listen})
     with trio.move_on_after(node.config.handshake_timeout) as scope:
         try:
             done = await run_handshake(conn.stream, machine)

@@ -313,15 +313,18 @@ class ServerHandshake(_Handshake):
 
     ``authorize(hello)`` judges the first HELLO (rule 7); ``secret``: peers must prove it;
     ``seal``: records after a peer handshake (False over TLS); ``max_frame`` and
-    ``chunk_size`` go in the final HELLO_OK."""
+    ``chunk_size`` go in the final HELLO_OK; ``ports`` (role -> address) lets a refusal on
+    the wrong port name the right one."""
 
     def __init__(self, role: str, node: str, *, max_frame: int,
                  authorize: Callable[[Message], Any] | None = None,
                  secret: bytes | None = None, seal: bool = True,
-                 chunk_size: int | None = None, nonce: bytes | None = None) -> None:
+                 chunk_size: int | None = None, nonce: bytes | None = None,
+                 ports: dict[str, str] | None = None) -> None:
         super().__init__()
         self.role = role
         self.node = node
+        self._ports = ports or {}
         self.secret = secret if role == "peer" else None
         self._seal = seal
         self._authorize = authorize
@@ -332,6 +335,16 @@ class ServerHandshake(_Handshake):
         self._nonce = nonce
         self.hello: Message | None = None  # the first HELLO, once read (for refusal logs)
         self._grant: Any = None
+
+    def _wrong_port(self, came: str) -> str:
+        """The refusal of a HELLO on the wrong port, naming the port to use instead."""
+        right = self._ports.get(came)
+        if right is None:
+            return f"this is the {self.role} port; a {came[:16]!r} connected to it"
+        users = "clients and kvctl use" if came == "client" else "nodes use"
+        setting = "listen" if came == "client" else "peer_listen"
+        return (f"this is the {self.role} port of node {self.node}; {users} its {came} port "
+                f"{right} ({setting})")
 
     def _step(self, message: Message | None) -> None:
         if self.hello is None:
@@ -347,7 +360,7 @@ class ServerHandshake(_Handshake):
         self.hello = hello
         role = hello.fields["role"]
         if role != self.role:
-            raise ProtocolError(f"this is the {self.role} port; a {role[:16]!r} connected to it")
+            raise ProtocolError(self._wrong_port(role))
         if PROTOCOL_VERSION not in hello.fields["versions"]:
             raise ProtocolError(f"no common protocol version (server speaks {PROTOCOL_VERSION}, "
                                 f"client offers {hello.fields['versions'][:8]})")
