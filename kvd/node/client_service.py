@@ -35,8 +35,10 @@ def _key(fields) -> bytes:
 def _quorum_params(node, fields, name: str) -> tuple[int, int]:
     """(n, r or w) for a request: its own values or the config's, validated, then capped by
     the number of nodes in the ring (docs/DECISIONS.md: a cluster smaller than N)."""
-    n = fields.get("n") or node.config.n
-    quorum = fields.get(name) or min(getattr(node.config, name), n)
+    n = fields["n"] if fields.get("n") is not None else node.config.n
+    quorum = fields.get(name)
+    if quorum is None:
+        quorum = min(getattr(node.config, name), n)
     if not 1 <= n <= 16:
         raise BadRequest(f"n={n} must be between 1 and 16")
     if not 1 <= quorum <= n:
