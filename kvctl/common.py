@@ -10,13 +10,16 @@ runs any other trio program (bench).
 from __future__ import annotations
 
 import inspect
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
 from kvctl import render
 from kvd.client_protocol import DEFAULT_ADDRESS
 from kvd.errors import BadRequest, KvdError
+
+if TYPE_CHECKING:
+    import ssl
 
 DEFAULT_TIMEOUT = 30.0
 CONFLICT_EXIT = 5  # get: several live siblings and no --all (docs/DECISIONS.md)
@@ -28,7 +31,7 @@ class Options:
     host: str = DEFAULT_ADDRESS
     json: bool = False
     token: str | None = None
-    ssl_context = None  # set by --tls-ca
+    ssl_context: ssl.SSLContext | None = None  # set by --tls-ca
     timeout: float = DEFAULT_TIMEOUT
 
 

@@ -351,7 +351,7 @@ class Coordinator:
                 replica, success, value = await late.receive()
                 outstanding -= 1
                 if success:
-                    ok.append((replica, value))
+                    ok.append((replica, cast(versions.VersionedObject | None, value)))
         merged = versions.empty()
         for _, obj in ok:
             if obj is not None:

@@ -53,6 +53,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_KEY_LEN",
     "NEED_DATA",
+    "NeedData",
     "PRE_AUTH_MAX_FRAME",
     "PROTOCOL_VERSION",
     "Frame",
@@ -86,6 +87,7 @@ class _Sentinel(enum.Enum):
 
 NEED_DATA: Final = _Sentinel.NEED_DATA
 """Returned by ``next_frame``/``next_message`` when more bytes are needed."""
+NeedData = _Sentinel  # the type of NEED_DATA, for annotations
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +165,8 @@ def encode(type: MsgType, request_id: int, fields: dict | None = None, flags: in
     return _frame_bytes(type, request_id, flags, body)
 
 
-def encode_chunk(request_id: int, data: bytes, end: bool = False) -> bytes:
+def encode_chunk(request_id: int, data: bytes | bytearray | memoryview,
+                 end: bool = False) -> bytes:
     """Return one CHUNK frame carrying ``data`` raw; ``end`` marks the last of a stream."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise LocalProtocolError(f"CHUNK data must be bytes, got {type_name(data)}")
