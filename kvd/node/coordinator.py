@@ -46,7 +46,7 @@ import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -65,7 +65,7 @@ WRITE_ID_BYTES = 8  # unique among one key's siblings is all a write id needs
 
 T = TypeVar("T")  # what one replica call returns
 # How one replica call ended: (replica, True, its result) or (replica, False, its error).
-Outcome = tuple[Replica, bool, T | BaseException]
+Outcome = tuple[Replica, bool, Any]
 
 
 class ReplicaTimedOut(KvdError):
@@ -157,21 +157,19 @@ class Coordinator:
         on_failure: Callable[[Replica, BaseException], Awaitable] | None = None,
         patience: float | None = None,
     ) -> tuple[list[tuple[Replica, T]], list[tuple[Replica, BaseException]],
-               trio.MemoryReceiveChannel[Outcome[T]]]:
+               trio.MemoryReceiveChannel[Outcome]]:
         """Run ``call`` on every replica; return once ``needed`` succeeded or all finished.
 
         Each call has ``replica_timeout`` (rule 1). Calls still running when we return go on
         in the background nursery; their outcomes arrive later on the returned channel (read
         repair waits for them). ``on_failure(replica, exc)`` runs in the failed call's task
         before its outcome is reported, so what it does is done before a quorum error.
-
-        A replica fails a call with a KvdError (it refused, timed out or is unreachable) or
-        an OSError (its disk); anything else is a bug here, not a replica that failed, and
-        ends the node's nursery rather than hide as a quorum error (see docs/DECISIONS.md).
+        A call fails with a KvdError or an OSError; anything else is a bug, not a failed
+        replica, and ends the node (docs/DECISIONS.md).
         """
         if deadline is None:
             deadline = self.clock() + self.request_timeout
-        send, receive = trio.open_memory_channel[Outcome[T]](len(replicas))
+        send, receive = trio.open_memory_channel[Outcome](len(replicas))
 
         async def one(replica: Replica) -> None:
             try:
@@ -191,10 +189,7 @@ class Coordinator:
         with trio.move_on_at(deadline + (patience or self.replica_timeout)):
             while len(ok) < needed and len(ok) + len(failed) < len(replicas):
                 replica, success, value = await receive.receive()
-                if success:
-                    ok.append((replica, cast(T, value)))
-                else:
-                    failed.append((replica, cast(BaseException, value)))
+                (ok if success else failed).append((replica, value))
         answered = {id(rep) for rep, _ in ok + failed}
         failed += [(rep, ReplicaTimedOut("no answer")) for rep in replicas
                    if id(rep) not in answered and len(ok) < needed]
@@ -351,7 +346,7 @@ class Coordinator:
                 replica, success, value = await late.receive()
                 outstanding -= 1
                 if success:
-                    ok.append((replica, cast(versions.VersionedObject | None, value)))
+                    ok.append((replica, value))
         merged = versions.empty()
         for _, obj in ok:
             if obj is not None:
@@ -498,8 +493,7 @@ def _quorum_message(kind: str, needed: int, ok: Sequence, failed: Sequence) -> s
 
 
 def _name(replica: Replica) -> str:
-    stands_for = replica.stands_for
-    return f"{replica.node} (for {stands_for})" if stands_for else replica.node
+    return f"{replica.node} (for {replica.stands_for})" if replica.stands_for else replica.node
 
 
 def _reason(exc: BaseException) -> str:

@@ -307,9 +307,8 @@ class LocalStore:
             self._check_dots(key, incoming)
             while True:
                 current = self._latest(key)
-                discarded: list[versions.Sibling]
                 if current is None:
-                    merged, discarded = incoming, []
+                    merged, discarded = incoming, list[versions.Sibling]()
                 else:
                     merged, discarded = versions.sync_with_discarded(current, incoming)
                     if merged == current:
@@ -477,8 +476,7 @@ class LocalStore:
         if self.storage.get(_SEQUENCES) is None and not self._has_objects():
             await self.storage.write([(_SEQUENCES, b"1")])  # a new store: Rule 6 from day one
         start = _ledger_key(b"")
-        garbage: list[bytes] = []
-        live: list[bytes] = []
+        garbage, live = list[bytes](), list[bytes]()
         for k, mark in self.storage.iterate(start, start + b"\xff"):
             vid = k[len(start):]
             owner = mark[1:]  # the key the blob was uploaded for (empty in older ledgers)
