@@ -528,6 +528,11 @@ def repair(
         raise typer.Exit(1)
 
 
+from kvctl.keys import keys as _keys  # noqa: E402  (its own module: issue 12)
+
+app.command("keys")(_keys)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,70 @@
+"""kvctl keys: list every key of the cluster through the coverage query (kvd.node.coverage).
+
+Keys stream out page by page as the cluster walks its partitions, each partition read from
+one live replica, as Riak's list-keys does. It is a full scan of the cluster: a warning on
+stderr says so. One key per line (exact bytes in a pipe, control bytes escaped on a
+terminal), or ``--json``: one ``{"key", "encoding"}`` object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from kvd.proto.messages import MAX_KEY_LEN
+
+PAGE = 1000
+
+
+def keys(
+    prefix: Annotated[Optional[str], typer.Option("--prefix", help="Only keys starting with P.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Stop after N keys.")] = None,
+) -> None:
+    """List keys (a full scan of the cluster: every partition is read)."""
+    from kvctl import app as cli
+    from kvctl import render
+
+    wanted = (prefix or "").encode()
+    if len(wanted) > MAX_KEY_LEN:
+        cli._fail(f"--prefix must be at most {MAX_KEY_LEN} bytes", 2)
+    render.note("kvctl: warning: listing keys reads every partition of the cluster "
+                "(a full scan); avoid it on a busy production cluster")
+    terminal = sys.stdout.isatty()
+
+    async def walk(client) -> int:
+        listed = 0
+        position: list | None = [0, b""]
+        while position is not None and (limit is None or listed < limit):
+            page = min(PAGE, limit - listed) if limit is not None else PAGE
+            reply = await client.admin({"op": "keys", "partition": position[0],
+                                        "after": position[1], "prefix": wanted,
+                                        "limit": page})
+            found = reply["keys"][: None if limit is None else limit - listed]
+            _print(found, cli.options.json, terminal)
+            listed += len(found)
+            position = reply["next"]
+        return listed
+
+    cli.call(walk)
+
+
+def _print(found: list[bytes], as_json: bool, terminal: bool) -> None:
+    from kvctl import render
+
+    out = sys.stdout
+    if as_json:
+        for key in found:
+            text, encoding = render.value_field(key)
+            out.write(json.dumps({"key": text, "encoding": encoding}) + "\n")
+    elif terminal:
+        for key in found:
+            out.write(repr(key)[2:-1] + "\n" if not key.isascii() or not key.decode().isprintable()
+                      else key.decode() + "\n")
+    else:
+        out.flush()
+        out.buffer.write(b"".join(key + b"\n" for key in found))
+        out.buffer.flush()
+    out.flush()
