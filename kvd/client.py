@@ -192,18 +192,21 @@ class Client:
         source: IO[bytes] | None = None,
         length: int | None = None,
         context: bytes | None = None,
+        blind: bool = False,
         n: int | None = None,
         w: int | None = None,
     ) -> PutResult:
-        """Write ``value`` (bytes) or ``length`` bytes read from the binary file ``source``."""
+        """Write ``value`` (bytes) or ``length`` bytes read from the binary file ``source``.
+
+        With ``context`` (from a GET or PUT reply of this key) the write supersedes what that
+        context saw; without one, what the cluster holds when it is made; ``blind`` supersedes
+        nothing and adds a sibling (docs/protocol.md, "Contexts")."""
         if (value is None) == (source is None):
             raise ValueError("give exactly one of value and source")
         if source is not None and length is None:
             length = os.fstat(source.fileno()).st_size
         total = len(value) if value is not None else length
-        fields: dict[str, Any] = {"key": key, "length": total}
-        if context:
-            fields["context"] = context
+        fields: dict[str, Any] = {"key": key, "length": total, **_write_mode(context, blind)}
         if n:
             fields["n"] = n
         if w:
@@ -236,11 +239,11 @@ class Client:
             await self._conn.send(codec.encode_chunk(rid, data, end=sent >= total))
 
     async def delete(
-        self, key: bytes, *, context: bytes | None = None, n: int | None = None, w: int | None = None
+        self, key: bytes, *, context: bytes | None = None, blind: bool = False,
+        n: int | None = None, w: int | None = None
     ) -> PutResult:
-        fields: dict[str, Any] = {"key": key}
-        if context:
-            fields["context"] = context
+        """Write a tombstone; ``context`` and ``blind`` as for ``put``."""
+        fields: dict[str, Any] = {"key": key, **_write_mode(context, blind)}
         if n:
             fields["n"] = n
         if w:
@@ -259,6 +262,15 @@ class Client:
     async def admin(self, fields: dict) -> dict:
         """Cluster administration (join, leave, plan, commit, ...), see docs/protocol.md."""
         return await self._call(MsgType.ADMIN, fields, MsgType.ADMIN_REPLY)
+
+
+def _write_mode(context: bytes | None, blind: bool) -> dict[str, Any]:
+    """The PUT/DELETE fields that say what a write supersedes."""
+    if context and blind:
+        raise ValueError("a write has a context or is blind, not both")
+    if context:
+        return {"context": context}
+    return {"blind": True} if blind else {}
 
 
 def _put_reply(fields: dict) -> dict:

@@ -459,9 +459,9 @@ def _tag(secret_key: bytes, key: bytes, body: bytes) -> bytes:
 
 def seal_context(secret_key: bytes, key: bytes, vv: VersionVector) -> bytes:
     """The context a client gets for ``key``: unforgeable without ``secret_key`` (at most
-    64 bytes, ``kvd.security.context_key``); b"" for the empty vector, which grants nothing."""
-    if not vv:
-        return b""
+    64 bytes, ``kvd.security.context_key``). The empty vector seals too: it is what a reader
+    of an absent key saw (nothing), unlike no context at all
+    (kvd.node.coordinator rule 7: supersede what a read finds)."""
     body = _SEAL_FORMAT + encode_context(vv)
     return body + _tag(secret_key, key, body)
 
@@ -481,10 +481,7 @@ def open_context(secret_key: bytes, key: bytes, data: object) -> VersionVector:
     if not hmac.compare_digest(tag, _tag(secret_key, key, body)):
         raise BadRequest("forged or altered context: it was not issued for this key by this "
                          "cluster (use the context of a GET or PUT reply of the same key)")
-    vv = decode_context(body[1:])
-    if not vv:
-        raise BadRequest("malformed context: empty clock")
-    return vv
+    return decode_context(body[1:])
 
 
 def _parse_clock(flat: object) -> VersionVector:

@@ -28,6 +28,10 @@ Failure handling (DESIGN section 4):
    ``replica_timeout``, not one per request.
 6. Every ``get`` and ``put`` ends by telling the ``observer`` (if any) how long it took and
    how it ended; kvd.metrics is the observer, so this module knows nothing of metrics.
+7. A write without a context (None) supersedes what the key's replicas hold when it is
+   made: the coordinator reads them first, in the same request (DESIGN section 2). Only
+   writes it cannot see, made concurrently elsewhere, become siblings. A blind write (an
+   empty context) supersedes nothing.
 """
 
 from __future__ import annotations
@@ -241,7 +245,7 @@ class Coordinator:
     async def put(
         self,
         key: bytes,
-        context: versions.VersionVector,
+        context: versions.VersionVector | None,
         n: int,
         w: int,
         *,
@@ -253,18 +257,21 @@ class Coordinator:
         vid: bytes = b"",
     ) -> WriteResult:
         """Write a value (inline, or streamed from ``chunks``) or a tombstone at quorum W
-        (observed, rule 6)."""
+        (observed, rule 6). ``context`` None: supersede what the replicas hold now (rule 7);
+        an empty context adds a sibling to whatever is there (a blind write)."""
         write = self._write(key, context, n, w, value=value, deleted=deleted, length=length,
                             chunks=chunks, timestamp=timestamp, vid=vid)
         return await self._observed("delete" if deleted else "put", write)
 
-    async def _write(self, key: bytes, context: versions.VersionVector, n: int, w: int, *,
-                     value: bytes, deleted: bool, length: int,
+    async def _write(self, key: bytes, context: versions.VersionVector | None, n: int, w: int,
+                     *, value: bytes, deleted: bool, length: int,
                      chunks: AsyncIterator[bytes] | None, timestamp: float,
                      vid: bytes) -> WriteResult:
         replicas = list(self.write_replicas(key, n))
         if length > MAX_VALUE:
             raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
+        if context is None:
+            context = await self._current_context(key, n, w)
         # Rule 2: one id for every attempt of this write, wherever it is minted.
         payload: dict = {"deleted": deleted, "timestamp": timestamp,
                          "wid": os.urandom(WRITE_ID_BYTES)}
@@ -308,6 +315,21 @@ class Coordinator:
         if acks < w:
             raise QuorumFailed(_quorum_message("write", w, [None] * acks, failed))
         return WriteResult(minted, acks)
+
+    async def _current_context(self, key: bytes, n: int, w: int) -> versions.Context:
+        """Rule 7: what a write without a context supersedes, read from the key's replicas.
+        It waits for n - w + 1 of them, enough to meet every write acknowledged at this W,
+        or for those that answer within ``replica_timeout``: a replica it missed can only
+        make this write a sibling of what that replica holds, never lose a value."""
+        replicas = self.read_replicas(key, n)
+        deadline = self.clock() + self.replica_timeout
+        needed = min(len(replicas), max(1, n - w + 1))
+        ok, _, _ = await self._quorum(replicas, lambda rep: rep.get(key), needed, deadline)
+        merged = versions.empty()
+        for _, obj in ok:
+            if obj is not None:
+                merged = versions.sync(merged, obj)
+        return versions.context_of(merged)
 
     async def _stand_ins(self, key, n, minted, needed, asked, failed, deadline) -> list:
         """Rule 3: fallbacks for the nodes that failed this request, counted towards W."""
