@@ -31,7 +31,9 @@ Failure handling (DESIGN section 4):
 7. A write without a context (None) supersedes what the key's replicas hold when it is
    made: the coordinator reads them first, in the same request (DESIGN section 2). Only
    writes it cannot see, made concurrently elsewhere, become siblings. A blind write (an
-   empty context) supersedes nothing.
+   empty context) supersedes nothing. Such writes of one key through this coordinator
+   take turns (a lock per key, held until W replicas have the write), so each reads the
+   one before it: 32 clients SETting one key leave one value, not 32 siblings.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class Coordinator:
         self.hints_kept = 0  # hints kept for replication legs that failed (rule 3)
         self._suspects: dict[str, float] = {}  # node -> until when it is tried last
         self.observer: RequestObserver | None = None
+        self._key_locks: dict[bytes, list] = {}  # key -> [lock, users] (rule 7)
 
     async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable], deadline: float,
                     patience: float | None = None):
@@ -259,9 +262,22 @@ class Coordinator:
         """Write a value (inline, or streamed from ``chunks``) or a tombstone at quorum W
         (observed, rule 6). ``context`` None: supersede what the replicas hold now (rule 7);
         an empty context adds a sibling to whatever is there (a blind write)."""
-        write = self._write(key, context, n, w, value=value, deleted=deleted, length=length,
-                            chunks=chunks, timestamp=timestamp, vid=vid)
-        return await self._observed("delete" if deleted else "put", write)
+        def write():
+            return self._observed("delete" if deleted else "put", self._write(
+                key, context, n, w, value=value, deleted=deleted, length=length,
+                chunks=chunks, timestamp=timestamp, vid=vid))
+
+        if context is not None:
+            return await write()
+        lock = self._key_locks.setdefault(key, [trio.Lock(), 0])
+        lock[1] += 1
+        try:
+            async with lock[0]:
+                return await write()
+        finally:
+            lock[1] -= 1
+            if not lock[1]:
+                del self._key_locks[key]
 
     async def _write(self, key: bytes, context: versions.VersionVector | None, n: int, w: int,
                      *, value: bytes, deleted: bool, length: int,

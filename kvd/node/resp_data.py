@@ -96,7 +96,7 @@ async def write_stream(node, key: bytes, length: int, chunks):
 
 
 def _context_of(result):
-    return versions.context_of(result.obj) if result.obj is not None else versions.Context()
+    return versions.context_of(result.obj or versions.empty())
 
 
 async def get(session, args):
