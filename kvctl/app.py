@@ -528,9 +528,9 @@ def repair(
         raise typer.Exit(1)
 
 
-from kvctl.keys import keys as _keys  # noqa: E402  (its own module: issue 12)
+from kvctl import keys as _keys  # noqa: E402  (its own module: issue 12)
 
-app.command("keys")(_keys)
+_keys.register(app, call, options, _fail)
 
 
 def main() -> None:

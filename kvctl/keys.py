@@ -14,22 +14,28 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvctl import render
 from kvd.proto.messages import MAX_KEY_LEN
 
 PAGE = 1000
 
 
-def keys(
-    prefix: Annotated[Optional[str], typer.Option("--prefix", help="Only keys starting with P.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Stop after N keys.")] = None,
-) -> None:
-    """List keys (a full scan of the cluster: every partition is read)."""
-    from kvctl import app as cli
-    from kvctl import render
+def register(app: typer.Typer, call, options, fail) -> None:
+    """Add ``kvctl keys`` to ``app``; ``call``, ``options`` and ``fail`` are kvctl.app's."""
 
-    wanted = (prefix or "").encode()
-    if len(wanted) > MAX_KEY_LEN:
-        cli._fail(f"--prefix must be at most {MAX_KEY_LEN} bytes", 2)
+    @app.command("keys")
+    def keys(
+        prefix: Annotated[Optional[str], typer.Option("--prefix", help="Only keys starting with P.")] = None,
+        limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Stop after N keys.")] = None,
+    ) -> None:
+        """List keys (a full scan of the cluster: every partition is read)."""
+        wanted = (prefix or "").encode()
+        if len(wanted) > MAX_KEY_LEN:
+            fail(f"--prefix must be at most {MAX_KEY_LEN} bytes", 2)
+        call(_walk(wanted, limit, options.json))
+
+
+def _walk(wanted: bytes, limit: int | None, as_json: bool):
     render.note("kvctl: warning: listing keys reads every partition of the cluster "
                 "(a full scan); avoid it on a busy production cluster")
     terminal = sys.stdout.isatty()
@@ -43,17 +49,15 @@ def keys(
                                         "after": position[1], "prefix": wanted,
                                         "limit": page})
             found = reply["keys"][: None if limit is None else limit - listed]
-            _print(found, cli.options.json, terminal)
+            _print(found, as_json, terminal)
             listed += len(found)
             position = reply["next"]
         return listed
 
-    cli.call(walk)
+    return walk
 
 
 def _print(found: list[bytes], as_json: bool, terminal: bool) -> None:
-    from kvctl import render
-
     out = sys.stdout
     if as_json:
         for key in found:

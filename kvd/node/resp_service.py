@@ -352,8 +352,12 @@ async def client(session, args):
     if sub == b"ID" and len(args) == 2:
         return session.id
     if sub == b"INFO" and len(args) == 2:
-        return Verbatim(f"id={session.id} addr={session.host} name="
-                        f"{session.name.decode(errors='replace')} db=0 "
+        # Redis's fields (clients parse them all), with what kvd does not track as 0.
+        name = session.name.decode(errors="replace").replace(" ", "_")
+        return Verbatim(f"id={session.id} addr={session.host} laddr= fd=0 name={name} "
+                        "age=0 idle=0 flags=N db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf=0 "
+                        "qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 "
+                        f"tot-mem=0 events=r cmd=client|info user=default redir=-1 "
                         f"resp={3 if session.resp3 else 2}\n")
     if sub == b"SETINFO" and len(args) == 4:
         return Simple("OK")
