@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,6 +41,9 @@ def test_demo_script_runs_and_leaves_a_working_node(tmp_path):
         assert "DN    │ n3" in out               # the killed node is seen down
         assert out.rstrip().count("UN    │ n3") >= 2  # up after forming, up again after restart
         assert "replicas agree" in out
+        if shutil.which("redis-cli"):  # installed by make ops-tools
+            assert out.count("hello from redis-cli") == 2  # the SET shown, then its GET
+            assert "user:1" in out.split("--scan")[-1]
     finally:
         subprocess.run([sys.executable, "scripts/demo.py", "--stop"], cwd=ROOT, env=env,
                        timeout=60)
