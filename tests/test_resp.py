@@ -206,3 +206,24 @@ def test_hostile_input_leaves_the_node_serving_others(tmp_path):
         assert rss_kib(node.proc.pid) - before < 20 * 1024
     finally:
         node.kill()
+
+
+def test_resp_listen_is_off_by_default_and_set_by_file_env_or_flag(tmp_path):
+    from kvd.config import load_config
+    from kvd.errors import ConfigError
+    from kvd.main import build_parser, overrides_from_args
+
+    assert load_config(None, env={}).resp_listen == ""
+    assert load_config(None, env={"KVD_RESP_LISTEN": "127.0.0.1:7382"}).resp_listen \
+        == "127.0.0.1:7382"
+    flags = overrides_from_args(build_parser().parse_args(["--resp-listen", "[::1]:7382"]))
+    assert load_config(None, env={}, overrides=flags).resp_listen == "[::1]:7382"
+    secret = tmp_path / "secret"
+    secret.write_text("a-cluster-secret-of-some-length")
+    secret.chmod(0o600)
+    with pytest.raises(ConfigError, match="resp_listen 0.0.0.0:7382 is not loopback: set "
+                                          "client_tokens_file"):
+        load_config(None, env={"KVD_RESP_LISTEN": "0.0.0.0:7382",
+                               "KVD_CLUSTER_SECRET_FILE": str(secret)})
+    with pytest.raises(ConfigError, match="collides"):
+        load_config(None, env={"KVD_RESP_LISTEN": "127.0.0.1:7379"})
