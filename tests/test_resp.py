@@ -227,3 +227,39 @@ def test_resp_listen_is_off_by_default_and_set_by_file_env_or_flag(tmp_path):
                                "KVD_CLUSTER_SECRET_FILE": str(secret)})
     with pytest.raises(ConfigError, match="collides"):
         load_config(None, env={"KVD_RESP_LISTEN": "127.0.0.1:7379"})
+
+
+def _piece(i: int) -> bytes:
+    return i.to_bytes(4, "big") * (1 << 18)  # 1 MiB, different for each i
+
+
+def test_a_256_mib_set_and_get_stream_through_bounded_memory(tmp_path):
+    import hashlib
+
+    node = _start(tmp_path)
+    size, pieces = 256 << 20, 256
+    try:
+        with socket.create_connection(("127.0.0.1", node.resp_port)) as raw:
+            raw.sendall(b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$%d\r\n" % size)
+            sent = hashlib.sha256()
+            for i in range(pieces):
+                raw.sendall(_piece(i))
+                sent.update(_piece(i))
+            raw.sendall(b"\r\n")
+            reader = raw.makefile("rb")
+            assert reader.readline() == b"+OK\r\n"
+            raw.sendall(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n")
+            assert reader.readline() == b"$%d\r\n" % size
+            received = hashlib.sha256()
+            left = size
+            while left:
+                data = reader.read(min(left, 1 << 20))
+                assert data, "connection closed in the middle of the value"
+                received.update(data)
+                left -= len(data)
+            assert reader.read(2) == b"\r\n"
+        assert received.hexdigest() == sent.hexdigest()
+        peak = rss_kib(node.proc.pid, "VmHWM")
+        assert peak < 150 * 1024, f"kvd's peak RSS was {peak / 1024:.0f} MiB"
+    finally:
+        node.kill()

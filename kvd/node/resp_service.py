@@ -234,7 +234,10 @@ async def _streamed_set(session: Session, start: resp.StreamStart):
     rest: list[bytes] = []
 
     async def pieces():
+        """The value in chunk_size pieces (the last may be shorter), as reads bring it."""
         nonlocal ended, rest
+        size = session.node.config.chunk_size
+        gathered = bytearray()
         while not ended:
             event = await session.next_event()
             if event is None:
@@ -244,8 +247,13 @@ async def _streamed_set(session: Session, start: resp.StreamStart):
                 if rest:
                     raise KvdError("SET options are not supported with values above "
                                    "chunk_size")
+                if gathered:
+                    yield bytes(gathered)
                 return
-            yield event.data
+            gathered += event.data
+            while len(gathered) >= size:
+                yield bytes(gathered[:size])
+                del gathered[:size]
 
     try:
         if not usable:
