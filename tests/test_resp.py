@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 
 import pytest
 import redis
@@ -34,7 +35,7 @@ def _start(tmp_path, node_id="n1", **extra) -> KvdProcess:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    started = _start(tmp_path_factory.mktemp("resp"))
+    started = _start(tmp_path_factory.mktemp("resp"), metrics_listen=f"127.0.0.1:{free_port()}")
     yield started
     started.kill()
 
@@ -63,6 +64,9 @@ def test_redis_cli_ping_set_get_del_a_10_mib_value_and_scan(node, tmp_path):
     listed = cli(node, "--scan", "--pattern", "scan:*").split()
     assert sorted(listed) == sorted(f"scan:{i}".encode() for i in range(30))
     assert b"unknown command 'FLUSHALL'" in cli(node, "FLUSHALL")
+    with urllib.request.urlopen(f"http://{node.extra['metrics_listen']}/metrics") as page:
+        metrics = page.read().decode()
+    assert 'kvd_resp_command_duration_seconds_count{command="set",outcome="ok"}' in metrics
 
 
 @needs_tools

@@ -88,8 +88,9 @@ class Session:
             if event is not resp.NEED_DATA:
                 return event
             await self.flush()
-            timeout = (self.node.config.idle_timeout if self.grant is not None
-                       else self.node.config.handshake_timeout)
+            config = self.node.config
+            pending = self.ticket is not None and self.ticket.pending
+            timeout = config.handshake_timeout if pending else config.idle_timeout
             with trio.move_on_after(timeout):
                 self.parser.receive_data(await self.stream.receive_some(READ_SIZE))
                 continue
