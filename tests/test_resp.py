@@ -17,6 +17,7 @@ import pytest
 import redis
 import trio
 
+from fuzz.fuzz_resp import samples
 from kvd.client import open_client
 from tests.procs import KvdProcess, free_port, kvctl, rss_kib
 from tests.realcluster import GOSSIP, SMALL_RING, join_all, akvctl_json, wait_formed
@@ -187,7 +188,12 @@ def test_hostile_input_leaves_the_node_serving_others(tmp_path):
                    b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nab", b"\x00\xff*-1\r\n$",
                    b"*2\r\n$3\r\nGET\r\n:1\r\n"]
         rng = random.Random(7)
-        hostile += [rng.randbytes(rng.randrange(1, 2000)) for _ in range(200)]
+        hostile += [rng.randbytes(rng.randrange(1, 2000)) for _ in range(100)]
+        for _ in range(100):  # valid requests with a few bytes changed
+            mutated = bytearray(rng.choice(samples()))
+            for _ in range(rng.randrange(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            hostile.append(bytes(mutated))
         for data in hostile:
             with socket.create_connection(("127.0.0.1", node.resp_port)) as raw:
                 try:
@@ -265,5 +271,21 @@ def test_a_256_mib_set_and_get_stream_through_bounded_memory(tmp_path):
         assert received.hexdigest() == sent.hexdigest()
         peak = rss_kib(node.proc.pid, "VmHWM")
         assert peak < 150 * 1024, f"kvd's peak RSS was {peak / 1024:.0f} MiB"
+    finally:
+        node.kill()
+
+
+def test_with_tls_configured_the_resp_port_speaks_tls(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    from tests.test_security import tls_files
+
+    files = tls_files(tmp_path / "tls", trustme.CA(), "n1")
+    node = _start(tmp_path, **files, handshake_timeout=2.0)
+    try:
+        secure = redis.Redis(port=node.resp_port, ssl=True, ssl_ca_certs=files["tls_ca_file"])
+        assert secure.set("k", "over tls") is True
+        assert secure.get("k") == b"over tls"
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=node.resp_port, socket_timeout=10).get("k")
     finally:
         node.kill()
