@@ -128,6 +128,8 @@ async def handle_connection(node, stream, ticket) -> None:
             await session.flush()
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectFailed):
         pass
+    except KvdError as exc:  # a value failed after its header went out: the reply is cut
+        log.info("closed a RESP connection from %s in mid-reply: %s", session.host, exc)
 
 
 async def _serve(session: Session) -> None:
@@ -216,7 +218,9 @@ _ERROR_WORDS = {"quorum": "QUORUM", "unavailable": "UNAVAILABLE", "unauthorized"
 async def _send_streamed(session: Session, item: resp_data.Streamed) -> None:
     """A chunked value, read from a replica piece by piece (kvd.node.resp_data Rule 4)."""
     if item.source is None:
-        raise KvdError(f"no replica answering holds the chunks of key {item.key[:64]!r}")
+        session.reply(Error(f"UNAVAILABLE no replica answering holds the chunks of key "
+                            f"{item.key[:64]!r}"))
+        return
     session.out.append(resp.bulk_header(item.sibling.length))
     await session.flush()
     async for data in item.source.read_chunks(item.key, item.sibling.chunks):
