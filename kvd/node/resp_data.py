@@ -12,8 +12,9 @@ Each command maps onto the coordinator exactly as the native client port does
 - Rule 3: SET NX/XX/GET and GETDEL read first and write with the context they read: best
   effort, not atomic across the cluster (a concurrent write elsewhere becomes a sibling).
   MSET is a sequence of SETs, not atomic either.
-- Rule 4: values above ``chunk_size`` go through the coordinator's chunked path, and GET
-  streams them back from a replica in pieces.
+- Rule 4: values above ``chunk_size`` arrive streamed (kvd.proto.resp) and go through the
+  coordinator's chunked path as they arrive (``write_stream``: SET only); GET streams them
+  back from a replica in pieces.
 """
 
 from __future__ import annotations
@@ -68,22 +69,12 @@ def _value(key: bytes, result):
 
 
 async def _write(node, key: bytes, context, *, value: bytes = b"", deleted: bool = False):
-    """One write at the node's N/W: ``context`` None supersedes what the coordinator reads
-    (Rule 1); values above chunk_size take the chunked path (Rule 4)."""
+    """One write at the node's N/W; ``context`` None supersedes what the coordinator reads
+    (Rule 1). ``value`` is at most chunk_size: the parser streams larger ones (Rule 4)."""
     _settled(node)
     n, w = _quorum_params(node, {}, "w")
-    now = node.clocks.wall()
-    size = node.config.chunk_size
-    if deleted or len(value) <= size:
-        return await node.coordinator.put(validate_key(key), context, n, w, value=value,
-                                          deleted=deleted, timestamp=now)
-
-    async def pieces():
-        for start in range(0, len(value), size):
-            yield value[start:start + size]
-
-    return await node.coordinator.put(validate_key(key), context, n, w, length=len(value),
-                                      chunks=pieces(), timestamp=now, vid=new_vid())
+    return await node.coordinator.put(validate_key(key), context, n, w, value=value,
+                                      deleted=deleted, timestamp=node.clocks.wall())
 
 
 async def write_stream(node, key: bytes, length: int, chunks):
