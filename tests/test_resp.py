@@ -5,12 +5,12 @@ writes without a context are asserted in-process (tests/test_supersede_sim.py)."
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 
 import pytest
@@ -170,7 +170,6 @@ async def test_redis_py_resp2_and_resp3_pipelines_conflicts_and_kvctl_keys(tmp_p
                                                          host=nodes[1].address))
     assert listed.returncode == 0, listed.stderr
     assert b"full scan" in listed.stderr
-    import json
     keys = [json.loads(line)["key"] for line in listed.stdout.splitlines()]
     assert sorted(keys) == sorted(f"p0:{i}" for i in range(1000))
     limited = await trio.to_thread.run_sync(lambda: kvctl("keys", "--limit", "5",

@@ -24,7 +24,6 @@ import binascii
 from dataclasses import dataclass
 
 from kvd import versions
-from kvd.errors import BadRequest
 from kvd.node import coverage
 from kvd.node.client_service import _quorum_params, _settled
 from kvd.node.local import new_vid
