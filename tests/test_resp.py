@@ -104,6 +104,9 @@ def test_a_read_token_reads_and_a_missing_token_gets_noauth(tmp_path):
         assert reader.get("k") == b"v"
         with pytest.raises(redis.exceptions.NoPermissionError):
             reader.set("k", "w")
+        with socket.create_connection(("127.0.0.1", node.resp_port)) as raw:
+            raw.sendall(b"HELLO 3\r\n")  # tells nothing about the node before AUTH
+            assert raw.recv(100).startswith(b"-NOAUTH HELLO must be called")
         # Before AUTH the limits are Redis's after CVE-2021-32675: 11 arguments close it.
         with socket.create_connection(("127.0.0.1", node.resp_port)) as raw:
             raw.sendall(b"*11\r\n")

@@ -317,9 +317,10 @@ async def hello(session, args):
                 session.name, options = options[1], options[2:]
             else:
                 return Error(f"ERR Syntax error in HELLO option '{word.decode(errors='replace')}'")
-        if session.grant is None:
-            return Error("NOAUTH HELLO must be called with the client already authenticated, "
-                         "otherwise the HELLO <proto> AUTH <user> <pass> option can be used")
+    if session.grant is None:
+        return Error("NOAUTH HELLO must be called with the client already authenticated, "
+                     "otherwise the HELLO <proto> AUTH <user> <pass> option can be used")
+    if len(args) > 1:
         session.resp3 = args[1] == b"3"
     return {"server": "kvd", "version": REDIS_VERSION, "proto": 3 if session.resp3 else 2,
             "id": session.id, "mode": "standalone", "role": "master", "modules": [],
