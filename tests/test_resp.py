@@ -71,6 +71,7 @@ def test_redis_cli_ping_set_get_del_a_10_mib_value_and_scan(node, tmp_path):
 
 
 @needs_tools
+@pytest.mark.alone  # 32 connections hammering one node: it saturates the machine
 def test_redis_benchmark_completes_without_errors(node):
     """1,000 requests per test here (KVD_RESP_BENCH_N: the issue's 20,000 takes minutes on a
     busy machine, MSET being ten SETs of one key in turn); the figures are make bench's."""

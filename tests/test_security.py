@@ -539,10 +539,11 @@ def test_non_loopback_listen_without_a_secret_exits_with_the_reason(tmp_path):
 def test_secret_files_open_to_others_stop_the_start_and_never_show(tmp_path):
     secret = private_file(tmp_path / "secret", SECRET, 0o644)
     tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS), 0o640)
+    no_metrics = private_file(tmp_path / "no-metrics.toml", 'metrics_listen = ""\n')
     base = ["--data-dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{free_port()}",
             "--peer-listen", f"127.0.0.1:{free_port()}"]
-    proc = run_kvd(*base, "--cluster-secret-file", str(secret))
-    assert proc.returncode == 2
+    proc = run_kvd("--config", str(no_metrics), *base, "--cluster-secret-file", str(secret))
+    assert proc.returncode == 2, proc.stderr
     assert proc.stderr.endswith(
         f"kvd: error: cluster_secret_file {secret} is accessible by group or others "
         f"(mode 0644): run chmod 600 {secret}\n")
