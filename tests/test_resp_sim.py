@@ -106,8 +106,10 @@ async def test_pipelines_are_answered_in_order_and_scan_lists_each_key_once(sim,
     assert replies[:300] == ["OK"] * 300
     assert replies[300:600] == [b"v%d" % i for i in range(300)]
     assert str(replies[600]).startswith("ERR unknown command 'INCR'")
+    other = await _connect(sim, "n2")  # a pool may send the next SCAN on another connection
     seen, cursor = [], b"0"
     while True:
+        conn, other = other, conn
         cursor, keys = await conn.call("SCAN", cursor, "MATCH", "key:*", "COUNT", 40)
         seen += keys
         if cursor == b"0":

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from kvd import versions
@@ -31,7 +33,10 @@ from kvd.proto.messages import validate_key
 from kvd.proto.resp import Error, Simple, glob_match, literal_prefix
 
 SCAN_COUNT_MAX = coverage.PAGE_LIMIT
-SCAN_CURSORS = 64  # resume positions one connection keeps for its SCAN cursors
+SCAN_CURSORS = 4096  # resume keys kept for SCAN cursors, the oldest forgotten first
+# token -> the key a SCAN resumes after. Process-wide, so a client's pool may send the next
+# SCAN on another connection; a (partition, key) position means the same on every node.
+_resume: OrderedDict[int, bytes] = OrderedDict()
 
 
 @dataclass
@@ -208,7 +213,7 @@ def encode_context(context: bytes) -> bytes:
 
 async def scan(session, args):
     """SCAN cursor [MATCH pattern] [COUNT n]: a page of the coverage query. The cursor is
-    ``partition << 32 | token``; the token names a resume key this connection keeps."""
+    ``partition << 32 | token``; a token names a resume key this node keeps (``_resume``)."""
     try:
         cursor = int(args[1])
     except ValueError:
@@ -229,10 +234,12 @@ async def scan(session, args):
         else:
             return Error("ERR syntax error")
     partition, token = cursor >> 32, cursor & 0xFFFFFFFF
-    if not 0 <= partition < session.node.store.ring_size or (
-            token and token not in session.scan_cursors):
-        return Error("ERR invalid cursor")
-    after = session.scan_cursors.pop(token, b"")
+    if not 0 <= partition < session.node.store.ring_size or (token and token not in _resume):
+        return Error("ERR invalid cursor (or one this node has forgotten: SCAN from 0 again)")
+    after = b""
+    if token:
+        after = _resume[token]
+        _resume.move_to_end(token)
     found, position = await coverage.page(session.node, partition, after,
                                           literal_prefix(pattern), count)
     found = [key for key in found if glob_match(pattern, key)]
@@ -241,11 +248,10 @@ async def scan(session, args):
     partition, after = position
     token = 0
     if after:
-        session.next_cursor = session.next_cursor % 0xFFFFFFFF + 1
-        token = session.next_cursor
-        session.scan_cursors[token] = after
-        while len(session.scan_cursors) > SCAN_CURSORS:
-            session.scan_cursors.pop(next(iter(session.scan_cursors)))
+        token = int.from_bytes(os.urandom(4), "big") or 1
+        _resume[token] = after
+        while len(_resume) > SCAN_CURSORS:
+            _resume.popitem(last=False)
     return [str(partition << 32 | token).encode(), found]
 
 

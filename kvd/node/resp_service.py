@@ -58,8 +58,6 @@ class Session:
         self.name = b""
         self.grant: Grant | None = None
         self.out: list[bytes] = []
-        self.scan_cursors: dict[int, bytes] = {}
-        self.next_cursor = 0
         self.last_command = b""
 
     @property
@@ -349,7 +347,6 @@ async def quit_(session, args):
 
 async def reset(session, args):
     session.resp3, session.name = False, b""
-    session.scan_cursors.clear()
     if session.security.tokens is not None:
         session.grant = None
         session.parser.limits = resp.PRE_AUTH
