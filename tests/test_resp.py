@@ -11,6 +11,7 @@ import random
 import shutil
 import socket
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -217,6 +218,23 @@ def test_hostile_input_leaves_the_node_serving_others(tmp_path):
         assert cli(node, "GET", "canary") == b"alive\n"
         for s in half_open:
             s.close()
+        # A client that pipelines without ever reading replies: kvd stops reading it once
+        # its replies back up, so its memory for that connection stays bounded.
+        with socket.create_connection(("127.0.0.1", node.resp_port)) as greedy:
+            greedy.setblocking(False)
+            pings, sent, stuck_since = b"PING\r\n" * 50_000, 0, None
+            while sent < 200 << 20:
+                try:
+                    sent += greedy.send(pings)
+                    stuck_since = None
+                except BlockingIOError:
+                    stuck_since = stuck_since or time.monotonic()
+                    if time.monotonic() - stuck_since > 3:
+                        break
+                    time.sleep(0.05)
+            assert sent < 200 << 20, "kvd kept reading a client that reads no replies"
+            assert cli(node, "GET", "canary") == b"alive\n"
+            assert rss_kib(node.proc.pid) - before < 20 * 1024
         assert node.proc.poll() is None
         assert rss_kib(node.proc.pid) - before < 20 * 1024
     finally:
