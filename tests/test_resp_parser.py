@@ -103,14 +103,15 @@ def test_authenticated_limits_refuse_a_1_mib_inline_line_and_a_4_gib_bulk():
         drain(parser)
 
 
-def test_a_bulk_above_stream_above_streams_in_pieces():
+@pytest.mark.parametrize("split", [1, 7, 1000], ids=["byte-at-a-time", "7-bytes", "whole"])
+def test_a_bulk_above_stream_above_streams_in_pieces(split):
     limits = Limits(max_args=8, max_bulk=1 << 30, max_inline=1024, max_buffer=4096,
                     stream_above=10)
     parser = RespParser(limits)
     events = []
     data = b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$25\r\n" + b"x" * 25 + b"\r\n$2\r\nNX\r\n*1\r\n$4\r\nPING\r\n"
-    for i in range(0, len(data), 7):
-        parser.receive_data(data[i:i + 7])
+    for i in range(0, len(data), split):
+        parser.receive_data(data[i:i + split])
         events += drain(parser)
     assert events[0] == StreamStart([b"SET", b"k"], 25)
     assert b"".join(e.data for e in events if isinstance(e, StreamData)) == b"x" * 25
