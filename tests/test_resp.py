@@ -72,6 +72,7 @@ def test_redis_cli_ping_set_get_del_a_10_mib_value_and_scan(node, tmp_path):
 
 
 @needs_tools
+@pytest.mark.slow
 @pytest.mark.alone  # 32 connections hammering one node: it saturates the machine
 def test_redis_benchmark_completes_without_errors(node):
     """1,000 requests per test here (KVD_RESP_BENCH_N: the issue's 20,000 takes minutes on a
@@ -134,6 +135,7 @@ async def _form_resp_cluster(tmp_path, procs) -> list[KvdProcess]:
     return nodes
 
 
+@pytest.mark.slow
 async def test_redis_py_resp2_and_resp3_pipelines_conflicts_and_kvctl_keys(tmp_path, procs):
     nodes = await _form_resp_cluster(tmp_path, procs)
     clients = [redis.Redis(port=nodes[0].resp_port),
