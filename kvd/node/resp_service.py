@@ -58,18 +58,16 @@ class Session:
         self.name = b""
         self.grant: Grant | None = None
         self.out: list[bytes] = []
-        self.last_command = b""
 
     @property
     def security(self):
         return self.node.security
 
     def authenticated(self, grant: Grant) -> None:
+        """The client proved who it is (AUTH), or need not (no tokens): the full limits.
+        The admission ticket is established once this command is answered (``_serve``)."""
         self.grant = grant
-        config = self.node.config
-        self.parser.limits = replace(resp.AUTHENTICATED, stream_above=config.chunk_size)
-        if self.ticket is not None:
-            self.ticket.established()
+        self.parser.limits = replace(resp.AUTHENTICATED, stream_above=self.node.config.chunk_size)
 
     async def flush(self) -> None:
         if self.out:
@@ -115,9 +113,7 @@ async def handle_connection(node, stream, ticket) -> None:
                 "client_tokens_file is configured; AUTH with a token then"))
         else:
             if node.security.tokens is None:
-                session.grant = Grant("loopback client", "admin")
-                session.parser.limits = replace(resp.AUTHENTICATED,
-                                                stream_above=node.config.chunk_size)
+                session.authenticated(Grant("loopback client", "admin"))
             await _serve(session)
         await session.flush()
     except ProtocolError as exc:
@@ -142,8 +138,8 @@ async def _serve(session: Session) -> None:
             return
         if sum(map(len, session.out)) >= FLUSH_AT:
             await session.flush()
-        if session.grant is not None and session.ticket is not None and session.ticket.pending:
-            session.ticket.established()
+        if session.grant is not None and session.ticket.pending:
+            session.ticket.established()  # it has spoken RESP (and authenticated): Rule 2
         if node.draining:
             return
 
@@ -184,7 +180,7 @@ async def execute(session: Session, args: list[bytes]):
                 session.node.request_finished()
     except KvdError as exc:
         outcome = exc.code
-        reply = Error(f"{_ERROR_WORDS.get(exc.code, 'ERR')} {exc}")
+        reply = _error_reply(exc)
     except Exception:  # a bug in one command must not take the connection or node down
         log.exception("RESP command %s failed", name[:32])
         outcome = "internal"
@@ -210,7 +206,12 @@ async def execute(session: Session, args: list[bytes]):
 
 
 _ERROR_WORDS = {"quorum": "QUORUM", "unavailable": "UNAVAILABLE", "unauthorized": "NOPERM",
-                "too_many_siblings": "TOOMANYSIBLINGS", "not_found": "ERR"}
+                "too_many_siblings": "TOOMANYSIBLINGS"}
+
+
+def _error_reply(exc: KvdError) -> Error:
+    """A kvd error as a RESP error: a word a client can match, then the message."""
+    return Error(f"{_ERROR_WORDS.get(exc.code, 'ERR')} {exc}")
 
 
 async def _send_streamed(session: Session, item: resp_data.Streamed) -> None:
@@ -273,7 +274,7 @@ async def _streamed_set(session: Session, start: resp.StreamStart):
     except KvdError as exc:
         async for _ in pieces():
             pass
-        return Error(f"{_ERROR_WORDS.get(exc.code, 'ERR')} {exc}")
+        return _error_reply(exc)
 
 
 # ------------------------------------------------------------- connection commands
