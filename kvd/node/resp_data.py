@@ -48,8 +48,13 @@ class Streamed:
     source: object
 
 
+def shown(key: bytes) -> str:
+    """A key in an error message: quoted, at most 64 bytes, non-UTF-8 bytes escaped."""
+    return "'" + key[:64].decode(errors="backslashreplace") + "'"
+
+
 def conflict(key: bytes, count: int) -> Error:
-    return Error(f"CONFLICT key {key[:64]!r} has {count} siblings: read them all with "
+    return Error(f"CONFLICT key {shown(key)} has {count} siblings: read them all with "
                  "KV.GET key, then write the merged value with KV.PUT key value context "
                  "(or SET the key, which supersedes every sibling)")
 
@@ -58,6 +63,10 @@ async def _read(node, key: bytes):
     _settled(node)
     n, r = _quorum_params(node, {}, "r")
     return await node.coordinator.get(validate_key(key), n, r)
+
+
+def _found(result) -> bool:
+    return result.obj is not None and versions.is_found(result.obj)
 
 
 def _value(key: bytes, result):
@@ -125,7 +134,7 @@ async def del_(session, args):
     deleted = 0
     for key in args[1:]:
         result = await _read(session.node, key)
-        if result.obj is not None and versions.is_found(result.obj):
+        if _found(result):
             await _write(session.node, key, None, deleted=True)
             deleted += 1
     return deleted
@@ -144,7 +153,7 @@ async def exists(session, args):
     count = 0
     for key in args[1:]:
         result = await _read(session.node, key)
-        count += result.obj is not None and versions.is_found(result.obj)
+        count += _found(result)
     return count
 
 
@@ -170,24 +179,21 @@ async def strlen(session, args):
 
 
 async def type_(session, args):
-    result = await _read(session.node, args[1])
-    found = result.obj is not None and versions.is_found(result.obj)
-    return Simple("string" if found else "none")
+    return Simple("string" if _found(await _read(session.node, args[1])) else "none")
 
 
 async def ttl(session, args):
     """No expiry exists yet: -1 for a key that exists, -2 for one that does not."""
-    result = await _read(session.node, args[1])
-    return -1 if result.obj is not None and versions.is_found(result.obj) else -2
+    return -1 if _found(await _read(session.node, args[1])) else -2
 
 
 async def kv_get(session, args):
     """[context, value or nil for a concurrent delete, ...]: every sibling, for resolving."""
     key = args[1]
     result = await _read(session.node, key)
-    obj = result.obj
-    if obj is None or not versions.is_found(obj):
+    if not _found(result):
         return None
+    obj = result.obj
     context = versions.seal_context(session.node.context_key, key, versions.context_of(obj))
     values = [None if s.deleted else s.value if s.chunks is None
               else Streamed(key, s, result.source) for s in obj.siblings]

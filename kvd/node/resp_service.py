@@ -218,7 +218,7 @@ async def _send_streamed(session: Session, item: resp_data.Streamed) -> None:
     """A chunked value, read from a replica piece by piece (kvd.node.resp_data Rule 4)."""
     if item.source is None:
         session.reply(Error(f"UNAVAILABLE no replica answering holds the chunks of key "
-                            f"{item.key[:64]!r}"))
+                            f"{resp_data.shown(item.key)}"))
         return
     session.out.append(resp.bulk_header(item.sibling.length))
     await session.flush()
