@@ -341,9 +341,9 @@ def encode(reply, resp3: bool = False) -> bytes:
 
 def _encode(reply, resp3: bool, out: list[bytes]) -> None:
     if isinstance(reply, Simple):
-        out.append(b"+" + _line(reply) + b"\r\n")
+        out.append(b"+" + _one_line(reply) + b"\r\n")
     elif isinstance(reply, Error):
-        out.append(b"-" + _line(reply) + b"\r\n")
+        out.append(b"-" + _one_line(reply) + b"\r\n")
     elif isinstance(reply, Verbatim) and resp3:
         data = b"txt:" + reply.encode()
         out.append(b"=%d\r\n%s\r\n" % (len(data), data))
@@ -376,7 +376,7 @@ def _encode(reply, resp3: bool, out: list[bytes]) -> None:
         raise TypeError(f"no RESP form for {type(reply).__name__}")
 
 
-def _line(text: str) -> bytes:
+def _one_line(text: str) -> bytes:
     """A simple string or error on one line: CR and LF would end it early."""
     return text.replace("\r", " ").replace("\n", " ").encode()
 
