@@ -170,3 +170,13 @@ def test_mutated_requests_give_commands_or_a_protocol_error(sample, flips, contr
         if data:
             data[position % len(data)] = value
     check_input(bytes([control]) + bytes(data))
+
+
+@pytest.mark.parametrize("data", [b"*2\r\n$3\r\nGET\r\n", b"*1\r\n$4\r\nPI", b"PING", b"*1"])
+def test_a_request_cut_short_by_the_end_of_the_stream_is_an_error(data):
+    parser = RespParser(AUTHENTICATED)
+    parser.receive_data(data)
+    assert drain(parser) == []
+    parser.receive_data(b"")
+    with pytest.raises(ProtocolError, match="closed in mid-request"):
+        parser.next_event()

@@ -137,14 +137,19 @@ class RespParser:
             return _AGAIN
         return self._inline_step()
 
+    def _need_more(self):
+        """NEED_DATA, unless the peer has closed: a request cut short is an error."""
+        if self._eof:
+            raise ProtocolError("Protocol error: connection closed in mid-request")
+        return NEED_DATA
+
     def _line(self, what: str) -> bytes | None:
         """A CRLF-terminated header line taken from the buffer (without CRLF), or None."""
         end = self._buf.find(b"\r\n", 0, MAX_HEADER_LINE)
         if end < 0:
             if len(self._buf) >= MAX_HEADER_LINE:
                 raise ProtocolError(f"Protocol error: too big {what} string")
-            if self._eof:
-                raise ProtocolError("Protocol error: connection closed in mid-request")
+            self._need_more()
             return None
         line = bytes(self._buf[:end])
         del self._buf[:end + 2]
@@ -155,9 +160,7 @@ class RespParser:
         assert args is not None
         if self._bulk is None:
             if not self._buf:
-                if self._eof:
-                    raise ProtocolError("Protocol error: connection closed in mid-request")
-                return NEED_DATA
+                return self._need_more()
             if self._buf[0] != ord("$"):
                 got = chr(self._buf[0]) if 32 < self._buf[0] < 127 else repr(bytes(self._buf[:1]))
                 raise ProtocolError(f"Protocol error: expected '$', got '{got}'")
@@ -178,9 +181,7 @@ class RespParser:
                 raise ProtocolError("Protocol error: request too large for the query buffer")
             self._bulk = length
         if len(self._buf) < self._bulk + 2:
-            if self._eof:
-                raise ProtocolError("Protocol error: connection closed in mid-request")
-            return NEED_DATA
+            return self._need_more()
         if self._buf[self._bulk:self._bulk + 2] != b"\r\n":
             raise ProtocolError("Protocol error: bulk string not terminated by CRLF")
         args.append(bytes(self._buf[:self._bulk]))
@@ -214,17 +215,13 @@ class RespParser:
         assert left is not None
         if left:
             if not self._buf:
-                if self._eof:
-                    raise ProtocolError("Protocol error: connection closed in mid-request")
-                return NEED_DATA
+                return self._need_more()
             piece = bytes(self._buf[:left])
             del self._buf[:len(piece)]
             self._streaming = left - len(piece)
             return StreamData(piece)
         if len(self._buf) < 2:
-            if self._eof:
-                raise ProtocolError("Protocol error: connection closed in mid-request")
-            return NEED_DATA
+            return self._need_more()
         if self._buf[:2] != b"\r\n":
             raise ProtocolError("Protocol error: bulk string not terminated by CRLF")
         del self._buf[:2]
@@ -236,9 +233,7 @@ class RespParser:
         if end < 0:
             if len(self._buf) > self.limits.max_inline:
                 raise ProtocolError("Protocol error: too big inline request")
-            if self._eof:
-                raise ProtocolError("Protocol error: connection closed in mid-request")
-            return NEED_DATA
+            return self._need_more()
         line = bytes(self._buf[:end]).rstrip(b"\r")
         del self._buf[:end + 1]
         args = split_inline(line)
