@@ -22,19 +22,18 @@ from typing import IO, Any
 
 import trio
 
-from kvd import security
 from kvd.address import parse_address
 from kvd.errors import (
     ConnectFailed,
     KvdError,
     ProtocolError,
-    Unauthorized,
     error_from_code,
     unwrap_single_error,
 )
-from kvd.net.connection import FrameConnection
+from kvd.net.connection import FrameConnection, run_handshake
 from kvd.proto import codec
-from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
+from kvd.proto.handshake import ClientHandshake
+from kvd.proto.messages import FLAG_END, MsgType
 
 DEFAULT_ADDRESS = "127.0.0.1:7379"
 # Frame overhead allowance when deciding whether a value fits inline in a PUT frame.
@@ -294,8 +293,8 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
     """Connect, handshake and yield a Client; closes the connection on exit.
 
     ``hello_fields`` extends the HELLO (peers send role "peer" and their node id).
-    ``secret``: the cluster secret; the handshake then authenticates both ways with the
-    HMAC challenge-response of kvd.security (peers only). ``ssl_context``: speak TLS,
+    ``secret``: the cluster secret; the handshake (kvd.proto.handshake) then authenticates
+    both ways with the HMAC challenge-response (peers only). ``ssl_context``: speak TLS,
     verifying the node's certificate for the host name in ``address``. ``dial``: how to open
     the stream (default TCP; the simulator passes its in-memory network's)."""
     try:
@@ -311,15 +310,15 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
         stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
     conn = FrameConnection(stream)
     try:
-        hello: dict[str, Any] = {"versions": [PROTOCOL_VERSION], "role": "client"}
-        hello.update(hello_fields or {})
-        if token:
-            hello["token"] = token
+        machine = ClientHandshake(address, hello_fields, token=token, secret=secret,
+                                  seal=ssl_context is None)  # TLS protects its own records
         try:
             with trio.fail_after(connect_timeout):
-                reply = await _handshake(conn, address, hello, secret)
+                done = await run_handshake(stream, machine)
         except trio.TooSlowError:
             raise ConnectFailed(f"{address} did not answer the handshake") from None
+        await conn.finish_handshake(machine, done)
+        reply = done.hello
         conn.max_frame = max(reply["max_frame"], conn.max_frame) + _FRAME_SLACK
         client = Client(conn, reply)
         with unwrap_single_error():
@@ -331,45 +330,6 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
                     nursery.cancel_scope.cancel()
     finally:
         await conn.aclose()
-
-
-async def _handshake(conn: FrameConnection, address: str, hello: dict,
-                     secret: bytes | None) -> dict:
-    """HELLO -> HELLO_OK; with a secret, HELLO{nonce} -> HELLO_OK{nonce, proof} ->
-    HELLO{proof} -> HELLO_OK (docs/protocol.md section 2), then without TLS authenticated
-    records both ways (kvd.net.sealed). Returns the final HELLO_OK."""
-    nonce = None
-    if secret is not None:
-        nonce = hello["nonce"] = security.new_nonce()
-    await conn.send(codec.encode(MsgType.HELLO, 0, hello))
-    reply = await _hello_reply(conn, address)
-    if secret is None:
-        return reply
-    theirs = reply.get("nonce")
-    me, them = hello.get("node", ""), reply["node"]
-    expected = security.server_proof(secret, nonce, theirs or b"", me, them)
-    if not security.valid_nonce(theirs) or not security.verify_proof(expected, reply.get("proof")):
-        raise Unauthorized(f"peer {address} did not prove the cluster secret (is its "
-                           "cluster_secret_file the same as ours?)")
-    answer = {"versions": hello["versions"], "role": hello["role"],
-              "proof": security.client_proof(secret, nonce, theirs, me, them)}
-    if "node" in hello:
-        answer["node"] = hello["node"]
-    await conn.send(codec.encode(MsgType.HELLO, 0, answer))
-    to_them, to_us = security.session_keys(secret, nonce, theirs, me, them)
-    security.seal_peer_connection(conn, to_them, to_us)  # the final HELLO_OK is sealed
-    return await _hello_reply(conn, address)
-
-
-async def _hello_reply(conn: FrameConnection, address: str) -> dict:
-    reply = await conn.receive()
-    if reply is None:
-        raise ConnectFailed(f"{address} closed the connection during the handshake")
-    if reply.type == MsgType.ERROR:
-        raise error_from_code(reply.fields["code"], reply.fields["message"])
-    if reply.type != MsgType.HELLO_OK:
-        raise ProtocolError(f"expected HELLO_OK, got {reply.type.name}")
-    return reply.fields
 
 
 def _connect_reason(exc: BaseException) -> str:

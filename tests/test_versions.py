@@ -609,7 +609,7 @@ def test_counters_past_the_bound_are_refused_even_when_sealed(counter):
     """A context sealed with the right key (as one is without a cluster secret) still cannot
     carry a counter that overflows a clock."""
     body = b"\x01" + _pack(["a", counter])
-    from kvd.versions import _tag
+    from kvd.versions.encoding import _tag
     with pytest.raises(BadRequest, match="bad counter"):
         open_context(SEAL_KEY, b"k", body + _tag(SEAL_KEY, b"k", body))
     with pytest.raises(ValueError, match="clock"):
