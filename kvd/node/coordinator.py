@@ -31,9 +31,7 @@ Failure handling (DESIGN section 4):
 7. A write without a context (None) supersedes what the key's replicas hold when it is
    made: the coordinator reads them first, in the same request (DESIGN section 2). Only
    writes it cannot see, made concurrently elsewhere, become siblings. A blind write (an
-   empty context) supersedes nothing. Such writes of one key through this coordinator
-   take turns (a lock per key, held until W replicas have the write), so each reads the
-   one before it: 32 clients SETting one key leave one value, not 32 siblings.
+   empty context) supersedes nothing. Those of one key take turns here (kvd.node.turns).
 8. A late replica does not hold a request up while others can answer (Dynamo's hedged
    requests): a mint not answered within the hedge delay (a few times the typical mint
    time, at least ``HEDGE_FLOOR``, at most ``replica_timeout``) is also asked of the next
@@ -47,6 +45,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,6 +55,7 @@ from kvd import versions
 from kvd.clocks import REAL
 from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
 from kvd.node.replica import Replica
+from kvd.node.turns import KeyTurns
 
 log = logging.getLogger("kvd.coordinator")
 
@@ -127,7 +127,7 @@ class Coordinator:
         self._suspects: dict[str, float] = {}  # node -> until when it is tried last
         self._typical_mint = HEDGE_FLOOR / HEDGE_FACTOR  # moving average, seconds (rule 8)
         self.observer: RequestObserver | None = None
-        self._key_locks: dict[bytes, list] = {}  # key -> [lock, users] (rule 7)
+        self._turns = KeyTurns()  # writes without a context, per key (rule 7)
 
     async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable], deadline: float,
                     patience: float | None = None):
@@ -271,22 +271,10 @@ class Coordinator:
         """Write a value (inline, or streamed from ``chunks``) or a tombstone at quorum W
         (observed, rule 6). ``context`` None: supersede what the replicas hold now (rule 7);
         an empty context adds a sibling to whatever is there (a blind write)."""
-        def write():
-            return self._observed("delete" if deleted else "put", self._write(
+        async with self._turns.turn(key) if context is None else nullcontext():
+            return await self._observed("delete" if deleted else "put", self._write(
                 key, context, n, w, value=value, deleted=deleted, length=length,
                 chunks=chunks, timestamp=timestamp, vid=vid))
-
-        if context is not None:
-            return await write()
-        lock = self._key_locks.setdefault(key, [trio.Lock(), 0])
-        lock[1] += 1
-        try:
-            async with lock[0]:
-                return await write()
-        finally:
-            lock[1] -= 1
-            if not lock[1]:
-                del self._key_locks[key]
 
     async def _write(self, key: bytes, context: versions.VersionVector | None, n: int, w: int,
                      *, value: bytes, deleted: bool, length: int,
