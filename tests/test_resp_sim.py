@@ -90,6 +90,9 @@ async def test_concurrent_sets_on_two_nodes_conflict_and_kv_put_resolves(sim, au
     async with trio.open_nursery() as nursery:
         nursery.start_soon(one.call, "SET", "j", "a")
         nursery.start_soon(three.call, "SET", "j", "b")
+    assert await two.call("SET", "j", "x", "NX") is None  # it exists, as two siblings
+    assert str(await two.call("SET", "j", "x", "GET")).startswith("CONFLICT")
+    assert str(await two.call("STRLEN", "j")).startswith("CONFLICT")
     assert await two.call("SET", "j", "c") == "OK"
     assert await one.call("GET", "j") == b"c"
     assert await one.call("DEL", "j", "absent") == 1

@@ -121,9 +121,9 @@ async def set_(session, args):
         return Simple("OK")
     result = await _read(session.node, key)
     old = _value(key, result)
-    if isinstance(old, Error):
-        return old
-    exists = old is not None
+    if b"GET" in options and isinstance(old, Error):
+        return old  # GET cannot answer with one of several siblings
+    exists = _found(result)
     if (b"NX" in options and exists) or (b"XX" in options and not exists):
         return None
     await _write(session.node, key, _context_of(result), value=value)
@@ -170,11 +170,9 @@ async def mset(session, args):
 
 
 async def strlen(session, args):
-    key = args[1]
-    result = await _read(session.node, key)
-    value = _value(key, result)
-    if isinstance(value, Error) or value is None:
-        return value if value is not None else 0
+    value = _value(args[1], await _read(session.node, args[1]))
+    if value is None or isinstance(value, Error):
+        return value or 0
     return value.sibling.length if isinstance(value, Streamed) else len(value)
 
 
