@@ -28,8 +28,9 @@ needs_tools = pytest.mark.skipif(
     not REDIS_TOOLS, reason="redis-tools is not installed (as root: make ops-tools)")
 
 
-def _start(tmp_path, node_id="n1", **extra) -> KvdProcess:
-    node = KvdProcess(tmp_path / node_id / "data", node_id=node_id,
+def _start(tmp_path, node_id="n1", seeds=None, **extra) -> KvdProcess:
+    """A kvd daemon with a RESP port (``node.resp_port``)."""
+    node = KvdProcess(tmp_path / node_id / "data", node_id=node_id, seeds=seeds,
                       extra={"resp_listen": f"127.0.0.1:{free_port()}", **extra})
     node.resp_port = int(node.extra["resp_listen"].rpartition(":")[2])
     return node.start()
@@ -120,15 +121,11 @@ def test_a_read_token_reads_and_a_missing_token_gets_noauth(tmp_path):
 
 
 async def _form_resp_cluster(tmp_path, procs) -> list[KvdProcess]:
-    extra = {**GOSSIP, **SMALL_RING}
-    nodes = []
+    nodes: list[KvdProcess] = []
     for node_id in ("n1", "n2", "n3"):
-        node = KvdProcess(tmp_path / node_id / "data", node_id=node_id,
-                          extra={**extra, "resp_listen": f"127.0.0.1:{free_port()}"},
-                          seeds=[nodes[0].peer_address] if nodes else None)
-        node.resp_port = int(node.extra["resp_listen"].rpartition(":")[2])
-        procs.append(node)
-        nodes.append(node.start())
+        seeds = [nodes[0].peer_address] if nodes else None
+        nodes.append(_start(tmp_path, node_id, seeds, **GOSSIP, **SMALL_RING))
+        procs.append(nodes[-1])
     await join_all(nodes[0], nodes[1:])
     await akvctl_json(nodes[0], "cluster", "commit")
     await wait_formed(nodes)
