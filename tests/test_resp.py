@@ -67,6 +67,8 @@ def test_redis_cli_ping_set_get_del_a_10_mib_value_and_scan(node, tmp_path):
     listed = cli(node, "--scan", "--pattern", "scan:*").split()
     assert sorted(listed) == sorted(f"scan:{i}".encode() for i in range(30))
     assert b"unknown command 'FLUSHALL'" in cli(node, "FLUSHALL")
+    assert b"kvd_node:n1" in cli(node, "INFO", "server")
+    assert cli(node, "CONFIG", "GET", "appendonly") == b"appendonly\nno\n"
     with urllib.request.urlopen(f"http://{node.extra['metrics_listen']}/metrics") as page:
         metrics = page.read().decode()
     assert 'kvd_resp_command_duration_seconds_count{command="set",outcome="ok"}' in metrics

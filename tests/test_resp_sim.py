@@ -120,3 +120,17 @@ async def test_pipelines_are_answered_in_order_and_scan_lists_each_key_once(sim,
     assert sorted(seen) == sorted(b"key:%d" % i for i in range(300))
     assert await conn.call("DBSIZE") == 300
     assert not sim.crashes, sim.crashes
+
+
+async def test_an_idle_connection_is_closed_after_idle_timeout(sim, autojump_clock):
+    await _cluster(sim)
+    conn = await _connect(sim, "n1")
+    assert await conn.call("PING") == "PONG"
+    began = trio.current_time()
+    assert await conn.stream.receive_some(100) == b""  # closed by the node, not by us
+    idle = sim.nodes["n1"].node.config.idle_timeout
+    assert idle <= trio.current_time() - began < idle + 1
+    silent = await _connect(sim, "n1")  # never sends a byte: pending, handshake_timeout
+    began = trio.current_time()
+    assert await silent.stream.receive_some(100) == b""
+    assert trio.current_time() - began < idle
