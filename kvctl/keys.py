@@ -48,7 +48,7 @@ def _walk(wanted: bytes, limit: int | None, as_json: bool):
             reply = await client.admin({"op": "keys", "partition": position[0],
                                         "after": position[1], "prefix": wanted,
                                         "limit": page})
-            found = reply["keys"][: None if limit is None else limit - listed]
+            found = reply["keys"]  # at most ``page``
             _print(found, as_json, terminal)
             listed += len(found)
             position = reply["next"]
@@ -65,10 +65,15 @@ def _print(found: list[bytes], as_json: bool, terminal: bool) -> None:
             out.write(json.dumps({"key": text, "encoding": encoding}) + "\n")
     elif terminal:
         for key in found:
-            out.write(repr(key)[2:-1] + "\n" if not key.isascii() or not key.decode().isprintable()
-                      else key.decode() + "\n")
+            out.write(_escaped(key) + "\n")
     else:
         out.flush()
         out.buffer.write(b"".join(key + b"\n" for key in found))
         out.buffer.flush()
     out.flush()
+
+
+def _escaped(key: bytes) -> str:
+    """A key for a terminal: control and non-ASCII bytes as escapes, as redis-cli shows them."""
+    text = key.decode("latin-1")
+    return text if text.isascii() and text.isprintable() else repr(key)[2:-1]
