@@ -148,6 +148,9 @@ async def test_redis_py_resp2_and_resp3_pipelines_conflicts_and_kvctl_keys(tmp_p
             for i in range(1000):
                 pipe.get(f"p{number}:{i}")
             assert pipe.execute() == [f"value {i}".encode() for i in range(1000)]
+    for r in clients:  # what a client library asks on its own, in both protocols
+        assert r.command()["get"]["arity"] == 2
+        assert r.info("cluster")["kvd_members"] == 3
     other = redis.Redis(port=nodes[2].resp_port, protocol=3)
     assert other.mget(["p0:1", "p1:2", "absent"]) == [b"value 1", b"value 2", None]
     assert other.client_info()["resp"] == "3"

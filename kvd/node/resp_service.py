@@ -385,11 +385,17 @@ async def command(session, args):
         return {}
     if sub in (b"", b"INFO"):
         names = [a.upper() for a in args[2:]] if sub else sorted(table)
-        return [[name.lower(), table[name][1], [], 1 if name in resp_data.COMMANDS else 0,
-                 1 if name in resp_data.COMMANDS else 0, 1] if name in table else None
+        return [_command_info(name, table[name][1]) if name in table else None
                 for name in names]
     return Error(f"ERR unknown subcommand '{sub.decode(errors='replace')}'. "
                  "Try COMMAND HELP.")
+
+
+def _command_info(name: bytes, arity: int) -> list:
+    """Redis 7's ten fields: name, arity, flags, first/last key and step, ACL categories,
+    tips, key specs, subcommands (data commands take their key first; kvd has no more)."""
+    key = 1 if name in resp_data.COMMANDS else 0
+    return [name.lower(), arity, [], key, key, key, [], [], [], []]
 
 
 _CONFIG = {b"save": b"", b"appendonly": b"no", b"databases": b"1", b"maxmemory": b"0"}
