@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo demo-stop test test-fast bench fuzz soak clean deb man ops-tools sim chaos chaos-tools
+.PHONY: venv demo demo-stop test typecheck test-fast bench fuzz soak clean deb man ops-tools sim chaos chaos-tools
 
 venv: $(STAMP)
 
@@ -24,9 +24,13 @@ demo-stop:
 # Two passes: the tests that measure latency under load or saturate the machine (marked
 # `alone`) run by themselves after the rest, which runs on every core (pytest-xdist).
 PYTEST := PYTHONHASHSEED=0 $(BIN)/python -m pytest -q -p no:cacheprovider
-test: venv ops-tools chaos-tools
+test: venv ops-tools chaos-tools typecheck
 	$(PYTEST) -n auto -m "not alone" tests
 	$(PYTEST) -m alone tests
+
+# mypy over kvd/ and kvctl/ ([tool.mypy] in pyproject.toml); its cache is .mypy_cache/.
+typecheck: venv
+	$(BIN)/python -m mypy
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests

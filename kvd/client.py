@@ -1,4 +1,5 @@
-"""The kvd client library: an async (trio) client and a small synchronous wrapper.
+"""The kvd client library: the async (trio) client; SyncClient, the blocking wrapper for
+scripts, lives in kvd.blocking_client and is importable from here.
 
 One connection carries many requests at once: each request gets a fresh request id and a
 channel; a reader task routes reply frames to it. Values above the server's chunk size are
@@ -13,16 +14,26 @@ value is.
 from __future__ import annotations
 
 import itertools
-import os
 import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 import trio
 
 from kvd.address import parse_address
+from kvd.blocking_client import SyncClient  # noqa: F401  (the blocking wrapper, kept here)
+from kvd.client_protocol import (
+    DEFAULT_ADDRESS,
+    GetResult,
+    PutResult,
+    Sibling,
+    get_fields,
+    put_fields,
+    put_length,
+    put_result,
+    write_fields,
+)
 from kvd.errors import (
     ConnectFailed,
     KvdError,
@@ -35,32 +46,8 @@ from kvd.proto import codec
 from kvd.proto.handshake import ClientHandshake
 from kvd.proto.messages import FLAG_END, MsgType
 
-DEFAULT_ADDRESS = "127.0.0.1:7379"
 # Frame overhead allowance when deciding whether a value fits inline in a PUT frame.
 _FRAME_SLACK = 4096
-
-
-@dataclass
-class Sibling:
-    value: bytes
-    deleted: bool
-    length: int
-
-
-@dataclass
-class GetResult:
-    key: bytes
-    found: bool
-    context: bytes
-    siblings: list[Sibling] = field(default_factory=list)
-    replicas: int = 0
-
-
-@dataclass
-class PutResult:
-    context: bytes
-    siblings: int
-    replicas: int
 
 
 class Client:
@@ -152,12 +139,7 @@ class Client:
         Streamed values are written to ``sink(index, sibling_count)`` (a binary file, written
         from a worker thread) when a sink is given; otherwise they are gathered into memory.
         """
-        fields: dict[str, Any] = {"key": key}
-        if r:
-            fields["r"] = r
-        if n:
-            fields["n"] = n
-        async with self._request(MsgType.GET, fields) as (_, next_reply):
+        async with self._request(MsgType.GET, get_fields(key, r=r, n=n)) as (_, next_reply):
             reply = await next_reply()
             body = reply.fields
             siblings = []
@@ -200,20 +182,12 @@ class Client:
         With ``context`` (from a GET or PUT reply of this key) the write supersedes what that
         context saw; without one, what the cluster holds when it is made; ``blind`` supersedes
         nothing and adds a sibling (docs/protocol.md, "Contexts")."""
-        if (value is None) == (source is None):
-            raise ValueError("give exactly one of value and source")
-        if source is not None and length is None:
-            length = os.fstat(source.fileno()).st_size
-        total = len(value) if value is not None else length
-        fields: dict[str, Any] = {"key": key, "length": total, **_write_mode(context, blind)}
-        if n:
-            fields["n"] = n
-        if w:
-            fields["w"] = w
+        total = put_length(value, source, length)
+        fields = put_fields(key, total, context=context, blind=blind, n=n, w=w)
         inline = value is not None and total <= self.chunk_size
         if inline:
             fields["value"] = value
-            return PutResult(**_put_reply(await self._call(MsgType.PUT, fields, MsgType.PUT_REPLY)))
+            return put_result(await self._call(MsgType.PUT, fields, MsgType.PUT_REPLY))
         async with self._request(MsgType.PUT, fields) as (rid, next_reply):
             async with trio.open_nursery() as nursery:
                 # An early ERROR reply raises here and cancels the sender.
@@ -221,7 +195,7 @@ class Client:
                 reply = await next_reply()
         if reply.type != MsgType.PUT_REPLY:
             raise ProtocolError(f"expected PUT_REPLY, got {reply.type.name}")
-        return PutResult(**_put_reply(reply.fields))
+        return put_result(reply.fields)
 
     async def _send_stream(self, rid: int, total: int, value, source) -> None:
         sent = 0
@@ -242,12 +216,8 @@ class Client:
         n: int | None = None, w: int | None = None
     ) -> PutResult:
         """Write a tombstone; ``context`` and ``blind`` as for ``put``."""
-        fields: dict[str, Any] = {"key": key, **_write_mode(context, blind)}
-        if n:
-            fields["n"] = n
-        if w:
-            fields["w"] = w
-        return PutResult(**_put_reply(await self._call(MsgType.DELETE, fields, MsgType.PUT_REPLY)))
+        fields = write_fields(key, context=context, blind=blind, n=n, w=w)
+        return put_result(await self._call(MsgType.DELETE, fields, MsgType.PUT_REPLY))
 
     async def status(self) -> dict:
         return await self._call(MsgType.STATUS, {}, MsgType.STATUS_REPLY)
@@ -261,19 +231,6 @@ class Client:
     async def admin(self, fields: dict) -> dict:
         """Cluster administration (join, leave, plan, commit, ...), see docs/protocol.md."""
         return await self._call(MsgType.ADMIN, fields, MsgType.ADMIN_REPLY)
-
-
-def _write_mode(context: bytes | None, blind: bool) -> dict[str, Any]:
-    """The PUT/DELETE fields that say what a write supersedes."""
-    if context and blind:
-        raise ValueError("a write has a context or is blind, not both")
-    if context:
-        return {"context": context}
-    return {"blind": True} if blind else {}
-
-
-def _put_reply(fields: dict) -> dict:
-    return {"context": fields["context"], "siblings": fields["siblings"], "replicas": fields["replicas"]}
 
 
 Dial = Callable[[str], Awaitable[trio.abc.Stream]]
@@ -342,33 +299,3 @@ def _connect_reason(exc: BaseException) -> str:
         if isinstance(candidate, OSError) and candidate.strerror:
             return candidate.strerror
     return "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-
-
-class SyncClient:
-    """A blocking wrapper for scripts: each call opens a connection, runs, and closes it."""
-
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None):
-        self.address = address
-        self.token = token
-
-    def _run(self, method: str, *args, **kwargs):
-        async def call():
-            async with open_client(self.address, token=self.token) as client:
-                return await getattr(client, method)(*args, **kwargs)
-
-        return trio.run(call)
-
-    def get(self, key: bytes, **kwargs) -> GetResult:
-        return self._run("get", key, **kwargs)
-
-    def put(self, key: bytes, value: bytes | None = None, **kwargs) -> PutResult:
-        return self._run("put", key, value, **kwargs)
-
-    def delete(self, key: bytes, **kwargs) -> PutResult:
-        return self._run("delete", key, **kwargs)
-
-    def status(self) -> dict:
-        return self._run("status")
-
-    def inspect(self, key: bytes) -> dict:
-        return self._run("inspect", key)

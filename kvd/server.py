@@ -157,6 +157,7 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
         make_private(data_dir)
     async with open_storage(data_dir, sync=config.sync, sync_interval=config.sync_interval,
                             cache_mb=config.cache_mb, disk=disk) as storage:
+        blobs: BlobStore | MemoryBlobStore
         if data_dir is None:
             blobs = MemoryBlobStore(disk)
         else:
@@ -349,7 +350,7 @@ async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> 
         pass
 
 
-async def _handshake(node: Node, conn: FrameConnection, role: str,
+async def _handshake(node: Node, conn: GuardedConnection, role: str,
                      ticket: Ticket | None = None) -> None:
     """The server side of kvd.proto.handshake (HELLO, and for peers with a cluster secret
     the challenge-response), all within ``handshake_timeout``; then HELLO_OK and the frame
@@ -359,7 +360,8 @@ async def _handshake(node: Node, conn: FrameConnection, role: str,
     machine = ServerHandshake(
         role, node.node_id, max_frame=node.config.max_frame, chunk_size=node.config.chunk_size,
         authorize=partial(security.authorize, role, host), secret=security.secret,
-        seal=not isinstance(conn.stream, trio.SSLStream))
+        seal=not isinstance(conn.stream, trio.SSLStream),
+        ports={"client": node.config.listen, "peer": node.config.peer_listen})
     with trio.move_on_after(node.config.handshake_timeout) as scope:
         try:
             done = await run_handshake(conn.stream, machine)
@@ -378,7 +380,7 @@ async def _handshake(node: Node, conn: FrameConnection, role: str,
     await conn.finish_handshake(machine, done)
 
 
-async def _serve_connection(node: Node, conn: FrameConnection, role: str,
+async def _serve_connection(node: Node, conn: GuardedConnection, role: str,
                             ticket: Ticket | None = None) -> None:
     await _handshake(node, conn, role, ticket)
     handlers = PEER_HANDLERS if role == "peer" else CLIENT_HANDLERS

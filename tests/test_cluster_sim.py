@@ -576,13 +576,16 @@ async def test_deletes_with_a_replica_away_never_come_back(sim, autojump_clock):
     await trio.sleep(max(DETECT, deleted_at + GRACE + 1.0 - trio.current_time()))
     assert await states(sim, "n1") == {"n1": "UN", "n2": "UN", "n3": "DN"}
     for name in ("n1", "n2"):
-        assert (await repair(sim, name))["tombstones_purged"] == 0, name
+        away = await repair(sim, name)
+        assert away["tombstones_purged"] == 0, name
+        assert away["unreachable"] == ["n3"], away  # kvctl repair --wait names it
 
     # n3 back, grace over, every replica holds them: purged, everywhere.
     sim.net.heal()
     await trio.sleep(DETECT)
     purged = await repair(sim, "n1")
     assert purged["keys_repaired"] == 0 and purged["tombstones_purged"] == len(keys), purged
+    assert purged["unreachable"] == [], purged
     async with client(sim, "n2") as c:
         for key in keys:
             doc = await c.inspect(key)

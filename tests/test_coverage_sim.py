@@ -41,7 +41,7 @@ async def test_kvctl_keys_lists_10000_keys_once_each_from_a_3_node_cluster(
     written = [b"user:%05d" % i for i in range(10_000)]
     await _write(sim, names, written)
     async with sim.open_client("n2", sim.client_address()) as client:
-        await keys._walk(b"", None, as_json=True)(client)  # kvctl keys --json, over the sim
+        await keys.walk(b"", None, as_json=True)(client)  # kvctl keys --json, over the sim
     out = capsys.readouterr()
     listed = [json.loads(line)["key"].encode() for line in out.out.splitlines()]
     assert "full scan" in out.err

@@ -35,8 +35,10 @@ def _key(fields) -> bytes:
 def _quorum_params(node, fields, name: str) -> tuple[int, int]:
     """(n, r or w) for a request: its own values or the config's, validated, then capped by
     the number of nodes in the ring (docs/DECISIONS.md: a cluster smaller than N)."""
-    n = fields.get("n") or node.config.n
-    quorum = fields.get(name) or min(getattr(node.config, name), n)
+    n = fields["n"] if fields.get("n") is not None else node.config.n
+    quorum = fields.get(name)
+    if quorum is None:
+        quorum = min(getattr(node.config, name), n)
     if not 1 <= n <= 16:
         raise BadRequest(f"n={n} must be between 1 and 16")
     if not 1 <= quorum <= n:
@@ -205,7 +207,7 @@ async def _inspect(node, conn, message, _chunks) -> None:
     n = min(node.config.n, node.member_count())
     replicas = []
     for member, role in cluster.routing.replica_roles(key, n):
-        entry = {"node": member, "role": role, "present": False, "siblings": 0, "digest": "",
+        entry = {"node": member, "role": role.value, "present": False, "siblings": 0, "digest": "",
                  "version": b"", "deleted": False}
         try:
             with trio.fail_after(node.config.request_timeout):

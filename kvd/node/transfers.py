@@ -241,8 +241,10 @@ class Transfers:
             except _RETRYABLE as exc:
                 failed.append((q, exc))
                 return
-        self.plan["todo"].discard(q)
-        self.progress["partitions_left"] = len(self.plan["todo"])
+        plan = self.plan
+        assert plan is not None  # only _run_plan ends a plan, once its fetches are over
+        plan["todo"].discard(q)
+        self.progress["partitions_left"] = len(plan["todo"])
         await self._save_plan()
 
     def _sources(self, q: int) -> list[str]:

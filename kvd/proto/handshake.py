@@ -69,7 +69,7 @@ from kvd.errors import (
     error_from_code,
 )
 from kvd.proto import codec
-from kvd.proto.codec import NEED_DATA, FrameDecoder, Message
+from kvd.proto.codec import NEED_DATA, FrameDecoder, Message, NeedData
 from kvd.proto.messages import PRE_AUTH_MAX_FRAME, PROTOCOL_VERSION, MsgType
 from kvd.proto.records import Opener, Sealer
 
@@ -162,7 +162,7 @@ class _Wire:
     opener: Opener | None = None
     eof: bool = False
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if self.eof:
             if data:
                 raise RuntimeError("receive_data called with data after EOF")
@@ -173,7 +173,7 @@ class _Wire:
         elif data:
             self.opener.receive_data(data)
 
-    def next_message(self) -> Message | object | None:
+    def next_message(self) -> Message | NeedData | None:
         """The next whole frame (Rule 2's limit), NEED_DATA, or None at a clean EOF."""
         while True:
             message = self.decoder.next_message()
@@ -211,7 +211,7 @@ class _Handshake:
         self._done: Done | None = None
         self._error: KvdError | None = None
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add bytes read from the connection; ``b""`` means the other side closed it."""
         self._wire.receive_data(data)
 
@@ -227,7 +227,7 @@ class _Handshake:
         assert self._done is not None, "the handshake is not done"
         return self._wire.decoder.detach()
 
-    def next_event(self) -> Done | object:
+    def next_event(self) -> Done | NeedData:
         """``Done`` once the handshake succeeded, NEED_DATA until then; raises the refusal."""
         if self._error is not None:
             raise self._error
@@ -292,15 +292,15 @@ class ClientHandshake(_Handshake):
 
     def _answer(self, challenge: dict[str, Any]) -> None:
         assert self.secret is not None and self._nonce is not None
-        theirs = challenge.get("nonce")
+        theirs = challenge.get("nonce") or b""  # empty: not a valid nonce, refused below
         me, them = self._hello.get("node", ""), challenge["node"]
-        expected = server_proof(self.secret, self._nonce, theirs or b"", me, them)
+        expected = server_proof(self.secret, self._nonce, theirs, me, them)
         if (not valid_nonce(theirs) or theirs == self._nonce
                 or not verify_proof(expected, challenge.get("proof"))):
             raise Unauthorized(f"peer {self.address} did not prove the cluster secret (is its "
                                "cluster_secret_file the same as ours?)")
-        answer = {key: self._hello[key] for key in ("versions", "role", "node")
-                  if key in self._hello}
+        answer: dict[str, Any] = {key: self._hello[key] for key in ("versions", "role", "node")
+                                  if key in self._hello}
         answer["proof"] = client_proof(self.secret, self._nonce, theirs, me, them)
         self._wire.send(MsgType.HELLO, 0, answer)
         self._challenged = True
@@ -313,15 +313,18 @@ class ServerHandshake(_Handshake):
 
     ``authorize(hello)`` judges the first HELLO (rule 7); ``secret``: peers must prove it;
     ``seal``: records after a peer handshake (False over TLS); ``max_frame`` and
-    ``chunk_size`` go in the final HELLO_OK."""
+    ``chunk_size`` go in the final HELLO_OK; ``ports`` (role -> address) lets a refusal on
+    the wrong port name the right one."""
 
     def __init__(self, role: str, node: str, *, max_frame: int,
                  authorize: Callable[[Message], Any] | None = None,
                  secret: bytes | None = None, seal: bool = True,
-                 chunk_size: int | None = None, nonce: bytes | None = None) -> None:
+                 chunk_size: int | None = None, nonce: bytes | None = None,
+                 ports: dict[str, str] | None = None) -> None:
         super().__init__()
         self.role = role
         self.node = node
+        self._ports = ports or {}
         self.secret = secret if role == "peer" else None
         self._seal = seal
         self._authorize = authorize
@@ -332,6 +335,16 @@ class ServerHandshake(_Handshake):
         self._nonce = nonce
         self.hello: Message | None = None  # the first HELLO, once read (for refusal logs)
         self._grant: Any = None
+
+    def _wrong_port(self, came: str) -> str:
+        """The refusal of a HELLO on the wrong port, naming the port to use instead."""
+        right = self._ports.get(came)
+        if right is None:
+            return f"this is the {self.role} port; a {came[:16]!r} connected to it"
+        users = "clients and kvctl use" if came == "client" else "nodes use"
+        setting = "listen" if came == "client" else "peer_listen"
+        return (f"this is the {self.role} port of node {self.node}; {users} its {came} port "
+                f"{right} ({setting})")
 
     def _step(self, message: Message | None) -> None:
         if self.hello is None:
@@ -347,7 +360,7 @@ class ServerHandshake(_Handshake):
         self.hello = hello
         role = hello.fields["role"]
         if role != self.role:
-            raise ProtocolError(f"this is the {self.role} port; a {role[:16]!r} connected to it")
+            raise ProtocolError(self._wrong_port(role))
         if PROTOCOL_VERSION not in hello.fields["versions"]:
             raise ProtocolError(f"no common protocol version (server speaks {PROTOCOL_VERSION}, "
                                 f"client offers {hello.fields['versions'][:8]})")

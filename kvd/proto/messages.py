@@ -103,6 +103,8 @@ OPTIONAL_INT = (int, type(None))
 REQUIRED = True
 OPTIONAL = False
 
+Schema = dict[str, tuple[object, bool]]  # field -> (the types it may have, required)
+
 SIBLING = {
     "value": (OPTIONAL_BYTES, REQUIRED),  # None: the value follows as CHUNK frames
     "length": (INT, REQUIRED),
@@ -112,7 +114,7 @@ SIBLING = {
 FREE_FORM: dict = {}
 """Schema of bodies that are only checked to be maps (the cluster layer defines them)."""
 
-SCHEMA: dict[MsgType, dict[str, tuple[object, bool]]] = {
+SCHEMA: dict[MsgType, Schema] = {
     MsgType.HELLO: {
         "versions": (ListOf(INT), REQUIRED),
         "role": (STR, REQUIRED),  # "client" | "peer"
@@ -192,7 +194,7 @@ SCHEMA: dict[MsgType, dict[str, tuple[object, bool]]] = {
 }
 """Body schema of every map-bodied type: field -> (type, required)."""
 
-_KEY = {"key": (BYTES, REQUIRED)}
+_KEY: Schema = {"key": (BYTES, REQUIRED)}
 _OBJECT = {  # an object inline, or staged on the receiver by earlier chunk requests
     "object": (OPTIONAL_BYTES, OPTIONAL),
     "staged": (Tuple((BYTES, INT)), OPTIONAL),  # [vid, length]
@@ -206,7 +208,7 @@ PAYLOAD = {  # what a coordinating replica writes (kvd.node.remote.encode_payloa
 }
 _NOTHING: dict = {}
 
-OPS: dict[MsgType, dict[str, dict[str, tuple[object, bool]]]] = {
+OPS: dict[MsgType, dict[str, Schema]] = {
     MsgType.REPLICA_GET: {
         "get": _KEY,
         "blob": {**_KEY, "vid": (BYTES, REQUIRED), "offset": (INT, REQUIRED),
