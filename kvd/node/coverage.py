@@ -108,7 +108,7 @@ async def _one_replica(node, partition: int, after: bytes, prefix: bytes, limit:
                                                 MsgType.REPLICA_GET, fields,
                                                 MsgType.REPLICA_GET_REPLY)
         except (KvdError, OSError, trio.TooSlowError) as exc:
-            failures.append(f"{member}: {exc or 'timed out'}")
+            failures.append(f"{member}: {str(exc) or 'timed out'}")
     raise Unavailable(f"no replica of partition {partition} answered the key listing"
                       + (f" ({'; '.join(failures)})" if failures else " (none is up)"))
 
@@ -116,7 +116,8 @@ async def _one_replica(node, partition: int, after: bytes, prefix: bytes, limit:
 async def count(node) -> int:
     """The number of live keys in the cluster: the whole coverage walk, counted (exact at
     the moment each partition is read, and as costly as listing every key)."""
-    total, position = 0, (0, b"")
+    total = 0
+    position: tuple[int, bytes] | None = (0, b"")
     while position is not None:
         found, position = await page(node, *position)
         total += len(found)

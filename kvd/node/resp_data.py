@@ -29,6 +29,7 @@ from kvd import versions
 from kvd.node import coverage
 from kvd.node.client_service import _quorum_params, _settled
 from kvd.node.local import new_vid
+from kvd.node.replica import Replica
 from kvd.proto.messages import validate_key
 from kvd.proto.resp import Error, Simple, glob_match, literal_prefix
 
@@ -45,7 +46,7 @@ class Streamed:
 
     key: bytes
     sibling: versions.Sibling
-    source: object
+    source: Replica | None  # a replica holding every chunk (the coordinator's ReadResult)
 
 
 def shown(key: bytes) -> str:

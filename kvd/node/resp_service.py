@@ -161,11 +161,12 @@ async def execute(session: Session, args: list[bytes]):
         session.reply(Error(f"ERR wrong number of arguments for '{name.decode().lower()}' "
                             "command"))
         return None
-    if role is not None and session.grant is None:
+    grant = session.grant
+    if role is not None and grant is None:
         session.reply(Error("NOAUTH Authentication required."))
         return None
-    if role is not None and not session.grant.allows(role):
-        session.reply(Error(f"NOPERM {session.grant.name} has role {session.grant.role}; "
+    if role is not None and grant is not None and not grant.allows(role):
+        session.reply(Error(f"NOPERM {grant.name} has role {grant.role}; "
                             f"'{name.decode().lower()}' needs {role}"))
         return None
     started = trio.current_time()
@@ -216,13 +217,14 @@ def _error_reply(exc: KvdError) -> Error:
 
 async def _send_streamed(session: Session, item: resp_data.Streamed) -> None:
     """A chunked value, read from a replica piece by piece (kvd.node.resp_data Rule 4)."""
-    if item.source is None:
+    chunks = item.sibling.chunks
+    if item.source is None or chunks is None:
         session.reply(Error(f"UNAVAILABLE no replica answering holds the chunks of key "
                             f"{resp_data.shown(item.key)}"))
         return
-    session.out.append(resp.bulk_header(item.sibling.length))
+    session.out.append(resp.bulk_header(chunks.length))
     await session.flush()
-    async for data in item.source.read_chunks(item.key, item.sibling.chunks):
+    async for data in item.source.read_chunks(item.key, chunks):
         await session.stream.send_all(data)
     session.out.append(b"\r\n")
 
