@@ -65,3 +65,10 @@ async def test_keys_skips_deleted_keys_and_survives_a_down_replica(sim, autojump
     await trio.sleep(30)  # the failure detector notices
     assert sorted(await _all_keys(sim, "n1")) == written[50:]
     assert await coverage.count(sim.nodes["n2"].node) == 150
+
+
+def test_listing_keys_needs_the_read_role_only():
+    from kvd.proto.messages import MsgType
+    from kvd.security import required_role
+
+    assert required_role(MsgType.ADMIN, {"op": "keys"}) == "read"
