@@ -14,6 +14,7 @@ from collections import Counter
 import trio
 
 from kvd.errors import BadRequest, KvdError
+from kvd.node import coverage
 from kvd.proto.messages import MsgType
 from kvd.membership import cluster_state as cs
 
@@ -66,6 +67,11 @@ async def handle(node, fields: dict) -> dict:
         dropped = [c.describe() for c in cluster.state.staged]
         await cluster.staging.clear()
         return {"cleared": dropped}
+    if op == "keys":
+        found, position = await coverage.page(
+            node, fields.get("partition") or 0, fields.get("after") or b"",
+            fields.get("prefix") or b"", fields.get("limit") or coverage.PAGE_LIMIT)
+        return {"keys": found, "next": None if position is None else list(position)}
     if op == "ring":
         state = cluster.state
         return {"q": state.ring.q, "version": state.ring.version,

@@ -31,7 +31,7 @@ Failure handling (DESIGN section 4):
 7. A write without a context (None) supersedes what the key's replicas hold when it is
    made: the coordinator reads them first, in the same request (DESIGN section 2). Only
    writes it cannot see, made concurrently elsewhere, become siblings. A blind write (an
-   empty context) supersedes nothing.
+   empty context) supersedes nothing. Those of one key take turns here (kvd.node.turns).
 8. A late replica does not hold a request up while others can answer (Dynamo's hedged
    requests): a mint not answered within the hedge delay (a few times the typical mint
    time, at least ``HEDGE_FLOOR``, at most ``replica_timeout``) is also asked of the next
@@ -45,6 +45,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -54,6 +55,7 @@ from kvd import versions
 from kvd.clocks import REAL
 from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
 from kvd.node.replica import Replica, Role
+from kvd.node.turns import KeyTurns
 
 log = logging.getLogger("kvd.coordinator")
 
@@ -129,6 +131,7 @@ class Coordinator:
         self._suspects: dict[str, float] = {}  # node -> until when it is tried last
         self._typical_mint = HEDGE_FLOOR / HEDGE_FACTOR  # moving average, seconds (rule 8)
         self.observer: RequestObserver | None = None
+        self._turns = KeyTurns()  # writes without a context, per key (rule 7)
 
     async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable[T]],
                     deadline: float, patience: float | None = None) -> T:
@@ -256,26 +259,17 @@ class Coordinator:
                 except (KvdError, trio.TooSlowError, OSError) as exc:
                     log.info("read repair of %r on %s failed: %s", key[:64], replica.node, exc)
 
-    async def put(
-        self,
-        key: bytes,
-        context: versions.VersionVector | None,
-        n: int,
-        w: int,
-        *,
-        value: bytes = b"",
-        deleted: bool = False,
-        length: int = 0,
-        chunks: AsyncIterator[bytes] | None = None,
-        timestamp: float = 0.0,
-        vid: bytes = b"",
-    ) -> WriteResult:
+    async def put(self, key: bytes, context: versions.VersionVector | None, n: int, w: int, *,
+                  value: bytes = b"", deleted: bool = False, length: int = 0,
+                  chunks: AsyncIterator[bytes] | None = None, timestamp: float = 0.0,
+                  vid: bytes = b"") -> WriteResult:
         """Write a value (inline, or streamed from ``chunks``) or a tombstone at quorum W
         (observed, rule 6). ``context`` None: supersede what the replicas hold now (rule 7);
         an empty context adds a sibling to whatever is there (a blind write)."""
-        write = self._write(key, context, n, w, value=value, deleted=deleted, length=length,
-                            chunks=chunks, timestamp=timestamp, vid=vid)
-        return await self._observed("delete" if deleted else "put", write)
+        async with self._turns.turn(key) if context is None else nullcontext():
+            return await self._observed("delete" if deleted else "put", self._write(
+                key, context, n, w, value=value, deleted=deleted, length=length,
+                chunks=chunks, timestamp=timestamp, vid=vid))
 
     async def _write(self, key: bytes, context: versions.VersionVector | None, n: int, w: int,
                      *, value: bytes, deleted: bool, length: int,

@@ -222,6 +222,9 @@ OPS: dict[MsgType, dict[str, Schema]] = {
         "aae-segments": {"partition": (INT, REQUIRED), "branch": (INT, REQUIRED)},
         "aae-keys": {"partition": (INT, REQUIRED), "segment": (INT, REQUIRED),
                      "after": (OPTIONAL_BYTES, OPTIONAL)},
+        # One replica's live keys of a partition, for a coverage query (kvd.node.coverage).
+        "keys": {"partition": (INT, REQUIRED), "after": (BYTES, REQUIRED),
+                 "prefix": (BYTES, REQUIRED), "limit": (INT, REQUIRED)},
     },
     MsgType.REPLICA_PUT: {
         "coordinate": {**_KEY, "context": (BYTES, REQUIRED), "payload": (PAYLOAD, REQUIRED)},
@@ -242,6 +245,9 @@ OPS: dict[MsgType, dict[str, Schema]] = {
         "plan": _NOTHING, "commit": _NOTHING, "abort": _NOTHING, "clear": _NOTHING,
         "ring": _NOTHING,
         "repair": {"partition": (OPTIONAL_INT, OPTIONAL), "wait": (BOOL, OPTIONAL)},
+        # A page of the coverage query (kvctl keys): from (partition, after) on.
+        "keys": {"partition": (INT, OPTIONAL), "after": (BYTES, OPTIONAL),
+                 "prefix": (BYTES, OPTIONAL), "limit": (INT, OPTIONAL)},
         # both ports
         "transfers": _NOTHING,
         # peer port
