@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -134,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for var in unknown_env_vars(os.environ):
         log.warning("ignoring environment variable %s: it matches no config key", var)
 
+    # Until the reload task listens for SIGHUP, one asked for is dropped, not fatal (its
+    # default action killed a node reloaded the moment its port opened).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         from kvd.systemd import set_reload_source  # SIGHUP re-reads the same sources
 
