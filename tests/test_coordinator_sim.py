@@ -183,6 +183,34 @@ async def test_a_silent_first_primary_costs_a_write_a_hedge_not_a_replica_timeou
         nursery.cancel_scope.cancel()
 
 
+async def test_a_mint_that_lost_the_hedge_race_reaches_every_replica(autojump_clock):
+    """Rule 8: the first primary mints late (after the next one won), so it holds a twin
+    dot the others lack. With anti-entropy and read repair off, only the coordinator can
+    give the twin to the others: every replica must end with the same object."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, anti_entropy=False, read_repair=False)
+        keys = [_key_with(sim, "n2", prefix=b"twin%d-" % i) for i in range(5)]
+        store = sim.nodes["n2"].node.store
+        coordinate = store.coordinate
+
+        async def slow_to_answer(*args, **kwargs):  # a slow fsync: applied, answered late
+            minted = await coordinate(*args, **kwargs)
+            await trio.sleep(0.5)  # past the hedge delay, within replica_timeout
+            return minted
+
+        store.coordinate = slow_to_answer
+        src = sim.client_address()
+        async with sim.open_client("n1", src) as c:
+            for key in keys:
+                await c.put(key, b"v", w=3)
+        await trio.sleep(10)
+        for key in keys:
+            held = {name: sim.nodes[name].node.store.read(key) for name in ("n1", "n2", "n3")}
+            assert len(set(held.values())) == 1, (key, held)
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
 async def test_detection_time_stays_bounded_after_earlier_pauses(autojump_clock):
     """Bug 16, whole nodes: n3 is cut off for 20 s five times, a minute apart. Every other
     node must judge it down as fast after the fifth pause as after the first."""

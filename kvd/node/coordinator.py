@@ -54,6 +54,7 @@ import trio
 from kvd import versions
 from kvd.clocks import REAL
 from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
+from kvd.node.quorum_message import quorum_message
 from kvd.node.replica import Replica, Role
 from kvd.node.turns import KeyTurns
 
@@ -223,11 +224,11 @@ class Coordinator:
                 obj = await self._call(replicas[0], lambda rep: rep.get(key),
                                        self.clock() + self.request_timeout)
             except ReplicaTimedOut as exc:
-                raise QuorumFailed(_quorum_message("read", r, [], [(replicas[0], exc)])) from None
+                raise QuorumFailed(quorum_message("read", r, [], [(replicas[0], exc)])) from None
             return ReadResult(obj, 1, _chunk_source(obj, [(replicas[0], obj)]))
         ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), r)
         if len(ok) < r:
-            raise QuorumFailed(_quorum_message("read", r, ok, failed))
+            raise QuorumFailed(quorum_message("read", r, ok, failed))
         merged = None
         for _, obj in ok:
             if obj is not None:
@@ -321,7 +322,7 @@ class Coordinator:
                                             deadline)
         acks = 1 + len(ok)
         if acks < w:
-            raise QuorumFailed(_quorum_message("write", w, [None] * acks, failed))
+            raise QuorumFailed(quorum_message("write", w, [None] * acks, failed))
         return WriteResult(minted, acks)
 
     async def _current_context(self, key: bytes, n: int, w: int) -> versions.Context:
@@ -410,11 +411,32 @@ class Coordinator:
                 replica, minted, exc = await receive.receive()
                 running -= 1
                 if exc is None:
+                    if running:
+                        self.background.start_soon(self._spread_late_twins, key, receive,
+                                                   running, replicas)
                     return minted, [rep for rep in replicas if rep is not replica], errors
                 if isinstance(exc, (TooManySiblings, BadRequest)):
                     raise exc  # no other replica would accept it either
                 errors.append((replica, exc))
-        raise QuorumFailed(_quorum_message("write", w, [], errors))
+        raise QuorumFailed(quorum_message("write", w, [], errors))
+
+    async def _spread_late_twins(self, key, late, outstanding: int, replicas) -> None:
+        """Rule 8: a mint that lost the race may have applied its own dot of the write before
+        the winner's version reached it (a twin). The others lack that dot, so it goes to
+        them as read repair would send it, or replicas stay different until anti-entropy."""
+        with trio.move_on_after(self.request_timeout):
+            for _ in range(outstanding):
+                loser, minted, exc = await late.receive()
+                if exc is not None:
+                    continue
+                for replica in replicas:
+                    if replica is not loser:
+                        try:
+                            with trio.fail_after(self.replica_timeout):
+                                await replica.merge(key, minted)
+                        except (KvdError, OSError, trio.TooSlowError) as err:
+                            log.info("late twin of %r for %s not delivered: %s", key[:64],
+                                     replica.node, err)
 
     def _hedge_delay(self) -> float:
         """Rule 8: how long a mint may take before the next primary is asked as well."""
@@ -444,7 +466,7 @@ class Coordinator:
                 log.info("replica %s dropped from upload of %r: %s", replica.node, key[:64], exc)
             alive = [rep for rep, _ in ok]
             if len(alive) < w:
-                raise QuorumFailed(_quorum_message("write", w, ok, failed))
+                raise QuorumFailed(quorum_message("write", w, ok, failed))
             count += 1
         if received != length:
             raise BadRequest(f"value ended after {received} of {length} declared bytes")
@@ -467,26 +489,3 @@ def _chunk_source(merged, ok) -> Replica | None:
         if obj is not None and wanted <= {s.dot for s in obj.siblings}:
             return replica
     return None
-
-
-def _quorum_message(kind: str, needed: int, ok: Sequence, failed: Sequence) -> str:
-    """Rule 4: every replica that failed, with its reasons in order (never an empty one)."""
-    reasons: dict[str, list[str]] = {}
-    for replica, exc in failed:
-        if replica is not None:
-            said = reasons.setdefault(_name(replica), [])
-            if _reason(exc) not in said:
-                said.append(_reason(exc))
-    text = f"{kind} quorum not reached: {len(ok)} of {needed} required replicas answered"
-    if not reasons:
-        return f"{text} (no other replica of the key is up)"
-    listed = "; ".join(f"{name}: " + ", then ".join(why) for name, why in reasons.items())
-    return f"{text} ({listed})"
-
-
-def _name(replica: Replica) -> str:
-    return f"{replica.node} (for {replica.stands_for})" if replica.stands_for else replica.node
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
