@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 
 from kvd._version import version
@@ -70,11 +71,19 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 class _Formatter(logging.Formatter):
     """``LEVEL name: message``; with ``journald`` every line gets the ``<N>`` priority
-    prefix, so even traceback lines are filed at the event's priority."""
+    prefix, so even traceback lines are filed at the event's priority. Without journald
+    (which stamps each line itself) a line starts with its UTC time, to the millisecond."""
+
+    converter = time.gmtime
 
     def __init__(self, journald: bool) -> None:
-        super().__init__("%(levelname)s %(name)s: %(message)s")
+        fmt = "%(levelname)s %(name)s: %(message)s"
+        super().__init__(fmt if journald else "%(asctime)s " + fmt)
         self.journald = journald
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -125,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), EXIT_CONFIG)
 
     if args.check:
+        for var in unknown_env_vars(os.environ):
+            print(f"kvd: warning: {var} matches no config key (a typo?); ignored",
+                  file=sys.stderr)
         _print_check(config)
         return 0
 

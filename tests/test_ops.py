@@ -330,7 +330,7 @@ def test_sighup_reloads_log_level_and_throttles_and_names_the_rest(tmp_path, nod
                       + 'log_level = "debug"\nn = 5\nhint_window = 60.0\n')
     log = hup_and_wait("reloaded:")
     reloaded = next(line for line in log.splitlines() if "reloaded:" in line)
-    assert reloaded.startswith("INFO kvd.systemd: reloaded: "), reloaded
+    assert re.match(r"\S+Z INFO kvd\.systemd: reloaded: ", reloaded), reloaded
     for change in ("log_level = 'debug'", "transfer_rate_mb = 5.5", "hint_window = 60.0"):
         assert change in reloaded, reloaded
     assert "WARNING kvd.systemd: reload: not applied, restart kvd to change: n" in log, log
