@@ -22,10 +22,15 @@ from kvd.proto.messages import MsgType, validate_key
 
 
 def _settled(node) -> None:
-    """Unavailable while a wiped node asks its seeds whether it lost its data."""
+    """Unavailable while a wiped node asks its seeds whether it lost its data, and while a
+    new node started with seeds waits to be joined (kvd.node.restore Rule 5)."""
     if not node.cluster.restore.settled.is_set():
         raise Unavailable("this node has a new data directory and is asking its seeds whether "
                           "it lost its data; try another node or retry shortly")
+    if node.cluster.restore.awaiting_join:
+        raise Unavailable(f"{node.node_id} is in no cluster yet: run `kvctl --host "
+                          f"{node.config.listen} cluster join SEED` to add it to its seeds' "
+                          "cluster (or start it without seeds to found a new one)")
 
 
 def _key(fields) -> bytes:
@@ -187,7 +192,7 @@ async def _status(node, conn, message, _chunks) -> None:
                  "hints_held": sum(hints.values()), "hints_delivered": cluster.handoff.delivered,
                  "anti_entropy": node.aae.totals.to_dict()})
     reply = {"node": node.node_id, "nodes": rows, "ring_version": state.ring.version,
-             "cluster": state.cluster_id}
+             "cluster": state.cluster_id, "awaiting_join": cluster.restore.awaiting_join}
     await conn.send(codec.encode(MsgType.STATUS_REPLY, message.request_id, reply))
 
 

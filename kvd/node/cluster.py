@@ -98,7 +98,7 @@ class Cluster:
             clock=self.clocks.monotonic)
         self._saved = state.digest()
         self.transfers.load(state)
-        self.restore.load(fresh)
+        await self.restore.load(fresh)
 
     @property
     def state(self) -> cs.ClusterState:
@@ -136,6 +136,7 @@ class Cluster:
             before = self.state
             await self.gossiper.wait_state(lambda s: s is not before)
             await self.transfers.plan_fetches(before, self.state)
+            await self.restore.note_state()
             if before.ring.version != self.state.ring.version:
                 log.info("ring version %d: %d nodes", self.state.ring.version,
                          len(self.state.ring.nodes()))
