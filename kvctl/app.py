@@ -292,9 +292,7 @@ def inspect(key: Annotated[str, typer.Argument(help="The key.")]) -> None:
     render.note("replicas agree" if out["agree"] else "replicas DIFFER")
 
 
-@app.command()
-def status() -> None:
-    """One row per node, like nodetool status: state, address, load, partitions, ownership."""
+def _status_doc() -> dict:
     doc = call(lambda c: c.status())
     nodes = [
         {
@@ -307,13 +305,55 @@ def status() -> None:
         }
         for n in doc["nodes"]
     ]
-    if options.json:
-        render.emit_json({"nodes": nodes})
+    return {"nodes": nodes, "awaiting_join": doc.get("awaiting_join", False)}
+
+
+def _status_rows(doc: dict) -> list[list]:
+    return [[n["state"], n["node"], n["address"], render.human_bytes(n["load_bytes"]),
+             n["partitions"], f"{n['ownership'] * 100:.1f}%"] for n in doc["nodes"]]
+
+
+_STATUS_COLUMNS = ["state", "node", "address", "load", "partitions", "owns"]
+_AWAITING = ("this node is in no cluster yet (started with seeds): it serves no data until "
+             "`kvctl --host HOST:PORT cluster join SEED` adds it")
+
+
+def _status_view(doc: dict):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table(show_edge=False, header_style="bold")
+    for column in _STATUS_COLUMNS:
+        grid.add_column(column)
+    for row in _status_rows(doc):
+        grid.add_row(*map(str, row))
+    return Group(grid, Text(_AWAITING)) if doc["awaiting_join"] else grid
+
+
+@app.command()
+def status(
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.1,
+                                            help="Seconds between refreshes.")] = 2.0,
+    count: Annotated[Optional[int], typer.Option("--count", min=1,
+                                                 help="Stop after this many refreshes.")] = None,
+) -> None:
+    """One row per node, like nodetool status: state, address, load, partitions, ownership."""
+    if watch:
+        from kvctl.live import watch as live_watch
+
+        live_watch(_status_doc, _status_view, interval=interval, count=count,
+                   as_json=options.json)
         return
-    rows = [[n["state"], n["node"], n["address"], render.human_bytes(n["load_bytes"]),
-             n["partitions"], f"{n['ownership'] * 100:.1f}%"] for n in nodes]
+    doc = _status_doc()
+    if options.json:
+        render.emit_json(doc)
+        return
     render.note("Status: U=up D=down / State: N=normal J=joining L=leaving")
-    render.table(None, ["state", "node", "address", "load", "partitions", "owns"], rows)
+    render.table(None, _STATUS_COLUMNS, _status_rows(doc))
+    if doc["awaiting_join"]:
+        render.note(_AWAITING)
 
 
 @app.command()
@@ -483,22 +523,6 @@ def ring() -> None:
 
 
 @app.command()
-def transfers() -> None:
-    """Partition transfers in progress or pending, with progress."""
-    doc = _admin({"op": "transfers"})
-    if options.json:
-        render.emit_json(doc)
-        return
-    rows = [[t["partition"], t["from"], t["to"], t["state"], t["keys_done"],
-             render.human_bytes(t["bytes_done"]), render.human_bytes(t["rate_bps"]) + "/s"]
-            for t in doc["transfers"]]
-    if not rows:
-        render.note("no transfers pending")
-        return
-    render.table(None, ["partition", "from", "to", "state", "keys", "bytes", "rate"], rows)
-
-
-@app.command()
 def repair(
     partition: Annotated[Optional[int], typer.Option("--partition", help="Only this partition.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the repair and print what it found.")] = False,
@@ -526,6 +550,13 @@ def repair(
                    render.human_bytes(stats["bytes_exchanged"]), stats["errors"]]])
     if stats["errors"]:
         raise typer.Exit(1)
+
+
+from kvctl import transfers as _transfers  # noqa: E402 - commands in their own modules
+from kvctl import version_report as _version_report  # noqa: E402
+
+_transfers.register(app)
+_version_report.register(app)
 
 
 def main() -> None:

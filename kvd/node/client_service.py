@@ -13,12 +13,13 @@ from __future__ import annotations
 import trio
 
 from kvd import versions
+from kvd._version import version
 from kvd.errors import BadRequest, KvdError, Unavailable
 from kvd.node import admin
 from kvd.node.coordinator import MAX_VALUE
 from kvd.node.local import new_vid
 from kvd.proto import codec
-from kvd.proto.messages import MsgType, validate_key
+from kvd.proto.messages import PROTOCOL_VERSION, MsgType, validate_key
 
 
 def _settled(node) -> None:
@@ -190,7 +191,8 @@ async def _status(node, conn, message, _chunks) -> None:
                  "requests": node.counters.requests, "connections": node.counters.connections,
                  "read_repairs": node.coordinator.read_repairs,
                  "hints_held": sum(hints.values()), "hints_delivered": cluster.handoff.delivered,
-                 "anti_entropy": node.aae.totals.to_dict()})
+                 "anti_entropy": node.aae.totals.to_dict(),
+                 "server_version": version(), "protocol": PROTOCOL_VERSION})
     reply = {"node": node.node_id, "nodes": rows, "ring_version": state.ring.version,
              "cluster": state.cluster_id, "awaiting_join": cluster.restore.awaiting_join}
     await conn.send(codec.encode(MsgType.STATUS_REPLY, message.request_id, reply))
