@@ -552,11 +552,14 @@ def repair(
         raise typer.Exit(1)
 
 
-from kvctl import transfers as _transfers  # noqa: E402 - commands in their own modules
+from kvctl import backup as _backup  # noqa: E402 - commands in their own modules
+from kvctl import transfers as _transfers  # noqa: E402
 from kvctl import version_report as _version_report  # noqa: E402
 
-_transfers.register(app)
-_version_report.register(app)
+# Each module is handed this one (which may run as __main__: a fresh import of kvctl.app
+# would have its own, unset options).
+for _commands in (_backup, _transfers, _version_report):
+    _commands.register(app, sys.modules[__name__])
 
 
 def main() -> None:

@@ -54,9 +54,8 @@ def _rows(doc: dict) -> list[list]:
 
 def fetch() -> dict:
     """The transfers document, with its summary (a field added to the JSON contract)."""
-    from kvctl.app import _admin
 
-    doc = _admin({"op": "transfers"})
+    doc = cli._admin({"op": "transfers"})
     doc["summary"] = summarize(doc["transfers"])
     return doc
 
@@ -85,15 +84,14 @@ def transfers(
                                                  help="Stop after this many refreshes.")] = None,
 ) -> None:
     """Partition transfers in progress or pending, each with its own progress; a summary."""
-    from kvctl.app import options
 
     if watch:
         from kvctl.live import watch as live_watch
 
-        live_watch(fetch, view, interval=interval, count=count, as_json=options.json)
+        live_watch(fetch, view, interval=interval, count=count, as_json=cli.options.json)
         return
     doc = fetch()
-    if options.json:
+    if cli.options.json:
         render.emit_json(doc)
         return
     if not doc["transfers"]:
@@ -103,5 +101,11 @@ def transfers(
     render.note(summary_line(doc["summary"]))
 
 
-def register(app: typer.Typer) -> None:
+cli = None  # the kvctl.app module running (register)
+
+
+def register(app: typer.Typer, app_module) -> None:
+    """Add this module's commands to ``app``; ``app_module`` gives options, call, run."""
+    global cli
+    cli = app_module
     app.command()(transfers)

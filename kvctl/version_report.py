@@ -45,14 +45,13 @@ async def _report(host: str, token, ssl_context) -> dict:
 
 def version_command() -> None:
     """The client's version and protocol, and each node's server version and protocol."""
-    from kvctl.app import options, run
     from kvd._version import version
     from kvd.proto.messages import PROTOCOL_VERSION
 
-    doc = run(lambda: _report(options.host, options.token, options.ssl_context))
+    doc = cli.run(lambda: _report(cli.options.host, cli.options.token, cli.options.ssl_context))
     doc = {"client": {"version": version(fallback="(development)"),
                       "protocol": PROTOCOL_VERSION}, **doc}
-    if options.json:
+    if cli.options.json:
         render.emit_json(doc)
         return
     render.note(f"kvctl {doc['client']['version']}, protocol {doc['client']['protocol']}")
@@ -64,5 +63,11 @@ def version_command() -> None:
         render.note("mixed versions: " + ", ".join(sorted(seen)))
 
 
-def register(app: typer.Typer) -> None:
+cli = None  # the kvctl.app module running (register)
+
+
+def register(app: typer.Typer, app_module) -> None:
+    """Add this module's commands to ``app``; ``app_module`` gives options, call, run."""
+    global cli
+    cli = app_module
     app.command("version")(version_command)

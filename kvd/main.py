@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from kvd._version import version
 from kvd.config import Config, format_config, load_config, unknown_env_vars
@@ -125,8 +126,41 @@ def _serve(config: Config) -> None:
     trio.run(kvd.server.run, config)
 
 
+def restore_main(argv: Sequence[str]) -> int:
+    """``kvd restore FILE --data-dir DIR``: rebuild a stopped node's data directory from a
+    backup made by `kvctl backup` (kvd.backup)."""
+    p = argparse.ArgumentParser(
+        prog="kvd restore",
+        description="Rebuild an empty data directory from a backup made by `kvctl backup`; "
+        "the node then fetches what changed since from the other replicas before serving.")
+    p.add_argument("file", metavar="FILE", help="the backup file ('-' for standard input)")
+    p.add_argument("--data-dir", metavar="DIR", required=True, help="empty data directory")
+    args = p.parse_args(argv)
+    import trio
+
+    from kvd.backup import restore
+
+    try:
+        with (sys.stdin.buffer if args.file == "-" else open(args.file, "rb")) as source:
+            doc = trio.run(restore, source, Path(args.data_dir))
+    except KvdError as e:
+        return _fail(str(e), e.exit_code)
+    except OSError as e:
+        return _fail(_os_error_text(e), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    print(f"restored node {doc['node']} of cluster {doc['cluster']} ({doc['records']} "
+          f"records, {doc['blobs']} blobs) into {args.data_dir}; start kvd with its usual "
+          "config: it fetches what was written since the backup before it serves",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kvd`` console script; returns (and exits with) the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["restore"]:
+        return restore_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, os.environ, overrides_from_args(args))

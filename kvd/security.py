@@ -115,7 +115,7 @@ MAX_REFUSED_STREAMS = 64
 IN_FLIGHT_FRAMES = 4
 
 # ADMIN operations that only look; every other operation changes the cluster.
-_READ_ONLY_ADMIN = frozenset({"ring", "transfers", "plan"})
+_READ_ONLY_ADMIN = frozenset({"ring", "transfers", "plan", "partition-keys"})
 _REQUIRED = {
     MsgType.GET: "read",
     MsgType.STATUS: "read",

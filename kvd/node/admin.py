@@ -88,7 +88,39 @@ async def handle(node, fields: dict) -> dict:
         return {"started": True, "partitions": len(parts or node.aae.my_partitions())}
     if op == "transfers":
         return {"transfers": await _all_transfers(cluster)}
+    if op == "partition-keys":
+        return _partition_keys(node, fields)
     raise BadRequest(f"unknown admin operation {op!r}")
+
+
+PARTITION_KEYS_LIMIT = 1000  # most keys per partition-keys reply
+
+
+def _partition_keys(node, fields: dict) -> dict:
+    """The keys this node holds in one partition after ``after``, in order (for `kvctl
+    export`): live objects only, tombstones left out."""
+    from kvd import versions
+    from kvd.storage import keys
+
+    cluster = node.cluster
+    partition = fields.get("partition")
+    if not isinstance(partition, int) or not 0 <= partition < cluster.state.ring.q:
+        raise BadRequest(f"partition must be in 0..{cluster.state.ring.q - 1}")
+    if not cluster.restore.has_its_data:
+        raise BadRequest(f"{node.node_id} is restoring its data; ask another replica")
+    after = fields.get("after") or b""
+    limit = min(int(fields.get("limit") or PARTITION_KEYS_LIMIT), PARTITION_KEYS_LIMIT)
+    slot = node.store.slot(partition)
+    start, stop = keys.object_range(slot)
+    if after:
+        start = keys.object_key(slot, after) + b"\x00"
+    found: list[bytes] = []
+    for object_key, raw in node.storage.iterate(start, stop):
+        if len(found) == limit:
+            return {"keys": found, "done": False}
+        if versions.is_found(versions.decode_object(raw)):
+            found.append(keys.user_key_of(object_key)[1])
+    return {"keys": found, "done": True}
 
 
 def _text(fields: dict, name: str) -> str:

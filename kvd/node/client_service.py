@@ -16,6 +16,7 @@ from kvd import versions
 from kvd._version import version
 from kvd.errors import BadRequest, KvdError, Unavailable
 from kvd.node import admin
+from kvd.node.backup import send_backup
 from kvd.node.coordinator import MAX_VALUE
 from kvd.node.local import new_vid
 from kvd.proto import codec
@@ -222,6 +223,9 @@ async def _inspect(node, conn, message, _chunks) -> None:
 
 
 async def _admin(node, conn, message, _chunks) -> None:
+    if message.fields["op"] == "backup":  # a stream of CHUNK frames, not one reply
+        await send_backup(node, conn, message.request_id)
+        return
     reply = await admin.handle(node, message.fields)
     await conn.send(codec.encode(MsgType.ADMIN_REPLY, message.request_id, reply))
 

@@ -18,6 +18,9 @@ reaches (through its seeds, or when a member gossips to it) was wiped.
    answers no client reads or writes, and says so, until a join makes its cluster state
    name another node (`kvctl cluster join` on it, or another node joining at it). The mark
    is saved, so a restart keeps waiting; a restart without seeds founds a new cluster.
+6. A node restored from a backup (`kvd restore`, kvd.backup Rule 3) restores as a wiped
+   member does (Rule 2), fetching every partition it replicates: the backup lacks what was
+   written since.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from kvd.backup import RESTORED_MARK
 from kvd.errors import KvdError
 from kvd.membership import cluster_state as cs
 from kvd.proto.messages import MsgType
@@ -58,6 +62,8 @@ class Restore:
         storage = cluster.storage
         self.restoring = storage.get(keys.meta_key("restoring")) is not None
         self.awaiting = storage.get(keys.meta_key("awaiting-join")) is not None
+        if storage.get(RESTORED_MARK) is not None:
+            await self._from_backup()
         seeded = bool(self._seeds())
         if fresh and seeded:
             self.awaiting = True
@@ -72,6 +78,17 @@ class Restore:
             self.settled.set()
         if self.awaiting:
             self._say_waiting()
+
+    async def _from_backup(self) -> None:
+        """First start after `kvd restore` (kvd.backup Rule 3): restore like a wiped node,
+        fetching every partition this node replicates, since the backup misses what was
+        written after it was taken."""
+        cluster = self.cluster
+        self.restoring = True
+        await cluster.transfers.refetch_all()
+        await cluster.storage.write([(keys.meta_key("restoring"), b"1"), (RESTORED_MARK, None)])
+        log.warning("restored from a backup: fetching every partition this node replicates "
+                    "from the other replicas before serving")
 
     def _seeds(self) -> list[str]:
         config = self.cluster.config

@@ -99,6 +99,15 @@ class Transfers:
         packed = None if doc is None else msgpack.packb(doc, use_bin_type=True)
         await self.cluster.storage.write([(keys.meta_key("fetch"), packed)])
 
+    async def refetch_all(self) -> None:
+        """Plan every partition this node replicates (a node restored from a backup)."""
+        cluster = self.cluster
+        ring = cluster.state.ring
+        alone = set(ring.nodes()) <= {cluster.me}  # nobody else holds anything to fetch
+        mine = set() if alone else cs.replicated_by(ring, cluster.me, cluster.config.n)
+        self.plan = {"old": None, "todo": set(mine)}
+        await self._save_plan()
+
     async def plan_fetches(self, before: cs.ClusterState, after: cs.ClusterState) -> None:
         """On a ring change, add the partitions this node newly replicates to its plan."""
         if before.cluster_id == after.cluster_id and before.ring.version == after.ring.version:

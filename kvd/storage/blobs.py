@@ -13,12 +13,15 @@ A file's name is durable only once its directory is fsynced: ``seal`` fsyncs the
 directory (and a new subdirectory's parent), and ``delete`` fsyncs the directory after the
 unlink, so a crash neither loses a sealed blob's name nor brings back a deleted blob the
 ledger has forgotten. All of it runs in worker threads, never on the event loop.
+While a backup is ``hold``ing the store, deletions are deferred until it ends, so every blob
+the backup's LevelDB snapshot names is still there to be copied.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -46,6 +49,8 @@ class BlobStore:
         self._root_durable = not sync  # root's own name, fsynced before the first seal
         self._size = 0  # the last approximate_size that could be measured
         self._size_failing = False
+        self._holds = 0  # backups running: deletions wait in _deferred until they end
+        self._deferred: list[bytes] = []
 
     def _path(self, vid: bytes) -> Path:
         name = vid.hex()
@@ -121,7 +126,25 @@ class BlobStore:
             _fsync_dir(path.parent)
 
     async def delete(self, vid: bytes) -> None:
+        if self._holds:
+            self._deferred.append(vid)
+            return
         await trio.to_thread.run_sync(self._delete, vid)
+
+    @asynccontextmanager
+    async def hold(self):
+        """Keep every blob file while the block runs (a backup copying them); deletions
+        asked for meanwhile happen when the last hold ends."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                deferred, self._deferred = self._deferred, []
+                with trio.CancelScope(shield=True):
+                    for vid in deferred:
+                        await trio.to_thread.run_sync(self._delete, vid)
 
     def approximate_size(self) -> int:
         """Bytes held in blobs (a directory scan: for status, not the hot path). When the

@@ -1,0 +1,192 @@
+"""`kvctl backup` (one node's consistent snapshot, streamed to a file with progress) and
+`kvctl export` / `kvctl import` (the whole cluster's live keys as JSON lines with their
+siblings and contexts, for migrations). The restore of a backup is `kvd restore`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvctl import render
+
+
+def backup(
+    output: Annotated[Path, typer.Option("--output", "-o",
+                                         help="File to write the backup to.")],
+) -> None:
+    """Back up --host's node: a consistent LevelDB snapshot plus its blob files."""
+
+    partial = output.with_name(output.name + ".partial")
+    try:
+        out = open(partial, "wb")
+    except OSError as exc:
+        cli._fail(f"--output {output}: {exc.strerror}", 1)
+    show = sys.stderr.isatty() and not cli.options.json
+
+    async def run(client):
+        if not show:
+            return await client.backup(out)
+        from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+        with Progress(*Progress.get_default_columns()[:1], DownloadColumn(),
+                      TransferSpeedColumn(), console=render.stderr, transient=True) as bar:
+            task = bar.add_task("backup", total=None)
+            return await client.backup(out, lambda done: bar.update(task, completed=done))
+
+    try:
+        with out:
+            doc = cli.call(run)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, output)  # a file named FILE is always a complete backup
+    finally:
+        if partial.exists():
+            partial.unlink()
+    doc = {"node": doc["node"], "cluster": doc["cluster"], "bytes": doc["bytes"],
+           "output": str(output)}
+    if cli.options.json:
+        render.emit_json(doc)
+    else:
+        render.note(f"backed up node {doc['node']} ({render.human_bytes(doc['bytes'])}) to "
+                    f"{output}; restore with `kvd restore {output} --data-dir DIR`")
+
+
+def _encoded(data: bytes) -> dict:
+    text, encoding = render.value_field(data)
+    return {"value": text, "encoding": encoding}
+
+
+def _decoded(field: dict, name: str) -> bytes:
+    if field.get("encoding", "utf-8") == "base64":
+        return base64.b64decode(field[name])
+    return field[name].encode()
+
+
+async def _export(client, host_client, write) -> int:
+    """Every live key: each partition's keys from one up replica (its owner, else the next
+    owner clockwise), then each key read with the default quorum."""
+    import trio
+
+    from kvd.client import open_client
+    from kvd.errors import KvdError
+
+    ring = await client.admin({"op": "ring"})
+    status = await client.status()
+    addresses = {row["node"]: row["address"] for row in status["nodes"]}
+    up = {row["node"] for row in status["nodes"] if row["state"].startswith("U")}
+    owners = ring["owners"]
+    exported = 0
+    for partition in range(ring["q"]):
+        candidates = list(dict.fromkeys(owners[partition:] + owners[:partition]))
+        keys = None
+        for node in (n for n in candidates if n in up):
+            try:
+                keys = await _keys_of(open_client, host_client, addresses[node], partition)
+                break
+            except (KvdError, OSError) as exc:
+                render.note(f"partition {partition}: {node}: {exc}; trying the next replica")
+        if keys is None:
+            raise KvdError(f"no replica of partition {partition} answered")
+        for key in keys:
+            result = await client.get(key)
+            if not result.found:
+                continue  # deleted since it was listed
+            write({"key": _encoded(key)["value"], "key_encoding": _encoded(key)["encoding"],
+                   "siblings": [{**_encoded(s.value), "deleted": s.deleted}
+                                for s in result.siblings if not s.deleted],
+                   "context": render.encode_context(result.context)})
+            exported += 1
+        await trio.lowlevel.checkpoint()
+    return exported
+
+
+async def _keys_of(open_client, connect_options, address: str, partition: int) -> list[bytes]:
+    found: list[bytes] = []
+    async with open_client(address, **connect_options) as node:
+        after = b""
+        while True:
+            reply = await node.admin({"op": "partition-keys", "partition": partition,
+                                      "after": after})
+            found += reply["keys"]
+            if reply["done"] or not reply["keys"]:
+                return found
+            after = reply["keys"][-1]
+
+
+def export(
+    output: Annotated[Path, typer.Option("--output", "-o", help="File of JSON lines "
+                                         "('-' for stdout).")] = Path("-"),
+) -> None:
+    """Write every live key of the cluster as JSON lines: key, siblings, context."""
+
+    try:
+        out = sys.stdout if str(output) == "-" else open(output, "w", encoding="utf-8")
+    except OSError as exc:
+        cli._fail(f"--output {output}: {exc.strerror}", 1)
+
+    def write(line: dict) -> None:
+        out.write(json.dumps(line) + "\n")
+
+    connect = {"token": cli.options.token, "ssl_context": cli.options.ssl_context}
+    render.note("export reads every partition (a full scan of the cluster)")
+    try:
+        count = cli.call(lambda client: _export(client, connect, write))
+    finally:
+        out.flush()
+        if out is not sys.stdout:
+            out.close()
+    render.note(f"exported {count} keys")
+
+
+def import_(
+    source: Annotated[Path, typer.Argument(help="JSON lines from `kvctl export` ('-' for "
+                                                "stdin).")],
+) -> None:
+    """Write every key of an export into the cluster at --host; each live sibling becomes
+    a value (several siblings stay siblings)."""
+
+    try:
+        src = sys.stdin if str(source) == "-" else open(source, encoding="utf-8")
+    except OSError as exc:
+        cli._fail(f"{source}: {exc.strerror}", 1)
+
+    def lines():
+        with src:
+            for number, text in enumerate(src, 1):
+                if not text.strip():
+                    continue
+                try:
+                    doc = json.loads(text)
+                    key = _decoded({"k": doc["key"], "encoding": doc.get("key_encoding")}, "k")
+                    values = [_decoded(s, "value") for s in doc["siblings"] if not s["deleted"]]
+                except (ValueError, KeyError, TypeError) as exc:
+                    cli._fail(f"{source}:{number}: not a line of `kvctl export`: {exc}", 2)
+                yield key, values
+
+    async def run(client):
+        count = 0
+        for key, values in lines():
+            for value in values:
+                await client.put(key, value)  # no context: each becomes a sibling
+            count += 1
+        return count
+
+    render.note(f"imported {cli.call(run)} keys")
+
+
+cli = None  # the kvctl.app module running (register)
+
+
+def register(app: typer.Typer, app_module) -> None:
+    """Add this module's commands to ``app``; ``app_module`` gives options, call, run."""
+    global cli
+    cli = app_module
+    app.command()(backup)
+    app.command()(export)
+    app.command("import")(import_)
