@@ -280,7 +280,7 @@ async def run(config: Config) -> None:
 
             async def on_left():
                 await node.cluster.left.wait()
-                log.info("this node has left the cluster and its data has moved: exiting")
+                log.info("exiting: this node has left the cluster")
                 stop.set()
 
             nursery.start_soon(on_signal)

@@ -96,3 +96,27 @@ async def test_two_waiting_nodes_form_a_cluster_by_a_join(sim, autojump_clock):
     await sim.wait_settled("n1")
     await _put(sim, "n1")
     await _put(sim, "n2", b"k2")
+
+
+async def test_a_node_restarted_after_leaving_says_to_wipe_its_data_dir(sim, autojump_clock,
+                                                                         caplog):
+    """It shows DL in status until the next commit drops it (kvctl(1) lists the states);
+    restarted, it says how to become a member again."""
+    await sim.form(["n1", "n2", "n3", "n4"], settle=0.0)
+    await sim.admin("n1", {"op": "leave", "node": "n4"})
+    await sim.admin("n1", {"op": "commit"})
+    await sim.wait_settled("n1")
+    with trio.fail_after(120):
+        while not sim.nodes["n4"].node.cluster.left.is_set():
+            await trio.sleep(1.0)
+    sim.crash("n4")
+    with trio.fail_after(120):
+        while (await _status(sim, "n1"))["nodes"][-1]["state"] != "DL":
+            await trio.sleep(1.0)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="kvd")
+    await sim.start("n4")
+    with trio.fail_after(60):
+        while not sim.nodes["n4"].node.cluster.left.is_set():
+            await trio.sleep(0.5)
+    assert "wipe its data_dir" in caplog.text and "cluster join" in caplog.text, caplog.text
