@@ -145,16 +145,16 @@ def export(
 
 
 def import_(
-    source: Annotated[Path, typer.Argument(help="JSON lines from `kvctl export` ('-' for "
-                                                "stdin).")],
+    file: Annotated[Path, typer.Argument(help="JSON lines from `kvctl export` ('-' for "
+                                              "stdin).")],
 ) -> None:
     """Write every key of an export into the cluster at --host; each live sibling becomes
     a value (several siblings stay siblings)."""
 
     try:
-        src = sys.stdin if str(source) == "-" else open(source, encoding="utf-8")
+        src = sys.stdin if str(file) == "-" else open(file, encoding="utf-8")
     except OSError as exc:
-        cli._fail(f"{source}: {exc.strerror}", 1)
+        cli._fail(f"{file}: {exc.strerror}", 1)
 
     def lines():
         with src:
@@ -166,7 +166,7 @@ def import_(
                     key = _decoded({"k": doc["key"], "encoding": doc.get("key_encoding")}, "k")
                     values = [_decoded(s, "value") for s in doc["siblings"] if not s["deleted"]]
                 except (ValueError, KeyError, TypeError) as exc:
-                    cli._fail(f"{source}:{number}: not a line of `kvctl export`: {exc}", 2)
+                    cli._fail(f"{file}:{number}: not a line of `kvctl export`: {exc}", 2)
                 yield key, values
 
     async def run(client):

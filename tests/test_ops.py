@@ -496,7 +496,7 @@ def fake_node(q: int = 8) -> SimpleNamespace:
     hints: dict[str, int] = {}
     cluster = SimpleNamespace(
         state=SimpleNamespace(ring=ring, pending=[]), is_up=lambda m: m in up, hints=hints,
-        restore=SimpleNamespace(restoring=False),
+        restore=SimpleNamespace(restoring=False, awaiting_join=False),
         handoff=SimpleNamespace(delivered=0, pending=lambda: dict(hints)),
         transfers=SimpleNamespace(progress={"keys_done": 0, "bytes_done": 0, "state": "idle"}),
         routing=SimpleNamespace(
@@ -954,7 +954,7 @@ def test_deb_control_and_contents_are_complete(deb, tmp_path):
     wanted = {
         "/usr/bin/kvd": ("l", "/opt/kvd/bin/kvd"),
         "/usr/bin/kvctl": ("l", "/opt/kvd/bin/kvctl"),
-        "/opt/kvd/bin/python": ("l", "/usr/bin/python3"),
+        "/opt/kvd/bin/python3": ("l", "/usr/bin/python3"),
         "/opt/kvd/bin/kvd": ("-rwxr-xr-x", ""), "/opt/kvd/bin/kvctl": ("-rwxr-xr-x", ""),
         "/opt/kvd/pyvenv.cfg": ("-rw-r--r--", ""),
         "/etc/kvd/kvd.toml": ("-rw-r--r--", ""),
