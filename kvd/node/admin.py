@@ -103,13 +103,13 @@ def _partition_keys(node, fields: dict) -> dict:
     from kvd.storage import keys
 
     cluster = node.cluster
-    partition = fields.get("partition")
-    if not isinstance(partition, int) or not 0 <= partition < cluster.state.ring.q:
+    partition = fields["partition"]
+    if not 0 <= partition < cluster.state.ring.q:
         raise BadRequest(f"partition must be in 0..{cluster.state.ring.q - 1}")
     if not cluster.restore.has_its_data:
         raise BadRequest(f"{node.node_id} is restoring its data; ask another replica")
     after = fields.get("after") or b""
-    limit = min(int(fields.get("limit") or PARTITION_KEYS_LIMIT), PARTITION_KEYS_LIMIT)
+    limit = max(1, min(fields.get("limit") or PARTITION_KEYS_LIMIT, PARTITION_KEYS_LIMIT))
     slot = node.store.slot(partition)
     start, stop = keys.object_range(slot)
     if after:

@@ -238,6 +238,9 @@ OPS: dict[MsgType, dict[str, dict[str, tuple[object, bool]]]] = {
         "plan": _NOTHING, "commit": _NOTHING, "abort": _NOTHING, "clear": _NOTHING,
         "ring": _NOTHING,
         "repair": {"partition": (OPTIONAL_INT, OPTIONAL), "wait": (BOOL, OPTIONAL)},
+        "partition-keys": {"partition": (INT, REQUIRED), "after": (BYTES, OPTIONAL),
+                           "limit": (INT, OPTIONAL)},
+        "backup": _NOTHING,  # answered by ADMIN_REPLY, then CHUNK frames (kvd/node/backup.py)
         # both ports
         "transfers": _NOTHING,
         # peer port
