@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvd",
         description="Run a kvd node in the foreground. Flags override KVD_* environment "
         "variables, which override the config file.",
+        epilog="kvd restore FILE --data-dir DIR rebuilds a stopped node's data directory "
+        "from a backup made by `kvctl backup` (see kvd(8)).",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (see kvd.toml(5))")
     p.add_argument("--node-id", metavar="ID", help="unique, stable name of this node")
