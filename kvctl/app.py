@@ -320,14 +320,9 @@ _AWAITING = ("this node is in no cluster yet (started with seeds): it serves no 
 
 def _status_view(doc: dict):
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
-    grid = Table(show_edge=False, header_style="bold")
-    for column in _STATUS_COLUMNS:
-        grid.add_column(column)
-    for row in _status_rows(doc):
-        grid.add_row(*map(str, row))
+    grid = render.grid(None, _STATUS_COLUMNS, _status_rows(doc))
     return Group(grid, Text(_AWAITING)) if doc["awaiting_join"] else grid
 
 

@@ -21,7 +21,6 @@ def backup(
                                          help="File to write the backup to.")],
 ) -> None:
     """Back up --host's node: a consistent LevelDB snapshot plus its blob files."""
-
     partial = output.with_name(output.name + ".partial")
     try:
         out = open(partial, "wb")
@@ -114,9 +113,9 @@ async def _keys_of(open_client, connect_options, address: str, partition: int) -
             reply = await node.admin({"op": "partition-keys", "partition": partition,
                                       "after": after})
             found += reply["keys"]
-            if reply["done"] or not reply["keys"]:
+            if reply["done"]:
                 return found
-            after = reply["keys"][-1]
+            after = reply["next"]
 
 
 def export(
@@ -124,7 +123,6 @@ def export(
                                          "('-' for stdout).")] = Path("-"),
 ) -> None:
     """Write every live key of the cluster as JSON lines: key, siblings, context."""
-
     try:
         out = sys.stdout if str(output) == "-" else open(output, "w", encoding="utf-8")
     except OSError as exc:
@@ -150,7 +148,6 @@ def import_(
 ) -> None:
     """Write every key of an export into the cluster at --host; each live sibling becomes
     a value (several siblings stay siblings)."""
-
     try:
         src = sys.stdin if str(file) == "-" else open(file, encoding="utf-8")
     except OSError as exc:

@@ -54,13 +54,18 @@ def note(message: str) -> None:
     sys.stderr.flush()
 
 
-def table(title: str | None, columns: list[str], rows: list[list]) -> None:
-    grid = Table(title=title, show_edge=False, header_style="bold")
+def grid(title: str | None, columns: list[str], rows: list[list]) -> Table:
+    """A table as a rich renderable (``table`` prints one; ``--watch`` redraws one)."""
+    out = Table(title=title, show_edge=False, header_style="bold")
     for column in columns:
-        grid.add_column(column)
+        out.add_column(column)
     for row in rows:
-        grid.add_row(*[str(cell) for cell in row])
-    stdout.print(grid)
+        out.add_row(*[str(cell) for cell in row])
+    return out
+
+
+def table(title: str | None, columns: list[str], rows: list[list]) -> None:
+    stdout.print(grid(title, columns, rows))
 
 
 def human_bytes(count: float) -> str:

@@ -54,7 +54,6 @@ def _rows(doc: dict) -> list[list]:
 
 def fetch() -> dict:
     """The transfers document, with its summary (a field added to the JSON contract)."""
-
     doc = cli._admin({"op": "transfers"})
     doc["summary"] = summarize(doc["transfers"])
     return doc
@@ -63,17 +62,11 @@ def fetch() -> dict:
 def view(doc: dict):
     """The table and summary as one rich renderable (for --watch)."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     if not doc["transfers"]:
         return Text("no transfers pending")
-    grid = Table(show_edge=False, header_style="bold")
-    for column in COLUMNS:
-        grid.add_column(column)
-    for row in _rows(doc):
-        grid.add_row(*map(str, row))
-    return Group(grid, Text(summary_line(doc["summary"])))
+    return Group(render.grid(None, COLUMNS, _rows(doc)), Text(summary_line(doc["summary"])))
 
 
 def transfers(
@@ -84,7 +77,6 @@ def transfers(
                                                  help="Stop after this many refreshes.")] = None,
 ) -> None:
     """Partition transfers in progress or pending, each with its own progress; a summary."""
-
     if watch:
         from kvctl.live import watch as live_watch
 

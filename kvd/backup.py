@@ -106,7 +106,7 @@ async def _restore(source: IO[bytes], data_dir: Path) -> dict:
 
     from kvd.node.data_dir import make_private
     from kvd.storage import open_storage
-    from kvd.storage.blobs import _fsync_dir
+    from kvd.storage.blobs import fsync_dir
 
     _empty_dir(data_dir)
     make_private(str(data_dir))
@@ -148,8 +148,8 @@ async def _restore(source: IO[bytes], data_dir: Path) -> dict:
                               "incomplete: wipe it")
         if blob_root.exists():
             for sub in blob_root.iterdir():
-                _fsync_dir(sub)
-            _fsync_dir(blob_root)
+                fsync_dir(sub)
+            fsync_dir(blob_root)
         await storage.write(_fresh_incarnation(storage) + [(RESTORED_MARK, b"1")])
     return {**header, "records": records, "blobs": blobs}
 

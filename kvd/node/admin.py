@@ -98,7 +98,9 @@ PARTITION_KEYS_LIMIT = 1000  # most keys per partition-keys reply
 
 def _partition_keys(node, fields: dict) -> dict:
     """The keys this node holds in one partition after ``after``, in order (for `kvctl
-    export`): live objects only, tombstones left out."""
+    export`): live objects only, tombstones left out. At most ``limit`` keys, and ten
+    times that many objects looked at (a run of tombstones must not hold the event
+    loop); ``next`` is where the following request starts."""
     from kvd import versions
     from kvd.storage import keys
 
@@ -115,12 +117,14 @@ def _partition_keys(node, fields: dict) -> dict:
     if after:
         start = keys.object_key(slot, after) + b"\x00"
     found: list[bytes] = []
-    for object_key, raw in node.storage.iterate(start, stop):
-        if len(found) == limit:
-            return {"keys": found, "done": False}
+    key = after
+    for scanned, (object_key, raw) in enumerate(node.storage.iterate(start, stop)):
+        if len(found) == limit or scanned == 10 * limit:
+            return {"keys": found, "done": False, "next": key}
+        key = keys.user_key_of(object_key)[1]
         if versions.is_found(versions.decode_object(raw)):
-            found.append(keys.user_key_of(object_key)[1])
-    return {"keys": found, "done": True}
+            found.append(key)
+    return {"keys": found, "done": True, "next": key}
 
 
 def _text(fields: dict, name: str) -> str:

@@ -16,7 +16,7 @@ from kvd.proto import codec
 from kvd.proto.messages import MsgType
 from kvd.storage.blobs import BlobStore
 
-PIECE_BYTES = 256 * 1024  # bytes per CHUNK frame (well under any max_frame)
+PIECE_BYTES = 256 * 1024  # bytes per CHUNK frame, at most half of max_frame
 
 
 async def send_backup(node, conn, rid: int) -> None:
@@ -25,12 +25,14 @@ async def send_backup(node, conn, rid: int) -> None:
     blobs = node.store.blobs
     if not isinstance(blobs, BlobStore):
         raise BadRequest(f"{node.node_id} keeps its data in memory: there is nothing to back up")
+    piece_bytes = min(PIECE_BYTES, node.config.max_frame // 2)
     cluster = node.cluster
     header = {"node": node.node_id, "cluster": cluster.state.cluster_id,
               "created": node.clocks.wall()}
     async with blobs.hold():  # kvd.backup Rule 1: hold the blobs, then take the snapshot
         items = node.storage.iterate(b"", b"\xff")
-        estimate = node.storage.approximate_size() + blobs.approximate_size()
+        estimate = (node.storage.approximate_size()
+                    + await trio.to_thread.run_sync(blobs.approximate_size))
         await conn.send(codec.encode(MsgType.ADMIN_REPLY, rid,
                                      {**header, "estimated_bytes": estimate}))
         send, receive = trio.open_memory_channel(2)
@@ -42,9 +44,9 @@ async def send_backup(node, conn, rid: int) -> None:
             try:
                 for piece in backup_records(header, items, blobs.root):
                     pending += piece
-                    if len(pending) >= PIECE_BYTES:
-                        trio.from_thread.run(send.send, bytes(pending))
-                        pending.clear()
+                    while len(pending) >= piece_bytes:
+                        trio.from_thread.run(send.send, bytes(pending[:piece_bytes]))
+                        del pending[:piece_bytes]
                 if pending:
                     trio.from_thread.run(send.send, bytes(pending))
             except (trio.BrokenResourceError, trio.Cancelled, trio.RunFinishedError):

@@ -31,7 +31,8 @@ from kvd.errors import Unavailable
 log = logging.getLogger("kvd.storage.blobs")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the names created or removed in it are durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -64,7 +65,7 @@ class BlobStore:
             pass
         else:
             if self.sync:  # the new subdirectory's name, before any blob relies on it
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.pwrite(fd, data, offset)
@@ -81,9 +82,9 @@ class BlobStore:
         try:
             if self.sync:
                 os.fsync(fd)
-                _fsync_dir(path.parent)  # the file's name, created by the first write
+                fsync_dir(path.parent)  # the file's name, created by the first write
                 if not self._root_durable:
-                    _fsync_dir(self.root.parent)
+                    fsync_dir(self.root.parent)
                     self._root_durable = True
             return os.fstat(fd).st_size
         finally:
@@ -123,7 +124,7 @@ class BlobStore:
         except FileNotFoundError:
             return
         if self.sync:  # before the caller forgets the blob in its ledger
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     async def delete(self, vid: bytes) -> None:
         if self._holds:
