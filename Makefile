@@ -21,8 +21,12 @@ demo-stop:
 	$(BIN)/python scripts/demo.py --stop
 
 # PYTHONHASHSEED fixed: a simulator seed that fails in make test replays exactly in make sim.
+# Two passes: the tests that measure latency under load or saturate the machine (marked
+# `alone`) run by themselves after the rest, which runs on every core (pytest-xdist).
+PYTEST := PYTHONHASHSEED=0 $(BIN)/python -m pytest -q -p no:cacheprovider
 test: venv ops-tools chaos-tools
-	PYTHONHASHSEED=0 $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) -n auto -m "not alone" tests
+	$(PYTEST) -m alone tests
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests

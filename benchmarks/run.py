@@ -2,6 +2,7 @@
 
 1. Group commit of the storage layer (benchmarks/storage_bench.py).
 2. Anti-entropy tree comparison of 1M keys (benchmarks/aae_bench.py).
+   kvctl's start-up CPU (benchmarks/kvctl_startup.py).
 3. `kvctl bench` workload A, 1 KiB values, 32 concurrent, against one node (sync=batch),
    with the node's peak RSS.
 4. The same against a 3-node cluster (N=3, R=2, W=2), 64 concurrent.
@@ -54,6 +55,8 @@ def main() -> None:
     subprocess.run([python, str(ROOT / "benchmarks/storage_bench.py")], check=False)
     section("anti-entropy comparison, 1M keys")
     subprocess.run([python, str(ROOT / "benchmarks/aae_bench.py")], check=False)
+    section("kvctl start-up, CPU seconds")
+    subprocess.run([python, str(ROOT / "benchmarks/kvctl_startup.py")], check=False)
     root = Path(tempfile.mkdtemp(prefix="kvd-bench-"))
     section("one node, workload A, 32 concurrent")
     node = KvdProcess(root / "single" / "data", "b1").start()

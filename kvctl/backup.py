@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from kvctl import render
+from kvctl.common import call, fail, options
 
 
 def backup(
@@ -25,22 +26,25 @@ def backup(
     try:
         out = open(partial, "wb")
     except OSError as exc:
-        cli._fail(f"--output {output}: {exc.strerror}", 1)
-    show = sys.stderr.isatty() and not cli.options.json
+        fail(f"--output {output}: {exc.strerror}", 1)
+    show = sys.stderr.isatty() and not options.json
 
     async def run(client):
         if not show:
             return await client.backup(out)
         from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
+        from rich.console import Console
+
         with Progress(*Progress.get_default_columns()[:1], DownloadColumn(),
-                      TransferSpeedColumn(), console=render.stderr, transient=True) as bar:
+                      TransferSpeedColumn(), console=Console(stderr=True),
+                      transient=True) as bar:
             task = bar.add_task("backup", total=None)
             return await client.backup(out, lambda done: bar.update(task, completed=done))
 
     try:
         with out:
-            doc = cli.call(run)
+            doc = call(run)
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, output)  # a file named FILE is always a complete backup
@@ -49,7 +53,7 @@ def backup(
             partial.unlink()
     doc = {"node": doc["node"], "cluster": doc["cluster"], "bytes": doc["bytes"],
            "output": str(output)}
-    if cli.options.json:
+    if options.json:
         render.emit_json(doc)
     else:
         render.note(f"backed up node {doc['node']} ({render.human_bytes(doc['bytes'])}) to "
@@ -126,15 +130,18 @@ def export(
     try:
         out = sys.stdout if str(output) == "-" else open(output, "w", encoding="utf-8")
     except OSError as exc:
-        cli._fail(f"--output {output}: {exc.strerror}", 1)
+        fail(f"--output {output}: {exc.strerror}", 1)
 
     def write(line: dict) -> None:
         out.write(json.dumps(line) + "\n")
 
-    connect = {"token": cli.options.token, "ssl_context": cli.options.ssl_context}
+    connect = {"token": options.token, "ssl_context": options.ssl_context}
     render.note("export reads every partition (a full scan of the cluster)")
+    async def go(client):  # the trio client: export keeps a second connection open
+        return await _export(client, connect, write)
+
     try:
-        count = cli.call(lambda client: _export(client, connect, write))
+        count = call(go)
     finally:
         out.flush()
         if out is not sys.stdout:
@@ -151,7 +158,7 @@ def import_(
     try:
         src = sys.stdin if str(file) == "-" else open(file, encoding="utf-8")
     except OSError as exc:
-        cli._fail(f"{file}: {exc.strerror}", 1)
+        fail(f"{file}: {exc.strerror}", 1)
 
     def lines():
         with src:
@@ -163,7 +170,7 @@ def import_(
                     key = _decoded({"k": doc["key"], "encoding": doc.get("key_encoding")}, "k")
                     values = [_decoded(s, "value") for s in doc["siblings"] if not s["deleted"]]
                 except (ValueError, KeyError, TypeError) as exc:
-                    cli._fail(f"{file}:{number}: not a line of `kvctl export`: {exc}", 2)
+                    fail(f"{file}:{number}: not a line of `kvctl export`: {exc}", 2)
                 yield key, values
 
     async def run(client):
@@ -174,16 +181,4 @@ def import_(
             count += 1
         return count
 
-    render.note(f"imported {cli.call(run)} keys")
-
-
-cli = None  # the kvctl.app module running (register)
-
-
-def register(app: typer.Typer, app_module) -> None:
-    """Add this module's commands to ``app``; ``app_module`` gives options, call, run."""
-    global cli
-    cli = app_module
-    app.command()(backup)
-    app.command()(export)
-    app.command("import")(import_)
+    render.note(f"imported {call(run)} keys")

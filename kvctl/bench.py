@@ -14,12 +14,17 @@ import itertools
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import trio
 
 from kvd.client import open_client
 from kvd.errors import KvdError
+
+class NoAnswer(KvdError):
+    """A request went unanswered for the whole timeout: the node is stuck, stop the bench."""
+
 
 WORKLOADS = {"A": 0.50, "B": 0.95, "C": 1.00}  # fraction of reads
 ZIPF_CONSTANT = 0.99
@@ -89,8 +94,10 @@ async def run_bench(
     ssl_context=None,
     load: bool = True,
     seed: int = 1,
+    timeout: float = 30.0,
 ) -> BenchResult:
-    """Preload ``keys`` keys (unless ``load`` is False), then run ``ops`` operations."""
+    """Preload ``keys`` keys (unless ``load`` is False), then run ``ops`` operations. A
+    request unanswered for ``timeout`` seconds stops the bench (KvdError)."""
     rng = random.Random(seed)
     zipf = Zipfian(keys, rng)
     read_fraction = WORKLOADS[workload]
@@ -100,14 +107,24 @@ async def run_bench(
     errors = 0
     contexts: dict[bytes, bytes] = {}
 
-    async with _pool(address, connections, token, ssl_context) as clients:
+    @contextmanager
+    def answered():
+        try:
+            with trio.fail_after(timeout):
+                yield
+        except trio.TooSlowError:
+            raise NoAnswer(f"no answer from {address} within {timeout:g} s (--timeout); "
+                           "bench stopped") from None
+
+    async with _pool(address, connections, token, ssl_context, timeout) as clients:
         if load:
             loaded = itertools.count()
 
             async def loader(client):
                 while (i := next(loaded)) < keys:
                     key = bench_key(i)
-                    contexts[key] = (await client.put(key, value)).context
+                    with answered():
+                        contexts[key] = (await client.put(key, value)).context
 
             async with trio.open_nursery() as nursery:
                 for worker in range(concurrency):
@@ -119,11 +136,14 @@ async def run_bench(
                 key = bench_key(zipf.next())
                 started = time.perf_counter()
                 try:
-                    if rng.random() < read_fraction:
-                        contexts[key] = (await client.get(key)).context
-                    else:
-                        reply = await client.put(key, value, context=contexts.get(key))
-                        contexts[key] = reply.context
+                    with answered():
+                        if rng.random() < read_fraction:
+                            contexts[key] = (await client.get(key)).context
+                        else:
+                            reply = await client.put(key, value, context=contexts.get(key))
+                            contexts[key] = reply.context
+                except NoAnswer:
+                    raise
                 except KvdError:
                     errors += 1
                     continue
@@ -140,9 +160,10 @@ async def run_bench(
 class _pool:
     """Open ``count`` client connections for the bench workers to share."""
 
-    def __init__(self, address: str, count: int, token: str | None, ssl_context=None):
+    def __init__(self, address: str, count: int, token: str | None, ssl_context=None,
+                 timeout: float = 5.0):
         self.address, self.count, self.token = address, count, token
-        self.ssl_context = ssl_context
+        self.ssl_context, self.timeout = ssl_context, timeout
 
     async def __aenter__(self):
         from contextlib import AsyncExitStack
@@ -153,7 +174,8 @@ class _pool:
         for _ in range(self.count):
             clients.append(
                 await self._stack.enter_async_context(
-                    open_client(self.address, token=self.token, ssl_context=self.ssl_context))
+                    open_client(self.address, token=self.token, ssl_context=self.ssl_context,
+                                connect_timeout=self.timeout))
             )
         return clients
 

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from kvctl import render
+from kvctl.cluster import admin_call
+from kvctl.common import options
 
 COLUMNS = ["partition", "from", "to", "state", "keys", "bytes", "rate"]
 
@@ -54,7 +56,7 @@ def _rows(doc: dict) -> list[list]:
 
 def fetch() -> dict:
     """The transfers document, with its summary (a field added to the JSON contract)."""
-    doc = cli._admin({"op": "transfers"})
+    doc = admin_call({"op": "transfers"})
     doc["summary"] = summarize(doc["transfers"])
     return doc
 
@@ -71,33 +73,27 @@ def view(doc: dict):
 
 def transfers(
     watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option("--interval", min=0.1,
+    interval: Annotated[float, typer.Option("--interval", min=0.1, metavar="SECONDS",
                                             help="Seconds between refreshes.")] = 2.0,
-    count: Annotated[Optional[int], typer.Option("--count", min=1,
+    count: Annotated[Optional[int], typer.Option("--count", min=1, metavar="N",
                                                  help="Stop after this many refreshes.")] = None,
 ) -> None:
     """Partition transfers in progress or pending, each with its own progress; a summary."""
     if watch:
         from kvctl.live import watch as live_watch
 
-        live_watch(fetch, view, interval=interval, count=count, as_json=cli.options.json)
+        live_watch(fetch, view, _print, interval=interval, count=count, as_json=options.json)
         return
     doc = fetch()
-    if cli.options.json:
+    if options.json:
         render.emit_json(doc)
         return
+    _print(doc)
+
+
+def _print(doc: dict) -> None:
     if not doc["transfers"]:
         render.note("no transfers pending")
         return
     render.table(None, COLUMNS, _rows(doc))
     render.note(summary_line(doc["summary"]))
-
-
-cli = None  # the kvctl.app module running (register)
-
-
-def register(app: typer.Typer, app_module) -> None:
-    """Add this module's commands to ``app``; ``app_module`` gives options, call, run."""
-    global cli
-    cli = app_module
-    app.command()(transfers)

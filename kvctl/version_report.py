@@ -7,6 +7,7 @@ from __future__ import annotations
 import typer
 
 from kvctl import render
+from kvctl.common import options, run
 
 ASK_TIMEOUT = 3.0  # seconds to wait for one node's answer; a node down says "unreachable"
 
@@ -48,10 +49,10 @@ def version_command() -> None:
     from kvd._version import version
     from kvd.proto.messages import PROTOCOL_VERSION
 
-    doc = cli.run(lambda: _report(cli.options.host, cli.options.token, cli.options.ssl_context))
+    doc = run(lambda: _report(options.host, options.token, options.ssl_context))
     doc = {"client": {"version": version(fallback="(development)"),
                       "protocol": PROTOCOL_VERSION}, **doc}
-    if cli.options.json:
+    if options.json:
         render.emit_json(doc)
         return
     render.note(f"kvctl {doc['client']['version']}, protocol {doc['client']['protocol']}")
@@ -61,13 +62,3 @@ def version_command() -> None:
     seen = {n["version"] for n in doc["nodes"] if n["version"]}
     if len(seen) > 1:
         render.note("mixed versions: " + ", ".join(sorted(seen)))
-
-
-cli = None  # the kvctl.app module running (register)
-
-
-def register(app: typer.Typer, app_module) -> None:
-    """Add this module's commands to ``app``; ``app_module`` gives options, call, run."""
-    global cli
-    cli = app_module
-    app.command("version")(version_command)

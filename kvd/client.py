@@ -1,4 +1,5 @@
-"""The kvd client library: an async (trio) client and a small synchronous wrapper.
+"""The kvd client library: the async (trio) client; SyncClient, the blocking wrapper for
+scripts, lives in kvd.blocking_client and is importable from here.
 
 One connection carries many requests at once: each request gets a fresh request id and a
 channel; a reader task routes reply frames to it. Values above the server's chunk size are
@@ -17,51 +18,36 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 import trio
 
-from kvd import security
 from kvd.address import parse_address
+from kvd.blocking_client import SyncClient  # noqa: F401  (the blocking wrapper, kept here)
+from kvd.client_protocol import (
+    DEFAULT_ADDRESS,
+    GetResult,
+    PutResult,
+    Sibling,
+    get_fields,
+    put_fields,
+    put_result,
+    write_fields,
+)
 from kvd.errors import (
     ConnectFailed,
     KvdError,
     ProtocolError,
-    Unauthorized,
     error_from_code,
     unwrap_single_error,
 )
-from kvd.net.connection import FrameConnection
+from kvd.net.connection import FrameConnection, run_handshake
 from kvd.proto import codec
-from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
+from kvd.proto.handshake import ClientHandshake
+from kvd.proto.messages import FLAG_END, MsgType
 
-DEFAULT_ADDRESS = "127.0.0.1:7379"
 # Frame overhead allowance when deciding whether a value fits inline in a PUT frame.
 _FRAME_SLACK = 4096
-
-
-@dataclass
-class Sibling:
-    value: bytes
-    deleted: bool
-    length: int
-
-
-@dataclass
-class GetResult:
-    key: bytes
-    found: bool
-    context: bytes
-    siblings: list[Sibling] = field(default_factory=list)
-    replicas: int = 0
-
-
-@dataclass
-class PutResult:
-    context: bytes
-    siblings: int
-    replicas: int
 
 
 class Client:
@@ -153,12 +139,7 @@ class Client:
         Streamed values are written to ``sink(index, sibling_count)`` (a binary file, written
         from a worker thread) when a sink is given; otherwise they are gathered into memory.
         """
-        fields: dict[str, Any] = {"key": key}
-        if r:
-            fields["r"] = r
-        if n:
-            fields["n"] = n
-        async with self._request(MsgType.GET, fields) as (_, next_reply):
+        async with self._request(MsgType.GET, get_fields(key, r=r, n=n)) as (_, next_reply):
             reply = await next_reply()
             body = reply.fields
             siblings = []
@@ -192,26 +173,25 @@ class Client:
         source: IO[bytes] | None = None,
         length: int | None = None,
         context: bytes | None = None,
+        blind: bool = False,
         n: int | None = None,
         w: int | None = None,
     ) -> PutResult:
-        """Write ``value`` (bytes) or ``length`` bytes read from the binary file ``source``."""
+        """Write ``value`` (bytes) or ``length`` bytes read from the binary file ``source``.
+
+        With ``context`` (from a GET or PUT reply of this key) the write supersedes what that
+        context saw; without one, what the cluster holds when it is made; ``blind`` supersedes
+        nothing and adds a sibling (docs/protocol.md, "Contexts")."""
         if (value is None) == (source is None):
             raise ValueError("give exactly one of value and source")
         if source is not None and length is None:
             length = os.fstat(source.fileno()).st_size
         total = len(value) if value is not None else length
-        fields: dict[str, Any] = {"key": key, "length": total}
-        if context:
-            fields["context"] = context
-        if n:
-            fields["n"] = n
-        if w:
-            fields["w"] = w
+        fields = put_fields(key, total, context=context, blind=blind, n=n, w=w)
         inline = value is not None and total <= self.chunk_size
         if inline:
             fields["value"] = value
-            return PutResult(**_put_reply(await self._call(MsgType.PUT, fields, MsgType.PUT_REPLY)))
+            return put_result(await self._call(MsgType.PUT, fields, MsgType.PUT_REPLY))
         async with self._request(MsgType.PUT, fields) as (rid, next_reply):
             async with trio.open_nursery() as nursery:
                 # An early ERROR reply raises here and cancels the sender.
@@ -219,7 +199,7 @@ class Client:
                 reply = await next_reply()
         if reply.type != MsgType.PUT_REPLY:
             raise ProtocolError(f"expected PUT_REPLY, got {reply.type.name}")
-        return PutResult(**_put_reply(reply.fields))
+        return put_result(reply.fields)
 
     async def _send_stream(self, rid: int, total: int, value, source) -> None:
         sent = 0
@@ -236,16 +216,12 @@ class Client:
             await self._conn.send(codec.encode_chunk(rid, data, end=sent >= total))
 
     async def delete(
-        self, key: bytes, *, context: bytes | None = None, n: int | None = None, w: int | None = None
+        self, key: bytes, *, context: bytes | None = None, blind: bool = False,
+        n: int | None = None, w: int | None = None
     ) -> PutResult:
-        fields: dict[str, Any] = {"key": key}
-        if context:
-            fields["context"] = context
-        if n:
-            fields["n"] = n
-        if w:
-            fields["w"] = w
-        return PutResult(**_put_reply(await self._call(MsgType.DELETE, fields, MsgType.PUT_REPLY)))
+        """Write a tombstone; ``context`` and ``blind`` as for ``put``."""
+        fields = write_fields(key, context=context, blind=blind, n=n, w=w)
+        return put_result(await self._call(MsgType.DELETE, fields, MsgType.PUT_REPLY))
 
     async def status(self) -> dict:
         return await self._call(MsgType.STATUS, {}, MsgType.STATUS_REPLY)
@@ -282,10 +258,6 @@ class Client:
         return await self._call(MsgType.ADMIN, fields, MsgType.ADMIN_REPLY)
 
 
-def _put_reply(fields: dict) -> dict:
-    return {"context": fields["context"], "siblings": fields["siblings"], "replicas": fields["replicas"]}
-
-
 Dial = Callable[[str], Awaitable[trio.abc.Stream]]
 
 
@@ -303,8 +275,8 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
     """Connect, handshake and yield a Client; closes the connection on exit.
 
     ``hello_fields`` extends the HELLO (peers send role "peer" and their node id).
-    ``secret``: the cluster secret; the handshake then authenticates both ways with the
-    HMAC challenge-response of kvd.security (peers only). ``ssl_context``: speak TLS,
+    ``secret``: the cluster secret; the handshake (kvd.proto.handshake) then authenticates
+    both ways with the HMAC challenge-response (peers only). ``ssl_context``: speak TLS,
     verifying the node's certificate for the host name in ``address``. ``dial``: how to open
     the stream (default TCP; the simulator passes its in-memory network's)."""
     try:
@@ -320,15 +292,15 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
         stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
     conn = FrameConnection(stream)
     try:
-        hello: dict[str, Any] = {"versions": [PROTOCOL_VERSION], "role": "client"}
-        hello.update(hello_fields or {})
-        if token:
-            hello["token"] = token
+        machine = ClientHandshake(address, hello_fields, token=token, secret=secret,
+                                  seal=ssl_context is None)  # TLS protects its own records
         try:
             with trio.fail_after(connect_timeout):
-                reply = await _handshake(conn, address, hello, secret)
+                done = await run_handshake(stream, machine)
         except trio.TooSlowError:
             raise ConnectFailed(f"{address} did not answer the handshake") from None
+        await conn.finish_handshake(machine, done)
+        reply = done.hello
         conn.max_frame = max(reply["max_frame"], conn.max_frame) + _FRAME_SLACK
         client = Client(conn, reply)
         with unwrap_single_error():
@@ -342,45 +314,6 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
         await conn.aclose()
 
 
-async def _handshake(conn: FrameConnection, address: str, hello: dict,
-                     secret: bytes | None) -> dict:
-    """HELLO -> HELLO_OK; with a secret, HELLO{nonce} -> HELLO_OK{nonce, proof} ->
-    HELLO{proof} -> HELLO_OK (docs/protocol.md section 2), then without TLS authenticated
-    records both ways (kvd.net.sealed). Returns the final HELLO_OK."""
-    nonce = None
-    if secret is not None:
-        nonce = hello["nonce"] = security.new_nonce()
-    await conn.send(codec.encode(MsgType.HELLO, 0, hello))
-    reply = await _hello_reply(conn, address)
-    if secret is None:
-        return reply
-    theirs = reply.get("nonce")
-    me, them = hello.get("node", ""), reply["node"]
-    expected = security.server_proof(secret, nonce, theirs or b"", me, them)
-    if not security.valid_nonce(theirs) or not security.verify_proof(expected, reply.get("proof")):
-        raise Unauthorized(f"peer {address} did not prove the cluster secret (is its "
-                           "cluster_secret_file the same as ours?)")
-    answer = {"versions": hello["versions"], "role": hello["role"],
-              "proof": security.client_proof(secret, nonce, theirs, me, them)}
-    if "node" in hello:
-        answer["node"] = hello["node"]
-    await conn.send(codec.encode(MsgType.HELLO, 0, answer))
-    to_them, to_us = security.session_keys(secret, nonce, theirs, me, them)
-    security.seal_peer_connection(conn, to_them, to_us)  # the final HELLO_OK is sealed
-    return await _hello_reply(conn, address)
-
-
-async def _hello_reply(conn: FrameConnection, address: str) -> dict:
-    reply = await conn.receive()
-    if reply is None:
-        raise ConnectFailed(f"{address} closed the connection during the handshake")
-    if reply.type == MsgType.ERROR:
-        raise error_from_code(reply.fields["code"], reply.fields["message"])
-    if reply.type != MsgType.HELLO_OK:
-        raise ProtocolError(f"expected HELLO_OK, got {reply.type.name}")
-    return reply.fields
-
-
 def _connect_reason(exc: BaseException) -> str:
     """The OS's reason (e.g. 'Connection refused'), digging through trio's attempt group."""
     cause = exc.__cause__
@@ -391,33 +324,3 @@ def _connect_reason(exc: BaseException) -> str:
         if isinstance(candidate, OSError) and candidate.strerror:
             return candidate.strerror
     return "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-
-
-class SyncClient:
-    """A blocking wrapper for scripts: each call opens a connection, runs, and closes it."""
-
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None):
-        self.address = address
-        self.token = token
-
-    def _run(self, method: str, *args, **kwargs):
-        async def call():
-            async with open_client(self.address, token=self.token) as client:
-                return await getattr(client, method)(*args, **kwargs)
-
-        return trio.run(call)
-
-    def get(self, key: bytes, **kwargs) -> GetResult:
-        return self._run("get", key, **kwargs)
-
-    def put(self, key: bytes, value: bytes | None = None, **kwargs) -> PutResult:
-        return self._run("put", key, value, **kwargs)
-
-    def delete(self, key: bytes, **kwargs) -> PutResult:
-        return self._run("delete", key, **kwargs)
-
-    def status(self) -> dict:
-        return self._run("status")
-
-    def inspect(self, key: bytes) -> dict:
-        return self._run("inspect", key)

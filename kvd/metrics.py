@@ -71,6 +71,7 @@ SIBLING_BUCKETS = (1, 2, 3, 4, 5, 10, 25, 50, 100)
 SIZE_CACHE_SECONDS = 10.0
 MAX_REQUEST_HEAD = 8192  # bytes of request line and headers accepted
 READ_TIMEOUT = 5.0  # seconds a client has to send its request
+KVD_FRAME = b"KV"  # how a kvd frame starts: kvctl given this port as --host
 SEND_TIMEOUT = 5.0  # seconds a client has to take the answer
 # The port's budget (kvd.net.admission): scrapers and probes are few and quick. A connection
 # is pending until its request head has arrived; a newcomer closes the oldest pending one, so
@@ -228,7 +229,7 @@ class NodeMetrics:
                         if not data:
                             break
                         head += data
-                        if len(head) > MAX_REQUEST_HEAD:
+                        if len(head) > MAX_REQUEST_HEAD or head.startswith(KVD_FRAME):
                             break
                 if not head:
                     return  # silent until the deadline, or closed: nothing to answer
@@ -248,6 +249,11 @@ class NodeMetrics:
         parts = line.split()
         if len(head) > MAX_REQUEST_HEAD:
             return "431 Request Header Fields Too Large", text, b"request too large\n", "GET"
+        if head.startswith(KVD_FRAME):  # answered at once, naming the port to use instead
+            return "400 Bad Request", text, (
+                f"this is the metrics port (metrics_listen) of node {self.config.node_id}; "
+                f"kvctl and clients use its client port {self.config.listen} (listen)\n"
+            ).encode(), "GET"
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             return "400 Bad Request", text, b"bad request\n", "GET"
         method, target = parts[0], parts[1]

@@ -1,7 +1,8 @@
-"""Authentication and authorisation: the cluster secret, client tokens, TLS contexts.
+"""Authentication and authorisation: the cluster secret, client tokens, roles, TLS contexts.
 
-The server's handshake and the client's ``open_client`` call into this module; it holds
-the pure parts (proofs, token lookup, role rules) and the loading of secret-bearing files.
+The handshake (kvd.proto.handshake) asks this module whom a HELLO is from (``Security.
+authorize``); kvd.net.guarded asks it what a connection's role may do. It holds the token
+lookup, the role rules, the loading of secret-bearing files, and the refusal log.
 
 Invariants:
 
@@ -9,17 +10,13 @@ Invariants:
   line, an error message or ``repr``. Messages name files and token *names*, never values.
 - Rule 2: a secret-bearing file that group or others may read is refused at start-up, with
   one line saying which file and how to fix it (``chmod 600``).
-- Rule 3: peer authentication is mutual and replay-proof. Each side contributes a fresh
-  32-byte random nonce and proves the secret with an HMAC-SHA256 over BOTH nonces and both
-  node names, under a label per direction, so a recorded proof is useless on any other
-  connection and a proof can never be reflected back as the other side's.
+- Rule 3: peer authentication (mutual, replay-proof HMAC challenge-response on the cluster
+  secret) and the authenticated records after it (this module's rule 6 before) are
+  kvd.proto.handshake's rules 5 to 8.
 - Rule 4: comparisons of proofs and tokens are constant-time (``hmac.compare_digest``).
 - Rule 5: without a cluster secret, peers are accepted unauthenticated (loopback-only dev
   clusters, DESIGN section 7); without client tokens, clients are accepted only from
   loopback addresses.
-- Rule 6: the handshake protects every frame after it too. Once the connecting node has sent
-  its proof, a plain-TCP peer connection carries authenticated records (kvd.net.sealed)
-  under keys derived like the proofs (``session_keys``), both ways; over TLS, TLS does it.
 - Rule 7: refusals are aggregated, never dropped from view (``Refusals``): every one is
   counted by reason (the ``kvd_refusals_total`` metric and a summary line per
   ``REFUSAL_LOG_INTERVAL``), and an address's first refusal is logged at once, so a flood
@@ -30,14 +27,6 @@ Invariants:
   (kvd.versions). Without a secret the key is public: contexts are then checked, not
   authenticated, which protects nothing less than the unauthenticated peer port already
   gives away on such a loopback-only cluster (docs/DECISIONS.md).
-
-The peer exchange (docs/protocol.md, section 2)::
-
-    peer  -> node  HELLO    {role: "peer", node: A, nonce: Na, ...}
-    node  -> peer  HELLO_OK {node: B, nonce: Nb, proof: HMAC(K, "server" | Na | Nb | A | B)}
-    peer  -> node  HELLO    {role: "peer", node: A, proof: HMAC(K, "client" | Na | Nb | A | B)}
-    node  -> peer  HELLO_OK {node: B, max_frame, ...}    or ERROR unauthorized, closed
-    (from the second HELLO's end on, without TLS: authenticated records both ways, rule 6)
 """
 
 from __future__ import annotations
@@ -56,11 +45,9 @@ from dataclasses import dataclass
 import trio
 
 from kvd.address import is_loopback_host
-from kvd.errors import ConfigError, ProtocolError, Unauthorized
-from kvd.net.admission import remote_host
-from kvd.net.connection import FrameConnection
-from kvd.proto import codec
-from kvd.proto.messages import FLAG_END, PRE_AUTH_MAX_FRAME, PROTOCOL_VERSION, MsgType
+from kvd.errors import ConfigError, Unauthorized
+from kvd.proto.codec import Message
+from kvd.proto.messages import MsgType
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,8 +56,6 @@ else:  # pragma: no cover
 
 __all__ = [
     "Grant",
-    "GuardedConnection",
-    "NONCE_SIZE",
     "PEER",
     "ROLES",
     "Refusals",
@@ -78,29 +63,21 @@ __all__ = [
     "TokenTable",
     "allows",
     "check_private_file",
-    "client_proof",
     "context_key",
     "load_secret",
     "load_tokens",
-    "new_nonce",
     "required_role",
-    "seal_peer_connection",
-    "server_proof",
-    "session_keys",
-    "verify_proof",
 ]
 
 log = logging.getLogger("kvd.security")
 
-NONCE_SIZE = 32
-MIN_NONCE, MAX_NONCE = 16, 64
 MIN_SECRET = 16
 MIN_TOKEN = 16
 # Client roles, weakest first; "peer" is what an authenticated node gets: everything.
 ROLES = ("read", "write", "admin")
 PEER = "peer"
 _RANK = {"read": 1, "write": 2, "admin": 3, PEER: 4}
-# Refusal logging (rule 6): each address's first refusal is logged at once, at most
+# Refusal logging (rule 7): each address's first refusal is logged at once, at most
 # NEW_HOSTS_LOGGED new addresses per interval; every refusal is counted by reason, and a
 # summary line per interval gives the counts and the first EXAMPLES of each reason.
 REFUSAL_LOG_INTERVAL = 60.0
@@ -109,10 +86,6 @@ EXAMPLES = 3
 REMEMBERED_HOSTS = 4096  # addresses already logged, least recently seen forgotten first
 MAX_REASONS = 32  # distinct reasons counted (metric labels); later ones count as "other"
 MAX_WINDOW_HOSTS = 10_000  # distinct addresses counted per reason per interval
-# Streamed PUTs refused on one connection whose CHUNK frames are still being dropped.
-MAX_REFUSED_STREAMS = 64
-# Inline request bodies one connection may have in flight, in multiples of max_frame.
-IN_FLIGHT_FRAMES = 4
 
 # ADMIN operations that only look; every other operation changes the cluster.
 _READ_ONLY_ADMIN = frozenset({"ring", "transfers", "plan", "partition-keys"})
@@ -270,60 +243,13 @@ def required_role(kind: MsgType, fields: dict) -> str:
     return "admin"  # ADMIN, and anything a client port does not expect
 
 
-# --------------------------------------------------------------------------- peer proofs
-
-
-def new_nonce() -> bytes:
-    return os.urandom(NONCE_SIZE)
-
-
-def _proof(label: bytes, secret: bytes, client_nonce: bytes, server_nonce: bytes,
-           client_node: str, server_node: str) -> bytes:
-    mac = hmac.new(secret, b"kvd-peer-v1 " + label, hashlib.sha256)
-    for part in (client_nonce, server_nonce, client_node.encode(), server_node.encode()):
-        mac.update(len(part).to_bytes(4, "big"))  # length-prefixed: no ambiguous splits
-        mac.update(part)
-    return mac.digest()
+# --------------------------------------------------------------------------- contexts
 
 
 def context_key(secret: bytes | None) -> bytes:
-    """The key that seals client contexts (rule 6): HMAC-SHA256 of the secret over a label
+    """The key that seals client contexts (rule 8): HMAC-SHA256 of the secret over a label
     of its own, so it is independent of the handshake proofs; public without a secret."""
     return hmac.new(secret or b"", b"kvd-context-key-v1", hashlib.sha256).digest()
-
-
-def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes,
-                 client_node: str, server_node: str) -> bytes:
-    """What the accepting node sends to prove the secret."""
-    return _proof(b"server", secret, client_nonce, server_nonce, client_node, server_node)
-
-
-def client_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes,
-                 client_node: str, server_node: str) -> bytes:
-    """What the connecting node sends to prove the secret."""
-    return _proof(b"client", secret, client_nonce, server_nonce, client_node, server_node)
-
-
-def session_keys(secret: bytes, client_nonce: bytes, server_nonce: bytes,
-                 client_node: str, server_node: str) -> tuple[bytes, bytes]:
-    """(connecting -> accepting, accepting -> connecting) record keys of one connection
-    (rule 6): fresh per connection because both nonces are, one per direction."""
-    parts = (secret, client_nonce, server_nonce, client_node, server_node)
-    return _proof(b"records client", *parts), _proof(b"records server", *parts)
-
-
-def seal_peer_connection(conn: FrameConnection, send_key: bytes, receive_key: bytes) -> None:
-    """Authenticate every later byte of ``conn`` (rule 6), unless TLS already does."""
-    if not isinstance(conn.stream, trio.SSLStream):
-        conn.seal(send_key, receive_key)
-
-
-def verify_proof(expected: bytes, got: object) -> bool:
-    return isinstance(got, bytes) and hmac.compare_digest(expected, got)
-
-
-def valid_nonce(nonce: object) -> bool:
-    return isinstance(nonce, bytes) and MIN_NONCE <= len(nonce) <= MAX_NONCE
 
 
 # --------------------------------------------------------------------------- TLS
@@ -408,12 +334,12 @@ class Security:
         return cls(secret, tokens, client_tls, peer_tls, peer_client_tls)
 
     def note_refusal(self, kind: str, host: str, who: str, reason: str) -> None:
-        """Count a refused connection (rule 6); log it if its address is new."""
+        """Count a refused connection (rule 7); log it if its address is new."""
         self.refused += 1
         self.refusals.note(f"refused {kind} connection", host, who, reason)
 
     def note(self, what: str, host: str, who: str, reason: str) -> None:
-        """Count that ``what`` happened on a connection from ``host`` (rule 6)."""
+        """Count that ``what`` happened on a connection from ``host`` (rule 7)."""
         self.refusals.note(what, host, who, reason)
 
     def authenticate_client(self, hello, host: str) -> Grant:
@@ -431,43 +357,12 @@ class Security:
             raise Unauthorized("the client token is not valid")
         return grant
 
-    async def authenticate_peer(self, conn: FrameConnection, hello, me: str):
-        """Run the node's side of the peer exchange (rule 3) after ``hello``.
-
-        Returns (Grant, the HELLO to answer with the final HELLO_OK); raises Unauthorized
-        when the peer cannot prove the secret, or ConnectFailed if it hangs up.
-        """
-        who = hello.fields.get("node") or ""
-        if self.secret is None:
-            return Grant(f"peer {who}", PEER), hello
-        theirs = hello.fields.get("nonce")
-        if not valid_nonce(theirs):
-            raise Unauthorized("this node requires peer authentication: give every node the "
-                               "same cluster_secret_file")
-        mine = new_nonce()
-        await conn.send(codec.encode(MsgType.HELLO_OK, hello.request_id, {
-            "version": PROTOCOL_VERSION,
-            "node": me,
-            "max_frame": PRE_AUTH_MAX_FRAME,
-            "nonce": mine,
-            "proof": server_proof(self.secret, theirs, mine, who, me),
-        }))
-        answer = await conn.receive()
-        if answer is None:
-            # Our node's peer code hangs up here exactly when our proof did not verify.
-            raise Unauthorized("peer hung up after the challenge: it does not have this "
-                               "node's cluster secret")
-        if answer.type != MsgType.HELLO:
-            raise Unauthorized(f"peer sent {answer.type.name} before proving the cluster secret")
-        if (answer.fields.get("node") or "") != who:
-            raise Unauthorized("peer changed its node name during the handshake")
-        expected = client_proof(self.secret, theirs, mine, who, me)
-        if not verify_proof(expected, answer.fields.get("proof")):
-            raise Unauthorized("peer authentication failed: wrong cluster secret, or a "
-                               "replayed handshake")
-        to_us, to_them = session_keys(self.secret, theirs, mine, who, me)
-        seal_peer_connection(conn, to_them, to_us)  # the final HELLO_OK is the first record
-        return Grant(f"peer {who}", PEER), answer
+    def authorize(self, role: str, host: str, hello: Message) -> Grant:
+        """The Grant of the first HELLO on the ``role`` port from ``host``, or Unauthorized;
+        a peer's proof of the secret is the handshake's (kvd.proto.handshake)."""
+        if role == PEER:
+            return Grant(f"peer {hello.fields.get('node') or ''}", PEER)
+        return self.authenticate_client(hello, host)
 
 
 class _Window:
@@ -480,7 +375,7 @@ class _Window:
 
 
 class Refusals:
-    """Refusals aggregated by reason (rule 6): totals for the metric, a window for the
+    """Refusals aggregated by reason (rule 7): totals for the metric, a window for the
     periodic summary line, and the addresses already logged."""
 
     def __init__(self):
@@ -545,83 +440,3 @@ def printable(name: object, limit: int = 64) -> str:
     """A peer-supplied name made safe for one log line."""
     text = name if isinstance(name, str) else ""
     return repr(text[:limit]) if text else ""
-
-
-# --------------------------------------------------------------------------- connections
-
-
-class GuardedConnection(FrameConnection):
-    """A server-side FrameConnection that enforces the handshake's Grant on every request.
-
-    Until ``grant`` is set (the handshake does it) every frame is passed through for the
-    handshake to judge. After it, a request the grant does not allow is answered with
-    ERROR ``unauthorized`` on its request id and never reaches a handler; the CHUNK frames
-    of a refused streamed PUT are dropped. Inline request bodies in flight are bounded by
-    ``IN_FLIGHT_FRAMES * max_frame`` bytes: past it the reader waits for replies to go out.
-    """
-
-    def __init__(self, stream, security: Security | None = None):
-        super().__init__(stream)
-        self.security = security or Security()
-        self.grant: Grant | None = None
-        self.host = remote_host(stream)
-        self._refused_streams: set[int] = set()
-        self._held: dict[int, int] = {}
-        self._held_bytes = 0
-        self._released = trio.Event()
-        self._waiting = None
-
-    async def receive(self):
-        if self._waiting is not None:  # a receive cancelled while it waited for room
-            await self._hold(self._waiting)
-            message, self._waiting = self._waiting, None
-            return message
-        while True:
-            message = await super().receive()
-            if message is None or self.grant is None:
-                return message
-            rid = message.request_id
-            if message.type == MsgType.CHUNK:
-                if rid in self._refused_streams:
-                    if message.flags & FLAG_END:
-                        self._refused_streams.discard(rid)
-                    continue
-                return message
-            needed = required_role(message.type, message.fields)
-            if self.grant.allows(needed):
-                self._waiting = message
-                await self._hold(message)
-                self._waiting = None
-                return message
-            if message.type == MsgType.PUT and "value" not in message.fields:
-                if len(self._refused_streams) >= MAX_REFUSED_STREAMS:
-                    raise ProtocolError("too many refused streams left open")
-                self._refused_streams.add(rid)
-            what = message.fields.get("op") if message.type == MsgType.ADMIN else None
-            request = f"{message.type.name}{' ' + what if isinstance(what, str) else ''}"
-            refusal = Unauthorized(
-                f"{self.grant.name} has role {self.grant.role}; {request[:64]} needs {needed}"
-            )
-            await self.send(codec.encode(
-                MsgType.ERROR, rid, {"code": refusal.code, "message": str(refusal)}))
-
-    async def _hold(self, message) -> None:
-        value = message.fields.get("value") if message.type == MsgType.PUT else None
-        size = len(value) if isinstance(value, bytes) else 0
-        if size == 0:
-            return
-        limit = IN_FLIGHT_FRAMES * self.max_frame
-        while self._held_bytes and self._held_bytes + size > limit:
-            await self._released.wait()
-        self._held[message.request_id] = self._held.get(message.request_id, 0) + size
-        self._held_bytes += size
-
-    async def send(self, data: bytes) -> None:
-        await super().send(data)
-        if self._held and len(data) >= 13 and data[3] != MsgType.CHUNK:
-            rid = int.from_bytes(data[5:9], "big")
-            size = self._held.pop(rid, 0)
-            if size:
-                self._held_bytes -= size
-                self._released.set()
-                self._released = trio.Event()

@@ -25,6 +25,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -51,7 +52,8 @@ from kvd.net.admission import (
     descriptor_budget,
     serve_admitted,
 )
-from kvd.net.connection import FrameConnection
+from kvd.net.connection import FrameConnection, run_handshake
+from kvd.net.guarded import GuardedConnection
 from kvd.node.antientropy import AntiEntropy
 from kvd.node.cluster import Cluster
 from kvd.node.staging import Offload
@@ -62,8 +64,9 @@ from kvd.node.data_dir import Identity, load_identity, make_private
 from kvd.node.local import LocalStore
 from kvd.node.replica import LocalReplica
 from kvd.proto import codec
-from kvd.proto.messages import FLAG_END, PROTOCOL_VERSION, MsgType
-from kvd.security import GuardedConnection, Security, context_key, printable
+from kvd.proto.handshake import ServerHandshake
+from kvd.proto.messages import FLAG_END, MsgType
+from kvd.security import Security, context_key, printable
 from kvd.storage import open_storage
 from kvd.storage.blobs import BlobStore, MemoryBlobStore
 from kvd.storage.memory import MemoryDisk
@@ -342,53 +345,32 @@ async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> 
 
 async def _handshake(node: Node, conn: FrameConnection, role: str,
                      ticket: Ticket | None = None) -> None:
-    """HELLO (and for peers with a cluster secret the challenge-response of
-    kvd.security), all within ``handshake_timeout``; then HELLO_OK and the frame limit
-    rises. A refusal raises Unauthorized, counted by kvd.security.Refusals."""
+    """The server side of kvd.proto.handshake (HELLO, and for peers with a cluster secret
+    the challenge-response), all within ``handshake_timeout``; then HELLO_OK and the frame
+    limit rises. A refusal raises Unauthorized, counted by kvd.security.Refusals."""
     security = getattr(conn, "security", None) or Security()
     host = getattr(conn, "host", "")
+    machine = ServerHandshake(
+        role, node.node_id, max_frame=node.config.max_frame, chunk_size=node.config.chunk_size,
+        authorize=partial(security.authorize, role, host), secret=security.secret,
+        seal=not isinstance(conn.stream, trio.SSLStream),
+        ports={"client": node.config.listen, "peer": node.config.peer_listen})
     with trio.move_on_after(node.config.handshake_timeout) as scope:
-        hello = await conn.receive()
-        if hello is None:
-            raise ConnectFailed("closed before HELLO")
-        if hello.type != MsgType.HELLO:
-            raise ProtocolError(f"expected HELLO, got {hello.type.name}")
-        if hello.fields["role"] != role:
-            raise ProtocolError(
-                f"this is the {role} port; a {hello.fields['role'][:16]!r} connected to it")
-        if PROTOCOL_VERSION not in hello.fields["versions"]:
-            raise ProtocolError(
-                f"no common protocol version (server speaks {PROTOCOL_VERSION}, "
-                f"client offers {hello.fields['versions'][:8]})"
-            )
         try:
-            if role == "peer":
-                grant, hello = await security.authenticate_peer(conn, hello, node.node_id)
-            else:
-                grant = security.authenticate_client(hello, host)
+            done = await run_handshake(conn.stream, machine)
         except Unauthorized as exc:
-            security.note_refusal(role, host, printable(hello.fields.get("node")), str(exc))
+            who = machine.hello.fields.get("node") if machine.hello is not None else None
+            security.note_refusal(role, host, printable(who), str(exc))
             raise
     if scope.cancelled_caught:
         raise ProtocolError("handshake not completed within the handshake timeout")
     conn.max_frame = node.config.max_frame
-    conn.grant = grant
+    conn.grant = done.grant
     if ticket is not None:
         # Authenticated from here on: before HELLO_OK goes out, or a newcomer accepted while
         # it is being sent could evict this connection as an idle one.
         ticket.established()
-    await conn.send(
-        codec.encode(
-            MsgType.HELLO_OK,
-            hello.request_id,
-            {
-                "version": PROTOCOL_VERSION,
-                "node": node.node_id,
-                "max_frame": node.config.max_frame,
-                "chunk_size": node.config.chunk_size,
-            },
-        )
-    )
+    await conn.finish_handshake(machine, done)
 
 
 async def _serve_connection(node: Node, conn: FrameConnection, role: str,

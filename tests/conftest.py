@@ -42,7 +42,8 @@ def kvctl_cli():
 
     def run(*args: str, host: str | None = None, input: bytes | None = None):
         command = (["--host", host] if host else []) + list(args)
-        result = runner.invoke(app, command, input=input, env={"NO_COLOR": "1"})
+        result = runner.invoke(app, command, input=input, env={"NO_COLOR": "1"},
+                               prog_name="kvctl")
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception
         return subprocess.CompletedProcess(["kvctl", *command], result.exit_code,

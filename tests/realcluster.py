@@ -210,7 +210,7 @@ async def wait_formed(nodes: list[KvdProcess], timeout: float = 60) -> dict:
     await eventually("transfers drained", drained, timeout, nodes)
     expected = {n.node_id: "UN" for n in nodes}
     await wait_states(nodes, expected, nodes, timeout)
-    # The same, through the CLI (concurrently: each kvctl process costs ~0.5 s of CPU).
+    # The same, through the CLI (concurrently: each kvctl process costs ~0.1 s of CPU).
     docs: dict = {}
 
     async def cli(name, node, *args):

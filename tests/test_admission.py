@@ -184,6 +184,7 @@ def test_descriptor_budget_leaves_half_to_storage_and_256_spare(nofile, wanted, 
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_silent_connections_on_the_metrics_port_do_not_block_health(tmp_path, procs):
     metrics = free_port()
     node = start(tmp_path, procs, "n1", {"metrics_listen": f"127.0.0.1:{metrics}"})
@@ -199,6 +200,7 @@ def test_silent_connections_on_the_metrics_port_do_not_block_health(tmp_path, pr
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_idle_sockets_do_not_lock_out_clients_or_peers(tmp_path, procs):
     node = start(tmp_path, procs, "n1", {"max_connections": 256})
     with Flood(node.port, 600, interval=0.2), Flood(node.peer_port, 600, interval=0.2):
@@ -285,10 +287,12 @@ def check_flood_figures(figures: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_2000_idle_sockets_churned_on_every_port(tmp_path, procs):
     check_flood_figures(flood_attack(tmp_path, procs, 2000, 12))
 
 
+@pytest.mark.alone
 @pytest.mark.skipif(not os.environ.get("KVD_SOAK"), reason="make soak: 10,000 sockets a port")
 def test_10000_idle_sockets_churned_on_every_port(tmp_path, procs):
     check_flood_figures(flood_attack(tmp_path, procs, 10000, 40))

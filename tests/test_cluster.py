@@ -62,6 +62,10 @@ async def test_quorum_survives_one_kill_and_refuses_w2_after_two(tmp_path, procs
         got = kvctl_json(n2, "get", key, "-r", "2")
         assert got["found"] is True and got["replicas"] == 2
         assert [(s["value"], s["deleted"]) for s in got["siblings"]] == [(value, False)]
+    # kvctl repair --wait names the replica it could not compare (exit 1).
+    repair = run_kvctl(n1, "repair", "--wait")
+    assert repair.returncode == 1, repair
+    assert "could not reach n3" in repair.stderr.decode(errors="replace"), repair
 
     n2.kill()
     await wait_states([n1], {"n1": "UN", "n2": "DN", "n3": "DN"}, nodes)
@@ -108,7 +112,7 @@ async def test_hinted_handoff_delivers_writes_after_restart(tmp_path, procs):
     await eventually("n3 holds every hinted write and no hint is left", handed_off,
                      60, nodes, interval=0.5)
     assert await hint_counts(nodes) == {nid: (0, 0) for nid in NODE_IDS}
-    # The CLI's view of the same thing, on a sample: one kvctl process costs ~0.5 s of CPU,
+    # The CLI's view of the same thing, on a sample: one kvctl process costs ~0.1 s of CPU,
     # so every key went through the client's INSPECT (the request kvctl renders) above.
     assert await kvctl_inspect_sample(n2, keys[::50], everyone) == {}
 

@@ -227,10 +227,18 @@ async def test_one_read_of_each_key_refills_a_replica_that_missed_them(sim, auto
 async def test_siblings_across_coordinators_and_merge(sim, autojump_clock):
     """Was test_cluster.py::test_siblings_across_coordinators_and_merge."""
     await sim.form(NODES3)
+    # Writes without a context, one after the other through different coordinators: each
+    # supersedes what the cluster held (the coordinator reads first), so no siblings.
+    for name in NODES3:
+        async with client(sim, name) as c:
+            assert (await c.put(b"one", name.encode())).siblings == 1
     async with client(sim, "n1") as c:
-        assert (await c.put(b"sib", b"from-n1")).siblings == 1
+        assert [s.value for s in (await c.get(b"one", r=3)).siblings] == [b"n3"]
+    # Blind writes supersede nothing: siblings.
+    async with client(sim, "n1") as c:
+        assert (await c.put(b"sib", b"from-n1", blind=True)).siblings == 1
     async with client(sim, "n2") as c:
-        assert (await c.put(b"sib", b"from-n2")).siblings == 2
+        assert (await c.put(b"sib", b"from-n2", blind=True)).siblings == 2
     async with client(sim, "n3") as c:
         got = await c.get(b"sib", r=2)
         assert sorted(s.value for s in got.siblings) == [b"from-n1", b"from-n2"]
@@ -249,6 +257,30 @@ async def test_siblings_across_coordinators_and_merge(sim, autojump_clock):
         return problem is None and siblings == [1, 1, 1], (problem, siblings)
 
     await wait_for("every replica holds the single merged value", converged, 10)
+    assert not sim.crashes
+
+
+async def test_writes_without_context_that_cannot_see_each_other_become_siblings(
+        sim, autojump_clock):
+    """Only writes the coordinator cannot read first are concurrent: two made on either side
+    of a partition both survive the heal as siblings (none is lost to the read-first)."""
+    await sim.form(NODES3)
+    async with client(sim, "n1") as c:
+        await c.put(b"split", b"before", w=3)
+    sim.isolate("n1")
+    async with client(sim, "n1") as c:
+        assert (await c.put(b"split", b"lonely", w=1)).siblings == 1
+    async with client(sim, "n2") as c:
+        assert (await c.put(b"split", b"majority", w=2)).siblings == 1
+    sim.net.heal()
+
+    async def both_kept():
+        async with client(sim, "n3") as c:
+            got = await c.get(b"split", r=3)
+        values = sorted(s.value for s in got.siblings)
+        return values == [b"lonely", b"majority"], values
+
+    await wait_for("both sides' writes are siblings after the heal", both_kept, 300)
     assert not sim.crashes
 
 
@@ -544,13 +576,16 @@ async def test_deletes_with_a_replica_away_never_come_back(sim, autojump_clock):
     await trio.sleep(max(DETECT, deleted_at + GRACE + 1.0 - trio.current_time()))
     assert await states(sim, "n1") == {"n1": "UN", "n2": "UN", "n3": "DN"}
     for name in ("n1", "n2"):
-        assert (await repair(sim, name))["tombstones_purged"] == 0, name
+        away = await repair(sim, name)
+        assert away["tombstones_purged"] == 0, name
+        assert away["unreachable"] == ["n3"], away  # kvctl repair --wait names it
 
     # n3 back, grace over, every replica holds them: purged, everywhere.
     sim.net.heal()
     await trio.sleep(DETECT)
     purged = await repair(sim, "n1")
     assert purged["keys_repaired"] == 0 and purged["tombstones_purged"] == len(keys), purged
+    assert purged["unreachable"] == [], purged
     async with client(sim, "n2") as c:
         for key in keys:
             doc = await c.inspect(key)

@@ -382,6 +382,7 @@ SETTLE = 0.3  # seconds after an ON window still counted as loaded (connections 
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 async def test_hostile_load_leaves_the_node_serving(tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("fuzz-secret-2b6e0c9d4a7f1e38")

@@ -424,7 +424,7 @@ def test_metrics_parse_and_move_with_requests(tmp_path, nodes):
     client = SyncClient(node.address)
     for i in range(5):
         client.put(f"k{i}".encode(), b"x" * 1000)
-    client.put(b"k0", b"concurrent")  # no context: a second sibling
+    client.put(b"k0", b"concurrent", blind=True)  # a second sibling
     for i in range(3):
         assert client.get(f"k{i}".encode()).found
     assert not client.get(b"missing").found

@@ -19,9 +19,11 @@ import trio
 
 from kvd import security
 from kvd.client import open_client
-from kvd.net.sealed import Opener, Sealer
+from kvd.net.guarded import GuardedConnection
+from kvd.proto.records import Opener, Sealer
 from kvd.errors import ConfigError, Unauthorized
-from kvd.proto import codec
+from kvd.proto import codec, handshake
+from kvd.proto.handshake import client_proof, server_proof
 from kvd.proto.codec import NEED_DATA, FrameDecoder
 from kvd.proto.messages import MsgType
 from kvd.security import (
@@ -29,11 +31,9 @@ from kvd.security import (
     Security,
     TokenTable,
     check_private_file,
-    client_proof,
     load_secret,
     load_tokens,
     required_role,
-    server_proof,
 )
 from tests.procs import ROOT, KvdProcess, free_port, kvctl, wait_port
 
@@ -79,10 +79,10 @@ def test_proofs_bind_both_nonces_both_names_and_the_direction():
         client_proof(key, a[:-1], b"b" + b, "n2", "n1"),  # length-prefixed parts
     }
     assert proof not in others and len(others) == 7
-    assert security.verify_proof(proof, proof)
-    assert not security.verify_proof(proof, proof[:-1] + b"x")
-    assert not security.verify_proof(proof, None)
-    assert security.new_nonce() != security.new_nonce()
+    assert handshake.verify_proof(proof, proof)
+    assert not handshake.verify_proof(proof, proof[:-1] + b"x")
+    assert not handshake.verify_proof(proof, None)
+    assert handshake.new_nonce() != handshake.new_nonce()
 
 
 def test_roles():
@@ -289,7 +289,7 @@ def authenticate_by_hand(port: int, secret: str, node: str = "mallory", verify: 
                                                          them)
     second = peer_hello(node, proof=client_proof(secret.encode(), nonce, theirs, node, them))
     sock.sendall(second)
-    to_node, from_node = security.session_keys(secret.encode(), nonce, theirs, node, them)
+    to_node, from_node = handshake.session_keys(secret.encode(), nonce, theirs, node, them)
     if verify:
         decoder = SealedDecoder(from_node)
     return sock, decoder, first + second, Sealer(to_node)
@@ -539,10 +539,11 @@ def test_non_loopback_listen_without_a_secret_exits_with_the_reason(tmp_path):
 def test_secret_files_open_to_others_stop_the_start_and_never_show(tmp_path):
     secret = private_file(tmp_path / "secret", SECRET, 0o644)
     tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS), 0o640)
+    no_metrics = private_file(tmp_path / "no-metrics.toml", 'metrics_listen = ""\n')
     base = ["--data-dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{free_port()}",
             "--peer-listen", f"127.0.0.1:{free_port()}"]
-    proc = run_kvd(*base, "--cluster-secret-file", str(secret))
-    assert proc.returncode == 2
+    proc = run_kvd("--config", str(no_metrics), *base, "--cluster-secret-file", str(secret))
+    assert proc.returncode == 2, proc.stderr
     assert proc.stderr.endswith(
         f"kvd: error: cluster_secret_file {secret} is accessible by group or others "
         f"(mode 0644): run chmod 600 {secret}\n")
@@ -592,7 +593,7 @@ async def test_guarded_connection_bounds_inline_bodies_in_flight():
     from trio.testing import memory_stream_pair
 
     client, server = memory_stream_pair()
-    conn = security.GuardedConnection(server, Security())
+    conn = GuardedConnection(server, Security())
     conn.grant = Grant("test", "write")
     conn.max_frame = 64 * 1024
     value = b"x" * (60 * 1024)
@@ -617,7 +618,7 @@ async def test_guarded_connection_refuses_without_reaching_handlers():
     from trio.testing import memory_stream_pair
 
     client, server = memory_stream_pair()
-    conn = security.GuardedConnection(server, Security())
+    conn = GuardedConnection(server, Security())
     conn.grant = Grant("viewer", "read")
     conn.max_frame = 1 << 20
     frames = [codec.encode(MsgType.ADMIN, 1, {"op": "commit"}),

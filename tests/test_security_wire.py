@@ -1,7 +1,7 @@
 """Issue 10, "Also": peer frames keep their integrity after the handshake on plain TCP;
 client tokens together with TLS; a SIGHUP reload cannot widen permissions or weaken auth.
 
-The record layer (kvd.net.sealed) is tested directly; the attacks on real ``kvd`` daemons
+The record layer (kvd.proto.records) is tested directly; the attacks on real ``kvd`` daemons
 (tests/procs.py): an on-path proxy that injects frames into an authenticated peer link,
 TLS clients with and without tokens or certificates, and SIGHUP after the operator loosened
 a secret file.
@@ -20,8 +20,8 @@ import trio
 from kvd import security
 from kvd.client import open_client
 from kvd.errors import ConnectFailed, Unauthorized
-from kvd.net.sealed import MAX_RECORD, IntegrityError, Opener, Sealer
-from kvd.proto import codec
+from kvd.proto.records import MAX_RECORD, IntegrityError, Opener, Sealer
+from kvd.proto import codec, handshake
 from kvd.proto.messages import MsgType
 from kvd.security import Security, load_tokens
 from tests.procs import free_port
@@ -83,12 +83,12 @@ def test_records_refuse_every_change_in_transit(attack):
 
 
 def test_session_keys_are_per_connection_and_per_direction():
-    keys = security.session_keys(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2")
-    again = security.session_keys(b"s" * 16, b"a" * 32, b"c" * 32, "n1", "n2")
+    keys = handshake.session_keys(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2")
+    again = handshake.session_keys(b"s" * 16, b"a" * 32, b"c" * 32, "n1", "n2")
     assert len(set(keys + again)) == 4
     assert all(len(k) == 32 for k in keys)
-    proofs = {security.client_proof(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2"),
-              security.server_proof(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2")}
+    proofs = {handshake.client_proof(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2"),
+              handshake.server_proof(b"s" * 16, b"a" * 32, b"b" * 32, "n1", "n2")}
     assert not proofs & set(keys)  # a key never travels: it is no proof
 
 
@@ -146,7 +146,9 @@ class Proxy:
             pass
         if direction == "peer":
             self.node_closed.set()  # the node hung up on the link
-        scope.cancel()
+            scope.cancel()
+        # The peer hung up (on the node's ERROR, say): keep reading the node, so that its
+        # own hang-up is still seen however late a loaded machine lets it come.
 
     async def inject(self, direction: str, data: bytes) -> None:
         sink = self.to_node if direction == "node" else self.to_peer

@@ -165,21 +165,20 @@ def test_kvctl_put_get_delete_and_siblings(node, kvctl_cli):
     assert doc["siblings"] == [{"value": "hello", "encoding": "utf-8", "deleted": False,
                                 "length": 5}]
     context = doc["context"]
-    # Two writes without the context: two siblings.
+    # A write without a context supersedes what the cluster holds: one value, not two.
     assert kvctl("put", "greeting", "bonjour", host=host).returncode == 0
     doc = json.loads(kvctl("--json", "get", "greeting", host=host).stdout)
-    assert sorted(s["value"] for s in doc["siblings"]) == ["bonjour", "hello"]
+    assert [s["value"] for s in doc["siblings"]] == ["bonjour"]
+    # A stale context from the first read does not discard the newer write: sibling.
+    assert kvctl("put", "greeting", "stale", "--context", context, host=host).returncode == 0
+    doc = json.loads(kvctl("--json", "get", "greeting", host=host).stdout)
+    assert sorted(s["value"] for s in doc["siblings"]) == ["bonjour", "stale"]
     # Writing back with the merged context resolves them.
     assert kvctl("put", "greeting", "hi", "--context", doc["context"], host=host).returncode == 0
     doc = json.loads(kvctl("--json", "get", "greeting", host=host).stdout)
     assert [s["value"] for s in doc["siblings"]] == ["hi"]
-    # A stale context from the first read does not discard the newer write: sibling.
-    assert kvctl("put", "greeting", "stale", "--context", context, host=host).returncode == 0
-    doc = json.loads(kvctl("--json", "get", "greeting", host=host).stdout)
-    assert sorted(s["value"] for s in doc["siblings"]) == ["hi", "stale"]
-    # Delete with context: not found, exit 1.
-    deleted = kvctl("delete", "greeting", "--context", doc["context"], host=host)
-    assert deleted.returncode == 0
+    # A delete without a context deletes (it used to leave the value as a sibling).
+    assert kvctl("delete", "greeting", host=host).returncode == 0
     missing = kvctl("get", "greeting", host=host)
     assert missing.returncode == 1
     assert "not found" in missing.stderr.decode()

@@ -578,9 +578,7 @@ SEAL_KEY = b"k" * 32
 def test_sealed_context_round_trip_and_any_change_is_refused(vv, key):
     sealed = seal_context(SEAL_KEY, key, vv)
     assert open_context(SEAL_KEY, key, sealed) == vv
-    if not vv:
-        assert sealed == b""
-        return
+    assert sealed  # even the empty vector (a reader of an absent key): b"" means no context
     for i in range(len(sealed)):  # any flipped bit anywhere: refused, never misread
         altered = bytearray(sealed)
         altered[i] ^= 0x01
@@ -590,8 +588,9 @@ def test_sealed_context_round_trip_and_any_change_is_refused(vv, key):
         open_context(SEAL_KEY, key + b"x", sealed)  # another key's context
     with pytest.raises(BadRequest, match="forged or altered"):
         open_context(b"o" * 32, key, sealed)  # another cluster's
-    with pytest.raises(BadRequest, match="context"):
-        open_context(SEAL_KEY, key, encode_context(vv))  # the unsealed form
+    if vv:
+        with pytest.raises(BadRequest, match="context"):
+            open_context(SEAL_KEY, key, encode_context(vv))  # the unsealed form
 
 
 @PROPS
@@ -610,7 +609,7 @@ def test_counters_past_the_bound_are_refused_even_when_sealed(counter):
     """A context sealed with the right key (as one is without a cluster secret) still cannot
     carry a counter that overflows a clock."""
     body = b"\x01" + _pack(["a", counter])
-    from kvd.versions import _tag
+    from kvd.versions.encoding import _tag
     with pytest.raises(BadRequest, match="bad counter"):
         open_context(SEAL_KEY, b"k", body + _tag(SEAL_KEY, b"k", body))
     with pytest.raises(ValueError, match="clock"):

@@ -1,7 +1,9 @@
-"""A framed connection: a trio stream plus the sans-IO codec.
+"""A framed connection: a trio stream plus the sans-IO codec and handshake.
 
-One send lock per connection; a failed or cancelled send marks the connection broken, so
-no half-written frame is ever followed by another (the peer would misparse the stream).
+``run_handshake`` drives a kvd.proto.handshake machine over a stream; the connection then
+carries on where the handshake stopped (``finish_handshake``). One send lock per
+connection; a failed or cancelled send marks the connection broken, so no half-written
+frame is ever followed by another (the peer would misparse the stream).
 Callers bound waits with cancel scopes; this module takes no timeout parameters.
 """
 
@@ -9,9 +11,10 @@ from __future__ import annotations
 
 import trio
 
-from kvd.errors import ConnectFailed
+from kvd.errors import ConnectFailed, KvdError
 from kvd.net.sealed import SealedStream
 from kvd.proto.codec import NEED_DATA, FrameDecoder, Message
+from kvd.proto.handshake import ClientHandshake, Done, ServerHandshake
 from kvd.proto.messages import PRE_AUTH_MAX_FRAME
 
 RECEIVE_SIZE = 256 * 1024
@@ -37,10 +40,19 @@ class FrameConnection:
     def max_frame(self, value: int) -> None:
         self.decoder.max_frame = value
 
-    def seal(self, send_key: bytes, receive_key: bytes) -> None:
-        """From now on every byte travels in authenticated records (kvd.net.sealed). Call it
-        between frames, with no send in progress: the peer handshake does."""
-        self.stream = SealedStream(self.stream, send_key, receive_key, self.decoder.detach())
+    async def finish_handshake(self, machine: ClientHandshake | ServerHandshake,
+                               done: Done) -> None:
+        """Send the handshake's last bytes (a server's final HELLO_OK), then carry on where
+        it stopped: in its records when it sealed the connection, with the bytes it read
+        past its last frame."""
+        last = machine.data_to_send()
+        if last:
+            await self.send(last)  # already sealed by the handshake when it seals
+        if done.sealer is not None and done.opener is not None:
+            self.stream = SealedStream(self.stream, done.sealer, done.opener)
+        trailing = machine.trailing_data
+        if trailing:  # b"" would be read as EOF
+            self.decoder.receive_data(trailing)
 
     async def receive(self) -> Message | None:
         """The next message, or None when the peer closed cleanly between frames.
@@ -95,6 +107,40 @@ class FrameConnection:
                 await self.stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
+
+
+async def run_handshake(stream: trio.abc.Stream,
+                        machine: ClientHandshake | ServerHandshake) -> Done:
+    """Move bytes between ``stream`` and a handshake machine until it is done (its refusal
+    raised); the machine's last bytes are left for ``finish_handshake``. The caller bounds
+    the wait."""
+    while True:
+        try:
+            event = machine.next_event()
+        except KvdError:
+            try:  # what it queued before refusing (a challenge) goes out before the ERROR
+                await _send_handshake(stream, machine)
+            except ConnectFailed:
+                pass
+            raise
+        if isinstance(event, Done):
+            return event
+        await _send_handshake(stream, machine)
+        try:
+            received = await stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
+        machine.receive_data(received)
+
+
+async def _send_handshake(stream: trio.abc.Stream,
+                          machine: ClientHandshake | ServerHandshake) -> None:
+    data = machine.data_to_send()
+    try:
+        if data:
+            await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
 
 
 def _reason(exc: BaseException) -> str:

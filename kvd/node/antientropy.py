@@ -24,7 +24,7 @@ While partitions move, only the moving ones are left out (their replica sets cha
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -55,13 +55,16 @@ class RepairStats:
     tombstones_purged: int = 0
     bytes_exchanged: int = 0
     errors: int = 0
+    unreachable: list[str] = field(default_factory=list)  # peers down or failing: not compared
 
     def add(self, other: "RepairStats") -> None:
         for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            if name != "unreachable":
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.unreachable = sorted(set(self.unreachable) | set(other.unreachable))
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "unreachable": list(self.unreachable)}
 
 
 class AntiEntropy:
@@ -217,6 +220,7 @@ class AntiEntropy:
         all_in_sync = True
         for node in others:
             if not self.cluster.is_up(node):
+                stats.unreachable.append(node)
                 all_in_sync = False
                 continue
             try:
@@ -224,6 +228,7 @@ class AntiEntropy:
             except _PEER_FAILURES as exc:
                 log.info("anti-entropy of partition %d with %s failed: %s", partition, node, exc)
                 stats.errors += 1
+                stats.unreachable.append(node)
                 all_in_sync = False
                 continue
             stats.add(result)
@@ -298,6 +303,9 @@ class AntiEntropy:
             self.progress["partitions_done"] += 1
         self.progress["state"] = "done"
         self.totals.add(stats)
+        log.info("repair: %d partitions, %d differed, %d keys repaired, %d errors, "
+                 "unreachable: %s", stats.partitions, stats.partitions_differing,
+                 stats.keys_repaired, stats.errors, ", ".join(stats.unreachable) or "none")
         return stats
 
     def moving_partitions(self) -> set[int]:

@@ -42,8 +42,10 @@ def _key(fields) -> bytes:
 def _quorum_params(node, fields, name: str) -> tuple[int, int]:
     """(n, r or w) for a request: its own values or the config's, validated, then capped by
     the number of nodes in the ring (docs/DECISIONS.md: a cluster smaller than N)."""
-    n = fields.get("n") or node.config.n
-    quorum = fields.get(name) or min(getattr(node.config, name), n)
+    n = fields["n"] if fields.get("n") is not None else node.config.n
+    quorum = fields.get(name)
+    if quorum is None:
+        quorum = min(getattr(node.config, name), n)
     if not 1 <= n <= 16:
         raise BadRequest(f"n={n} must be between 1 and 16")
     if not 1 <= quorum <= n:
@@ -61,7 +63,7 @@ async def _get(node, conn, message, _chunks) -> None:
     obj = result.obj
     rid = message.request_id
     if obj is None or not versions.is_found(obj):
-        context = _context(node, key, obj) if obj else b""
+        context = _context(node, key, obj or versions.empty())
         reply = {"key": key, "found": False, "context": context, "siblings": [],
                  "replicas": result.replicas}
         await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
@@ -105,13 +107,21 @@ async def _send_value(node, conn, rid, key, sibling, source) -> None:
         await conn.send(codec.encode_chunk(rid, b"", end=True))
 
 
-def _write_request(node, fields) -> tuple[bytes, int, int, versions.VersionVector]:
+def _write_request(node, fields) -> tuple[bytes, int, int, versions.VersionVector | None]:
     """(key, n, w, context) of a PUT or DELETE, each checked: the node has its data, the
-    key's size, the quorum, the context's seal."""
+    key's size, the quorum, the context's seal. The context is None for a write that
+    supersedes what the coordinator reads, and empty for a blind one (protocol.md)."""
     _settled(node)
     key = _key(fields)
     n, w = _quorum_params(node, fields, "w")
-    return key, n, w, versions.open_context(node.context_key, key, fields.get("context") or b"")
+    sealed = fields.get("context") or b""
+    if fields.get("blind"):
+        if sealed:
+            raise BadRequest("a write has a context or is blind, not both")
+        return key, n, w, {}
+    if not sealed:
+        return key, n, w, None
+    return key, n, w, versions.open_context(node.context_key, key, sealed)
 
 
 async def _put(node, conn, message, chunks) -> None:

@@ -28,11 +28,21 @@ Failure handling (DESIGN section 4):
    ``replica_timeout``, not one per request.
 6. Every ``get`` and ``put`` ends by telling the ``observer`` (if any) how long it took and
    how it ended; kvd.metrics is the observer, so this module knows nothing of metrics.
+7. A write without a context (None) supersedes what the key's replicas hold when it is
+   made: the coordinator reads them first, in the same request (DESIGN section 2). Only
+   writes it cannot see, made concurrently elsewhere, become siblings. A blind write (an
+   empty context) supersedes nothing.
+8. A late replica does not hold a request up while others can answer (Dynamo's hedged
+   requests): a mint not answered within the hedge delay (a few times the typical mint
+   time, at least ``HEDGE_FLOOR``, at most ``replica_timeout``) is also asked of the next
+   primary, with the same write id (rule 2 makes the two one write); the read that rule 7
+   makes returns once the hedge delay has passed after its first answer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +59,8 @@ log = logging.getLogger("kvd.coordinator")
 
 MAX_VALUE = 1 << 30  # 1 GiB, DESIGN section 2
 SUSPECT_FOR = 10.0  # seconds a replica that timed out is tried last for minting (rule 5)
+HEDGE_FLOOR = 0.05  # seconds: the shortest hedge delay (rule 8)
+HEDGE_FACTOR = 4.0  # the hedge delay in typical mint times (rule 8)
 WRITE_ID_BYTES = 8  # unique among one key's siblings is all a write id needs
 
 
@@ -111,6 +123,7 @@ class Coordinator:
         self.read_repairs = 0
         self.hints_kept = 0  # hints kept for replication legs that failed (rule 3)
         self._suspects: dict[str, float] = {}  # node -> until when it is tried last
+        self._typical_mint = HEDGE_FLOOR / HEDGE_FACTOR  # moving average, seconds (rule 8)
         self.observer: RequestObserver | None = None
 
     async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable], deadline: float,
@@ -241,7 +254,7 @@ class Coordinator:
     async def put(
         self,
         key: bytes,
-        context: versions.VersionVector,
+        context: versions.VersionVector | None,
         n: int,
         w: int,
         *,
@@ -253,18 +266,21 @@ class Coordinator:
         vid: bytes = b"",
     ) -> WriteResult:
         """Write a value (inline, or streamed from ``chunks``) or a tombstone at quorum W
-        (observed, rule 6)."""
+        (observed, rule 6). ``context`` None: supersede what the replicas hold now (rule 7);
+        an empty context adds a sibling to whatever is there (a blind write)."""
         write = self._write(key, context, n, w, value=value, deleted=deleted, length=length,
                             chunks=chunks, timestamp=timestamp, vid=vid)
         return await self._observed("delete" if deleted else "put", write)
 
-    async def _write(self, key: bytes, context: versions.VersionVector, n: int, w: int, *,
-                     value: bytes, deleted: bool, length: int,
+    async def _write(self, key: bytes, context: versions.VersionVector | None, n: int, w: int,
+                     *, value: bytes, deleted: bool, length: int,
                      chunks: AsyncIterator[bytes] | None, timestamp: float,
                      vid: bytes) -> WriteResult:
         replicas = list(self.write_replicas(key, n))
         if length > MAX_VALUE:
             raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
+        if context is None:
+            context = await self._current_context(key, n, w)
         # Rule 2: one id for every attempt of this write, wherever it is minted.
         payload: dict = {"deleted": deleted, "timestamp": timestamp,
                          "wid": os.urandom(WRITE_ID_BYTES)}
@@ -309,6 +325,29 @@ class Coordinator:
             raise QuorumFailed(_quorum_message("write", w, [None] * acks, failed))
         return WriteResult(minted, acks)
 
+    async def _current_context(self, key: bytes, n: int, w: int) -> versions.Context:
+        """Rule 7: what a write without a context supersedes, read from the key's replicas.
+        It waits for n - w + 1 of them, enough to meet every write acknowledged at this W,
+        but no longer than the hedge delay after the first answer (rule 8): a replica it
+        missed can only make this write a sibling of what that replica holds, never lose a
+        value."""
+        replicas = self.read_replicas(key, n)
+        needed = min(len(replicas), max(1, n - w + 1))
+        ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), 1,
+                                              self.clock() + self.replica_timeout)
+        outstanding = len(replicas) - len(ok) - len(failed)
+        with trio.move_on_after(self._hedge_delay()):
+            while len(ok) < needed and outstanding:
+                replica, success, value = await late.receive()
+                outstanding -= 1
+                if success:
+                    ok.append((replica, value))
+        merged = versions.empty()
+        for _, obj in ok:
+            if obj is not None:
+                merged = versions.sync(merged, obj)
+        return versions.context_of(merged)
+
     async def _stand_ins(self, key, n, minted, needed, asked, failed, deadline) -> list:
         """Rule 3: fallbacks for the nodes that failed this request, counted towards W."""
         down = {rep.node for rep, _ in failed if getattr(rep, "role", "primary") == "primary"}
@@ -336,26 +375,53 @@ class Coordinator:
             log.warning("no hint kept for %s after %s: %s", target, exc, hint_exc)
 
     async def _mint(self, key, context, payload, replicas, w, deadline, patience=None):
-        """Have the first primary that answers mint the new version (rules 1, 2, 5); return it,
-        the other replicas, and the primaries that failed to mint (the write still goes to
-        them: one that timed out may have it, and otherwise they get a hint)."""
+        """Have the first primary that answers mint the new version (rules 1, 2, 5, 8);
+        return it, the other replicas, and the primaries that failed to mint (the write
+        still goes to them: one that timed out may have it, and otherwise they get a hint)."""
         errors: list[tuple[Replica, BaseException]] = []
-        primaries = [rep for rep in replicas if getattr(rep, "role", "primary") == "primary"]
         # Fallbacks hold hints; only a replica with the key's history mints.
-        for replica in sorted(primaries, key=lambda rep: self._suspected(rep.node)):
-            if self.clock() >= deadline:
-                errors.append((replica, ReplicaTimedOut("not tried: the request timed out")))
-                continue
+        waiting = sorted((rep for rep in replicas if getattr(rep, "role", "primary") == "primary"),
+                         key=lambda rep: self._suspected(rep.node))
+        # A large value's mint seals bytes proportional to its size: one at a time.
+        hedge = None if patience else self._hedge_delay()
+        send, receive = trio.open_memory_channel(len(waiting))
+
+        async def attempt(replica: Replica) -> None:
+            began = self.clock()
             try:
                 minted = await self._call(
                     replica, lambda rep: rep.coordinate(key, context, payload), deadline, patience)
-            except (TooManySiblings, BadRequest):
-                raise  # no other replica would accept it either
-            except (KvdError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - reported to the request, never lost
+                if not isinstance(exc, (KvdError, OSError)):  # a bug: keep the node up, log it
+                    log.exception("mint on %s failed", replica.node)
+                send.send_nowait((replica, None, exc))
+                return
+            self._typical_mint += (self.clock() - began - self._typical_mint) / 8
+            send.send_nowait((replica, minted, None))
+
+        running = 0
+        while waiting or running:
+            if waiting and (running == 0 or hedge is not None):
+                replica = waiting.pop(0)
+                if self.clock() >= deadline:
+                    errors.append((replica, ReplicaTimedOut("not tried: the request timed out")))
+                    continue
+                # In the background: a late mint lands as a twin of the winner (rule 2).
+                self.background.start_soon(attempt, replica)
+                running += 1
+            with trio.move_on_after(hedge if waiting and hedge is not None else math.inf):
+                replica, minted, exc = await receive.receive()
+                running -= 1
+                if exc is None:
+                    return minted, [rep for rep in replicas if rep is not replica], errors
+                if isinstance(exc, (TooManySiblings, BadRequest)):
+                    raise exc  # no other replica would accept it either
                 errors.append((replica, exc))
-                continue
-            return minted, [rep for rep in replicas if rep is not replica], errors
         raise QuorumFailed(_quorum_message("write", w, [], errors))
+
+    def _hedge_delay(self) -> float:
+        """Rule 8: how long a mint may take before the next primary is asked as well."""
+        return min(self.replica_timeout, max(HEDGE_FLOOR, HEDGE_FACTOR * self._typical_mint))
 
     async def _discard_upload(self, replica, key, vid) -> None:
         try:

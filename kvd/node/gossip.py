@@ -55,9 +55,10 @@ from kvd.errors import (
 from kvd.membership import cluster_state
 from kvd.membership.cluster_state import ClusterState
 from kvd.membership.members import MemberInfo, MemberTable
-from kvd.net.connection import FrameConnection
+from kvd.net.connection import FrameConnection, run_handshake
 from kvd.proto import codec
-from kvd.proto.messages import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, MsgType
+from kvd.proto.handshake import ServerHandshake
+from kvd.proto.messages import DEFAULT_MAX_FRAME, MsgType
 
 __all__ = ["Gossiper", "serve_peer_connection"]
 
@@ -312,13 +313,20 @@ async def serve_peer_connection(stream: trio.abc.Stream, gossiper: Gossiper) -> 
     error or a refused HELLO closes it.  Never raises for what the peer does.
     """
     conn = FrameConnection(stream)
+    machine = ServerHandshake(
+        "peer", gossiper.node, max_frame=gossiper.max_frame,
+        authorize=lambda hello: gossiper.check_cluster(hello.fields.get("cluster")))
     try:
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
-            hello = await conn.receive()
-            await _answer_hello(conn, hello, gossiper)
+            try:
+                done = await run_handshake(stream, machine)
+            except (ProtocolError, BadRequest) as exc:
+                await _send_error(conn, machine.hello.request_id if machine.hello else 0, exc)
+                raise ProtocolError(f"refused HELLO: {exc}") from None
         if scope.cancelled_caught:
             log.debug("%s: no HELLO within %s s", gossiper.node, HANDSHAKE_TIMEOUT)
             return
+        await conn.finish_handshake(machine, done)
         conn.max_frame = gossiper.max_frame
         while True:
             message = await conn.receive()
@@ -341,33 +349,6 @@ async def serve_peer_connection(stream: trio.abc.Stream, gossiper: Gossiper) -> 
         log.exception("%s: peer connection handler failed", gossiper.node)
     finally:
         await conn.aclose()
-
-
-async def _answer_hello(conn: FrameConnection, hello: codec.Message | None, gossiper: Gossiper) -> None:
-    if hello is None:
-        raise ConnectFailed("closed before HELLO")
-    if hello.type != MsgType.HELLO:
-        raise ProtocolError(f"expected HELLO, got {hello.type.name}")
-    problem: KvdError | None = None
-    if hello.fields["role"] != "peer":
-        problem = BadRequest(f"role {hello.fields['role']!r} is not served on the peer port")
-    elif PROTOCOL_VERSION not in hello.fields["versions"]:
-        problem = ProtocolError(f"no common protocol version (we speak {PROTOCOL_VERSION})")
-    else:
-        try:
-            gossiper.check_cluster(hello.fields.get("cluster"))
-        except BadRequest as exc:
-            problem = exc
-    if problem is not None:
-        await _send_error(conn, hello.request_id, problem)
-        raise ProtocolError(f"refused HELLO: {problem}")
-    await conn.send(
-        codec.encode(
-            MsgType.HELLO_OK,
-            hello.request_id,
-            {"version": PROTOCOL_VERSION, "node": gossiper.node, "max_frame": gossiper.max_frame},
-        )
-    )
 
 
 async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> None:

@@ -3,8 +3,8 @@
 Frame = 13-byte header + body. Header, big-endian (``struct ">2sBBBII"``):
 magic ``b"KV"``, protocol version (1), message type, flags, request id (u32), body length
 (u32). Bodies are msgpack maps checked against ``messages.SCHEMA`` (and ``messages.OPS`` for
-types with operations), except CHUNK whose body is raw bytes. docs/protocol.md is the
-description for client authors.
+types with operations, both compiled by kvd.proto.schema), except CHUNK whose body is raw
+bytes. docs/protocol.md is the description for client authors.
 
 Invariants:
 
@@ -37,16 +37,13 @@ from kvd.proto.messages import (
     HEADER_SIZE,
     MAX_KEY_LEN,
     MAX_REQUEST_ID,
-    OPS,
     PRE_AUTH_MAX_FRAME,
     PROTOCOL_VERSION,
     RAW_BODY,
-    SCHEMA,
-    ListOf,
     MsgType,
-    Tuple,
     validate_key,
 )
+from kvd.proto.schema import DECODE_CHECKS, ENCODE_CHECKS, type_name
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -110,156 +107,6 @@ class Message:
     flags: int = 0
 
 
-# --- schema checking -------------------------------------------------------------------------
-#
-# The schema in messages.py is compiled once into closures that return None when a value
-# fits, or a short description of what is wrong. Decoding checks exact types (msgpack
-# produces nothing else, and bool must not pass for int); encoding also accepts what msgpack
-# packs the same way (bytearray/memoryview as bin, tuple as array, int/str subclasses).
-
-_MISSING = object()
-_TYPE_NAMES = {
-    bytes: "bytes",
-    bytearray: "bytes",
-    memoryview: "bytes",
-    str: "str",
-    int: "int",
-    bool: "bool",
-    float: "float",
-    dict: "map",
-    list: "list",
-    tuple: "list",
-    type(None): "nil",
-}
-_WIDER = {bytes: (bytearray, memoryview), list: (tuple,)}
-
-
-def _type_name(value: object) -> str:
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def _compile(spec, widen: bool):
-    """Return a checker for one schema type: value -> None, or what is wrong."""
-    if isinstance(spec, ListOf):
-        return _compile_list(spec, widen)
-    if isinstance(spec, Tuple):
-        return _compile_tuple(spec, widen)
-    if isinstance(spec, dict):
-        return _compile_map(spec, widen)
-    exact = set(spec)
-    if widen:
-        for t in spec:
-            exact.update(_WIDER.get(t, ()))
-    exact = frozenset(exact)
-    expected = "expected " + " or ".join(_TYPE_NAMES[t] for t in spec)
-    subclass_ok = tuple(exact) if widen else ()
-    allow_bool = bool in exact
-
-    def check_types(value):
-        if type(value) in exact:
-            return None
-        if (
-            subclass_ok
-            and isinstance(value, subclass_ok)
-            and (allow_bool or not isinstance(value, bool))
-        ):
-            return None
-        return f"{expected}, got {_type_name(value)}"
-
-    return check_types
-
-
-def _compile_list(spec: ListOf, widen: bool):
-    check_item = _compile(spec.item, widen)
-    containers = (list, tuple) if widen else (list,)
-
-    def check_list(value):
-        if type(value) not in containers and not (widen and isinstance(value, containers)):
-            return f"expected list, got {_type_name(value)}"
-        for i, item in enumerate(value):
-            problem = check_item(item)
-            if problem is not None:
-                return f"item {i}: {problem}"
-        return None
-
-    return check_list
-
-
-def _compile_tuple(spec: Tuple, widen: bool):
-    checks = tuple(_compile(item, widen) for item in spec.items)
-    containers = (list, tuple) if widen else (list,)
-
-    def check_tuple(value):
-        if type(value) not in containers and not (widen and isinstance(value, containers)):
-            return f"expected list, got {_type_name(value)}"
-        if len(value) != len(checks):
-            return f"expected a list of {len(checks)} items, got {len(value)}"
-        for i, (check, item) in enumerate(zip(checks, value)):
-            problem = check(item)
-            if problem is not None:
-                return f"item {i}: {problem}"
-        return None
-
-    return check_tuple
-
-
-def _compile_map(schema: dict, widen: bool):
-    check_fields = _compile_fields(schema, widen)
-
-    def check_map(value):
-        if type(value) is not dict and not (widen and isinstance(value, dict)):
-            return f"expected map, got {_type_name(value)}"
-        return check_fields(value)
-
-    return check_map
-
-
-def _compile_fields(schema: dict, widen: bool):
-    compiled = tuple(
-        (name, required, _compile(spec, widen)) for name, (spec, required) in schema.items()
-    )
-
-    def check_fields(fields: dict):
-        for name, required, check in compiled:
-            value = fields.get(name, _MISSING)
-            if value is _MISSING:
-                if required:
-                    return f"missing required field {name!r}"
-                continue
-            problem = check(value)
-            if problem is not None:
-                return f"field {name!r}: {problem}"
-        return None
-
-    return check_fields
-
-
-def _compile_body(type: MsgType, widen: bool):
-    """The check of a whole body: its type's fields, then its operation's (Rule 5 of
-    kvd.proto.messages) when the type has operations."""
-    check_fields = _compile_fields(SCHEMA[type], widen)
-    if type not in OPS:
-        return check_fields
-    by_op = {op: _compile_fields(schema, widen) for op, schema in OPS[type].items()}
-
-    def check_op(fields: dict):
-        problem = check_fields(fields)
-        if problem is not None:
-            return problem
-        op = fields["op"]
-        check = by_op.get(op)
-        if check is None:
-            return None  # the handler refuses an operation it does not know
-        problem = check(fields)
-        return None if problem is None else f"{op[:32]!r} {problem}"
-
-    return check_op
-
-
-_DECODE_CHECKS = {t: _compile_body(t, widen=False) for t in SCHEMA}
-_ENCODE_CHECKS = {t: _compile_body(t, widen=True) for t in SCHEMA}
-assert set(SCHEMA) | RAW_BODY == set(MsgType) and not set(SCHEMA) & RAW_BODY
-
 # Indexed by the header's type byte: the MsgType, or None for numbers not (yet) assigned.
 _TYPE_BY_BYTE = tuple(MsgType(b) if b in MsgType._value2member_map_ else None for b in range(256))
 _BAD_FLAGS = {t: ~ALLOWED_FLAGS.get(t, 0) for t in MsgType}
@@ -299,13 +146,13 @@ def encode(type: MsgType, request_id: int, fields: dict | None = None, flags: in
     if fields is None:
         fields = {}
     elif not isinstance(fields, dict):
-        raise LocalProtocolError(f"{type.name} fields must be a dict, got {_type_name(fields)}")
+        raise LocalProtocolError(f"{type.name} fields must be a dict, got {type_name(fields)}")
     if type in RAW_BODY:
-        data = fields.get("data", _MISSING)
+        data = fields.get("data")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise LocalProtocolError(f"{type.name} needs fields {{'data': bytes}}")
         return _frame_bytes(type, request_id, flags, data)
-    problem = _ENCODE_CHECKS[type](fields)
+    problem = ENCODE_CHECKS[type](fields)
     if problem is not None:
         raise LocalProtocolError(f"{type.name} {problem}")
     try:
@@ -318,7 +165,7 @@ def encode(type: MsgType, request_id: int, fields: dict | None = None, flags: in
 def encode_chunk(request_id: int, data: bytes, end: bool = False) -> bytes:
     """Return one CHUNK frame carrying ``data`` raw; ``end`` marks the last of a stream."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise LocalProtocolError(f"CHUNK data must be bytes, got {_type_name(data)}")
+        raise LocalProtocolError(f"CHUNK data must be bytes, got {type_name(data)}")
     return _frame_bytes(MsgType.CHUNK, request_id, FLAG_END if end else 0, data)
 
 
@@ -349,9 +196,9 @@ def decode_fields(frame: Frame) -> Message:
         raise RemoteProtocolError(f"{type.name} body is not valid msgpack: {exc}") from exc
     if fields.__class__ is not dict:  # `type` is the message type here
         raise RemoteProtocolError(
-            f"{type.name} body must be a msgpack map, got {_type_name(fields)}"
+            f"{type.name} body must be a msgpack map, got {type_name(fields)}"
         )
-    problem = _DECODE_CHECKS[type](fields)
+    problem = DECODE_CHECKS[type](fields)
     if problem is not None:
         raise RemoteProtocolError(f"{type.name} {problem}")
     return Message(type, frame.request_id, fields, frame.flags)
@@ -391,7 +238,7 @@ class FrameDecoder:
 
     def detach(self) -> bytes:
         """Remove and return the bytes received but not yet parsed, between frames: the
-        connection is switching to another layer below (kvd.net.sealed) that owns them."""
+        connection is switching to another layer below (kvd.proto.records) that owns them."""
         if self._header is not None:
             raise RuntimeError("detach in the middle of a frame")
         rest = bytes(self._buf[self._pos :])

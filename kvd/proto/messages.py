@@ -147,7 +147,8 @@ SCHEMA: dict[MsgType, dict[str, tuple[object, bool]]] = {
     },
     MsgType.PUT: {
         "key": (BYTES, REQUIRED),
-        "context": (BYTES, OPTIONAL),
+        "context": (BYTES, OPTIONAL),  # absent: supersede what the coordinator reads
+        "blind": (BOOL, OPTIONAL),  # true: add a sibling, supersede nothing
         "length": (INT, REQUIRED),
         "value": (BYTES, OPTIONAL),  # absent: CHUNK frames follow, the last with FLAG_END
         "n": (INT, OPTIONAL),
@@ -161,6 +162,7 @@ SCHEMA: dict[MsgType, dict[str, tuple[object, bool]]] = {
     MsgType.DELETE: {  # answered by PUT_REPLY
         "key": (BYTES, REQUIRED),
         "context": (BYTES, OPTIONAL),
+        "blind": (BOOL, OPTIONAL),
         "n": (INT, OPTIONAL),
         "w": (INT, OPTIONAL),
     },

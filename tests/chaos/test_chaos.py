@@ -44,7 +44,7 @@ import trio
 from kvd.errors import unwrap_single_error
 from tests.chaos import harness, netns
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 SHORT_CAP_SECONDS = 120
 

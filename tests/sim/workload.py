@@ -148,7 +148,7 @@ class Workload:
         return outcome
 
     async def _blind(self, client, key: bytes, element: bytes) -> str:
-        return await _write(client.put(key, element))
+        return await _write(client.put(key, element, blind=True))
 
 
 async def _write(call) -> str:
