@@ -153,8 +153,9 @@ def import_(
     file: Annotated[Path, typer.Argument(help="JSON lines from `kvctl export` ('-' for "
                                               "stdin).")],
 ) -> None:
-    """Write every key of an export into the cluster at --host; each live sibling becomes
-    a value (several siblings stay siblings)."""
+    """Write every key of an export into the cluster at --host: the first live sibling
+    supersedes what the key holds there, the others are added beside it (siblings stay
+    siblings)."""
     try:
         src = sys.stdin if str(file) == "-" else open(file, encoding="utf-8")
     except OSError as exc:
@@ -176,8 +177,8 @@ def import_(
     async def run(client):
         count = 0
         for key, values in lines():
-            for value in values:
-                await client.put(key, value)  # no context: each becomes a sibling
+            for i, value in enumerate(values):
+                await client.put(key, value, blind=i > 0)
             count += 1
         return count
 

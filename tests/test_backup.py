@@ -106,7 +106,13 @@ async def test_backup_wipe_restore_rejoin_and_export_import(tmp_path, procs):
     expected[b"large"] = [LARGE]
     assert await latest(n2, everything) == expected
 
-    # Export the cluster, import it into a new one-node cluster: the same keys and values.
+    # Export the cluster, import it into a new one-node cluster: the same keys and values,
+    # siblings included.
+    async with open_client(n1.address) as client:
+        await client.put(b"twins", b"one", blind=True)
+        await client.put(b"twins", b"two", blind=True)
+    everything.append(b"twins")
+    expected[b"twins"] = [b"one", b"two"]
     export_file = tmp_path / "cluster.jsonl"
     out = await trio.to_thread.run_sync(
         lambda: run_kvctl(n1, "export", "--output", str(export_file)))
@@ -117,7 +123,8 @@ async def test_backup_wipe_restore_rejoin_and_export_import(tmp_path, procs):
     fresh = start_node(tmp_path, procs, "m1", CONFIG)
     out = await trio.to_thread.run_sync(lambda: run_kvctl(fresh, "import", str(export_file)))
     assert out.returncode == 0, out.stderr.decode()
-    assert await latest(fresh, everything) == expected
+    imported = await latest(fresh, everything)
+    assert {k: sorted(v) for k, v in imported.items()} == expected
 
 
 async def test_restore_refuses_what_is_not_a_complete_backup(tmp_path):

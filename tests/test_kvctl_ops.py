@@ -95,6 +95,6 @@ def test_summary_counts_rows_rate_and_eta():
     summary = summarize(rows)
     assert summary == {"partitions": 4, "done": 2, "running": 1, "pending": 1, "retrying": 0,
                        "bytes_done": 4500, "rate_bps": 250, "eta_s": 14}  # (2000*2-500)/250
-    assert summary_line(summary) == ("4 partitions: 2 done, 1 running, 1 pending; 4.4 KiB "
-                                     "moved at 250 B/s; ETA 0m14s")
+    assert summary_line(summary) == ("4 partitions: 2 done, 1 running, 1 pending; 4.4KiB "
+                                     "moved at 250B/s; ETA 0m14s")
     assert summarize(rows[2:])["eta_s"] is None  # nothing done yet: no estimate
