@@ -135,7 +135,8 @@ def export(
     def write(line: dict) -> None:
         out.write(json.dumps(line) + "\n")
 
-    connect = {"token": options.token, "ssl_context": options.ssl_context}
+    connect = {"token": options.token, "ssl_context": options.ssl_context,
+               "connect_timeout": options.timeout}
     render.note("export reads every partition (a full scan of the cluster)")
     async def go(client):  # the trio client: export keeps a second connection open
         return await _export(client, connect, write)

@@ -12,13 +12,13 @@ from kvctl.common import options, run
 ASK_TIMEOUT = 3.0  # seconds to wait for one node's answer; a node down says "unreachable"
 
 
-async def _report(host: str, token, ssl_context) -> dict:
+async def _report(host: str, connect: dict) -> dict:
     import trio
 
     from kvd.client import open_client
     from kvd.errors import KvdError
 
-    async with open_client(host, token=token, ssl_context=ssl_context) as client:
+    async with open_client(host, **connect) as client:
         status = await client.status()
     nodes = {row["node"]: {"node": row["node"], "address": row["address"],
                            "state": row["state"], "version": None, "protocol": None,
@@ -27,8 +27,7 @@ async def _report(host: str, token, ssl_context) -> dict:
     async def ask(entry: dict) -> None:
         try:
             with trio.fail_after(ASK_TIMEOUT):
-                async with open_client(entry["address"], token=token,
-                                       ssl_context=ssl_context) as client:
+                async with open_client(entry["address"], **connect) as client:
                     mine = await client.status()
         except (KvdError, OSError, trio.TooSlowError) as exc:
             entry["error"] = str(exc) or "no answer"
@@ -49,7 +48,9 @@ def version_command() -> None:
     from kvd._version import version
     from kvd.proto.messages import PROTOCOL_VERSION
 
-    doc = run(lambda: _report(options.host, options.token, options.ssl_context))
+    connect = {"token": options.token, "ssl_context": options.ssl_context,
+               "connect_timeout": options.timeout}
+    doc = run(lambda: _report(options.host, connect))
     doc = {"client": {"version": version(fallback="(development)"),
                       "protocol": PROTOCOL_VERSION}, **doc}
     if options.json:
