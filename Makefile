@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo demo-stop test test-fast bench fuzz soak clean deb man ops-tools sim chaos chaos-tools
+.PHONY: venv demo demo-stop test typecheck test-fast bench fuzz soak clean deb man ops-tools sim chaos chaos-tools
 
 venv: $(STAMP)
 
@@ -24,9 +24,13 @@ demo-stop:
 # Two passes: the tests that measure latency under load or saturate the machine (marked
 # `alone`) run by themselves after the rest, which runs on every core (pytest-xdist).
 PYTEST := PYTHONHASHSEED=0 $(BIN)/python -m pytest -q -p no:cacheprovider
-test: venv ops-tools chaos-tools
+test: venv ops-tools chaos-tools typecheck
 	$(PYTEST) -n auto -m "not alone" tests
 	$(PYTEST) -m alone tests
+
+# mypy over kvd/ and kvctl/ ([tool.mypy] in pyproject.toml); its cache is .mypy_cache/.
+typecheck: venv
+	$(BIN)/python -m mypy
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
@@ -41,7 +45,8 @@ sim: venv
 	@if [ -n "$(SEED)" ]; then PYTHONHASHSEED=0 $(BIN)/python -m tests.sim --seed $(SEED) $(SIM_FLAGS); \
 	else PYTHONHASHSEED=0 $(BIN)/python -m tests.sim --seeds $(SEEDS) --first $(FIRST) $(SIM_FLAGS); fi
 
-# Coverage-guided fuzzing of the wire codec (atheris, installed here only); minutes.
+# Coverage-guided fuzzing of the wire codec and the RESP parser (atheris, installed here
+# only); minutes each.
 # `make test` runs the same property briefly on hypothesis input (tests/test_fuzz.py).
 # Then random bodies of every message type against a live node, 3000 runs (25 in make test).
 FUZZ_SECONDS ?= 300
@@ -49,15 +54,19 @@ fuzz: venv
 	$(BIN)/pip install --quiet 'atheris>=2.3,<4'
 	$(BIN)/python fuzz/fuzz_codec.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 		-artifact_prefix=.fuzz/ .fuzz/corpus
+	$(BIN)/python fuzz/fuzz_resp.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+		-artifact_prefix=.fuzz/resp- .fuzz/resp-corpus
 	KVD_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q -p no:cacheprovider \
 		tests/test_security_holes.py -k no_body_of_any_message_type
 
 # Operations (issue 6). `make deb`: the Debian package in build/deb (packaging/build-deb.sh).
 # `make man`: regenerate kvd.toml(5) from kvd/config.py. `make ops-tools`: the Debian tools
-# the ops tests use; cheap when they are present, installs what is missing when root.
+# the ops tests use (redis-tools: redis-cli and redis-benchmark for the RESP tests); cheap
+# when they are present, installs what is missing when root.
 OPS_TOOLS := mandoc:mandoc groff:groff-base man:man-db systemd-analyze:systemd \
 	systemd-sysusers:systemd dpkg-deb:dpkg unshare:util-linux python3.11:python3.11 \
-	/usr/lib/python3/dist-packages/seccomp.cpython-311-x86_64-linux-gnu.so:python3-seccomp
+	/usr/lib/python3/dist-packages/seccomp.cpython-311-x86_64-linux-gnu.so:python3-seccomp \
+	redis-cli:redis-tools redis-benchmark:redis-tools
 DEB_DIR ?= build/deb
 
 deb: venv

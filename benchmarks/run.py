@@ -6,6 +6,8 @@
 3. `kvctl bench` workload A, 1 KiB values, 32 concurrent, against one node (sync=batch),
    with the node's peak RSS.
 4. The same against a 3-node cluster (N=3, R=2, W=2), 64 concurrent.
+5. redis-benchmark against kvd's RESP port and against Redis 7 with appendfsync always
+   (benchmarks/resp_bench.py).
 Everything runs on this machine: the bench client competes with the nodes for its cores.
 """
 
@@ -79,6 +81,8 @@ def main() -> None:
     finally:
         for proc in (first, *others):
             proc.kill()
+    section("RESP: redis-benchmark against kvd and Redis 7 (appendfsync always)")
+    subprocess.run([python, str(ROOT / "benchmarks/resp_bench.py")], check=False)
 
 
 if __name__ == "__main__":

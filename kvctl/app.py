@@ -21,6 +21,7 @@ from typer._click import exceptions as click_exceptions  # typer's own click (pi
 from typer.core import TyperGroup
 
 from kvctl import backup, cluster, data, render, transfers, version_report
+from kvctl.keys import keys as list_keys
 from kvctl.cluster import admin_call
 from kvctl.common import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, call, fail, options, run  # noqa: F401
 from kvd.errors import KvdError
@@ -173,6 +174,7 @@ app.command()(data.put)
 app.command()(data.get)
 app.command()(data.delete)
 app.command()(data.inspect)
+app.command("keys")(list_keys)  # kvctl/keys.py: the coverage query
 app.add_typer(cluster.cluster_app, name="cluster")
 app.command()(cluster.ring)
 app.command()(cluster.repair)

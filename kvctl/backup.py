@@ -71,55 +71,26 @@ def _decoded(field: dict, name: str) -> bytes:
     return field[name].encode()
 
 
-async def _export(client, host_client, write) -> int:
-    """Every live key: each partition's keys from one up replica (its owner, else the next
-    owner clockwise), then each key read with the default quorum."""
-    import trio
-
-    from kvd.client import open_client
-    from kvd.errors import KvdError
-
-    ring = await client.admin({"op": "ring"})
-    status = await client.status()
-    addresses = {row["node"]: row["address"] for row in status["nodes"]}
-    up = {row["node"] for row in status["nodes"] if row["state"].startswith("U")}
-    owners = ring["owners"]
+async def _export(client, write) -> int:
+    """Every live key, listed by the coverage query (ADMIN ``keys``, as `kvctl keys`), then
+    each read with the default quorum."""
     exported = 0
-    for partition in range(ring["q"]):
-        candidates = list(dict.fromkeys(owners[partition:] + owners[:partition]))
-        keys = None
-        for node in (n for n in candidates if n in up):
-            try:
-                keys = await _keys_of(open_client, host_client, addresses[node], partition)
-                break
-            except (KvdError, OSError) as exc:
-                render.note(f"partition {partition}: {node}: {exc}; trying the next replica")
-        if keys is None:
-            raise KvdError(f"no replica of partition {partition} answered")
-        for key in keys:
+    position: list | None = [0, b""]
+    while position is not None:
+        page = await client.admin({"op": "keys", "partition": position[0],
+                                   "after": position[1]})
+        for key in page["keys"]:
             result = await client.get(key)
             if not result.found:
                 continue  # deleted since it was listed
-            write({"key": _encoded(key)["value"], "key_encoding": _encoded(key)["encoding"],
+            key_text, key_encoding = render.value_field(key)
+            write({"key": key_text, "key_encoding": key_encoding,
                    "siblings": [{**_encoded(s.value), "deleted": s.deleted}
                                 for s in result.siblings if not s.deleted],
                    "context": render.encode_context(result.context)})
             exported += 1
-        await trio.lowlevel.checkpoint()
+        position = page["next"]
     return exported
-
-
-async def _keys_of(open_client, connect_options, address: str, partition: int) -> list[bytes]:
-    found: list[bytes] = []
-    async with open_client(address, **connect_options) as node:
-        after = b""
-        while True:
-            reply = await node.admin({"op": "partition-keys", "partition": partition,
-                                      "after": after})
-            found += reply["keys"]
-            if reply["done"]:
-                return found
-            after = reply["next"]
 
 
 def export(
@@ -135,11 +106,10 @@ def export(
     def write(line: dict) -> None:
         out.write(json.dumps(line) + "\n")
 
-    connect = {"token": options.token, "ssl_context": options.ssl_context,
-               "connect_timeout": options.timeout}
-    render.note("export reads every partition (a full scan of the cluster)")
-    async def go(client):  # the trio client: export keeps a second connection open
-        return await _export(client, connect, write)
+    render.note("kvctl: warning: export reads every key of the cluster (a full scan)")
+
+    async def go(client):  # the trio client: values of any size, streamed
+        return await _export(client, write)
 
     try:
         count = call(go)

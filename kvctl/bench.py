@@ -127,8 +127,8 @@ async def run_bench(
                         contexts[key] = (await client.put(key, value)).context
 
             async with trio.open_nursery() as nursery:
-                for worker in range(concurrency):
-                    nursery.start_soon(loader, clients[worker % len(clients)])
+                for index in range(concurrency):
+                    nursery.start_soon(loader, clients[index % len(clients)])
 
         async def worker(client):
             nonlocal errors

@@ -10,13 +10,16 @@ runs any other trio program (bench).
 from __future__ import annotations
 
 import inspect
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
 from kvctl import render
 from kvd.client_protocol import DEFAULT_ADDRESS
 from kvd.errors import BadRequest, KvdError
+
+if TYPE_CHECKING:
+    import ssl
 
 DEFAULT_TIMEOUT = 30.0
 CONFLICT_EXIT = 5  # get: several live siblings and no --all (docs/DECISIONS.md)
@@ -28,7 +31,7 @@ class Options:
     host: str = DEFAULT_ADDRESS
     json: bool = False
     token: str | None = None
-    ssl_context = None  # set by --tls-ca
+    ssl_context: ssl.SSLContext | None = None  # set by --tls-ca
     timeout: float = DEFAULT_TIMEOUT
 
 
@@ -38,10 +41,11 @@ options = Options()
 USAGE_EXIT = 2
 
 
-def fail(message: str, code: int) -> NoReturn:
-    """End the command: one line on stderr (a usage error adds the command's usage line)."""
+def fail(message: str, code: int, *, usage: bool = True) -> NoReturn:
+    """End the command: one line on stderr (a usage error adds the command's usage line;
+    ``usage`` False: a node refused the request, which no other usage would fix)."""
     render.error(message)
-    if code == USAGE_EXIT:
+    if code == USAGE_EXIT and usage:
         from typer._click.globals import get_current_context
 
         ctx = get_current_context(silent=True)
@@ -64,7 +68,7 @@ def call(operation):
                      ssl_context=options.ssl_context) as client:
             return operation(client)
     except KvdError as exc:
-        fail(str(exc), exc.exit_code)
+        fail(str(exc), exc.exit_code, usage=False)
 
 
 def _call_async(operation):
@@ -88,7 +92,7 @@ def run(async_fn):
         with unwrap_single_error():
             return trio.run(async_fn)
     except KvdError as exc:
-        fail(str(exc), exc.exit_code)
+        fail(str(exc), exc.exit_code, usage=False)
 
 
 def key_arg(key: str) -> bytes:

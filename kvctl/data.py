@@ -86,6 +86,7 @@ def _value_source(value: str | None, file: Path | None):
                 else:
                     yield None, spool
     else:
+        assert value is not None  # exactly one of value and file, checked above
         yield value.encode("utf-8", "surrogateescape"), None
 
 

@@ -248,7 +248,7 @@ class Tree:
             return NotImplemented
         return self._segments == other._segments
 
-    __hash__ = None  # mutable
+    __hash__ = None  # type: ignore[assignment]  # mutable: unhashable, as list and dict are
 
     def __repr__(self) -> str:
         nonzero = sum(1 for x in self._segments if x)

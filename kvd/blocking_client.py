@@ -14,7 +14,6 @@ waits forever; a large value that keeps moving is never cut off.
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from kvd.client_protocol import (
     Sibling,
     get_fields,
     put_fields,
+    put_length,
     put_result,
     write_fields,
 )
@@ -166,11 +166,7 @@ class BlockingClient:
             n: int | None = None, w: int | None = None) -> PutResult:
         """Write ``value`` (bytes) or ``length`` bytes read from the binary file ``source``.
         Without ``context`` the node supersedes what it holds; ``blind`` adds a sibling."""
-        if (value is None) == (source is None):
-            raise ValueError("give exactly one of value and source")
-        if source is not None and length is None:
-            length = os.fstat(source.fileno()).st_size
-        total = len(value) if value is not None else length
+        total = put_length(value, source, length)
         fields = put_fields(key, total, context=context, blind=blind, n=n, w=w)
         rid = next(self._ids)
         if value is not None and total <= self.chunk_size:
@@ -189,7 +185,12 @@ class BlockingClient:
         view = memoryview(value) if value is not None else None
         while sent < total:
             size = min(self.chunk_size, total - sent)
-            data = view[sent : sent + size] if view is not None else source.read(size)
+            data: bytes | memoryview
+            if view is not None:
+                data = view[sent : sent + size]
+            else:
+                assert source is not None  # put gives exactly one of value and source
+                data = source.read(size)
             if not data:
                 raise KvdError(f"input ended after {sent} of {total} bytes")
             sent += len(data)

@@ -14,7 +14,6 @@ value is.
 from __future__ import annotations
 
 import itertools
-import os
 import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -31,6 +30,7 @@ from kvd.client_protocol import (
     Sibling,
     get_fields,
     put_fields,
+    put_length,
     put_result,
     write_fields,
 )
@@ -182,11 +182,7 @@ class Client:
         With ``context`` (from a GET or PUT reply of this key) the write supersedes what that
         context saw; without one, what the cluster holds when it is made; ``blind`` supersedes
         nothing and adds a sibling (docs/protocol.md, "Contexts")."""
-        if (value is None) == (source is None):
-            raise ValueError("give exactly one of value and source")
-        if source is not None and length is None:
-            length = os.fstat(source.fileno()).st_size
-        total = len(value) if value is not None else length
+        total = put_length(value, source, length)
         fields = put_fields(key, total, context=context, blind=blind, n=n, w=w)
         inline = value is not None and total <= self.chunk_size
         if inline:

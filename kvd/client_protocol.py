@@ -7,8 +7,9 @@ here, so the two cannot drift apart. Standard library only.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 __all__ = ["DEFAULT_ADDRESS", "GetResult", "PutResult", "Sibling", "get_fields", "put_fields",
            "put_result", "write_fields"]
@@ -59,6 +60,17 @@ def write_fields(key: bytes, *, context: bytes | None, blind: bool, n: int | Non
     if blind:
         fields["blind"] = True
     return fields
+
+
+def put_length(value: bytes | None, source: IO[bytes] | None, length: int | None) -> int:
+    """The bytes a PUT carries: ``value``'s, or ``length`` (default: the size of the file
+    ``source``). ValueError unless exactly one of value and source is given."""
+    if (value is None) == (source is None):
+        raise ValueError("give exactly one of value and source")
+    if value is not None:
+        return len(value)
+    assert source is not None
+    return os.fstat(source.fileno()).st_size if length is None else length
 
 
 def put_fields(key: bytes, length: int, **write: Any) -> dict[str, Any]:

@@ -125,6 +125,16 @@ class Config(BaseModel):
             "cluster_secret_file too."
         ),
     )
+    resp_listen: str = Field(
+        default="",
+        description=(
+            "HOST:PORT of the Redis-protocol (RESP2/RESP3) front door, for redis-cli, "
+            "redis-benchmark and Redis client libraries; empty (the default) disables it. "
+            "7382 sits beside kvd's other ports and clear of a local Redis's 6379. Same "
+            "coordinator, tokens (AUTH), TLS, connection caps and timeouts as `listen`; "
+            "without client_tokens_file it must be loopback, as Redis's protected mode."
+        ),
+    )
     data_dir: str = Field(
         default="/var/lib/kvd",
         description=(
@@ -442,7 +452,7 @@ class Config(BaseModel):
         parse_address(v)
         return v
 
-    @field_validator("metrics_listen")
+    @field_validator("metrics_listen", "resp_listen")
     @classmethod
     def _check_optional_address(cls, v: str) -> str:
         if v:
@@ -526,6 +536,14 @@ class Config(BaseModel):
         binds = [("listen", self.listen), ("peer_listen", self.peer_listen)]
         if self.metrics_listen:
             binds.append(("metrics_listen", self.metrics_listen))
+        if self.resp_listen:
+            binds.append(("resp_listen", self.resp_listen))
+            if (self.client_tokens_file is None
+                    and not is_loopback_host(parse_address(self.resp_listen)[0])):
+                raise _KeyedError(
+                    f"resp_listen {self.resp_listen} is not loopback: set client_tokens_file "
+                    "so Redis clients must AUTH (as Redis's protected mode)",
+                    "resp_listen", "client_tokens_file")
         if self.cluster_secret_file is None:
             for key, addr in binds:
                 if not is_loopback_host(parse_address(addr)[0]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", metavar="ID", help="unique, stable name of this node")
     p.add_argument("--listen", metavar="HOST:PORT", help="client address (127.0.0.1:7379)")
     p.add_argument("--peer-listen", metavar="HOST:PORT", help="peer address (127.0.0.1:7380)")
+    p.add_argument("--resp-listen", metavar="HOST:PORT",
+                   help="Redis-protocol address (off by default; e.g. 127.0.0.1:7382)")
     p.add_argument("--data-dir", metavar="DIR", help="data directory (/var/lib/kvd)")
     p.add_argument("--seeds", metavar="HOST:PORT,...", help="peer addresses of members")
     p.add_argument(
@@ -67,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
     """Config overrides from parsed flags; flags not given are absent."""
-    keys = ("node_id", "listen", "peer_listen", "data_dir", "seeds", "cluster_secret_file",
-            "log_level")
+    keys = ("node_id", "listen", "peer_listen", "resp_listen", "data_dir", "seeds",
+            "cluster_secret_file", "log_level")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
@@ -180,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for var in unknown_env_vars(os.environ):
         log.warning("ignoring environment variable %s: it matches no config key", var)
 
+    # Until the reload task listens for SIGHUP, one asked for is dropped, not fatal (its
+    # default action killed a node reloaded the moment its port opened).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         from kvd.systemd import set_reload_source  # SIGHUP re-reads the same sources
 

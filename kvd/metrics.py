@@ -117,6 +117,11 @@ class NodeMetrics:
         self.siblings = Histogram(
             "kvd_siblings", "Live siblings of each object read (found) or written.", ["op"],
             buckets=SIBLING_BUCKETS, registry=self.registry)
+        self.resp_commands = Histogram(
+            "kvd_resp_command_duration_seconds",
+            "Time to answer a command on the RESP port (resp_listen), by command and outcome "
+            "(ok, or the error's first word in lower case).",
+            ["command", "outcome"], buckets=LATENCY_BUCKETS, registry=self.registry)
         for op in ("get", "put", "delete"):
             self.requests.labels(op, "ok")
             self.quorum_failures.labels(op)
@@ -137,6 +142,11 @@ class NodeMetrics:
         """Start reporting on ``node`` (its ring is loaded) and observe its requests."""
         self.node = node
         node.coordinator.observer = self
+        node.resp_observer = self
+
+    def resp_command_finished(self, command: str, seconds: float, outcome: str) -> None:
+        """kvd.node.resp_service's report of one command (its name is one it knows)."""
+        self.resp_commands.labels(command, outcome[:32]).observe(seconds)
 
     def request_finished(self, op: str, seconds: float, obj: versions.VersionedObject | None,
                          error: BaseException | None) -> None:
@@ -145,7 +155,7 @@ class NodeMetrics:
         outcome = "ok"
         if error is None and op == "get" and (obj is None or not versions.is_found(obj)):
             outcome = "not_found"
-        elif error is None and op in ("get", "put"):
+        elif error is None and obj is not None and op in ("get", "put"):
             self.siblings.labels(op).observe(len(versions.live(obj)))
         elif isinstance(error, KvdError):
             outcome = error.code if error.code in OUTCOMES else "error"

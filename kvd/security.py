@@ -88,7 +88,7 @@ MAX_REASONS = 32  # distinct reasons counted (metric labels); later ones count a
 MAX_WINDOW_HOSTS = 10_000  # distinct addresses counted per reason per interval
 
 # ADMIN operations that only look; every other operation changes the cluster.
-_READ_ONLY_ADMIN = frozenset({"ring", "transfers", "plan", "partition-keys"})
+_READ_ONLY_ADMIN = frozenset({"ring", "transfers", "plan", "keys"})
 _REQUIRED = {
     MsgType.GET: "read",
     MsgType.STATUS: "read",

@@ -57,6 +57,7 @@ from kvd.net.guarded import GuardedConnection
 from kvd.node.antientropy import AntiEntropy
 from kvd.node.cluster import Cluster
 from kvd.node.staging import Offload
+from kvd.node import resp_service
 from kvd.node.client_service import CLIENT_HANDLERS
 from kvd.node.peer_service import PEER_HANDLERS
 from kvd.node.coordinator import Coordinator
@@ -107,6 +108,7 @@ class Node:
     admissions: dict[str, Admission] = field(default_factory=dict)  # "client", "peer"
     idle: trio.Event = field(default_factory=trio.Event)
     security: Security | None = None  # what serve() enforces; SIGHUP re-reads its tokens
+    resp_observer: object = None  # kvd.metrics, told of each RESP command
     # Seals the contexts clients carry (kvd.versions); serve sets the cluster's.
     context_key: bytes = field(default_factory=lambda: context_key(None))
 
@@ -156,6 +158,7 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
         make_private(data_dir)
     async with open_storage(data_dir, sync=config.sync, sync_interval=config.sync_interval,
                             cache_mb=config.cache_mb, disk=disk) as storage:
+        blobs: BlobStore | MemoryBlobStore
         if data_dir is None:
             blobs = MemoryBlobStore(disk)
         else:
@@ -225,6 +228,10 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             nursery.start_soon(security.refusals.run)
             socket = getattr(listeners[-1], "socket", None)
             port = socket.getsockname()[1] if socket is not None else 0
+            if config.resp_listen:  # the Redis-protocol front door
+                resp = await listen("resp_listen", config.resp_listen)
+                listeners += resp
+                nursery.start_soon(resp_service.serve, node, resp, security.client_tls)
             nursery.start_soon(cluster.run)
             nursery.start_soon(node.aae.run)
             notifier = systemd.notifier()
@@ -247,7 +254,8 @@ def _admissions(config: Config, cluster: Cluster) -> dict[str, Admission]:
     descriptor limit; the peer port keeps slots for the hosts of known members."""
     nofile = current_nofile()
     wanted = {"client": config.max_connections, "peer": config.max_connections,
-              "metrics": METRICS_MAX_CONNECTIONS if config.metrics_listen else 0}
+              "metrics": METRICS_MAX_CONNECTIONS if config.metrics_listen else 0,
+              "resp": config.max_connections if config.resp_listen else 0}
     limits = descriptor_budget(nofile, wanted)
     if limits != wanted:
         log.warning("max_connections %d per port does not fit the descriptor limit %d "
@@ -263,7 +271,7 @@ def _admissions(config: Config, cluster: Cluster) -> dict[str, Admission]:
                          config.max_pending_per_address, reserved, is_member,
                          silence=config.handshake_timeout)
 
-    return {"client": budget("client"),
+    return {"client": budget("client"), "resp": budget("resp"),
             "peer": budget("peer", config.member_reserved_connections)}
 
 
@@ -343,7 +351,7 @@ async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> 
         pass
 
 
-async def _handshake(node: Node, conn: FrameConnection, role: str,
+async def _handshake(node: Node, conn: GuardedConnection, role: str,
                      ticket: Ticket | None = None) -> None:
     """The server side of kvd.proto.handshake (HELLO, and for peers with a cluster secret
     the challenge-response), all within ``handshake_timeout``; then HELLO_OK and the frame
@@ -373,7 +381,7 @@ async def _handshake(node: Node, conn: FrameConnection, role: str,
     await conn.finish_handshake(machine, done)
 
 
-async def _serve_connection(node: Node, conn: FrameConnection, role: str,
+async def _serve_connection(node: Node, conn: GuardedConnection, role: str,
                             ticket: Ticket | None = None) -> None:
     await _handshake(node, conn, role, ticket)
     handlers = PEER_HANDLERS if role == "peer" else CLIENT_HANDLERS

@@ -238,7 +238,7 @@ def _reload_tokens(node: Any, fresh: Security, refused: list[str]) -> None:
     running = getattr(node, "security", None)
     if running is None or running.tokens is None or "client_tokens_file" in refused:
         return
-    if fresh.tokens != running.tokens:
+    if fresh.tokens is not None and fresh.tokens != running.tokens:
         running.tokens = fresh.tokens
         count = len(fresh.tokens)
         log.info("client tokens re-read: %d token%s", count, "" if count == 1 else "s")

@@ -20,6 +20,7 @@ DEMO = Path(os.environ.get("KVD_DEMO_DIR", ROOT / ".demo"))
 BIN = Path(sys.executable).parent
 BASE_PORT = int(os.environ.get("KVD_DEMO_PORT", "7379"))
 NODES = [(f"n{i + 1}", BASE_PORT + 10 * i, BASE_PORT + 10 * i + 1) for i in range(3)]
+RESP_OFFSET = 3  # each node's Redis-protocol port: its client port + 3 (7382 for n1)
 HOST = f"127.0.0.1:{BASE_PORT}"
 
 
@@ -30,6 +31,16 @@ def kvctl(*args: str, host: str = HOST, check: bool = True) -> int:
     if check and code != 0:
         sys.exit(f"demo: kvctl {' '.join(args)} failed with exit code {code}")
     return code
+
+
+def redis_cli(port: int, *args: str) -> None:
+    """Show one redis-cli command against a node's RESP port (skipped without redis-cli)."""
+    command = ["redis-cli", "-p", str(port + RESP_OFFSET), *args]
+    print(f"\n$ {' '.join(command)}", flush=True)
+    if shutil.which("redis-cli") is None:
+        print("(redis-cli is not installed: apt-get install redis-tools, or make ops-tools)")
+        return
+    subprocess.run(command, check=False)
 
 
 def wait_port(port: int, timeout: float = 20) -> None:
@@ -81,6 +92,7 @@ def start(node: str, port: int, peer_port: int, seeds: list[str]) -> None:
         config.write_text(
             f'node_id = "{node}"\nlisten = "127.0.0.1:{port}"\npeer_listen = "127.0.0.1:{peer_port}"\n'
             f'metrics_listen = ""\ndata_dir = "{DEMO / node}"\ngossip_interval = 0.5\n'
+            f'resp_listen = "127.0.0.1:{port + RESP_OFFSET}"\n'
             + (f"seeds = [{', '.join(repr(s) for s in seeds)}]\n".replace("'", '"') if seeds else "")
         )
     log = open(DEMO / f"{node}.log", "ab")
@@ -88,7 +100,8 @@ def start(node: str, port: int, peer_port: int, seeds: list[str]) -> None:
                             stderr=subprocess.STDOUT, start_new_session=True)
     (DEMO / f"{node}.pid").write_text(str(proc.pid))
     wait_port(port)
-    print(f"started {node}: clients 127.0.0.1:{port}, peers 127.0.0.1:{peer_port}", flush=True)
+    print(f"started {node}: clients 127.0.0.1:{port}, peers 127.0.0.1:{peer_port}, "
+          f"redis-cli -p {port + RESP_OFFSET}", flush=True)
 
 
 def main() -> None:
@@ -117,6 +130,12 @@ def main() -> None:
     kvctl("put", "greeting", "hello from kvd")
     kvctl("get", "greeting", host=f"127.0.0.1:{NODES[2][1]}")
     kvctl("inspect", "greeting")
+
+    print("\n== The same cluster through the Redis protocol (redis-cli, any node) ==")
+    redis_cli(NODES[1][1], "SET", "motd", "hello from redis-cli")
+    redis_cli(NODES[2][1], "GET", "motd")
+    redis_cli(NODES[0][1], "MSET", "user:1", "ada", "user:2", "grace")
+    redis_cli(NODES[1][1], "--scan", "--pattern", "user:*")
 
     print("\n== Kill n3 (SIGKILL): reads still succeed, status shows it DN ==")
     pid_file = DEMO / "n3.pid"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kvd.metrics import READ_TIMEOUT
 from kvd.net.admission import Admission, descriptor_budget
 from kvd.proto import codec
 from kvd.proto.codec import FrameDecoder
@@ -195,7 +196,9 @@ def test_silent_connections_on_the_metrics_port_do_not_block_health(tmp_path, pr
         time.sleep(0.3)
         took = [http_get(metrics, "/health") for _ in range(5)]
     assert all(status == "HTTP/1.1 200 OK" for status, _ in took), took
-    assert max(seconds for _, seconds in took) < 1.0, took
+    # Answered without waiting for a silent connection to reach its read deadline and
+    # free room (what blocked it before the connection budget), however slow the machine.
+    assert max(seconds for _, seconds in took) < READ_TIMEOUT, took
     assert node.proc.poll() is None
 
 

@@ -3,6 +3,7 @@
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +43,9 @@ def test_demo_script_runs_and_leaves_a_working_node(tmp_path):
         assert re.search(r"^DN\s+n3\s", out, re.M)        # the killed node is seen down
         assert len(re.findall(r"^UN\s+n3\s", out, re.M)) >= 2  # up after forming and restart
         assert "replicas agree" in out
+        if shutil.which("redis-cli"):  # installed by make ops-tools
+            assert out.count("hello from redis-cli") == 2  # the SET shown, then its GET
+            assert "user:1" in out.split("--scan")[-1]
     finally:
         subprocess.run([sys.executable, "scripts/demo.py", "--stop"], cwd=ROOT, env=env,
                        timeout=60)

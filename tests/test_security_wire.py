@@ -291,6 +291,18 @@ def hup_and_wait(node, marker: str) -> str:
 
 
 @pytest.mark.slow
+def test_a_sighup_as_soon_as_the_node_listens_does_not_kill_it(tmp_path, procs):
+    """A reload asked for the moment the client port opens (before the reload task was
+    listening for it) killed the node with SIGHUP's default action, 1 start in 6."""
+    for attempt in range(10):
+        node = start(tmp_path / str(attempt), procs, "n1", {})
+        node.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert node.proc.poll() is None, (attempt, node.proc.returncode, node.log_text())
+        assert node.stop() == 0
+
+
+@pytest.mark.slow
 async def test_sighup_cannot_widen_file_permissions_or_weaken_auth(tmp_path, procs):
     secret = private_file(tmp_path / "secret", SECRET)
     tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS))

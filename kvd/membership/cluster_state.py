@@ -101,10 +101,10 @@ def _check(state: ClusterState, staged: tuple[Change, ...], n_val: int, culprit:
                 raise BadRequest(f"{c.node} is not a member")
             if status != "valid":
                 raise BadRequest(f"{c.node} is already {status}")
-            if c.kind == "replace" and base.get(c.target) in ("valid", "leaving") and (
-                state.members[c.target] != "exiting"
+            if c.kind == "replace" and base.get(c.replacement) in ("valid", "leaving") and (
+                state.members[c.replacement] != "exiting"
             ):
-                raise BadRequest(f"{c.target} is already a member ({state.members[c.target]})")
+                raise BadRequest(f"{c.target} is already a member ({state.members[c.replacement]})")
         elif status is None:  # force-remove
             raise BadRequest(f"{c.node} is not a member")
     valid_now = len(state.valid_nodes())
@@ -140,7 +140,7 @@ def stage(state: ClusterState, change: Change, n_val: int) -> ClusterState:
     if change in staged:
         raise BadRequest(f"{change.describe()} is already staged")
     if change.kind == "replace":
-        staged = [c for c in staged if c != Change("join", change.target)]
+        staged = [c for c in staged if c != Change("join", change.replacement)]
     staged.append(change)
     _check(state, tuple(staged), n_val, change)
     return bump(state, staged=tuple(staged))
@@ -174,7 +174,7 @@ def plan(state: ClusterState, n_val: int, zones: Mapping[str, str] | None = None
     owners = list(state.ring.owners)
     for c in state.staged:
         if c.kind == "replace":
-            owners = [c.target if o == c.node else o for o in owners]
+            owners = [c.replacement if o == c.node else o for o in owners]
     members = sorted(_valid_after(state, state.staged))
     start = Ring(state.ring.q, tuple(owners), state.ring.version, dict(state.ring.zones if zones is None else zones))
     new_owners = claim(start, members, n_val, zones)
@@ -205,7 +205,7 @@ def commit(state: ClusterState, n_val: int, zones: Mapping[str, str] | None = No
             base[c.node] = "leaving"
         elif c.kind == "replace":
             base[c.node] = "leaving"
-            base[c.target] = "valid"
+            base[c.replacement] = "valid"
         else:
             base.pop(c.node, None)
             removed.add(c.node)

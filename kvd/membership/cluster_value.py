@@ -116,6 +116,12 @@ class Change:
         elif self.target is not None:
             raise BadRequest(f"{self.kind} takes no target")
 
+    @property
+    def replacement(self) -> str:
+        """The new node of a replace (``__post_init__`` refuses a replace without one)."""
+        assert self.target is not None, self
+        return self.target
+
     def nodes(self) -> tuple[str, ...]:
         """Every node this change concerns."""
         return (self.node,) if self.target is None else (self.node, self.target)
@@ -280,7 +286,7 @@ def _hash(content: Mapping[str, Any]) -> str:
 
 def bump(state: ClusterState, **changes: Any) -> ClusterState:
     """``state`` with ``changes`` applied and its version one higher (a new fact to gossip)."""
-    fields = {
+    fields: dict[str, Any] = {
         "cluster_id": state.cluster_id,
         "ring": state.ring,
         "members": state.members,

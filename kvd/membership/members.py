@@ -137,7 +137,7 @@ class MemberTable:
         first_interval, window); ``pooled=False`` gives each node its own history."""
         self.me = me.node
         self.threshold = threshold
-        self._detector_options = dict(detector_options or {})
+        self._detector_options: dict[str, Any] = dict(detector_options or {})
         window = int(self._detector_options.get("window", 1000))
         self._pool = HeartbeatHistory(window) if pooled else None
         self._records: dict[str, MemberInfo] = {me.node: me}
@@ -151,12 +151,9 @@ class MemberTable:
     def tick(self, now: float, *, ring_version: int | None = None, load_bytes: int | None = None) -> MemberInfo:
         """Bump my heartbeat (and refresh what I advertise); return my record."""
         mine = self._records[self.me]
-        changes: dict[str, int] = {"heartbeat": mine.heartbeat + 1}
-        if ring_version is not None:
-            changes["ring_version"] = ring_version
-        if load_bytes is not None:
-            changes["load_bytes"] = load_bytes
-        mine = replace(mine, **changes)
+        mine = replace(mine, heartbeat=mine.heartbeat + 1,
+                       ring_version=mine.ring_version if ring_version is None else ring_version,
+                       load_bytes=mine.load_bytes if load_bytes is None else load_bytes)
         self._records[self.me] = mine
         self._emitted[self.me] = now
         return mine

@@ -47,13 +47,13 @@ class GuardedConnection(FrameConnection):
         self._held: dict[int, int] = {}
         self._held_bytes = 0
         self._released = trio.Event()
-        self._waiting = None
+        self._waiting: codec.Message | None = None
 
     async def receive(self):
         if self._waiting is not None:  # a receive cancelled while it waited for room
             await self._hold(self._waiting)
-            message, self._waiting = self._waiting, None
-            return message
+            waiting, self._waiting = self._waiting, None
+            return waiting
         while True:
             message = await super().receive()
             if message is None or self.grant is None:

@@ -33,6 +33,9 @@ class PeerPool:
         self._dial = dial  # None: TCP (the simulator gives its in-memory network's)
         self._hello = {"role": "peer", **hello_fields}
         self._connect_timeout = connect_timeout
+        # Object bytes one request carries inline (kvd.node.remote; a Cluster sets half of
+        # max_frame, which every node of a cluster is expected to share; the least is 64 KiB).
+        self.frame_budget = 32 << 10
         # The cluster secret and peer TLS context; serve() sets it before any peer is called.
         self.security = security or Security()
         # address -> why its last handshake was refused (cleared once one succeeds).

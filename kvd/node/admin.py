@@ -14,6 +14,7 @@ from collections import Counter
 import trio
 
 from kvd.errors import BadRequest, KvdError
+from kvd.node import coverage
 from kvd.proto.messages import MsgType
 from kvd.membership import cluster_state as cs
 
@@ -66,6 +67,11 @@ async def handle(node, fields: dict) -> dict:
         dropped = [c.describe() for c in cluster.state.staged]
         await cluster.staging.clear()
         return {"cleared": dropped}
+    if op == "keys":
+        found, position = await coverage.page(
+            node, fields.get("partition") or 0, fields.get("after") or b"",
+            fields.get("prefix") or b"", fields.get("limit") or coverage.PAGE_LIMIT)
+        return {"keys": found, "next": None if position is None else list(position)}
     if op == "ring":
         state = cluster.state
         return {"q": state.ring.q, "version": state.ring.version,
@@ -88,43 +94,7 @@ async def handle(node, fields: dict) -> dict:
         return {"started": True, "partitions": len(parts or node.aae.my_partitions())}
     if op == "transfers":
         return {"transfers": await _all_transfers(cluster)}
-    if op == "partition-keys":
-        return _partition_keys(node, fields)
     raise BadRequest(f"unknown admin operation {op!r}")
-
-
-PARTITION_KEYS_LIMIT = 1000  # most keys per partition-keys reply
-
-
-def _partition_keys(node, fields: dict) -> dict:
-    """The keys this node holds in one partition after ``after``, in order (for `kvctl
-    export`): live objects only, tombstones left out. At most ``limit`` keys, and ten
-    times that many objects looked at (a run of tombstones must not hold the event
-    loop); ``next`` is where the following request starts."""
-    from kvd import versions
-    from kvd.storage import keys
-
-    cluster = node.cluster
-    partition = fields["partition"]
-    if not 0 <= partition < cluster.state.ring.q:
-        raise BadRequest(f"partition must be in 0..{cluster.state.ring.q - 1}")
-    if not cluster.restore.has_its_data:
-        raise BadRequest(f"{node.node_id} is restoring its data; ask another replica")
-    after = fields.get("after") or b""
-    limit = max(1, min(fields.get("limit") or PARTITION_KEYS_LIMIT, PARTITION_KEYS_LIMIT))
-    slot = node.store.slot(partition)
-    start, stop = keys.object_range(slot)
-    if after:
-        start = keys.object_key(slot, after) + b"\x00"
-    found: list[bytes] = []
-    key = after
-    for scanned, (object_key, raw) in enumerate(node.storage.iterate(start, stop)):
-        if len(found) == limit or scanned == 10 * limit:
-            return {"keys": found, "done": False, "next": key}
-        key = keys.user_key_of(object_key)[1]
-        if versions.is_found(versions.decode_object(raw)):
-            found.append(key)
-    return {"keys": found, "done": True, "next": key}
 
 
 def _text(fields: dict, name: str) -> str:

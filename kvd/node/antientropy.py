@@ -98,7 +98,8 @@ class AntiEntropy:
         if after is not None:
             start = start + after + b"\x00"
         budget = self.config.max_frame // 2
-        entries, size = [], 0
+        entries: list[list[bytes]] = []
+        size = 0
         for index_key, digest in self.store.storage.iterate(start, stop):
             key = index_key[prefix:]
             size += len(key) + len(digest) + KEY_ENTRY_OVERHEAD

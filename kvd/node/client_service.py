@@ -215,7 +215,7 @@ async def _inspect(node, conn, message, _chunks) -> None:
     n = min(node.config.n, node.member_count())
     replicas = []
     for member, role in cluster.routing.replica_roles(key, n):
-        entry = {"node": member, "role": role, "present": False, "siblings": 0, "digest": "",
+        entry = {"node": member, "role": role.value, "present": False, "siblings": 0, "digest": "",
                  "version": b"", "deleted": False}
         try:
             with trio.fail_after(node.config.request_timeout):

@@ -35,7 +35,7 @@ from kvd.node.gossip import Gossiper
 from kvd.node.handoff import Handoff
 from kvd.node.local import LocalStore
 from kvd.node.remote import RemoteReplica
-from kvd.node.replica import LocalReplica
+from kvd.node.replica import LocalReplica, Replica
 from kvd.node.restore import Restore
 from kvd.node.routing import Routing
 from kvd.node.staging import Offload, Staging
@@ -62,7 +62,7 @@ class Cluster:
         self.peers = PeerPool(nursery, {"node": self.me}, dial=dial)
         self.peers.frame_budget = config.max_frame // 2  # object bytes per request (remote.py)
         self.rng = rng or random.Random()
-        self.gossiper: Gossiper | None = None
+        self.gossiper: Gossiper  # made by load(), from the saved state
         self.left = trio.Event()  # set once this node is exiting and nothing moves from it
         me = MemberInfo(self.me, config.listen, config.peer_listen, int(clocks.wall() * 1000), 0)
         self.members = MemberTable(me, threshold=config.phi_threshold)
@@ -102,7 +102,9 @@ class Cluster:
 
     @property
     def state(self) -> cs.ClusterState:
-        return self.gossiper.state
+        state = self.gossiper.state
+        assert state is not None  # load() gives the gossiper one
+        return state
 
     async def _save(self, state) -> None:
         doc = {"state": state.to_dict(), "addresses": {n: list(a) for n, a in self.addresses.items()}}
@@ -174,7 +176,7 @@ class Cluster:
             return record.peer_address
         return self.addresses.get(node, ("", ""))[1]
 
-    def replica(self, node: str):
+    def replica(self, node: str) -> Replica:
         """``node`` as a replica: this node's local one, or a remote one."""
         if node == self.me:
             return self.local

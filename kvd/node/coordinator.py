@@ -31,7 +31,7 @@ Failure handling (DESIGN section 4):
 7. A write without a context (None) supersedes what the key's replicas hold when it is
    made: the coordinator reads them first, in the same request (DESIGN section 2). Only
    writes it cannot see, made concurrently elsewhere, become siblings. A blind write (an
-   empty context) supersedes nothing.
+   empty context) supersedes nothing. Those of one key take turns here (kvd.node.turns).
 8. A late replica does not hold a request up while others can answer (Dynamo's hedged
    requests): a mint not answered within the hedge delay (a few times the typical mint
    time, at least ``HEDGE_FLOOR``, at most ``replica_timeout``) is also asked of the next
@@ -45,15 +45,17 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
 from kvd import versions
 from kvd.clocks import REAL
 from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
-from kvd.node.replica import Replica
+from kvd.node.replica import Replica, Role
+from kvd.node.turns import KeyTurns
 
 log = logging.getLogger("kvd.coordinator")
 
@@ -62,6 +64,10 @@ SUSPECT_FOR = 10.0  # seconds a replica that timed out is tried last for minting
 HEDGE_FLOOR = 0.05  # seconds: the shortest hedge delay (rule 8)
 HEDGE_FACTOR = 4.0  # the hedge delay in typical mint times (rule 8)
 WRITE_ID_BYTES = 8  # unique among one key's siblings is all a write id needs
+
+T = TypeVar("T")  # what one replica call returns
+# How one replica call ended: (replica, True, its result) or (replica, False, its error).
+Outcome = tuple[Replica, bool, Any]
 
 
 class ReplicaTimedOut(KvdError):
@@ -125,9 +131,10 @@ class Coordinator:
         self._suspects: dict[str, float] = {}  # node -> until when it is tried last
         self._typical_mint = HEDGE_FLOOR / HEDGE_FACTOR  # moving average, seconds (rule 8)
         self.observer: RequestObserver | None = None
+        self._turns = KeyTurns()  # writes without a context, per key (rule 7)
 
-    async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable], deadline: float,
-                    patience: float | None = None):
+    async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable[T]],
+                    deadline: float, patience: float | None = None) -> T:
         """``call(replica)`` within the replica's deadline (rule 1), noting who timed out.
         ``patience`` replaces ``replica_timeout`` for calls that must fsync a large value."""
         timeout = max(0.0, min(patience or self.replica_timeout, deadline - self.clock()))
@@ -147,29 +154,30 @@ class Coordinator:
     async def _quorum(
         self,
         replicas: Sequence[Replica],
-        call: Callable[[Replica], Awaitable],
+        call: Callable[[Replica], Awaitable[T]],
         needed: int,
         deadline: float | None = None,
         on_failure: Callable[[Replica, BaseException], Awaitable] | None = None,
         patience: float | None = None,
-    ) -> tuple[list[tuple[Replica, object]], list[tuple[Replica, BaseException]], object]:
+    ) -> tuple[list[tuple[Replica, T]], list[tuple[Replica, BaseException]],
+               trio.MemoryReceiveChannel[Outcome]]:
         """Run ``call`` on every replica; return once ``needed`` succeeded or all finished.
 
         Each call has ``replica_timeout`` (rule 1). Calls still running when we return go on
         in the background nursery; their outcomes arrive later on the returned channel (read
         repair waits for them). ``on_failure(replica, exc)`` runs in the failed call's task
         before its outcome is reported, so what it does is done before a quorum error.
+        A call fails with a KvdError or an OSError; anything else is a bug, not a failed
+        replica, and ends the node (docs/DECISIONS.md).
         """
         if deadline is None:
             deadline = self.clock() + self.request_timeout
-        send, receive = trio.open_memory_channel(len(replicas))
+        send, receive = trio.open_memory_channel[Outcome](len(replicas))
 
         async def one(replica: Replica) -> None:
             try:
                 result = await self._call(replica, call, deadline, patience)
-            except Exception as exc:
-                if not isinstance(exc, (KvdError, OSError)):  # a bug: keep the node up, log it
-                    log.exception("replica call to %s failed", replica.node)
+            except (KvdError, OSError) as exc:
                 if on_failure is not None:
                     await on_failure(replica, exc)
                 send.send_nowait((replica, False, exc))
@@ -178,8 +186,8 @@ class Coordinator:
 
         for replica in replicas:
             self.background.start_soon(one, replica)
-        ok: list = []
-        failed: list = []
+        ok: list[tuple[Replica, T]] = []
+        failed: list[tuple[Replica, BaseException]] = []
         # The calls end by the deadline; the margin lets their failure handlers finish.
         with trio.move_on_at(deadline + (patience or self.replica_timeout)):
             while len(ok) < needed and len(ok) + len(failed) < len(replicas):
@@ -251,26 +259,17 @@ class Coordinator:
                 except (KvdError, trio.TooSlowError, OSError) as exc:
                     log.info("read repair of %r on %s failed: %s", key[:64], replica.node, exc)
 
-    async def put(
-        self,
-        key: bytes,
-        context: versions.VersionVector | None,
-        n: int,
-        w: int,
-        *,
-        value: bytes = b"",
-        deleted: bool = False,
-        length: int = 0,
-        chunks: AsyncIterator[bytes] | None = None,
-        timestamp: float = 0.0,
-        vid: bytes = b"",
-    ) -> WriteResult:
+    async def put(self, key: bytes, context: versions.VersionVector | None, n: int, w: int, *,
+                  value: bytes = b"", deleted: bool = False, length: int = 0,
+                  chunks: AsyncIterator[bytes] | None = None, timestamp: float = 0.0,
+                  vid: bytes = b"") -> WriteResult:
         """Write a value (inline, or streamed from ``chunks``) or a tombstone at quorum W
         (observed, rule 6). ``context`` None: supersede what the replicas hold now (rule 7);
         an empty context adds a sibling to whatever is there (a blind write)."""
-        write = self._write(key, context, n, w, value=value, deleted=deleted, length=length,
-                            chunks=chunks, timestamp=timestamp, vid=vid)
-        return await self._observed("delete" if deleted else "put", write)
+        async with self._turns.turn(key) if context is None else nullcontext():
+            return await self._observed("delete" if deleted else "put", self._write(
+                key, context, n, w, value=value, deleted=deleted, length=length,
+                chunks=chunks, timestamp=timestamp, vid=vid))
 
     async def _write(self, key: bytes, context: versions.VersionVector | None, n: int, w: int,
                      *, value: bytes, deleted: bool, length: int,
@@ -304,7 +303,7 @@ class Coordinator:
                 for replica in replicas:
                     self.background.start_soon(self._discard_upload, replica, key, vid)
                 raise
-        hints = [rep for rep in others if getattr(rep, "role", "") == "hint"]
+        hints = [rep for rep in others if rep.role is Role.HINT]
         others = [rep for rep in others if rep not in hints]
         for hint in hints:  # local and durable before we answer; not counted towards W
             await hint.merge(key, minted)
@@ -350,10 +349,10 @@ class Coordinator:
 
     async def _stand_ins(self, key, n, minted, needed, asked, failed, deadline) -> list:
         """Rule 3: fallbacks for the nodes that failed this request, counted towards W."""
-        down = {rep.node for rep, _ in failed if getattr(rep, "role", "primary") == "primary"}
-        named = {(rep.node, getattr(rep, "stands_for", None)) for rep in asked}
+        down = {rep.node for rep, _ in failed if rep.role is Role.PRIMARY}
+        named = {(rep.node, rep.stands_for) for rep in asked}
         stand_ins = [rep for rep in self.write_replicas(key, n, down)
-                     if getattr(rep, "role", "") == "fallback"
+                     if rep.role is Role.FALLBACK
                      and (rep.node, rep.stands_for) not in named and rep.node not in down]
         if not stand_ins:
             return []
@@ -365,8 +364,8 @@ class Coordinator:
     async def _keep_hint(self, replica, key, obj, exc) -> None:
         """Rule 3: a replication leg failed; keep the write for its node (or for the down
         primary a fallback stood in for) and deliver it once that node is back."""
-        target = getattr(replica, "stands_for", None) or replica.node
-        if self.keep_hint is None or getattr(replica, "role", "primary") == "hint":
+        target = replica.stands_for or replica.node
+        if self.keep_hint is None or replica.role is Role.HINT:
             return
         try:
             await self.keep_hint(target, key, obj)
@@ -380,7 +379,7 @@ class Coordinator:
         still goes to them: one that timed out may have it, and otherwise they get a hint)."""
         errors: list[tuple[Replica, BaseException]] = []
         # Fallbacks hold hints; only a replica with the key's history mints.
-        waiting = sorted((rep for rep in replicas if getattr(rep, "role", "primary") == "primary"),
+        waiting = sorted((rep for rep in replicas if rep.role is Role.PRIMARY),
                          key=lambda rep: self._suspected(rep.node))
         # A large value's mint seals bytes proportional to its size: one at a time.
         hedge = None if patience else self._hedge_delay()
@@ -391,9 +390,7 @@ class Coordinator:
             try:
                 minted = await self._call(
                     replica, lambda rep: rep.coordinate(key, context, payload), deadline, patience)
-            except Exception as exc:  # noqa: BLE001 - reported to the request, never lost
-                if not isinstance(exc, (KvdError, OSError)):  # a bug: keep the node up, log it
-                    log.exception("mint on %s failed", replica.node)
+            except (KvdError, OSError) as exc:  # anything else is a bug (docs/DECISIONS.md)
                 send.send_nowait((replica, None, exc))
                 return
             self._typical_mint += (self.clock() - began - self._typical_mint) / 8
@@ -487,9 +484,8 @@ def _quorum_message(kind: str, needed: int, ok: Sequence, failed: Sequence) -> s
     return f"{text} ({listed})"
 
 
-def _name(replica) -> str:
-    stands_for = getattr(replica, "stands_for", None)
-    return f"{replica.node} (for {stands_for})" if stands_for else replica.node
+def _name(replica: Replica) -> str:
+    return f"{replica.node} (for {replica.stands_for})" if replica.stands_for else replica.node
 
 
 def _reason(exc: BaseException) -> str:

@@ -40,7 +40,7 @@ from kvd.errors import ConnectFailed, KvdError, ProtocolError, Unavailable
 from kvd.node.local import _GARBAGE, _ledger_key
 from kvd.node.remote import RemoteReplica
 from kvd.storage import keys
-from kvd.storage.base import StorageError
+from kvd.storage.base import Op, StorageError
 
 log = logging.getLogger("kvd.handoff")
 
@@ -123,7 +123,7 @@ class Handoff:
         hint_key = keys.hint_key(target, self._seq)
         record = _pack({"key": key, "object": versions.encode_object(obj),
                         "at": self.clocks.wall()})
-        ops = [(hint_key, record)]
+        ops: list[Op] = [(hint_key, record)]
         for vid in chunked_vids(obj):
             if self.objects.blobs.exists(vid):
                 await self.objects.blobs.seal(vid)
@@ -164,7 +164,7 @@ class Handoff:
         """Drop the expired hints at the head of ``target``'s range (Rule 2: oldest first)."""
         start, stop = keys.hint_range(target)
         while True:
-            doomed = []
+            doomed: list[tuple[bytes, dict]] = []
             for hint_key, raw in self.storage.iterate(start, stop):
                 hint = _decode(hint_key, raw)
                 if not self._is_expired(hint) or len(doomed) == HINT_BATCH:
@@ -199,7 +199,8 @@ class Handoff:
         try:
             while batch := self._batch(start, stop):
                 done: list[tuple[bytes, dict]] = []
-                old, due = [], []
+                old: list[tuple[bytes, dict]] = []
+                due: list[tuple[bytes, dict]] = []
                 for hint_key, hint, _size in batch:
                     (old if self._is_expired(hint) else due).append((hint_key, hint))
                 unreachable: list[BaseException] = []

@@ -308,7 +308,7 @@ class LocalStore:
             while True:
                 current = self._latest(key)
                 if current is None:
-                    merged, discarded = incoming, []
+                    merged, discarded = incoming, list[versions.Sibling]()
                 else:
                     merged, discarded = versions.sync_with_discarded(current, incoming)
                     if merged == current:
@@ -476,7 +476,7 @@ class LocalStore:
         if self.storage.get(_SEQUENCES) is None and not self._has_objects():
             await self.storage.write([(_SEQUENCES, b"1")])  # a new store: Rule 6 from day one
         start = _ledger_key(b"")
-        garbage, live = [], []
+        garbage, live = list[bytes](), list[bytes]()
         for k, mark in self.storage.iterate(start, start + b"\xff"):
             vid = k[len(start):]
             owner = mark[1:]  # the key the blob was uploaded for (empty in older ledgers)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from kvd import aae, versions
 from kvd.errors import BadRequest, Unavailable
 from kvd.membership import cluster_state as cs
+from kvd.node import coverage
 from kvd.node.transfers import scan_budget
 from kvd.node.local import new_vid
 from kvd.node.remote import decode_payload
@@ -77,6 +78,11 @@ async def replica_get(node, conn, message, _chunks) -> None:
                 raise BadRequest("a scan needs after and limit (or within and offset)")
             reply = node.cluster.transfers.scan_partition(fields["partition"], fields["after"],
                                                           min(fields["limit"], 1024), budget)
+        await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
+        return
+    if fields["op"] == "keys":
+        reply = coverage.local_keys(node, fields["partition"], fields["after"],
+                                    fields["prefix"], fields["limit"])
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
         return
     if fields["op"] in ("aae-root", "aae-branches", "aae-segments", "aae-keys"):

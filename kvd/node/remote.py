@@ -7,7 +7,7 @@ primary (DESIGN section 4), delivered by the handoff task once the primary is ba
 Objects larger than a frame (DESIGN section 6: a frame over ``max_frame`` closes the peer
 connection and every request on it). An object is up to 100 siblings of up to ``chunk_size``
 inline bytes each, so its encoding can exceed any frame. Every object that travels goes
-through ``object_fields``/``object_of``: up to ``frame_budget(peers)`` bytes it travels inline
+through ``object_fields``/``object_of``: up to ``PeerPool.frame_budget`` bytes it travels inline
 (``"object"``); above, it is *staged*: written as a temporary upload with the ``chunk``
 operation large values use (pieces of at most the budget, into the receiver's blob store,
 where the ledger sweeps it after a crash), then named (``"staged": [vid, length]``) and
@@ -19,28 +19,21 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import AsyncIterator
+from typing import Any
 
 import trio
 
 from kvd import versions
-from kvd.errors import BadRequest, KvdError, Unavailable
+from kvd.errors import BadRequest, KvdError, RemoteProtocolError, Unavailable
 from kvd.net.peer import PeerPool
 from kvd.node.coordinator import MAX_VALUE
+from kvd.node.replica import Role
 from kvd.proto.messages import MsgType
 
-# Bytes of an encoded object sent inline when the pool does not say (the smallest
-# max_frame is 64 KiB; half of it leaves room for the other fields).
-DEFAULT_FRAME_BUDGET = 32 << 10
-
-
-def frame_budget(peers: PeerPool) -> int:
-    """Most bytes of object data one request to a peer carries (Cluster sets it to half of
-    max_frame; every node of a cluster is expected to share max_frame)."""
-    return getattr(peers, "frame_budget", DEFAULT_FRAME_BUDGET)
-
-
 def encode_payload(payload: dict) -> dict:
-    out = {"deleted": payload.get("deleted", False), "timestamp": payload.get("timestamp", 0.0)}
+    out: dict[str, Any] = {"deleted": payload.get("deleted", False),
+                           "timestamp": payload.get("timestamp", 0.0)}
     if payload.get("value") is not None:
         out["value"] = payload["value"]
     chunks = payload.get("chunks")
@@ -54,7 +47,8 @@ def encode_payload(payload: dict) -> dict:
 def decode_payload(fields: dict) -> dict:
     """The keyword arguments of a write from its wire form (types checked by the codec
     against ``messages.PAYLOAD``); BadRequest for values no sender of ours produces."""
-    payload = {"deleted": bool(fields.get("deleted")), "timestamp": float(fields.get("timestamp", 0.0))}
+    payload: dict[str, Any] = {"deleted": bool(fields.get("deleted")),
+                               "timestamp": float(fields.get("timestamp", 0.0))}
     if "value" in fields:
         payload["value"] = fields["value"]
     if "chunks" in fields:
@@ -77,10 +71,10 @@ def decode_payload(fields: dict) -> dict:
 
 
 class RemoteReplica:
-    """A replica on another node."""
+    """A replica on another node (a kvd.node.replica.Replica)."""
 
-    role = "primary"
-    stands_for = None
+    role = Role.PRIMARY
+    stands_for: str | None = None
 
     def __init__(self, node: str, address: str, peers: PeerPool):
         self.node = node
@@ -91,12 +85,13 @@ class RemoteReplica:
         return await self.peers.call(self.address, MsgType.REPLICA_PUT, fields,
                                      MsgType.REPLICA_PUT_REPLY)
 
-    async def get(self, key):
+    async def get(self, key: bytes) -> versions.VersionedObject | None:
         reply = await self.peers.call(self.address, MsgType.REPLICA_GET, {"op": "get", "key": key},
                                       MsgType.REPLICA_GET_REPLY)
         return await self.object_of(key, reply)
 
-    async def coordinate(self, key, context, payload):
+    async def coordinate(self, key: bytes, context: versions.VersionVector,
+                         payload: dict) -> versions.VersionedObject:
         reply = await self._put({"op": "coordinate", "key": key,
                                  "context": versions.encode_context(context),
                                  "payload": encode_payload(payload)})
@@ -105,13 +100,13 @@ class RemoteReplica:
             raise BadRequest(f"{self.node} answered a write of {key[:64]!r} without the object")
         return obj
 
-    async def merge(self, key, obj):
+    async def merge(self, key: bytes, obj: versions.VersionedObject) -> None:
         await self._put({"op": "merge", "key": key, **await self.object_fields(key, obj)})
 
-    async def object_fields(self, key, obj) -> dict:
+    async def object_fields(self, key: bytes, obj: versions.VersionedObject) -> dict:
         """The fields that carry ``obj`` in a request: inline, or staged on the peer first."""
         raw = versions.encode_object(obj)
-        budget = frame_budget(self.peers)
+        budget = self.peers.frame_budget
         if len(raw) <= budget:
             return {"object": raw}
         vid = os.urandom(16)
@@ -123,13 +118,13 @@ class RemoteReplica:
             raise
         return {"staged": [vid, len(raw)]}
 
-    async def object_of(self, key, reply: dict):
+    async def object_of(self, key: bytes, reply: dict) -> versions.VersionedObject | None:
         """The object a reply carries (None for none): inline, or staged on the peer."""
         if reply.get("staged") is None:
             raw = reply.get("object")
-            return None if raw is None else versions.decode_object(raw)
+            return None if raw is None else self._decode(key, raw)
         vid, length = reply["staged"]
-        budget = frame_budget(self.peers)
+        budget = self.peers.frame_budget
         parts = []
         try:
             for offset in range(0, length, budget):
@@ -143,9 +138,16 @@ class RemoteReplica:
         raw = b"".join(parts)
         if len(raw) != length:
             raise BadRequest(f"{self.node} staged {length} bytes of {key[:64]!r}, sent {len(raw)}")
-        return versions.decode_object(raw)
+        return self._decode(key, raw)
 
-    async def _discard_quietly(self, key, vid) -> None:
+    def _decode(self, key: bytes, raw: bytes) -> versions.VersionedObject:
+        """An object the peer sent; one it could not have encoded is its protocol error."""
+        try:
+            return versions.decode_object(raw)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"{self.node} sent {key[:64]!r} as {exc}") from None
+
+    async def _discard_quietly(self, key: bytes, vid: bytes) -> None:
         """Best effort (its ledger entry sweeps it at the peer's next start otherwise)."""
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
@@ -153,13 +155,13 @@ class RemoteReplica:
             except (KvdError, OSError):
                 pass
 
-    async def write_chunk(self, key, vid, offset, data):
+    async def write_chunk(self, key: bytes, vid: bytes, offset: int, data: bytes) -> None:
         await self._put({"op": "chunk", "key": key, "vid": vid, "offset": offset, "data": data})
 
-    async def discard_upload(self, key, vid):
+    async def discard_upload(self, key: bytes, vid: bytes) -> None:
         await self._put({"op": "discard", "key": key, "vid": vid})
 
-    async def has_blob(self, key, ref) -> bool:
+    async def has_blob(self, key: bytes, ref: versions.ChunkRef) -> bool:
         """Whether the replica holds every byte of value ``ref`` (a read of its last byte:
         a short blob left by a failed upload answers none). Senders ask before streaming a
         value: re-sending bytes a replica already has marks them as an unfinished upload
@@ -175,7 +177,8 @@ class RemoteReplica:
             return False
         return len(reply["data"]) == min(ref.length, 1)
 
-    async def read_chunks(self, key, ref, piece: int = 1 << 20):
+    async def read_chunks(self, key: bytes, ref: versions.ChunkRef,
+                          piece: int = 1 << 20) -> AsyncIterator[bytes]:
         for offset in range(0, ref.length, piece):
             reply = await self.peers.call(
                 self.address, MsgType.REPLICA_GET,
@@ -188,18 +191,21 @@ class RemoteReplica:
 class HintedReplica(RemoteReplica):
     """A fallback node holding writes for the down primary ``stands_for``."""
 
-    role = "fallback"
+    role = Role.FALLBACK
+    stands_for: str
 
-    def __init__(self, node, address, peers, stands_for: str):
+    def __init__(self, node: str, address: str, peers: PeerPool, stands_for: str):
         super().__init__(node, address, peers)
         self.stands_for = stands_for
 
-    async def get(self, key):
+    async def get(self, key: bytes) -> versions.VersionedObject | None:
         return None  # a fallback holds hints, not the partition: it has nothing to read
 
-    async def coordinate(self, key, context, payload):
-        raise NotImplementedError  # fallbacks never mint (the coordinator skips them)
+    async def coordinate(self, key: bytes, context: versions.VersionVector,
+                         payload: dict) -> versions.VersionedObject:
+        # The coordinator asks only primaries to mint (kvd.node.routing rule 2).
+        raise Unavailable(f"{self.node} only keeps hints for {self.stands_for}: it does not mint")
 
-    async def merge(self, key, obj):
+    async def merge(self, key: bytes, obj: versions.VersionedObject) -> None:
         await self._put({"op": "hint", "key": key, "for": self.stands_for,
                          **await self.object_fields(key, obj)})

@@ -1,12 +1,18 @@
-"""The replica interface the coordinator talks to, and its local implementation.
+"""The replica interface the coordinator talks to, the role a replica plays, and the local one.
 
-A coordinator reaches every replica of a key through the same four calls, whether the
-replica is this node (``LocalReplica``) or another one over the peer connection. That keeps
-quorum logic in one place (kvd.node.coordinator) and out of the transport.
+A coordinator reaches every replica of a key through the same calls, whether the replica is
+this node (``LocalReplica``) or another one over the peer connection
+(kvd.node.remote ``RemoteReplica``), or a node standing in for a down one (``HintedReplica``
+there, ``LocalHintStore`` in kvd.node.routing). That keeps quorum logic in one place
+(kvd.node.coordinator) and out of the transport. ``Replica`` names every call the
+coordinator, handoff, anti-entropy and transfers make on a replica; mypy (``make
+typecheck``) checks each implementation against it wherever one is used as a ``Replica``, so
+a stand-in that lacks a call fails the type check instead of failing a request at run time.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -14,10 +20,35 @@ from kvd import versions
 from kvd.node.local import LocalStore
 
 
-class Replica(Protocol):
-    """One replica of a key, as seen by a coordinator."""
+class Role(enum.StrEnum):
+    """The part a replica plays in one write or read (riak_core's apl annotates the same)."""
 
-    node: str
+    PRIMARY = "primary"
+    """On the key's preference list (or a new owner during a transition): the only role that
+    mints versions, since it holds the key's history; counts towards R and W."""
+    FALLBACK = "fallback"
+    """Stands in for a down primary (sloppy quorum): keeps what it is given as a durable hint
+    for that primary, never mints, holds nothing to read; counts towards W."""
+    HINT = "hint"
+    """The coordinator's own hint for a down primary no fallback covers: like a fallback, but
+    it never counts towards W."""
+
+
+class Replica(Protocol):
+    """One replica of a key, as seen by a coordinator (and by handoff, anti-entropy and
+    transfers, which reach other nodes' replicas the same way)."""
+
+    @property
+    def node(self) -> str:
+        """The node that holds this replica."""
+
+    @property
+    def role(self) -> Role:
+        """What it is for this request."""
+
+    @property
+    def stands_for(self) -> str | None:
+        """The down primary a FALLBACK or HINT keeps writes for (None for a PRIMARY)."""
 
     async def get(self, key: bytes) -> versions.VersionedObject | None:
         """The replica's object for ``key`` (None when it holds nothing)."""
@@ -39,29 +70,40 @@ class Replica(Protocol):
     async def discard_upload(self, key: bytes, vid: bytes) -> None:
         """Drop the chunks of an upload that failed before its manifest was written."""
 
+    async def has_blob(self, key: bytes, ref: versions.ChunkRef) -> bool:
+        """Whether every byte of the large value ``ref`` is held here (senders ask before
+        streaming a value)."""
+
 
 class LocalReplica:
     """This node's own replica."""
+
+    role = Role.PRIMARY
+    stands_for: str | None = None
 
     def __init__(self, node: str, actor: str, store: LocalStore):
         self.node = node
         self.actor = actor
         self.store = store
 
-    async def get(self, key):
+    async def get(self, key: bytes) -> versions.VersionedObject | None:
         return self.store.read(key)
 
-    async def coordinate(self, key, context, payload):
+    async def coordinate(self, key: bytes, context: versions.VersionVector,
+                         payload: dict) -> versions.VersionedObject:
         return await self.store.coordinate(key, context, self.actor, **payload)
 
-    async def merge(self, key, obj):
+    async def merge(self, key: bytes, obj: versions.VersionedObject) -> None:
         await self.store.merge(key, obj)
 
-    async def write_chunk(self, key, vid, offset, data):
+    async def write_chunk(self, key: bytes, vid: bytes, offset: int, data: bytes) -> None:
         await self.store.write_chunk(key, vid, offset, data)
 
-    def read_chunks(self, key, ref):
+    def read_chunks(self, key: bytes, ref: versions.ChunkRef) -> AsyncIterator[bytes]:
         return self.store.read_chunks(key, ref)
 
-    async def discard_upload(self, key, vid):
+    async def discard_upload(self, key: bytes, vid: bytes) -> None:
         await self.store.discard_upload(key, vid)
+
+    async def has_blob(self, key: bytes, ref: versions.ChunkRef) -> bool:
+        return self.store.has_value_bytes(ref)

@@ -21,10 +21,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
+from kvd import versions
 from kvd.errors import Unavailable
 from kvd.membership import cluster_state as cs
 from kvd.node.remote import HintedReplica
-from kvd.node.replica import LocalReplica
+from kvd.node.replica import LocalReplica, Replica, Role
 from kvd.ring import Ring, annotated_preference_list, partition_of, preference_list
 
 if TYPE_CHECKING:
@@ -42,20 +43,23 @@ class LocalHintStore(LocalReplica):
     never mints and holds nothing to read.
     """
 
+    stands_for: str
+
     def __init__(self, node: str, handoff: Handoff, store: LocalStore, stands_for: str,
-                 role: str = "fallback"):
+                 role: Role = Role.FALLBACK):
         super().__init__(node, "", store)  # no actor: it never mints
         self.handoff = handoff
         self.stands_for = stands_for
-        self.role = role  # "hint" when kept by the coordinator: it never counts towards W
+        self.role = role  # HINT when kept by the coordinator: it never counts towards W
 
-    async def get(self, key):
+    async def get(self, key: bytes) -> versions.VersionedObject | None:
         return None
 
-    async def coordinate(self, key, context, payload):
+    async def coordinate(self, key: bytes, context: versions.VersionVector,
+                         payload: dict) -> versions.VersionedObject:
         raise Unavailable(f"{self.node} only keeps hints for {self.stands_for}: it does not mint")
 
-    async def merge(self, key, obj):
+    async def merge(self, key: bytes, obj: versions.VersionedObject) -> None:
         await self.handoff.store(self.stands_for, key, obj)
 
 
@@ -93,14 +97,15 @@ class Routing:
         ring may have fewer nodes (a one-node cluster growing), and R/W clamp to it."""
         return max(1, min(len(self.cluster.state.ring.nodes()), len(self.serving_ring().nodes())))
 
-    def replicas_for_read(self, key: bytes, n: int):
+    def replicas_for_read(self, key: bytes, n: int) -> list[Replica]:
         """The up primaries of ``key`` (Rule 1); this node only once it holds its data."""
         cluster = self.cluster
         partition = partition_of(key, cluster.state.ring.q)
         return [cluster.replica(node) for node in self.primaries(partition, n)
                 if cluster.is_up(node) and not (node == cluster.me and not cluster.restore.has_its_data)]
 
-    def replicas_for_write(self, key: bytes, n: int, failed: Collection[str] = ()):
+    def replicas_for_write(self, key: bytes, n: int,
+                           failed: Collection[str] = ()) -> list[Replica]:
         """Replicas for a write; nodes in ``failed`` (those that did not answer this request:
         the coordinator's local failure view) are treated as down, so fallbacks stand in."""
         cluster = self.cluster
@@ -114,10 +119,10 @@ class Routing:
 
         if all(is_up(node) for node in primaries) and not state.in_transition:
             return [cluster.replica(node) for node in primaries]  # the common case
-        out = []
-        for node, role, stands_for in annotated_preference_list(
+        out: list[Replica] = []
+        for node, _, stands_for in annotated_preference_list(
                 self.serving_ring(), partition, n, is_up):
-            if role == "primary":
+            if stands_for is None:  # an up primary (only a fallback stands for another)
                 out.append(cluster.replica(node))
             elif not hinted_handoff:
                 continue
@@ -126,11 +131,11 @@ class Routing:
             else:
                 out.append(HintedReplica(node, cluster.peer_address(node), cluster.peers, stands_for))
         if hinted_handoff:  # Rule 4
-            covered = {r.stands_for for r in out if getattr(r, "stands_for", None)}
+            covered = {r.stands_for for r in out if r.stands_for is not None}
             for node in primaries:
                 if node not in covered and not is_up(node):
                     out.append(LocalHintStore(cluster.me, cluster.handoff, cluster.store, node,
-                                              role="hint"))
+                                              role=Role.HINT))
         if state.in_transition:
             named = {r.node for r in out}
             new = state.ring
@@ -139,7 +144,7 @@ class Routing:
                     out.append(cluster.replica(node))  # a new replica, fetching the partition
         return out
 
-    def replica_roles(self, key: bytes, n: int) -> list[tuple[str, str]]:
-        """(node, primary|fallback) for inspect: every primary, down or not."""
+    def replica_roles(self, key: bytes, n: int) -> list[tuple[str, Role]]:
+        """(node, role) for inspect: every primary, down or not."""
         partition = partition_of(key, self.cluster.state.ring.q)
-        return [(node, "primary") for node in self.primaries(partition, n)]
+        return [(node, Role.PRIMARY) for node in self.primaries(partition, n)]

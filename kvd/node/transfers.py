@@ -259,8 +259,10 @@ class Transfers:
                 failed.append((q, exc))
                 return
         fetch.update(state="done", ended=self.cluster.clocks.monotonic())
-        self.plan["todo"].discard(q)
-        self.progress["partitions_left"] = len(self.plan["todo"])
+        plan = self.plan
+        assert plan is not None  # only _run_plan ends a plan, once its fetches are over
+        plan["todo"].discard(q)
+        self.progress["partitions_left"] = len(plan["todo"])
         await self._save_plan()
 
     def _partition(self, q: int) -> dict:

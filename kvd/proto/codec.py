@@ -24,8 +24,10 @@ Invariants:
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
+from typing import Final, NoReturn
 
 import msgpack
 
@@ -51,6 +53,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_KEY_LEN",
     "NEED_DATA",
+    "NeedData",
     "PRE_AUTH_MAX_FRAME",
     "PROTOCOL_VERSION",
     "Frame",
@@ -73,18 +76,18 @@ MAX_BODY = 0xFFFFFFFF
 _COMPACT_AT = 64 * 1024
 
 
-class _Sentinel:
-    __slots__ = ("_name",)
+class _Sentinel(enum.Enum):
+    """An enum, so that ``x is NEED_DATA`` narrows the type of x for the type checker."""
 
-    def __init__(self, name: str) -> None:
-        self._name = name
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
-        return self._name
+        return self.value
 
 
-NEED_DATA = _Sentinel("NEED_DATA")
+NEED_DATA: Final = _Sentinel.NEED_DATA
 """Returned by ``next_frame``/``next_message`` when more bytes are needed."""
+NeedData = _Sentinel  # the type of NEED_DATA, for annotations
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +165,8 @@ def encode(type: MsgType, request_id: int, fields: dict | None = None, flags: in
     return _frame_bytes(type, request_id, flags, body)
 
 
-def encode_chunk(request_id: int, data: bytes, end: bool = False) -> bytes:
+def encode_chunk(request_id: int, data: bytes | bytearray | memoryview,
+                 end: bool = False) -> bytes:
     """Return one CHUNK frame carrying ``data`` raw; ``end`` marks the last of a stream."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise LocalProtocolError(f"CHUNK data must be bytes, got {type_name(data)}")
@@ -246,7 +250,7 @@ class FrameDecoder:
         self._pos = 0
         return rest
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add bytes read from the connection; ``b""`` means the peer closed it."""
         if self._eof:
             if data:
@@ -296,7 +300,7 @@ class FrameDecoder:
 
     # -- internals
 
-    def _fail(self, exc: RemoteProtocolError) -> None:
+    def _fail(self, exc: RemoteProtocolError) -> NoReturn:
         self._error = exc
         raise exc
 

@@ -69,7 +69,7 @@ from kvd.errors import (
     error_from_code,
 )
 from kvd.proto import codec
-from kvd.proto.codec import NEED_DATA, FrameDecoder, Message
+from kvd.proto.codec import NEED_DATA, FrameDecoder, Message, NeedData
 from kvd.proto.messages import PRE_AUTH_MAX_FRAME, PROTOCOL_VERSION, MsgType
 from kvd.proto.records import Opener, Sealer
 
@@ -162,7 +162,7 @@ class _Wire:
     opener: Opener | None = None
     eof: bool = False
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if self.eof:
             if data:
                 raise RuntimeError("receive_data called with data after EOF")
@@ -173,7 +173,7 @@ class _Wire:
         elif data:
             self.opener.receive_data(data)
 
-    def next_message(self) -> Message | object | None:
+    def next_message(self) -> Message | NeedData | None:
         """The next whole frame (Rule 2's limit), NEED_DATA, or None at a clean EOF."""
         while True:
             message = self.decoder.next_message()
@@ -211,7 +211,7 @@ class _Handshake:
         self._done: Done | None = None
         self._error: KvdError | None = None
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add bytes read from the connection; ``b""`` means the other side closed it."""
         self._wire.receive_data(data)
 
@@ -227,7 +227,7 @@ class _Handshake:
         assert self._done is not None, "the handshake is not done"
         return self._wire.decoder.detach()
 
-    def next_event(self) -> Done | object:
+    def next_event(self) -> Done | NeedData:
         """``Done`` once the handshake succeeded, NEED_DATA until then; raises the refusal."""
         if self._error is not None:
             raise self._error
@@ -292,15 +292,15 @@ class ClientHandshake(_Handshake):
 
     def _answer(self, challenge: dict[str, Any]) -> None:
         assert self.secret is not None and self._nonce is not None
-        theirs = challenge.get("nonce")
+        theirs = challenge.get("nonce") or b""  # empty: not a valid nonce, refused below
         me, them = self._hello.get("node", ""), challenge["node"]
-        expected = server_proof(self.secret, self._nonce, theirs or b"", me, them)
+        expected = server_proof(self.secret, self._nonce, theirs, me, them)
         if (not valid_nonce(theirs) or theirs == self._nonce
                 or not verify_proof(expected, challenge.get("proof"))):
             raise Unauthorized(f"peer {self.address} did not prove the cluster secret (is its "
                                "cluster_secret_file the same as ours?)")
-        answer = {key: self._hello[key] for key in ("versions", "role", "node")
-                  if key in self._hello}
+        answer: dict[str, Any] = {key: self._hello[key] for key in ("versions", "role", "node")
+                                  if key in self._hello}
         answer["proof"] = client_proof(self.secret, self._nonce, theirs, me, them)
         self._wire.send(MsgType.HELLO, 0, answer)
         self._challenged = True

@@ -103,6 +103,8 @@ OPTIONAL_INT = (int, type(None))
 REQUIRED = True
 OPTIONAL = False
 
+Schema = dict[str, tuple[object, bool]]  # field -> (the types it may have, required)
+
 SIBLING = {
     "value": (OPTIONAL_BYTES, REQUIRED),  # None: the value follows as CHUNK frames
     "length": (INT, REQUIRED),
@@ -112,7 +114,7 @@ SIBLING = {
 FREE_FORM: dict = {}
 """Schema of bodies that are only checked to be maps (the cluster layer defines them)."""
 
-SCHEMA: dict[MsgType, dict[str, tuple[object, bool]]] = {
+SCHEMA: dict[MsgType, Schema] = {
     MsgType.HELLO: {
         "versions": (ListOf(INT), REQUIRED),
         "role": (STR, REQUIRED),  # "client" | "peer"
@@ -192,7 +194,7 @@ SCHEMA: dict[MsgType, dict[str, tuple[object, bool]]] = {
 }
 """Body schema of every map-bodied type: field -> (type, required)."""
 
-_KEY = {"key": (BYTES, REQUIRED)}
+_KEY: Schema = {"key": (BYTES, REQUIRED)}
 _OBJECT = {  # an object inline, or staged on the receiver by earlier chunk requests
     "object": (OPTIONAL_BYTES, OPTIONAL),
     "staged": (Tuple((BYTES, INT)), OPTIONAL),  # [vid, length]
@@ -206,7 +208,7 @@ PAYLOAD = {  # what a coordinating replica writes (kvd.node.remote.encode_payloa
 }
 _NOTHING: dict = {}
 
-OPS: dict[MsgType, dict[str, dict[str, tuple[object, bool]]]] = {
+OPS: dict[MsgType, dict[str, Schema]] = {
     MsgType.REPLICA_GET: {
         "get": _KEY,
         "blob": {**_KEY, "vid": (BYTES, REQUIRED), "offset": (INT, REQUIRED),
@@ -220,6 +222,9 @@ OPS: dict[MsgType, dict[str, dict[str, tuple[object, bool]]]] = {
         "aae-segments": {"partition": (INT, REQUIRED), "branch": (INT, REQUIRED)},
         "aae-keys": {"partition": (INT, REQUIRED), "segment": (INT, REQUIRED),
                      "after": (OPTIONAL_BYTES, OPTIONAL)},
+        # One replica's live keys of a partition, for a coverage query (kvd.node.coverage).
+        "keys": {"partition": (INT, REQUIRED), "after": (BYTES, REQUIRED),
+                 "prefix": (BYTES, REQUIRED), "limit": (INT, REQUIRED)},
     },
     MsgType.REPLICA_PUT: {
         "coordinate": {**_KEY, "context": (BYTES, REQUIRED), "payload": (PAYLOAD, REQUIRED)},
@@ -240,8 +245,9 @@ OPS: dict[MsgType, dict[str, dict[str, tuple[object, bool]]]] = {
         "plan": _NOTHING, "commit": _NOTHING, "abort": _NOTHING, "clear": _NOTHING,
         "ring": _NOTHING,
         "repair": {"partition": (OPTIONAL_INT, OPTIONAL), "wait": (BOOL, OPTIONAL)},
-        "partition-keys": {"partition": (INT, REQUIRED), "after": (BYTES, OPTIONAL),
-                           "limit": (INT, OPTIONAL)},
+        # A page of the coverage query (kvctl keys): from (partition, after) on.
+        "keys": {"partition": (INT, OPTIONAL), "after": (BYTES, OPTIONAL),
+                 "prefix": (BYTES, OPTIONAL), "limit": (INT, OPTIONAL)},
         "backup": _NOTHING,  # answered by ADMIN_REPLY, then CHUNK frames (kvd/node/backup.py)
         # both ports
         "transfers": _NOTHING,

@@ -60,7 +60,7 @@ class Sealer(_Keyed):
     """Turns bytes to send into records under one direction's key."""
 
     def seal(self, data: bytes) -> bytes:
-        parts = []
+        parts: list[bytes | memoryview] = []
         with memoryview(data) as view:
             for start in range(0, len(view), MAX_RECORD):
                 payload = view[start : start + MAX_RECORD]
@@ -77,7 +77,7 @@ class Opener(_Keyed):
         self._pos = 0  # bytes at the front of _buf already returned
         self._error: IntegrityError | None = None
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if self._pos and self._pos * 2 >= len(self._buf):
             del self._buf[: self._pos]
             self._pos = 0

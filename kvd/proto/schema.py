@@ -54,11 +54,11 @@ def _compile(spec, widen: bool):
         return _compile_tuple(spec, widen)
     if isinstance(spec, dict):
         return _compile_map(spec, widen)
-    exact = set(spec)
+    allowed = set(spec)
     if widen:
         for t in spec:
-            exact.update(_WIDER.get(t, ()))
-    exact = frozenset(exact)
+            allowed.update(_WIDER.get(t, ()))
+    exact = frozenset(allowed)
     expected = "expected " + " or ".join(_TYPE_NAMES[t] for t in spec)
     subclass_ok = tuple(exact) if widen else ()
     allow_bool = bool in exact

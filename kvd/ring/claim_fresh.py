@@ -44,7 +44,7 @@ def _greedy_sequence(
     zfirst: dict[int, int] = {z: -1 for z in zrem}
     out = [-1] * q
     for p in range(q):
-        best = None
+        best: tuple[tuple[int, ...], int] | None = None  # (rank, member): lowest rank wins
         for x in range(n):
             if rem[x] == 0:
                 continue
@@ -53,6 +53,7 @@ def _greedy_sequence(
             zone_ok = p - zlast[z] >= n_val and (
                 zfirst[z] < 0 or zfirst[z] + q - p >= n_val
             )
+            key: tuple[int, ...]
             if zone_first:
                 key = (not node_ok, not zone_ok, -zrem[z], -rem[x], prefer[p] != x, last[x], x)
             else:

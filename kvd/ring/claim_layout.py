@@ -70,7 +70,7 @@ class Layout:
         n_val: int,
         owners: list[int],
         n_members: int,
-        zone_of: list[int],
+        zone_of: Sequence[int],
         zoned: bool,
     ) -> None:
         self.q = q

@@ -228,7 +228,7 @@ def update(
                          f"(counter {counter} above {MAX_COUNTER}); its context was forged")
     kept: list[Sibling] = []
     discarded: list[Sibling] = []
-    seen_writes = getattr(context, "wids", frozenset())
+    seen_writes: frozenset[bytes] = getattr(context, "wids", frozenset())
     for sibling in obj.siblings:
         seen = _seen(context, sibling) or sibling.wid in seen_writes
         (discarded if seen else kept).append(sibling)
@@ -244,9 +244,9 @@ def update(
                         supersedes=tuple(sorted(replaced))))
     kept.sort(key=_dot_of)
     clock = dict(obj.clock)
-    for other, seen in context.items():
-        if seen > clock.get(other, 0):
-            clock[other] = seen
+    for other, their_counter in context.items():
+        if their_counter > clock.get(other, 0):
+            clock[other] = their_counter
     clock[actor] = counter
     return VersionedObject(clock, tuple(kept)), discarded
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import trio
 import trio.testing
 
+from kvd.errors import KvdError
 from kvd.ring import preference_list
 
 from .harness import SimCluster, seeded
@@ -284,7 +285,7 @@ async def _topology_change(sim: SimCluster, rng: random.Random, running: list[st
                 await sim.admin(coordinator, {"op": "force-remove", "node": victim})
                 report.faults[-1] += f" force-remove {victim}"
             await sim.admin(coordinator, {"op": "commit"})
-    except (trio.TooSlowError, Exception) as exc:  # refused or unreachable: no change made
+    except (trio.TooSlowError, KvdError, OSError) as exc:  # refused or unreachable: no change
         report.faults[-1] += f" refused ({type(exc).__name__}: {str(exc)[:60]})"
         if kind in ("join", "replace") and name in sim.nodes:
             if sim.nodes[name] not in sim.members():
@@ -293,7 +294,7 @@ async def _topology_change(sim: SimCluster, rng: random.Random, running: list[st
         with trio.move_on_after(30):
             try:
                 await sim.admin(coordinator, {"op": "clear"})
-            except Exception:
+            except (KvdError, OSError):
                 pass  # unreachable now: what it staged may be committed later, as in life
 
 
@@ -330,7 +331,7 @@ async def _check(sim: SimCluster, workload: Workload, report: Report) -> None:
             + sorted(history.deletes) + sorted(history.blind))
     try:
         reads = await _read_all(sim, keys)
-    except Exception as exc:
+    except (KvdError, trio.TooSlowError) as exc:
         report.problems.append(f"final read at R=N failed: {exc!r}")
         return
     problems = report.problems

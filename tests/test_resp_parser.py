@@ -1,0 +1,182 @@
+"""kvd.proto.resp: the RESP parser and serializer, tested as the native codec is: every
+case whole, one byte at a time and with trailing bytes; limits refused before allocation;
+hypothesis on random and mutated input (the atheris property of fuzz/fuzz_resp.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fuzz.fuzz_resp import check_input, samples
+from kvd.errors import ProtocolError
+from kvd.proto import resp
+from kvd.proto.resp import (AUTHENTICATED, NEED_DATA, PRE_AUTH, Error, Limits, RespParser,
+                            Simple, StreamData, StreamEnd, StreamStart, encode, glob_match)
+
+CASES = [
+    (b"*1\r\n$4\r\nPING\r\n", [b"PING"]),
+    (b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n", [b"SET", b"k", b""]),
+    (b"*2\r\n$3\r\nGET\r\n$4\r\na\r\nb\r\n", [b"GET", b"a\r\nb"]),  # binary-safe
+    (b"PING\r\n", [b"PING"]),
+    (b"ping\n", [b"ping"]),  # inline, LF only (telnet)
+    (b"  SET  k   v \r\n", [b"SET", b"k", b"v"]),
+    (b'SET "a b" \'c\\\'d\' "\\x41\\n"\r\n', [b"SET", b"a b", b"c'd", b"A\n"]),
+    (b'ECHO ""\r\n', [b"ECHO", b""]),
+]
+
+
+def drain(parser: RespParser) -> list:
+    out = []
+    while True:
+        event = parser.next_event()
+        if event is NEED_DATA or event is None:
+            return out
+        out.append(event)
+
+
+@pytest.mark.parametrize("data, command", CASES)
+def test_whole(data, command):
+    parser = RespParser(PRE_AUTH)
+    parser.receive_data(data)
+    assert drain(parser) == [command]
+    assert parser.buffered == 0
+
+
+@pytest.mark.parametrize("data, command", CASES)
+def test_one_byte_at_a_time(data, command):
+    parser = RespParser(PRE_AUTH)
+    events = []
+    for i in range(len(data)):
+        parser.receive_data(data[i:i + 1])
+        events += drain(parser)
+    assert events == [command]
+
+
+@pytest.mark.parametrize("data, command", CASES)
+def test_with_trailing_bytes(data, command):
+    parser = RespParser(PRE_AUTH)
+    parser.receive_data(data + b"*1\r\n$4\r\nPI")
+    assert drain(parser) == [command]
+    parser.receive_data(b"NG\r\n")
+    assert drain(parser) == [[b"PING"]]
+
+
+def test_pipelined_commands_come_out_in_order_and_empty_lines_are_skipped():
+    parser = RespParser(AUTHENTICATED)
+    parser.receive_data(b"".join(data for data, _ in CASES) + b"\r\n*0\r\n")
+    assert drain(parser) == [command for _, command in CASES]
+    parser.receive_data(b"")
+    assert parser.next_event() is None
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"*2147483647\r\n", "invalid multibulk length"),
+    (b"*11\r\n", "invalid multibulk length"),  # pre-auth: 10 arguments at most
+    (b"*1\r\n$4294967296\r\n", "invalid bulk length"),
+    (b"*1\r\n$16385\r\n", "invalid bulk length"),  # pre-auth: 16 KiB per bulk
+    (b"*1\r\n$-5\r\n", "invalid bulk length"),
+    (b"*1\r\n$x\r\n", "invalid bulk length"),
+    (b"*1\r\n+PING\r\n", r"expected '\$', got '\+'"),
+    (b"*" + b"1" * 40, "too big multibulk count string"),
+    (b"*1\r\n$3\r\nGETxx", "bulk string not terminated by CRLF"),
+    (b"SET \"unbalanced\r\n", "unbalanced quotes"),
+    (b"A" * (16 * 1024 + 1), "too big inline request"),
+])
+def test_limits_and_malformed_requests_are_refused(data, message):
+    """Checked when the header arrives: nothing the header announces is awaited or kept."""
+    parser = RespParser(PRE_AUTH)
+    parser.receive_data(data)
+    with pytest.raises(ProtocolError, match=message):
+        drain(parser)
+    assert parser.buffered < 32 * 1024
+
+
+def test_authenticated_limits_refuse_a_1_mib_inline_line_and_a_4_gib_bulk():
+    parser = RespParser(AUTHENTICATED)
+    parser.receive_data(b"A" * (1 << 20))
+    with pytest.raises(ProtocolError, match="too big inline request"):
+        drain(parser)
+    parser = RespParser(AUTHENTICATED)
+    parser.receive_data(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4294967296\r\n")
+    with pytest.raises(ProtocolError, match="invalid bulk length"):
+        drain(parser)
+
+
+@pytest.mark.parametrize("split", [1, 7, 1000], ids=["byte-at-a-time", "7-bytes", "whole"])
+def test_a_bulk_above_stream_above_streams_in_pieces(split):
+    limits = Limits(max_args=8, max_bulk=1 << 30, max_inline=1024, max_buffer=4096,
+                    stream_above=10)
+    parser = RespParser(limits)
+    events = []
+    data = b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$25\r\n" + b"x" * 25 + b"\r\n$2\r\nNX\r\n*1\r\n$4\r\nPING\r\n"
+    for i in range(0, len(data), split):
+        parser.receive_data(data[i:i + split])
+        events += drain(parser)
+    assert events[0] == StreamStart([b"SET", b"k"], 25)
+    assert b"".join(e.data for e in events if isinstance(e, StreamData)) == b"x" * 25
+    assert events[-2:] == [StreamEnd([b"NX"]), [b"PING"]]
+    assert parser.buffered == 0
+
+
+def test_a_second_large_argument_after_a_stream_is_refused():
+    limits = Limits(max_args=8, max_bulk=1 << 30, max_inline=1024, max_buffer=4096,
+                    stream_above=10)
+    parser = RespParser(limits)
+    parser.receive_data(b"*3\r\n$3\r\nSET\r\n$11\r\n" + b"x" * 11 + b"\r\n$11\r\n")
+    with pytest.raises(ProtocolError):
+        drain(parser)
+
+
+@pytest.mark.parametrize("reply, resp2, resp3", [
+    (Simple("OK"), b"+OK\r\n", b"+OK\r\n"),
+    (Error("ERR bad\r\nthing"), b"-ERR bad  thing\r\n", b"-ERR bad  thing\r\n"),
+    (b"v", b"$1\r\nv\r\n", b"$1\r\nv\r\n"),
+    (None, b"$-1\r\n", b"_\r\n"),
+    (7, b":7\r\n", b":7\r\n"),
+    (True, b":1\r\n", b"#t\r\n"),
+    (1.5, b"$3\r\n1.5\r\n", b",1.5\r\n"),
+    ([b"a", None], b"*2\r\n$1\r\na\r\n$-1\r\n", b"*2\r\n$1\r\na\r\n_\r\n"),
+    ({"k": 1}, b"*2\r\n$1\r\nk\r\n:1\r\n", b"%1\r\n$1\r\nk\r\n:1\r\n"),
+    (resp.Verbatim("x"), b"$1\r\nx\r\n", b"=5\r\ntxt:x\r\n"),
+])
+def test_replies_in_resp2_and_resp3(reply, resp2, resp3):
+    assert encode(reply, resp3=False) == resp2
+    assert encode(reply, resp3=True) == resp3
+
+
+@pytest.mark.parametrize("pattern, key, matches", [
+    (b"*", b"anything", True), (b"user:*", b"user:1", True), (b"user:*", b"users", False),
+    (b"h?llo", b"hallo", True), (b"h[ae]llo", b"hello", True), (b"h[^e]llo", b"hello", False),
+    (b"h[a-c]llo", b"hbllo", True), (b"a\\*", b"a*", True), (b"a\\*", b"ab", False),
+])
+def test_glob(pattern, key, matches):
+    assert glob_match(pattern, key) is matches
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=300, deadline=None)
+def test_random_input_gives_commands_or_a_protocol_error(data):
+    check_input(data)
+
+
+@given(st.sampled_from(samples()), st.lists(st.tuples(st.integers(0, 10_000),
+                                                      st.integers(0, 255)), max_size=6),
+       st.integers(0, 255))
+@settings(max_examples=300, deadline=None)
+def test_mutated_requests_give_commands_or_a_protocol_error(sample, flips, control):
+    data = bytearray(sample)
+    for position, value in flips:
+        if data:
+            data[position % len(data)] = value
+    check_input(bytes([control]) + bytes(data))
+
+
+@pytest.mark.parametrize("data", [b"*2\r\n$3\r\nGET\r\n", b"*1\r\n$4\r\nPI", b"PING", b"*1"])
+def test_a_request_cut_short_by_the_end_of_the_stream_is_an_error(data):
+    parser = RespParser(AUTHENTICATED)
+    parser.receive_data(data)
+    assert drain(parser) == []
+    parser.receive_data(b"")
+    with pytest.raises(ProtocolError, match="closed in mid-request"):
+        parser.next_event()

@@ -1,0 +1,136 @@
+"""The RESP front door in a 3-node simulated cluster (in-process, on the autojump clock):
+SETs through different nodes at once become siblings and GET says CONFLICT; KV.GET and
+KV.PUT, or a SET, resolve them; pipelined commands are answered in order; SCAN walks every
+key once. Real redis clients are in tests/test_resp.py."""
+
+from __future__ import annotations
+
+import trio
+
+RESP_PORT = "7382"
+
+
+class Conn:
+    """A minimal RESP client over the simulator's network: send commands, read replies."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def send(self, *commands: list) -> None:
+        data = b""
+        for args in commands:
+            args = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+            data += b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+        await self.stream.send_all(data)
+
+    async def call(self, *args):
+        await self.send(list(args))
+        return await self.reply()
+
+    async def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self.buf += await self.stream.receive_some(65536)
+        line, _, rest = bytes(self.buf).partition(b"\r\n")
+        self.buf = bytearray(rest)
+        return line
+
+    async def reply(self):
+        line = await self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            return RuntimeError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            if int(rest) < 0:
+                return None
+            while len(self.buf) < int(rest) + 2:
+                self.buf += await self.stream.receive_some(65536)
+            value = bytes(self.buf[:int(rest)])
+            del self.buf[:int(rest) + 2]
+            return value
+        if kind == b"*":
+            return [await self.reply() for _ in range(int(rest))]
+        raise AssertionError(f"unexpected reply {line!r}")
+
+
+async def _cluster(sim) -> None:
+    plain = sim.config_of
+
+    def with_resp(sn, seeds):
+        host = sn.address.rpartition(":")[0]
+        return plain(sn, seeds).model_copy(update={"resp_listen": f"{host}:{RESP_PORT}"})
+
+    sim.config_of = with_resp
+    await sim.form(["n1", "n2", "n3"])
+
+
+async def _connect(sim, name: str) -> Conn:
+    host = sim.nodes[name].address.rpartition(":")[0]
+    return Conn(await sim.net.connector(sim.client_address())(f"{host}:{RESP_PORT}"))
+
+
+async def test_concurrent_sets_on_two_nodes_conflict_and_kv_put_resolves(sim, autojump_clock):
+    await _cluster(sim)
+    one, two, three = [await _connect(sim, name) for name in ("n1", "n2", "n3")]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one.call, "SET", "k", "from n1")
+        nursery.start_soon(two.call, "SET", "k", "from n2")
+    got = await three.call("GET", "k")
+    assert isinstance(got, RuntimeError) and str(got).startswith("CONFLICT")
+    assert "2 siblings" in str(got)
+    context, *values = await three.call("KV.GET", "k")
+    assert sorted(values) == [b"from n1", b"from n2"]
+    assert await one.call("KV.PUT", "k", "merged", context) == 1
+    assert await two.call("GET", "k") == b"merged"
+    # The same again, resolved by a SET that supersedes every sibling its node reads.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one.call, "SET", "j", "a")
+        nursery.start_soon(three.call, "SET", "j", "b")
+    assert await two.call("SET", "j", "x", "NX") is None  # it exists, as two siblings
+    assert str(await two.call("SET", "j", "x", "GET")).startswith("CONFLICT")
+    assert str(await two.call("STRLEN", "j")).startswith("CONFLICT")
+    assert await two.call("SET", "j", "c") == "OK"
+    assert await one.call("GET", "j") == b"c"
+    assert await one.call("DEL", "j", "absent") == 1
+    assert await three.call("GET", "j") is None
+    assert not sim.crashes, sim.crashes
+
+
+async def test_pipelines_are_answered_in_order_and_scan_lists_each_key_once(sim, autojump_clock):
+    await _cluster(sim)
+    conn = await _connect(sim, "n2")
+    await conn.send(*[["SET", f"key:{i}", f"v{i}"] for i in range(300)],
+                    *[["GET", f"key:{i}"] for i in range(300)], ["INCR", "x"])
+    replies = [await conn.reply() for _ in range(601)]
+    assert replies[:300] == ["OK"] * 300
+    assert replies[300:600] == [b"v%d" % i for i in range(300)]
+    assert str(replies[600]).startswith("ERR unknown command 'INCR'")
+    other = await _connect(sim, "n2")  # a pool may send the next SCAN on another connection
+    seen, cursor = [], b"0"
+    while True:
+        conn, other = other, conn
+        cursor, keys = await conn.call("SCAN", cursor, "MATCH", "key:*", "COUNT", 40)
+        seen += keys
+        if cursor == b"0":
+            break
+    assert sorted(seen) == sorted(b"key:%d" % i for i in range(300))
+    assert await conn.call("DBSIZE") == 300
+    assert not sim.crashes, sim.crashes
+
+
+async def test_an_idle_connection_is_closed_after_idle_timeout(sim, autojump_clock):
+    await _cluster(sim)
+    conn = await _connect(sim, "n1")
+    assert await conn.call("PING") == "PONG"
+    began = trio.current_time()
+    assert await conn.stream.receive_some(100) == b""  # closed by the node, not by us
+    idle = sim.nodes["n1"].node.config.idle_timeout
+    assert idle <= trio.current_time() - began < idle + 1
+    silent = await _connect(sim, "n1")  # never sends a byte: pending, handshake_timeout
+    began = trio.current_time()
+    assert await silent.stream.receive_some(100) == b""
+    assert trio.current_time() - began < idle
