@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kvctl import render
 
 
-def watch(fetch: Callable[[], dict], show: Callable[[dict], object],
+def watch(fetch: Callable[[], dict], show: Callable[[dict], Any],
           print_once: Callable[[dict], None], *, interval: float, count: int | None,
           as_json: bool) -> None:
     """Every ``interval`` seconds ``fetch()`` a document; draw ``show(doc)`` (a rich

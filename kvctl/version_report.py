@@ -32,7 +32,7 @@ async def _report(host: str, connect: dict) -> dict:
         except (KvdError, OSError, trio.TooSlowError) as exc:
             entry["error"] = str(exc) or "no answer"
             return
-        row = next((r for r in mine["nodes"] if r["node"] == mine["node"]), {})
+        row: dict = next((r for r in mine["nodes"] if r["node"] == mine["node"]), {})
         # A node older than this report does not say: "unknown", which is itself a sign.
         entry["version"] = row.get("server_version", "unknown")
         entry["protocol"] = row.get("protocol")

@@ -80,15 +80,13 @@ class _Formatter(logging.Formatter):
     prefix, so even traceback lines are filed at the event's priority. Without journald
     (which stamps each line itself) a line starts with its UTC time, to the millisecond."""
 
-    converter = time.gmtime
-
     def __init__(self, journald: bool) -> None:
         fmt = "%(levelname)s %(name)s: %(message)s"
         super().__init__(fmt if journald else "%(asctime)s " + fmt)
         self.journald = journald
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         return f"{stamp}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
