@@ -65,10 +65,9 @@ def _encoded(data: bytes) -> dict:
     return {"value": text, "encoding": encoding}
 
 
-def _decoded(field: dict, name: str) -> bytes:
-    if field.get("encoding", "utf-8") == "base64":
-        return base64.b64decode(field[name])
-    return field[name].encode()
+def _decoded(text: str, encoding: str | None) -> bytes:
+    """The bytes an export line's (text, encoding) stands for."""
+    return base64.b64decode(text) if encoding == "base64" else text.encode()
 
 
 async def _export(client, write) -> int:
@@ -139,8 +138,9 @@ def import_(
                     continue
                 try:
                     doc = json.loads(text)
-                    key = _decoded({"k": doc["key"], "encoding": doc.get("key_encoding")}, "k")
-                    values = [_decoded(s, "value") for s in doc["siblings"] if not s["deleted"]]
+                    key = _decoded(doc["key"], doc.get("key_encoding"))
+                    values = [_decoded(s["value"], s.get("encoding"))
+                              for s in doc["siblings"] if not s["deleted"]]
                 except (ValueError, KeyError, TypeError) as exc:
                     fail(f"{file}:{number}: not a line of `kvctl export`: {exc}", 2)
                 yield key, values
