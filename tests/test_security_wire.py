@@ -296,6 +296,10 @@ def test_a_sighup_as_soon_as_the_node_listens_does_not_kill_it(tmp_path, procs):
     listening for it) killed the node with SIGHUP's default action, 1 start in 6."""
     for attempt in range(10):
         node = start(tmp_path / str(attempt), procs, "n1", {})
+        deadline = time.monotonic() + 30
+        while "serving clients" not in node.log_text():  # this node's port, no other's
+            assert time.monotonic() < deadline and node.proc.poll() is None, node.log_text()
+            time.sleep(0.01)
         node.proc.send_signal(signal.SIGHUP)
         time.sleep(0.3)
         assert node.proc.poll() is None, (attempt, node.proc.returncode, node.log_text())
