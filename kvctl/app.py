@@ -20,7 +20,7 @@ import typer
 from typer._click import exceptions as click_exceptions  # typer's own click (pinned)
 from typer.core import TyperGroup
 
-from kvctl import cluster, data, render
+from kvctl import backup, cluster, data, render, transfers, version_report
 from kvctl.keys import keys as list_keys
 from kvctl.cluster import admin_call
 from kvctl.common import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, call, fail, options, run  # noqa: F401
@@ -168,8 +168,8 @@ def main_options(
 
 _admin = admin_call  # the name kvctl modules written before the split import
 
-# -- commands: keys (kvctl/data.py), topology (kvctl/cluster.py), then status, transfers
-# and bench here.
+# -- commands: keys (kvctl/data.py), topology (kvctl/cluster.py), transfers, version,
+# backup/export/import (their own modules), then status and bench here.
 app.command()(data.put)
 app.command()(data.get)
 app.command()(data.delete)
@@ -178,11 +178,14 @@ app.command("keys")(list_keys)  # kvctl/keys.py: the coverage query
 app.add_typer(cluster.cluster_app, name="cluster")
 app.command()(cluster.ring)
 app.command()(cluster.repair)
+app.command()(transfers.transfers)
+app.command("version")(version_report.version_command)
+app.command()(backup.backup)
+app.command()(backup.export)
+app.command("import")(backup.import_)
 
 
-@app.command()
-def status() -> None:
-    """One row per node, like nodetool status: state, address, load, partitions, ownership."""
+def _status_doc() -> dict:
     doc = call(lambda c: c.status())
     nodes = [
         {
@@ -195,13 +198,54 @@ def status() -> None:
         }
         for n in doc["nodes"]
     ]
-    if options.json:
-        render.emit_json({"nodes": nodes})
+    return {"nodes": nodes, "awaiting_join": doc.get("awaiting_join", False)}
+
+
+def _status_rows(doc: dict) -> list[list]:
+    return [[n["state"], n["node"], n["address"], render.human_bytes(n["load_bytes"]),
+             n["partitions"], f"{n['ownership'] * 100:.1f}%"] for n in doc["nodes"]]
+
+
+_STATUS_COLUMNS = ["state", "node", "address", "load", "partitions", "owns"]
+_AWAITING = ("this node is in no cluster yet (started with seeds): it serves no data until "
+             "`kvctl --host HOST:PORT cluster join SEED` adds it")
+
+
+def _status_view(doc: dict):
+    from rich.console import Group
+    from rich.text import Text
+
+    grid = render.grid(None, _STATUS_COLUMNS, _status_rows(doc))
+    return Group(grid, Text(_AWAITING)) if doc["awaiting_join"] else grid
+
+
+@app.command()
+def status(
+    watch: Annotated[bool, typer.Option("--watch", help="Redraw in place until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.1, metavar="SECONDS",
+                                            help="Seconds between refreshes.")] = 2.0,
+    count: Annotated[Optional[int], typer.Option("--count", min=1, metavar="N",
+                                                 help="Stop after this many refreshes.")] = None,
+) -> None:
+    """One row per node, like nodetool status: state, address, load, partitions, ownership."""
+    if watch:
+        from kvctl.live import watch as live_watch
+
+        live_watch(_status_doc, _status_view, _print_status, interval=interval, count=count,
+                   as_json=options.json)
         return
-    rows = [[n["state"], n["node"], n["address"], render.human_bytes(n["load_bytes"]),
-             n["partitions"], f"{n['ownership'] * 100:.1f}%"] for n in nodes]
+    doc = _status_doc()
+    if options.json:
+        render.emit_json(doc)
+        return
+    _print_status(doc)
+
+
+def _print_status(doc: dict) -> None:
     render.note("Status: U=up D=down / State: N=normal J=joining L=leaving")
-    render.table(None, ["state", "node", "address", "load", "partitions", "owns"], rows)
+    render.table(None, _STATUS_COLUMNS, _status_rows(doc))
+    if doc["awaiting_join"]:
+        render.note(_AWAITING)
 
 
 @app.command()
@@ -237,22 +281,6 @@ def bench(
     render.table(f"workload {workload}", ["ops", "errors", "ops/s", "p50 ms", "p95 ms", "p99 ms", "max ms"],
                  [[summary["ops"], summary["errors"], summary["ops_per_sec"], summary["p50_ms"],
                    summary["p95_ms"], summary["p99_ms"], summary["max_ms"]]])
-
-
-@app.command()
-def transfers() -> None:
-    """Partition transfers in progress or pending, with progress."""
-    doc = admin_call({"op": "transfers"})
-    if options.json:
-        render.emit_json(doc)
-        return
-    rows = [[t["partition"], t["from"], t["to"], t["state"], t["keys_done"],
-             render.human_bytes(t["bytes_done"]), render.human_bytes(t["rate_bps"]) + "/s"]
-            for t in doc["transfers"]]
-    if not rows:
-        render.note("no transfers pending")
-        return
-    render.table(None, ["partition", "from", "to", "state", "keys", "bytes", "rate"], rows)
 
 
 def main() -> None:

@@ -74,19 +74,26 @@ def table(title: str | None, columns: list[str], rows: list[list]) -> None:
     then goes to stderr, so stdout is the header line and the rows only)."""
     if stdout_is_terminal():
         from rich.console import Console
-        from rich.table import Table
 
-        grid = Table(title=title, show_edge=False, header_style="bold")
-        for column in columns:
-            grid.add_column(column)
-        for row in rows:
-            grid.add_row(*[str(cell) for cell in row])
-        Console().print(grid)
+        Console().print(grid(title, columns, rows))
         return
     if title:
         note(title)
     sys.stdout.write(plain_table(columns, rows))
     sys.stdout.flush()
+
+
+def grid(title: str | None, columns: list[str], rows: list[list]):
+    """A rich table (a renderable): what ``table`` prints on a terminal, and what
+    ``--watch`` redraws (kvctl.live)."""
+    from rich.table import Table
+
+    out = Table(title=title, show_edge=False, header_style="bold")
+    for column in columns:
+        out.add_column(column)
+    for row in rows:
+        out.add_row(*[str(cell) for cell in row])
+    return out
 
 
 def plain_table(columns: list[str], rows: list[list]) -> str:

@@ -222,6 +222,27 @@ class Client:
     async def status(self) -> dict:
         return await self._call(MsgType.STATUS, {}, MsgType.STATUS_REPLY)
 
+    async def backup(self, out: IO[bytes], progress: Callable[[int], None] | None = None) -> dict:
+        """Write a backup of the node (kvd.backup) to the binary file ``out``; returns its
+        header (node, cluster, estimated_bytes). ``progress(bytes so far)`` after each piece."""
+        async with self._request(MsgType.ADMIN, {"op": "backup"}) as (_, next_reply):
+            reply = await next_reply()
+            if reply.type != MsgType.ADMIN_REPLY:
+                raise ProtocolError(f"expected ADMIN_REPLY, got {reply.type.name}")
+            written = 0
+            while True:
+                chunk = await next_reply()
+                if chunk.type != MsgType.CHUNK:
+                    raise ProtocolError(f"expected CHUNK, got {chunk.type.name}")
+                data = chunk.fields["data"]
+                if data:
+                    await trio.to_thread.run_sync(out.write, data)
+                    written += len(data)
+                    if progress is not None:
+                        progress(written)
+                if chunk.flags & FLAG_END:
+                    return {**reply.fields, "bytes": written}
+
     async def inspect(self, key: bytes) -> dict:
         return await self._call(MsgType.INSPECT, {"key": key}, MsgType.INSPECT_REPLY)
 

@@ -147,7 +147,9 @@ class Config(BaseModel):
         description=(
             "Peer addresses (HOST:PORT) of existing members, contacted at start-up and "
             "sometimes by gossip so that partitioned groups find each other again. Empty "
-            "for the first node of a cluster."
+            "(or only this node's own peer address) for the first node of a cluster: a new "
+            "node with seeds is in no cluster, and serves no data, until `kvctl cluster "
+            "join` adds it."
         ),
     )
 

@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from kvd._version import version
 from kvd.config import Config, format_config, load_config, unknown_env_vars
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvd",
         description="Run a kvd node in the foreground. Flags override KVD_* environment "
         "variables, which override the config file.",
+        epilog="kvd restore FILE --data-dir DIR rebuilds a stopped node's data directory "
+        "from a backup made by `kvctl backup` (see kvd(8)).",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (see kvd.toml(5))")
     p.add_argument("--node-id", metavar="ID", help="unique, stable name of this node")
@@ -73,11 +77,17 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 class _Formatter(logging.Formatter):
     """``LEVEL name: message``; with ``journald`` every line gets the ``<N>`` priority
-    prefix, so even traceback lines are filed at the event's priority."""
+    prefix, so even traceback lines are filed at the event's priority. Without journald
+    (which stamps each line itself) a line starts with its UTC time, to the millisecond."""
 
     def __init__(self, journald: bool) -> None:
-        super().__init__("%(levelname)s %(name)s: %(message)s")
+        fmt = "%(levelname)s %(name)s: %(message)s"
+        super().__init__(fmt if journald else "%(asctime)s " + fmt)
         self.journald = journald
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -119,8 +129,41 @@ def _serve(config: Config) -> None:
     trio.run(kvd.server.run, config)
 
 
+def restore_main(argv: Sequence[str]) -> int:
+    """``kvd restore FILE --data-dir DIR``: rebuild a stopped node's data directory from a
+    backup made by `kvctl backup` (kvd.backup)."""
+    p = argparse.ArgumentParser(
+        prog="kvd restore",
+        description="Rebuild an empty data directory from a backup made by `kvctl backup`; "
+        "the node then fetches what changed since from the other replicas before serving.")
+    p.add_argument("file", metavar="FILE", help="the backup file ('-' for standard input)")
+    p.add_argument("--data-dir", metavar="DIR", required=True, help="empty data directory")
+    args = p.parse_args(argv)
+    import trio
+
+    from kvd.backup import restore
+
+    try:
+        with (sys.stdin.buffer if args.file == "-" else open(args.file, "rb")) as source:
+            doc = trio.run(restore, source, Path(args.data_dir))
+    except KvdError as e:
+        return _fail(str(e), e.exit_code)
+    except OSError as e:
+        return _fail(_os_error_text(e), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    print(f"restored node {doc['node']} of cluster {doc['cluster']} ({doc['records']} "
+          f"records, {doc['blobs']} blobs) into {args.data_dir}; start kvd with its usual "
+          "config: it fetches what was written since the backup before it serves",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kvd`` console script; returns (and exits with) the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["restore"]:
+        return restore_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, os.environ, overrides_from_args(args))
@@ -128,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), EXIT_CONFIG)
 
     if args.check:
+        for var in unknown_env_vars(os.environ):
+            print(f"kvd: warning: {var} matches no config key (a typo?); ignored",
+                  file=sys.stderr)
         _print_check(config)
         return 0
 

@@ -179,6 +179,9 @@ class NodeMetrics:
         cluster = node.cluster
         if cluster.restore.restoring:
             return False, "not ready: restoring this node's replicas after a wipe"
+        if cluster.restore.awaiting_join:
+            return False, ("not ready: in no cluster yet, waiting for `kvctl cluster join` "
+                           "(started with seeds)")
         state = cluster.state
         members = cluster.routing.member_count()
         n = min(self.config.n, members)

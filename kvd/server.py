@@ -36,7 +36,6 @@ from kvd.address import parse_address
 from kvd.config import Config
 from kvd.errors import (
     BadRequest,
-    ConfigError,
     ConnectFailed,
     KvdError,
     ProtocolError,
@@ -140,12 +139,14 @@ Listen = Callable[[str, str], Awaitable[list]]
 
 
 async def tcp_listen(key: str, address: str) -> list:
-    """The daemon's listeners: TCP on ``address`` (config key ``key`` names it in errors)."""
+    """The daemon's listeners: TCP on ``address`` (config key ``key`` names it in errors).
+    A port that cannot be bound is a startup failure (exit 1, kvd(8)), not a config error:
+    the same file works once the port is free."""
     host, port = parse_address(address)
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise ConfigError(f"{key} {address}: {exc.strerror}") from None
+        raise KvdError(f"{key} {address}: {exc.strerror}") from None
 
 
 @asynccontextmanager
@@ -290,7 +291,7 @@ async def run(config: Config) -> None:
 
             async def on_left():
                 await node.cluster.left.wait()
-                log.info("this node has left the cluster and its data has moved: exiting")
+                log.info("exiting: this node has left the cluster")
                 stop.set()
 
             nursery.start_soon(on_signal)

@@ -330,7 +330,7 @@ def test_sighup_reloads_log_level_and_throttles_and_names_the_rest(tmp_path, nod
                       + 'log_level = "debug"\nn = 5\nhint_window = 60.0\n')
     log = hup_and_wait("reloaded:")
     reloaded = next(line for line in log.splitlines() if "reloaded:" in line)
-    assert reloaded.startswith("INFO kvd.systemd: reloaded: "), reloaded
+    assert re.match(r"\S+Z INFO kvd\.systemd: reloaded: ", reloaded), reloaded
     for change in ("log_level = 'debug'", "transfer_rate_mb = 5.5", "hint_window = 60.0"):
         assert change in reloaded, reloaded
     assert "WARNING kvd.systemd: reload: not applied, restart kvd to change: n" in log, log
@@ -496,7 +496,7 @@ def fake_node(q: int = 8) -> SimpleNamespace:
     hints: dict[str, int] = {}
     cluster = SimpleNamespace(
         state=SimpleNamespace(ring=ring, pending=[]), is_up=lambda m: m in up, hints=hints,
-        restore=SimpleNamespace(restoring=False),
+        restore=SimpleNamespace(restoring=False, awaiting_join=False),
         handoff=SimpleNamespace(delivered=0, pending=lambda: dict(hints)),
         transfers=SimpleNamespace(progress={"keys_done": 0, "bytes_done": 0, "state": "idle"}),
         routing=SimpleNamespace(
@@ -928,7 +928,12 @@ def test_deb_control_and_contents_are_complete(deb, tmp_path):
     assert fields["Version"] == project_version() + "-1"
     assert fields["Architecture"] == subprocess.run(
         ["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
-    assert "python3.11" in fields["Depends"] and int(fields["Installed-Size"]) > 1000
+    # The python3 package, not one interpreter's (issue 12); bounded above by the minor
+    # version the venv's compiled extensions were built for (packaging/README.md).
+    minor = sys.version_info.minor
+    assert f"python3 (>= 3.{minor})" in fields["Depends"], fields["Depends"]
+    assert f"python3 (<< 3.{minor + 1})" in fields["Depends"], fields["Depends"]
+    assert "python3.11" not in fields["Depends"] and int(fields["Installed-Size"]) > 1000
     for script in ("postinst", "prerm", "postrm"):
         assert re.search(rf"^\s+\d+ bytes,\s+\d+ lines\s+\*\s+{script}\s+#!/bin/sh$", info, re.M), \
             (script, info)
@@ -949,7 +954,7 @@ def test_deb_control_and_contents_are_complete(deb, tmp_path):
     wanted = {
         "/usr/bin/kvd": ("l", "/opt/kvd/bin/kvd"),
         "/usr/bin/kvctl": ("l", "/opt/kvd/bin/kvctl"),
-        "/opt/kvd/bin/python3.11": ("l", "/usr/bin/python3.11"),
+        "/opt/kvd/bin/python3": ("l", "/usr/bin/python3"),
         "/opt/kvd/bin/kvd": ("-rwxr-xr-x", ""), "/opt/kvd/bin/kvctl": ("-rwxr-xr-x", ""),
         "/opt/kvd/pyvenv.cfg": ("-rw-r--r--", ""),
         "/etc/kvd/kvd.toml": ("-rw-r--r--", ""),
@@ -961,6 +966,9 @@ def test_deb_control_and_contents_are_complete(deb, tmp_path):
         "/usr/share/bash-completion/completions/kvctl": ("-rw-r--r--", ""),
         "/usr/share/doc/kvd/copyright": ("-rw-r--r--", ""),
         "/usr/share/doc/kvd/changelog.Debian.gz": ("-rw-r--r--", ""),
+        "/usr/share/doc/kvd/README.md.gz": ("-rw-r--r--", ""),
+        "/usr/share/doc/kvd/protocol.md.gz": ("-rw-r--r--", ""),
+        "/usr/share/kvd/grafana-dashboard.json": ("-rw-r--r--", ""),
         f"{site}/kvd/server.py": ("-rw-r--r--", ""),
         f"{site}/kvd/metrics.py": ("-rw-r--r--", ""),
         f"{site}/kvctl/app.py": ("-rw-r--r--", ""),
@@ -970,6 +978,14 @@ def test_deb_control_and_contents_are_complete(deb, tmp_path):
         got_mode, got_target = entries[path]
         assert got_mode.startswith(mode) and got_target == target, (path, entries[path])
     assert all(" root/root " in line for line in listing.splitlines()), "files not owned by root"
+    # Only kvd's own commands and the interpreter links: no console scripts of dependencies.
+    scripts = sorted(p.removeprefix("/opt/kvd/bin/") for p in entries
+                     if re.fullmatch(r"/opt/kvd/bin/[^/]+", p))
+    assert [s for s in scripts if not re.fullmatch(r"python(3(\.\d+)?)?", s)] == \
+        ["kvctl", "kvd"], scripts
+    # Debian policy 12.3: documentation is compressed (except copyright).
+    docs = [p for p in entries if p.startswith("/usr/share/doc/kvd/") and not p.endswith("/")]
+    assert [d for d in docs if not d.endswith((".gz", "/copyright"))] == [], docs
     # Every runtime dependency of pyproject.toml is in the venv (its dist-info directory).
     import tomllib
 
@@ -1034,7 +1050,7 @@ def test_deb_installs_runs_and_purges_in_a_throwaway_root(deb, tmp_path):
     shutil.copy(deb, root.path("/kvd.deb"))  # a new directory here would mask its mode
     installed = root.run(
         "set -e; dpkg -i /kvd.deb; getent passwd kvd; stat -c '%U %a' /var/lib/kvd; "
-        "readlink /etc/systemd/system/multi-user.target.wants/kvd.service; "
+        "readlink /etc/systemd/system/multi-user.target.wants/kvd.service || echo not enabled; "
         "kvd --version; kvctl --version; kvd --config /etc/kvd/kvd.toml --check >/dev/null; "
         "bash -c '. /usr/share/bash-completion/completions/kvctl; COMP_WORDS=(kvctl clu); "
         "COMP_CWORD=1; _kvctl_completion kvctl; echo completion: ${COMPREPLY[*]}'; "
@@ -1044,7 +1060,8 @@ def test_deb_installs_runs_and_purges_in_a_throwaway_root(deb, tmp_path):
     assert re.search(r"^kvd:x:\d+:\d+:kvd key-value store:/var/lib/kvd:/usr/sbin/nologin$",
                      out, re.M), out
     assert "kvd 750" in out, out
-    assert re.search(r"^(/usr)?/lib/systemd/system/kvd\.service$", out, re.M), out  # enabled
+    # Not enabled nor started before the operator has configured it (issue 12).
+    assert "not enabled" in out and "systemctl enable --now kvd" in out, out
     assert f"kvd {project_version()}" in out and f"kvctl {project_version()}" in out, out
     assert "completion: cluster" in out, out
     assert "/usr/share/man/man5/kvd.toml.5.gz" in out, out
@@ -1240,3 +1257,44 @@ def test_kvd_works_under_the_units_seccomp_filter(tmp_path, nodes):
         notify.close()
     text = node.log_text()
     assert "Operation not permitted" not in text and "Traceback" not in text, text
+
+
+# ----------------------------------------------------------------------------- Grafana
+
+
+def dashboard_series() -> set[str]:
+    """Every kvd_* series name the packaged dashboard's queries use."""
+    import json
+
+    doc = json.loads((ROOT / "packaging" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in doc["panels"] for t in panel["targets"]]
+    exprs += [v["definition"] for v in doc["templating"]["list"] if "definition" in v]
+    return {name for expr in exprs for name in re.findall(r"\bkvd_\w+", expr)}
+
+
+def exposed_series(text: str) -> set[str]:
+    """Series names a /metrics page offers, samples or not (a labelled metric with no
+    child yet still has its family): histograms' _bucket/_sum/_count, counters' _total."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+        suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",)}
+        names.update(family.name + s for s in suffixes.get(family.type, ()))
+    return names
+
+
+def test_grafana_dashboard_uses_only_series_a_live_node_exposes(tmp_path, nodes):
+    used = dashboard_series()
+    for topic in ("kvd_request_duration_seconds_count", "kvd_request_duration_seconds_bucket",
+                  "kvd_quorum_failures_total", "kvd_hints_pending", "kvd_transfers_pending",
+                  "kvd_anti_entropy_partitions_exchanged_total"):
+        assert topic in used, f"the dashboard has no panel on {topic}"
+    node = OpsNode(tmp_path / "n1" / "data")
+    nodes.append(node)
+    node.start()
+    SyncClient(node.address).put(b"k", b"v")
+    status, text = node.http("/metrics")
+    assert status == 200
+    missing = sorted(used - exposed_series(text))
+    assert not missing, f"the dashboard queries series kvd does not expose: {missing}"

@@ -13,19 +13,26 @@ from __future__ import annotations
 import trio
 
 from kvd import versions
+from kvd._version import version
 from kvd.errors import BadRequest, KvdError, Unavailable
 from kvd.node import admin
+from kvd.node.backup import send_backup
 from kvd.node.coordinator import MAX_VALUE
 from kvd.node.local import new_vid
 from kvd.proto import codec
-from kvd.proto.messages import MsgType, validate_key
+from kvd.proto.messages import PROTOCOL_VERSION, MsgType, validate_key
 
 
 def _settled(node) -> None:
-    """Unavailable while a wiped node asks its seeds whether it lost its data."""
+    """Unavailable while a wiped node asks its seeds whether it lost its data, and while a
+    new node started with seeds waits to be joined (kvd.node.restore Rule 5)."""
     if not node.cluster.restore.settled.is_set():
         raise Unavailable("this node has a new data directory and is asking its seeds whether "
                           "it lost its data; try another node or retry shortly")
+    if node.cluster.restore.awaiting_join:
+        raise Unavailable(f"{node.node_id} is in no cluster yet: run `kvctl --host "
+                          f"{node.config.listen} cluster join SEED` to add it to its seeds' "
+                          "cluster (or start it without seeds to found a new one)")
 
 
 def _key(fields) -> bytes:
@@ -195,9 +202,10 @@ async def _status(node, conn, message, _chunks) -> None:
                  "requests": node.counters.requests, "connections": node.counters.connections,
                  "read_repairs": node.coordinator.read_repairs,
                  "hints_held": sum(hints.values()), "hints_delivered": cluster.handoff.delivered,
-                 "anti_entropy": node.aae.totals.to_dict()})
+                 "anti_entropy": node.aae.totals.to_dict(),
+                 "server_version": version(), "protocol": PROTOCOL_VERSION})
     reply = {"node": node.node_id, "nodes": rows, "ring_version": state.ring.version,
-             "cluster": state.cluster_id}
+             "cluster": state.cluster_id, "awaiting_join": cluster.restore.awaiting_join}
     await conn.send(codec.encode(MsgType.STATUS_REPLY, message.request_id, reply))
 
 
@@ -225,6 +233,9 @@ async def _inspect(node, conn, message, _chunks) -> None:
 
 
 async def _admin(node, conn, message, _chunks) -> None:
+    if message.fields["op"] == "backup":  # a stream of CHUNK frames, not one reply
+        await send_backup(node, conn, message.request_id)
+        return
     reply = await admin.handle(node, message.fields)
     await conn.send(codec.encode(MsgType.ADMIN_REPLY, message.request_id, reply))
 

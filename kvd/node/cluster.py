@@ -98,7 +98,7 @@ class Cluster:
             clock=self.clocks.monotonic)
         self._saved = state.digest()
         self.transfers.load(state)
-        self.restore.load(fresh)
+        await self.restore.load(fresh)
 
     @property
     def state(self) -> cs.ClusterState:
@@ -127,9 +127,14 @@ class Cluster:
 
     def _check_left(self) -> None:
         state = self.state
-        if state.status(self.me) == "exiting" and not any(
+        if self.left.is_set() or state.status(self.me) != "exiting" or any(
                 m.source == self.me for m in state.pending):
-            self.left.set()
+            return
+        log.warning("this node has left cluster %s and handed off its data: it serves "
+                    "nothing and stops. To make it a member again, wipe its data_dir (%s) "
+                    "and run `kvctl --host %s cluster join SEED` on it", state.cluster_id,
+                    self.config.data_dir, self.config.listen)
+        self.left.set()
 
     async def persist_loop(self) -> None:
         """Save every state gossip brings, so a restarted node knows its ring and peers."""
@@ -138,6 +143,7 @@ class Cluster:
             before = self.state
             await self.gossiper.wait_state(lambda s: s is not before)
             await self.transfers.plan_fetches(before, self.state)
+            await self.restore.note_state()
             if before.ring.version != self.state.ring.version:
                 log.info("ring version %d: %d nodes", self.state.ring.version,
                          len(self.state.ring.nodes()))

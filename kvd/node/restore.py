@@ -1,4 +1,6 @@
-"""Restore of a wiped node: it must never answer for data it lost (docs/DECISIONS.md).
+"""A node with a new data directory: restored if it was a wiped member, else a newcomer
+that waits to be joined; either way it never answers for data it does not hold
+(docs/DECISIONS.md).
 
 A node that starts with an empty data directory but is listed as a member by the cluster it
 reaches (through its seeds, or when a member gossips to it) was wiped.
@@ -11,6 +13,14 @@ reaches (through its seeds, or when a member gossips to it) was wiped.
 3. The restoring mark is saved, so a restart mid-restore carries on.
 4. A node that holds data of its own cluster is never taken for a wiped one: that is an
    operator mistake, not a wipe.
+5. A node started with seeds (other than itself) and a new data directory that is no
+   member of their cluster never becomes a cluster of its own: it is ``awaiting_join``,
+   answers no client reads or writes, and says so, until a join makes its cluster state
+   name another node (`kvctl cluster join` on it, or another node joining at it). The mark
+   is saved, so a restart keeps waiting; a restart without seeds founds a new cluster.
+6. A node restored from a backup (`kvd restore`, kvd.backup Rule 3) restores as a wiped
+   member does (Rule 2), fetching every partition it replicates: the backup lacks what was
+   written since.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from kvd.backup import RESTORED_MARK
 from kvd.errors import KvdError
 from kvd.membership import cluster_state as cs
 from kvd.proto.messages import MsgType
@@ -40,18 +51,67 @@ class Restore:
         self.cluster = cluster
         self.fresh = False  # a new data directory: maybe a wiped member
         self.restoring = False
+        self.awaiting = False  # Rule 5: in no cluster yet, waiting for a join
         # Set once we know whether this node lost its data (Rule 1).
         self.settled = trio.Event()
 
-    def load(self, fresh: bool) -> None:
-        """At start: read the restoring mark (Rule 3); settle at once unless a new data
-        directory has seeds to ask."""
+    async def load(self, fresh: bool) -> None:
+        """At start: read the restoring and awaiting-join marks (Rules 3 and 5); settle at
+        once unless a new data directory has seeds to ask."""
         cluster = self.cluster
-        self.fresh = fresh
-        self.restoring = cluster.storage.get(keys.meta_key("restoring")) is not None
-        config = cluster.config
-        if not (fresh and [s for s in config.seeds if s != config.peer_listen]):
+        storage = cluster.storage
+        self.restoring = storage.get(keys.meta_key("restoring")) is not None
+        self.awaiting = storage.get(keys.meta_key("awaiting-join")) is not None
+        if storage.get(RESTORED_MARK) is not None:
+            await self._from_backup()
+        seeded = bool(self._seeds())
+        if fresh and seeded:
+            self.awaiting = True
+            await storage.write([(keys.meta_key("awaiting-join"), b"1")])
+        elif self.awaiting and not seeded:
+            self.awaiting = False
+            await storage.write([(keys.meta_key("awaiting-join"), None)])
+            log.warning("started without seeds: founding a new cluster %s",
+                        cluster.state.cluster_id)
+        self.fresh = fresh or self.awaiting  # a waiting node holds nothing: maybe wiped too
+        if not (self.fresh and seeded):
             self.settled.set()
+        if self.awaiting:
+            self._say_waiting()
+
+    async def _from_backup(self) -> None:
+        """First start after `kvd restore` (kvd.backup Rule 3): restore like a wiped node,
+        fetching every partition this node replicates, since the backup misses what was
+        written after it was taken."""
+        cluster = self.cluster
+        self.restoring = True
+        await cluster.transfers.refetch_all()
+        await cluster.storage.write([(keys.meta_key("restoring"), b"1"), (RESTORED_MARK, None)])
+        log.warning("restored from a backup: fetching every partition this node replicates "
+                    "from the other replicas before serving")
+
+    def _seeds(self) -> list[str]:
+        config = self.cluster.config
+        return [s for s in config.seeds if s != config.peer_listen]
+
+    def _say_waiting(self) -> None:
+        config = self.cluster.config
+        log.warning("this node is in no cluster yet and serves no data: it waits for "
+                    "`kvctl --host %s cluster join SEED` (SEED: a member's peer address, "
+                    "such as %s); to found a new cluster instead, start it without seeds",
+                    config.listen, self._seeds()[0] if self._seeds() else "HOST:PORT")
+
+    @property
+    def awaiting_join(self) -> bool:
+        """Rule 5: started with seeds, new, and no join has named another node yet."""
+        return self.awaiting and len(self.cluster.state.members) <= 1
+
+    async def note_state(self) -> None:
+        """Called as cluster states arrive: the first naming another node ends the wait."""
+        if self.awaiting and not self.awaiting_join:
+            self.awaiting = False
+            await self.cluster.storage.write([(keys.meta_key("awaiting-join"), None)])
+            log.info("joined cluster %s", self.cluster.state.cluster_id)
 
     @property
     def has_its_data(self) -> bool:
@@ -105,8 +165,9 @@ class Restore:
                 else:
                     await trio.sleep(1.0)
         if not self.settled.is_set():
-            log.warning("no seed answered within %d s: starting as a new node", SEED_WAIT)
+            log.warning("no seed answered within %d s", SEED_WAIT)
             self.settled.set()
+            self._say_waiting()
 
     async def finish(self) -> None:
         """Every partition this node replicates is fetched: serve again (Rule 2)."""

@@ -72,7 +72,8 @@ class Transfers:
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self.progress: dict = _idle()
+        self.progress: dict = _idle()  # this node's totals over the current plan
+        self.partitions: dict[int, dict] = {}  # each planned partition's own progress
         self.plan: dict | None = None  # {"old": Ring | None, "todo": set of partitions}
         self._planned: tuple[str, int] | None = None  # the ring the plan was made for
         self._throttle_at = 0.0  # when the transfer throttle's reserved bytes are paid off
@@ -97,6 +98,15 @@ class Transfers:
             "todo": sorted(plan["todo"])}
         packed = None if doc is None else msgpack.packb(doc, use_bin_type=True)
         await self.cluster.storage.write([(keys.meta_key("fetch"), packed)])
+
+    async def refetch_all(self) -> None:
+        """Plan every partition this node replicates (a node restored from a backup)."""
+        cluster = self.cluster
+        ring = cluster.state.ring
+        alone = set(ring.nodes()) <= {cluster.me}  # nobody else holds anything to fetch
+        mine = set() if alone else cs.replicated_by(ring, cluster.me, cluster.config.n)
+        self.plan = {"old": None, "todo": set(mine)}
+        await self._save_plan()
 
     async def plan_fetches(self, before: cs.ClusterState, after: cs.ClusterState) -> None:
         """On a ring change, add the partitions this node newly replicates to its plan."""
@@ -162,6 +172,8 @@ class Transfers:
             todo = sorted(plan["todo"]) if plan is not None else []
             if not todo:
                 break
+            for q in todo:
+                self._partition(q)["state"] = "pending"
             progress = self.progress
             progress.setdefault("started", cluster.clocks.wall())
             progress.update(state="running", partitions_left=len(todo))
@@ -179,6 +191,7 @@ class Transfers:
             log.info("fetched every partition of the plan: %d keys", self.progress["keys_done"])
             self.plan = None
             self.progress = _idle()
+            self.partitions = {}
         done = cs.node_done(cluster.state, cluster.me)
         if done is not cluster.state:
             cluster.gossiper.publish(done)
@@ -235,17 +248,33 @@ class Transfers:
         """Fetch ``q``; a peer or network failure is noted in ``failed`` instead of
         cancelling the fetches of other partitions (one unreachable source must not keep
         restarting every transfer)."""
+        fetch = self._partition(q)
         async with limiter:
+            now = self.cluster.clocks.monotonic()
+            fetch.update(state="running", keys_done=0, bytes_done=0, started=now, ended=None)
             try:
                 await self._fetch_partition(q)
             except _RETRYABLE as exc:
+                fetch.update(state="retrying", ended=self.cluster.clocks.monotonic())
                 failed.append((q, exc))
                 return
+        fetch.update(state="done", ended=self.cluster.clocks.monotonic())
         plan = self.plan
         assert plan is not None  # only _run_plan ends a plan, once its fetches are over
         plan["todo"].discard(q)
         self.progress["partitions_left"] = len(plan["todo"])
         await self._save_plan()
+
+    def _partition(self, q: int) -> dict:
+        """Partition ``q``'s own progress (what `kvctl transfers` shows on its row)."""
+        return self.partitions.setdefault(q, {"state": "pending", "keys_done": 0,
+                                              "bytes_done": 0, "started": None, "ended": None})
+
+    def _count(self, q: int, nkeys: int, nbytes: int) -> None:
+        """Fetched ``nkeys`` objects and ``nbytes`` bytes of partition ``q``."""
+        for progress in (self.progress, self._partition(q)):
+            progress["keys_done"] += nkeys
+            progress["bytes_done"] += nbytes
 
     def _sources(self, q: int) -> list[str]:
         """Every up node that held partition ``q`` before: a key acknowledged by W of them
@@ -312,7 +341,6 @@ class Transfers:
     async def _fetch_from(self, source: RemoteReplica, q: int) -> None:
         store = self.cluster.store
         after = b""
-        progress = self.progress
         while True:
             reply = await self._scan(source, {"partition": q, "after": after,
                                               "limit": TRANSFER_BATCH,
@@ -328,7 +356,7 @@ class Transfers:
             for key, obj in objects:
                 for sibling in obj.siblings:
                     if sibling.chunks is not None and not store.has_value_bytes(sibling.chunks):
-                        await self._fetch_blob(source, key, sibling.chunks)
+                        await self._fetch_blob(source, q, key, sibling.chunks)
             # Merged concurrently, so the whole batch shares a group commit (one fsync).
             async with trio.open_nursery() as nursery:
                 for key, obj in objects:
@@ -336,8 +364,7 @@ class Transfers:
             if objects:
                 after = objects[-1][0]
             batch_bytes = sum(len(raw) for _, raw in raws)
-            progress["keys_done"] += len(objects)
-            progress["bytes_done"] += batch_bytes
+            self._count(q, len(objects), batch_bytes)
             await self._throttle(batch_bytes)
             if reply["done"]:
                 return
@@ -351,13 +378,13 @@ class Transfers:
         if self._throttle_at > now:
             await trio.sleep(self._throttle_at - now)
 
-    async def _fetch_blob(self, source, key, ref) -> None:
+    async def _fetch_blob(self, source, q: int, key, ref) -> None:
         offset = 0
         piece = min(MIB, scan_budget(self.cluster.config.max_frame))  # a reply fits our frame limit
         async for data in source.read_chunks(key, ref, piece):
             await self.cluster.store.write_chunk(key, ref.vid, offset, data)
             offset += len(data)
-            self.progress["bytes_done"] += len(data)
+            self._count(q, 0, len(data))
             await self._throttle(len(data))  # large values count towards the rate too
 
     # ------------------------------------------------------------- answering fetchers
@@ -389,17 +416,21 @@ class Transfers:
         return {"piece": raw[offset:offset + max_bytes], "total": len(raw), "done": False}
 
     def rows(self) -> list[dict]:
-        """This node's view of pending moves, with progress for those it is fetching."""
+        """This node's view of pending moves; those it fetches carry their own partition's
+        progress and state (pending until a ``transfer_limit`` slot frees, then running,
+        retrying after a failure, done)."""
         cluster = self.cluster
-        progress = self.progress
-        elapsed = max(cluster.clocks.wall() - progress.get("started", cluster.clocks.wall()), 1e-3)
+        now = cluster.clocks.monotonic()
         rows = []
         for move in cluster.state.pending:
             row = {"partition": move.partition, "from": move.source, "to": move.target,
                    "keys_done": 0, "bytes_done": 0, "rate_bps": 0, "state": "pending"}
-            if move.target == cluster.me:
-                row.update(keys_done=progress["keys_done"], bytes_done=progress["bytes_done"],
-                           rate_bps=round(progress["bytes_done"] / elapsed),
-                           state=progress["state"])
+            fetch = self.partitions.get(move.partition)
+            if move.target == cluster.me and fetch is not None:
+                ended = fetch["ended"] if fetch["ended"] is not None else now
+                elapsed = max(ended - (fetch["started"] or ended), 1e-3)
+                row.update(keys_done=fetch["keys_done"], bytes_done=fetch["bytes_done"],
+                           rate_bps=round(fetch["bytes_done"] / elapsed) if fetch["started"]
+                           else 0, state=fetch["state"])
             rows.append(row)
         return rows

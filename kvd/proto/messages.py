@@ -248,6 +248,7 @@ OPS: dict[MsgType, dict[str, Schema]] = {
         # A page of the coverage query (kvctl keys): from (partition, after) on.
         "keys": {"partition": (INT, OPTIONAL), "after": (BYTES, OPTIONAL),
                  "prefix": (BYTES, OPTIONAL), "limit": (INT, OPTIONAL)},
+        "backup": _NOTHING,  # answered by ADMIN_REPLY, then CHUNK frames (kvd/node/backup.py)
         # both ports
         "transfers": _NOTHING,
         # peer port

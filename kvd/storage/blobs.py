@@ -13,12 +13,15 @@ A file's name is durable only once its directory is fsynced: ``seal`` fsyncs the
 directory (and a new subdirectory's parent), and ``delete`` fsyncs the directory after the
 unlink, so a crash neither loses a sealed blob's name nor brings back a deleted blob the
 ledger has forgotten. All of it runs in worker threads, never on the event loop.
+While a backup is ``hold``ing the store, deletions are deferred until it ends, so every blob
+the backup's LevelDB snapshot names is still there to be copied.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -28,7 +31,8 @@ from kvd.errors import Unavailable
 log = logging.getLogger("kvd.storage.blobs")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the names created or removed in it are durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -46,6 +50,8 @@ class BlobStore:
         self._root_durable = not sync  # root's own name, fsynced before the first seal
         self._size = 0  # the last approximate_size that could be measured
         self._size_failing = False
+        self._holds = 0  # backups running: deletions wait in _deferred until they end
+        self._deferred: list[bytes] = []
 
     def _path(self, vid: bytes) -> Path:
         name = vid.hex()
@@ -59,7 +65,7 @@ class BlobStore:
             pass
         else:
             if self.sync:  # the new subdirectory's name, before any blob relies on it
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.pwrite(fd, data, offset)
@@ -76,9 +82,9 @@ class BlobStore:
         try:
             if self.sync:
                 os.fsync(fd)
-                _fsync_dir(path.parent)  # the file's name, created by the first write
+                fsync_dir(path.parent)  # the file's name, created by the first write
                 if not self._root_durable:
-                    _fsync_dir(self.root.parent)
+                    fsync_dir(self.root.parent)
                     self._root_durable = True
             return os.fstat(fd).st_size
         finally:
@@ -118,10 +124,28 @@ class BlobStore:
         except FileNotFoundError:
             return
         if self.sync:  # before the caller forgets the blob in its ledger
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     async def delete(self, vid: bytes) -> None:
+        if self._holds:
+            self._deferred.append(vid)
+            return
         await trio.to_thread.run_sync(self._delete, vid)
+
+    @asynccontextmanager
+    async def hold(self):
+        """Keep every blob file while the block runs (a backup copying them); deletions
+        asked for meanwhile happen when the last hold ends."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                deferred, self._deferred = self._deferred, []
+                with trio.CancelScope(shield=True):
+                    for vid in deferred:
+                        await trio.to_thread.run_sync(self._delete, vid)
 
     def approximate_size(self) -> int:
         """Bytes held in blobs (a directory scan: for status, not the hot path). When the

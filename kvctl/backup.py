@@ -1,0 +1,156 @@
+"""`kvctl backup` (one node's consistent snapshot, streamed to a file with progress) and
+`kvctl export` / `kvctl import` (the whole cluster's live keys as JSON lines with their
+siblings and contexts, for migrations). The restore of a backup is `kvd restore`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvctl import render
+from kvctl.common import call, fail, options
+
+
+def backup(
+    output: Annotated[Path, typer.Option("--output", "-o",
+                                         help="File to write the backup to.")],
+) -> None:
+    """Back up --host's node: a consistent LevelDB snapshot plus its blob files."""
+    partial = output.with_name(output.name + ".partial")
+    try:
+        out = open(partial, "wb")
+    except OSError as exc:
+        fail(f"--output {output}: {exc.strerror}", 1)
+    show = sys.stderr.isatty() and not options.json
+
+    async def run(client):
+        if not show:
+            return await client.backup(out)
+        from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+        from rich.console import Console
+
+        with Progress(*Progress.get_default_columns()[:1], DownloadColumn(),
+                      TransferSpeedColumn(), console=Console(stderr=True),
+                      transient=True) as bar:
+            task = bar.add_task("backup", total=None)
+            return await client.backup(out, lambda done: bar.update(task, completed=done))
+
+    try:
+        with out:
+            doc = call(run)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, output)  # a file named FILE is always a complete backup
+    finally:
+        if partial.exists():
+            partial.unlink()
+    doc = {"node": doc["node"], "cluster": doc["cluster"], "bytes": doc["bytes"],
+           "output": str(output)}
+    if options.json:
+        render.emit_json(doc)
+    else:
+        render.note(f"backed up node {doc['node']} ({render.human_bytes(doc['bytes'])}) to "
+                    f"{output}; restore with `kvd restore {output} --data-dir DIR`")
+
+
+def _encoded(data: bytes) -> dict:
+    text, encoding = render.value_field(data)
+    return {"value": text, "encoding": encoding}
+
+
+def _decoded(text: str, encoding: str | None) -> bytes:
+    """The bytes an export line's (text, encoding) stands for."""
+    return base64.b64decode(text) if encoding == "base64" else text.encode()
+
+
+async def _export(client, write) -> int:
+    """Every live key, listed by the coverage query (ADMIN ``keys``, as `kvctl keys`), then
+    each read with the default quorum."""
+    exported = 0
+    position: list | None = [0, b""]
+    while position is not None:
+        page = await client.admin({"op": "keys", "partition": position[0],
+                                   "after": position[1]})
+        for key in page["keys"]:
+            result = await client.get(key)
+            if not result.found:
+                continue  # deleted since it was listed
+            key_text, key_encoding = render.value_field(key)
+            write({"key": key_text, "key_encoding": key_encoding,
+                   "siblings": [{**_encoded(s.value), "deleted": s.deleted}
+                                for s in result.siblings if not s.deleted],
+                   "context": render.encode_context(result.context)})
+            exported += 1
+        position = page["next"]
+    return exported
+
+
+def export(
+    output: Annotated[Path, typer.Option("--output", "-o", help="File of JSON lines "
+                                         "('-' for stdout).")] = Path("-"),
+) -> None:
+    """Write every live key of the cluster as JSON lines: key, siblings, context."""
+    try:
+        out = sys.stdout if str(output) == "-" else open(output, "w", encoding="utf-8")
+    except OSError as exc:
+        fail(f"--output {output}: {exc.strerror}", 1)
+
+    def write(line: dict) -> None:
+        out.write(json.dumps(line) + "\n")
+
+    render.note("kvctl: warning: export reads every key of the cluster (a full scan)")
+
+    async def go(client):  # the trio client: values of any size, streamed
+        return await _export(client, write)
+
+    try:
+        count = call(go)
+    finally:
+        out.flush()
+        if out is not sys.stdout:
+            out.close()
+    render.note(f"exported {count} keys")
+
+
+def import_(
+    file: Annotated[Path, typer.Argument(help="JSON lines from `kvctl export` ('-' for "
+                                              "stdin).")],
+) -> None:
+    """Write every key of an export into the cluster at --host: the first live sibling
+    supersedes what the key holds there, the others are added beside it (siblings stay
+    siblings)."""
+    try:
+        src = sys.stdin if str(file) == "-" else open(file, encoding="utf-8")
+    except OSError as exc:
+        fail(f"{file}: {exc.strerror}", 1)
+
+    def lines():
+        with src:
+            for number, text in enumerate(src, 1):
+                if not text.strip():
+                    continue
+                try:
+                    doc = json.loads(text)
+                    key = _decoded(doc["key"], doc.get("key_encoding"))
+                    values = [_decoded(s["value"], s.get("encoding"))
+                              for s in doc["siblings"] if not s["deleted"]]
+                except (ValueError, KeyError, TypeError) as exc:
+                    fail(f"{file}:{number}: not a line of `kvctl export`: {exc}", 2)
+                yield key, values
+
+    async def run(client):
+        count = 0
+        for key, values in lines():
+            for i, value in enumerate(values):
+                await client.put(key, value, blind=i > 0)
+            count += 1
+        return count
+
+    render.note(f"imported {call(run)} keys")

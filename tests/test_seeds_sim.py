@@ -1,0 +1,122 @@
+"""A node started with seeds and an empty data directory never silently becomes a cluster
+of its own (issue 12): it refuses client reads and writes, says why (status, /ready, log),
+and waits for `kvctl cluster join`, even when its seeds do not answer and across restarts.
+A node started without seeds (or with only its own address) founds a cluster as before.
+Whole simulated nodes (tests/sim/harness.py) on the autojump clock."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+
+from kvd.errors import Unavailable
+from kvd.node.restore import SEED_WAIT
+
+
+async def _status(sim, name):
+    async with sim.open_client(name, sim.client_address()) as client:
+        return await client.status()
+
+
+async def _put(sim, name, key=b"k", value=b"v"):
+    async with sim.open_client(name, sim.client_address()) as client:
+        return await client.put(key, value)
+
+
+async def _wait_settled_seeds(sim, name):
+    with trio.fail_after(SEED_WAIT + 60):
+        while not sim.nodes[name].node.cluster.restore.settled.is_set():
+            await trio.sleep(0.5)
+
+
+async def test_seeded_fresh_node_refuses_data_until_joined(sim, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="kvd")
+    n1 = await sim.start("n1", seeds=[])
+    await _put(sim, "n1", b"before", b"x")
+    await sim.start("n2", seeds=[n1.peer_address])
+    await _wait_settled_seeds(sim, "n2")
+    with pytest.raises(Unavailable, match="cluster join"):
+        await _put(sim, "n2")
+    with pytest.raises(Unavailable, match="cluster join"):
+        async with sim.open_client("n2", sim.client_address()) as client:
+            await client.get(b"before")
+    status = await _status(sim, "n2")
+    assert status["awaiting_join"] is True
+    assert "waits for `kvctl --host 127.0.1.2:7379 cluster join SEED`" in caplog.text
+    assert sim.nodes["n2"].node.cluster.state.cluster_id != n1.node.cluster.state.cluster_id
+
+    await sim.admin("n2", {"op": "join", "seed": n1.peer_address})
+    await sim.admin("n1", {"op": "commit"})
+    await sim.wait_settled("n1")
+    assert (await _status(sim, "n2"))["awaiting_join"] is False
+    await _put(sim, "n2", b"after", b"y")
+    async with sim.open_client("n2", sim.client_address()) as client:
+        assert (await client.get(b"before")).siblings[0].value == b"x"
+
+
+async def test_unanswered_seeds_never_found_a_cluster_even_after_a_restart(sim, autojump_clock):
+    await sim.start("n2", seeds=["127.0.1.9:7380"])  # nobody listens there
+    await _wait_settled_seeds(sim, "n2")
+    await trio.sleep(SEED_WAIT)
+    with pytest.raises(Unavailable, match="cluster join"):
+        await _put(sim, "n2")
+    sim.crash("n2")
+    await sim.start("n2", seeds=["127.0.1.9:7380"])
+    await _wait_settled_seeds(sim, "n2")
+    with pytest.raises(Unavailable, match="cluster join"):
+        await _put(sim, "n2")
+    assert (await _status(sim, "n2"))["awaiting_join"] is True
+
+
+async def test_waiting_node_restarted_without_seeds_founds_a_cluster(sim, autojump_clock):
+    await sim.start("n2", seeds=["127.0.1.9:7380"])
+    sim.crash("n2")
+    await sim.start("n2", seeds=[])
+    await _put(sim, "n2")
+    assert (await _status(sim, "n2"))["awaiting_join"] is False
+
+
+async def test_a_node_whose_only_seed_is_itself_founds_a_cluster(sim, autojump_clock):
+    n1 = sim.add("n1")
+    await sim.start("n1", seeds=[n1.peer_address])
+    await _put(sim, "n1")
+    assert (await _status(sim, "n1"))["awaiting_join"] is False
+
+
+async def test_two_waiting_nodes_form_a_cluster_by_a_join(sim, autojump_clock):
+    """Both list each other as seeds: a join of one at the other makes them one cluster."""
+    a, b = sim.add("n1"), sim.add("n2")
+    await sim.start("n1", seeds=[b.peer_address])
+    await sim.start("n2", seeds=[a.peer_address])
+    await _wait_settled_seeds(sim, "n2")
+    await sim.admin("n2", {"op": "join", "seed": a.peer_address})
+    await sim.admin("n1", {"op": "commit"})
+    await sim.wait_settled("n1")
+    await _put(sim, "n1")
+    await _put(sim, "n2", b"k2")
+
+
+async def test_a_node_restarted_after_leaving_says_to_wipe_its_data_dir(sim, autojump_clock,
+                                                                         caplog):
+    """It shows DL in status until the next commit drops it (kvctl(1) lists the states);
+    restarted, it says how to become a member again."""
+    await sim.form(["n1", "n2", "n3", "n4"], settle=0.0)
+    await sim.admin("n1", {"op": "leave", "node": "n4"})
+    await sim.admin("n1", {"op": "commit"})
+    await sim.wait_settled("n1")
+    with trio.fail_after(120):
+        while not sim.nodes["n4"].node.cluster.left.is_set():
+            await trio.sleep(1.0)
+    sim.crash("n4")
+    with trio.fail_after(120):
+        while (await _status(sim, "n1"))["nodes"][-1]["state"] != "DL":
+            await trio.sleep(1.0)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="kvd")
+    await sim.start("n4")
+    with trio.fail_after(60):
+        while not sim.nodes["n4"].node.cluster.left.is_set():
+            await trio.sleep(0.5)
+    assert "wipe its data_dir" in caplog.text and "cluster join" in caplog.text, caplog.text
