@@ -96,9 +96,11 @@ async def test_hinted_handoff_delivers_writes_after_restart(tmp_path, procs):
 
     await for_each(n1.address, keys, write)
     # With 3 nodes every key's preference list is all 3: there is no fallback to stand in
-    # for n3, so the coordinator (n1) keeps one hint per write.
+    # for n3, so the coordinator (n1) keeps a hint per write (two when a hedged mint made
+    # the write twice, coordinator rule 8: one per version).
     held = await hint_counts([n1, n2])
-    assert held == {"n1": (len(keys), len(keys)), "n2": (0, 0)}, held
+    assert held["n2"] == (0, 0) and held["n1"][0] == held["n1"][1], held
+    assert len(keys) <= held["n1"][0] <= 2 * len(keys), held
 
     n3.start()
 
