@@ -424,6 +424,17 @@ class Coordinator:
         # Fallbacks hold hints; only a replica with the key's history mints.
         waiting = sorted((rep for rep in replicas if rep.role is Role.PRIMARY),
                          key=lambda rep: self._suspected(rep.node))
+        if len(waiting) == 1:
+            # Nothing to hedge with: no task and no channel (one node's writes with a context).
+            only = waiting[0]
+            try:
+                minted = await self._call(only, lambda rep: rep.coordinate(key, context, payload),
+                                          deadline, patience)
+            except (TooManySiblings, BadRequest):
+                raise
+            except (KvdError, OSError) as failure:  # anything else is a bug (DECISIONS.md)
+                raise QuorumFailed(quorum_message("write", w, [], [(only, failure)])) from None
+            return minted, [rep for rep in replicas if rep is not only], errors
         # A large value's mint seals bytes proportional to its size: one at a time.
         hedge = None if patience else self._hedge_delay()
         send, receive = trio.open_memory_channel(len(waiting))
