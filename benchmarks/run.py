@@ -8,6 +8,7 @@
 4. The same against a 3-node cluster (N=3, R=2, W=2), 64 concurrent.
 5. redis-benchmark against kvd's RESP port and against Redis 7 with appendfsync always
    (benchmarks/resp_bench.py).
+6. One node's hot path with kvd's CPU per request beside Redis's (benchmarks/one_node.py).
 Everything runs on this machine: the bench client competes with the nodes for its cores.
 """
 
@@ -83,6 +84,8 @@ def main() -> None:
             proc.kill()
     section("RESP: redis-benchmark against kvd and Redis 7 (appendfsync always)")
     subprocess.run([python, str(ROOT / "benchmarks/resp_bench.py")], check=False)
+    section("one node: throughput, latency and CPU per request, beside Redis")
+    subprocess.run([python, str(ROOT / "benchmarks/one_node.py")], check=False)
 
 
 if __name__ == "__main__":

@@ -37,16 +37,16 @@ import trio
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
     GCCollector,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
+from kvd import metrics_counts as counts
 from kvd import versions
 from kvd._version import version
 from kvd.config import Config
@@ -106,27 +106,27 @@ class NodeMetrics:
         self.config = config
         self.node: Any = None
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Histogram(
+        # Counted in plain integers, exported on scrape (kvd/metrics_counts.py).
+        self.requests = counts.Histogram(
             "kvd_request_duration_seconds",
             "Time for the coordinator to answer a client request (R or W replicas reached), "
-            "by operation and outcome.",
-            ["op", "outcome"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.quorum_failures = Counter(
-            "kvd_quorum_failures", "Requests answered with 'quorum not reached'.", ["op"],
-            registry=self.registry)
-        self.siblings = Histogram(
+            "by operation and outcome.", ["op", "outcome"], LATENCY_BUCKETS)
+        self.quorum_failures = counts.Counter(
+            "kvd_quorum_failures", "Requests answered with 'quorum not reached'.", ["op"])
+        self.siblings = counts.Histogram(
             "kvd_siblings", "Live siblings of each object read (found) or written.", ["op"],
-            buckets=SIBLING_BUCKETS, registry=self.registry)
-        self.resp_commands = Histogram(
+            SIBLING_BUCKETS)
+        self.resp_commands = counts.Histogram(
             "kvd_resp_command_duration_seconds",
             "Time to answer a command on the RESP port (resp_listen), by command and outcome "
-            "(ok, or the error's first word in lower case).",
-            ["command", "outcome"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            "(ok, or the error's first word in lower case).", ["command", "outcome"],
+            LATENCY_BUCKETS)
         for op in ("get", "put", "delete"):
-            self.requests.labels(op, "ok")
-            self.quorum_failures.labels(op)
+            self.requests.declare(op, "ok")
+            self.quorum_failures.declare(op)
         for op in ("get", "put"):
-            self.siblings.labels(op)
+            self.siblings.declare(op)
+        self.registry.register(_Counted(self))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -146,7 +146,7 @@ class NodeMetrics:
 
     def resp_command_finished(self, command: str, seconds: float, outcome: str) -> None:
         """kvd.node.resp_service's report of one command (its name is one it knows)."""
-        self.resp_commands.labels(command, outcome[:32]).observe(seconds)
+        self.resp_commands.observe((command, outcome[:32]), seconds)
 
     def request_finished(self, op: str, seconds: float, obj: versions.VersionedObject | None,
                          error: BaseException | None) -> None:
@@ -156,16 +156,16 @@ class NodeMetrics:
         if error is None and op == "get" and (obj is None or not versions.is_found(obj)):
             outcome = "not_found"
         elif error is None and obj is not None and op in ("get", "put"):
-            self.siblings.labels(op).observe(len(versions.live(obj)))
+            self.siblings.observe((op,), len(versions.live(obj)))
         elif isinstance(error, KvdError):
             outcome = error.code if error.code in OUTCOMES else "error"
         elif isinstance(error, trio.Cancelled):
             outcome = "cancelled"
         elif error is not None:
             outcome = "error"
-        self.requests.labels(op, outcome).observe(seconds)
+        self.requests.observe((op, outcome), seconds)
         if outcome == "quorum":
-            self.quorum_failures.labels(op).inc()
+            self.quorum_failures.inc((op,))
 
     # ------------------------------------------------------------- readiness
 
@@ -279,6 +279,31 @@ class NodeMetrics:
             status = "200 OK" if ready else "503 Service Unavailable"
             return status, text, (reason + "\n").encode(), method
         return "404 Not Found", text, b"not found: try /metrics, /health or /ready\n", method
+
+
+class _Counted:
+    """Exports the request path's plain counts (kvd/metrics_counts.py) at scrape time."""
+
+    def __init__(self, metrics: NodeMetrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return self.collect()
+
+    def collect(self):
+        m = self.metrics
+        for histogram in (m.requests, m.siblings, m.resp_commands):
+            family = HistogramMetricFamily(histogram.name, histogram.documentation,
+                                           labels=histogram.labelnames)
+            les = [floatToGoString(b) for b in histogram.bounds] + ["+Inf"]
+            for labels, cumulative, total in histogram.series():
+                family.add_metric(list(labels), list(zip(les, cumulative)), total)
+            yield family
+        failures = CounterMetricFamily(m.quorum_failures.name, m.quorum_failures.documentation,
+                                       labels=m.quorum_failures.labelnames)
+        for labels, count in m.quorum_failures.counts.items():
+            failures.add_metric(list(labels), count)
+        yield failures
 
 
 class _NodeCollector:

@@ -148,7 +148,7 @@ async def test_without_a_secret_a_well_sealed_forgery_cannot_exhaust_a_node(auto
             await c.put(b"k", b"v2", context=(await c.get(b"k")).context)
             await c.put(b"other", b"o1")
             assert [s.value for s in (await c.get(b"k")).siblings] == [b"v2"]
-            assert sim.nodes["n1"].node.store._lease(actor).limit < 2**20
+            assert sim.nodes["n1"].node.store.leases.lease(actor).limit < 2**20
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
 

@@ -33,3 +33,18 @@ async def test_concurrent_writes_through_different_coordinators_become_siblings(
         values = {s.value for s in (await client.get(b"contended")).siblings}
     assert len(values) > 1, "a concurrent write was silently superseded"
     assert values <= {b"value 0", b"value 1", b"value 2"}
+
+
+async def test_concurrent_writes_on_the_only_replica_share_group_commits(sim, autojump_clock):
+    # One node: the mint reads what it supersedes itself (coordinator rule 7), so writes of
+    # one key need not wait for each other's fsync, and still leave one value.
+    await sim.form(["n1"])
+    storage = sim.nodes["n1"].node.store.storage
+    batches = storage.statistics().batches_committed
+    await _concurrent_puts(sim, ["n1"] * 16, b"hot")
+    async with sim.open_client("n1", sim.client_address()) as client:
+        siblings = (await client.get(b"hot")).siblings
+    assert len(siblings) == 1
+    assert siblings[0].value in {b"value %d" % i for i in range(16)}
+    assert storage.statistics().batches_committed - batches < 16
+    assert not sim.crashes, sim.crashes

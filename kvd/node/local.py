@@ -33,8 +33,8 @@ Invariants:
   and the key's index entry, in the same batch: the tree on disk always matches the
   objects, and is never rebuilt by a scan.
 - Rule 6: a dot is never reused (DESIGN section 2). Each actor's counters come from one
-  sequence shared by all keys that only grows: a block of ``DOT_LEASE`` counters is leased
-  by a durable (flushed) high-water mark before any of it is used, and after a restart the
+  sequence shared by all keys that only grows, leased in blocks by a durable (flushed)
+  high-water mark before any of it is used (kvd.node.dot_leases); after a restart the
   sequence continues above the mark. So a purge, which forgets what a key's clock had seen,
   never lets the actor mint a dot an older surviving copy already covers (kv679).
 - Rule 7: a merge returns only once the object it leaves is durable: when the incoming
@@ -58,6 +58,7 @@ import trio
 
 from kvd import aae, versions
 from kvd.errors import BadRequest, Unavailable
+from kvd.node.dot_leases import SEQUENCES, DotLeases
 from kvd.storage import Storage, keys
 from kvd.ring import partition_of
 
@@ -65,27 +66,12 @@ log = logging.getLogger("kvd.local")
 
 READ_SIZE = 1 << 20  # bytes per CHUNK frame when streaming a stored value out
 
-# Counters leased per durable write of the high-water mark (Rule 6): one flushed write per
-# this many client writes, and at most this many counters skipped per restart.
-DOT_LEASE = 1 << 14
-# Where a store written before Rule 6 (objects but no lease) starts its sequence: above any
-# per-key counter one key could have reached.
-LEGACY_DOT_FLOOR = 1 << 32
-
 _UPLOADING = b"u"
 _GARBAGE = b"g"
 
 
-# Present when every object in this store was written under Rule 6 (see LEGACY_DOT_FLOOR).
-_SEQUENCES = keys.meta_key("dot-sequences")
-
-
 def _ledger_key(vid: bytes) -> bytes:
     return keys.meta_key("blob:") + vid
-
-
-def _lease_key(actor: str) -> bytes:
-    return keys.meta_key("dots:" + actor)
 
 
 _GENERATIONS = keys.meta_key("generations")  # {partition: generation}, only those above 0
@@ -114,17 +100,6 @@ class _Commit:
         self.durable = trio.Event()  # set when the batch committed or failed
 
 
-class _DotLease:
-    """One actor's counter sequence: ``next`` is free, everything up to ``limit`` is leased."""
-
-    __slots__ = ("next", "limit", "lock")
-
-    def __init__(self, limit: int):
-        self.next = limit + 1  # a restart skips what the last run leased but never used
-        self.limit = limit
-        self.lock = trio.Lock()
-
-
 class LocalStore:
     """Versioned objects of the partitions this node holds, in one Storage."""
 
@@ -134,7 +109,7 @@ class LocalStore:
         self.ring_size = ring_size
         self._pending: dict[bytes, _Commit] = {}
         self._trees: dict[int, aae.Tree] = {}
-        self._leases: dict[str, _DotLease] = {}
+        self.leases = DotLeases(storage, self._has_objects)  # Rule 6
         self._sealing: Counter[bytes] = Counter()  # vids a write is sealing for its manifest
         self.dot_collisions = 0  # same dot, different payload: should stay 0 (Rule 7)
         raw = storage.get(_GENERATIONS)
@@ -204,7 +179,7 @@ class LocalStore:
     async def coordinate(
         self,
         key: bytes,
-        context: versions.VersionVector,
+        context: versions.VersionVector | None,
         actor: str,
         *,
         value: bytes = b"",
@@ -214,15 +189,20 @@ class LocalStore:
         wid: bytes = b"",
     ) -> versions.VersionedObject:
         """Apply a client write as its coordinating replica: mint a new dot for ``actor``
-        (none when the write with id ``wid`` is already here: versions rule 7)."""
+        (none when the write with id ``wid`` is already here: versions rule 7).
+
+        ``context`` None supersedes the latest object written here, pending included (Rule
+        4): a write without a context when this node is the key's only replica
+        (kvd.node.coordinator rule 7), with no read before it and no turn to wait for."""
         vids = [] if chunks is None else [chunks.vid]
         self._sealing.update(vids)  # from now on a discard of these bytes is a no-op
         try:
             if chunks is not None:
                 await self._seal(chunks)
-            lease = self._lease(actor)
+            lease = self.leases.lease(actor)
             while True:
                 current = self._latest(key) or versions.empty()
+                seen = versions.context_of(current) if context is None else context
                 if wid and any(s.wid == wid for s in current.siblings):
                     # Applied before (a coordinator's retry): answer once it is durable.
                     committing = self._pending.get(key)
@@ -230,7 +210,7 @@ class LocalStore:
                         return current
                     await committing.durable.wait()
                     continue
-                counter = versions.next_counter(current, context, actor, lease.next)
+                counter = versions.next_counter(current, seen, actor, lease.next)
                 if counter <= lease.limit:
                     break
                 if counter > lease.limit + 1:
@@ -240,11 +220,11 @@ class LocalStore:
                     # whenever the cluster has a secret).
                     raise BadRequest(f"context claims writes of {actor} up to {counter - 1}, "
                                      f"which it never made: a forged context")
-                await self._extend_lease(actor, lease, counter)
+                await self.leases.extend(actor, lease, counter)
             # No checkpoint from reading ``current`` to publishing ``updated`` (Rule 4).
             updated, discarded = versions.update(
                 current,
-                context,
+                seen,
                 actor,
                 value=value,
                 deleted=deleted,
@@ -267,30 +247,6 @@ class LocalStore:
             self._sealing[vid] -= 1
             if not self._sealing[vid]:
                 del self._sealing[vid]
-
-    def _lease(self, actor: str) -> _DotLease:
-        lease = self._leases.get(actor)
-        if lease is None:
-            raw = self.storage.get(_lease_key(actor))
-            if raw is not None:
-                limit = int.from_bytes(raw, "big")
-            elif self.storage.get(_SEQUENCES) is not None or not self._has_objects():
-                limit = 0
-            else:  # objects this actor may have minted per key before Rule 6
-                limit = LEGACY_DOT_FLOOR
-            lease = self._leases[actor] = _DotLease(limit)
-        return lease
-
-    async def _extend_lease(self, actor: str, lease: _DotLease, needed: int) -> None:
-        """Durably lease counters up to at least ``needed`` before any of them is used."""
-        async with lease.lock:
-            if lease.limit >= needed:
-                return  # another write extended it meanwhile
-            limit = max(needed, lease.limit) + DOT_LEASE
-            with trio.CancelScope(shield=True):  # never leave a lease half-written
-                await self.storage.write([(_lease_key(actor), limit.to_bytes(8, "big"))])
-                await self.storage.flush()
-            lease.limit = limit
 
     async def merge(
         self, key: bytes, incoming: versions.VersionedObject
@@ -473,8 +429,8 @@ class LocalStore:
         """Delete the blobs a crash left behind (see Rule 3); returns how many.
 
         Run once at start, before any write."""
-        if self.storage.get(_SEQUENCES) is None and not self._has_objects():
-            await self.storage.write([(_SEQUENCES, b"1")])  # a new store: Rule 6 from day one
+        if self.storage.get(SEQUENCES) is None and not self._has_objects():
+            await self.storage.write([(SEQUENCES, b"1")])  # a new store: Rule 6 from day one
         start = _ledger_key(b"")
         garbage, live = list[bytes](), list[bytes]()
         for k, mark in self.storage.iterate(start, start + b"\xff"):

@@ -1,6 +1,5 @@
-"""The error a client gets when a quorum is not reached (kvd.node.coordinator rule 4): every
-replica that failed, each with its reasons in order, so an operator sees which nodes to look
-at and why, never an empty message."""
+"""The error a request that missed its quorum answers with (kvd.node.coordinator rule 4):
+every replica that failed, with its reasons in order, never an empty one."""
 
 from __future__ import annotations
 
@@ -10,7 +9,8 @@ from kvd.node.replica import Replica
 
 
 def quorum_message(kind: str, needed: int, ok: Sequence, failed: Sequence) -> str:
-    """Rule 4: every replica that failed, with its reasons in order (never an empty one)."""
+    """``kind`` ("read" or "write") quorum of ``needed`` missed: ``ok`` answered, and each
+    of ``failed`` (replica, error) is named with why."""
     reasons: dict[str, list[str]] = {}
     for replica, exc in failed:
         if replica is not None:

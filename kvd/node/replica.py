@@ -93,6 +93,15 @@ class LocalReplica:
                          payload: dict) -> versions.VersionedObject:
         return await self.store.coordinate(key, context, self.actor, **payload)
 
+    async def supersede_latest(self, key: bytes, payload: dict) -> versions.VersionedObject:
+        """A write without a context when this node is the key's only replica: it supersedes
+        the latest object here, read by the mint itself (kvd.node.coordinator rule 7)."""
+        return await self.store.coordinate(key, None, self.actor, **payload)
+
+    def read_now(self, key: bytes) -> versions.VersionedObject | None:
+        """``get`` without a schedule point: a local read never blocks."""
+        return self.store.read(key)
+
     async def merge(self, key: bytes, obj: versions.VersionedObject) -> None:
         await self.store.merge(key, obj)
 

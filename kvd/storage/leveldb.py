@@ -2,9 +2,9 @@
 
 Invariants:
 
-1. Every write goes through the base group commit as one ``WriteBatch``, built and written in
-   a worker thread (``trio.to_thread.run_sync``), so the trio loop never blocks on the disk.
-   Commits are never abandoned: a cancelled caller still waits for the thread to finish.
+1. Every write goes through the base group commit as one ``WriteBatch``, built and written on
+   the store's committer thread (kvd/storage/committer.py), so the trio loop never blocks on
+   the disk. Commits are never abandoned: a cancelled caller still waits for the thread.
 2. Reads (``get``, iteration over a snapshot) run on the caller's thread: they are served
    from the memtable, the block cache or the page cache in microseconds.
 3. Opening never leaves a half-open store: it either returns a usable store or raises a
@@ -31,6 +31,7 @@ import trio
 from kvd.clocks import REAL
 from kvd.errors import ConfigError
 from kvd.storage.base import DEFAULT_MAX_BATCH_BYTES, Op, Storage, StorageError
+from kvd.storage.committer import CommitterThread
 
 MIB = 1024 * 1024
 WRITE_BUFFER_SIZE = 8 * MIB
@@ -123,6 +124,7 @@ class LevelDBStorage(Storage):
         self._size = size
         self._size_at = _clock()
         self._size_refreshing = False
+        self._committer_thread = CommitterThread(f"kvd-commit {os.path.basename(path)}")
 
     @classmethod
     async def open(
@@ -197,14 +199,17 @@ class LevelDBStorage(Storage):
         batch.write()
 
     async def _commit(self, ops: list[Op], sync: bool) -> None:
-        await trio.to_thread.run_sync(self._write_batch, ops, sync)
+        await self._committer_thread.run(self._write_batch, ops, sync)
 
     async def _sync(self) -> None:
         # An empty synced batch makes LevelDB fsync its log, covering every earlier write.
-        await trio.to_thread.run_sync(self._write_batch, [], True)
+        await self._committer_thread.run(self._write_batch, [], True)
 
     async def _close_backend(self) -> None:
-        await trio.to_thread.run_sync(self._db.close)
+        try:
+            await self._committer_thread.run(self._db.close)
+        finally:
+            self._committer_thread.stop()
 
 
 def _scan(snapshot, start: bytes, stop: bytes, *, include_value: bool) -> Iterator:
