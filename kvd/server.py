@@ -278,7 +278,8 @@ def _admissions(config: Config, cluster: Cluster) -> dict[str, Admission]:
 async def run(config: Config) -> None:
     """Serve until SIGTERM/SIGINT (or until this node has left the cluster and handed off
     its data), then drain in-flight requests and flush storage."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
+            trio.open_signal_receiver(signal.SIGHUP) as reloads:
         async with trio.open_nursery() as nursery:
             _, node = await nursery.start(serve, config)
             stop = trio.Event()
@@ -296,7 +297,7 @@ async def run(config: Config) -> None:
 
             nursery.start_soon(on_signal)
             nursery.start_soon(on_left)
-            nursery.start_soon(systemd.reload_on_sighup, node)
+            nursery.start_soon(systemd.reload_on_sighup, node, reloads)
             await stop.wait()
             systemd.notifier().stopping()
             node.draining = True

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import trio
@@ -244,8 +243,10 @@ def _reload_tokens(node: Any, fresh: Security, refused: list[str]) -> None:
         log.info("client tokens re-read: %d token%s", count, "" if count == 1 else "s")
 
 
-async def reload_on_sighup(node: Any, notify: Notifier | None = None) -> None:
-    """Reload on every SIGHUP until cancelled (ExecReload=kill -HUP $MAINPID)."""
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
-            reload(node, notify)
+async def reload_on_sighup(node: Any, signals: AsyncIterator[int],
+                           notify: Notifier | None = None) -> None:
+    """Reload on every SIGHUP until cancelled (ExecReload=kill -HUP $MAINPID). ``signals``
+    was opened before the node started listening, so a SIGHUP sent once the port is open
+    waits for the node to be ready instead of being lost."""
+    async for _ in signals:
+        reload(node, notify)
