@@ -23,7 +23,7 @@ from kvd.proto import codec
 from kvd.proto.messages import PROTOCOL_VERSION, MsgType, validate_key
 
 
-def _settled(node) -> None:
+def require_settled(node) -> None:
     """Unavailable while a wiped node asks its seeds whether it lost its data, and while a
     new node started with seeds waits to be joined (kvd.node.restore Rule 5)."""
     if not node.cluster.restore.settled.is_set():
@@ -39,7 +39,7 @@ def _key(fields) -> bytes:
     return validate_key(fields["key"])
 
 
-def _quorum_params(node, fields, name: str) -> tuple[int, int]:
+def quorum_params(node, fields, name: str) -> tuple[int, int]:
     """(n, r or w) for a request: its own values or the config's, validated, then capped by
     the number of nodes in the ring (docs/DECISIONS.md: a cluster smaller than N)."""
     n = fields["n"] if fields.get("n") is not None else node.config.n
@@ -56,9 +56,9 @@ def _quorum_params(node, fields, name: str) -> tuple[int, int]:
 
 async def _get(node, conn, message, _chunks) -> None:
     fields = message.fields
-    _settled(node)
+    require_settled(node)
     key = _key(fields)
-    n, r = _quorum_params(node, fields, "r")
+    n, r = quorum_params(node, fields, "r")
     result = await node.coordinator.get(key, n, r)
     obj = result.obj
     rid = message.request_id
@@ -111,9 +111,9 @@ def _write_request(node, fields) -> tuple[bytes, int, int, versions.VersionVecto
     """(key, n, w, context) of a PUT or DELETE, each checked: the node has its data, the
     key's size, the quorum, the context's seal. The context is None for a write that
     supersedes what the coordinator reads, and empty for a blind one (protocol.md)."""
-    _settled(node)
+    require_settled(node)
     key = _key(fields)
-    n, w = _quorum_params(node, fields, "w")
+    n, w = quorum_params(node, fields, "w")
     sealed = fields.get("context") or b""
     if fields.get("blind"):
         if sealed:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from kvd import versions
 from kvd.node import coverage
-from kvd.node.client_service import _quorum_params, _settled
+from kvd.node.client_service import quorum_params, require_settled
 from kvd.node.local import new_vid
 from kvd.node.replica import Replica
 from kvd.proto.messages import validate_key
@@ -61,8 +61,8 @@ def conflict(key: bytes, count: int) -> Error:
 
 
 async def _read(node, key: bytes):
-    _settled(node)
-    n, r = _quorum_params(node, {}, "r")
+    require_settled(node)
+    n, r = quorum_params(node, {}, "r")
     return await node.coordinator.get(validate_key(key), n, r)
 
 
@@ -85,16 +85,16 @@ def _value(key: bytes, result):
 async def _write(node, key: bytes, context, *, value: bytes = b"", deleted: bool = False):
     """One write at the node's N/W; ``context`` None supersedes what the coordinator reads
     (Rule 1). ``value`` is at most chunk_size: the parser streams larger ones (Rule 4)."""
-    _settled(node)
-    n, w = _quorum_params(node, {}, "w")
+    require_settled(node)
+    n, w = quorum_params(node, {}, "w")
     return await node.coordinator.put(validate_key(key), context, n, w, value=value,
                                       deleted=deleted, timestamp=node.clocks.wall())
 
 
 async def write_stream(node, key: bytes, length: int, chunks):
     """SET of a value streamed from the connection (kvd.proto.resp's StreamStart)."""
-    _settled(node)
-    n, w = _quorum_params(node, {}, "w")
+    require_settled(node)
+    n, w = quorum_params(node, {}, "w")
     return await node.coordinator.put(validate_key(key), None, n, w, length=length,
                                       chunks=chunks, timestamp=node.clocks.wall(),
                                       vid=new_vid())
