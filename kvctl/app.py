@@ -23,7 +23,10 @@ from typer.core import TyperGroup
 from kvctl import backup, cluster, data, render, transfers, version_report
 from kvctl.keys import keys as list_keys
 from kvctl.cluster import admin_call
-from kvctl.common import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, call, fail, options, run  # noqa: F401
+from kvctl.common import (  # noqa: F401
+    DEFAULT_ADDRESS, DEFAULT_TIMEOUT, WatchCount, WatchFlag, WatchInterval, call, fail, options,
+    run,
+)
 from kvd.errors import KvdError
 
 # Global options, accepted after the command too (`kvctl status --json`): hoisted in front
@@ -221,11 +224,9 @@ def _status_view(doc: dict):
 
 @app.command()
 def status(
-    watch: Annotated[bool, typer.Option("--watch", help="Redraw in place until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option("--interval", min=0.1, metavar="SECONDS",
-                                            help="Seconds between refreshes.")] = 2.0,
-    count: Annotated[Optional[int], typer.Option("--count", min=1, metavar="N",
-                                                 help="Stop after this many refreshes.")] = None,
+    watch: WatchFlag = False,
+    interval: WatchInterval = 2.0,
+    count: WatchCount = None,
 ) -> None:
     """One row per node, like nodetool status: state, address, load, partitions, ownership."""
     if watch:

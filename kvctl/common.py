@@ -10,7 +10,7 @@ runs any other trio program (bench).
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 
@@ -39,6 +39,13 @@ options = Options()
 
 
 USAGE_EXIT = 2
+
+# --watch, --interval and --count of the commands that can redraw in place (kvctl.live).
+WatchFlag = Annotated[bool, typer.Option("--watch", help="Redraw in place until Ctrl-C.")]
+WatchInterval = Annotated[float, typer.Option("--interval", min=0.1, metavar="SECONDS",
+                                              help="Seconds between refreshes.")]
+WatchCount = Annotated[Optional[int], typer.Option("--count", min=1, metavar="N",
+                                                   help="Stop after this many refreshes.")]
 
 
 def fail(message: str, code: int, *, usage: bool = True) -> NoReturn:

@@ -3,13 +3,9 @@ bytes, rate, ETA), and ``--watch`` that redraws it in place (kvctl.live)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
-
-import typer
-
 from kvctl import render
 from kvctl.cluster import admin_call
-from kvctl.common import options
+from kvctl.common import WatchCount, WatchFlag, WatchInterval, options
 
 COLUMNS = ["partition", "from", "to", "state", "keys", "bytes", "rate"]
 
@@ -72,11 +68,9 @@ def view(doc: dict):
 
 
 def transfers(
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option("--interval", min=0.1, metavar="SECONDS",
-                                            help="Seconds between refreshes.")] = 2.0,
-    count: Annotated[Optional[int], typer.Option("--count", min=1, metavar="N",
-                                                 help="Stop after this many refreshes.")] = None,
+    watch: WatchFlag = False,
+    interval: WatchInterval = 2.0,
+    count: WatchCount = None,
 ) -> None:
     """Partition transfers in progress or pending, each with its own progress; a summary."""
     if watch:
