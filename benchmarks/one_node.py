@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="record each kvd run with py-spy here")
     parser.add_argument("--no-redis", action="store_true", help="skip the redis-server runs")
     args = parser.parse_args()
+    if not shutil.which("redis-benchmark"):
+        sys.exit("redis-benchmark is not installed (make ops-tools installs redis-tools)")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="kvd-one-node-"))
@@ -136,12 +138,19 @@ def main() -> None:
         finally:
             server.kill()
             server.wait()
+    elif not args.no_redis:
+        print("redis-server is not installed (make bench installs it as root): no comparison")
     print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores, {args.ops} requests"
           " per run")
     print(f"{'run':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}")
     for name, row in rows:
         print(f"{name:28} {row['rps']:9.0f} {row['p50']:8.3f} {row['p99']:8.3f} "
               f"{row['cpu_us']:11.1f}")
+    by_name = dict(rows)
+    for name, row in rows:  # kvd's share of Redis's throughput, run for run
+        if name.startswith("redis ") and "kvd " + name[6:] in by_name:
+            share = by_name["kvd " + name[6:]]["rps"] / row["rps"]
+            print(f"kvd/redis {name[6:]}: {share:.2f}x throughput")
     shutil.rmtree(root, ignore_errors=True)
 
 

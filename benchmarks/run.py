@@ -6,9 +6,9 @@
 3. `kvctl bench` workload A, 1 KiB values, 32 concurrent, against one node (sync=batch),
    with the node's peak RSS.
 4. The same against a 3-node cluster (N=3, R=2, W=2), 64 concurrent.
-5. redis-benchmark against kvd's RESP port and against Redis 7 with appendfsync always
-   (benchmarks/resp_bench.py).
-6. One node's hot path with kvd's CPU per request beside Redis's (benchmarks/one_node.py).
+5. One node's hot path: kvctl bench and redis-benchmark SET/GET (one key, and -r 100000)
+   against kvd's RESP port and against Redis 7 with appendfsync always, with each server's
+   CPU per request and kvd's share of Redis's throughput (benchmarks/one_node.py).
 Everything runs on this machine: the bench client competes with the nodes for its cores.
 """
 
@@ -82,9 +82,8 @@ def main() -> None:
     finally:
         for proc in (first, *others):
             proc.kill()
-    section("RESP: redis-benchmark against kvd and Redis 7 (appendfsync always)")
-    subprocess.run([python, str(ROOT / "benchmarks/resp_bench.py")], check=False)
-    section("one node: throughput, latency and CPU per request, beside Redis")
+    section("one node: kvctl bench and redis-benchmark, throughput, latency and CPU per "
+            "request, beside Redis 7 (appendfsync always)")
     subprocess.run([python, str(ROOT / "benchmarks/one_node.py")], check=False)
 
 
