@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
+from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,9 +21,9 @@ from kvd.net.admission import Admission, descriptor_budget
 from kvd.proto import codec
 from kvd.proto.codec import FrameDecoder
 from kvd.proto.messages import MsgType
-from tests.flood import Flood
-from tests.procs import ROOT, KvdProcess, free_port, rss_kib
-from tests.test_security import read_message, start
+from tests.flood import Flood, flood_process, probe_client, probe_peer, probe_resp
+from tests.procs import KvdProcess, free_port, rss_kib
+from tests.test_security import SECRET, TOKENS, private_file, read_message, start, tokens_toml
 
 CLIENT_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "client"})
 PEER_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "peer", "node": "n9"})
@@ -219,86 +219,124 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def flood_attack(tmp_path, procs, count: int, seconds: float) -> dict:
-    """``count`` idle sockets churned on each of the client, peer and metrics ports (one
-    flooding process per port) while new clients, peers and /health are timed. Returns the
-    figures; the node must stay up throughout."""
-    metrics = free_port()
-    node = start(tmp_path, procs, "n1", {"metrics_listen": f"127.0.0.1:{metrics}"})
+PORTS = ("client", "resp", "peer")
+
+
+def flood_attack(tmp_path, procs, count: int, rounds: int, quiet_s: float,
+                 attack_s: float) -> dict:
+    """``count`` idle sockets churned on each of the client, RESP, peer and metrics ports
+    (one niced flooding process per port), in ``rounds`` pairs of a quiet phase and an
+    attack phase back to back (the machine is shared: a pair sees the same background
+    load). New authenticated clients are timed on each port (tests.flood's probes) and
+    /health throughout; the node must stay up. Returns the figures."""
+    metrics, resp = free_port(), free_port()
+    token = TOKENS["viewer"][0]
+    secret = private_file(tmp_path / "secret", SECRET)
+    node = start(tmp_path, procs, "n1", {
+        "metrics_listen": f"127.0.0.1:{metrics}", "resp_listen": f"127.0.0.1:{resp}",
+        "client_tokens_file": str(private_file(tmp_path / "tokens", tokens_toml(TOKENS))),
+        "cluster_secret_file": str(secret)})
     pid = node.proc.pid
-    quiet = [new_client(node.port) for _ in range(100)]
-    fds_quiet, rss_quiet, overflows = open_fds(pid), rss_kib(pid), listen_overflows()
-    floods = [subprocess.Popen([sys.executable, "-m", "tests.flood", str(port), str(count),
-                                str(seconds), "5"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-              for port in (node.port, node.peer_port, metrics)]
-    try:
-        time.sleep(min(3.0, seconds / 4))  # let the floods reach their count
-        attacked, peers, health, fds = [], [], [], []
-        end = time.monotonic() + seconds - 4
+    probes = {"client": partial(probe_client, node.port, token),
+              "resp": partial(probe_resp, resp, token),
+              "peer": partial(probe_peer, node.peer_port, SECRET.encode())}
+
+    def probe_for(seconds: float, into: dict[str, list[float]], fds: list[int]) -> None:
+        end = time.monotonic() + seconds
         while time.monotonic() < end:
-            attacked.append(new_client(node.port))
-            peers.append(new_client(node.peer_port, PEER_HELLO, ping=False))
-            if len(attacked) % 10 == 0:
+            for name, probe in probes.items():
+                into[name].append(probe())
+            if len(into["client"]) % 20 == 0:
                 status, took = http_get(metrics, "/health")
                 assert status == "HTTP/1.1 200 OK", status
-                health.append(took)
+                into["health"].append(took)
                 fds.append(open_fds(pid))
             assert node.proc.poll() is None, node.log_text()[-2000:]
-        reports = [flood.communicate(timeout=seconds + 30)[0].strip() for flood in floods]
-    finally:
-        for flood in floods:
-            flood.kill()
-    figures = {
-        "count": count,
-        "p99_quiet_ms": round(percentile(quiet, 0.99) * 1000, 1),
-        "p99_attack_ms": round(percentile(attacked, 0.99) * 1000, 1),
-        "clients": len(attacked),
-        "peers": len(peers),
-        "client_max_ms": round(max(attacked) * 1000, 1),
-        "client_p99_9_ms": round(percentile(attacked, 0.999) * 1000, 1),
-        "clients_over_1s": sum(1 for took in attacked if took >= 1),
-        "peer_p99_ms": round(percentile(peers, 0.99) * 1000, 1),
-        "peer_max_ms": round(max(peers) * 1000, 1),
-        "peers_over_1s": sum(1 for took in peers if took >= 1),
+
+    probe_for(0.5, defaultdict(list), [])  # warm up: imports, first connections
+    fds_quiet, rss_quiet, overflows = open_fds(pid), rss_kib(pid), listen_overflows()
+    pairs, fds, reports = [], [], []
+    total: dict[str, dict[str, list[float]]] = {"quiet": defaultdict(list),
+                                                "attack": defaultdict(list)}
+    ramp = min(3.0, attack_s / 3)  # the floods reach their count (4 ports x count sockets)
+    for _ in range(rounds):
+        quiet: dict[str, list[float]] = defaultdict(list)
+        attack: dict[str, list[float]] = defaultdict(list)
+        load = os.getloadavg()[0]
+        probe_for(quiet_s, quiet, [])
+        floods = [flood_process(port, count, ramp + attack_s)
+                  for port in (node.port, resp, node.peer_port, metrics)]
+        try:
+            time.sleep(ramp)
+            probe_for(attack_s, attack, fds)
+            reports += [flood.communicate(timeout=30)[0].strip() for flood in floods]
+        finally:
+            for flood in floods:
+                flood.kill()
+        pair = {"load": round((load + os.getloadavg()[0]) / 2, 1)}
+        for name in PORTS:
+            q, a = percentile(quiet[name], 0.99), percentile(attack[name], 0.99)
+            pair[name] = (round(q * 1000, 1), round(a * 1000, 1), round(a / q, 2))
+            total["quiet"][name] += quiet[name]
+            total["attack"][name] += attack[name]
+        total["attack"]["health"] += attack["health"]
+        pairs.append(pair)
+        print(f"round {len(pairs)}: load {pair['load']}; p99 quiet/attack ms (ratio): " + ", ".join(
+            f"{name} {pair[name][0]}/{pair[name][1]} ({pair[name][2]}x)" for name in PORTS),
+            flush=True)
+    figures: dict = {"count": count, "rounds": pairs}
+    for name in PORTS:
+        q, a = total["quiet"][name], total["attack"][name]
+        figures[name] = {"samples": len(a), "p99_quiet_ms": round(percentile(q, 0.99) * 1000, 1),
+                         "p99_attack_ms": round(percentile(a, 0.99) * 1000, 1),
+                         "max_attack_ms": round(max(a) * 1000, 1),
+                         "over_1s": sum(1 for took in a if took >= 1)}
+        figures[name]["ratio"] = round(figures[name]["p99_attack_ms"]
+                                       / figures[name]["p99_quiet_ms"], 2)
+    figures.update({
         "listen_overflows": listen_overflows() - overflows,
-        "health_max_ms": round(max(health) * 1000, 1),
-        "fds_quiet": fds_quiet,
-        "fds_peak": max(fds),
+        "health_max_ms": round(max(total["attack"]["health"]) * 1000, 1),
+        "fds_quiet": fds_quiet, "fds_peak": max(fds),
         "rss_growth_kib": rss_kib(pid) - rss_quiet,
         "floods": reports,
-    }
-    print(figures)
+    })
+    for name in PORTS:
+        print(f"{name}: {figures[name]}")
+    print({key: value for key, value in figures.items() if key not in PORTS + ("rounds",)})
     assert node.proc.poll() is None
     return figures
 
 
-def check_flood_figures(figures: dict) -> None:
-    # Bounds of issue 10: new clients and peers connect within 1 s, /health answers, and
-    # (with headroom on a shared 2-core machine) p99 within 2x quiet, or 50 ms on loopback.
-    # Every new client and peer got in (new_client asserts HELLO_OK). A burst of thousands of
+def check_flood_figures(figures: dict, floor_ms: float) -> None:
+    # Bounds of issue 10: new clients and peers connect within 1 s, /health answers, and a
+    # new authenticated client's p99 stays within 2x quiet (or ``floor_ms``: a shared 2-core
+    # machine). Every probe got in (a probe raises on a refusal). A burst of thousands of
     # reopened sockets can overflow the kernel's accept queue (somaxconn), and a SYN dropped
-    # there is resent after 1 s: so the bound applies to p99 and to all but 1 % of
-    # connections; the max is reported (docs/DECISIONS.md).
-    for kind in ("client", "peer"):
-        samples = figures["clients" if kind == "client" else "peers"]
-        assert figures[f"{kind}_p99_ms" if kind == "peer" else "p99_attack_ms"] < 1000, figures
-        assert figures[f"{kind}s_over_1s"] <= max(1, samples // 100), figures
+    # there is resent after 1 s: so the 1 s bound applies to all but 1 % of connections;
+    # the max is reported (docs/DECISIONS.md).
+    for name in PORTS:
+        port = figures[name]
+        assert port["over_1s"] <= max(1, port["samples"] // 100), (name, figures)
+        assert port["p99_attack_ms"] < max(2 * port["p99_quiet_ms"], floor_ms), (name, figures)
     assert figures["health_max_ms"] < 1000, figures
-    assert figures["p99_attack_ms"] < max(2 * figures["p99_quiet_ms"], 50), figures
-    # Descriptors stay within the budgets: client + peer max_connections, metrics, storage.
-    assert figures["fds_peak"] < 2 * 1024 + 64 + 200, figures
+    # Descriptors stay within the budgets: client, RESP and peer max_connections, metrics,
+    # storage.
+    assert figures["fds_peak"] < 3 * 1024 + 64 + 200, figures
 
 
 @pytest.mark.slow
 @pytest.mark.alone
 def test_2000_idle_sockets_churned_on_every_port(tmp_path, procs):
-    check_flood_figures(flood_attack(tmp_path, procs, 2000, 12))
+    check_flood_figures(flood_attack(tmp_path, procs, 2000, rounds=2, quiet_s=1.5,
+                                     attack_s=3), floor_ms=50)
 
 
 @pytest.mark.alone
 @pytest.mark.skipif(not os.environ.get("KVD_SOAK"), reason="make soak: 10,000 sockets a port")
 def test_10000_idle_sockets_churned_on_every_port(tmp_path, procs):
-    check_flood_figures(flood_attack(tmp_path, procs, 10000, 40))
+    rounds = int(os.environ.get("KVD_SOAK_ROUNDS", "3"))
+    check_flood_figures(flood_attack(tmp_path, procs, 10000, rounds, quiet_s=8, attack_s=12),
+                        floor_ms=0)
 
 
 @pytest.mark.slow
