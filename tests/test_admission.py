@@ -15,9 +15,10 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 
 from kvd.metrics import READ_TIMEOUT
-from kvd.net.admission import Admission, descriptor_budget
+from kvd.net.admission import Admission, descriptor_budget, serve_admitted
 from kvd.proto import codec
 from kvd.proto.codec import FrameDecoder
 from kvd.proto.messages import MsgType
@@ -168,6 +169,105 @@ async def test_refusals_being_answered_are_bounded_and_accept_errors_never_end_t
     assert listener.calls == 2 + 1 + 50  # the back-off did not end the loop
     assert port.refused == 50 and len(told) == adm.MAX_REFUSING
     for sock in keep:
+        sock.close()
+
+
+class AdmissionWork(trio.abc.Instrument):
+    """Counts the tasks kvd.net.admission spawns and the steps they run: the event loop's
+    cost of accepted connections, without timing anything."""
+
+    def __init__(self):
+        self.spawned = self.steps = 0
+
+    def task_spawned(self, task):
+        self.spawned += task.name.startswith("kvd.net.admission")
+
+    def before_task_step(self, task):
+        self.steps += task.name.startswith("kvd.net.admission")
+
+
+def hold_connections(port: int, count: int, first: bytes = b"") -> list[socket.socket]:
+    """``count`` connections to ``port`` (blocking, from a worker thread), each having sent
+    ``first``."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if first:
+            sock.sendall(first)
+        socks.append(sock)
+    return socks
+
+
+async def serve_in_process(nursery, port: Admission, handler):
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(serve_admitted, handler, listeners, port)
+    return listeners[0].socket
+
+
+async def test_idle_sockets_within_the_backlog_never_reach_the_node():
+    """TCP_DEFER_ACCEPT: the kernel hands over a connection only once it has sent bytes, so
+    idle sockets cost the node no descriptor and no work (as nginx's `deferred`)."""
+    port = Admission("client", limit=64, pending=16, pending_per_host=8, silence=30)
+    served = []
+
+    async def handler(stream, ticket):
+        served.append(await stream.receive_some(100))
+        ticket.established()
+
+    async with trio.open_nursery() as nursery:
+        listening = await serve_in_process(nursery, port, handler)
+        number = listening.getsockname()[1]
+        idle = await trio.to_thread.run_sync(hold_connections, number, 200)
+        speaking = await trio.to_thread.run_sync(hold_connections, number, 3, b"HELLO")
+        await trio.sleep(0.5)
+        assert served == [b"HELLO"] * 3
+        assert port.statistics()["evicted"] == 0 and port.peak == 3, port
+        nursery.cancel_scope.cancel()
+    for sock in idle + speaking:
+        sock.close()
+
+
+async def test_idle_connections_wait_in_one_epoll_set_not_a_task_each():
+    """Idle connections that do reach the node (the kernel's defer is off here, as it is for
+    connections SYN cookies let in past a full backlog) are accepted in batches and parked
+    together: no task, cancel scope or timer each. The one that speaks gets its handler;
+    the silent ones are evicted, then closed when their silence runs out."""
+    port = Admission("client", limit=1024, pending=1024, pending_per_host=100, silence=0.6)
+    served = []
+
+    async def handler(stream, ticket):
+        served.append(await stream.receive_some(100))
+        ticket.established()
+        await stream.send_all(b"OK")
+        await trio.sleep_forever()
+
+    work = AdmissionWork()
+    async with trio.open_nursery() as nursery:
+        listening = await serve_in_process(nursery, port, handler)
+        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 0)
+        number = listening.getsockname()[1]
+        trio.lowlevel.add_instrument(work)
+        idle = await trio.to_thread.run_sync(hold_connections, number, 400)
+        with trio.move_on_after(5):
+            while port.evicted < 300:
+                await trio.sleep(0.01)
+        trio.lowlevel.remove_instrument(work)
+        assert port.evicted == 300 and port.open == 100, port
+        speaking = (await trio.to_thread.run_sync(hold_connections, number, 1))[0]
+        await trio.sleep(0.1)
+        speaking.sendall(b"HELLO")
+        speaking.settimeout(2)
+        assert await trio.to_thread.run_sync(speaking.recv, 10) == b"OK"
+        assert served == [b"HELLO"]
+        await trio.sleep(0.8)
+        assert port.open == 1 and port.statistics()["pending"] == 0, port  # silent: closed
+        nursery.cancel_scope.cancel()
+    # Before: a task per connection (400) and over 3 steps each; now a few batches.
+    assert work.spawned <= 2 and work.steps < 100, vars(work)
+    for sock in idle:
+        sock.settimeout(0.01)
+    assert all(sock.recv(1) == b"" for sock in idle)  # every one closed by the node
+    for sock in idle + [speaking]:
         sock.close()
 
 
