@@ -95,6 +95,26 @@ def test_a_newcomer_evicts_the_oldest_pending_connection_of_its_address_then_of_
     assert port.open == 4
 
 
+def test_silent_pending_connections_are_evicted_before_ones_that_have_spoken():
+    """A flood of idle sockets from a client's own address (or beside it) evicts idle
+    sockets, never the client that is in the middle of its handshake."""
+    port = Admission("client", limit=10, pending=3, pending_per_host=2)
+    client, _ = port.admit("10.0.0.1")
+    client.spoke()  # its HELLO arrived; the handshake is under way
+    idle, _ = port.admit("10.0.0.1")
+    newer, evicted = port.admit("10.0.0.1")
+    assert evicted == [idle]  # its address is full: the silent one goes, not the oldest
+    port.admit("10.0.0.2")
+    third, evicted = port.admit("10.0.0.3")  # all pending full: the oldest silent one goes
+    assert evicted == [newer] and client.pending and client.admission is port
+    third.spoke()
+    fourth, evicted = port.admit("10.0.0.4")
+    assert len(evicted) == 1 and evicted[0] not in (client, third)
+    fourth.spoke()
+    _, evicted = port.admit("10.0.0.5")  # none silent: the oldest of all goes
+    assert evicted == [client]
+
+
 def test_established_connections_are_never_evicted_and_fill_the_port_before_refusal():
     port = Admission("client", limit=3, pending=3, pending_per_host=3)
     tickets = [port.admit("10.0.0.1")[0] for _ in range(3)]
@@ -381,9 +401,10 @@ def flood_attack(tmp_path, procs, count: int, rounds: int, quiet_s: float,
             total["attack"][name] += attack[name]
         total["attack"]["health"] += attack["health"]
         pairs.append(pair)
-        print(f"round {len(pairs)}: load {pair['load']}; p99 quiet/attack ms (ratio): " + ", ".join(
-            f"{name} {pair[name][0]}/{pair[name][1]} ({pair[name][2]}x)" for name in PORTS),
-            flush=True)
+        ports = ", ".join(f"{name} {pair[name][0]}/{pair[name][1]} ({pair[name][2]}x)"
+                          for name in PORTS)
+        print(f"round {len(pairs)}: load {pair['load']}; p99 quiet/attack ms (ratio): {ports}",
+              flush=True)
     figures: dict = {"count": count, "rounds": pairs}
     for name in PORTS:
         q, a = total["quiet"][name], total["attack"][name]

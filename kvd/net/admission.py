@@ -78,9 +78,35 @@ class Ticket:
     pending: bool = True
     evict: Callable[[], None] = field(default=lambda: None, repr=False)
 
+    def spoke(self) -> None:
+        """Its first bytes arrived: evicted only after every silent pending one (rule 2)."""
+        self.admission._speak(self)
+
     def established(self) -> None:
         """The connection proved who it is: it no longer counts as pending (rule 2)."""
         self.admission._establish(self)
+
+
+class _Queue:
+    """Pending tickets, oldest first, the silent ones (no byte yet) before the others."""
+
+    def __init__(self) -> None:
+        self.silent: OrderedDict[Ticket, None] = OrderedDict()
+        self.spoke: OrderedDict[Ticket, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.silent) + len(self.spoke)
+
+    def oldest(self) -> Ticket:
+        return next(iter(self.silent or self.spoke))
+
+    def speak(self, ticket: Ticket) -> None:
+        if self.silent.pop(ticket, False) is None:
+            self.spoke[ticket] = None
+
+    def remove(self, ticket: Ticket) -> None:
+        self.silent.pop(ticket, None)
+        self.spoke.pop(ticket, None)
 
 
 class Admission:
@@ -98,10 +124,10 @@ class Admission:
         self.is_member = is_member
         self.open = 0
         self.open_members = 0
-        # Pending tickets oldest first: of non-members, of members, and per host.
-        self._pending: OrderedDict[Ticket, None] = OrderedDict()
-        self._pending_members: OrderedDict[Ticket, None] = OrderedDict()
-        self._by_host: dict[str, OrderedDict[Ticket, None]] = {}
+        # Pending tickets: of non-members, of members, and per host.
+        self._pending = _Queue()
+        self._pending_members = _Queue()
+        self._by_host: dict[str, _Queue] = {}
         self.evicted = 0
         self.refused = 0
         self.refusing = 0  # refused connections whose handler is still telling them why
@@ -122,9 +148,9 @@ class Admission:
         pool = self._pending_members if member else self._pending
         same_host = self._by_host.get(host)
         if same_host and len(same_host) >= self.pending_per_host:
-            evicted.append(self._drop(next(iter(same_host))))
+            evicted.append(self._drop(same_host.oldest()))
         elif len(pool) >= (self.reserved if member else self.pending_limit):
-            evicted.append(self._drop(next(iter(pool))))
+            evicted.append(self._drop(pool.oldest()))
         if member:
             room, used = self.limit, self.open
         else:  # members beyond their reserve take from the shared room too
@@ -134,13 +160,13 @@ class Admission:
             if not pool:
                 self.refused += 1
                 return None, evicted
-            evicted.append(self._drop(next(iter(pool))))
+            evicted.append(self._drop(pool.oldest()))
         ticket = Ticket(host, member, self)
         self.open += 1
         self.open_members += member
         self.peak = max(self.peak, self.open)
-        pool[ticket] = None
-        self._by_host.setdefault(host, OrderedDict())[ticket] = None
+        pool.silent[ticket] = None
+        self._by_host.setdefault(host, _Queue()).silent[ticket] = None
         return ticket, evicted
 
     def release(self, ticket: Ticket) -> None:
@@ -157,6 +183,11 @@ class Admission:
         self.release(ticket)
         return ticket
 
+    def _speak(self, ticket: Ticket) -> None:
+        if ticket.admission is self and ticket.pending:
+            (self._pending_members if ticket.member else self._pending).speak(ticket)
+            self._by_host[ticket.host].speak(ticket)
+
     def _establish(self, ticket: Ticket) -> None:
         if ticket.admission is self:
             self._unpend(ticket)
@@ -165,14 +196,17 @@ class Admission:
         if not ticket.pending:
             return
         ticket.pending = False
-        (self._pending_members if ticket.member else self._pending).pop(ticket, None)
+        (self._pending_members if ticket.member else self._pending).remove(ticket)
         same_host = self._by_host[ticket.host]
-        same_host.pop(ticket, None)
+        same_host.remove(ticket)
         if not same_host:
             del self._by_host[ticket.host]
 
 
 class _Released(Admission):
+    def _speak(self, ticket: Ticket) -> None:
+        pass
+
     def _establish(self, ticket: Ticket) -> None:
         pass
 
@@ -318,6 +352,8 @@ class _Parking:
         return False
 
     def _start(self, sock: socket.socket, ticket: Ticket | None) -> None:
+        if ticket is not None:
+            ticket.spoke()
         stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         if self.tls is not None:
             stream = trio.SSLStream(stream, self.tls, server_side=True)
@@ -394,8 +430,11 @@ async def _run(stream, ticket: Ticket | None, handler: Handler, admission: Admis
         refusing = ticket is None and admission.refusing < MAX_REFUSING
         admission.refusing += refusing
         try:
-            if refusing or (ticket is not None
-                            and (not wait or await _wait_first_bytes(stream, admission.silence))):
+            if ticket is None:
+                serve = refusing
+            else:
+                serve = not wait or await _wait_first_bytes(stream, ticket, admission.silence)
+            if serve:
                 await handler(stream, ticket)
         except Exception:  # one connection's bug must not end the accept loop (rule 4)
             log.exception("%s port: connection handler failed", admission.name)
@@ -410,16 +449,17 @@ async def _run(stream, ticket: Ticket | None, handler: Handler, admission: Admis
                 await trio.aclose_forcefully(stream)
 
 
-async def _wait_first_bytes(stream, timeout: float) -> bool:
+async def _wait_first_bytes(stream, ticket: Ticket, timeout: float) -> bool:
     """Whether the peer sent something within ``timeout`` (rule 5). Streams without a
     socket (the simulator's) go straight to the handler, whose own deadlines apply."""
     sock = _raw_socket(stream)
-    if sock is None:
-        return True
-    with trio.move_on_after(timeout):
-        await trio.lowlevel.wait_readable(sock)
-        return True
-    return False
+    if sock is not None:
+        with trio.move_on_after(timeout) as scope:
+            await trio.lowlevel.wait_readable(sock)
+        if scope.cancelled_caught:
+            return False
+    ticket.spoke()
+    return True
 
 
 def _raw_socket(stream):
