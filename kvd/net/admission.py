@@ -10,9 +10,12 @@ Invariants:
   (plus the evicted ones still closing and at most ``MAX_REFUSING`` being refused), so the
   ports' limits plus the headroom of ``descriptor_budget`` fit RLIMIT_NOFILE.
 - Rule 2: pending connections have smaller budgets: ``pending`` in all, ``pending_per_host``
-  per source address. When a budget is full the *oldest* pending connection is closed to make
-  room for the newcomer (as HAProxy and nginx do): an idle socket is the oldest one, a real
-  client finishes its handshake in a round trip, so a flood evicts itself, never the client.
+  per source address. When a budget is full the oldest *silent* pending connection (no byte
+  yet) is closed to make room for the newcomer (as HAProxy and nginx evict the oldest): an
+  idle flood evicts itself, never a client, which speaks at once. Pending connections that
+  have spoken are evicted only when the port itself is full, oldest first; until then the
+  handshake timeout bounds them, so a burst of clients from one host (redis-benchmark's 50)
+  does not evict its own members before their handshakes run.
   A newcomer is refused only when established connections fill the port; at most
   ``MAX_REFUSING`` refused ones per port are being told why at once, the rest are closed
   without an answer, so refusals cannot pile up descriptors either.
@@ -147,9 +150,9 @@ class Admission:
         evicted: list[Ticket] = []
         pool = self._pending_members if member else self._pending
         same_host = self._by_host.get(host)
-        if same_host and len(same_host) >= self.pending_per_host:
+        if same_host and same_host.silent and len(same_host) >= self.pending_per_host:
             evicted.append(self._drop(same_host.oldest()))
-        elif len(pool) >= (self.reserved if member else self.pending_limit):
+        elif pool.silent and len(pool) >= (self.reserved if member else self.pending_limit):
             evicted.append(self._drop(pool.oldest()))
         if member:
             room, used = self.limit, self.open
