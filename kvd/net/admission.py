@@ -324,6 +324,8 @@ class _Parking:
         self.scope = trio.CancelScope()
 
     def arrived(self, sock: socket.socket, host: str) -> None:
+        if self.parked:  # those that spoke since are no longer the silent ones to evict
+            self._wake()
         ticket, evicted = self.admission.admit(host)
         for old in evicted:
             old.evict()
@@ -369,6 +371,16 @@ class _Parking:
         sock.close()
         self.admission.release(ticket)
 
+    def _wake(self) -> None:
+        """Start the parked connections that have spoken; close those their peer closed."""
+        for fd, _ in self.epoll.poll(0, ACCEPT_BATCH):
+            sock, ticket, _ = self.parked.pop(fd)
+            self.epoll.unregister(fd)
+            if self._speaking(sock):
+                self._start(sock, ticket)
+            else:
+                self.admission.release(ticket)
+
     async def run(self) -> None:
         try:
             while True:
@@ -376,13 +388,7 @@ class _Parking:
                     (deadline for _, _, deadline in self.parked.values()), math.inf))
                 with self.scope:
                     await trio.lowlevel.wait_readable(self.epoll.fileno())
-                for fd, _ in self.epoll.poll(0, ACCEPT_BATCH):
-                    sock, ticket, _ = self.parked.pop(fd)
-                    self.epoll.unregister(fd)
-                    if self._speaking(sock):
-                        self._start(sock, ticket)
-                    else:
-                        self.admission.release(ticket)
+                self._wake()
                 now = trio.current_time()
                 for fd, (_, _, deadline) in list(itertools.islice(self.parked.items(), 1024)):
                     if deadline > now:
