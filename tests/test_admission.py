@@ -506,8 +506,8 @@ def check_flood_figures(figures: dict, floor_ms: float) -> None:
 @pytest.mark.slow
 @pytest.mark.alone
 def test_2000_idle_sockets_churned_on_every_port(tmp_path, procs):
-    check_flood_figures(flood_attack(tmp_path, procs, 2000, rounds=2, quiet_s=1.5,
-                                     attack_s=3), floor_ms=50)
+    check_flood_figures(flood_attack(tmp_path, procs, 2000, rounds=2, quiet_s=1,
+                                     attack_s=2.5), floor_ms=50)
 
 
 @pytest.mark.alone
