@@ -335,7 +335,12 @@ class _Parking:
                 self.admission.release(ticket)
                 return
             fd = sock.fileno()
-            self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+            try:
+                self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+            except OSError:  # out of epoll watches (ENOSPC) or memory: dropped, as on EMFILE
+                sock.close()
+                self.admission.release(ticket)
+                return
             if not self.parked:
                 self.scope.deadline = trio.current_time() + self.admission.silence
             self.parked[fd] = (sock, ticket, trio.current_time() + self.admission.silence)
