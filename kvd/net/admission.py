@@ -384,6 +384,7 @@ class _Parking:
             if self._speaking(sock):
                 self._start(sock, ticket)
             else:
+                sock.close()  # closed by its peer (or woken by an error): nothing to answer
                 self.admission.release(ticket)
 
     async def run(self) -> None:
