@@ -270,11 +270,14 @@ async def serve_admitted(handler: Handler, listeners: list, admission: Admission
     connection, ``ticket`` None when the port is full (the handler says why and closes).
     ``tls``: the handler gets a server-side trio.SSLStream over each socket."""
     async with trio.open_nursery() as nursery:
-        parking = _Parking(admission, handler, tls, nursery)
-        nursery.start_soon(parking.run)
+        parking = None
+        if hasattr(select, "epoll"):  # Linux, kvd's platform; elsewhere a task per connection
+            parking = _Parking(admission, handler, tls, nursery)
+            nursery.start_soon(parking.run)
         for listener in listeners:
-            if isinstance(getattr(listener, "socket", None), trio.socket.SocketType):
-                _defer_accept(listener.socket, admission.silence)
+            sock = getattr(listener, "socket", None)
+            if parking is not None and isinstance(sock, trio.socket.SocketType):
+                _defer_accept(sock, admission.silence)
                 nursery.start_soon(_accept_batches, listener, parking)
             else:  # the simulator's in-memory listeners (or a test's)
                 served = trio.SSLListener(listener, tls) if tls is not None else listener
