@@ -245,8 +245,11 @@ class RespParser:
 _AGAIN = object()  # internal: the step consumed something; take another
 
 
+_INTEGER = re.compile(rb"-?[0-9]{1,19}")
+
+
 def _integer(text: bytes, problem: str) -> int:
-    if not re.fullmatch(rb"-?[0-9]{1,19}", text):
+    if not _INTEGER.fullmatch(text):
         raise ProtocolError(f"Protocol error: {problem}")
     return int(text)
 
