@@ -14,14 +14,15 @@ Rules:
 2. ``send_all`` sends at once and waits for writability only when the socket buffer is full.
    It is a cancellation point only when it must wait.
 3. A reset or closed peer raises trio.BrokenResourceError, as trio's streams do. The
-   socket belongs to the trio stream it came from: closing is the caller's (``detach``
-   releases this object's hold on the descriptor without closing it).
+   descriptor stays the trio stream's (read(2) and write(2) on it, no second socket
+   object): ``aclose`` closes that stream, and so does whoever would have closed it.
 4. ``wrap`` returns a RawStream only for a plain trio SocketStream; TLS and the simulator's
    streams are returned unchanged.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 
 import trio
@@ -36,18 +37,23 @@ class RawStream:
         self.stream = stream
         self.socket = stream.socket  # for remote_host() and the like
         self._fd = stream.socket.fileno()
-        # The same descriptor, as a stdlib socket for the syscalls (no dup: Rule 3).
-        self._sock = socket.socket(fileno=self._fd)
         self._short = True  # the last read was short: wait before the next recv (Rule 1)
 
+    def _check_open(self) -> None:
+        # Closed, its number may be another socket's by now: never touch it (a close while
+        # we wait wakes the wait with ClosedResourceError, trio's notify_closing).
+        if self.socket.fileno() < 0:
+            raise trio.ClosedResourceError("the connection's socket was closed")
+
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        self._check_open()
         if self._short:
             await trio.lowlevel.wait_readable(self._fd)
         else:
             await trio.lowlevel.checkpoint()
         while True:
             try:
-                data = self._sock.recv(max_bytes)
+                data = os.read(self._fd, max_bytes)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._fd)
                 continue
@@ -57,10 +63,11 @@ class RawStream:
             return data
 
     async def send_all(self, data: bytes) -> None:
+        self._check_open()
         view = memoryview(data)
         while view:
             try:
-                sent = self._sock.send(view)
+                sent = os.write(self._fd, view)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self._fd)
                 continue
@@ -68,12 +75,7 @@ class RawStream:
                 raise trio.BrokenResourceError(str(exc)) from exc
             view = view[sent:]
 
-    def detach(self) -> None:
-        """Give the descriptor back to the trio socket alone (it closes it)."""
-        self._sock.detach()
-
     async def aclose(self) -> None:
-        self.detach()
         await self.stream.aclose()
 
 

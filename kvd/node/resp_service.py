@@ -124,8 +124,7 @@ async def serve(node, listeners: list, tls) -> None:
 
 async def handle_connection(node, stream, ticket) -> None:
     """Serve one accepted RESP connection; ``ticket`` None: the port is full."""
-    raw = rawstream.wrap(stream)
-    session = Session(node, raw, ticket)
+    session = Session(node, rawstream.wrap(stream), ticket)
     try:
         if ticket is None:
             session.reply(Error("ERR max number of clients reached"))
@@ -146,9 +145,6 @@ async def handle_connection(node, stream, ticket) -> None:
         pass
     except KvdError as exc:  # a value failed after its header went out: the reply is cut
         log.info("closed a RESP connection from %s in mid-reply: %s", session.host, exc)
-    finally:
-        if raw is not stream:
-            raw.detach()  # the listener closes the socket (kvd.net.rawstream Rule 3)
 
 
 async def _serve(session: Session) -> None:
