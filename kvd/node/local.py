@@ -115,13 +115,18 @@ class LocalStore:
         raw = storage.get(_GENERATIONS)
         self._generations: dict[int, int] = (
             {} if raw is None else {int(p): g for p, g in json.loads(raw).items()})
+        self._slots: dict[int, int] = {}  # partition -> slot of its live generation
 
     def partition(self, key: bytes) -> int:
         return partition_of(key, self.ring_size)
 
     def slot(self, partition: int) -> int:
         """Where the live generation of ``partition`` keeps its keys (Rule 6)."""
-        return keys.slot(partition, self._generations.get(partition, 0), self.ring_size)
+        found = self._slots.get(partition)  # a write asked 4 times: 2% of a SET's CPU
+        if found is None:
+            found = self._slots[partition] = keys.slot(
+                partition, self._generations.get(partition, 0), self.ring_size)
+        return found
 
     def holds(self, partition: int) -> bool:
         """Whether this node stores any object of ``partition`` (one seek)."""
@@ -132,6 +137,7 @@ class LocalStore:
         """Rule 6: forget ``partition`` at once; ``reclaim`` frees its space later."""
         old = self.slot(partition)
         self._generations[partition] = self._generations.get(partition, 0) + 1
+        self._slots.pop(partition, None)
         self._trees.pop(partition, None)
         doc = json.dumps({str(p): g for p, g in sorted(self._generations.items())}).encode()
         await self.storage.write([(_GENERATIONS, doc), (_RECLAIM + old.to_bytes(4, "big"), b"")])
@@ -330,11 +336,12 @@ class LocalStore:
         (``_latest_read``'s); the ops that store it go in the same batch as the object, so
         tree and objects never disagree on disk."""
         segment = aae.segment_of(key)
-        index = keys.index_key(self.slot(partition), segment, key)
+        slot = self.slot(partition)
+        index = keys.index_key(slot, segment, key)
         tree = self.tree(partition)
         tree.update(key, old, digest)
         return [(index, digest),
-                (keys.segment_key(self.slot(partition), segment), tree.segment(segment).to_bytes(8, "big"))]
+                (keys.segment_key(slot, segment), tree.segment(segment).to_bytes(8, "big"))]
 
     def segment_entries(self, partition: int, segment: int) -> dict[bytes, bytes]:
         """{key: digest} of one segment, from the index (a range read)."""
