@@ -220,3 +220,14 @@ def test_the_one_pass_path_gives_exactly_what_the_step_parser_gives(commands, ju
     cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=4)))
     pieces = [wire[a:b] for a, b in zip([0] + cuts, cuts + [len(wire)])]
     assert _events(RespParser(limits), pieces) == _events(_StepOnly(limits), pieces)
+
+
+@pytest.mark.parametrize("wire", [
+    b"*2\r\n$8\r\n12345678\r\n$8\r\n12345678\r\n",  # 16 bytes held: over max_buffer
+    b"*5\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n",  # over max_args
+    b"*1\r\n$9\r\n123456789\r\n",  # over max_bulk
+    b"*1\r\n$-1\r\n", b"*0\r\n*1\r\n$1\r\nx\r\n", b"*1\r\n$1\r\nxy\r\n", b"*1\r\n:1\r\n",
+])
+def test_the_one_pass_path_refuses_what_the_step_parser_refuses(wire):
+    limits = Limits(max_args=4, max_bulk=8, max_inline=64, max_buffer=12)
+    assert _events(RespParser(limits), [wire]) == _events(_StepOnly(limits), [wire])
