@@ -14,8 +14,8 @@ Failure handling (DESIGN section 4):
 1. Every call to one replica has ``replica_timeout`` to answer; one that does not counts as
    failed for this request (Dynamo's local failure view), whatever the failure detector
    says. A mint that fails moves to the next primary at once; the whole request (mint and
-   replication, not the client's upload) is bounded by ``request_timeout``. Reads and rule
-   7's mints on this node alone have none (its commit is shielded: none could cut it).
+   replication, not the client's upload) is bounded by ``request_timeout``. Reads and
+   inline values' mints on this node alone have none (a shielded commit: none could cut it).
 2. Every attempt of one client write carries the same write id, so a mint that times out
    but lands later is the same sibling as its retry (versions rule 7): at most once.
 3. A replication leg that fails or times out leaves a hint for its node here, kept before
@@ -422,7 +422,8 @@ class Coordinator:
         if len(waiting) == 1:
             only = waiting[0]
             minted = await self._mint_alone(
-                only, lambda rep: rep.coordinate(key, context, payload), w, deadline, patience)
+                only, lambda rep: rep.coordinate(key, context, payload), w,
+                None if isinstance(only, LocalReplica) and not patience else deadline, patience)
             return minted, [rep for rep in replicas if rep is not only], errors
         # A large value's mint seals bytes proportional to its size: one at a time.
         hedge = None if patience else self._hedge_delay()
