@@ -75,6 +75,10 @@ class RawStream:
                 raise trio.BrokenResourceError(str(exc)) from exc
             view = view[sent:]
 
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        await trio.lowlevel.wait_writable(self._fd)
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 
