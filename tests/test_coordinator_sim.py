@@ -298,3 +298,33 @@ async def test_large_write_with_a_down_primary_is_hinted_with_its_bytes(autojump
             assert not n1.store.blobs.exists(sibling.chunks.vid), "hinted bytes were kept"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+async def test_silent_replicas_cost_a_write_a_hedge_not_a_replica_timeout(autojump_clock):
+    """Issue 14, latency through faults: n1 is cut off from n3 and n4 and nothing else (the
+    failure detector, fed by gossip relayed around the cut, cannot see it). A key whose
+    primaries include n3 and n4 has one reachable primary, which mints; W=2 then needs a
+    stand-in (rule 3). The quorum is reachable (n2 and n5 can stand in), so no write may
+    wait a whole replica_timeout for the silent primaries: the stand-ins are asked once
+    the replication legs are a hedge delay late (rule 9)."""
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        keys = [key for key in (b"stand" + str(i).encode() for i in range(100_000))
+                if {"n3", "n4"} <= set(_primaries(sim, key))][:12]
+        silent = [sim.nodes[n].peer_address for n in ("n3", "n4")]
+        sim.net.partition(sim.nodes["n1"].peer_address, silent)
+        src = sim.client_address()
+        took = []
+        async with sim.open_client("n1", src) as c:
+            for i, key in enumerate(keys):
+                began = trio.current_time()
+                await c.put(key, b"v", w=2)
+                took.append(round(trio.current_time() - began, 3))
+                if i % 2:
+                    await trio.sleep(6)  # a write after the last one's legs timed out, too
+        cluster = sim.nodes["n1"].node.cluster
+        assert cluster.is_up("n3") and cluster.is_up("n4"), "the detector saw the cut"
+        assert max(took) <= 0.3, took
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
