@@ -60,6 +60,7 @@ from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
 from kvd.node.large_values import chunk_source, discard_upload, minted_inline, stream_chunks
 from kvd.node.quorum_message import quorum_message
 from kvd.node.replica import LocalReplica, Replica, Role
+from kvd.node.replication import ReplicaTimedOut, replicate
 from kvd.node.turns import KeyTurns
 
 log = logging.getLogger("kvd.coordinator")
@@ -73,12 +74,6 @@ WRITE_ID_BYTES = 8  # unique among one key's siblings is all a write id needs
 T = TypeVar("T")  # what one replica call returns
 # How one replica call ended: (replica, True, its result) or (replica, False, its error).
 Outcome = tuple[Replica, bool, Any]
-
-
-class ReplicaTimedOut(KvdError):
-    """A replica did not answer one call within its deadline (rule 1)."""
-
-    code = "unavailable"
 
 
 @dataclass
@@ -164,6 +159,7 @@ class Coordinator:
         deadline: float | None = None,
         on_failure: Callable[[Replica, BaseException], Awaitable] | None = None,
         patience: float | None = None,
+        hedge: float | None = None,
     ) -> tuple[list[tuple[Replica, T]], list[tuple[Replica, BaseException]],
                trio.MemoryReceiveChannel[Outcome]]:
         """Run ``call`` on every replica; return once ``needed`` succeeded or all finished.
@@ -173,7 +169,8 @@ class Coordinator:
         repair waits for them). ``on_failure(replica, exc)`` runs in the failed call's task
         before its outcome is reported, so what it does is done before a quorum error.
         A call fails with a KvdError or an OSError; anything else is a bug, not a failed
-        replica, and ends the node (docs/DECISIONS.md).
+        replica, and ends the node (docs/DECISIONS.md). ``hedge`` (seconds): return then
+        too, short or not; the calls not answered are not counted failed (rule 9).
         """
         if deadline is None:
             deadline = self.clock() + self.request_timeout
@@ -194,10 +191,15 @@ class Coordinator:
         ok: list[tuple[Replica, T]] = []
         failed: list[tuple[Replica, BaseException]] = []
         # The calls end by the deadline; the margin lets their failure handlers finish.
-        with trio.move_on_at(deadline + (patience or self.replica_timeout)):
+        until = deadline + (patience or self.replica_timeout)
+        if hedge is not None:
+            until = min(until, self.clock() + hedge)
+        with trio.move_on_at(until):
             while len(ok) < needed and len(ok) + len(failed) < len(replicas):
                 replica, success, value = await receive.receive()
                 (ok if success else failed).append((replica, value))
+        if hedge is not None:
+            return ok, failed, receive
         answered = {id(rep) for rep, _ in ok + failed}
         failed += [(rep, ReplicaTimedOut("no answer")) for rep in replicas
                    if id(rep) not in answered and len(ok) < needed]
@@ -345,17 +347,15 @@ class Coordinator:
         for hint in hints:  # local and durable before we answer; not counted towards W
             await hint.merge(key, minted)
         ok: list = []
-        if others:
+        if others:  # rules 3 and 9 (kvd.node.replication)
 
             async def keep_hint(replica, exc) -> None:
                 await self._keep_hint(replica, key, minted, exc)
 
-            ok, lost, _ = await self._quorum(others, lambda rep: rep.merge(key, minted), w - 1,
-                                             deadline, on_failure=keep_hint, patience=patience)
-            failed += lost
-            if 1 + len(ok) < w and minted_inline(minted):
-                ok += await self._stand_ins(key, n, minted, w - 1 - len(ok), replicas, failed,
-                                            deadline)
+            hedge = self._hedge_delay() if minted_inline(minted) else None
+            ok = await replicate(self._quorum, self.write_replicas, key, n, minted, others,
+                                 w - 1, replicas, failed, deadline, on_failure=keep_hint,
+                                 patience=patience, hedge=hedge)
         acks = 1 + len(ok)
         if acks < w:
             raise QuorumFailed(quorum_message("write", w, [None] * acks, failed))
@@ -383,20 +383,6 @@ class Coordinator:
             if obj is not None:
                 merged = versions.sync(merged, obj)
         return versions.context_of(merged)
-
-    async def _stand_ins(self, key, n, minted, needed, asked, failed, deadline) -> list:
-        """Rule 3: fallbacks for the nodes that failed this request, counted towards W."""
-        down = {rep.node for rep, _ in failed if rep.role is Role.PRIMARY}
-        named = {(rep.node, rep.stands_for) for rep in asked}
-        stand_ins = [rep for rep in self.write_replicas(key, n, down)
-                     if rep.role is Role.FALLBACK
-                     and (rep.node, rep.stands_for) not in named and rep.node not in down]
-        if not stand_ins:
-            return []
-        ok, lost, _ = await self._quorum(stand_ins, lambda rep: rep.merge(key, minted), needed,
-                                         deadline)
-        failed += lost
-        return ok
 
     async def _keep_hint(self, replica, key, obj, exc) -> None:
         """Rule 3: a replication leg failed; keep the write for its node (or for the down

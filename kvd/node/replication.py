@@ -1,0 +1,86 @@
+"""A write's replication, after its mint (coordinator rules 3 and 9): the minted version
+goes to the key's other replicas until W hold it, with fallbacks standing in (sloppy
+quorum) for the primaries that fail or stay silent.
+
+It is the coordinator's, kept apart so that its module stays legible: ``quorum`` is the
+coordinator's fan-out (``Coordinator._quorum``), ``write_replicas`` its routing.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from kvd import versions
+from kvd.errors import KvdError
+from kvd.node.replica import Replica, Role
+
+
+class ReplicaTimedOut(KvdError):
+    """A replica did not answer one call within its deadline (coordinator rule 1)."""
+
+    code = "unavailable"
+
+
+async def replicate(quorum, write_replicas, key: bytes, n: int, minted: versions.VersionedObject,
+                    others: list[Replica], needed: int, asked: list[Replica],
+                    failed: list, deadline: float, *, on_failure, patience: float | None,
+                    hedge: float | None) -> list:
+    """Merge ``minted`` into ``others`` until ``needed`` hold it; return those that do.
+
+    Rule 3: a leg that fails leaves a hint (``on_failure``, before the leg is given up), and
+    when W is short the fallbacks routing names with the failed primaries taken as down
+    stand in and count. Rule 9: when ``hedge`` (seconds) is given and the legs are still
+    short after it, the primaries that have not answered are taken as down too: fallbacks
+    stand in for them at once, while their legs go on (an answer that comes later still
+    counts; one that fails still leaves a hint). ``hedge`` None (a large value: a fallback
+    has none of its bytes) waits for the legs and asks no stand-in. Failures are appended
+    to ``failed``, for the quorum error (rule 4).
+    """
+    def merge(rep: Replica):
+        return rep.merge(key, minted)
+
+    ok, lost, late = await quorum(others, merge, needed, deadline, on_failure=on_failure,
+                                  patience=patience, hedge=hedge)
+    failed += lost
+    if len(ok) >= needed or hedge is None:
+        return ok
+    answered = {id(rep) for rep, _ in ok + lost}
+    silent = [rep for rep in others if id(rep) not in answered]
+    down = {rep.node for rep, _ in failed if rep.role is Role.PRIMARY}
+    down |= {rep.node for rep in silent if rep.role is Role.PRIMARY}
+    named = {(rep.node, rep.stands_for) for rep in asked}
+    stand_ins = [rep for rep in write_replicas(key, n, down)
+                 if rep.role is Role.FALLBACK
+                 and (rep.node, rep.stands_for) not in named and rep.node not in down]
+
+    async with trio.open_nursery() as race:  # the silent legs against the stand-ins
+
+        async def silent_legs() -> None:
+            try:
+                with trio.move_on_at(deadline + (patience or 0.0) + hedge):
+                    for _ in silent:
+                        replica, success, value = await late.receive()
+                        answered.add(id(replica))
+                        (ok if success else failed).append((replica, value))
+                        if len(ok) >= needed:
+                            race.cancel_scope.cancel()
+            finally:  # the legs still silent when we answer, for the quorum error
+                failed.extend((rep, _no_answer()) for rep in silent
+                              if id(rep) not in answered and len(ok) < needed)
+
+        async def fallbacks() -> None:
+            got, lost_too, _ = await quorum(stand_ins, merge, needed - len(ok), deadline)
+            ok.extend(got)
+            failed.extend(lost_too)
+            if len(ok) >= needed:
+                race.cancel_scope.cancel()
+
+        if silent:
+            race.start_soon(silent_legs)
+        if stand_ins:
+            race.start_soon(fallbacks)
+    return ok
+
+
+def _no_answer() -> ReplicaTimedOut:
+    return ReplicaTimedOut("no answer")
