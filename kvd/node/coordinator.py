@@ -40,6 +40,13 @@ Failure handling (DESIGN section 4):
    time, at least ``HEDGE_FLOOR``, at most ``replica_timeout``) is also asked of the next
    primary, with the same write id (rule 2 makes the two one write); the read that rule 7
    makes returns once the hedge delay has passed after its first answer.
+9. Neither does a silent replica hold a write's replication up: when the legs are still
+   short of W a hedge delay after they were sent, the primaries that have not answered are
+   taken as down for this request and rule 3's fallbacks stand in for them at once, while
+   their legs go on (a late answer still counts; a failed one still leaves a hint).
+   Fallbacks only ever hold hints: the version was minted by a primary (rule 2's mint,
+   docs/DECISIONS.md "Only primaries mint versions"). Not for large values (rule 3).
+   kvd.node.replication holds rules 3 and 9.
 """
 
 from __future__ import annotations
