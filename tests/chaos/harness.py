@@ -429,11 +429,11 @@ class Result:
     p99_ms: float | None
     ops_during_fault: int
     repair_ok: bool
-    p99_reachable_ms: float | None = None  # coordinators outside scenario.impaired
-    p99_impaired_ms: float | None = None   # coordinators in scenario.impaired
     wall_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     history: list[Op] = field(default_factory=list)
+    p99_reachable_ms: float | None = None  # coordinators outside scenario.impaired
+    p99_impaired_ms: float | None = None   # coordinators in scenario.impaired
 
 
 def scenarios(full: bool) -> list[Scenario]:
@@ -585,7 +585,8 @@ async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers:
     return Result(scenario.name, verdict, healed - fault_start, converged,
                   _ms(percentile(during, 50)), _ms(percentile(during, 99)), len(during),
                   repair_ok, trio.current_time() - began, notes, workload.history,
-                  _ms(percentile(reachable, 99)), _ms(percentile(impaired, 99)))
+                  p99_reachable_ms=_ms(percentile(reachable, 99)),
+                  p99_impaired_ms=_ms(percentile(impaired, 99)))
 
 
 def dump_history(path: Path, history: list[Op], reads: dict[bytes, Read]) -> None:
