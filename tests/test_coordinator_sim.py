@@ -328,3 +328,54 @@ async def test_silent_replicas_cost_a_write_a_hedge_not_a_replica_timeout(autoju
         assert max(took) <= 0.3, took
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+def _silence(monkeypatch, sim: SimCluster, names: set[str]) -> None:
+    """The replicas on ``names`` never answer a data call (reads, mints, merges), while gossip
+    still flows: what a hung disk, or a ring partition relayed by gossip, looks like to a
+    coordinator. The failure detector cannot see it; only the requests can."""
+    from kvd.node import peer_service
+    from kvd.proto.codec import MsgType
+
+    def silenced(handler):
+        async def handle(node, conn, message, chunks):
+            if node.node_id in names:
+                await trio.sleep_forever()
+            return await handler(node, conn, message, chunks)
+        return handle
+
+    for kind in (MsgType.REPLICA_GET, MsgType.REPLICA_PUT):
+        monkeypatch.setitem(peer_service.PEER_HANDLERS, kind,
+                            silenced(peer_service.PEER_HANDLERS[kind]))
+
+
+async def test_suspected_replicas_cost_a_write_no_hedge(autojump_clock, monkeypatch):
+    """Issue 14, latency through faults: n3 and n4 answer no data call and the failure
+    detector cannot see it. Once their calls timed out (rule 5: suspected for SUSPECT_FOR),
+    a write through n1 to a key whose primaries include both must not wait for them at all:
+    not in the read that rule 7 makes (n - w + 1 answers asked, one can come), nor in its
+    replication (fallbacks stand in at once, rule 9). Each write then takes less than one
+    hedge delay (HEDGE_FLOOR)."""
+    from kvd.node.coordinator import HEDGE_FLOOR
+
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        keys = [key for key in (b"susp" + str(i).encode() for i in range(100_000))
+                if {"n3", "n4"} <= set(_primaries(sim, key))][:13]
+        _silence(monkeypatch, sim, {"n3", "n4"})
+        src = sim.client_address()
+        took = []
+        async with sim.open_client("n1", src) as c:
+            await c.put(keys[0], b"v", w=2)  # this one may pay the hedges; its legs time out
+            await trio.sleep(1.5)
+            for key in keys[1:]:
+                began = trio.current_time()
+                await c.put(key, b"v", w=2)
+                took.append(round(trio.current_time() - began, 3))
+                await trio.sleep(0.5)
+        cluster = sim.nodes["n1"].node.cluster
+        assert cluster.is_up("n3") and cluster.is_up("n4"), "the detector saw it"
+        assert max(took) < HEDGE_FLOOR, took
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
