@@ -44,7 +44,8 @@ Failure handling (DESIGN section 4):
    short of W a hedge delay after they were sent, the primaries that have not answered are
    taken as down for this request and rule 3's fallbacks stand in for them at once, while
    their legs go on (a late answer still counts; a failed one still leaves a hint).
-   Fallbacks only ever hold hints: the version was minted by a primary (rule 2's mint,
+   Primaries suspected (rule 5) get theirs at once when the others cannot make W, and
+   rule 7's read does not wait for them. Fallbacks only ever hold hints: the version was minted by a primary (rule 2's mint,
    docs/DECISIONS.md "Only primaries mint versions"). Not for large values (rule 3).
    kvd.node.replication holds rules 3 and 9.
 """
@@ -362,7 +363,7 @@ class Coordinator:
             hedge = self._hedge_delay() if minted_inline(minted) else None
             ok = await replicate(self._quorum, self.write_replicas, key, n, minted, others,
                                  w - 1, replicas, failed, deadline, on_failure=keep_hint,
-                                 patience=patience, hedge=hedge)
+                                 patience=patience, hedge=hedge, suspected=self._suspected)
         acks = 1 + len(ok)
         if acks < w:
             raise QuorumFailed(quorum_message("write", w, [None] * acks, failed))
@@ -371,11 +372,13 @@ class Coordinator:
     async def _current_context(self, key: bytes, n: int, w: int) -> versions.Context:
         """Rule 7: what a write without a context supersedes, read from the key's replicas.
         It waits for n - w + 1 of them, enough to meet every write acknowledged at this W,
-        but no longer than the hedge delay after the first answer (rule 8): a replica it
-        missed can only make this write a sibling of what that replica holds, never lose a
-        value."""
+        but no longer than the hedge delay after the first answer (rule 8), nor for replicas
+        suspected (rule 5): a replica it missed can only make this write a sibling of what
+        that replica holds, never lose a value."""
         replicas = self.read_replicas(key, n)
-        needed = min(len(replicas), max(1, n - w + 1))
+        # A suspected replica (rule 5) is not waited for: it would cost every write a hedge.
+        trusted = sum(not self._suspected(rep.node) for rep in replicas)
+        needed = max(1, min(trusted, n - w + 1))
         ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), 1,
                                               self.clock() + self.replica_timeout)
         outstanding = len(replicas) - len(ok) - len(failed)

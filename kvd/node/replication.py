@@ -24,7 +24,7 @@ class ReplicaTimedOut(KvdError):
 async def replicate(quorum, write_replicas, key: bytes, n: int, minted: versions.VersionedObject,
                     others: list[Replica], needed: int, asked: list[Replica],
                     failed: list, deadline: float, *, on_failure, patience: float | None,
-                    hedge: float | None) -> list:
+                    hedge: float | None, suspected) -> list:
     """Merge ``minted`` into ``others`` until ``needed`` hold it; return those that do.
 
     Rule 3: a leg that fails leaves a hint (``on_failure``, before the leg is given up), and
@@ -32,22 +32,26 @@ async def replicate(quorum, write_replicas, key: bytes, n: int, minted: versions
     stand in and count. Rule 9: when ``hedge`` (seconds) is given and the legs are still
     short after it, the primaries that have not answered are taken as down too: fallbacks
     stand in for them at once, while their legs go on (an answer that comes later still
-    counts; one that fails still leaves a hint). ``hedge`` None (a large value: a fallback
+    counts; one that fails still leaves a hint). When the primaries not ``suspected`` (a
+    node -> bool: coordinator rule 5) cannot make W alone, the suspected ones get their
+    stand-ins at once, without the hedge delay. ``hedge`` None (a large value: a fallback
     has none of its bytes) waits for the legs and asks no stand-in. Failures are appended
     to ``failed``, for the quorum error (rule 4).
     """
     def merge(rep: Replica):
         return rep.merge(key, minted)
 
+    at_once = hedge is not None and sum(not suspected(rep.node) for rep in others) < needed
     ok, lost, late = await quorum(others, merge, needed, deadline, on_failure=on_failure,
-                                  patience=patience, hedge=hedge)
+                                  patience=patience, hedge=0.0 if at_once else hedge)
     failed += lost
     if len(ok) >= needed or hedge is None:
         return ok
     answered = {id(rep) for rep, _ in ok + lost}
     silent = [rep for rep in others if id(rep) not in answered]
     down = {rep.node for rep, _ in failed if rep.role is Role.PRIMARY}
-    down |= {rep.node for rep in silent if rep.role is Role.PRIMARY}
+    down |= {rep.node for rep in silent if rep.role is Role.PRIMARY
+             and (suspected(rep.node) or not at_once)}
     named = {(rep.node, rep.stands_for) for rep in asked}
     stand_ins = [rep for rep in write_replicas(key, n, down)
                  if rep.role is Role.FALLBACK
