@@ -45,9 +45,9 @@ Failure handling (DESIGN section 4):
    taken as down for this request and rule 3's fallbacks stand in for them at once, while
    their legs go on (a late answer still counts; a failed one still leaves a hint).
    Primaries suspected (rule 5) get theirs at once when the others cannot make W, and
-   rule 7's read does not wait for them. Fallbacks only ever hold hints: the version was minted by a primary (rule 2's mint,
-   docs/DECISIONS.md "Only primaries mint versions"). Not for large values (rule 3).
-   kvd.node.replication holds rules 3 and 9.
+   rule 7's read does not wait for them. Fallbacks only ever hold hints: the version was
+   minted by a primary (docs/DECISIONS.md "Only primaries mint versions"). Not for large
+   values (rule 3). kvd.node.replication holds rules 3 and 9.
 """
 
 from __future__ import annotations
