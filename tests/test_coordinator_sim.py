@@ -379,3 +379,31 @@ async def test_suspected_replicas_cost_a_write_no_hedge(autojump_clock, monkeypa
         assert max(took) < HEDGE_FLOOR, took
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_replica_costs_writes_no_hedge_once_it_is_known_slow(autojump_clock):
+    """Issue 14, a lossy or slow link: every send to or from n2 is delayed by up to 0.3 s (the
+    failure detector still sees n2 up). n2 answering slowly must not make the hedge delay
+    long for every key (it is learnt per replica, from the fastest), and once n2 is known to
+    be slower than that delay it is asked to mint last (rule 5): after a few writes, a
+    write through n1 to a key whose first primary is n2 takes less than one hedge delay."""
+    from kvd.node.coordinator import HEDGE_FLOOR
+
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        keys = [key for key in (b"slow" + str(i).encode() for i in range(100_000))
+                if _primaries(sim, key)[0] == "n2" and "n1" not in _primaries(sim, key)][:30]
+        sim.net.set_delay(0.3, [sim.nodes["n2"].peer_address])
+        src = sim.client_address()
+        took = []
+        async with sim.open_client("n1", src) as c:
+            for key in keys:
+                began = trio.current_time()
+                await c.put(key, b"v", w=2)
+                took.append(round(trio.current_time() - began, 3))
+                await trio.sleep(0.2)
+        assert sim.nodes["n1"].node.cluster.is_up("n2"), "the detector saw it"
+        assert max(took[5:]) < HEDGE_FLOOR, took
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
