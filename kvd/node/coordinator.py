@@ -25,7 +25,10 @@ Failure handling (DESIGN section 4):
 4. A quorum error names every replica asked and what happened to it.
 5. A replica that timed out is tried last for minting for ``SUSPECT_FOR`` seconds, so a
    partition the failure detector cannot see (gossip relayed around it) costs one
-   ``replica_timeout``, not one per request.
+   ``replica_timeout``, not one per request. So is a slow one (a lossy link): one whose
+   typical answer time (a moving average over its calls) is more than ``HEDGE_FACTOR``
+   times the median replica's and more than ``HEDGE_FLOOR``; its mints do not count
+   towards the typical mint time of rule 8 either.
 6. Every ``get`` and ``put`` ends by telling the ``observer`` (if any) how long it took and
    how it ended; kvd.metrics is the observer, so this module knows nothing of metrics.
 7. A write without a context (None) supersedes what the key's replicas hold when it is
@@ -68,7 +71,7 @@ from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
 from kvd.node.large_values import chunk_source, discard_upload, minted_inline, stream_chunks
 from kvd.node.quorum_message import quorum_message
 from kvd.node.replica import LocalReplica, Replica, Role
-from kvd.node.replication import ReplicaTimedOut, replicate
+from kvd.node.replication import ReplicaTimedOut, replicate, spread_late_twins
 from kvd.node.turns import KeyTurns
 
 log = logging.getLogger("kvd.coordinator")
@@ -137,6 +140,7 @@ class Coordinator:
         self.read_repairs = 0
         self.hints_kept = 0  # hints kept for replication legs that failed (rule 3)
         self._suspects: dict[str, float] = {}  # node -> until when it is tried last
+        self._answers: dict[str, float] = {}  # node -> its typical answer time, s (rule 5)
         self._typical_mint = HEDGE_FLOOR / HEDGE_FACTOR  # moving average, seconds (rule 8)
         self.observer: RequestObserver | None = None
         self._turns = KeyTurns()  # writes without a context, per key (rule 7)
@@ -145,7 +149,8 @@ class Coordinator:
                     deadline: float, patience: float | None = None) -> T:
         """``call(replica)`` within the replica's deadline (rule 1), noting who timed out.
         ``patience`` replaces ``replica_timeout`` for calls that must fsync a large value."""
-        timeout = max(0.0, min(patience or self.replica_timeout, deadline - self.clock()))
+        began = self.clock()
+        timeout = max(0.0, min(patience or self.replica_timeout, deadline - began))
         try:
             with trio.fail_after(timeout):
                 result = await call(replica)
@@ -153,11 +158,23 @@ class Coordinator:
             self._suspects[replica.node] = self.clock() + SUSPECT_FOR
             raise ReplicaTimedOut(f"timed out after {timeout:.1f} s") from None
         self._suspects.pop(replica.node, None)
+        if patience is None:  # rule 5: how long this replica typically takes to answer
+            took, typical = self.clock() - began, self._answers.get(replica.node)
+            self._answers[replica.node] = took if typical is None else typical + (took - typical) / 8
         return result
 
     def _suspected(self, node: str) -> bool:
         until = self._suspects.get(node)
         return until is not None and until > self.clock()
+
+    def _slow(self, node: str) -> bool:
+        """Rule 5: ``node`` typically answers more than HEDGE_FACTOR times slower than the
+        median replica, and slower than HEDGE_FLOOR (a lossy or slow link)."""
+        typical = self._answers.get(node)
+        if typical is None:
+            return False
+        times = sorted(self._answers.values())
+        return typical > max(HEDGE_FLOOR, HEDGE_FACTOR * times[len(times) // 2])
 
     async def _quorum(
         self,
@@ -413,7 +430,7 @@ class Coordinator:
         errors: list[tuple[Replica, BaseException]] = []
         # Fallbacks hold hints; only a replica with the key's history mints.
         waiting = sorted((rep for rep in replicas if rep.role is Role.PRIMARY),
-                         key=lambda rep: self._suspected(rep.node))
+                         key=lambda rep: (self._suspected(rep.node), self._slow(rep.node)))
         if len(waiting) == 1:
             only = waiting[0]
             minted = await self._mint_alone(
@@ -431,7 +448,8 @@ class Coordinator:
             except (KvdError, OSError) as exc:  # anything else is a bug (docs/DECISIONS.md)
                 send.send_nowait((replica, None, exc))
                 return
-            self._typical_mint += (self.clock() - began - self._typical_mint) / 8
+            if not self._slow(replica.node):  # a slow link must not lengthen every hedge
+                self._typical_mint += (self.clock() - began - self._typical_mint) / 8
             send.send_nowait((replica, minted, None))
 
         running = 0
@@ -449,31 +467,14 @@ class Coordinator:
                 running -= 1
                 if exc is None:
                     if running:
-                        self.background.start_soon(self._spread_late_twins, key, receive,
-                                                   running, replicas)
+                        self.background.start_soon(
+                            spread_late_twins, key, receive, running, replicas,
+                            self.request_timeout, self.replica_timeout)
                     return minted, [rep for rep in replicas if rep is not replica], errors
                 if isinstance(exc, (TooManySiblings, BadRequest)):
                     raise exc  # no other replica would accept it either
                 errors.append((replica, exc))
         raise QuorumFailed(quorum_message("write", w, [], errors))
-
-    async def _spread_late_twins(self, key, late, outstanding: int, replicas) -> None:
-        """Rule 8: a mint that lost the race may have applied its own dot of the write before
-        the winner's version reached it (a twin). The others lack that dot, so it goes to
-        them as read repair would send it, or replicas stay different until anti-entropy."""
-        with trio.move_on_after(self.request_timeout):
-            for _ in range(outstanding):
-                loser, minted, exc = await late.receive()
-                if exc is not None:
-                    continue
-                for replica in replicas:
-                    if replica is not loser:
-                        try:
-                            with trio.fail_after(self.replica_timeout):
-                                await replica.merge(key, minted)
-                        except (KvdError, OSError, trio.TooSlowError) as err:
-                            log.info("late twin of %r for %s not delivered: %s", key[:64],
-                                     replica.node, err)
 
     async def _mint_alone(self, replica: Replica, call, w: int, deadline: float,
                           patience: float | None = None) -> versions.VersionedObject:

@@ -1,6 +1,7 @@
 """A write's replication, after its mint (coordinator rules 3 and 9): the minted version
 goes to the key's other replicas until W hold it, with fallbacks standing in (sloppy
-quorum) for the primaries that fail or stay silent.
+quorum) for the primaries that fail or stay silent; and the late twins of a hedged mint
+(rule 8) go to the replicas that lack them.
 
 It is the coordinator's, kept apart so that its module stays legible: ``quorum`` is the
 coordinator's fan-out (``Coordinator._quorum``), ``write_replicas`` its routing.
@@ -8,11 +9,16 @@ coordinator's fan-out (``Coordinator._quorum``), ``write_replicas`` its routing.
 
 from __future__ import annotations
 
+import logging
+
 import trio
 
 from kvd import versions
 from kvd.errors import KvdError
 from kvd.node.replica import Replica, Role
+
+
+log = logging.getLogger("kvd.coordinator")
 
 
 class ReplicaTimedOut(KvdError):
@@ -88,3 +94,24 @@ async def replicate(quorum, write_replicas, key: bytes, n: int, minted: versions
 
 def _no_answer() -> ReplicaTimedOut:
     return ReplicaTimedOut("no answer")
+
+
+async def spread_late_twins(key: bytes, late, outstanding: int, replicas: list[Replica],
+                            request_timeout: float, replica_timeout: float) -> None:
+    """Rule 8: a mint that lost the race may have applied its own dot of the write before
+    the winner's version reached it (a twin). The others lack that dot, so it goes to
+    them as read repair would send it, or replicas stay different until anti-entropy.
+    ``late`` is the mint race's channel, with ``outstanding`` attempts still to report."""
+    with trio.move_on_after(request_timeout):
+        for _ in range(outstanding):
+            loser, minted, exc = await late.receive()
+            if exc is not None:
+                continue
+            for replica in replicas:
+                if replica is not loser:
+                    try:
+                        with trio.fail_after(replica_timeout):
+                            await replica.merge(key, minted)
+                    except (KvdError, OSError, trio.TooSlowError) as err:
+                        log.info("late twin of %r for %s not delivered: %s", key[:64],
+                                 replica.node, err)
