@@ -12,7 +12,8 @@ resurrected deletes, duplicated siblings, time from heal until every replica agr
 client latency (p50/p99, all outcomes) of the writes started during the fault; beside it the
 p99 of the writes whose quorum stayed reachable (issue 14: those coordinated by a node that
 is neither cut off in the minority, killed, paused nor behind the lossy link), the p99 of
-the others, and the target (P99_TARGET_MS). Speed is only ever printed; correctness (and
+the others, the p99 before the fault (the machine's load alone), and the target
+(P99_TARGET_MS). Speed is only ever printed; correctness (and
 daemons that died by themselves) fails the run.
 """
 
@@ -434,6 +435,7 @@ class Result:
     history: list[Op] = field(default_factory=list)
     p99_reachable_ms: float | None = None  # coordinators outside scenario.impaired
     p99_impaired_ms: float | None = None   # coordinators in scenario.impaired
+    p99_calm_ms: float | None = None  # outside scenario.impaired, before the fault
 
 
 def scenarios(full: bool) -> list[Scenario]:
@@ -547,6 +549,8 @@ async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers:
     during = [op.end - op.start for op in ops]
     reachable = [op.end - op.start for op in ops if op.node not in scenario.impaired]
     impaired = [op.end - op.start for op in ops if op.node in scenario.impaired]
+    calm = [op.end - op.start for op in workload.history
+            if op.start < fault_start and op.end and op.node not in scenario.impaired]
     if not await cluster.wait_all_up(30):
         notes.append("not every node saw every node UN within 30 s of the heal")
     repair_ok = True
@@ -586,7 +590,8 @@ async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers:
                   _ms(percentile(during, 50)), _ms(percentile(during, 99)), len(during),
                   repair_ok, trio.current_time() - began, notes, workload.history,
                   p99_reachable_ms=_ms(percentile(reachable, 99)),
-                  p99_impaired_ms=_ms(percentile(impaired, 99)))
+                  p99_impaired_ms=_ms(percentile(impaired, 99)),
+                  p99_calm_ms=_ms(percentile(calm, 99)))
 
 
 def dump_history(path: Path, history: list[Op], reads: dict[bytes, Read]) -> None:
@@ -637,10 +642,13 @@ async def tamper_and_recheck(cluster: Cluster, result: Result) -> Verdict:
 def figures(results: list[Result]) -> str:
     """The table: outcomes, convergence and latency per scenario. p99_reach is the p99 of the
     writes whose quorum stayed reachable, held to `target` (printed, never asserted);
-    p99_impaired that of the impaired coordinators' writes (see Scenario.impaired)."""
+    p99_calm that of the same coordinators' writes in the seconds before the fault (what the
+    machine's load alone costs); p99_impaired that of the impaired coordinators' writes
+    (see Scenario.impaired)."""
     head = (f"{'scenario':<9} {'ack':>6} {'failed':>6} {'indet':>6} {'lost':>5} {'phantom':>7} "
             f"{'resurr':>6} {'dup':>4} {'unread':>6} {'converge_s':>10} "
-            f"{'p50_ms':>8} {'p99_ms':>8} {'p99_reach':>9} {'target':>6} {'p99_impaired':>12} "
+            f"{'p50_ms':>8} {'p99_ms':>8} {'p99_reach':>9} {'target':>6} {'p99_calm':>8} "
+            f"{'p99_impaired':>12} "
             f"{'fault_s':>7} {'wall_s':>6}")
     lines = [f"load average {_loadavg()}", head]
     for r in results:
@@ -652,7 +660,7 @@ def figures(results: list[Result]) -> str:
             f"{len(v.duplicated):>4} "
             f"{len(v.unreadable):>6} {conv:>10} {_fmt(r.p50_ms):>8} {_fmt(r.p99_ms):>8} "
             f"{_fmt(r.p99_reachable_ms):>9} {'≤' + str(P99_TARGET_MS):>6} "
-            f"{_fmt(r.p99_impaired_ms):>12} {r.fault_seconds:>7.1f} {r.wall_seconds:>6.1f}")
+            f"{_fmt(r.p99_calm_ms):>8} {_fmt(r.p99_impaired_ms):>12} {r.fault_seconds:>7.1f} {r.wall_seconds:>6.1f}")
         for note in r.notes:
             lines.append(f"    {note}")
     return "\n".join(lines)
