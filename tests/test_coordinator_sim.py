@@ -407,3 +407,37 @@ async def test_a_slow_replica_costs_writes_no_hedge_once_it_is_known_slow(autoju
         assert max(took[5:]) < HEDGE_FLOOR, took
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+async def test_a_read_short_of_r_unsuspected_replicas_fails_fast(autojump_clock, monkeypatch):
+    """Issue 14, fail fast: n3 and n4 answer no data call (the failure detector cannot see
+    it). A read at R=2 of a key whose primaries include both has one replica that answers:
+    it cannot succeed. Once n3 and n4 timed out (rule 5), such a read must fail (exit 3)
+    within a hedge delay, not wait a whole replica_timeout each time; a read at R=1 still
+    succeeds at once."""
+    from kvd.node.coordinator import HEDGE_FLOOR
+
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        keys = [key for key in (b"rd" + str(i).encode() for i in range(100_000))
+                if {"n3", "n4"} <= set(_primaries(sim, key))][:8]
+        src = sim.client_address()
+        async with sim.open_client("n1", src) as c:
+            for key in keys:
+                await c.put(key, b"v", w=3)
+            _silence(monkeypatch, sim, {"n3", "n4"})
+            with pytest.raises(QuorumFailed):  # this one waits: nobody is suspected yet
+                await c.get(keys[0], r=2)
+            took = []
+            for key in keys[1:]:
+                began = trio.current_time()
+                with pytest.raises(QuorumFailed) as failure:
+                    await c.get(key, r=2)
+                took.append(round(trio.current_time() - began, 3))
+                assert "n3" in str(failure.value) and "n4" in str(failure.value), failure.value
+                assert [s.value for s in (await c.get(key, r=1)).siblings] == [b"v"]
+                await trio.sleep(0.5)
+        assert max(took) <= 2 * HEDGE_FLOOR, took
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
