@@ -51,6 +51,8 @@ Failure handling (DESIGN section 4):
    rule 7's read does not wait for them. Fallbacks only ever hold hints: the version was
    minted by a primary (docs/DECISIONS.md "Only primaries mint versions"). Not for large
    values (rule 3). kvd.node.replication holds rules 3 and 9.
+10. A read that has fewer than R replicas not suspected (rule 5) cannot expect R answers:
+    it waits a hedge delay at most, then fails (exit 3), naming every replica.
 """
 
 from __future__ import annotations
@@ -260,8 +262,13 @@ class Coordinator:
             except ReplicaTimedOut as exc:
                 raise QuorumFailed(quorum_message("read", r, [], [(replicas[0], exc)])) from None
             return ReadResult(obj, 1, chunk_source(obj, [(replicas[0], obj)]))
-        ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), r)
+        trusted = sum(not self._suspected(rep.node) for rep in replicas)
+        hedge = self._hedge_delay() if trusted < r else None  # rule 10: short, so fail fast
+        ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), r, hedge=hedge)
         if len(ok) < r:
+            answered = {id(rep) for rep, _ in ok + failed}
+            failed += [(rep, ReplicaTimedOut("no answer; it timed out recently"))
+                       for rep in replicas if id(rep) not in answered]
             raise QuorumFailed(quorum_message("read", r, ok, failed))
         merged = None
         for _, obj in ok:
