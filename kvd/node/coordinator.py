@@ -14,7 +14,8 @@ Failure handling (DESIGN section 4):
 1. Every call to one replica has ``replica_timeout`` to answer; one that does not counts as
    failed for this request (Dynamo's local failure view), whatever the failure detector
    says. A mint that fails moves to the next primary at once; the whole request (mint and
-   replication, not the client's upload) is bounded by ``request_timeout``.
+   replication, not the client's upload) is bounded by ``request_timeout``. Reads and
+   inline values' mints on this node alone have none (a shielded commit: none could cut it).
 2. Every attempt of one client write carries the same write id, so a mint that times out
    but lands later is the same sibling as its retry (versions rule 7): at most once.
 3. A replication leg that fails or times out leaves a hint for its node here, kept before
@@ -25,10 +26,9 @@ Failure handling (DESIGN section 4):
 4. A quorum error names every replica asked and what happened to it.
 5. A replica that timed out is tried last for minting for ``SUSPECT_FOR`` seconds, so a
    partition the failure detector cannot see (gossip relayed around it) costs one
-   ``replica_timeout``, not one per request. So is a slow one (a lossy link): one whose
-   typical answer time (a moving average over its calls) is more than ``HEDGE_FACTOR``
-   times the median replica's and more than ``HEDGE_FLOOR``; its mints do not count
-   towards the typical mint time of rule 8 either.
+   ``replica_timeout``, not one per request. So is a slow one (a lossy link), whose
+   typical answer time is over ``HEDGE_FACTOR`` times the median replica's and over
+   ``HEDGE_FLOOR``; its mints do not count towards rule 8's typical mint time.
 6. Every ``get`` and ``put`` ends by telling the ``observer`` (if any) how long it took and
    how it ended; kvd.metrics is the observer, so this module knows nothing of metrics.
 7. A write without a context (None) supersedes what the key's replicas hold when it is
@@ -43,14 +43,13 @@ Failure handling (DESIGN section 4):
    time, at least ``HEDGE_FLOOR``, at most ``replica_timeout``) is also asked of the next
    primary, with the same write id (rule 2 makes the two one write); the read that rule 7
    makes returns once the hedge delay has passed after its first answer.
-9. Neither does a silent replica hold a write's replication up: when the legs are still
-   short of W a hedge delay after they were sent, the primaries that have not answered are
-   taken as down for this request and rule 3's fallbacks stand in for them at once, while
-   their legs go on (a late answer still counts; a failed one still leaves a hint).
-   Primaries suspected (rule 5) get theirs at once when the others cannot make W, and
-   rule 7's read does not wait for them. Fallbacks only ever hold hints: the version was
-   minted by a primary (docs/DECISIONS.md "Only primaries mint versions"). Not for large
-   values (rule 3). kvd.node.replication holds rules 3 and 9.
+9. Nor does a silent replica hold a write's replication up: the primaries that have not
+   answered a hedge delay after the legs were sent (at once when they are suspected, rule
+   5, and the others cannot make W) are taken as down, and rule 3's fallbacks stand in for
+   them while their legs go on (a late answer still counts; a failure leaves a hint). Rule
+   7's read does not wait for suspected replicas. Fallbacks only hold hints (only
+   primaries mint, docs/DECISIONS.md). Not for large values (rule 3). kvd.node.replication
+   holds rules 3 and 9.
 10. A read that has fewer than R replicas not suspected (rule 5) cannot expect R answers:
     it waits a hedge delay at most, then fails (exit 3), naming every replica.
 """
@@ -170,13 +169,11 @@ class Coordinator:
         return until is not None and until > self.clock()
 
     def _slow(self, node: str) -> bool:
-        """Rule 5: ``node`` typically answers more than HEDGE_FACTOR times slower than the
-        median replica, and slower than HEDGE_FLOOR (a lossy or slow link)."""
-        typical = self._answers.get(node)
-        if typical is None:
-            return False
+        """Rule 5: ``node`` typically answers over HEDGE_FACTOR times slower than the median
+        replica, and slower than HEDGE_FLOOR (a lossy or slow link)."""
         times = sorted(self._answers.values())
-        return typical > max(HEDGE_FLOOR, HEDGE_FACTOR * times[len(times) // 2])
+        return (self._answers.get(node, 0.0)
+                > max(HEDGE_FLOOR, HEDGE_FACTOR * times[len(times) // 2] if times else 0.0))
 
     async def _quorum(
         self,
@@ -335,9 +332,9 @@ class Coordinator:
     async def _write_here(self, key: bytes, here: LocalReplica, payload: dict) -> WriteResult:
         """Rule 7 on the only replica: the mint supersedes the latest object it holds,
         read in the mint itself. No read, no turn, no task (redis-benchmark SET on one key:
-        450-850/s before, each waiting for the previous one's fsync; 2,800-3,800/s after)."""
+        450-850/s before; 2,800-3,800/s after), no deadline (rule 1: 6% of a SET's CPU)."""
         minted = await self._mint_alone(here, lambda rep: here.supersede_latest(key, payload),
-                                        1, self.clock() + self.request_timeout)
+                                        1, None)
         return WriteResult(minted, 1)
 
     async def _write(self, key: bytes, context: versions.VersionVector | None, n: int, w: int,
@@ -441,7 +438,8 @@ class Coordinator:
         if len(waiting) == 1:
             only = waiting[0]
             minted = await self._mint_alone(
-                only, lambda rep: rep.coordinate(key, context, payload), w, deadline, patience)
+                only, lambda rep: rep.coordinate(key, context, payload), w,
+                None if isinstance(only, LocalReplica) and not patience else deadline, patience)
             return minted, [rep for rep in replicas if rep is not only], errors
         # A large value's mint seals bytes proportional to its size: one at a time.
         hedge = None if patience else self._hedge_delay()
@@ -483,12 +481,14 @@ class Coordinator:
                 errors.append((replica, exc))
         raise QuorumFailed(quorum_message("write", w, [], errors))
 
-    async def _mint_alone(self, replica: Replica, call, w: int, deadline: float,
+    async def _mint_alone(self, replica: Replica, call, w: int, deadline: float | None,
                           patience: float | None = None) -> versions.VersionedObject:
-        """A mint with no other primary to hedge with: ``call(replica)`` within its deadline,
-        with no task and no channel (on one node the task, channel and wait loop were
-        about 5% of the event loop under kvctl bench)."""
+        """A mint with no other primary to hedge with: ``call(replica)`` within its deadline
+        (None: one that cannot block, rule 1), with no task and no channel (on one node the
+        task, channel and wait loop were about 5% of the event loop under kvctl bench)."""
         try:
+            if deadline is None:
+                return await call(replica)
             return await self._call(replica, call, deadline, patience)
         except (TooManySiblings, BadRequest):
             raise  # no other replica would accept it either
