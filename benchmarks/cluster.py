@@ -44,14 +44,25 @@ def wait_cluster(host: str, count: int) -> None:
     raise SystemExit("cluster did not form")
 
 
+def start_node(root: Path, node_id: str, seeds: list[str]) -> KvdProcess:
+    """One node, tried again on fresh ports when one was taken meanwhile (the machine is
+    shared: a test elsewhere may bind the port free_port found)."""
+    for attempt in range(5):
+        shutil.rmtree(root / node_id, ignore_errors=True)
+        node = KvdProcess(root / node_id / "data", node_id, seeds=seeds,
+                          extra={"resp_listen": f"127.0.0.1:{free_port()}", "sync": "batch"})
+        try:
+            return node.start()
+        except RuntimeError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 def start_cluster(root: Path) -> list[KvdProcess]:
     """Three nodes joined to the first, the plan committed, transfers drained."""
-    def extra() -> dict:
-        return {"resp_listen": f"127.0.0.1:{free_port()}", "sync": "batch"}
-
-    first = KvdProcess(root / "c1" / "data", "c1", extra=extra()).start()
-    nodes = [first] + [KvdProcess(root / f"c{i}" / "data", f"c{i}", extra=extra(),
-                                  seeds=[first.peer_address]).start() for i in (2, 3)]
+    first = start_node(root, "c1", [])
+    nodes = [first] + [start_node(root, f"c{i}", [first.peer_address]) for i in (2, 3)]
     for other in nodes[1:]:
         kvctl("cluster", "join", first.peer_address, host=other.address)
     time.sleep(2)
