@@ -2,7 +2,9 @@
 
 Starts a local 3-node cluster (each node with a RESP port), then, back to back:
 
-- ``kvctl bench --procs P`` workload A (50/50 read/update), 1 KiB values, 10,000 keys;
+- ``kvctl bench --procs P`` workload A (50/50 read/update), 1 KiB values, 10,000 keys,
+  all processes through the first node, then with ``--spread`` (process i through node
+  i mod 3, as a cluster's clients use every node);
 - ``redis-benchmark -t set`` and ``-t get`` against the first node's RESP port, 1 KiB,
   32 clients, ``-r 100000`` (random keys).
 
@@ -86,10 +88,11 @@ def measured(nodes: list[KvdProcess], run, profile: Path | None = None,
     return row
 
 
-def kvctl_bench(address: str, ops: int, procs: int, concurrency: int) -> dict:
+def kvctl_bench(address: str, ops: int, procs: int, concurrency: int, spread: bool) -> dict:
     out = kvctl("--json", "bench", "--workload", "A", "--ops", str(ops), "--concurrency",
                 str(concurrency), "--value-size", "1024", "--keys", "10000", "--connections",
-                str(2 * procs), "--procs", str(procs), "--no-load", host=address, timeout=1800)
+                str(2 * procs), "--procs", str(procs), "--no-load",
+                *(["--spread"] if spread else []), host=address, timeout=1800)
     if out.returncode != 0:
         raise SystemExit(f"kvctl bench failed: {out.stderr.decode(errors='replace')}")
     result = json.loads(out.stdout)
@@ -101,7 +104,7 @@ def kvctl_bench(address: str, ops: int, procs: int, concurrency: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", type=int, default=20000, help="requests per run")
-    parser.add_argument("--procs", type=int, default=2, help="kvctl bench processes")
+    parser.add_argument("--procs", type=int, default=3, help="kvctl bench processes")
     parser.add_argument("--concurrency", type=int, default=64, help="kvctl bench requests in flight")
     parser.add_argument("--profile", type=Path, help="record each node with py-spy here")
     parser.add_argument("--no-redis-benchmark", action="store_true")
@@ -114,9 +117,12 @@ def main() -> None:
     try:
         first = nodes[0]
         kvctl("bench", "--ops", "1", "--keys", "10000", host=first.address, timeout=900)  # load
-        rows.append((f"kvctl bench A --procs {args.procs}", measured(
-            nodes, lambda: kvctl_bench(first.address, args.ops, args.procs, args.concurrency),
-            args.profile, "kvctl")))
+        for spread in (False, True):
+            name = f"kvctl bench A --procs {args.procs}" + (" --spread" if spread else "")
+            rows.append((name, measured(
+                nodes, lambda: kvctl_bench(first.address, args.ops, args.procs,
+                                           args.concurrency, spread),
+                args.profile, "spread" if spread else "kvctl")))
         port = int(first.extra["resp_listen"].rsplit(":", 1)[1])
         if not args.no_redis_benchmark and shutil.which("redis-benchmark"):
             for test in ("set", "get"):

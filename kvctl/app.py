@@ -260,10 +260,11 @@ def bench(
     connections: Annotated[int, typer.Option("--connections", metavar="N", help="Client connections.")] = 4,
     no_load: Annotated[bool, typer.Option("--no-load", help="Skip the load phase.")] = False,
     procs: Annotated[int, typer.Option("--procs", metavar="P", help="Client processes (the load is split between them).")] = 1,
+    spread: Annotated[bool, typer.Option("--spread", help="Each process drives another node of the cluster (round robin), not only --host.")] = False,
 ) -> None:
     """Run a YCSB-style workload and print throughput, latency percentiles and the cluster's
     CPU per request."""
-    from kvctl.bench import WORKLOADS, cluster_cpu, run_procs
+    from kvctl.bench import WORKLOADS, cluster_addresses, cluster_cpu, run_procs
 
     workload = workload.upper()
     if workload not in WORKLOADS:
@@ -279,17 +280,22 @@ def bench(
 
     from kvd.errors import unwrap_single_error
 
+    targets = None
+    if spread:
+        targets = run(lambda: cluster_addresses(options.host, options.token,
+                                                options.ssl_context, options.timeout))
     try:
         with unwrap_single_error():
             result, cpu_per_op = run_procs(
                 options.host, procs, workload=workload, ops=ops, concurrency=concurrency,
                 value_size=value_size, keys=keys, connections=min(connections, concurrency),
                 token=options.token, tls_ca=options.tls_ca, load=not no_load,
-                timeout=options.timeout, cpu=cpu)
+                timeout=options.timeout, cpu=cpu, spread=targets)
     except KvdError as exc:
         fail(str(exc), exc.exit_code, usage=False)
     summary = result.summary()
     summary["procs"] = procs
+    summary["nodes_driven"] = len(targets) if targets else 1
     summary["cpu_us_per_op"] = None if cpu_per_op is None else round(cpu_per_op * 1e6, 1)
     if options.json:
         render.emit_json(summary)

@@ -215,13 +215,15 @@ def _child(barrier, results, index: int, address: str, tls_ca: str | None,
 
 def run_procs(address: str, procs: int, *, ops: int, concurrency: int, connections: int,
               load: bool, tls_ca: str | None, cpu: Callable[[], float | None],
+              spread: list[str] | None = None,
               **kwargs) -> tuple[BenchResult, float | None]:
     """The bench from ``procs`` processes, so one client process never caps the figure.
 
     The keys are loaded once, here; then each process opens its share of the connections and
     waits for the others, and all run their share of ``ops`` at once. ``cpu()`` is the
     servers' CPU seconds so far (None: unknown), taken around the run; returns the merged
-    result and the servers' CPU seconds per operation."""
+    result and the servers' CPU seconds per operation. ``spread``: process i drives node
+    ``spread[i % len(spread)]`` instead of ``address`` (clients of a cluster use every node)."""
     import multiprocessing
     import threading
 
@@ -229,7 +231,7 @@ def run_procs(address: str, procs: int, *, ops: int, concurrency: int, connectio
         trio.run(lambda: run_bench(address, ops=0, concurrency=concurrency,
                                    connections=connections, load=True,
                                    ssl_context=_ssl(tls_ca), **kwargs))
-    if procs == 1:  # in this process (the connections' set-up counts in the CPU figure)
+    if procs == 1 and not spread:  # in this process (the connections' set-up counts in the CPU figure)
         before = cpu()
         result = trio.run(lambda: run_bench(
             address, ops=ops, concurrency=concurrency, connections=connections, load=False,
@@ -243,8 +245,9 @@ def run_procs(address: str, procs: int, *, ops: int, concurrency: int, connectio
         share = {**kwargs, "ops": _split(ops, procs, index),
                  "concurrency": max(1, _split(concurrency, procs, index)),
                  "connections": max(1, _split(connections, procs, index))}
+        target = spread[index % len(spread)] if spread else address
         child = context.Process(target=_child,
-                                args=(barrier, results, index, address, tls_ca, share))
+                                args=(barrier, results, index, target, tls_ca, share))
         child.start()
         children.append(child)
     try:
@@ -276,6 +279,17 @@ def _per_op(before: float | None, after: float | None, ops: int) -> float | None
     if before is None or after is None or not ops:
         return None
     return (after - before) / ops
+
+
+async def cluster_addresses(address: str, token: str | None, ssl_context,
+                            timeout: float) -> list[str]:
+    """The client addresses of the cluster's up nodes, ``address``'s node first."""
+    async with open_client(address, token=token, ssl_context=ssl_context,
+                           connect_timeout=timeout) as client:
+        status = await client.status()
+    others = [row["address"] for row in status["nodes"] if row.get("address")
+              and row["state"].startswith("U") and row["node"] != status["node"]]
+    return [address] + sorted(others)
 
 
 async def cluster_cpu(address: str, token: str | None, ssl_context, timeout: float) -> float | None:

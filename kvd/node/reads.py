@@ -25,7 +25,7 @@ from kvd import versions
 from kvd.errors import KvdError, QuorumFailed
 from kvd.node.large_values import chunk_source
 from kvd.node.quorum_message import quorum_message
-from kvd.node.replica import LocalReplica, Replica
+from kvd.node.replica import LocalReplica, Replica, Role
 
 if TYPE_CHECKING:
     from kvd.node.coordinator import Coordinator
@@ -76,7 +76,15 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
             send.send_nowait((replica, full, True, result))
 
     for replica in replicas:
-        co.background.start_soon(ask, replica, replica in data)
+        if replica in data and isinstance(replica, LocalReplica) and replica.role is Role.PRIMARY:
+            # A local read never blocks: read now, with no task and no deadline (a task and
+            # its cancel scope cost about 15 µs of CPU a call on this machine).
+            try:
+                send.send_nowait((replica, True, True, replica.read_now(key)))
+            except (KvdError, OSError) as exc:
+                send.send_nowait((replica, True, False, exc))
+        else:
+            co.background.start_soon(ask, replica, replica in data)
     running, reading = len(replicas), len(data)
     ok: list[tuple[Replica, Any]] = []
     failed: list[tuple[Replica, BaseException]] = []
