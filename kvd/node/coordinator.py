@@ -373,8 +373,11 @@ class Coordinator:
         still goes to them: one that timed out may have it, and otherwise they get a hint)."""
         errors: list[tuple[Replica, BaseException]] = []
         # Fallbacks hold hints; only a replica with the key's history mints.
+        # This node first when it is a primary (as the module's step 2 says: no round trip
+        # before the merges), a suspected replica last (rule 5).
         waiting = sorted((rep for rep in replicas if rep.role is Role.PRIMARY),
-                         key=lambda rep: self._suspected(rep.node))
+                         key=lambda rep: (self._suspected(rep.node),
+                                          not isinstance(rep, LocalReplica)))
         if len(waiting) == 1:
             only = waiting[0]
             minted = await self._mint_alone(
