@@ -251,7 +251,7 @@ def run_procs(address: str, procs: int, *, ops: int, concurrency: int, connectio
         child.start()
         children.append(child)
     try:
-        barrier.wait()
+        barrier.wait(timeout=2 * kwargs.get("timeout", 30.0) + 30)
     except threading.BrokenBarrierError:
         pass  # a child failed before the run: its error is in the results
     before = cpu()
@@ -260,7 +260,7 @@ def run_procs(address: str, procs: int, *, ops: int, concurrency: int, connectio
     errors = 0
     failures = []
     for _ in children:
-        lat, errs, failure = results.get()
+        lat, errs, failure = _next_result(results, children)
         latencies += lat
         errors += errs
         if failure:
@@ -273,6 +273,18 @@ def run_procs(address: str, procs: int, *, ops: int, concurrency: int, connectio
         raise KvdError(f"bench process failed: {failures[0]}")
     merged = BenchResult(kwargs["workload"], len(latencies), errors, elapsed, latencies)
     return merged, _per_op(before, after, merged.ops)
+
+
+def _next_result(results, children) -> tuple:
+    """The next child's result; a child that died without one (killed) fails the bench."""
+    import queue
+
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            if not any(child.is_alive() for child in children) and results.empty():
+                return [], 0, "a bench process died"
 
 
 def _per_op(before: float | None, after: float | None, ops: int) -> float | None:
