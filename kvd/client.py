@@ -135,8 +135,8 @@ class Client:
     async def call(self, kind: MsgType, fields: dict, expect: MsgType) -> dict:
         """Send one request and return the fields of its single reply (peer messages).
 
-        A slot per call, filled by the reader, instead of a channel and a context manager
-        (those were about 9% of a coordinator's samples under kvctl bench, 3 nodes)."""
+        A slot per call, filled by the reader, instead of a channel and a context manager:
+        140 µs of CPU per call instead of 170, both ends over an in-memory stream."""
         if self._failure is not None:
             raise self._failure
         rid = next(self._ids)
