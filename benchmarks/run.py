@@ -5,7 +5,8 @@
    kvctl's start-up CPU (benchmarks/kvctl_startup.py).
 3. `kvctl bench` workload A, 1 KiB values, 32 concurrent, against one node (sync=batch),
    with the node's peak RSS.
-4. The same against a 3-node cluster (N=3, R=2, W=2), 64 concurrent.
+4. Three nodes (N=3, R=2, W=2): kvctl bench --procs and redis-benchmark against one node's
+   RESP port, with the nodes' summed CPU per request (benchmarks/cluster.py).
 5. One node's hot path: kvctl bench and redis-benchmark SET/GET (one key, and -r 100000)
    against kvd's RESP port and against Redis 7 with appendfsync always, with each server's
    CPU per request and kvd's share of Redis's throughput (benchmarks/one_node.py).
@@ -18,7 +19,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,20 +38,6 @@ def bench(host: str, ops: int, concurrency: int, connections: int) -> dict:
     return json.loads(out.stdout)
 
 
-def wait_cluster(host: str, count: int) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        status = kvctl("--json", "status", host=host)
-        transfers = kvctl("--json", "transfers", host=host)
-        if status.returncode == 0 and transfers.returncode == 0:
-            nodes = json.loads(status.stdout)["nodes"]
-            if len(nodes) == count and all(n["state"] == "UN" for n in nodes) \
-                    and not json.loads(transfers.stdout)["transfers"]:
-                return
-        time.sleep(0.5)
-    raise SystemExit("cluster did not form")
-
-
 def main() -> None:
     python = sys.executable
     section("storage group commit")
@@ -68,20 +54,9 @@ def main() -> None:
         print(f"kvd peak RSS: {rss_kib(node.proc.pid, 'VmHWM') / 1024:.1f} MiB")
     finally:
         node.kill()
-    section("three nodes (N=3, R=2, W=2), workload A, 64 concurrent")
-    first = KvdProcess(root / "c1" / "data", "c1").start()
-    others = [KvdProcess(root / f"c{i}" / "data", f"c{i}", seeds=[first.peer_address]).start()
-              for i in (2, 3)]
-    try:
-        for other in others:
-            kvctl("cluster", "join", first.peer_address, host=other.address)
-        time.sleep(2)
-        kvctl("cluster", "commit", host=first.address)
-        wait_cluster(first.address, 3)
-        print(json.dumps(bench(first.address, 20000, 64, 8)))
-    finally:
-        for proc in (first, *others):
-            proc.kill()
+    section("three nodes (N=3, R=2, W=2): kvctl bench --procs 2 and redis-benchmark, "
+            "throughput, latency and CPU per request summed over the nodes")
+    subprocess.run([python, str(ROOT / "benchmarks/cluster.py")], check=False)
     section("one node: kvctl bench and redis-benchmark, throughput, latency and CPU per "
             "request, beside Redis 7 (appendfsync always)")
     subprocess.run([python, str(ROOT / "benchmarks/one_node.py")], check=False)

@@ -160,6 +160,7 @@ def main_options(
 
         try:
             options.ssl_context = client_context(str(tls_ca))
+            options.tls_ca = str(tls_ca)
         except (KvdError, OSError, ValueError) as exc:
             fail(f"--tls-ca: {exc}", 2)
     if token_file is not None:
@@ -258,30 +259,52 @@ def bench(
     keys: Annotated[int, typer.Option("--keys", metavar="N", help="Distinct keys (preloaded).")] = 10000,
     connections: Annotated[int, typer.Option("--connections", metavar="N", help="Client connections.")] = 4,
     no_load: Annotated[bool, typer.Option("--no-load", help="Skip the load phase.")] = False,
+    procs: Annotated[int, typer.Option("--procs", metavar="P", help="Client processes (the load is split between them).")] = 1,
+    spread: Annotated[bool, typer.Option("--spread", help="Each process drives another node of the cluster (round robin), not only --host.")] = False,
 ) -> None:
-    """Run a YCSB-style workload and print throughput and latency percentiles."""
-    from kvctl.bench import WORKLOADS, run_bench
+    """Run a YCSB-style workload and print throughput, latency percentiles and the cluster's
+    CPU per request."""
+    from kvctl.bench import WORKLOADS, cluster_addresses, cluster_cpu, run_procs
 
     workload = workload.upper()
     if workload not in WORKLOADS:
         fail(f"--workload must be one of {', '.join(WORKLOADS)}", 2)
-    if min(ops, concurrency, keys, connections) < 1 or value_size < 0:
-        fail("--ops, --concurrency, --keys and --connections must be positive", 2)
+    if min(ops, concurrency, keys, connections, procs) < 1 or value_size < 0:
+        fail("--ops, --concurrency, --keys, --connections and --procs must be positive", 2)
     if not options.json:
         render.note(f"bench: workload {workload}, {ops} ops, {concurrency} concurrent, "
                     f"{value_size} B values, {keys} keys")
-    result = run(lambda: run_bench(
-        options.host, workload=workload, ops=ops, concurrency=concurrency,
-        value_size=value_size, keys=keys, connections=min(connections, concurrency),
-        token=options.token, ssl_context=options.ssl_context, load=not no_load,
-        timeout=options.timeout))
+    def cpu():
+        return run(lambda: cluster_cpu(options.host, options.token, options.ssl_context,
+                                       options.timeout))
+
+    from kvd.errors import unwrap_single_error
+
+    targets = None
+    if spread:
+        targets = run(lambda: cluster_addresses(options.host, options.token,
+                                                options.ssl_context, options.timeout))
+    try:
+        with unwrap_single_error():
+            result, cpu_per_op = run_procs(
+                options.host, procs, workload=workload, ops=ops, concurrency=concurrency,
+                value_size=value_size, keys=keys, connections=min(connections, concurrency),
+                token=options.token, tls_ca=options.tls_ca, load=not no_load,
+                timeout=options.timeout, cpu=cpu, spread=targets)
+    except KvdError as exc:
+        fail(str(exc), exc.exit_code, usage=False)
     summary = result.summary()
+    summary["procs"] = procs
+    summary["nodes_driven"] = len(targets) if targets else 1
+    summary["cpu_us_per_op"] = None if cpu_per_op is None else round(cpu_per_op * 1e6, 1)
     if options.json:
         render.emit_json(summary)
         return
-    render.table(f"workload {workload}", ["ops", "errors", "ops/s", "p50 ms", "p95 ms", "p99 ms", "max ms"],
+    render.table(f"workload {workload}", ["ops", "errors", "ops/s", "p50 ms", "p95 ms", "p99 ms", "max ms",
+                                          "kvd CPU µs/op"],
                  [[summary["ops"], summary["errors"], summary["ops_per_sec"], summary["p50_ms"],
-                   summary["p95_ms"], summary["p99_ms"], summary["max_ms"]]])
+                   summary["p95_ms"], summary["p99_ms"], summary["max_ms"],
+                   "?" if cpu_per_op is None else summary["cpu_us_per_op"]]])
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ class Options:
     json: bool = False
     token: str | None = None
     ssl_context: ssl.SSLContext | None = None  # set by --tls-ca
+    tls_ca: str | None = None  # its file (kvctl bench --procs: each process opens it)
     timeout: float = DEFAULT_TIMEOUT
 
 

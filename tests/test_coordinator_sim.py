@@ -66,9 +66,11 @@ async def test_put_retried_on_another_primary_is_applied_once(autojump_clock):
     primary; then the first attempt lands too. The client made one write, so the key must
     hold one sibling."""
     async with trio.open_nursery() as nursery:
-        sim = await _cluster(nursery)
+        # Four nodes: the coordinator is not one of the key's replicas (one that is mints
+        # itself), so it asks the first primary, n3, which stalls.
+        sim = await _cluster(nursery, ("n1", "n2", "n3", "n4"))
         key = _key_with(sim, "n3")
-        coordinator = next(n for n in _primaries(sim, key) if n != "n3")
+        coordinator = next(n for n in sim.nodes if n not in _primaries(sim, key))
         src = sim.client_address()
         _stall(sim, "n3", 12.0)  # longer than request_timeout (5 s in the simulator)
         async with sim.open_client(coordinator, src) as c:
@@ -188,8 +190,15 @@ async def test_a_mint_that_lost_the_hedge_race_reaches_every_replica(autojump_cl
     dot the others lack. With anti-entropy and read repair off, only the coordinator can
     give the twin to the others: every replica must end with the same object."""
     async with trio.open_nursery() as nursery:
-        sim = await _cluster(nursery, anti_entropy=False, read_repair=False)
-        keys = [_key_with(sim, "n2", prefix=b"twin%d-" % i) for i in range(5)]
+        # Four nodes, keys whose replicas are n2, n3, n4: the coordinator, n1, is not one of
+        # them (one that is mints itself), so it asks the first primary, n2, which is slow.
+        sim = await _cluster(nursery, ("n1", "n2", "n3", "n4"), anti_entropy=False,
+                             read_repair=False)
+        keys = []
+        for i in range(1000):
+            key = _key_with(sim, "n2", prefix=b"twin%d-" % i)
+            if "n1" not in _primaries(sim, key) and len(keys) < 5:
+                keys.append(key)
         store = sim.nodes["n2"].node.store
         coordinate = store.coordinate
 
@@ -204,8 +213,9 @@ async def test_a_mint_that_lost_the_hedge_race_reaches_every_replica(autojump_cl
             for key in keys:
                 await c.put(key, b"v", w=3)
         await trio.sleep(10)
+        assert len(keys) == 5
         for key in keys:
-            held = {name: sim.nodes[name].node.store.read(key) for name in ("n1", "n2", "n3")}
+            held = {name: sim.nodes[name].node.store.read(key) for name in _primaries(sim, key)}
             assert len(set(held.values())) == 1, (key, held)
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()

@@ -426,3 +426,18 @@ def test_call_gives_an_async_operation_the_trio_client(node, monkeypatch):
         return client.status()["nodes"][0]["node"]
 
     assert call(trio_side) == call(blocking_side) == LONG_ID
+
+
+def test_bench_from_several_processes_reports_the_nodes_cpu(node):
+    """kvctl bench --procs: the run split over processes, every operation counted once, and
+    the node's CPU per request (STATUS cpu_seconds) beside the figures. A real kvctl
+    process: the bench processes are spawned from it."""
+    from tests.procs import kvctl
+
+    out = kvctl("--json", "bench", "--procs", "3", "--ops", "301", "--keys", "50",
+                "--concurrency", "6", host=node.address, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    summary = json.loads(out.stdout)
+    assert summary["ops"] + summary["errors"] == 301
+    assert summary["procs"] == 3
+    assert summary["cpu_us_per_op"] > 0

@@ -78,6 +78,11 @@ class _Holder:
             raise self.error
         return self.obj
 
+    async def digest(self, key: bytes) -> bytes | None:
+        if self.error is not None:
+            raise self.error
+        return None if self.obj is None else versions.object_digest(self.obj)
+
 
 def _coordinator(nursery: trio.Nursery, replicas: list) -> Coordinator:
     return Coordinator(lambda key, n: replicas, lambda key, n, failed=(): replicas, nursery,

@@ -10,6 +10,8 @@ validate the request, open and seal contexts, and shape the reply.
 
 from __future__ import annotations
 
+import time
+
 import trio
 
 from kvd import versions
@@ -199,6 +201,7 @@ async def _status(node, conn, message, _chunks) -> None:
         })
     mine = next(r for r in rows if r["node"] == node.node_id)
     mine.update({"uptime_s": round(node.clocks.monotonic() - node.started, 1),
+                 "cpu_seconds": time.process_time(),  # kvctl bench: CPU per request
                  "requests": node.counters.requests, "connections": node.counters.connections,
                  "read_repairs": node.coordinator.read_repairs,
                  "hints_held": sum(hints.values()), "hints_delivered": cluster.handoff.delivered,

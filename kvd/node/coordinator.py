@@ -3,8 +3,9 @@
 Any node coordinates any request. For a write it (1) streams a large value's chunks to every
 target replica, (2) asks one replica (itself when it is one) to mint the new version, so dots
 are only ever minted by a replica that holds the key's history, (3) merges that version into
-the other replicas, and answers once W replicas hold it durably. For a read it asks every
-replica, answers after R replies with their merge, then repairs the replicas that were stale.
+the other replicas, and answers once W replicas hold it durably. For a read it asks R
+replicas for the object and the others for a digest, answers after R objects with their
+merge, then repairs the replicas that were stale (kvd.node.reads).
 
 Requests keep running on the remaining replicas after the answer (Dynamo's behaviour): the
 background work lives in the node's nursery, not the request's.
@@ -71,8 +72,9 @@ from kvd.clocks import REAL
 from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
 from kvd.node.large_values import chunk_source, discard_upload, minted_inline, stream_chunks
 from kvd.node.quorum_message import quorum_message
+from kvd.node.reads import ReadResult, ReplicaTimedOut, quorum_read
 from kvd.node.replica import LocalReplica, Replica, Role
-from kvd.node.replication import ReplicaTimedOut, replicate, spread_late_twins
+from kvd.node.replication import replicate, spread_late_twins
 from kvd.node.turns import KeyTurns
 
 log = logging.getLogger("kvd.coordinator")
@@ -86,13 +88,6 @@ WRITE_ID_BYTES = 8  # unique among one key's siblings is all a write id needs
 T = TypeVar("T")  # what one replica call returns
 # How one replica call ended: (replica, True, its result) or (replica, False, its error).
 Outcome = tuple[Replica, bool, Any]
-
-
-@dataclass
-class ReadResult:
-    obj: versions.VersionedObject | None
-    replicas: int  # how many replicas answered before we replied
-    source: Replica | None  # a replica holding every chunk of obj's chunked siblings
 
 
 @dataclass
@@ -259,44 +254,7 @@ class Coordinator:
             except ReplicaTimedOut as exc:
                 raise QuorumFailed(quorum_message("read", r, [], [(replicas[0], exc)])) from None
             return ReadResult(obj, 1, chunk_source(obj, [(replicas[0], obj)]))
-        trusted = sum(not self._suspected(rep.node) for rep in replicas)
-        hedge = self._hedge_delay() if trusted < r else None  # rule 10: short, so fail fast
-        ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), r, hedge=hedge)
-        if len(ok) < r:
-            answered = {id(rep) for rep, _ in ok + failed}
-            failed += [(rep, ReplicaTimedOut("no answer; it timed out recently"))
-                       for rep in replicas if id(rep) not in answered]
-            raise QuorumFailed(quorum_message("read", r, ok, failed))
-        merged = None
-        for _, obj in ok:
-            if obj is not None:
-                merged = obj if merged is None else versions.sync(merged, obj)
-        source = chunk_source(merged, ok)
-        if self.read_repair and merged is not None:
-            outstanding = len(replicas) - len(ok) - len(failed)
-            self.background.start_soon(self._repair, key, merged, dict(ok), late, outstanding)
-        return ReadResult(merged, len(ok), source)
-
-    async def _repair(self, key, merged, answered, late, outstanding: int) -> None:
-        """After answering, wait for the replicas that had not answered yet, merge their
-        versions in too, and write the result back to every replica that was stale."""
-        with trio.move_on_after(self.request_timeout):
-            for _ in range(outstanding):
-                replica, success, value = await late.receive()
-                if success:
-                    answered[replica] = value
-                    if value is not None:
-                        merged = versions.sync(merged, value)
-        if any(s.chunks is not None for s in merged.siblings):
-            return  # large values are repaired by anti-entropy, which streams chunks
-        for replica, obj in answered.items():
-            if obj != merged:
-                try:
-                    with trio.fail_after(self.replica_timeout):
-                        await replica.merge(key, merged)
-                    self.read_repairs += 1
-                except (KvdError, trio.TooSlowError, OSError) as exc:
-                    log.info("read repair of %r on %s failed: %s", key[:64], replica.node, exc)
+        return await quorum_read(self, key, list(replicas), r)
 
     async def put(self, key: bytes, context: versions.VersionVector | None, n: int, w: int, *,
                   value: bytes = b"", deleted: bool = False, length: int = 0,
@@ -433,8 +391,11 @@ class Coordinator:
         still goes to them: one that timed out may have it, and otherwise they get a hint)."""
         errors: list[tuple[Replica, BaseException]] = []
         # Fallbacks hold hints; only a replica with the key's history mints.
+        # This node first when it is a primary (as the module's step 2 says: no round trip
+        # before the merges), a suspected replica last (rule 5).
         waiting = sorted((rep for rep in replicas if rep.role is Role.PRIMARY),
-                         key=lambda rep: (self._suspected(rep.node), self._slow(rep.node)))
+                         key=lambda rep: (self._suspected(rep.node), self._slow(rep.node),
+                                          not isinstance(rep, LocalReplica)))
         if len(waiting) == 1:
             only = waiting[0]
             minted = await self._mint_alone(

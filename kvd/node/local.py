@@ -182,6 +182,12 @@ class LocalStore:
         raw = self.storage.get(keys.object_key(self.slot(self.partition(key)), key))
         return None if raw is None else versions.decode_object(raw)
 
+    def read_digest(self, key: bytes) -> bytes | None:
+        """The digest of ``key``'s stored object (as anti-entropy's: blake2b of its
+        encoding), None when this node holds nothing for it; a digest read (kvd.node.reads)."""
+        raw = self.storage.get(keys.object_key(self.slot(self.partition(key)), key))
+        return None if raw is None else hashlib.blake2b(raw, digest_size=8).digest()
+
     async def coordinate(
         self,
         key: bytes,

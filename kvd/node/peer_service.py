@@ -92,10 +92,14 @@ async def replica_get(node, conn, message, _chunks) -> None:
         data = await store.blobs.read(fields["vid"], fields["offset"], fields["size"])
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, {"data": data})
         return
-    if fields["op"] != "get":
+    if fields["op"] not in ("get", "digest"):
         raise BadRequest(f"unknown replica read operation {fields['op'][:32]!r}")
     if not node.cluster.restore.has_its_data:
         raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
+    if fields["op"] == "digest":
+        await _reply(conn, message, MsgType.REPLICA_GET_REPLY,
+                     {"digest": store.read_digest(fields["key"])})
+        return
     obj = store.read(fields["key"])
     reply = {"object": None} if obj is None else await _object_fields(node, fields["key"], obj)
     await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)

@@ -90,6 +90,14 @@ class RemoteReplica:
                                       MsgType.REPLICA_GET_REPLY)
         return await self.object_of(key, reply)
 
+    async def digest(self, key: bytes) -> bytes | None:
+        reply = await self.peers.call(self.address, MsgType.REPLICA_GET,
+                                      {"op": "digest", "key": key}, MsgType.REPLICA_GET_REPLY)
+        digest = reply.get("digest")
+        if digest is not None and type(digest) is not bytes:
+            raise RemoteProtocolError(f"{self.node} sent a digest of {key[:64]!r} that is no bytes")
+        return digest
+
     async def coordinate(self, key: bytes, context: versions.VersionVector,
                          payload: dict) -> versions.VersionedObject:
         reply = await self._put({"op": "coordinate", "key": key,
@@ -200,6 +208,9 @@ class HintedReplica(RemoteReplica):
 
     async def get(self, key: bytes) -> versions.VersionedObject | None:
         return None  # a fallback holds hints, not the partition: it has nothing to read
+
+    async def digest(self, key: bytes) -> bytes | None:
+        return None
 
     async def coordinate(self, key: bytes, context: versions.VersionVector,
                          payload: dict) -> versions.VersionedObject:

@@ -53,6 +53,11 @@ class Replica(Protocol):
     async def get(self, key: bytes) -> versions.VersionedObject | None:
         """The replica's object for ``key`` (None when it holds nothing)."""
 
+    async def digest(self, key: bytes) -> bytes | None:
+        """The digest of the replica's object for ``key`` (blake2b of its encoding, 8 bytes;
+        None when it holds nothing): what a read asks of the replicas it does not need the
+        object of (kvd.node.reads)."""
+
     async def coordinate(
         self, key: bytes, context: versions.VersionVector, payload: dict
     ) -> versions.VersionedObject:
@@ -88,6 +93,9 @@ class LocalReplica:
 
     async def get(self, key: bytes) -> versions.VersionedObject | None:
         return self.store.read(key)
+
+    async def digest(self, key: bytes) -> bytes | None:
+        return self.store.read_digest(key)
 
     async def coordinate(self, key: bytes, context: versions.VersionVector,
                          payload: dict) -> versions.VersionedObject:

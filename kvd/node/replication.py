@@ -15,16 +15,11 @@ import trio
 
 from kvd import versions
 from kvd.errors import KvdError
+from kvd.node.reads import ReplicaTimedOut
 from kvd.node.replica import Replica, Role
 
 
 log = logging.getLogger("kvd.coordinator")
-
-
-class ReplicaTimedOut(KvdError):
-    """A replica did not answer one call within its deadline (coordinator rule 1)."""
-
-    code = "unavailable"
 
 
 async def replicate(quorum, write_replicas, key: bytes, n: int, minted: versions.VersionedObject,

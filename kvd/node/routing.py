@@ -55,6 +55,9 @@ class LocalHintStore(LocalReplica):
     async def get(self, key: bytes) -> versions.VersionedObject | None:
         return None
 
+    async def digest(self, key: bytes) -> bytes | None:
+        return None
+
     async def coordinate(self, key: bytes, context: versions.VersionVector,
                          payload: dict) -> versions.VersionedObject:
         raise Unavailable(f"{self.node} only keeps hints for {self.stands_for}: it does not mint")

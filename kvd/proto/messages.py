@@ -211,6 +211,7 @@ _NOTHING: dict = {}
 OPS: dict[MsgType, dict[str, Schema]] = {
     MsgType.REPLICA_GET: {
         "get": _KEY,
+        "digest": _KEY,  # 8 bytes that tell whether the replica holds the object a read saw
         "blob": {**_KEY, "vid": (BYTES, REQUIRED), "offset": (INT, REQUIRED),
                  "size": (INT, REQUIRED)},
         # Either after + limit (a page of keys) or within + offset (a piece of one object).

@@ -38,6 +38,7 @@ from kvd.versions.encoding import (
     digest,
     encode_context,
     encode_object,
+    object_digest,
     open_context,
     seal_context,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "merge_vv",
     "needs_warning",
     "next_counter",
+    "object_digest",
     "open_context",
     "seal_context",
     "sync",
