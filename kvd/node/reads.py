@@ -113,9 +113,9 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
                 running += 1
                 reading += 1
     if len(ok) < r:
-        answered = {id(rep) for rep, _ in ok + failed}
+        heard = {id(rep) for rep, _ in ok + failed} | {id(rep) for rep in digests}
         why = "no answer" if trusted >= r else "no answer; it timed out recently"
-        failed += [(rep, ReplicaTimedOut(why)) for rep in data if id(rep) not in answered]
+        failed += [(rep, ReplicaTimedOut(why)) for rep in replicas if id(rep) not in heard]
         raise QuorumFailed(quorum_message("read", r, ok, failed))
     merged = None
     for _, obj in ok:
