@@ -18,6 +18,7 @@ from kvd.errors import BadRequest, KvdError, Unavailable
 from kvd.node import admin
 from kvd.node.backup import send_backup
 from kvd.node.coordinator import MAX_VALUE
+from kvd.node.large_values import send_value
 from kvd.node.local import new_vid
 from kvd.proto import codec
 from kvd.proto.messages import PROTOCOL_VERSION, MsgType, validate_key
@@ -99,12 +100,11 @@ async def _send_value(node, conn, rid, key, sibling, source) -> None:
         return
     if source is None:
         raise Unavailable(f"no replica answering holds the chunks of key {key[:64]!r}")
-    sent = 0
-    async for data in source.read_chunks(key, sibling.chunks):
-        sent += len(data)
-        await conn.send(codec.encode_chunk(rid, data, end=sent == sibling.chunks.length))
-    if sibling.chunks.length == 0:
-        await conn.send(codec.encode_chunk(rid, b"", end=True))
+
+    async def send(data: bytes, end: bool) -> None:
+        await conn.send(codec.encode_chunk(rid, data, end=end))
+
+    await send_value(source, key, sibling.chunks, send)
 
 
 def _write_request(node, fields) -> tuple[bytes, int, int, versions.VersionVector | None]:
