@@ -104,6 +104,7 @@ def main() -> None:
     nodes = start_cluster(root)
     try:
         put_s, put_cpu = timed(nodes, "put", args.profile, "put", "big", "--file", str(source))
+        put_peaks = [rss_kib(n.proc.pid, "VmHWM") / 1024 for n in nodes]
         get_s, get_cpu = timed(nodes, "get", args.profile, "get", "big", "--output", "/dev/null")
         peaks = [rss_kib(n.proc.pid, "VmHWM") / 1024 for n in nodes]
     finally:
@@ -116,10 +117,12 @@ def main() -> None:
     print(f"disk fdatasync write reference: {mb / disk_seconds:7.1f} MB/s "
           f"(a put writes it 3x: limit about {mb / disk_seconds / 3:.0f} MB/s)")
     print(f"put: {mb / put_s:7.1f} MB/s  get: {mb / get_s:7.1f} MB/s")
-    print(f"{'node':12} {'put CPU s':>10} {'get CPU s':>10} {'peak RSS MiB':>13}")
+    print(f"{'node':12} {'put CPU s':>10} {'get CPU s':>10} {'peak RSS MiB':>13} "
+          f"{'(after put)':>12}")
     for i, node in enumerate(nodes):
         role = "coordinator" if i == 0 else node.node_id
-        print(f"{role:12} {put_cpu[i]:10.2f} {get_cpu[i]:10.2f} {peaks[i]:13.1f}")
+        print(f"{role:12} {put_cpu[i]:10.2f} {get_cpu[i]:10.2f} {peaks[i]:13.1f} "
+              f"{put_peaks[i]:12.1f}")
     shutil.rmtree(root, ignore_errors=True)
 
 
