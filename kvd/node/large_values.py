@@ -5,6 +5,7 @@ that holds every chunk of what was read."""
 from __future__ import annotations
 
 import logging
+import os
 
 import trio
 
@@ -12,6 +13,8 @@ from kvd import versions
 from kvd.errors import BadRequest, KvdError, QuorumFailed, unwrap_single_error
 from kvd.node.quorum_message import quorum_message
 from kvd.node.replica import LocalReplica, Replica
+from kvd.proto import codec
+from kvd.storage.blobs import BlobStore
 
 log = logging.getLogger("kvd.coordinator")
 
@@ -166,6 +169,36 @@ async def send_value(source: Replica, key: bytes, ref: versions.ChunkRef, send) 
                 await send(piece.data, sent >= ref.length)
                 piece.data = b""
                 slots.release()
+
+
+# CHUNK frames per send_file call (the connection's send lock is given up between calls).
+FILE_BATCH = 8
+
+
+def blob_file_store(source: Replica | None) -> BlobStore | None:
+    """The blob files of ``source`` when it is this node's replica on disk (send_file)."""
+    if isinstance(source, LocalReplica) and isinstance(source.store.blobs, BlobStore):
+        return source.store.blobs
+    return None
+
+
+async def send_file_value(conn, rid: int, ref: versions.ChunkRef, blobs: BlobStore) -> None:
+    """Stream the stored value ``ref`` as CHUNK frames of request ``rid`` straight from its
+    blob file to ``conn`` (a FrameConnection that ``can_send_file``): no byte of it passes
+    through Python. Against reading pieces and sending them, a 1 GiB get's coordinator CPU
+    went from XXX."""
+    fd = await blobs.open(ref.vid, ref.length)
+    try:
+        offsets = range(0, ref.length, PIECE)
+        for first in range(0, len(offsets), FILE_BATCH):
+            frames = []
+            for offset in offsets[first : first + FILE_BATCH]:
+                size = min(PIECE, ref.length - offset)
+                end = offset + size >= ref.length
+                frames.append((codec.chunk_header(rid, size, end), offset, size))
+            await conn.send_file(frames, fd)
+    finally:
+        os.close(fd)
 
 
 def minted_inline(obj: versions.VersionedObject) -> bool:

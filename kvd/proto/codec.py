@@ -119,17 +119,20 @@ _BAD_FLAGS = {t: ~ALLOWED_FLAGS.get(t, 0) for t in MsgType}
 
 
 def _frame_bytes(type: MsgType, request_id: int, flags: int, body) -> bytes:
+    return _frame_header(type, request_id, flags, len(body)) + body
+
+
+def _frame_header(type: MsgType, request_id: int, flags: int, length: int) -> bytes:
     if flags & _BAD_FLAGS[type]:
         raise LocalProtocolError(f"flags 0x{flags:02x} are not allowed on a {type.name} frame")
-    if len(body) > MAX_BODY:
-        raise LocalProtocolError(f"{type.name} body of {len(body)} bytes exceeds the u32 length")
+    if length > MAX_BODY:
+        raise LocalProtocolError(f"{type.name} body of {length} bytes exceeds the u32 length")
     try:
-        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, type, flags, request_id, len(body))
+        return HEADER.pack(MAGIC, PROTOCOL_VERSION, type, flags, request_id, length)
     except struct.error:
         raise LocalProtocolError(
             f"request id must be an int in 0..{MAX_REQUEST_ID}, got {request_id!r}"
         ) from None
-    return header + body
 
 
 def _message_type(type) -> MsgType:
@@ -171,6 +174,12 @@ def encode_chunk(request_id: int, data: bytes | bytearray | memoryview,
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise LocalProtocolError(f"CHUNK data must be bytes, got {type_name(data)}")
     return _frame_bytes(MsgType.CHUNK, request_id, FLAG_END if end else 0, data)
+
+
+def chunk_header(request_id: int, length: int, end: bool = False) -> bytes:
+    """The header of a CHUNK frame whose ``length`` raw bytes the caller sends after it
+    (a value sent from a file with sendfile)."""
+    return _frame_header(MsgType.CHUNK, request_id, FLAG_END if end else 0, length)
 
 
 # --- decoding --------------------------------------------------------------------------------

@@ -107,6 +107,21 @@ class BlobStore:
     async def read(self, vid: bytes, offset: int, size: int) -> bytes:
         return await trio.to_thread.run_sync(self._read, vid, offset, size)
 
+    def _open(self, vid: bytes, length: int) -> int:
+        try:
+            fd = os.open(self._path(vid), os.O_RDONLY)
+        except FileNotFoundError:
+            raise Unavailable("value was replaced while it was being read; read it again") from None
+        if os.fstat(fd).st_size < length:
+            os.close(fd)
+            raise Unavailable(f"blob {vid.hex()} holds fewer than its {length} bytes")
+        return fd
+
+    async def open(self, vid: bytes, length: int) -> int:
+        """A file descriptor of blob ``vid`` (holding at least ``length`` bytes) for reading;
+        the caller closes it. Its bytes stay readable even if the blob is deleted meanwhile."""
+        return await trio.to_thread.run_sync(self._open, vid, length)
+
     def exists(self, vid: bytes) -> bool:
         return self._path(vid).exists()
 
