@@ -18,7 +18,7 @@ import trio
 sys.path.insert(0, os.path.dirname(__file__))
 from sim.harness import SimCluster, seeded  # noqa: E402
 
-from kvd.errors import BadRequest, QuorumFailed, Unavailable  # noqa: E402
+from kvd.errors import BadRequest, KvdError, QuorumFailed, Unavailable  # noqa: E402
 from kvd.node import large_values  # noqa: E402
 from kvd.proto import codec  # noqa: E402
 from kvd.proto.messages import MsgType  # noqa: E402
@@ -50,11 +50,11 @@ def _value(chunks: int) -> bytes:
 
 
 def _manifests(sim: SimCluster, key: bytes) -> list[str]:
-    return [name for name, sn in sim.nodes.items() if sn.node.store.read(key) is not None]
+    return [sn.name for sn in sim.running() if sn.node.store.read(key) is not None]
 
 
 def _blob_count(sim: SimCluster) -> int:
-    return sum(len(sn.node.store.blobs.blobs) for sn in sim.nodes.values())
+    return sum(len(sn.node.store.blobs.blobs) for sn in sim.running())
 
 
 def _instrument(sim: SimCluster, name: str, fail_from: int | None = None) -> dict:
@@ -177,5 +177,34 @@ async def test_a_stream_of_the_wrong_length_is_refused(autojump_clock, sent):
         await trio.sleep(10)
         assert _manifests(sim, key) == []
         assert _blob_count(sim) == 0, "chunks of the refused upload were kept"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_coordinator_crash_mid_upload_leaves_no_manifest(autojump_clock):
+    """The coordinator dies half-way through an upload (while several chunks are in flight):
+    no node may hold a manifest for the value, and the dead node's chunks go at its restart."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery)
+        key = b"big"
+        replica = next(n for n in _primaries(sim, key) if n != "n1")
+        store = sim.nodes[replica].node.store
+        write_chunk = store.write_chunk
+
+        async def crash_half_way(key_, vid, offset, data):
+            if offset == 10 * CHUNK and sim.nodes["n1"].running:
+                sim.crash("n1")
+            await write_chunk(key_, vid, offset, data)
+
+        store.write_chunk = crash_half_way
+        with pytest.raises(KvdError):  # the connection to the coordinator is gone
+            async with sim.open_client("n1", sim.client_address()) as c:
+                await c.put(key, _value(20))
+        await trio.sleep(10)
+        assert _manifests(sim, key) == []
+        await sim.start("n1")
+        await trio.sleep(10)
+        assert _manifests(sim, key) == []
+        assert not sim.nodes["n1"].node.store.blobs.blobs, "the crashed upload's chunks stayed"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
