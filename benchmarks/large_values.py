@@ -123,6 +123,11 @@ def main() -> None:
         role = "coordinator" if i == 0 else node.node_id
         print(f"{role:12} {put_cpu[i]:10.2f} {get_cpu[i]:10.2f} {peaks[i]:13.1f} "
               f"{put_peaks[i]:12.1f}")
+    for node in nodes:  # a replica dropped from the upload, say: the figures need it
+        for line in node.log_text().splitlines():
+            if "dropped from upload" in line or " ERROR " in line or (
+                    " WARNING " in line and "no cluster yet" not in line):
+                print(f"{node.node_id} log: {line[:200]}")
     shutil.rmtree(root, ignore_errors=True)
 
 
