@@ -34,11 +34,13 @@ async def _write(sim, names, keys, value=b"v") -> None:
             nursery.start_soon(writer, keys[i::16])
 
 
-async def test_kvctl_keys_lists_10000_keys_once_each_from_a_3_node_cluster(
+async def test_kvctl_keys_lists_3000_keys_once_each_from_a_3_node_cluster(
         sim, autojump_clock, capsys):
+    # 3,000 keys fill three full pages (PAGE_LIMIT) and end pages at partition boundaries;
+    # 10,000 tested nothing more and cost 27 s of make test.
     names = ["n1", "n2", "n3"]
     await sim.form(names)
-    written = [b"user:%05d" % i for i in range(10_000)]
+    written = [b"user:%05d" % i for i in range(3_000)]
     await _write(sim, names, written)
     async with sim.open_client("n2", sim.client_address()) as client:
         await keys.walk(b"", None, as_json=True)(client)  # kvctl keys --json, over the sim
@@ -47,8 +49,8 @@ async def test_kvctl_keys_lists_10000_keys_once_each_from_a_3_node_cluster(
     assert "full scan" in out.err
     assert len(listed) == len(set(listed)), "a key was listed twice"
     assert set(listed) == set(written)
-    assert sorted(await _all_keys(sim, "n3", prefix=b"user:0999")) == [
-        b"user:0999%d" % i for i in range(10)]
+    assert sorted(await _all_keys(sim, "n3", prefix=b"user:0299")) == [
+        b"user:0299%d" % i for i in range(10)]
     assert not sim.crashes, sim.crashes
 
 
