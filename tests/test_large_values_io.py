@@ -146,3 +146,43 @@ async def test_an_open_blob_outlives_its_deletion_and_a_short_one_is_refused(tmp
         os.close(fd)
     with pytest.raises(Unavailable, match="replaced"):
         await blobs.open(vid, len(data))
+
+
+async def test_frames_queued_while_a_file_is_sent_go_out_after_it(tmp_path):
+    """Replies of other requests on the connection, queued while send_file holds the send
+    lock, are sent when it ends (they were left in the queue: a multiplexed client waited
+    for them until it gave up)."""
+    data = os.urandom(16 * MiB)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    server, client = await _tcp_pair()
+    conn = FrameConnection(server)
+    frames = [(codec.chunk_header(7, MiB, offset + MiB >= len(data)), offset, MiB)
+              for offset in range(0, len(data), MiB)]
+    decoder = codec.FrameDecoder(max_frame=2 * MiB)
+    received: list[codec.Message] = []
+
+    async def read_slowly():
+        while len(received) < 1 + len(frames):
+            await trio.sleep(0.005)
+            decoder.receive_data(await client.receive_some(256 * 1024))
+            while (message := decoder.next_message()) not in (codec.NEED_DATA, None):
+                received.append(message)
+
+    async def reply_meanwhile():
+        await trio.sleep(0.05)  # send_file has the lock by now
+        await conn.send(codec.encode(MsgType.PING, 8, {}))
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_slowly)
+                nursery.start_soon(reply_meanwhile)
+                await conn.send_file(frames, fd)
+    finally:
+        os.close(fd)
+    assert [m.request_id for m in received].count(8) == 1
+    assert b"".join(m.fields["data"] for m in received if m.request_id == 7) == data
+    await client.aclose()
+    await server.aclose()

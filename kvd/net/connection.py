@@ -112,24 +112,30 @@ class FrameConnection:
         count) is ``header`` then ``count`` bytes of the file from ``offset``, moved by
         os.sendfile in a worker thread (page cache to socket, no copy through Python).
         Only when ``can_send_file()``. Holds the send lock for all of them; a cancel waits
-        for the thread, which gives up after SEND_FILE_STALL seconds without room."""
+        for the thread, which gives up after SEND_FILE_STALL seconds without room. Frames
+        queued before go out first, those queued meanwhile (``send`` left them to the lock's
+        holder) right after."""
         assert isinstance(self.stream, trio.SocketStream)
         if self.broken:
             raise ConnectFailed("connection is broken")
         async with self._send_lock:
             try:
-                while self._queue:  # frames queued before ours go first
-                    batch = b"".join(self._queue)
-                    self._queue.clear()
-                    self._queued = 0
-                    await self.stream.send_all(batch)
+                await self._send_queued()
                 await trio.to_thread.run_sync(_send_file_frames, self.stream.socket.fileno(),
                                               fd, frames)
+                await self._send_queued()
             except BaseException as exc:
                 self.broken = True
                 if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
                     raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
                 raise
+
+    async def _send_queued(self) -> None:
+        while self._queue:
+            batch = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
+            self._queue.clear()
+            self._queued = 0
+            await self.stream.send_all(batch)
 
     async def aclose(self) -> None:
         self.broken = True
