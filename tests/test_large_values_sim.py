@@ -208,3 +208,38 @@ async def test_a_coordinator_crash_mid_upload_leaves_no_manifest(autojump_clock)
         assert not sim.nodes["n1"].node.store.blobs.blobs, "the crashed upload's chunks stayed"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("how", ["overlong", "client gone"])
+async def test_an_abandoned_upload_leaves_the_peer_connections_whole(autojump_clock, how):
+    """A refused (overlong) stream, or a client that goes away, ends the upload while
+    chunks are on their way to the replicas. Those writes finish (or time out) rather than
+    being cancelled half-sent, which would break the coordinator's connection to the peer
+    and every other request on it."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery)
+        key = b"big"
+        for name in _primaries(sim, key):
+            if name != "n1":
+                _instrument(sim, name)  # each chunk write takes a little while
+        peers = sim.nodes["n1"].node.cluster.peers
+        before = dict(peers._clients)
+        assert len(before) == 2
+        declared = CHUNK * 12
+        data = os.urandom(declared + 1)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            async with c._request(MsgType.PUT, {"key": key, "length": declared}) as (rid, reply):
+                for offset in range(0, CHUNK * 11 if how == "client gone" else len(data), CHUNK):
+                    piece = data[offset : offset + CHUNK]
+                    await c._conn.send(codec.encode_chunk(rid, piece,
+                                                          end=offset + CHUNK >= len(data)))
+                if how == "overlong":
+                    with pytest.raises(BadRequest, match="declared"):
+                        await reply()
+        await trio.sleep(10)
+        broken = [address for address, client in before.items() if client.closed.is_set()]
+        assert not broken, f"peer connections broken by the abandoned upload: {broken}"
+        assert _manifests(sim, key) == []
+        assert _blob_count(sim) == 0, "chunks of the abandoned upload were kept"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()

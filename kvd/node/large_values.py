@@ -64,7 +64,11 @@ class _Lane:
     async def _write(self, call, slots: trio.Semaphore, offset: int, data: bytes) -> None:
         key, vid = self.key, self.vid
         try:
-            await call(self.replica, lambda rep: rep.write_chunk(key, vid, offset, data))
+            # Not cancelled when the upload ends early (a refused stream, a client gone): a
+            # chunk cut off half-sent would break the peer connection and every request on
+            # it. The call's own timeout (replica_timeout) bounds the wait.
+            with trio.CancelScope(shield=True):
+                await call(self.replica, lambda rep: rep.write_chunk(key, vid, offset, data))
         except (KvdError, OSError) as exc:
             if self.error is None:
                 log.info("replica %s dropped from upload of %r: %s", self.replica.node,
