@@ -52,6 +52,7 @@ from kvd.net.admission import (
     descriptor_budget,
     serve_admitted,
 )
+from kvd.net import rawstream
 from kvd.net.connection import FrameConnection, run_handshake
 from kvd.net.guarded import GuardedConnection
 from kvd.node.antientropy import AntiEntropy
@@ -314,7 +315,7 @@ async def handle_connection(node: Node, stream, ticket: Ticket | None, role: str
                             security: Security | None = None) -> None:
     """Serve one accepted connection; ``ticket`` is its admission (kvd.net.admission),
     None when the port is full of authenticated connections."""
-    conn = GuardedConnection(stream, security)
+    conn = GuardedConnection(rawstream.wrap(stream), security)
     if ticket is None:
         node.counters.rejected_connections += 1
         await _send_error(conn, 0, Unavailable("too many connections"))

@@ -180,3 +180,54 @@ def test_a_request_cut_short_by_the_end_of_the_stream_is_an_error(data):
     parser.receive_data(b"")
     with pytest.raises(ProtocolError, match="closed in mid-request"):
         parser.next_event()
+
+
+class _StepOnly(RespParser):
+    """The parser without its one-pass path for whole commands."""
+
+    def _whole_command(self):
+        return None
+
+
+def _events(parser: RespParser, pieces: list[bytes]) -> list:
+    out: list = []
+    try:
+        for piece in pieces + [b""]:
+            parser.receive_data(piece)
+            while (event := parser.next_event()) not in (NEED_DATA, None):
+                out.append(event)
+            if event is None:
+                break
+    except ProtocolError as exc:
+        out.append(("error", str(exc)))
+    return out
+
+
+_commands = st.lists(st.lists(st.binary(max_size=40), min_size=1, max_size=12), max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_commands, st.binary(max_size=8), st.data(),
+       st.sampled_from([PRE_AUTH, Limits(max_args=3, max_bulk=8, max_inline=64, max_buffer=20,
+                                         stream_above=6),
+                        Limits(max_args=4, max_bulk=8, max_inline=64, max_buffer=12),
+                        AUTHENTICATED]))
+def test_the_one_pass_path_gives_exactly_what_the_step_parser_gives(commands, junk, data,
+                                                                    limits):
+    """Whole commands, pipelined, cut anywhere, with junk after: same events, same errors."""
+    wire = b"".join(b"*%d\r\n" % len(c) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in c)
+                    for c in commands) + junk
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=4)))
+    pieces = [wire[a:b] for a, b in zip([0] + cuts, cuts + [len(wire)])]
+    assert _events(RespParser(limits), pieces) == _events(_StepOnly(limits), pieces)
+
+
+@pytest.mark.parametrize("wire", [
+    b"*2\r\n$8\r\n12345678\r\n$8\r\n12345678\r\n",  # 16 bytes held: over max_buffer
+    b"*5\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n",  # over max_args
+    b"*1\r\n$9\r\n123456789\r\n",  # over max_bulk
+    b"*1\r\n$-1\r\n", b"*0\r\n*1\r\n$1\r\nx\r\n", b"*1\r\n$1\r\nxy\r\n", b"*1\r\n:1\r\n",
+])
+def test_the_one_pass_path_refuses_what_the_step_parser_refuses(wire):
+    limits = Limits(max_args=4, max_bulk=8, max_inline=64, max_buffer=12)
+    assert _events(RespParser(limits), [wire]) == _events(_StepOnly(limits), [wire])

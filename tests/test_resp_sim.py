@@ -6,6 +6,7 @@ key once. Real redis clients are in tests/test_resp.py."""
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 RESP_PORT = "7382"
 
@@ -134,3 +135,33 @@ async def test_an_idle_connection_is_closed_after_idle_timeout(sim, autojump_clo
     began = trio.current_time()
     assert await silent.stream.receive_some(100) == b""
     assert trio.current_time() - began < idle
+
+
+async def test_the_idle_watchdog_closes_a_waiting_connection_never_a_running_command(
+        autojump_clock):
+    """Rule 2 of kvd.node.resp_service: silence is counted only while the session waits for
+    the client's bytes; a command that runs past idle_timeout is not cut off."""
+    from types import SimpleNamespace
+
+    from kvd.node.resp_service import Session
+
+    node = SimpleNamespace(config=SimpleNamespace(handshake_timeout=1.0, idle_timeout=5.0))
+    ticket = SimpleNamespace(pending=False)
+    session = Session(node, trio.testing.memory_stream_pair()[0], ticket)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.watch, scope)
+            await trio.sleep(20)  # a command runs for four idle timeouts
+            assert not scope.cancel_called
+            session.waiting_since, session.reading = trio.current_time(), True
+            began = trio.current_time()
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert trio.current_time() - began == 5.0  # idle_timeout after the wait began
+    ticket.pending = True  # before AUTH: handshake_timeout
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            session.waiting_since, began = trio.current_time(), trio.current_time()
+            nursery.start_soon(session.watch, scope)
+            await trio.sleep_forever()
+    assert trio.current_time() - began == 1.0

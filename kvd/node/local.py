@@ -115,13 +115,18 @@ class LocalStore:
         raw = storage.get(_GENERATIONS)
         self._generations: dict[int, int] = (
             {} if raw is None else {int(p): g for p, g in json.loads(raw).items()})
+        self._slots: dict[int, int] = {}  # partition -> slot of its live generation
 
     def partition(self, key: bytes) -> int:
         return partition_of(key, self.ring_size)
 
     def slot(self, partition: int) -> int:
         """Where the live generation of ``partition`` keeps its keys (Rule 6)."""
-        return keys.slot(partition, self._generations.get(partition, 0), self.ring_size)
+        found = self._slots.get(partition)  # a write asked 4 times: 2% of a SET's CPU
+        if found is None:
+            found = self._slots[partition] = keys.slot(
+                partition, self._generations.get(partition, 0), self.ring_size)
+        return found
 
     def holds(self, partition: int) -> bool:
         """Whether this node stores any object of ``partition`` (one seek)."""
@@ -132,6 +137,7 @@ class LocalStore:
         """Rule 6: forget ``partition`` at once; ``reclaim`` frees its space later."""
         old = self.slot(partition)
         self._generations[partition] = self._generations.get(partition, 0) + 1
+        self._slots.pop(partition, None)
         self._trees.pop(partition, None)
         doc = json.dumps({str(p): g for p, g in sorted(self._generations.items())}).encode()
         await self.storage.write([(_GENERATIONS, doc), (_RECLAIM + old.to_bytes(4, "big"), b"")])
@@ -201,7 +207,8 @@ class LocalStore:
                 await self._seal(chunks)
             lease = self.leases.lease(actor)
             while True:
-                current = self._latest(key) or versions.empty()
+                latest, old_digest = self._latest_read(key)
+                current = latest or versions.empty()
                 seen = versions.context_of(current) if context is None else context
                 if wid and any(s.wid == wid for s in current.siblings):
                     # Applied before (a coordinator's retry): answer once it is durable.
@@ -235,7 +242,7 @@ class LocalStore:
                 min_counter=lease.next,
             )
             lease.next = counter + 1
-            await self._store(key, updated, discarded)
+            await self._store(key, updated, discarded, old_digest)
         finally:
             self._unhold(vids)
         if versions.needs_warning(updated):
@@ -262,7 +269,7 @@ class LocalStore:
                     await self._seal(sibling.chunks)
             self._check_dots(key, incoming)
             while True:
-                current = self._latest(key)
+                current, old_digest = self._latest_read(key)
                 if current is None:
                     merged, discarded = incoming, list[versions.Sibling]()
                 else:
@@ -273,7 +280,7 @@ class LocalStore:
                             return current  # already durable
                         await committing.durable.wait()
                         continue  # durable now, unless that commit failed: look again
-                await self._store(key, merged, discarded)
+                await self._store(key, merged, discarded, old_digest)
                 return merged
         finally:
             self._unhold(vids)
@@ -301,6 +308,17 @@ class LocalStore:
         committing = self._pending.get(key)
         return committing.obj if committing is not None else self.read(key)
 
+    def _latest_read(self, key: bytes) -> tuple[versions.VersionedObject | None, bytes | None]:
+        """``_latest`` and the digest its index entry holds: that of its stored bytes (Rule
+        5), so a write needs no second read for it (that read was 2-3% of a SET's CPU)."""
+        committing = self._pending.get(key)
+        if committing is not None:
+            return committing.obj, committing.digest
+        raw = self.storage.get(keys.object_key(self.slot(self.partition(key)), key))
+        if raw is None:
+            return None, None
+        return versions.decode_object(raw), hashlib.blake2b(raw, digest_size=8).digest()
+
     def tree(self, partition: int) -> aae.Tree:
         """The partition's anti-entropy tree (loaded from its stored segments once)."""
         tree = self._trees.get(partition)
@@ -312,20 +330,18 @@ class LocalStore:
             tree = self._trees[partition] = aae.Tree(segments)
         return tree
 
-    def _index_ops(self, partition: int, key: bytes, digest: bytes | None) -> list:
-        """Update the tree for ``key``'s new digest (None: removed); the ops that store it
-        go in the same batch as the object, so tree and objects never disagree on disk."""
+    def _index_ops(self, partition: int, key: bytes, digest: bytes | None,
+                   old: bytes | None) -> list:
+        """Update the tree for ``key``'s new digest (None: removed) from its ``old`` one
+        (``_latest_read``'s); the ops that store it go in the same batch as the object, so
+        tree and objects never disagree on disk."""
         segment = aae.segment_of(key)
-        index = keys.index_key(self.slot(partition), segment, key)
-        committing = self._pending.get(key)
-        if committing is not None:  # a write of this key is still committing
-            old = committing.digest
-        else:
-            old = self.storage.get(index)
+        slot = self.slot(partition)
+        index = keys.index_key(slot, segment, key)
         tree = self.tree(partition)
         tree.update(key, old, digest)
         return [(index, digest),
-                (keys.segment_key(self.slot(partition), segment), tree.segment(segment).to_bytes(8, "big"))]
+                (keys.segment_key(slot, segment), tree.segment(segment).to_bytes(8, "big"))]
 
     def segment_entries(self, partition: int, segment: int) -> dict[bytes, bytes]:
         """{key: digest} of one segment, from the index (a range read)."""
@@ -337,26 +353,27 @@ class LocalStore:
 
         The key's clock goes with it; Rule 6 keeps the next write's dot new all the same."""
         partition = self.partition(key)
-        current = self._latest(key)
+        current, old = self._latest_read(key)
         if current is None or versions.is_found(current):
             return False
         raw = versions.encode_object(current)
         if hashlib.blake2b(raw, digest_size=8).digest() != digest:
             return False
         slot = self.slot(partition)
-        ops = [(keys.object_key(slot, key), None)] + self._index_ops(partition, key, None)
+        ops = [(keys.object_key(slot, key), None)] + self._index_ops(partition, key, None, old)
         ops.append(keys.tombstone_op(slot, key, None))
         await self._commit(key, versions.empty(), None, ops)
         return True
 
-    async def _store(self, key, obj, discarded) -> None:
+    async def _store(self, key, obj, discarded, old_digest) -> None:
         """Publish ``obj`` as the key's latest object (call with no checkpoint since reading
         the object it derives from), then wait until it is durable."""
         partition = self.partition(key)
         raw = versions.encode_object(obj)
         digest = hashlib.blake2b(raw, digest_size=8).digest()
         slot = self.slot(partition)
-        ops = [(keys.object_key(slot, key), raw)] + self._index_ops(partition, key, digest)
+        ops = [(keys.object_key(slot, key), raw)] + self._index_ops(partition, key, digest,
+                                                                     old_digest)
         dead = bool(obj.siblings) and not versions.is_found(obj)  # tombstone index (antientropy)
         deleted_at = max(s.timestamp for s in obj.siblings) if dead else None
         ops.append(keys.tombstone_op(slot, key, deleted_at))

@@ -112,10 +112,44 @@ class RespParser:
     def next_event(self):
         """A command (list of bytes), StreamStart/StreamData/StreamEnd, NEED_DATA, or None at
         a clean end of stream. Raises ProtocolError on a request that breaks the protocol."""
+        if self._args is None and self._streaming is None:
+            args = self._whole_command()
+            if args is not None:
+                return args
         while True:
             event = self._step()
             if event is not _AGAIN:
                 return event
+
+    def _whole_command(self) -> list[bytes] | None:
+        """A multibulk command that is whole in the buffer and within the limits, taken in
+        one pass (a third of the parser's cost per redis-benchmark GET); None, with nothing
+        consumed, for anything else: the step parser then takes it, errors included."""
+        buf, limits = self._buf, self.limits
+        if not buf or buf[0] != 42:  # "*"
+            return None
+        end = buf.find(b"\r\n", 1, MAX_HEADER_LINE)
+        head = buf[1:end]
+        if end < 0 or not head.isdigit() or not 0 < int(head) <= limits.max_args:
+            return None
+        args, pos, size = [], end + 2, 0
+        stream_above = limits.stream_above if limits.stream_above is not None else 1 << 62
+        for _ in range(int(head)):
+            if buf[pos:pos + 1] != b"$":
+                return None
+            end = buf.find(b"\r\n", pos + 1, pos + MAX_HEADER_LINE)
+            head = buf[pos + 1:end]
+            if end < 0 or not head.isdigit():
+                return None
+            length = int(head)
+            size += length
+            start, pos = end + 2, end + 4 + length
+            if (length > limits.max_bulk or length > stream_above or size > limits.max_buffer
+                    or buf[pos - 2:pos] != b"\r\n"):
+                return None
+            args.append(bytes(buf[start:pos - 2]))
+        del buf[:pos]
+        return args
 
     def _step(self):
         if self._streaming is not None:
@@ -245,8 +279,11 @@ class RespParser:
 _AGAIN = object()  # internal: the step consumed something; take another
 
 
+_INTEGER = re.compile(rb"-?[0-9]{1,19}")
+
+
 def _integer(text: bytes, problem: str) -> int:
-    if not re.fullmatch(rb"-?[0-9]{1,19}", text):
+    if not _INTEGER.fullmatch(text):
         raise ProtocolError(f"Protocol error: {problem}")
     return int(text)
 
