@@ -326,10 +326,8 @@ class Coordinator:
             minted, others, failed = await self._mint(key, context, payload, replicas, w, deadline)
         else:
             try:
-                async def call(replica, write):  # each chunk's own replica_timeout
-                    return await self._call(replica, write, self.clock() + self.request_timeout)
-
-                targets, count = await stream_chunks(call, key, vid, length, chunks, replicas, w)
+                targets, count = await stream_chunks(self._call, key, vid, length, chunks,
+                                                     replicas, w)
                 payload["chunks"] = versions.ChunkRef(vid=vid, length=length, count=count)
                 deadline = self.clock() + self.request_timeout  # the upload is the client's
                 # A replica seals (fsyncs) the value's bytes before it stores the manifest:

@@ -5,6 +5,7 @@ that holds every chunk of what was read."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import trio
@@ -68,7 +69,8 @@ class _Lane:
             # chunk cut off half-sent would break the peer connection and every request on
             # it. The call's own timeout (replica_timeout) bounds the wait.
             with trio.CancelScope(shield=True):
-                await call(self.replica, lambda rep: rep.write_chunk(key, vid, offset, data))
+                await call(self.replica, lambda rep: rep.write_chunk(key, vid, offset, data),
+                           math.inf)  # no deadline of its own: each chunk gets replica_timeout
         except (KvdError, OSError) as exc:
             if self.error is None:
                 log.info("replica %s dropped from upload of %r: %s", self.replica.node,
@@ -79,8 +81,8 @@ class _Lane:
 
 
 async def stream_chunks(call, key, vid, length, chunks, replicas, w):
-    """Send each chunk to every replica (``call(replica, fn)`` is the coordinator's call with
-    its per-replica timeout); keep those that stored them all. Returns (those replicas, the
+    """Send each chunk to every replica (``call(replica, fn, deadline)`` is the coordinator's
+    call with its per-replica timeout); keep those that stored them all. Returns (those replicas, the
     number of chunks). Memory: at most WINDOW + 2 chunks per replica, shared by them."""
     lanes = [_Lane(replica, key, vid) for replica in replicas]
     count = 0
