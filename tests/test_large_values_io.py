@@ -13,6 +13,7 @@ import trio.testing
 
 from kvd import versions
 from kvd.errors import Unavailable
+from kvd.net import rawstream
 from kvd.net.connection import FrameConnection
 from kvd.node import large_values
 from kvd.proto import codec
@@ -85,7 +86,8 @@ async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return server, client
 
 
-async def test_send_file_sends_chunk_frames_from_a_file_behind_queued_frames(tmp_path):
+@pytest.mark.parametrize("raw", [False, True])
+async def test_send_file_sends_chunk_frames_from_a_file_behind_queued_frames(tmp_path, raw):
     """Over real TCP, with a reader slower than the sender (the thread waits for room):
     the frame sent before comes first, then the CHUNK frames, bodies byte for byte. 24 MiB:
     more than loopback's socket buffers hold."""
@@ -93,7 +95,7 @@ async def test_send_file_sends_chunk_frames_from_a_file_behind_queued_frames(tmp
     path = tmp_path / "blob"
     path.write_bytes(data)
     server, client = await _tcp_pair()
-    conn = FrameConnection(server)
+    conn = FrameConnection(rawstream.wrap(server) if raw else server)  # the server wraps
     assert conn.can_send_file()
     pieces = [(offset, min(MiB, len(data) - offset)) for offset in range(0, len(data), MiB)]
     frames = [(codec.chunk_header(7, size, offset + size >= len(data)), offset, size)

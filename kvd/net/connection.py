@@ -15,6 +15,7 @@ import select
 import trio
 
 from kvd.errors import ConnectFailed, KvdError
+from kvd.net.rawstream import RawStream
 from kvd.net.sealed import SealedStream
 from kvd.proto.codec import NEED_DATA, FrameDecoder, Message
 from kvd.proto.handshake import ClientHandshake, Done, ServerHandshake
@@ -105,7 +106,7 @@ class FrameConnection:
 
     def can_send_file(self) -> bool:
         """Whether ``send_file`` works here: a plain TCP socket (not TLS, not sealed)."""
-        return isinstance(self.stream, trio.SocketStream)
+        return isinstance(self.stream, (trio.SocketStream, RawStream))
 
     async def send_file(self, frames: list[tuple[bytes, int, int]], fd: int) -> None:
         """Send frames whose bodies are in the open file ``fd``: each (header, offset,
@@ -115,7 +116,7 @@ class FrameConnection:
         for the thread, which gives up after SEND_FILE_STALL seconds without room. Frames
         queued before go out first, those queued meanwhile (``send`` left them to the lock's
         holder) right after."""
-        assert isinstance(self.stream, trio.SocketStream)
+        assert isinstance(self.stream, (trio.SocketStream, RawStream))
         if self.broken:
             raise ConnectFailed("connection is broken")
         async with self._send_lock:
