@@ -287,9 +287,10 @@ class Config(BaseModel):
         ge=1,
         description=(
             "Most connections per port that have not completed the handshake (HELLO and "
-            "authentication) yet. When full, the oldest such connection is closed to make "
-            "room for the new one (as HAProxy and nginx do), so idle sockets cannot lock "
-            "clients or peers out: a real client authenticates in one round trip."
+            "authentication) yet. When full, the oldest such connection that has sent "
+            "nothing at all is closed to make room for the new one (as HAProxy and nginx "
+            "evict the oldest), so idle sockets cannot lock clients or peers out; ones that "
+            "have started their handshake are closed only when the port is full."
         ),
     )
     max_pending_per_address: int = Field(
@@ -297,7 +298,7 @@ class Config(BaseModel):
         ge=1,
         description=(
             "Most connections from one source address per port that have not completed the "
-            "handshake; a new one from that address closes its oldest."
+            "handshake; a new one from that address closes its oldest silent one."
         ),
     )
     member_reserved_connections: int = Field(

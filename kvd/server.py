@@ -218,13 +218,13 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
                 listeners += bound
                 tls = security.peer_tls if role == "peer" else security.client_tls
                 # With TLS, the TLS handshake runs inside the HELLO's handshake timeout.
-                served = [trio.SSLListener(b, tls) for b in bound] if tls else bound
                 nursery.start_soon(
                     serve_admitted,
                     lambda stream, ticket, role=role: handle_connection(
                         node, stream, ticket, role, security),
-                    served,
+                    bound,
                     node.admissions[role],
+                    tls,
                 )
             nursery.start_soon(security.refusals.run)
             socket = getattr(listeners[-1], "socket", None)

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
+from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 
+from kvd.errors import KvdError
 from kvd.metrics import READ_TIMEOUT
-from kvd.net.admission import Admission, descriptor_budget
+from kvd.net.admission import Admission, descriptor_budget, serve_admitted
 from kvd.proto import codec
 from kvd.proto.codec import FrameDecoder
 from kvd.proto.messages import MsgType
-from tests.flood import Flood
-from tests.procs import ROOT, KvdProcess, free_port, rss_kib
-from tests.test_security import read_message, start
+from tests.flood import Flood, flood_process, probe_client, probe_peer, probe_resp
+from tests.procs import KvdProcess, free_port, rss_kib
+from tests.test_security import SECRET, TOKENS, private_file, read_message, start, tokens_toml
 
 CLIENT_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "client"})
 PEER_HELLO = codec.encode(MsgType.HELLO, 1, {"versions": [1], "role": "peer", "node": "n9"})
@@ -92,6 +94,30 @@ def test_a_newcomer_evicts_the_oldest_pending_connection_of_its_address_then_of_
     assert port.statistics()["pending"] == 4 and port.open == 4
     port.release(a2)  # an evicted ticket's own release later changes nothing
     assert port.open == 4
+
+
+def test_pending_budgets_evict_silent_connections_only_a_full_port_evicts_the_others():
+    """A flood of idle sockets from a client's own address (or beside it) evicts idle
+    sockets, never a client in the middle of its handshake; a burst of real clients (50
+    redis-benchmark connections from one host) does not evict its own members either."""
+    port = Admission("client", limit=6, pending=3, pending_per_host=2)
+    client, _ = port.admit("10.0.0.1")
+    client.spoke()  # its HELLO arrived; the handshake is under way
+    idle, _ = port.admit("10.0.0.1")
+    newer, evicted = port.admit("10.0.0.1")
+    assert evicted == [idle]  # its address is full: the silent one goes, not the oldest
+    port.admit("10.0.0.2")
+    third, evicted = port.admit("10.0.0.3")  # all pending full: the oldest silent one goes
+    assert evicted == [newer] and client.pending and client.admission is port
+    for ticket in port.admit("10.0.0.1")[0], third:
+        ticket.spoke()
+    for _ in range(3):  # speaking ones over the pending budgets, within the port
+        ticket, evicted = port.admit("10.0.0.1")
+        ticket.spoke()
+        assert evicted == []
+    assert port.open == 6
+    _, evicted = port.admit("10.0.0.5")  # the port is full: now the oldest pending goes
+    assert evicted == [client]
 
 
 def test_established_connections_are_never_evicted_and_fill_the_port_before_refusal():
@@ -171,6 +197,135 @@ async def test_refusals_being_answered_are_bounded_and_accept_errors_never_end_t
         sock.close()
 
 
+class AdmissionWork(trio.abc.Instrument):
+    """Counts the tasks kvd.net.admission spawns and the steps they run: the event loop's
+    cost of accepted connections, without timing anything."""
+
+    def __init__(self):
+        self.spawned = self.steps = 0
+
+    def task_spawned(self, task):
+        self.spawned += task.name.startswith("kvd.net.admission")
+
+    def before_task_step(self, task):
+        self.steps += task.name.startswith("kvd.net.admission")
+
+
+def hold_connections(port: int, count: int, first: bytes = b"") -> list[socket.socket]:
+    """``count`` connections to ``port`` (blocking, from a worker thread), each having sent
+    ``first``."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if first:
+            sock.sendall(first)
+        socks.append(sock)
+    return socks
+
+
+async def serve_in_process(nursery, port: Admission, handler):
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(serve_admitted, handler, listeners, port)
+    return listeners[0].socket
+
+
+async def test_idle_sockets_within_the_backlog_never_reach_the_node():
+    """TCP_DEFER_ACCEPT: the kernel hands over a connection only once it has sent bytes, so
+    idle sockets cost the node no descriptor and no work (as nginx's `deferred`)."""
+    port = Admission("client", limit=64, pending=16, pending_per_host=8, silence=30)
+    served = []
+
+    async def handler(stream, ticket):
+        served.append(await stream.receive_some(100))
+        ticket.established()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listening = await serve_in_process(nursery, port, handler)
+        number = listening.getsockname()[1]
+        idle = await trio.to_thread.run_sync(hold_connections, number, 200)
+        speaking = await trio.to_thread.run_sync(hold_connections, number, 3, b"HELLO")
+        await trio.sleep(0.5)
+        assert served == [b"HELLO"] * 3
+        assert port.statistics()["evicted"] == 0 and port.peak == 3, port
+        nursery.cancel_scope.cancel()
+    for sock in idle + speaking:
+        sock.close()
+
+
+async def test_idle_connections_wait_in_one_epoll_set_not_a_task_each():
+    """Idle connections that do reach the node (the kernel's defer is off here, as it is for
+    connections SYN cookies let in past a full backlog) are accepted in batches and parked
+    together: no task, cancel scope or timer each. The one that speaks gets its handler;
+    the silent ones are evicted, then closed when their silence runs out."""
+    port = Admission("client", limit=1024, pending=1024, pending_per_host=100, silence=0.6)
+    served = []
+
+    async def handler(stream, ticket):
+        served.append(await stream.receive_some(100))
+        ticket.established()
+        await stream.send_all(b"OK")
+        await trio.sleep_forever()
+
+    work = AdmissionWork()
+    async with trio.open_nursery() as nursery:
+        listening = await serve_in_process(nursery, port, handler)
+        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 0)
+        number = listening.getsockname()[1]
+        trio.lowlevel.add_instrument(work)
+        idle = await trio.to_thread.run_sync(hold_connections, number, 400)
+        with trio.move_on_after(5):
+            while port.evicted < 300:
+                await trio.sleep(0.01)
+        trio.lowlevel.remove_instrument(work)
+        assert port.evicted == 300 and port.open == 100, port
+        speaking = (await trio.to_thread.run_sync(hold_connections, number, 1))[0]
+        await trio.sleep(0.1)
+        speaking.sendall(b"HELLO")
+        speaking.settimeout(2)
+        assert await trio.to_thread.run_sync(speaking.recv, 10) == b"OK"
+        assert served == [b"HELLO"]
+        await trio.sleep(0.8)
+        assert port.open == 1 and port.statistics()["pending"] == 0, port  # silent: closed
+        nursery.cancel_scope.cancel()
+    # Before: a task per connection (400) and over 3 steps each; now a few batches.
+    assert work.spawned <= 2 and work.steps < 100, vars(work)
+    for sock in idle:
+        sock.settimeout(0.01)
+    assert all(sock.recv(1) == b"" for sock in idle)  # every one closed by the node
+    for sock in idle + [speaking]:
+        sock.close()
+
+
+async def test_a_parked_connection_whose_bytes_arrived_is_not_evicted_as_silent():
+    """Past a full backlog, SYN cookies hand over a client before its HELLO arrives, so it
+    is parked as silent; its bytes may arrive before the parking task runs. A newcomer
+    from its address (a flood) must find it speaking, not evict it (a soak probe was
+    closed mid-handshake so, 1 in 2,490)."""
+    from kvd.net.admission import _Parking
+
+    port = Admission("client", limit=8, pending=8, pending_per_host=1, silence=30)
+    served = []
+
+    async def handler(stream, ticket):
+        served.append(await stream.receive_some(100))
+        ticket.established()
+
+    async with trio.open_nursery() as nursery:
+        parking = _Parking(port, handler, None, nursery)
+        nursery.start_soon(parking.run)
+        client, ours = socket.socketpair()
+        parking.arrived(ours, "10.0.0.1")  # nothing sent yet: parked
+        client.sendall(b"HELLO")
+        flood, theirs = socket.socketpair()
+        parking.arrived(theirs, "10.0.0.1")  # at once: the parking task has not run
+        await trio.sleep(0.1)
+        assert served == [b"HELLO"] and port.evicted == 0, port
+        nursery.cancel_scope.cancel()
+    for sock in client, flood:
+        sock.close()
+
+
 @pytest.mark.parametrize("nofile, wanted, got", [
     (20000, {"client": 1024, "peer": 1024, "metrics": 64}, {"client": 1024, "peer": 1024,
                                                              "metrics": 64}),
@@ -182,6 +337,22 @@ def test_descriptor_budget_leaves_half_to_storage_and_256_spare(nofile, wanted, 
 
 
 # ----------------------------------------------------------------------------- real attacks
+
+
+@pytest.mark.slow
+def test_a_burst_of_clients_from_one_address_all_complete_their_handshakes(tmp_path, procs):
+    """200 clients connecting at once from one host, over max_pending_per_address (32):
+    none is evicted by the others (accepted in one batch, 168 were; the 32 newest got in)."""
+    node = start(tmp_path, procs, "n1", {})
+    for _ in range(2):
+        socks = [socket.create_connection(("127.0.0.1", node.port), timeout=10)
+                 for _ in range(200)]
+        for sock in socks:
+            sock.sendall(CLIENT_HELLO)
+        replies = [read_message(sock, FrameDecoder(1 << 20)) for sock in socks]
+        assert [reply.type if reply else None for reply in replies] == [MsgType.HELLO_OK] * 200
+        for sock in socks:
+            sock.close()
 
 
 @pytest.mark.slow
@@ -219,86 +390,134 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def flood_attack(tmp_path, procs, count: int, seconds: float) -> dict:
-    """``count`` idle sockets churned on each of the client, peer and metrics ports (one
-    flooding process per port) while new clients, peers and /health are timed. Returns the
-    figures; the node must stay up throughout."""
-    metrics = free_port()
-    node = start(tmp_path, procs, "n1", {"metrics_listen": f"127.0.0.1:{metrics}"})
+PORTS = ("client", "resp", "peer")
+
+
+def flood_attack(tmp_path, procs, count: int, rounds: int, quiet_s: float,
+                 attack_s: float) -> dict:
+    """``count`` idle sockets churned on each of the client, RESP, peer and metrics ports
+    (one niced flooding process per port), in ``rounds`` pairs of a quiet phase and an
+    attack phase back to back (the machine is shared: a pair sees the same background
+    load). New authenticated clients are timed on each port (tests.flood's probes) and
+    /health throughout; the node must stay up. Returns the figures."""
+    metrics, resp = free_port(), free_port()
+    token = TOKENS["viewer"][0]
+    secret = private_file(tmp_path / "secret", SECRET)
+    node = start(tmp_path, procs, "n1", {
+        "metrics_listen": f"127.0.0.1:{metrics}", "resp_listen": f"127.0.0.1:{resp}",
+        "client_tokens_file": str(private_file(tmp_path / "tokens", tokens_toml(TOKENS))),
+        "cluster_secret_file": str(secret)})
     pid = node.proc.pid
-    quiet = [new_client(node.port) for _ in range(100)]
-    fds_quiet, rss_quiet, overflows = open_fds(pid), rss_kib(pid), listen_overflows()
-    floods = [subprocess.Popen([sys.executable, "-m", "tests.flood", str(port), str(count),
-                                str(seconds), "5"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-              for port in (node.port, node.peer_port, metrics)]
-    try:
-        time.sleep(min(3.0, seconds / 4))  # let the floods reach their count
-        attacked, peers, health, fds = [], [], [], []
-        end = time.monotonic() + seconds - 4
+    probes = {"client": partial(probe_client, node.port, token),
+              "resp": partial(probe_resp, resp, token),
+              "peer": partial(probe_peer, node.peer_port, SECRET.encode())}
+
+    def probe_for(seconds: float, into: dict[str, list[float]], fds: list[int]) -> None:
+        end = time.monotonic() + seconds
+        health_at = time.monotonic() + 0.25
         while time.monotonic() < end:
-            attacked.append(new_client(node.port))
-            peers.append(new_client(node.peer_port, PEER_HELLO, ping=False))
-            if len(attacked) % 10 == 0:
+            for name, probe in probes.items():
+                began = time.monotonic()
+                try:
+                    into[name].append(probe())
+                except (OSError, KvdError) as exc:  # counted as over 1 s, and reported
+                    into[name].append(max(1.0, time.monotonic() - began))
+                    failures.append(f"{name}: {exc}")
+            if time.monotonic() >= health_at:  # /health and descriptors, 4 times a second
+                health_at += 0.25
                 status, took = http_get(metrics, "/health")
                 assert status == "HTTP/1.1 200 OK", status
-                health.append(took)
+                into["health"].append(took)
                 fds.append(open_fds(pid))
             assert node.proc.poll() is None, node.log_text()[-2000:]
-        reports = [flood.communicate(timeout=seconds + 30)[0].strip() for flood in floods]
-    finally:
-        for flood in floods:
-            flood.kill()
-    figures = {
-        "count": count,
-        "p99_quiet_ms": round(percentile(quiet, 0.99) * 1000, 1),
-        "p99_attack_ms": round(percentile(attacked, 0.99) * 1000, 1),
-        "clients": len(attacked),
-        "peers": len(peers),
-        "client_max_ms": round(max(attacked) * 1000, 1),
-        "client_p99_9_ms": round(percentile(attacked, 0.999) * 1000, 1),
-        "clients_over_1s": sum(1 for took in attacked if took >= 1),
-        "peer_p99_ms": round(percentile(peers, 0.99) * 1000, 1),
-        "peer_max_ms": round(max(peers) * 1000, 1),
-        "peers_over_1s": sum(1 for took in peers if took >= 1),
+
+    failures: list[str] = []
+    probe_for(0.5, defaultdict(list), [])  # warm up: imports, first connections
+    fds_quiet, rss_quiet, overflows = open_fds(pid), rss_kib(pid), listen_overflows()
+    pairs, fds, reports = [], [], []
+    total: dict[str, dict[str, list[float]]] = {"quiet": defaultdict(list),
+                                                "attack": defaultdict(list)}
+    ramp = min(3.0, attack_s / 3)  # the floods reach their count (4 ports x count sockets)
+    for _ in range(rounds):
+        quiet: dict[str, list[float]] = defaultdict(list)
+        attack: dict[str, list[float]] = defaultdict(list)
+        load = os.getloadavg()[0]
+        probe_for(quiet_s, quiet, [])
+        floods = [flood_process(port, count, ramp + attack_s)
+                  for port in (node.port, resp, node.peer_port, metrics)]
+        try:
+            time.sleep(ramp)
+            probe_for(attack_s, attack, fds)
+            reports += [flood.communicate(timeout=30)[0].strip() for flood in floods]
+        finally:
+            for flood in floods:
+                flood.kill()
+        pair = {"load": round((load + os.getloadavg()[0]) / 2, 1)}
+        for name in PORTS:
+            q, a = percentile(quiet[name], 0.99), percentile(attack[name], 0.99)
+            pair[name] = (round(q * 1000, 1), round(a * 1000, 1), round(a / q, 2))
+            total["quiet"][name] += quiet[name]
+            total["attack"][name] += attack[name]
+        total["attack"]["health"] += attack["health"]
+        pairs.append(pair)
+        ports = ", ".join(f"{name} {pair[name][0]}/{pair[name][1]} ({pair[name][2]}x)"
+                          for name in PORTS)
+        print(f"round {len(pairs)}: load {pair['load']}; p99 quiet/attack ms (ratio): {ports}",
+              flush=True)
+    figures: dict = {"count": count, "rounds": pairs}
+    for name in PORTS:
+        q, a = total["quiet"][name], total["attack"][name]
+        figures[name] = {"samples": len(a), "p99_quiet_ms": round(percentile(q, 0.99) * 1000, 1),
+                         "p99_attack_ms": round(percentile(a, 0.99) * 1000, 1),
+                         "max_attack_ms": round(max(a) * 1000, 1),
+                         "over_1s": sum(1 for took in a if took >= 1)}
+        figures[name]["ratio"] = round(figures[name]["p99_attack_ms"]
+                                       / figures[name]["p99_quiet_ms"], 2)
+    figures.update({
         "listen_overflows": listen_overflows() - overflows,
-        "health_max_ms": round(max(health) * 1000, 1),
-        "fds_quiet": fds_quiet,
-        "fds_peak": max(fds),
+        "health_max_ms": round(max(total["attack"]["health"]) * 1000, 1),
+        "fds_quiet": fds_quiet, "fds_peak": max(fds),
         "rss_growth_kib": rss_kib(pid) - rss_quiet,
+        "failures": failures,
         "floods": reports,
-    }
-    print(figures)
+    })
+    for name in PORTS:
+        print(f"{name}: {figures[name]}")
+    print({key: value for key, value in figures.items() if key not in PORTS + ("rounds",)})
     assert node.proc.poll() is None
     return figures
 
 
-def check_flood_figures(figures: dict) -> None:
-    # Bounds of issue 10: new clients and peers connect within 1 s, /health answers, and
-    # (with headroom on a shared 2-core machine) p99 within 2x quiet, or 50 ms on loopback.
-    # Every new client and peer got in (new_client asserts HELLO_OK). A burst of thousands of
+def check_flood_figures(figures: dict, floor_ms: float) -> None:
+    # Bounds of issue 10: new clients and peers connect within 1 s, /health answers, and a
+    # new authenticated client's p99 stays within 2x quiet (or ``floor_ms``: a shared 2-core
+    # machine). Every probe got in (a probe raises on a refusal). A burst of thousands of
     # reopened sockets can overflow the kernel's accept queue (somaxconn), and a SYN dropped
-    # there is resent after 1 s: so the bound applies to p99 and to all but 1 % of
-    # connections; the max is reported (docs/DECISIONS.md).
-    for kind in ("client", "peer"):
-        samples = figures["clients" if kind == "client" else "peers"]
-        assert figures[f"{kind}_p99_ms" if kind == "peer" else "p99_attack_ms"] < 1000, figures
-        assert figures[f"{kind}s_over_1s"] <= max(1, samples // 100), figures
+    # there is resent after 1 s: so the 1 s bound applies to all but 1 % of connections;
+    # the max is reported (docs/DECISIONS.md).
+    for name in PORTS:
+        port = figures[name]
+        assert port["over_1s"] <= max(1, port["samples"] // 100), (name, figures)
+        assert port["p99_attack_ms"] < max(2 * port["p99_quiet_ms"], floor_ms), (name, figures)
     assert figures["health_max_ms"] < 1000, figures
-    assert figures["p99_attack_ms"] < max(2 * figures["p99_quiet_ms"], 50), figures
-    # Descriptors stay within the budgets: client + peer max_connections, metrics, storage.
-    assert figures["fds_peak"] < 2 * 1024 + 64 + 200, figures
+    # Descriptors stay within the budgets: client, RESP and peer max_connections, metrics,
+    # storage.
+    assert figures["fds_peak"] < 3 * 1024 + 64 + 200, figures
 
 
 @pytest.mark.slow
 @pytest.mark.alone
 def test_2000_idle_sockets_churned_on_every_port(tmp_path, procs):
-    check_flood_figures(flood_attack(tmp_path, procs, 2000, 12))
+    check_flood_figures(flood_attack(tmp_path, procs, 2000, rounds=2, quiet_s=1,
+                                     attack_s=2.5), floor_ms=50)
 
 
 @pytest.mark.alone
 @pytest.mark.skipif(not os.environ.get("KVD_SOAK"), reason="make soak: 10,000 sockets a port")
 def test_10000_idle_sockets_churned_on_every_port(tmp_path, procs):
-    check_flood_figures(flood_attack(tmp_path, procs, 10000, 40))
+    rounds = int(os.environ.get("KVD_SOAK_ROUNDS", "3"))
+    check_flood_figures(flood_attack(tmp_path, procs, 10000, rounds, quiet_s=8, attack_s=12),
+                        floor_ms=0)
 
 
 @pytest.mark.slow

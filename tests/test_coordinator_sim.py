@@ -298,3 +298,146 @@ async def test_large_write_with_a_down_primary_is_hinted_with_its_bytes(autojump
             assert not n1.store.blobs.exists(sibling.chunks.vid), "hinted bytes were kept"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+async def test_silent_replicas_cost_a_write_a_hedge_not_a_replica_timeout(autojump_clock):
+    """Issue 14, latency through faults: n1 is cut off from n3 and n4 and nothing else (the
+    failure detector, fed by gossip relayed around the cut, cannot see it). A key whose
+    primaries include n3 and n4 has one reachable primary, which mints; W=2 then needs a
+    stand-in (rule 3). The quorum is reachable (n2 and n5 can stand in), so no write may
+    wait a whole replica_timeout for the silent primaries: the stand-ins are asked once
+    the replication legs are a hedge delay late (rule 9)."""
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        keys = [key for key in (b"stand" + str(i).encode() for i in range(100_000))
+                if {"n3", "n4"} <= set(_primaries(sim, key))][:12]
+        silent = [sim.nodes[n].peer_address for n in ("n3", "n4")]
+        sim.net.partition(sim.nodes["n1"].peer_address, silent)
+        src = sim.client_address()
+        took = []
+        async with sim.open_client("n1", src) as c:
+            for i, key in enumerate(keys):
+                began = trio.current_time()
+                await c.put(key, b"v", w=2)
+                took.append(round(trio.current_time() - began, 3))
+                if i % 2:
+                    await trio.sleep(6)  # a write after the last one's legs timed out, too
+        cluster = sim.nodes["n1"].node.cluster
+        assert cluster.is_up("n3") and cluster.is_up("n4"), "the detector saw the cut"
+        assert max(took) <= 0.3, took
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+def _silence(monkeypatch, sim: SimCluster, names: set[str]) -> None:
+    """The replicas on ``names`` never answer a data call (reads, mints, merges), while gossip
+    still flows: what a hung disk, or a ring partition relayed by gossip, looks like to a
+    coordinator. The failure detector cannot see it; only the requests can."""
+    from kvd.node import peer_service
+    from kvd.proto.codec import MsgType
+
+    def silenced(handler):
+        async def handle(node, conn, message, chunks):
+            if node.node_id in names:
+                await trio.sleep_forever()
+            return await handler(node, conn, message, chunks)
+        return handle
+
+    for kind in (MsgType.REPLICA_GET, MsgType.REPLICA_PUT):
+        monkeypatch.setitem(peer_service.PEER_HANDLERS, kind,
+                            silenced(peer_service.PEER_HANDLERS[kind]))
+
+
+async def test_suspected_replicas_cost_a_write_no_hedge(autojump_clock, monkeypatch):
+    """Issue 14, latency through faults: n3 and n4 answer no data call and the failure
+    detector cannot see it. Once their calls timed out (rule 5: suspected for SUSPECT_FOR),
+    a write through n1 to a key whose primaries include both must not wait for them at all:
+    not in the read that rule 7 makes (n - w + 1 answers asked, one can come), nor in its
+    replication (fallbacks stand in at once, rule 9). Each write then takes less than one
+    hedge delay (HEDGE_FLOOR)."""
+    from kvd.node.coordinator import HEDGE_FLOOR
+
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        keys = [key for key in (b"susp" + str(i).encode() for i in range(100_000))
+                if {"n3", "n4"} <= set(_primaries(sim, key))][:13]
+        _silence(monkeypatch, sim, {"n3", "n4"})
+        src = sim.client_address()
+        took = []
+        async with sim.open_client("n1", src) as c:
+            await c.put(keys[0], b"v", w=2)  # this one may pay the hedges; its legs time out
+            await trio.sleep(1.5)
+            for key in keys[1:]:
+                began = trio.current_time()
+                await c.put(key, b"v", w=2)
+                took.append(round(trio.current_time() - began, 3))
+                await trio.sleep(0.5)
+        cluster = sim.nodes["n1"].node.cluster
+        assert cluster.is_up("n3") and cluster.is_up("n4"), "the detector saw it"
+        assert max(took) < HEDGE_FLOOR, took
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_replica_costs_writes_no_hedge_once_it_is_known_slow(autojump_clock):
+    """Issue 14, a lossy or slow link: every send to or from n2 is delayed by up to 0.3 s (the
+    failure detector still sees n2 up). n2 answering slowly must not make the hedge delay
+    long for every key (it is learnt per replica, from the fastest), and once n2 is known to
+    be slower than that delay it is asked to mint last (rule 5): after a few writes, a
+    write through n1 to a key whose first primary is n2 takes less than one hedge delay."""
+    from kvd.node.coordinator import HEDGE_FLOOR
+
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        keys = [key for key in (b"slow" + str(i).encode() for i in range(100_000))
+                if _primaries(sim, key)[0] == "n2" and "n1" not in _primaries(sim, key)][:30]
+        sim.net.set_delay(0.3, [sim.nodes["n2"].peer_address])
+        src = sim.client_address()
+        took = []
+        async with sim.open_client("n1", src) as c:
+            for key in keys:
+                began = trio.current_time()
+                await c.put(key, b"v", w=2)
+                took.append(round(trio.current_time() - began, 3))
+                await trio.sleep(0.2)
+        assert sim.nodes["n1"].node.cluster.is_up("n2"), "the detector saw it"
+        assert max(took[5:]) < HEDGE_FLOOR, took
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_read_short_of_r_unsuspected_replicas_fails_fast(autojump_clock, monkeypatch):
+    """Issue 14, fail fast: n3 and n4 answer no data call (the failure detector cannot see
+    it). A read at R=2 of a key whose primaries include both has one replica that answers:
+    it cannot succeed. Once n3 and n4 timed out (rule 5), such a read must fail (exit 3)
+    within a hedge delay, not wait a whole replica_timeout each time; a read at R=1 still
+    succeeds at once."""
+    from kvd.node.coordinator import HEDGE_FLOOR
+
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        keys = [key for key in (b"rd" + str(i).encode() for i in range(100_000))
+                if {"n3", "n4"} <= set(_primaries(sim, key))][:8]
+        src = sim.client_address()
+        async with sim.open_client("n1", src) as c:
+            for key in keys:
+                await c.put(key, b"v", w=3)
+            _silence(monkeypatch, sim, {"n3", "n4"})
+            with pytest.raises(QuorumFailed):  # this one waits: nobody is suspected yet
+                await c.get(keys[0], r=2)
+            took = []
+            for key in keys[1:]:
+                began = trio.current_time()
+                with pytest.raises(QuorumFailed) as failure:
+                    await c.get(key, r=2)
+                took.append(round(trio.current_time() - began, 3))
+                assert "n3" in str(failure.value) and "n4" in str(failure.value), failure.value
+                assert [s.value for s in (await c.get(key, r=1)).siblings] == [b"v"]
+                await trio.sleep(0.5)
+        assert max(took) <= 2 * HEDGE_FLOOR, took
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()

@@ -26,7 +26,9 @@ Failure handling (DESIGN section 4):
 4. A quorum error names every replica asked and what happened to it.
 5. A replica that timed out is tried last for minting for ``SUSPECT_FOR`` seconds, so a
    partition the failure detector cannot see (gossip relayed around it) costs one
-   ``replica_timeout``, not one per request.
+   ``replica_timeout``, not one per request. So is a slow one (a lossy link), whose
+   typical answer time is over ``HEDGE_FACTOR`` times the median replica's and over
+   ``HEDGE_FLOOR``; its mints do not count towards rule 8's typical mint time.
 6. Every ``get`` and ``put`` ends by telling the ``observer`` (if any) how long it took and
    how it ended; kvd.metrics is the observer, so this module knows nothing of metrics.
 7. A write without a context (None) supersedes what the key's replicas hold when it is
@@ -41,6 +43,15 @@ Failure handling (DESIGN section 4):
    time, at least ``HEDGE_FLOOR``, at most ``replica_timeout``) is also asked of the next
    primary, with the same write id (rule 2 makes the two one write); the read that rule 7
    makes returns once the hedge delay has passed after its first answer.
+9. Nor does a silent replica hold a write's replication up: the primaries that have not
+   answered a hedge delay after the legs were sent (at once when they are suspected, rule
+   5, and the others cannot make W) are taken as down, and rule 3's fallbacks stand in for
+   them while their legs go on (a late answer still counts; a failure leaves a hint). Rule
+   7's read does not wait for suspected replicas. Fallbacks only hold hints (only
+   primaries mint, docs/DECISIONS.md). Not for large values (rule 3). kvd.node.replication
+   holds rules 3 and 9.
+10. A read that has fewer than R replicas not suspected (rule 5) cannot expect R answers:
+    it waits a hedge delay at most, then fails (exit 3), naming every replica.
 """
 
 from __future__ import annotations
@@ -61,6 +72,7 @@ from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
 from kvd.node.large_values import chunk_source, discard_upload, minted_inline, stream_chunks
 from kvd.node.quorum_message import quorum_message
 from kvd.node.replica import LocalReplica, Replica, Role
+from kvd.node.replication import ReplicaTimedOut, replicate, spread_late_twins
 from kvd.node.turns import KeyTurns
 
 log = logging.getLogger("kvd.coordinator")
@@ -74,12 +86,6 @@ WRITE_ID_BYTES = 8  # unique among one key's siblings is all a write id needs
 T = TypeVar("T")  # what one replica call returns
 # How one replica call ended: (replica, True, its result) or (replica, False, its error).
 Outcome = tuple[Replica, bool, Any]
-
-
-class ReplicaTimedOut(KvdError):
-    """A replica did not answer one call within its deadline (rule 1)."""
-
-    code = "unavailable"
 
 
 @dataclass
@@ -135,6 +141,7 @@ class Coordinator:
         self.read_repairs = 0
         self.hints_kept = 0  # hints kept for replication legs that failed (rule 3)
         self._suspects: dict[str, float] = {}  # node -> until when it is tried last
+        self._answers: dict[str, float] = {}  # node -> its typical answer time, s (rule 5)
         self._typical_mint = HEDGE_FLOOR / HEDGE_FACTOR  # moving average, seconds (rule 8)
         self.observer: RequestObserver | None = None
         self._turns = KeyTurns()  # writes without a context, per key (rule 7)
@@ -143,7 +150,8 @@ class Coordinator:
                     deadline: float, patience: float | None = None) -> T:
         """``call(replica)`` within the replica's deadline (rule 1), noting who timed out.
         ``patience`` replaces ``replica_timeout`` for calls that must fsync a large value."""
-        timeout = max(0.0, min(patience or self.replica_timeout, deadline - self.clock()))
+        began = self.clock()
+        timeout = max(0.0, min(patience or self.replica_timeout, deadline - began))
         try:
             with trio.fail_after(timeout):
                 result = await call(replica)
@@ -151,11 +159,21 @@ class Coordinator:
             self._suspects[replica.node] = self.clock() + SUSPECT_FOR
             raise ReplicaTimedOut(f"timed out after {timeout:.1f} s") from None
         self._suspects.pop(replica.node, None)
+        if patience is None:  # rule 5: how long this replica typically takes to answer
+            took, typical = self.clock() - began, self._answers.get(replica.node)
+            self._answers[replica.node] = took if typical is None else typical + (took - typical) / 8
         return result
 
     def _suspected(self, node: str) -> bool:
         until = self._suspects.get(node)
         return until is not None and until > self.clock()
+
+    def _slow(self, node: str) -> bool:
+        """Rule 5: ``node`` typically answers over HEDGE_FACTOR times slower than the median
+        replica, and slower than HEDGE_FLOOR (a lossy or slow link)."""
+        times = sorted(self._answers.values())
+        return (self._answers.get(node, 0.0)
+                > max(HEDGE_FLOOR, HEDGE_FACTOR * times[len(times) // 2] if times else 0.0))
 
     async def _quorum(
         self,
@@ -165,6 +183,7 @@ class Coordinator:
         deadline: float | None = None,
         on_failure: Callable[[Replica, BaseException], Awaitable] | None = None,
         patience: float | None = None,
+        hedge: float | None = None,
     ) -> tuple[list[tuple[Replica, T]], list[tuple[Replica, BaseException]],
                trio.MemoryReceiveChannel[Outcome]]:
         """Run ``call`` on every replica; return once ``needed`` succeeded or all finished.
@@ -174,7 +193,8 @@ class Coordinator:
         repair waits for them). ``on_failure(replica, exc)`` runs in the failed call's task
         before its outcome is reported, so what it does is done before a quorum error.
         A call fails with a KvdError or an OSError; anything else is a bug, not a failed
-        replica, and ends the node (docs/DECISIONS.md).
+        replica, and ends the node (docs/DECISIONS.md). ``hedge`` (seconds): return then
+        too, short or not; the calls not answered are not counted failed (rule 9).
         """
         if deadline is None:
             deadline = self.clock() + self.request_timeout
@@ -195,10 +215,15 @@ class Coordinator:
         ok: list[tuple[Replica, T]] = []
         failed: list[tuple[Replica, BaseException]] = []
         # The calls end by the deadline; the margin lets their failure handlers finish.
-        with trio.move_on_at(deadline + (patience or self.replica_timeout)):
+        until = deadline + (patience or self.replica_timeout)
+        if hedge is not None:
+            until = min(until, self.clock() + hedge)
+        with trio.move_on_at(until):
             while len(ok) < needed and len(ok) + len(failed) < len(replicas):
                 replica, success, value = await receive.receive()
                 (ok if success else failed).append((replica, value))
+        if hedge is not None:
+            return ok, failed, receive
         answered = {id(rep) for rep, _ in ok + failed}
         failed += [(rep, ReplicaTimedOut("no answer")) for rep in replicas
                    if id(rep) not in answered and len(ok) < needed]
@@ -234,8 +259,13 @@ class Coordinator:
             except ReplicaTimedOut as exc:
                 raise QuorumFailed(quorum_message("read", r, [], [(replicas[0], exc)])) from None
             return ReadResult(obj, 1, chunk_source(obj, [(replicas[0], obj)]))
-        ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), r)
+        trusted = sum(not self._suspected(rep.node) for rep in replicas)
+        hedge = self._hedge_delay() if trusted < r else None  # rule 10: short, so fail fast
+        ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), r, hedge=hedge)
         if len(ok) < r:
+            answered = {id(rep) for rep, _ in ok + failed}
+            failed += [(rep, ReplicaTimedOut("no answer; it timed out recently"))
+                       for rep in replicas if id(rep) not in answered]
             raise QuorumFailed(quorum_message("read", r, ok, failed))
         merged = None
         for _, obj in ok:
@@ -346,17 +376,15 @@ class Coordinator:
         for hint in hints:  # local and durable before we answer; not counted towards W
             await hint.merge(key, minted)
         ok: list = []
-        if others:
+        if others:  # rules 3 and 9 (kvd.node.replication)
 
             async def keep_hint(replica, exc) -> None:
                 await self._keep_hint(replica, key, minted, exc)
 
-            ok, lost, _ = await self._quorum(others, lambda rep: rep.merge(key, minted), w - 1,
-                                             deadline, on_failure=keep_hint, patience=patience)
-            failed += lost
-            if 1 + len(ok) < w and minted_inline(minted):
-                ok += await self._stand_ins(key, n, minted, w - 1 - len(ok), replicas, failed,
-                                            deadline)
+            hedge = self._hedge_delay() if minted_inline(minted) else None
+            ok = await replicate(self._quorum, self.write_replicas, key, n, minted, others,
+                                 w - 1, replicas, failed, deadline, on_failure=keep_hint,
+                                 patience=patience, hedge=hedge, suspected=self._suspected)
         acks = 1 + len(ok)
         if acks < w:
             raise QuorumFailed(quorum_message("write", w, [None] * acks, failed))
@@ -365,11 +393,13 @@ class Coordinator:
     async def _current_context(self, key: bytes, n: int, w: int) -> versions.Context:
         """Rule 7: what a write without a context supersedes, read from the key's replicas.
         It waits for n - w + 1 of them, enough to meet every write acknowledged at this W,
-        but no longer than the hedge delay after the first answer (rule 8): a replica it
-        missed can only make this write a sibling of what that replica holds, never lose a
-        value."""
+        but no longer than the hedge delay after the first answer (rule 8), nor for replicas
+        suspected (rule 5): a replica it missed can only make this write a sibling of what
+        that replica holds, never lose a value."""
         replicas = self.read_replicas(key, n)
-        needed = min(len(replicas), max(1, n - w + 1))
+        # A suspected replica (rule 5) is not waited for: it would cost every write a hedge.
+        trusted = sum(not self._suspected(rep.node) for rep in replicas)
+        needed = max(1, min(trusted, n - w + 1))
         ok, failed, late = await self._quorum(replicas, lambda rep: rep.get(key), 1,
                                               self.clock() + self.replica_timeout)
         outstanding = len(replicas) - len(ok) - len(failed)
@@ -384,20 +414,6 @@ class Coordinator:
             if obj is not None:
                 merged = versions.sync(merged, obj)
         return versions.context_of(merged)
-
-    async def _stand_ins(self, key, n, minted, needed, asked, failed, deadline) -> list:
-        """Rule 3: fallbacks for the nodes that failed this request, counted towards W."""
-        down = {rep.node for rep, _ in failed if rep.role is Role.PRIMARY}
-        named = {(rep.node, rep.stands_for) for rep in asked}
-        stand_ins = [rep for rep in self.write_replicas(key, n, down)
-                     if rep.role is Role.FALLBACK
-                     and (rep.node, rep.stands_for) not in named and rep.node not in down]
-        if not stand_ins:
-            return []
-        ok, lost, _ = await self._quorum(stand_ins, lambda rep: rep.merge(key, minted), needed,
-                                         deadline)
-        failed += lost
-        return ok
 
     async def _keep_hint(self, replica, key, obj, exc) -> None:
         """Rule 3: a replication leg failed; keep the write for its node (or for the down
@@ -418,7 +434,7 @@ class Coordinator:
         errors: list[tuple[Replica, BaseException]] = []
         # Fallbacks hold hints; only a replica with the key's history mints.
         waiting = sorted((rep for rep in replicas if rep.role is Role.PRIMARY),
-                         key=lambda rep: self._suspected(rep.node))
+                         key=lambda rep: (self._suspected(rep.node), self._slow(rep.node)))
         if len(waiting) == 1:
             only = waiting[0]
             minted = await self._mint_alone(
@@ -437,7 +453,8 @@ class Coordinator:
             except (KvdError, OSError) as exc:  # anything else is a bug (docs/DECISIONS.md)
                 send.send_nowait((replica, None, exc))
                 return
-            self._typical_mint += (self.clock() - began - self._typical_mint) / 8
+            if not self._slow(replica.node):  # a slow link must not lengthen every hedge
+                self._typical_mint += (self.clock() - began - self._typical_mint) / 8
             send.send_nowait((replica, minted, None))
 
         running = 0
@@ -455,31 +472,14 @@ class Coordinator:
                 running -= 1
                 if exc is None:
                     if running:
-                        self.background.start_soon(self._spread_late_twins, key, receive,
-                                                   running, replicas)
+                        self.background.start_soon(
+                            spread_late_twins, key, receive, running, replicas,
+                            self.request_timeout, self.replica_timeout)
                     return minted, [rep for rep in replicas if rep is not replica], errors
                 if isinstance(exc, (TooManySiblings, BadRequest)):
                     raise exc  # no other replica would accept it either
                 errors.append((replica, exc))
         raise QuorumFailed(quorum_message("write", w, [], errors))
-
-    async def _spread_late_twins(self, key, late, outstanding: int, replicas) -> None:
-        """Rule 8: a mint that lost the race may have applied its own dot of the write before
-        the winner's version reached it (a twin). The others lack that dot, so it goes to
-        them as read repair would send it, or replicas stay different until anti-entropy."""
-        with trio.move_on_after(self.request_timeout):
-            for _ in range(outstanding):
-                loser, minted, exc = await late.receive()
-                if exc is not None:
-                    continue
-                for replica in replicas:
-                    if replica is not loser:
-                        try:
-                            with trio.fail_after(self.replica_timeout):
-                                await replica.merge(key, minted)
-                        except (KvdError, OSError, trio.TooSlowError) as err:
-                            log.info("late twin of %r for %s not delivered: %s", key[:64],
-                                     replica.node, err)
 
     async def _mint_alone(self, replica: Replica, call, w: int, deadline: float | None,
                           patience: float | None = None) -> versions.VersionedObject:

@@ -118,9 +118,8 @@ class Session:
 async def serve(node, listeners: list, tls) -> None:
     """Accept RESP connections on ``listeners`` (TLS when ``tls``) within the port's budget
     (Rule 2) until cancelled."""
-    served = [trio.SSLListener(b, tls) for b in listeners] if tls else listeners
     await serve_admitted(lambda stream, ticket: handle_connection(node, stream, ticket),
-                         served, node.admissions["resp"])
+                         listeners, node.admissions["resp"], tls=tls)
 
 
 async def handle_connection(node, stream, ticket) -> None:

@@ -38,6 +38,9 @@ here and checked by ``decode_object``:
    - ``sync`` keeps one sibling per write id (the smallest dot) and records the others'
      dots as its ``aliases``; a context or clock that covers any dot of a write has seen
      that write (rule 3 applies to the write, not to one of its dots);
+   - two replicas may hold one write at one dot having joined different twins of it (a
+     hedged mint can mint it three times): that is not a reused dot (rule 5); ``sync``
+     unions their aliases and superseded write ids;
    - a write records in ``supersedes`` the write ids of the siblings its context replaced,
      and a sibling whose write id some sibling supersedes is dropped (``sync``) or never
      minted (``update``): a twin landing late cannot bring back what was replaced;
@@ -281,6 +284,9 @@ def _sync(a: VersionedObject, b: VersionedObject) -> tuple[VersionedObject, dict
             # else b saw it and something superseded it
         elif other == sibling:
             held[dot] = sibling
+        elif _same_write(sibling, other):  # rule 7: each knows other twins of the write
+            held[dot] = replace(sibling, aliases=_union(sibling.aliases, other.aliases),
+                                supersedes=_union(sibling.supersedes, other.supersedes))
         else:
             # Same dot, different payload: only a broken invariant 5 gets here. Pick one by
             # a total order so every replica picks the same one and sync stays a join.
@@ -332,7 +338,16 @@ def conflicting_dots(a: VersionedObject, b: VersionedObject) -> list[Dot]:
     if a is b:
         return []
     in_b = {s.dot: s for s in b.siblings}
-    return [s.dot for s in a.siblings if s.dot in in_b and in_b[s.dot] != s]
+    return [s.dot for s in a.siblings if s.dot in in_b and not _same_write(in_b[s.dot], s)]
+
+
+def _same_write(a: Sibling, b: Sibling) -> bool:
+    """One write at one dot, whatever twins of it (rule 7) each side has joined so far."""
+    return replace(a, aliases=(), supersedes=()) == replace(b, aliases=(), supersedes=())
+
+
+def _union(a: tuple, b: tuple) -> tuple:
+    return tuple(sorted(set(a) | set(b)))
 
 
 def live(obj: VersionedObject) -> tuple[Sibling, ...]:

@@ -9,8 +9,12 @@ in `make chaos`). Each scenario runs on the same 5-node cluster with its own key
 
 Figures per scenario: writes acknowledged / failed / indeterminate / lost, phantoms,
 resurrected deletes, duplicated siblings, time from heal until every replica agrees, and
-client latency (p50/p99, all outcomes) of the writes started during the fault. Speed is
-only ever printed; correctness (and daemons that died by themselves) fails the run.
+client latency (p50/p99, all outcomes) of the writes started during the fault; beside it the
+p99 of the writes whose quorum stayed reachable (issue 14: those coordinated by a node that
+is neither cut off in the minority, killed, paused nor behind the lossy link), the p99 of
+the others, the p99 before the fault (the machine's load alone), and the target
+(P99_TARGET_MS). Speed is only ever printed; correctness (and
+daemons that died by themselves) fails the run.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ NODE_CONFIG = {
     "request_timeout": 2.0,
     "anti_entropy_interval": 10.0,
 }
+# Issue 14: p99 of the requests whose quorum is reachable, during a fault. Printed, never
+# asserted (the machine is shared: latencies are inflated by others' load).
+P99_TARGET_MS = 100
 
 
 def log(message: str) -> None:
@@ -407,6 +414,10 @@ class Scenario:
     pre: float
     fault: float
     post: float
+    # Coordinators whose requests cannot all reach a quorum during the fault (minority side,
+    # killed, paused) or that sit behind the lossy link; every other coordinator's requests
+    # have a reachable quorum, and are held to P99_TARGET_MS.
+    impaired: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -422,19 +433,26 @@ class Result:
     wall_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     history: list[Op] = field(default_factory=list)
+    p99_reachable_ms: float | None = None  # coordinators outside scenario.impaired
+    p99_impaired_ms: float | None = None   # coordinators in scenario.impaired
+    p99_calm_ms: float | None = None  # outside scenario.impaired, before the fault
 
 
 def scenarios(full: bool) -> list[Scenario]:
     fault = 30.0 if full else 6.0
     pre, post = (3.0, 5.0) if full else (1.0, 1.5)
     return [
-        Scenario("majority", "partition {n1,n2,n3} | {n4,n5}", pre, fault, post),
+        Scenario("majority", "partition {n1,n2,n3} | {n4,n5}", pre, fault, post,
+                 frozenset({4, 5})),
+        # Each node reaches itself and 2 neighbours: 3 of 5, a (sloppy) quorum of any key.
         Scenario("ring", "non-transitive ring: each node reaches only its 2 neighbours",
                  pre, fault, post),
-        Scenario("kill9", "kill -9 n2, restart it after the fault", pre, fault, post),
-        Scenario("sigstop", "SIGSTOP n3, SIGCONT after the fault", pre, fault, post),
+        Scenario("kill9", "kill -9 n2, restart it after the fault", pre, fault, post,
+                 frozenset({2})),
+        Scenario("sigstop", "SIGSTOP n3, SIGCONT after the fault", pre, fault, post,
+                 frozenset({3})),
         Scenario("lossy", "20% loss + 50 ms delay on n4's link (NFQUEUE or netem)",
-                 pre, fault, post),
+                 pre, fault, post, frozenset({4})),
     ]
 
 
@@ -516,6 +534,7 @@ async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers:
         nursery.start_soon(workload.run)
         await trio.sleep(scenario.pre)
         fault_start = trio.current_time()
+        notes.append(f"load average at the fault: {_loadavg()}")
         try:
             await faults.inject(scenario.name)
             await trio.sleep(scenario.fault)
@@ -526,8 +545,12 @@ async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers:
         await trio.sleep(scenario.post)
         workload.stop.set()
     notes += faults.notes
-    during = [op.end - op.start for op in workload.history
-              if fault_start <= op.start < healed and op.end]
+    ops = [op for op in workload.history if fault_start <= op.start < healed and op.end]
+    during = [op.end - op.start for op in ops]
+    reachable = [op.end - op.start for op in ops if op.node not in scenario.impaired]
+    impaired = [op.end - op.start for op in ops if op.node in scenario.impaired]
+    calm = [op.end - op.start for op in workload.history
+            if op.start < fault_start and op.end and op.node not in scenario.impaired]
     if not await cluster.wait_all_up(30):
         notes.append("not every node saw every node UN within 30 s of the heal")
     repair_ok = True
@@ -565,7 +588,10 @@ async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers:
     dump_history(cluster.workdir / f"{scenario.name}.history.json", workload.history, reads)
     return Result(scenario.name, verdict, healed - fault_start, converged,
                   _ms(percentile(during, 50)), _ms(percentile(during, 99)), len(during),
-                  repair_ok, trio.current_time() - began, notes, workload.history)
+                  repair_ok, trio.current_time() - began, notes, workload.history,
+                  p99_reachable_ms=_ms(percentile(reachable, 99)),
+                  p99_impaired_ms=_ms(percentile(impaired, 99)),
+                  p99_calm_ms=_ms(percentile(calm, 99)))
 
 
 def dump_history(path: Path, history: list[Op], reads: dict[bytes, Read]) -> None:
@@ -614,10 +640,17 @@ async def tamper_and_recheck(cluster: Cluster, result: Result) -> Verdict:
 
 
 def figures(results: list[Result]) -> str:
+    """The table: outcomes, convergence and latency per scenario. p99_reach is the p99 of the
+    writes whose quorum stayed reachable, held to `target` (printed, never asserted);
+    p99_calm that of the same coordinators' writes in the seconds before the fault (what the
+    machine's load alone costs); p99_impaired that of the impaired coordinators' writes
+    (see Scenario.impaired)."""
     head = (f"{'scenario':<9} {'ack':>6} {'failed':>6} {'indet':>6} {'lost':>5} {'phantom':>7} "
             f"{'resurr':>6} {'dup':>4} {'unread':>6} {'converge_s':>10} "
-            f"{'p50_ms':>8} {'p99_ms':>8} {'fault_s':>7} {'wall_s':>6}")
-    lines = [head]
+            f"{'p50_ms':>8} {'p99_ms':>8} {'p99_reach':>9} {'target':>6} {'p99_calm':>8} "
+            f"{'p99_impaired':>12} "
+            f"{'fault_s':>7} {'wall_s':>6}")
+    lines = [f"load average {_loadavg()}", head]
     for r in results:
         v = r.verdict
         conv = f"{r.converge_seconds:.1f}" if r.converge_seconds is not None else "no"
@@ -626,10 +659,19 @@ def figures(results: list[Result]) -> str:
             f"{len(v.lost):>5} {len(v.phantom):>7} {len(v.resurrected):>6} "
             f"{len(v.duplicated):>4} "
             f"{len(v.unreadable):>6} {conv:>10} {_fmt(r.p50_ms):>8} {_fmt(r.p99_ms):>8} "
-            f"{r.fault_seconds:>7.1f} {r.wall_seconds:>6.1f}")
+            f"{_fmt(r.p99_reachable_ms):>9} {'≤' + str(P99_TARGET_MS):>6} "
+            f"{_fmt(r.p99_calm_ms):>8} {_fmt(r.p99_impaired_ms):>12} {r.fault_seconds:>7.1f} {r.wall_seconds:>6.1f}")
         for note in r.notes:
             lines.append(f"    {note}")
     return "\n".join(lines)
+
+
+def _loadavg() -> str:
+    """The machine's load average (1, 5, 15 min): latencies on a shared machine need it."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def _fmt(value: float | None) -> str:
