@@ -10,6 +10,8 @@
 5. One node's hot path: kvctl bench and redis-benchmark SET/GET (one key, and -r 100000)
    against kvd's RESP port and against Redis 7 with appendfsync always, with each server's
    CPU per request and kvd's share of Redis's throughput (benchmarks/one_node.py).
+6. A 1 GiB value put and got through 3 nodes with kvctl, beside the disk's own fdatasync
+   throughput, with each node's CPU and peak RSS (benchmarks/large_values.py).
 Everything runs on this machine: the bench client competes with the nodes for its cores.
 """
 
@@ -60,6 +62,8 @@ def main() -> None:
     section("one node: kvctl bench and redis-benchmark, throughput, latency and CPU per "
             "request, beside Redis 7 (appendfsync always)")
     subprocess.run([python, str(ROOT / "benchmarks/one_node.py")], check=False)
+    section("large values: 1 GiB put and get through 3 nodes (N=3, W=2, R=2)")
+    subprocess.run([python, str(ROOT / "benchmarks/large_values.py")], check=False)
 
 
 if __name__ == "__main__":

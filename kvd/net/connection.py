@@ -9,9 +9,13 @@ Callers bound waits with cancel scopes; this module takes no timeout parameters.
 
 from __future__ import annotations
 
+import os
+import select
+
 import trio
 
 from kvd.errors import ConnectFailed, KvdError
+from kvd.net.rawstream import RawStream
 from kvd.net.sealed import SealedStream
 from kvd.proto.codec import NEED_DATA, FrameDecoder, Message
 from kvd.proto.handshake import ClientHandshake, Done, ServerHandshake
@@ -19,6 +23,7 @@ from kvd.proto.messages import PRE_AUTH_MAX_FRAME
 
 RECEIVE_SIZE = 256 * 1024
 HIGH_WATER = 1 << 20
+SEND_FILE_STALL = 30.0  # seconds a reader may leave a send_file without room before it fails
 
 
 class FrameConnection:
@@ -99,6 +104,40 @@ class FrameConnection:
         if self.broken:
             raise ConnectFailed("connection is broken")
 
+    def can_send_file(self) -> bool:
+        """Whether ``send_file`` works here: a plain TCP socket (not TLS, not sealed)."""
+        return isinstance(self.stream, (trio.SocketStream, RawStream))
+
+    async def send_file(self, frames: list[tuple[bytes, int, int]], fd: int) -> None:
+        """Send frames whose bodies are in the open file ``fd``: each (header, offset,
+        count) is ``header`` then ``count`` bytes of the file from ``offset``, moved by
+        os.sendfile in a worker thread (page cache to socket, no copy through Python).
+        Only when ``can_send_file()``. Holds the send lock for all of them; a cancel waits
+        for the thread, which gives up after SEND_FILE_STALL seconds without room. Frames
+        queued before go out first, those queued meanwhile (``send`` left them to the lock's
+        holder) right after."""
+        assert isinstance(self.stream, (trio.SocketStream, RawStream))
+        if self.broken:
+            raise ConnectFailed("connection is broken")
+        async with self._send_lock:
+            try:
+                await self._send_queued()
+                await trio.to_thread.run_sync(_send_file_frames, self.stream.socket.fileno(),
+                                              fd, frames)
+                await self._send_queued()
+            except BaseException as exc:
+                self.broken = True
+                if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                    raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
+                raise
+
+    async def _send_queued(self) -> None:
+        while self._queue:
+            batch = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
+            self._queue.clear()
+            self._queued = 0
+            await self.stream.send_all(batch)
+
     async def aclose(self) -> None:
         self.broken = True
         with trio.move_on_after(1) as scope:
@@ -151,3 +190,32 @@ def _reason(exc: BaseException) -> str:
         reason = getattr(cause, "reason", None)
         return f"TLS: {reason}" if reason else str(cause) or type(cause).__name__
     return str(exc) or type(exc).__name__
+
+
+def _send_file_frames(out: int, fd: int, frames: list[tuple[bytes, int, int]]) -> None:
+    """FrameConnection.send_file's worker thread. The socket is trio's, non-blocking: wait
+    for room with poll."""
+    poller = select.poll()
+    poller.register(out, select.POLLOUT)
+
+    def wait() -> None:
+        if not poller.poll(SEND_FILE_STALL * 1000):
+            raise TimeoutError(f"no room to send for {SEND_FILE_STALL:g} s")
+
+    for header, offset, count in frames:
+        view = memoryview(header)
+        while view:
+            try:
+                view = view[os.write(out, view):]
+            except BlockingIOError:
+                wait()
+        end = offset + count
+        while offset < end:
+            try:
+                sent = os.sendfile(out, fd, offset, end - offset)
+            except BlockingIOError:
+                wait()
+                continue
+            if sent == 0:
+                raise OSError(f"file ended {end - offset} bytes early")
+            offset += sent

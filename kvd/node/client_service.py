@@ -20,6 +20,7 @@ from kvd.errors import BadRequest, KvdError, Unavailable
 from kvd.node import admin
 from kvd.node.backup import send_backup
 from kvd.node.coordinator import MAX_VALUE
+from kvd.node.large_values import blob_file_store, send_file_value, send_value
 from kvd.node.local import new_vid
 from kvd.proto import codec
 from kvd.proto.messages import PROTOCOL_VERSION, MsgType, validate_key
@@ -101,12 +102,15 @@ async def _send_value(node, conn, rid, key, sibling, source) -> None:
         return
     if source is None:
         raise Unavailable(f"no replica answering holds the chunks of key {key[:64]!r}")
-    sent = 0
-    async for data in source.read_chunks(key, sibling.chunks):
-        sent += len(data)
-        await conn.send(codec.encode_chunk(rid, data, end=sent == sibling.chunks.length))
-    if sibling.chunks.length == 0:
-        await conn.send(codec.encode_chunk(rid, b"", end=True))
+    blobs = blob_file_store(source)
+    if blobs is not None and sibling.chunks.length and conn.can_send_file():
+        await send_file_value(conn, rid, sibling.chunks, blobs)
+        return
+
+    async def send(data: bytes, end: bool) -> None:
+        await conn.send(codec.encode_chunk(rid, data, end=end))
+
+    await send_value(source, key, sibling.chunks, send)
 
 
 def _write_request(node, fields) -> tuple[bytes, int, int, versions.VersionVector | None]:

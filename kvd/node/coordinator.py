@@ -314,7 +314,7 @@ class Coordinator:
             minted, others, failed = await self._mint(key, context, payload, replicas, w, deadline)
         else:
             try:
-                targets, count = await stream_chunks(self._quorum, key, vid, length, chunks,
+                targets, count = await stream_chunks(self._call, key, vid, length, chunks,
                                                      replicas, w)
                 payload["chunks"] = versions.ChunkRef(vid=vid, length=length, count=count)
                 deadline = self.clock() + self.request_timeout  # the upload is the client's

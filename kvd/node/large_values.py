@@ -5,13 +5,17 @@ that holds every chunk of what was read."""
 from __future__ import annotations
 
 import logging
+import math
+import os
 
 import trio
 
 from kvd import versions
-from kvd.errors import BadRequest, KvdError, QuorumFailed
+from kvd.errors import BadRequest, KvdError, QuorumFailed, unwrap_single_error
 from kvd.node.quorum_message import quorum_message
-from kvd.node.replica import Replica
+from kvd.node.replica import LocalReplica, Replica
+from kvd.proto import codec
+from kvd.storage.blobs import BlobStore
 
 log = logging.getLogger("kvd.coordinator")
 
@@ -25,29 +29,182 @@ async def discard_upload(replica: Replica, key: bytes, vid: bytes, timeout: floa
         log.info("could not discard failed upload on %s: %s", replica.node, exc)
 
 
-async def stream_chunks(quorum, key, vid, length, chunks, replicas, w):
-    """Send each chunk to every replica in order (``quorum`` is the coordinator's); keep
-    those that stored them all. Returns (those replicas, the number of chunks)."""
-    alive = list(replicas)
+# Chunks in flight per replica during an upload. One at a time (a round trip and a blob
+# write per chunk, in series) a 256 MiB put through 3 nodes ran at 35-42 MB/s; 8 raised the
+# coordinator's peak RSS to 106 MiB.
+WINDOW = 4
+
+
+class _Lane:
+    """One replica's share of an upload: its chunks in order, up to WINDOW in flight (the
+    first alone: it opens the upload on the replica, which refuses later chunks of an upload
+    it does not know). A failed call ends the lane; the coordinator goes on without it."""
+
+    def __init__(self, replica: Replica, key: bytes, vid: bytes):
+        self.replica = replica
+        self.key = key
+        self.vid = vid
+        self.send, self._receive = trio.open_memory_channel[tuple[int, bytes]](1)
+        self.error: BaseException | None = None
+
+    async def run(self, call) -> None:
+        slots = trio.Semaphore(WINDOW)
+        async with trio.open_nursery() as nursery:
+            first = True
+            async for offset, data in self._receive:
+                await slots.acquire()
+                if self.error is not None:
+                    break
+                if first:
+                    await self._write(call, slots, offset, data)
+                    first = False
+                else:
+                    nursery.start_soon(self._write, call, slots, offset, data)
+            self._receive.close()  # after a failure: the coordinator's next send fails
+
+    async def _write(self, call, slots: trio.Semaphore, offset: int, data: bytes) -> None:
+        key, vid = self.key, self.vid
+        try:
+            # Not cancelled when the upload ends early (a refused stream, a client gone): a
+            # chunk cut off half-sent would break the peer connection and every request on
+            # it. The call's own timeout (replica_timeout) bounds the wait.
+            with trio.CancelScope(shield=True):
+                await call(self.replica, lambda rep: rep.write_chunk(key, vid, offset, data),
+                           math.inf)  # no deadline of its own: each chunk gets replica_timeout
+        except (KvdError, OSError) as exc:
+            if self.error is None:
+                log.info("replica %s dropped from upload of %r: %s", self.replica.node,
+                         key[:64], exc)
+                self.error = exc
+        finally:
+            slots.release()
+
+
+async def stream_chunks(call, key, vid, length, chunks, replicas, w):
+    """Send each chunk to every replica (``call(replica, fn, deadline)`` is the coordinator's
+    call with its per-replica timeout); keep those that stored them all. Returns (those replicas, the
+    number of chunks). Memory: at most WINDOW + 2 chunks per replica, shared by them."""
+    lanes = [_Lane(replica, key, vid) for replica in replicas]
     count = 0
     received = 0
-    async for data in chunks:
-        offset = received
-        received += len(data)
-        if received > length:
-            raise BadRequest(f"value is longer than the declared {length} bytes")
-        ok, failed, _ = await quorum(
-            alive, lambda rep: rep.write_chunk(key, vid, offset, data), len(alive)
-        )
-        for replica, exc in failed:
-            log.info("replica %s dropped from upload of %r: %s", replica.node, key[:64], exc)
-        alive = [rep for rep, _ in ok]
-        if len(alive) < w:
-            raise QuorumFailed(quorum_message("write", w, ok, failed))
-        count += 1
-    if received != length:
-        raise BadRequest(f"value ended after {received} of {length} declared bytes")
-    return alive, count
+    with unwrap_single_error():
+        async with trio.open_nursery() as nursery:
+            for lane in lanes:
+                nursery.start_soon(lane.run, call)
+            try:
+                async for data in chunks:
+                    offset = received
+                    received += len(data)
+                    if received > length:
+                        raise BadRequest(f"value is longer than the declared {length} bytes")
+                    for lane in lanes:
+                        if lane.error is None:
+                            try:
+                                await lane.send.send((offset, data))
+                            except trio.BrokenResourceError:
+                                pass  # the lane failed meanwhile (lane.error says why)
+                    _check(lanes, w)
+                    count += 1
+                if received != length:
+                    raise BadRequest(f"value ended after {received} of {length} declared bytes")
+            except BaseException:
+                nursery.cancel_scope.cancel()
+                raise
+            finally:
+                for lane in lanes:
+                    lane.send.close()
+    _check(lanes, w)
+    return [lane.replica for lane in lanes if lane.error is None], count
+
+
+def _check(lanes: list[_Lane], w: int) -> None:
+    """QuorumFailed once fewer than ``w`` replicas still hold every chunk sent so far."""
+    ok = [(lane.replica, None) for lane in lanes if lane.error is None]
+    if len(ok) < w:
+        failed = [(lane.replica, lane.error) for lane in lanes if lane.error is not None]
+        raise QuorumFailed(quorum_message("write", w, ok, failed))
+
+
+# Pieces read ahead of the one being sent when streaming a value out. One at a time (each
+# read, local or from a peer, waiting for the previous send) a 256 MiB get ran at 128-157 MB/s.
+READ_AHEAD = 4
+PIECE = 1 << 20  # bytes per piece read (and per CHUNK frame sent)
+
+
+class _Piece:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data = b""
+        self.error: BaseException | None = None
+
+
+async def send_value(source: Replica, key: bytes, ref: versions.ChunkRef, send) -> None:
+    """Stream the stored value ``ref`` from ``source`` to ``await send(data, end)``, in
+    order, with up to READ_AHEAD pieces being read meanwhile (memory: READ_AHEAD + 1 pieces)."""
+    if ref.length == 0:
+        await send(b"", True)
+        return
+    slots = trio.Semaphore(READ_AHEAD + 1)
+    ready, pending = trio.open_memory_channel[_Piece](READ_AHEAD + 1)
+
+    async def read(piece: _Piece, offset: int) -> None:
+        try:
+            piece.data = await source.read_piece(key, ref, offset,
+                                                 min(PIECE, ref.length - offset))
+        except (KvdError, OSError) as exc:
+            piece.error = exc
+        piece.done.set()
+
+    async def read_all(nursery) -> None:
+        async with ready:
+            for offset in range(0, ref.length, PIECE):
+                await slots.acquire()
+                piece = _Piece()
+                await ready.send(piece)
+                nursery.start_soon(read, piece, offset)
+
+    with unwrap_single_error():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all, nursery)
+            sent = 0
+            async for piece in pending:
+                await piece.done.wait()
+                if piece.error is not None:
+                    raise piece.error
+                sent += len(piece.data)
+                await send(piece.data, sent >= ref.length)
+                piece.data = b""
+                slots.release()
+
+
+# CHUNK frames per send_file call (the connection's send lock is given up between calls).
+FILE_BATCH = 8
+
+
+def blob_file_store(source: Replica | None) -> BlobStore | None:
+    """The blob files of ``source`` when it is this node's replica on disk (send_file)."""
+    if isinstance(source, LocalReplica) and isinstance(source.store.blobs, BlobStore):
+        return source.store.blobs
+    return None
+
+
+async def send_file_value(conn, rid: int, ref: versions.ChunkRef, blobs: BlobStore) -> None:
+    """Stream the stored value ``ref`` as CHUNK frames of request ``rid`` straight from its
+    blob file to ``conn`` (a FrameConnection that ``can_send_file``): no byte of it passes
+    through Python (a 1 GiB get: 0.4 s of the coordinator's CPU, against 1.4 s reading it
+    piece by piece)."""
+    fd = await blobs.open(ref.vid, ref.length)
+    try:
+        offsets = range(0, ref.length, PIECE)
+        for first in range(0, len(offsets), FILE_BATCH):
+            frames = []
+            for offset in offsets[first : first + FILE_BATCH]:
+                size = min(PIECE, ref.length - offset)
+                end = offset + size >= ref.length
+                frames.append((codec.chunk_header(rid, size, end), offset, size))
+            await conn.send_file(frames, fd)
+    finally:
+        os.close(fd)
 
 
 def minted_inline(obj: versions.VersionedObject) -> bool:
@@ -62,7 +219,8 @@ def chunk_source(merged, ok) -> Replica | None:
     wanted = {s.dot for s in merged.siblings if s.chunks is not None}
     if not wanted:
         return None
-    for replica, obj in ok:
-        if obj is not None and wanted <= {s.dot for s in obj.siblings}:
-            return replica
-    return None
+    holding = [replica for replica, obj in ok
+               if obj is not None and wanted <= {s.dot for s in obj.siblings}]
+    # This node's own copy first: no peer hop (and its bytes are read in parallel pieces).
+    holding.sort(key=lambda replica: not isinstance(replica, LocalReplica))
+    return holding[0] if holding else None

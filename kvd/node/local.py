@@ -471,9 +471,14 @@ class LocalStore:
     async def read_chunks(self, key: bytes, ref: versions.ChunkRef) -> AsyncIterator[bytes]:
         """Yield a stored value in READ_SIZE pieces, one at a time (bounded memory)."""
         for offset in range(0, ref.length, READ_SIZE):
-            data = await self.blobs.read(ref.vid, offset, min(READ_SIZE, ref.length - offset))
-            if not data:
-                raise Unavailable(
-                    f"value of key {key[:64]!r} changed while it was being read; read it again"
-                )
-            yield data
+            yield await self.read_piece(key, ref, offset, min(READ_SIZE, ref.length - offset))
+
+    async def read_piece(self, key: bytes, ref: versions.ChunkRef, offset: int,
+                         size: int) -> bytes:
+        """``size`` bytes of a stored value from ``offset`` (read in a worker thread)."""
+        data = await self.blobs.read(ref.vid, offset, size)
+        if not data:
+            raise Unavailable(
+                f"value of key {key[:64]!r} changed while it was being read; read it again"
+            )
+        return data

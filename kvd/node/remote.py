@@ -188,12 +188,15 @@ class RemoteReplica:
     async def read_chunks(self, key: bytes, ref: versions.ChunkRef,
                           piece: int = 1 << 20) -> AsyncIterator[bytes]:
         for offset in range(0, ref.length, piece):
-            reply = await self.peers.call(
-                self.address, MsgType.REPLICA_GET,
-                {"op": "blob", "key": key, "vid": ref.vid, "offset": offset,
-                 "size": min(piece, ref.length - offset)},
-                MsgType.REPLICA_GET_REPLY)
-            yield reply["data"]
+            yield await self.read_piece(key, ref, offset, min(piece, ref.length - offset))
+
+    async def read_piece(self, key: bytes, ref: versions.ChunkRef, offset: int,
+                         size: int) -> bytes:
+        reply = await self.peers.call(
+            self.address, MsgType.REPLICA_GET,
+            {"op": "blob", "key": key, "vid": ref.vid, "offset": offset, "size": size},
+            MsgType.REPLICA_GET_REPLY)
+        return reply["data"]
 
 
 class HintedReplica(RemoteReplica):

