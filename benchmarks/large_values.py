@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.one_node import Profiler, cpu_seconds  # noqa: E402
-from benchmarks.run import wait_cluster  # noqa: E402
+from benchmarks.cluster import start_cluster  # noqa: E402
 from tests.procs import KvdProcess, kvctl, rss_kib  # noqa: E402
 
 MiB = 1024 * 1024
@@ -55,19 +55,6 @@ def write_file(path: Path, size: int, sync: bool) -> float:
     finally:
         os.close(fd)
     return time.monotonic() - started
-
-
-def start_cluster(root: Path) -> list[KvdProcess]:
-    extra = {"sync": "batch"}
-    first = KvdProcess(root / "l1" / "data", "l1", extra=extra).start()
-    nodes = [first] + [KvdProcess(root / f"l{i}" / "data", f"l{i}", extra=extra,
-                                  seeds=[first.peer_address]).start() for i in (2, 3)]
-    for other in nodes[1:]:
-        kvctl("cluster", "join", first.peer_address, host=other.address)
-    time.sleep(2)
-    kvctl("cluster", "commit", host=first.address)
-    wait_cluster(first.address, 3)
-    return nodes
 
 
 def timed(nodes: list[KvdProcess], name: str, profile: Path | None, *args: str) -> tuple:
