@@ -41,6 +41,7 @@ from kvd.errors import (
     error_from_code,
     unwrap_single_error,
 )
+from kvd.net import rawstream
 from kvd.net.connection import FrameConnection, run_handshake
 from kvd.proto import codec
 from kvd.proto.handshake import ClientHandshake
@@ -324,6 +325,8 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
         raise ConnectFailed(f"cannot connect to {address}: {_connect_reason(exc)}") from None
     if ssl_context is not None:
         stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
+    else:  # plain TCP: direct syscalls, as the serving side (the simulator's streams as they are)
+        stream = rawstream.wrap(stream)
     conn = FrameConnection(stream)
     try:
         machine = ClientHandshake(address, hello_fields, token=token, secret=secret,
