@@ -52,7 +52,8 @@ Failure handling (DESIGN section 4):
    primaries mint, docs/DECISIONS.md). Not for large values (rule 3). kvd.node.replication
    holds rules 3 and 9.
 10. A read that has fewer than R replicas not suspected (rule 5) cannot expect R answers:
-    it waits a hedge delay at most, then fails (exit 3), naming every replica.
+    it waits a hedge delay at most, then fails (exit 3), naming every replica
+    (kvd.node.reads).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@
 3. Digests never count towards R. After the answer, read repair waits for the calls still
    running (up to ``request_timeout``), merges the late objects in, and writes the merged
    object back to every replica whose object, or digest, differs from it.
+4. With fewer than R replicas not suspected (coordinator rule 5), R answers cannot be
+   expected: the read waits a hedge delay at most, then fails naming every replica that
+   answered nothing (coordinator rule 10).
 """
 
 from __future__ import annotations
