@@ -228,10 +228,12 @@ class Client:
             fields["value"] = value
             return put_result(await self._call(MsgType.PUT, fields, MsgType.PUT_REPLY))
         async with self._request(MsgType.PUT, fields) as (rid, next_reply):
-            async with trio.open_nursery() as nursery:
-                # An early ERROR reply raises here and cancels the sender.
-                nursery.start_soon(self._send_stream, rid, total, value, source)
-                reply = await next_reply()
+            # An early ERROR reply raises here and cancels the sender; the caller gets that
+            # error itself, not trio's exception group around it.
+            with unwrap_single_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_stream, rid, total, value, source)
+                    reply = await next_reply()
         if reply.type != MsgType.PUT_REPLY:
             raise ProtocolError(f"expected PUT_REPLY, got {reply.type.name}")
         return put_result(reply.fields)

@@ -141,6 +141,21 @@ async def test_an_upload_fails_when_fewer_than_w_replicas_keep_up(autojump_clock
         nursery.cancel_scope.cancel()
 
 
+async def test_a_failed_upload_raises_its_own_error_from_put(autojump_clock):
+    """Client.put of a streamed value raises the node's error itself, not an exception group
+    around it, and the connection serves the next request."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery)
+        key = b"big-error"
+        for name in _primaries(sim, key)[:2]:
+            _instrument(sim, name, fail_from=5 * CHUNK)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            with pytest.raises(QuorumFailed):
+                await c.put(key, _value(20))
+            await c.ping()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_read_streams_from_a_replica_on_another_node(autojump_clock):
     """Four nodes, N=3: a coordinator that holds no replica of the key reads the value from
     a peer, several pieces ahead of the client, in order."""
