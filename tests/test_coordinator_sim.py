@@ -39,6 +39,19 @@ def _primaries(sim: SimCluster, key: bytes, via: str = "n1") -> list[str]:
     return preference_list(cluster.routing.serving_ring(), partition_of(key, cluster.state.ring.q), 3)
 
 
+async def _timed_puts(sim: SimCluster, keys: list[bytes], pause) -> list[float]:
+    """Put each key at W=2 through n1 and return how long each took (simulated seconds);
+    ``pause(i)`` seconds pass after the i-th."""
+    took = []
+    async with sim.open_client("n1", sim.client_address()) as c:
+        for i, key in enumerate(keys):
+            began = trio.current_time()
+            await c.put(key, b"v", w=2)
+            took.append(round(trio.current_time() - began, 3))
+            await trio.sleep(pause(i))
+    return took
+
+
 def _key_with(sim: SimCluster, first: str, not_first: str | None = None, prefix=b"k") -> bytes:
     """A key whose preference list starts with ``first``."""
     for i in range(10_000):
@@ -172,14 +185,7 @@ async def test_a_silent_first_primary_costs_a_write_a_hedge_not_a_replica_timeou
             if len(keys) == 12:
                 break
         sim.net.partition(sim.nodes["n1"].peer_address, [sim.nodes["n2"].peer_address])
-        src = sim.client_address()
-        took = []
-        async with sim.open_client("n1", src) as c:
-            for key in keys:
-                began = trio.current_time()
-                await c.put(key, b"v", w=2)
-                took.append(round(trio.current_time() - began, 3))
-                await trio.sleep(6)  # past SUSPECT_FOR's memory of n2 every other write
+        took = await _timed_puts(sim, keys, lambda i: 6)  # past SUSPECT_FOR every other write
         assert max(took) <= 0.3, took
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
@@ -324,15 +330,8 @@ async def test_silent_replicas_cost_a_write_a_hedge_not_a_replica_timeout(autoju
                 if {"n3", "n4"} <= set(_primaries(sim, key))][:12]
         silent = [sim.nodes[n].peer_address for n in ("n3", "n4")]
         sim.net.partition(sim.nodes["n1"].peer_address, silent)
-        src = sim.client_address()
-        took = []
-        async with sim.open_client("n1", src) as c:
-            for i, key in enumerate(keys):
-                began = trio.current_time()
-                await c.put(key, b"v", w=2)
-                took.append(round(trio.current_time() - began, 3))
-                if i % 2:
-                    await trio.sleep(6)  # a write after the last one's legs timed out, too
+        # Every other write comes after the last one's legs timed out, too.
+        took = await _timed_puts(sim, keys, lambda i: 6 if i % 2 else 0)
         cluster = sim.nodes["n1"].node.cluster
         assert cluster.is_up("n3") and cluster.is_up("n4"), "the detector saw the cut"
         assert max(took) <= 0.3, took
@@ -374,16 +373,8 @@ async def test_suspected_replicas_cost_a_write_no_hedge(autojump_clock, monkeypa
         keys = [key for key in (b"susp" + str(i).encode() for i in range(100_000))
                 if {"n3", "n4"} <= set(_primaries(sim, key))][:13]
         _silence(monkeypatch, sim, {"n3", "n4"})
-        src = sim.client_address()
-        took = []
-        async with sim.open_client("n1", src) as c:
-            await c.put(keys[0], b"v", w=2)  # this one may pay the hedges; its legs time out
-            await trio.sleep(1.5)
-            for key in keys[1:]:
-                began = trio.current_time()
-                await c.put(key, b"v", w=2)
-                took.append(round(trio.current_time() - began, 3))
-                await trio.sleep(0.5)
+        await _timed_puts(sim, keys[:1], lambda i: 1.5)  # may pay the hedges; its legs time out
+        took = await _timed_puts(sim, keys[1:], lambda i: 0.5)
         cluster = sim.nodes["n1"].node.cluster
         assert cluster.is_up("n3") and cluster.is_up("n4"), "the detector saw it"
         assert max(took) < HEDGE_FLOOR, took
@@ -405,14 +396,7 @@ async def test_a_slow_replica_costs_writes_no_hedge_once_it_is_known_slow(autoju
         keys = [key for key in (b"slow" + str(i).encode() for i in range(100_000))
                 if _primaries(sim, key)[0] == "n2" and "n1" not in _primaries(sim, key)][:30]
         sim.net.set_delay(0.3, [sim.nodes["n2"].peer_address])
-        src = sim.client_address()
-        took = []
-        async with sim.open_client("n1", src) as c:
-            for key in keys:
-                began = trio.current_time()
-                await c.put(key, b"v", w=2)
-                took.append(round(trio.current_time() - began, 3))
-                await trio.sleep(0.2)
+        took = await _timed_puts(sim, keys, lambda i: 0.2)
         assert sim.nodes["n1"].node.cluster.is_up("n2"), "the detector saw it"
         assert max(took[5:]) < HEDGE_FLOOR, took
         assert not sim.crashes, sim.crashes

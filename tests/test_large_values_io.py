@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from functools import partial
 
 import pytest
 import trio
@@ -86,6 +87,16 @@ async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return server, client
 
 
+async def _read_slowly(client: trio.SocketStream, received: list, count: int) -> None:
+    """Read ``count`` frames into ``received``, slower than a sender can write them."""
+    decoder = codec.FrameDecoder(max_frame=2 * MiB)
+    while len(received) < count:
+        await trio.sleep(0.005)
+        decoder.receive_data(await client.receive_some(256 * 1024))
+        while (message := decoder.next_message()) not in (codec.NEED_DATA, None):
+            received.append(message)
+
+
 @pytest.mark.parametrize("raw", [False, True])
 async def test_send_file_sends_chunk_frames_from_a_file_behind_queued_frames(tmp_path, raw):
     """Over real TCP, with a reader slower than the sender (the thread waits for room):
@@ -100,15 +111,8 @@ async def test_send_file_sends_chunk_frames_from_a_file_behind_queued_frames(tmp
     pieces = [(offset, min(MiB, len(data) - offset)) for offset in range(0, len(data), MiB)]
     frames = [(codec.chunk_header(7, size, offset + size >= len(data)), offset, size)
               for offset, size in pieces]
-    decoder = codec.FrameDecoder(max_frame=2 * MiB)
     received: list[codec.Message] = []
-
-    async def read_slowly():
-        while len(received) < 1 + len(frames):
-            await trio.sleep(0.005)
-            decoder.receive_data(await client.receive_some(256 * 1024))
-            while (message := decoder.next_message()) not in (codec.NEED_DATA, None):
-                received.append(message)
+    read_slowly = partial(_read_slowly, client, received, 1 + len(frames))
 
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -161,15 +165,8 @@ async def test_frames_queued_while_a_file_is_sent_go_out_after_it(tmp_path):
     conn = FrameConnection(server)
     frames = [(codec.chunk_header(7, MiB, offset + MiB >= len(data)), offset, MiB)
               for offset in range(0, len(data), MiB)]
-    decoder = codec.FrameDecoder(max_frame=2 * MiB)
     received: list[codec.Message] = []
-
-    async def read_slowly():
-        while len(received) < 1 + len(frames):
-            await trio.sleep(0.005)
-            decoder.receive_data(await client.receive_some(256 * 1024))
-            while (message := decoder.next_message()) not in (codec.NEED_DATA, None):
-                received.append(message)
+    read_slowly = partial(_read_slowly, client, received, 1 + len(frames))
 
     async def reply_meanwhile():
         await trio.sleep(0.05)  # send_file has the lock by now
