@@ -24,7 +24,8 @@ The checker's rules (a run passes only if all hold):
    minted twice.
 
 Rule 2 is checked after real purges: ``deletes_purged`` counts the acknowledged deletes whose
-tombstone is gone at the end (the read finds no sibling at all), and make test requires some.
+tombstone is gone at the end (the read finds no sibling at all), ``purged_in_faults`` the
+tombstones the running nodes purged before the heal; make test requires some of each.
 
 Faults (the nemesis): partitions (one node, majority/minority, a bridge, a non-transitive
 ring), message delay and connection resets (loss, and a reset of one link mid-request),
@@ -119,6 +120,9 @@ async def simulate(seed: int, profile: Profile = FULL, lose_one_ack: bool = Fals
             async with trio.open_nursery() as faults:
                 faults.start_soon(_nemesis, sim, rng, workload, report)
                 await workload.run(duration)
+            # GC during the faults: tombstones purged before the heal (running nodes' count).
+            report.counts["purged_in_faults"] = sum(
+                sn.node.aae.totals.tombstones_purged for sn in sim.running())
             if lose_one_ack:
                 await _lose_one_acknowledged_write(sim, workload)
             if apply_one_twice:
@@ -347,7 +351,7 @@ async def _read_all(sim: SimCluster, keys: list[bytes]) -> dict:
 
 async def _check(sim: SimCluster, workload: Workload, report: Report) -> None:
     history = workload.history
-    report.counts = dict(history.counts)
+    report.counts = dict(history.counts, **report.counts)
     keys = (sorted(history.unique) + [f"h/{i}".encode() for i in range(HOT_KEYS)]
             + sorted(history.deletes) + sorted(history.blind))
     try:

@@ -33,11 +33,13 @@ def _failures(reports) -> list[str]:
 
 def test_simulated_seeds():
     """Rules 1-7 of tests/sim/simulation.py hold for every seed, and rule 2 was put to the
-    test: some acknowledged deletes had their tombstones purged before the final reads."""
+    test: some acknowledged deletes had their tombstones purged before the final reads, and
+    tombstone GC ran while faults came and went (before the heal)."""
     reports = run_seeds(range(1, SEEDS + 1), short=True, jobs=min(2, os.cpu_count() or 1))
     failures = _failures(reports)
     assert not failures, "\n".join(failures)
     assert sum(r.counts.get("deletes_purged", 0) for r in reports) > 0, "no tombstone was purged"
+    assert sum(r.counts.get("purged_in_faults", 0) for r in reports) > 0, "GC never ran in faults"
 
 
 def test_regression_seeds():
