@@ -1,19 +1,15 @@
-"""The kvd daemon's I/O shell: listeners, connection handling, lifecycle.
+"""The kvd daemon's I/O shell: listeners, lifecycle.
 
 ``serve(config, task_status=...)`` opens storage, starts every task in one nursery and reports
 the bound client port through ``task_status`` once it accepts connections. ``run(config)``
 adds signal handling: SIGTERM/SIGINT stop accepting, let in-flight requests finish, flush
 storage and return (exit 0).
 
-Connection rules (DESIGN section 6): a HELLO must arrive within ``handshake_timeout`` and fit in
-16 KiB; after it the frame limit rises to ``max_frame``. A malformed frame gets one ERROR frame
-(request id 0, code "protocol") and the connection is closed; nothing else is affected. Each
-port admits connections through its budget (kvd.net.admission): a connection is pending until
-its handshake succeeds, and the oldest pending one makes room for a newcomer.
-
-What a request asks is answered elsewhere: client requests by kvd.node.client_service, peer
-requests by kvd.node.peer_service; this module routes each frame to its handler and turns a
-failure into an ERROR frame.
+Each port admits connections through its budget (kvd.net.admission): a connection is
+pending until its handshake succeeds, and the oldest pending one makes room for a newcomer.
+An admitted connection of the native protocol is served by kvd.node.connections (handshake,
+frames, a task per request that may wait), one of the Redis protocol by
+kvd.node.resp_service.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ import signal
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import trio
 
@@ -34,51 +29,31 @@ from kvd.client import Dial
 from kvd.clocks import REAL, Clocks
 from kvd.address import parse_address
 from kvd.config import Config
-from kvd.errors import (
-    BadRequest,
-    ConnectFailed,
-    KvdError,
-    ProtocolError,
-    Unauthorized,
-    Unavailable,
-    unwrap_single_error,
-)
+from kvd.errors import KvdError, Unavailable
 from kvd.metrics import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from kvd.metrics import NodeMetrics
 from kvd.net.admission import (
     Admission,
-    Ticket,
     current_nofile,
     descriptor_budget,
     serve_admitted,
 )
-from kvd.net import rawstream
-from kvd.net.connection import FrameConnection, run_handshake
-from kvd.net.guarded import GuardedConnection
 from kvd.node.antientropy import AntiEntropy
 from kvd.node.cluster import Cluster
 from kvd.node.staging import Offload
 from kvd.node import resp_service
-from kvd.node.client_service import CLIENT_HANDLERS
-from kvd.node.peer_service import PEER_HANDLERS
+from kvd.node.connections import handle_connection
 from kvd.node.coordinator import Coordinator
 from kvd.node.data_dir import Identity, load_identity, make_private
 from kvd.node.local import LocalStore
 from kvd.node.replica import LocalReplica
-from kvd.proto import codec
-from kvd.proto.handshake import ServerHandshake
-from kvd.proto.messages import FLAG_END, MsgType
-from kvd.security import Security, context_key, printable
+from kvd.security import Security, context_key
 from kvd.storage import open_storage
 from kvd.storage.blobs import BlobStore, MemoryBlobStore
 from kvd.storage.memory import MemoryDisk
 
 log = logging.getLogger("kvd.server")
 
-# Requests of one connection that may be in flight at once; more wait (backpressure).
-MAX_IN_FLIGHT_PER_CONNECTION = 128
-# Chunk frames buffered per streaming request before the reader stops reading the socket.
-STREAM_BUFFER_FRAMES = 2
 
 
 @dataclass
@@ -306,178 +281,3 @@ async def run(config: Config) -> None:
                 await node.wait_idle()
             nursery.cancel_scope.cancel()
     log.info("stopped cleanly")
-
-
-# ---------------------------------------------------------------- connections
-
-
-async def handle_connection(node: Node, stream, ticket: Ticket | None, role: str,
-                            security: Security | None = None) -> None:
-    """Serve one accepted connection; ``ticket`` is its admission (kvd.net.admission),
-    None when the port is full of authenticated connections."""
-    conn = GuardedConnection(rawstream.wrap(stream), security)
-    if ticket is None:
-        node.counters.rejected_connections += 1
-        await _send_error(conn, 0, Unavailable("too many connections"))
-        await conn.aclose()
-        return
-    node.counters.connections += 1
-    try:
-        with unwrap_single_error():
-            await _serve_connection(node, conn, role, ticket)
-    except Unauthorized as exc:
-        # Counted (and logged if its address is new) by the handshake; the reason goes back,
-        # never a secret.
-        await _send_error(conn, 0, exc)
-    except ProtocolError as exc:
-        node.counters.protocol_errors += 1
-        # Counted by reason, logged once per new address: hostile input cannot flood the log.
-        conn.security.note("closed a connection on a protocol error", conn.host, "", str(exc))
-        await _send_error(conn, 0, exc)
-    except ConnectFailed:
-        pass
-    except Exception:
-        # A bug in one connection's handling must never take the daemon down.
-        log.exception("connection handler failed")
-    finally:
-        await conn.aclose()
-
-
-async def _send_error(conn: FrameConnection, request_id: int, exc: KvdError) -> None:
-    try:
-        with trio.move_on_after(1):
-            await conn.send(
-                codec.encode(MsgType.ERROR, request_id, {"code": exc.code, "message": str(exc)})
-            )
-    except (ConnectFailed, ProtocolError):
-        pass
-
-
-async def _handshake(node: Node, conn: GuardedConnection, role: str,
-                     ticket: Ticket | None = None) -> None:
-    """The server side of kvd.proto.handshake (HELLO, and for peers with a cluster secret
-    the challenge-response), all within ``handshake_timeout``; then HELLO_OK and the frame
-    limit rises. A refusal raises Unauthorized, counted by kvd.security.Refusals."""
-    security = getattr(conn, "security", None) or Security()
-    host = getattr(conn, "host", "")
-    machine = ServerHandshake(
-        role, node.node_id, max_frame=node.config.max_frame, chunk_size=node.config.chunk_size,
-        authorize=partial(security.authorize, role, host), secret=security.secret,
-        seal=not isinstance(conn.stream, trio.SSLStream),
-        ports={"client": node.config.listen, "peer": node.config.peer_listen})
-    with trio.move_on_after(node.config.handshake_timeout) as scope:
-        try:
-            done = await run_handshake(conn.stream, machine)
-        except Unauthorized as exc:
-            who = machine.hello.fields.get("node") if machine.hello is not None else None
-            security.note_refusal(role, host, printable(who), str(exc))
-            raise
-    if scope.cancelled_caught:
-        raise ProtocolError("handshake not completed within the handshake timeout")
-    conn.max_frame = node.config.max_frame
-    conn.grant = done.grant
-    if ticket is not None:
-        # Authenticated from here on: before HELLO_OK goes out, or a newcomer accepted while
-        # it is being sent could evict this connection as an idle one.
-        ticket.established()
-    await conn.finish_handshake(machine, done)
-
-
-async def _serve_connection(node: Node, conn: GuardedConnection, role: str,
-                            ticket: Ticket | None = None) -> None:
-    await _handshake(node, conn, role, ticket)
-    handlers = PEER_HANDLERS if role == "peer" else CLIENT_HANDLERS
-    streams: dict[int, trio.MemorySendChannel] = {}
-    slots = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
-    async with trio.open_nursery() as nursery:
-        activity = _IdleWatch(node.config.idle_timeout, slots, node.clocks.monotonic)
-        nursery.start_soon(activity.watch, nursery.cancel_scope)
-
-        while True:
-            message = await conn.receive()
-            activity.touch()
-            if message is None:
-                break  # client closed; let in-flight requests finish and reply
-            if message.type == MsgType.CHUNK:
-                channel = streams.get(message.request_id)
-                if channel is None:
-                    raise ProtocolError(f"CHUNK for unknown request id {message.request_id}")
-                try:
-                    await channel.send(message)
-                except trio.BrokenResourceError:
-                    pass  # the request already failed; drain the rest of its upload
-                if message.flags & FLAG_END:
-                    streams.pop(message.request_id).close()
-                continue
-            chunks = None
-            if message.type == MsgType.PUT and "value" not in message.fields:
-                send, chunks = trio.open_memory_channel(STREAM_BUFFER_FRAMES)
-                if message.request_id in streams:
-                    raise ProtocolError(f"request id {message.request_id} already streaming")
-                streams[message.request_id] = send
-                if message.fields["length"] == 0:
-                    raise ProtocolError("a streamed PUT must declare a length above zero")
-            await slots.acquire()
-            nursery.start_soon(_handle_request, node, conn, message, chunks, slots, handlers)
-        for channel in streams.values():
-            channel.close()
-        activity.stop()  # let in-flight requests finish and reply, then close
-
-
-class _IdleWatch:
-    """Closes a connection that sent nothing for ``timeout`` seconds while it had no request
-    in flight. One task per connection, instead of a cancel scope per received frame."""
-
-    def __init__(self, timeout: float, slots: trio.Semaphore, clock: Callable[[], float]):
-        self.timeout = timeout
-        self.slots = slots
-        self.clock = clock  # trio's (or the simulator's mock) clock: sleep_until reads it too
-        self.last = clock()
-        self._scope = trio.CancelScope()
-
-    def stop(self) -> None:
-        self._scope.cancel()
-
-    def touch(self) -> None:
-        self.last = self.clock()
-
-    async def watch(self, scope: trio.CancelScope) -> None:
-        with self._scope:
-            await self._watch(scope)
-
-    async def _watch(self, scope: trio.CancelScope) -> None:
-        while True:
-            await trio.sleep_until(self.last + self.timeout)
-            idle = self.clock() - self.last >= self.timeout
-            if idle and self.slots.value == MAX_IN_FLIGHT_PER_CONNECTION:
-                log.debug("closing idle connection")
-                scope.cancel()
-                return
-            if idle:
-                self.touch()  # a long request is running; look again later
-
-
-async def _handle_request(node, conn, message, chunks, slots, handlers) -> None:
-    rid = message.request_id
-    try:
-        node.request_started()
-        try:
-            handler = handlers.get(message.type)
-            if handler is None:
-                raise BadRequest(f"{message.type.name} is not accepted on this port")
-            await handler(node, conn, message, chunks)
-        finally:
-            node.request_finished()
-    except KvdError as exc:
-        node.counters.errors += 1
-        if not isinstance(exc, ConnectFailed):
-            await _send_error(conn, rid, exc)
-    except Exception:
-        node.counters.errors += 1
-        log.exception("request %s failed", message.type.name)
-        await _send_error(conn, rid, KvdError("internal error; see the node's log"))
-    finally:
-        node.counters.requests += 1
-        slots.release()
-        if chunks is not None:
-            chunks.close()

@@ -293,3 +293,38 @@ async def test_connect_refused_raises_connect_failed():
     with pytest.raises(ConnectFailed):
         async with open_client(f"127.0.0.1:{free_port()}"):
             pass
+
+
+async def test_a_client_that_never_reads_its_replies_is_bounded(node):
+    """The connection's reader answers GETs itself (no task each); it stops reading when
+    the client does not read what it answered, so memory stays bounded."""
+    value = os.urandom(64 * 1024)
+    async with open_client(node.address) as client:
+        await client.put(b"big", value)
+    before = rss_kib(node.proc.pid)
+    sock = _raw_connection(node.port)
+    sock.sendall(_hello())
+    decoder = codec.FrameDecoder(1 << 20)
+    while (hello := decoder.next_message()) is codec.NEED_DATA:
+        decoder.receive_data(sock.recv(65536))
+    assert hello.type == MsgType.HELLO_OK
+    # 4,000 GETs whose replies (256 MiB) the client never reads; sent from a thread, since
+    # the node stops reading them too.
+    requests = b"".join(codec.encode(MsgType.GET, rid, {"key": b"big"})
+                        for rid in range(1, 4001))
+    sender = threading.Thread(target=lambda: _send_ignoring_errors(sock, requests))
+    sender.start()
+    await trio.sleep(3)
+    grown_mib = (rss_kib(node.proc.pid) - before) / 1024
+    async with open_client(node.address) as other:  # and the node serves others meanwhile
+        assert (await other.get(b"big")).siblings[0].value == value
+    sock.close()
+    sender.join(10)
+    assert grown_mib < 32, f"RSS grew {grown_mib:.0f} MiB"
+
+
+def _send_ignoring_errors(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass  # closed by the test

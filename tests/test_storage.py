@@ -187,6 +187,50 @@ async def test_pending_batch_is_bounded(open_store):
             assert storage.get(b"w%03d" % i) is not None
 
 
+@pytest.mark.parametrize("room", ["fits", "waits for room"])
+async def test_a_write_that_lands_returns_only_once_landed_even_cancelled(open_store,
+                                                                          monkeypatch, room):
+    """``write(ops, lands=True)``: its caller, cancelled meanwhile, still waits until its
+    batch has committed, then sees the cancellation (kvd.node.local Rule 4 relies on it)."""
+    async with open_store(max_batch_bytes=1024) as storage:
+        real_commit = storage._commit
+        gate = trio.Event()
+
+        async def commit(ops, sync):
+            await gate.wait()
+            await real_commit(ops, sync)
+
+        monkeypatch.setattr(storage, "_commit", commit)
+        events: list[str] = []
+
+        async def writer(key, lands, task_status=trio.TASK_STATUS_IGNORED):
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                try:
+                    await storage.write([(key, bytes(600))], lands=lands)
+                    events.append(f"{key.decode()} returned, landed={storage.get(key) is not None}")
+                    await trio.lowlevel.checkpoint()
+                except trio.Cancelled:
+                    events.append(f"{key.decode()} cancelled")
+                    raise
+
+        async with trio.open_nursery() as nursery:
+            if room == "waits for room":  # batch 1 in flight, batch 2 full: "late" waits
+                nursery.start_soon(writer, b"first", False)
+                await wait_all_tasks_blocked()
+                nursery.start_soon(writer, b"second", False)
+                await wait_all_tasks_blocked()
+            scope = await nursery.start(writer, b"late", True)
+            await wait_all_tasks_blocked()
+            scope.cancel()
+            await wait_all_tasks_blocked()
+            assert not [e for e in events if e.startswith("late")]  # still waiting
+            gate.set()
+        assert [e for e in events if e.startswith("late")] == [
+            "late returned, landed=True", "late cancelled"]
+        assert storage.get(b"late") is not None
+
+
 async def test_commit_failure_reaches_every_caller_of_the_batch(open_store, monkeypatch):
     async with open_store() as storage:
         real_commit = storage._commit

@@ -68,6 +68,8 @@ class FrameConnection:
             message = self.decoder.next_message()
             if message is not NEED_DATA:
                 return message
+            if self._queue and not self._send_lock.locked():
+                await self._send_now()  # what ``send_soon`` queued, before we wait
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -87,15 +89,28 @@ class FrameConnection:
         self._queued += len(data)
         if self._send_lock.locked() and self._queued <= HIGH_WATER:
             return  # the task holding the lock sends it
+        await self._send_now(checkpoint=True)
+
+    async def send_soon(self, data: bytes) -> None:
+        """Queue whole encoded frames to go out with the next ``send``, or before this
+        connection's ``receive`` next waits for bytes: the replies its reader answers
+        itself, one per request of a read, leave in one syscall. Past HIGH_WATER queued
+        bytes they go now, so a client that does not read its replies stops the reader."""
+        if self.broken:
+            raise ConnectFailed("connection is broken")
+        self._queue.append(data)
+        self._queued += len(data)
+        if self._queued > HIGH_WATER:
+            await self._send_now()
+
+    async def _send_now(self, checkpoint: bool = False) -> None:
+        """Send everything queued, under the send lock (``checkpoint``: let the tasks that
+        are ready now queue their frames behind ours first)."""
         async with self._send_lock:
-            # Let the tasks that are ready now queue their frames behind ours first.
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if checkpoint:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             try:
-                while self._queue:
-                    batch = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
-                    self._queue.clear()
-                    self._queued = 0
-                    await self.stream.send_all(batch)
+                await self._send_queued()
             except BaseException as exc:
                 self.broken = True
                 if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):

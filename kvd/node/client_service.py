@@ -11,6 +11,7 @@ validate the request, open and seal contexts, and shape the reply.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -58,20 +59,55 @@ def quorum_params(node, fields, name: str) -> tuple[int, int]:
 
 
 async def _get(node, conn, message, _chunks) -> None:
-    fields = message.fields
+    key, n, r = _read_request(node, message.fields)
+    result = await node.coordinator.get(key, n, r)
+    reply, streamed = _get_reply(node, message.request_id, key, result)
+    await conn.send(reply)
+    for sibling in streamed:
+        await _send_value(node, conn, message.request_id, key, sibling, result.source)
+
+
+def get_now(node, conn, message) -> tuple[bytes, Callable[[], Awaitable[None]] | None] | None:
+    """A GET this node answers alone (one node serving, so its store is the only replica),
+    read at once: (its GET_REPLY frame, None or an async function that streams the values
+    too large for the frame after it). The server then answers with no task and no
+    schedule point (docs/DECISIONS.md, issue 14). None when the read must ask other
+    replicas: ``_get`` then runs in a task. Raises KvdError like ``_get``."""
+    if node.member_count() != 1:
+        return None
+    key, n, r = _read_request(node, message.fields)
+    result = node.coordinator.get_here(key, n, r)
+    if result is None:
+        return None
+    rid = message.request_id
+    reply, streamed = _get_reply(node, rid, key, result)
+    if not streamed:
+        return reply, None
+
+    async def send_rest() -> None:
+        for sibling in streamed:
+            await _send_value(node, conn, rid, key, sibling, result.source)
+
+    return reply, send_rest
+
+
+def _read_request(node, fields) -> tuple[bytes, int, int]:
+    """(key, n, r) of a GET, each checked."""
     require_settled(node)
     key = _key(fields)
     n, r = quorum_params(node, fields, "r")
-    result = await node.coordinator.get(key, n, r)
+    return key, n, r
+
+
+def _get_reply(node, rid: int, key: bytes, result) -> tuple[bytes, list[versions.Sibling]]:
+    """The GET_REPLY frame of a read, and the siblings whose values follow it as CHUNK
+    frames: what fits in one frame is inline, the rest is streamed."""
     obj = result.obj
-    rid = message.request_id
     if obj is None or not versions.is_found(obj):
         context = _context(node, key, obj or versions.empty())
         reply = {"key": key, "found": False, "context": context, "siblings": [],
                  "replicas": result.replicas}
-        await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
-        return
-    # Inline what fits in one frame; stream the rest as CHUNK frames after the reply.
+        return codec.encode(MsgType.GET_REPLY, rid, reply), []
     budget = node.config.max_frame // 2
     described, streamed = [], []
     for sibling in obj.siblings:
@@ -86,9 +122,7 @@ async def _get(node, conn, message, _chunks) -> None:
     reply = {"key": key, "found": True,
              "context": _context(node, key, obj),
              "siblings": described, "replicas": result.replicas}
-    await conn.send(codec.encode(MsgType.GET_REPLY, rid, reply))
-    for sibling in streamed:
-        await _send_value(node, conn, rid, key, sibling, result.source)
+    return codec.encode(MsgType.GET_REPLY, rid, reply), streamed
 
 
 async def _send_value(node, conn, rid, key, sibling, source) -> None:

@@ -240,15 +240,34 @@ class Coordinator:
 
     async def get(self, key: bytes, n: int, r: int) -> ReadResult:
         """Read ``key`` at quorum R from its ``n`` replicas (observed, rule 6)."""
-        return await self._observed("get", self._read(key, n, r))
-
-    async def _read(self, key: bytes, n: int, r: int) -> ReadResult:
         replicas = self.read_replicas(key, n)
-        if len(replicas) == 1 and r == 1:
-            # One replica: no fan-out, no background task (the single-node hot path).
-            if isinstance(replicas[0], LocalReplica):  # a local read never blocks: no deadline
-                obj = replicas[0].read_now(key)
-                return ReadResult(obj, 1, chunk_source(obj, [(replicas[0], obj)]))
+        if len(replicas) == 1 and r == 1 and isinstance(replicas[0], LocalReplica):
+            return self._read_here(key, replicas[0])  # the single-node hot path: no await
+        return await self._observed("get", self._read(key, replicas, r))
+
+    def get_here(self, key: bytes, n: int, r: int) -> ReadResult | None:
+        """``get`` when this node's replica is the only one it asks (one node, or N=1
+        here), at once: a local read never blocks, so it needs no task, deadline or
+        schedule point. None when other replicas must be asked."""
+        replicas = self.read_replicas(key, n)
+        if len(replicas) == 1 and r == 1 and isinstance(replicas[0], LocalReplica):
+            return self._read_here(key, replicas[0])
+        return None
+
+    def _read_here(self, key: bytes, here: LocalReplica) -> ReadResult:
+        started = self.clock()
+        try:
+            obj = here.read_now(key)
+        except BaseException as exc:
+            if self.observer is not None:
+                self.observer.request_finished("get", self.clock() - started, None, exc)
+            raise
+        if self.observer is not None:
+            self.observer.request_finished("get", self.clock() - started, obj, None)
+        return ReadResult(obj, 1, chunk_source(obj, [(here, obj)]))
+
+    async def _read(self, key: bytes, replicas: Sequence[Replica], r: int) -> ReadResult:
+        if len(replicas) == 1 and r == 1:  # one remote replica: no fan-out, no task
             try:
                 obj = await self._call(replicas[0], lambda rep: rep.get(key),
                                        self.clock() + self.request_timeout)

@@ -26,9 +26,10 @@ Invariants:
   concurrent writes never build on the same old object (and lose one another), and writes to
   a hot key share group commits instead of queueing for one fsync each. Storage applies
   batches in write() order, so the later object is also the one that lands last. Once
-  published, a commit runs to its end under a shield even if its caller is cancelled (the
-  caller still sees the cancellation): a queued batch lands anyway, so ``_pending`` and the
-  in-memory tree must keep describing it until it has.
+  published, a commit runs to its end even if its caller is cancelled (an uncancellable
+  ``storage.write(..., lands=True)``; the caller still sees the cancellation): a queued
+  batch lands anyway, so ``_pending`` and the in-memory tree must keep describing it until
+  it has.
 - Rule 5: every object write also updates the partition's anti-entropy tree (kvd/aae.py)
   and the key's index entry, in the same batch: the tree on disk always matches the
   objects, and is never rebuilt by a scan.
@@ -394,12 +395,12 @@ class LocalStore:
     async def _commit(self, key, obj, digest, ops) -> None:
         """Write ``ops``; meanwhile ``obj`` (digest) is what later writes of ``key`` build on.
 
-        Shielded (Rule 4): once published, the batch lands whatever happens to the caller,
-        so ``_pending`` stays until it has; a cancelled caller sees Cancelled afterwards."""
+        Uncancellable (Rule 4): once published, the batch lands whatever happens to the
+        caller, so ``_pending`` stays until it has; a cancelled caller sees Cancelled
+        afterwards."""
         committing = self._pending[key] = _Commit(obj, digest)
         try:
-            with trio.CancelScope(shield=True):
-                await self.storage.write(ops)
+            await self.storage.write(ops, lands=True)
         finally:
             if self._pending.get(key) is committing:
                 del self._pending[key]

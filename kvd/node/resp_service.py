@@ -180,16 +180,15 @@ _QUIT = object()
 async def execute(session: Session, args: list[bytes]):
     """Run one command and queue its reply (Rule 1 checks first)."""
     name = args[0].upper()
-    entry = COMMANDS.get(name) or resp_data.COMMANDS.get(name)
+    entry = _TABLE.get(name)
     if entry is None:
         shown = " ".join(f"'{a[:128].decode(errors='replace')}'" for a in args[1:])
         session.reply(Error(f"ERR unknown command '{args[0][:128].decode(errors='replace')}', "
                             f"with args beginning with: {shown}"))
         return None
-    handler, arity, role = entry
+    handler, arity, role, lower = entry
     if (arity > 0 and len(args) != arity) or len(args) < -arity:
-        session.reply(Error(f"ERR wrong number of arguments for '{name.decode().lower()}' "
-                            "command"))
+        session.reply(Error(f"ERR wrong number of arguments for '{lower}' command"))
         return None
     grant = session.grant
     if role is not None and grant is None:
@@ -197,7 +196,7 @@ async def execute(session: Session, args: list[bytes]):
         return None
     if role is not None and grant is not None and not grant.allows(role):
         session.reply(Error(f"NOPERM {grant.name} has role {grant.role}; "
-                            f"'{name.decode().lower()}' needs {role}"))
+                            f"'{lower}' needs {role}"))
         return None
     started = session.node.clocks.monotonic()
     outcome = "ok"
@@ -220,8 +219,7 @@ async def execute(session: Session, args: list[bytes]):
         outcome = reply.split(" ", 1)[0].lower()
     observer = getattr(session.node, "resp_observer", None)
     if observer is not None:
-        observer.resp_command_finished(name.decode().lower(),
-                                       session.node.clocks.monotonic() - started,
+        observer.resp_command_finished(lower, session.node.clocks.monotonic() - started,
                                        outcome)
     if isinstance(reply, resp_data.Streamed):
         await _send_streamed(session, reply)
@@ -486,3 +484,8 @@ COMMANDS = {
     b"CONFIG": (config, -2, "read"),
     b"INFO": (info, -1, "read"),
 }
+
+# Every command by its upper-case name: (handler, arity, role, lower-case name for replies
+# and metrics), looked up once per command.
+_TABLE = {name: (*entry, name.decode().lower())
+          for name, entry in {**COMMANDS, **resp_data.COMMANDS}.items()}

@@ -366,6 +366,8 @@ def encode(reply, resp3: bool = False) -> bytes:
     Error, int, None -> null, bool, float, list/tuple -> array, set -> set, dict -> map
     (RESP2: flat array), Verbatim -> verbatim text. RESP2 turns the RESP3-only types into
     their RESP2 forms as Redis does."""
+    if type(reply) is bytes:  # a GET's value, the commonest reply: no list, no join
+        return b"$%d\r\n%s\r\n" % (len(reply), reply)
     out: list[bytes] = []
     _encode(reply, resp3, out)
     return b"".join(out)
