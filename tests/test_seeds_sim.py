@@ -11,7 +11,7 @@ import logging
 import pytest
 import trio
 
-from kvd.errors import Unavailable
+from kvd.errors import BadRequest, Unavailable
 from kvd.node.restore import SEED_WAIT
 
 
@@ -120,3 +120,24 @@ async def test_a_node_restarted_after_leaving_says_to_wipe_its_data_dir(sim, aut
         while not sim.nodes["n4"].node.cluster.left.is_set():
             await trio.sleep(0.5)
     assert "wipe its data_dir" in caplog.text and "cluster join" in caplog.text, caplog.text
+
+
+async def test_a_node_that_has_left_refuses_cluster_changes(sim, autojump_clock):
+    """Simulator short seed 10376: a force-remove and a commit sent to a node that had left
+    were answered as committed, but a node that has left gossips to nobody, so the removed
+    node stayed in everyone's ring and reads at R=N failed for good."""
+    await sim.form(["n1", "n2", "n3", "n4"], settle=0.0)
+    await sim.admin("n1", {"op": "leave", "node": "n4"})
+    await sim.admin("n1", {"op": "commit"})
+    await sim.wait_settled("n1")
+    with trio.fail_after(120):
+        while not sim.nodes["n4"].node.cluster.left.is_set():
+            await trio.sleep(1.0)
+    version = sim.nodes["n1"].node.cluster.state.version
+    for fields in ({"op": "force-remove", "node": "n3"}, {"op": "leave", "node": "n2"},
+                   {"op": "commit"}, {"op": "plan"}, {"op": "clear"}, {"op": "abort"}):
+        with pytest.raises(BadRequest, match="has left"):
+            await sim.admin("n4", fields)
+    await trio.sleep(5.0)
+    assert sim.nodes["n1"].node.cluster.state.version == version
+    assert "n3" in sim.nodes["n1"].node.cluster.state.ring.nodes()

@@ -31,6 +31,10 @@ async def handle(node, fields: dict) -> dict:
     cluster = node.cluster
     op = fields.get("op")
     named = fields.get("node")
+    if op in CLUSTER_CHANGES and cluster.left.is_set():
+        # It gossips to nobody any more: what it staged or committed would reach no member.
+        raise BadRequest(f"this node has left cluster {cluster.state.cluster_id}: it takes no "
+                         "cluster changes; send them to a member (kvctl --host MEMBER ...)")
     if op == "join":
         return await cluster.staging.join_at(_text(fields, "seed"))
     if op in ("leave", "force-remove"):
@@ -102,6 +106,9 @@ def _text(fields: dict, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise BadRequest(f"missing {name}")
     return value
+
+
+CLUSTER_CHANGES = frozenset({"leave", "force-remove", "replace", "plan", "commit", "abort", "clear"})
 
 
 def _member(cluster, node: str) -> None:
