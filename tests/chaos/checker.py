@@ -31,7 +31,11 @@ Rules, checked on a read of every key at R=N after the cluster healed and was re
 4. unreadable: a key that could not be read at R=N once everything was healed — FAILURE
    (the checker cannot vouch for it);
 5. duplicated: the same value present as more than one sibling — FAILURE (DESIGN: each
-   client write is applied at most once, even when the coordinator retries elsewhere).
+   client write is applied at most once, even when the coordinator retries elsewhere);
+6. crowded: a hot key holding more siblings than the writes that could have been concurrent
+   — every client (``writers``) with one write in flight, plus each of the key's writes that
+   was not acknowledged (it may land late, beside the writer's next one), plus one — FAILURE
+   (sibling explosion; the simulator's rule 5).
 """
 
 from __future__ import annotations
@@ -69,16 +73,18 @@ class Verdict:
     resurrected: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     duplicated: list[str] = field(default_factory=list)
+    crowded: list[str] = field(default_factory=list)
     keys: int = 0
 
     @property
     def ok(self) -> bool:
         return not (self.lost or self.phantom or self.resurrected or self.unreadable
-                    or self.duplicated)
+                    or self.duplicated or self.crowded)
 
     def problems(self) -> str:
         parts = []
-        for name in ("lost", "phantom", "resurrected", "unreadable", "duplicated"):
+        for name in ("lost", "phantom", "resurrected", "unreadable", "duplicated",
+                     "crowded"):
             items = getattr(self, name)
             if items:
                 parts.append(f"{len(items)} {name}: {', '.join(items[:5])}"
@@ -98,8 +104,9 @@ def is_hot(key: bytes) -> bool:
     return b"/hot/" in key
 
 
-def check(history: list[Op], reads: dict[bytes, Read]) -> Verdict:
-    """Apply the rules above; ``reads`` must hold every key of ``history``."""
+def check(history: list[Op], reads: dict[bytes, Read], writers: int) -> Verdict:
+    """Apply the rules above; ``reads`` must hold every key of ``history``; ``writers`` is
+    the number of clients that wrote concurrently."""
     verdict = Verdict()
     by_key: dict[bytes, list[Op]] = {}
     for op in history:
@@ -131,6 +138,11 @@ def check(history: list[Op], reads: dict[bytes, Read]) -> Verdict:
                 verdict.lost.append(f"{name} token {token.decode(errors='replace')}")
             for token in sorted(union - attempted):
                 verdict.phantom.append(f"{name} token {token.decode(errors='replace')}")
+            unacknowledged = sum(op.kind == "rmw" and op.outcome != "ok" for op in ops)
+            bound = writers + unacknowledged + 1
+            if len(live) + read.tombstones > bound:
+                verdict.crowded.append(f"{name} ({len(live) + read.tombstones} siblings, "
+                                       f"at most {bound} possible)")
             continue
         puts = [op for op in ops if op.kind == "put"]
         attempted = {op.value for op in puts}

@@ -7,8 +7,11 @@ in `make chaos`). Each scenario runs on the same 5-node cluster with its own key
     -> every node seen UN -> `kvctl repair --wait` on every node -> replicas agree (inspect)
     -> every key read at R=N -> checker (tests/chaos/checker.py)
 
+and after the last scenario every scenario's keys are read and checked again (tombstones,
+with a 12 s grace, are purged meanwhile).
+
 Figures per scenario: writes acknowledged / failed / indeterminate / lost, phantoms,
-resurrected deletes, duplicated siblings, time from heal until every replica agrees, and
+resurrected deletes, duplicated siblings, crowded hot keys, tombstones purged, time from heal until every replica agrees, and
 client latency (p50/p99, all outcomes) of the writes started during the fault; beside it the
 p99 of the writes whose quorum stayed reachable (issue 14: those coordinated by a node that
 is neither cut off in the minority, killed, paused nor behind the lossy link), the p99 of
@@ -48,6 +51,10 @@ NODE_CONFIG = {
     "gossip_interval": 0.2,
     "request_timeout": 2.0,
     "anti_entropy_interval": 10.0,
+    # Tombstones are purged within the run (the simulator's "short grace"), so a deleted key
+    # that comes back after its purge is caught; hints must expire before a purge.
+    "tombstone_grace": 12.0,
+    "hint_window": 8.0,
 }
 # Issue 14: p99 of the requests whose quorum is reachable, during a fault. Printed, never
 # asserted (the machine is shared: latencies are inflated by others' load).
@@ -436,6 +443,8 @@ class Result:
     p99_reachable_ms: float | None = None  # coordinators outside scenario.impaired
     p99_impaired_ms: float | None = None   # coordinators in scenario.impaired
     p99_calm_ms: float | None = None  # outside scenario.impaired, before the fault
+    writers: int = 0     # clients writing concurrently (checker rule 6)
+    purged: int = 0      # tombstones the repairs after this scenario purged
 
 
 def scenarios(full: bool) -> list[Scenario]:
@@ -554,9 +563,10 @@ async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers:
     if not await cluster.wait_all_up(30):
         notes.append("not every node saw every node UN within 30 s of the heal")
     repair_ok = True
+    purged = 0
 
     async def repair(node: Node) -> None:
-        nonlocal repair_ok
+        nonlocal repair_ok, purged
         try:
             out = await trio.to_thread.run_sync(
                 lambda: cluster.kvctl(node, "repair", "--wait", timeout=300))
@@ -568,6 +578,8 @@ async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers:
             repair_ok = False
             notes.append(f"kvctl repair --wait on {node.node_id}: exit {out.returncode}: "
                          f"{out.stderr.decode(errors='replace').strip()[:200]}")
+            return
+        purged += json.loads(out.stdout)["repair"]["tombstones_purged"]
 
     async with trio.open_nursery() as nursery:
         for node in cluster.nodes:
@@ -584,14 +596,14 @@ async def run_scenario(cluster: Cluster, scenario: Scenario, seed: int, workers:
             pass
         await trio.sleep(0.5)
     reads = await read_all(cluster, keys)
-    verdict = check(workload.history, reads)
+    verdict = check(workload.history, reads, writers=workers)
     dump_history(cluster.workdir / f"{scenario.name}.history.json", workload.history, reads)
     return Result(scenario.name, verdict, healed - fault_start, converged,
                   _ms(percentile(during, 50)), _ms(percentile(during, 99)), len(during),
                   repair_ok, trio.current_time() - began, notes, workload.history,
                   p99_reachable_ms=_ms(percentile(reachable, 99)),
                   p99_impaired_ms=_ms(percentile(impaired, 99)),
-                  p99_calm_ms=_ms(percentile(calm, 99)))
+                  p99_calm_ms=_ms(percentile(calm, 99)), writers=workers, purged=purged)
 
 
 def dump_history(path: Path, history: list[Op], reads: dict[bytes, Read]) -> None:
@@ -631,12 +643,23 @@ async def tamper_and_recheck(cluster: Cluster, result: Result) -> Verdict:
                 union |= hot_tokens(sibling.value)
         await client.put(hot_key, hot_value(union - {dropped}), context=got.context)
     keys = sorted({op.key for op in result.history})
-    verdict = check(result.history, await read_all(cluster, keys),
-                    )
+    verdict = check(result.history, await read_all(cluster, keys), writers=result.writers)
     verdict.tampered = (  # type: ignore[attr-defined]
         victim.decode(), overwritten.decode(),
         f"{hot_key.decode()} token {dropped.decode()}")
     return verdict
+
+
+async def recheck_all(cluster: Cluster, results: list[Result]) -> list[str]:
+    """Every scenario's keys read and checked again at the end: tombstones purged during the
+    later scenarios' faults must not bring a deleted key back, nor lose anything."""
+    problems = []
+    for result in results:
+        keys = sorted({op.key for op in result.history})
+        verdict = check(result.history, await read_all(cluster, keys), writers=result.writers)
+        if not verdict.ok:
+            problems.append(f"{result.scenario} (re-checked at the end): {verdict.problems()}")
+    return problems
 
 
 def figures(results: list[Result]) -> str:
@@ -646,7 +669,8 @@ def figures(results: list[Result]) -> str:
     machine's load alone costs); p99_impaired that of the impaired coordinators' writes
     (see Scenario.impaired)."""
     head = (f"{'scenario':<9} {'ack':>6} {'failed':>6} {'indet':>6} {'lost':>5} {'phantom':>7} "
-            f"{'resurr':>6} {'dup':>4} {'unread':>6} {'converge_s':>10} "
+            f"{'resurr':>6} {'dup':>4} {'crowd':>5} {'unread':>6} {'purged':>6} "
+            f"{'converge_s':>10} "
             f"{'p50_ms':>8} {'p99_ms':>8} {'p99_reach':>9} {'target':>6} {'p99_calm':>8} "
             f"{'p99_impaired':>12} "
             f"{'fault_s':>7} {'wall_s':>6}")
@@ -657,8 +681,9 @@ def figures(results: list[Result]) -> str:
         lines.append(
             f"{r.scenario:<9} {v.acknowledged:>6} {v.failed:>6} {v.indeterminate:>6} "
             f"{len(v.lost):>5} {len(v.phantom):>7} {len(v.resurrected):>6} "
-            f"{len(v.duplicated):>4} "
-            f"{len(v.unreadable):>6} {conv:>10} {_fmt(r.p50_ms):>8} {_fmt(r.p99_ms):>8} "
+            f"{len(v.duplicated):>4} {len(v.crowded):>5} "
+            f"{len(v.unreadable):>6} {r.purged:>6} {conv:>10} {_fmt(r.p50_ms):>8} "
+            f"{_fmt(r.p99_ms):>8} "
             f"{_fmt(r.p99_reachable_ms):>9} {'≤' + str(P99_TARGET_MS):>6} "
             f"{_fmt(r.p99_calm_ms):>8} {_fmt(r.p99_impaired_ms):>12} {r.fault_seconds:>7.1f} {r.wall_seconds:>6.1f}")
         for note in r.notes:
