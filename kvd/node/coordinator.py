@@ -64,7 +64,6 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -74,7 +73,7 @@ from kvd.clocks import REAL
 from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
 from kvd.node.large_values import chunk_source, discard_upload, minted_inline, stream_chunks
 from kvd.node.quorum_message import quorum_message
-from kvd.node.reads import ReadResult, ReplicaTimedOut, quorum_read
+from kvd.node.reads import ReadResult, ReplicaTimedOut, current_context, quorum_read
 from kvd.node.replica import LocalReplica, Replica, Role
 from kvd.node.replication import replicate, spread_late_twins
 from kvd.node.turns import KeyTurns
@@ -151,7 +150,7 @@ class Coordinator:
         timeout = max(0.0, min(patience or self.replica_timeout, deadline - began))
         # A bare cancel scope, not trio.fail_after (a generator context manager around one):
         # fail_after was 7.7% of a 3-node coordinator's event loop under kvctl bench.
-        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+        with trio.CancelScope(deadline=began + timeout) as scope:
             result = await call(replica)
         if scope.cancelled_caught:
             self._suspects[replica.node] = self.clock() + SUSPECT_FOR
@@ -312,7 +311,7 @@ class Coordinator:
         if length > MAX_VALUE:
             raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
         if context is None:
-            context = await self._current_context(key, n, w)
+            context = await current_context(self, key, n, w)
         # Rule 2: one id for every attempt of this write, wherever it is minted.
         payload: dict = {"deleted": deleted, "timestamp": timestamp,
                          "wid": os.urandom(WRITE_ID_BYTES)}
@@ -356,69 +355,6 @@ class Coordinator:
         if acks < w:
             raise QuorumFailed(quorum_message("write", w, [None] * acks, failed))
         return WriteResult(minted, acks)
-
-    async def _current_context(self, key: bytes, n: int, w: int) -> versions.Context:
-        """Rule 7: what a write without a context supersedes, read from the key's replicas.
-        It reads n - w + 1 of them, enough to meet every write acknowledged at this W: this
-        node's object inline when it is one, then the others in the order mints try them
-        (rule 5: suspected and slow ones last), a spare asked at once for each that fails.
-        It waits no longer than the hedge delay after the first answer (rule 8), nor for
-        replicas suspected (rule 5): a replica it missed can only make this write a sibling
-        of what that replica holds, never lose a value. (Asking only n - w + 1 instead of
-        all n: one peer read less per write at N3 W2, XXX.)"""
-        replicas = self.read_replicas(key, n)
-        # A suspected replica (rule 5) is not waited for: it would cost every write a hedge.
-        trusted = sum(not self._suspected(rep.node) for rep in replicas)
-        needed = max(1, min(trusted, n - w + 1))
-        ok: list[tuple[Replica, Any]] = []
-        others = []
-        for rep in replicas:
-            if isinstance(rep, LocalReplica) and rep.role is Role.PRIMARY:
-                # A local read never blocks: read now, with no task and no deadline.
-                try:
-                    ok.append((rep, rep.read_now(key)))
-                except (KvdError, OSError) as exc:
-                    log.info("rule 7's read of %r here failed: %s", key[:64], exc)
-            else:
-                others.append(rep)
-        spares = sorted(others, key=lambda rep: (self._suspected(rep.node), self._slow(rep.node)))
-        deadline = self.clock() + self.replica_timeout
-        send, receive = trio.open_memory_channel[Outcome](len(spares))
-        get = partial(_get, key)
-        running = 0
-
-        def ask(count: int) -> None:
-            nonlocal running
-            for _ in range(min(count, len(spares))):
-                self.background.start_soon(self._reported, spares.pop(0), get, deadline, send)
-                running += 1
-
-        ask(needed - len(ok))
-        # A hedge delay after the first answer (this node's, when it is one) at most. With
-        # none by then, the spares are asked too (rule 8), and the first answer is awaited
-        # until the calls' deadline (the margin lets them report).
-        until = self.clock() + self._hedge_delay()
-        while len(ok) < needed and (running or (spares and not ok)):
-            with trio.move_on_at(until) as waiting:
-                replica, success, value = await receive.receive()
-            if waiting.cancelled_caught:
-                if ok or not spares:
-                    break
-                ask(len(spares))
-                until = deadline + self.replica_timeout
-                continue
-            running -= 1
-            if success:
-                if not ok:
-                    until = self.clock() + self._hedge_delay()
-                ok.append((replica, value))
-            else:
-                ask(1)
-        merged = versions.empty()
-        for _, obj in ok:
-            if obj is not None:
-                merged = versions.sync(merged, obj)
-        return versions.context_of(merged)
 
     async def _keep_hint(self, replica, key, obj, exc) -> None:
         """Rule 3: a replication leg failed; keep the write for its node (or for the down
@@ -506,7 +442,3 @@ class Coordinator:
     def _hedge_delay(self) -> float:
         """Rule 8: how long a mint may take before the next primary is asked as well."""
         return min(self.replica_timeout, max(HEDGE_FLOOR, HEDGE_FACTOR * self._typical_mint))
-
-
-def _get(key: bytes, replica: Replica) -> Awaitable[versions.VersionedObject | None]:
-    return replica.get(key)
