@@ -435,3 +435,54 @@ async def test_a_read_short_of_r_unsuspected_replicas_fails_fast(autojump_clock,
         assert max(took) <= 2 * HEDGE_FLOOR, took
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+def _count_reads(monkeypatch, counts: dict) -> None:
+    """Count, per node, the object reads (op "get") it answers on its peer port."""
+    from kvd.node import peer_service
+    from kvd.proto.codec import MsgType
+
+    handler = peer_service.PEER_HANDLERS[MsgType.REPLICA_GET]
+
+    async def counted(node, conn, message, chunks):
+        if message.fields.get("op") == "get":
+            counts[node.node_id] = counts.get(node.node_id, 0) + 1
+        return await handler(node, conn, message, chunks)
+
+    monkeypatch.setitem(peer_service.PEER_HANDLERS, MsgType.REPLICA_GET, counted)
+
+
+async def test_rule_7_reads_n_minus_w_plus_1_replicas_and_a_spare_for_a_failure(
+        autojump_clock, monkeypatch):
+    """Issue 14, one peer read less per write: a write without a context through a primary
+    (N3 W2) reads n - w + 1 = 2 replicas, this node's object and one other's, not all
+    three; when that other fails, the spare is read at once, so the write still
+    supersedes a value only the spare holds."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery)
+        counts: dict[str, int] = {}
+        _count_reads(monkeypatch, counts)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            for i in range(10):
+                await c.put(b"seven%d" % i, b"v", w=2)
+        reads = sum(counts.values())
+        # n2 fails every read; a value only n3 holds must still be superseded.
+        key = next(k for k in (b"spare%d" % i for i in range(1000))
+                   if _primaries(sim, k)[1:] == ["n2", "n3"])
+        from kvd import versions
+        only_n3, _ = versions.update(versions.empty(), {}, "n3-actor", value=b"only on n3")
+        await sim.nodes["n3"].node.store.merge(key, only_n3)
+        store = sim.nodes["n2"].node.store
+        monkeypatch.setattr(store, "read", _failing_read)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            await c.put(key, b"new", w=2)
+            monkeypatch.undo()
+            values = [s.value for s in (await c.get(key, r=3)).siblings]
+        nursery.cancel_scope.cancel()
+    assert reads == 10, counts
+    assert values == [b"new"]
+
+
+def _failing_read(key):
+    from kvd.errors import Unavailable
+    raise Unavailable("a failing disk")

@@ -14,6 +14,9 @@
 4. With fewer than R replicas not suspected (coordinator rule 5), R answers cannot be
    expected: the read waits a hedge delay at most, then fails naming every replica that
    answered nothing (coordinator rule 10).
+5. The read before a write without a context (coordinator rule 7, ``current_context``)
+   asks n - w + 1 replicas for the object, this node's inline, and a spare for each that
+   fails or for none answering within a hedge delay (docs/DECISIONS.md).
 """
 
 from __future__ import annotations
@@ -159,3 +162,69 @@ async def repair(co: Coordinator, key: bytes, merged: versions.VersionedObject,
         except (KvdError, trio.TooSlowError, OSError) as exc:
             log.info("read repair of %r on %s failed: %s", key[:64], replica.node, exc)
 
+
+async def current_context(co: Coordinator, key: bytes, n: int, w: int) -> versions.Context:
+    """Rule 7: what a write without a context supersedes, read from the key's replicas.
+    It reads n - w + 1 of them, enough to meet every write acknowledged at this W: this
+    node's object inline when it is one, then the others in the order mints try them
+    (rule 5: suspected and slow ones last), a spare asked at once for each that fails.
+    It waits no longer than the hedge delay after the first answer (rule 8), nor for
+    replicas suspected (rule 5): a replica it missed can only make this write a sibling
+    of what that replica holds, never lose a value. (Asking only n - w + 1 instead of
+    all n: one peer read less per write at N3 W2.)"""
+    replicas = co.read_replicas(key, n)
+    # A suspected replica (rule 5) is not waited for: it would cost every write a hedge.
+    trusted = sum(not co._suspected(rep.node) for rep in replicas)
+    needed = max(1, min(trusted, n - w + 1))
+    ok: list[tuple[Replica, Any]] = []
+    others = []
+    for rep in replicas:
+        if isinstance(rep, LocalReplica) and rep.role is Role.PRIMARY:
+            # A local read never blocks: read now, with no task and no deadline.
+            try:
+                ok.append((rep, rep.read_now(key)))
+            except (KvdError, OSError) as exc:
+                log.info("rule 7's read of %r here failed: %s", key[:64], exc)
+        else:
+            others.append(rep)
+    spares = sorted(others, key=lambda rep: (co._suspected(rep.node), co._slow(rep.node)))
+    deadline = co.clock() + co.replica_timeout
+    # (replica, succeeded?, its object or error), as Coordinator._quorum's outcomes
+    send, receive = trio.open_memory_channel[tuple[Replica, bool, Any]](len(spares))
+    running = 0
+
+    def get(replica: Replica):
+        return replica.get(key)
+
+    def ask(count: int) -> None:
+        nonlocal running
+        for _ in range(min(count, len(spares))):
+            co.background.start_soon(co._reported, spares.pop(0), get, deadline, send)
+            running += 1
+
+    ask(needed - len(ok))
+    # A hedge delay after the first answer (this node's, when it is one) at most. With
+    # none by then, the spares are asked too (rule 8), and the first answer is awaited
+    # until the calls' deadline (the margin lets them report).
+    until = co.clock() + co._hedge_delay()
+    while len(ok) < needed and (running or (spares and not ok)):
+        with trio.move_on_at(until) as waiting:
+            replica, success, value = await receive.receive()
+        if waiting.cancelled_caught:
+            if ok or not spares:
+                break
+            ask(len(spares))
+            until = deadline + co.replica_timeout
+            continue
+        running -= 1
+        if success:
+            if not ok:
+                until = co.clock() + co._hedge_delay()
+            ok.append((replica, value))
+        else:
+            ask(1)
+    merged = versions.empty()
+    for _, obj in ok:
+        if obj is not None:
+            merged = versions.sync(merged, obj)
+    return versions.context_of(merged)
