@@ -1,11 +1,18 @@
 """The whole-cluster simulation in make test: many seeds, the regression seeds, and the
-negative control that proves the checker can fail. ``make sim SEEDS=N`` runs thousands."""
+negative control that proves the checker can fail. ``make sim SEEDS=N`` runs thousands.
+
+A seed replays exactly (tests/sim/__main__.py), so a regression seed that the many-seed
+test has already run in this process is not run again: its report is the same. The two
+tests share an xdist group so they share that report under ``make test`` too."""
 
 from __future__ import annotations
 
 import os
-from .__main__ import run_seed_process, run_seeds
-from .simulation import SHORT, replay_command, run
+
+import pytest
+
+from .__main__ import run_seeds
+from .simulation import SHORT, Report, replay_command, run
 
 SEEDS = int(os.environ.get("KVD_SIM_SEEDS", "50"))
 
@@ -31,15 +38,30 @@ def _failures(reports) -> list[str]:
     return out
 
 
+_REPORTS: dict[tuple[int, bool], Report] = {}  # (seed, short) -> its report, this process
+
+
+def _reports(seeds, short: bool) -> list[Report]:
+    """The reports of ``seeds``, each run once per process (two at a time)."""
+    missing = [seed for seed in seeds if (seed, short) not in _REPORTS]
+    for report in run_seeds(missing, short=short, jobs=min(2, os.cpu_count() or 1)):
+        _REPORTS[report.seed, short] = report
+    return [_REPORTS[seed, short] for seed in seeds]
+
+
+@pytest.mark.xdist_group("simulated-seeds")
 def test_simulated_seeds():
     """Rules 1-6 of tests/sim/simulation.py hold for every seed."""
-    reports = run_seeds(range(1, SEEDS + 1), short=True, jobs=min(2, os.cpu_count() or 1))
-    failures = _failures(reports)
+    failures = _failures(_reports(range(1, SEEDS + 1), short=True))
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.xdist_group("simulated-seeds")
 def test_regression_seeds():
-    reports = [run_seed_process(seed, short=profile == "short") for seed, profile, _ in REGRESSIONS]
+    reports = []
+    for short in (True, False):
+        reports += _reports([seed for seed, profile, _ in REGRESSIONS
+                             if (profile == "short") == short], short=short)
     failures = _failures(reports)
     assert not failures, "\n".join(failures)
 
