@@ -9,7 +9,8 @@
 
 The daemon uses ``REAL``. The simulator gives every node ``Clocks(trio.current_time,
 lambda: epoch + skew + trio.current_time())``, so nodes can disagree about wall time.
-No other module reads ``time.time()`` or ``trio.current_time()`` directly.
+No other module reads ``time.time()`` or ``trio.current_time()`` directly (tests/test_clocks.py,
+whose ALLOWED names the exceptions and why).
 """
 
 from __future__ import annotations

@@ -50,6 +50,29 @@ async def test_hints_for_a_node_that_stays_down_expire(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+async def test_hints_for_a_node_that_was_removed_expire(autojump_clock):
+    """Bug 12: hints kept for a node that is then force-removed expire like the others; the
+    node will never come back for them, and no ring names it any more."""
+    async with trio.open_nursery() as nursery:
+        sim = await cluster(nursery, ("n1", "n2", "n3", "n4"), hint_window=20.0,
+                            tombstone_grace=30.0)
+        sim.crash("n4")
+        await trio.sleep(15)  # the others see n4 down
+        async with sim.open_client("n1", sim.client_address()) as c:
+            for i in range(40):
+                await c.put(b"k%d" % i, b"v")
+        held = {name: node(sim, name).cluster.handoff.pending().get("n4", 0)
+                for name in ("n1", "n2", "n3")}
+        assert sum(held.values()), "no hint was kept for n4: the test needs some"
+        await sim.admin("n1", {"op": "force-remove", "node": "n4"})
+        await sim.admin("n1", {"op": "commit"})
+        await trio.sleep(60)  # past hint_window
+        left = {name: node(sim, name).cluster.handoff.pending() for name in ("n1", "n2", "n3")}
+        assert not any(left.values()), f"hints for the removed node are still kept: {left}"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
 async def test_hint_counts_need_no_scan_and_delivery_reads_bounded_batches(autojump_clock):
     HINT_BATCH = 128  # kvd.node.handoff.HINT_BATCH
 

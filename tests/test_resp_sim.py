@@ -143,9 +143,11 @@ async def test_the_idle_watchdog_closes_a_waiting_connection_never_a_running_com
     the client's bytes; a command that runs past idle_timeout is not cut off."""
     from types import SimpleNamespace
 
+    from kvd.clocks import REAL
     from kvd.node.resp_service import Session
 
-    node = SimpleNamespace(config=SimpleNamespace(handshake_timeout=1.0, idle_timeout=5.0))
+    node = SimpleNamespace(config=SimpleNamespace(handshake_timeout=1.0, idle_timeout=5.0),
+                           clocks=REAL)
     ticket = SimpleNamespace(pending=False)
     session = Session(node, trio.testing.memory_stream_pair()[0], ticket)
     with trio.CancelScope() as scope:

@@ -62,7 +62,7 @@ class Session:
         self.grant: Grant | None = None
         self.out: list[bytes] = []
         self.reading = False  # waiting for the client's bytes since ``waiting_since`` (Rule 2)
-        self.waiting_since = trio.current_time()
+        self.waiting_since = self.node.clocks.monotonic()
 
     @property
     def security(self):
@@ -89,7 +89,7 @@ class Session:
             if event is not resp.NEED_DATA:
                 return event
             await self.flush()
-            self.waiting_since = trio.current_time()
+            self.waiting_since = self.node.clocks.monotonic()
             self.reading = True
             try:
                 data = await self.stream.receive_some(READ_SIZE)
@@ -109,7 +109,7 @@ class Session:
                 await trio.sleep(timeout)
                 continue
             deadline = self.waiting_since + timeout
-            if trio.current_time() >= deadline:
+            if self.node.clocks.monotonic() >= deadline:
                 scope.cancel()
                 return
             await trio.sleep_until(deadline)
@@ -199,7 +199,7 @@ async def execute(session: Session, args: list[bytes]):
         session.reply(Error(f"NOPERM {grant.name} has role {grant.role}; "
                             f"'{name.decode().lower()}' needs {role}"))
         return None
-    started = trio.current_time()
+    started = session.node.clocks.monotonic()
     outcome = "ok"
     try:
         if role is not None:
@@ -220,7 +220,8 @@ async def execute(session: Session, args: list[bytes]):
         outcome = reply.split(" ", 1)[0].lower()
     observer = getattr(session.node, "resp_observer", None)
     if observer is not None:
-        observer.resp_command_finished(name.decode().lower(), trio.current_time() - started,
+        observer.resp_command_finished(name.decode().lower(),
+                                       session.node.clocks.monotonic() - started,
                                        outcome)
     if isinstance(reply, resp_data.Streamed):
         await _send_streamed(session, reply)

@@ -15,7 +15,9 @@ Rules:
 3. A pause is the node cut off from everyone (its sends wait, nothing reaches it) for longer
    than the failure detector's threshold: what a SIGSTOPped process looks like from outside.
 4. A node task that raises, and every ERROR log record with a traceback (an "internal
-   error"), is recorded in ``SimCluster.crashes``: the checker fails the run on any.
+   error"), is recorded in ``SimCluster.crashes``: the checker fails the run on any. Also in
+   quiet runs (``--json`` sets the root logger to CRITICAL): the ``kvd`` logger is kept at
+   ERROR at least while the cluster exists.
 """
 
 from __future__ import annotations
@@ -105,10 +107,16 @@ class SimCluster:
         self.client_sources: list[str] = []
         self.cluster_id = ""  # set by form()
         self._log = _CrashLog(self.crashes)
-        logging.getLogger("kvd").addHandler(self._log)
+        kvd_log = logging.getLogger("kvd")
+        self._kvd_level = kvd_log.level
+        if not kvd_log.isEnabledFor(logging.ERROR):  # a quiet run (--json) still sees rule 4
+            kvd_log.setLevel(logging.ERROR)
+        kvd_log.addHandler(self._log)
 
     def close(self) -> None:
-        logging.getLogger("kvd").removeHandler(self._log)
+        kvd_log = logging.getLogger("kvd")
+        kvd_log.removeHandler(self._log)
+        kvd_log.setLevel(self._kvd_level)
 
     # --- nodes --------------------------------------------------------------------------------
 

@@ -18,6 +18,14 @@ The checker's rules (a run passes only if all hold):
 5. Siblings stay bounded: a hot key never shows more siblings than its most concurrent
    writers plus one; a blind-written key no more than the blind writes made to it.
 6. No node task crashed and no node logged a traceback.
+7. A write is applied at most once (bug 15): no key holds two live siblings with the same
+   value. Every write's value is its own (a unique key's one put, a hot key's set with the
+   writer's new element, a blind write's element), so two equal siblings are one write
+   minted twice.
+
+Rule 2 is checked after real purges: ``deletes_purged`` counts the acknowledged deletes whose
+tombstone is gone at the end (the read finds no sibling at all), ``purged_in_faults`` the
+tombstones the running nodes purged before the heal; make test requires some of each.
 
 Faults (the nemesis): partitions (one node, majority/minority, a bridge, a non-transitive
 ring), message delay and connection resets (loss, and a reset of one link mid-request),
@@ -89,14 +97,16 @@ SHORT = Profile("short", sizes=(3, 4, 5), duration=(30.0, 45.0), clients=3, thin
 FULL = Profile("full", sizes=(3, 4, 5, 6, 7), duration=(60.0, 150.0), clients=4, think=(0.05, 0.6))
 
 
-def run(seed: int, *, profile: Profile = FULL, lose_one_ack: bool = False) -> Report:
+def run(seed: int, *, profile: Profile = FULL, lose_one_ack: bool = False,
+        apply_one_twice: bool = False) -> Report:
     """Run seed ``seed`` to the end (deterministic: rule 1 of tests/sim/harness.py)."""
     with seeded(seed):
-        return trio.run(simulate, seed, profile, lose_one_ack,
+        return trio.run(simulate, seed, profile, lose_one_ack, apply_one_twice,
                         clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-async def simulate(seed: int, profile: Profile = FULL, lose_one_ack: bool = False) -> Report:
+async def simulate(seed: int, profile: Profile = FULL, lose_one_ack: bool = False,
+                   apply_one_twice: bool = False) -> Report:
     rng = random.Random(f"schedule/{seed}")
     size = rng.choice(profile.sizes)
     report = Report(seed, profile.name, size)
@@ -110,8 +120,13 @@ async def simulate(seed: int, profile: Profile = FULL, lose_one_ack: bool = Fals
             async with trio.open_nursery() as faults:
                 faults.start_soon(_nemesis, sim, rng, workload, report)
                 await workload.run(duration)
+            # GC during the faults: tombstones purged before the heal (running nodes' count).
+            report.counts["purged_in_faults"] = sum(
+                sn.node.aae.totals.tombstones_purged for sn in sim.running())
             if lose_one_ack:
                 await _lose_one_acknowledged_write(sim, workload)
+            if apply_one_twice:
+                await _apply_one_write_twice(sim, workload)
             await _heal(sim, report)
             await _converge(sim, report)
             await _check(sim, workload, report)
@@ -310,6 +325,16 @@ async def _lose_one_acknowledged_write(sim: SimCluster, workload: Workload) -> N
         await client.delete(acked[0], context=current.context or None, w=1)
 
 
+async def _apply_one_write_twice(sim: SimCluster, workload: Workload) -> None:
+    """The negative control of rule 7: mint one acknowledged unique write a second time, as
+    a coordinator whose retry also landed would. The checker must report it."""
+    acked = sorted(k for k, outcome in workload.history.unique.items() if outcome == "ok")
+    if len(acked) < 2:
+        return
+    async with sim.open_client(sim.members()[0].name, sim.client_address()) as client:
+        await client.put(acked[-1], unique_value(acked[-1]), blind=True, w=1)
+
+
 # --- the check --------------------------------------------------------------------------------
 
 
@@ -326,7 +351,7 @@ async def _read_all(sim: SimCluster, keys: list[bytes]) -> dict:
 
 async def _check(sim: SimCluster, workload: Workload, report: Report) -> None:
     history = workload.history
-    report.counts = dict(history.counts)
+    report.counts = dict(history.counts, **report.counts)
     keys = (sorted(history.unique) + [f"h/{i}".encode() for i in range(HOT_KEYS)]
             + sorted(history.deletes) + sorted(history.blind))
     try:
@@ -360,13 +385,25 @@ async def _check(sim: SimCluster, workload: Workload, report: Report) -> None:
         if len(result.siblings) > bound:
             problems.append(f"{key!r} has {len(result.siblings)} siblings, more than its "
                             f"{bound - 1} concurrent writers plus one")
+    purged = 0
     for key, outcome in history.deletes.items():
         if outcome == "ok" and any(not s.deleted for s in reads[key].siblings):
             problems.append(f"deleted key {key!r} came back")
+        purged += outcome == "ok" and not reads[key].siblings
     for key, writes in history.blind.items():
         if len(reads[key].siblings) > writes:
             problems.append(f"{key!r} has {len(reads[key].siblings)} siblings from {writes} writes")
+        phantoms = sorted({s.value for s in reads[key].siblings if not s.deleted}
+                          - history.blind_elements.get(key, set()))
+        if phantoms:
+            problems.append(f"{key!r} holds values never written: {phantoms[:5]}")
+    for key, result in reads.items():
+        values = [s.value for s in result.siblings if not s.deleted]
+        twice = len(values) - len(set(values))
+        if twice:
+            problems.append(f"{key!r}: {twice} write(s) applied twice (equal live siblings)")
     report.counts["lost"] = lost
+    report.counts["deletes_purged"] = purged
     problems.extend(f"node crash: {c}" for c in sim.crashes)
 
 

@@ -50,6 +50,7 @@ class History:
     elements: dict[bytes, dict[bytes, str]] = field(default_factory=dict)
     deletes: dict[bytes, str] = field(default_factory=dict)  # key -> outcome of its delete
     blind: dict[bytes, int] = field(default_factory=dict)  # sibling key -> writes attempted
+    blind_elements: dict[bytes, set[bytes]] = field(default_factory=dict)  # key -> values tried
     max_writers: dict[bytes, int] = field(default_factory=dict)  # hot key -> most writers at once
     latencies: list[float] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"ok": 0, "fail": 0, "unknown": 0})
@@ -100,6 +101,7 @@ class Workload:
             else:
                 key = f"s/{rng.randrange(2)}".encode()
                 self.history.blind[key] = self.history.blind.get(key, 0) + 1
+                self.history.blind_elements.setdefault(key, set()).add(f"{c}.{i}".encode())
                 await self._op(source, coordinator, self._blind, key, f"{c}.{i}".encode())
 
     async def _op(self, source: str, coordinator: str, fn, *args) -> None:
