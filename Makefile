@@ -22,11 +22,10 @@ demo-stop:
 
 # PYTHONHASHSEED fixed: a simulator seed that fails in make test replays exactly in make sim.
 # Two passes: the tests that measure latency under load or saturate the machine (marked
-# `alone`) run by themselves after the rest, which runs on every core (pytest-xdist; tests
-# of one xdist_group share a worker, so the simulator's seed reports are shared).
+# `alone`) run by themselves after the rest, which runs on every core (pytest-xdist).
 PYTEST := PYTHONHASHSEED=0 $(BIN)/python -m pytest -q -p no:cacheprovider
 test: venv ops-tools chaos-tools typecheck
-	$(PYTEST) -n auto --dist loadgroup -m "not alone" tests
+	$(PYTEST) -n auto -m "not alone" tests
 	$(PYTEST) -m alone tests
 
 # mypy over kvd/ and kvctl/ ([tool.mypy] in pyproject.toml); its cache is .mypy_cache/.
