@@ -1,5 +1,5 @@
-"""Histograms and counters of the request path, counted in plain integers; kvd.metrics turns
-them into Prometheus families only when scraped (prometheus_client lives there alone).
+"""Histograms and counters of the request path, counted in plain integers; kvd.metrics_export
+turns them into Prometheus families only when scraped (prometheus_client lives there alone).
 
 A prometheus_client ``Histogram.labels(...).observe()`` per request takes a lock, a label
 lookup and a bucket search in Python: the request and RESP command reports were 7.4% of the

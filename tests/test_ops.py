@@ -16,6 +16,7 @@ Tools come from `make ops-tools`; a test whose tool is missing is skipped with t
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -897,20 +898,29 @@ def test_sysusers_creates_the_kvd_account(tmp_path):
 
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory) -> Path:
-    """`make deb` once for the module, into a temporary directory."""
+    """`make deb` once per test session, into a temporary directory: under pytest-xdist the
+    workers share it (the first to take the lock builds, the others wait and reuse it)."""
     for tool in ("dpkg-deb", "make"):
         need(tool)
     if not Path("/usr/bin/python3.11").exists():
         pytest.skip("/usr/bin/python3.11 is missing: run `make ops-tools` (as root)")
-    out = tmp_path_factory.mktemp("deb")
-    started = time.monotonic()
-    result = subprocess.run(["make", "--no-print-directory", "deb", f"DEB_DIR={out}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    built = sorted(out.glob("kvd_*.deb"))
-    assert len(built) == 1, (list(out.iterdir()), result.stdout)
-    print(f"make deb: {built[0].stat().st_size / 2**20:.1f} MiB in "
-          f"{time.monotonic() - started:.0f} s")
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's directory, above each worker's own
+    out = root / "deb-shared"
+    out.mkdir(exist_ok=True)
+    with open(root / "deb-shared.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built = sorted(out.glob("kvd_*.deb"))
+        if not built:
+            started = time.monotonic()
+            result = subprocess.run(["make", "--no-print-directory", "deb", f"DEB_DIR={out}"],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, result.stdout + result.stderr
+            built = sorted(out.glob("kvd_*.deb"))
+            assert len(built) == 1, (list(out.iterdir()), result.stdout)
+            print(f"make deb: {built[0].stat().st_size / 2**20:.1f} MiB in "
+                  f"{time.monotonic() - started:.0f} s")
     return built[0]
 
 

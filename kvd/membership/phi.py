@@ -114,6 +114,7 @@ class HeartbeatHistory:
         self._sum = 0.0
         self._sum_sq = 0.0
         self._stats: tuple[float, float] | None = None
+        self.version = 0  # bumped by every change, so detectors can cache what they derive
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -128,6 +129,7 @@ class HeartbeatHistory:
         self._sum += sample
         self._sum_sq += sample * sample
         self._stats = None
+        self.version += 1
 
     def clear(self) -> None:
         """Forget every sample."""
@@ -135,6 +137,7 @@ class HeartbeatHistory:
         self._sum = 0.0
         self._sum_sq = 0.0
         self._stats = None
+        self.version += 1
 
     def mean_std(self) -> tuple[float, float]:
         """Mean and (population) standard deviation; the window must not be empty."""
@@ -174,6 +177,10 @@ class PhiAccrualDetector:
         self._shared = history is not None
         self._history = history if history is not None else HeartbeatHistory(window)
         self._last: float | None = None
+        # conviction_interval() and the history version it was computed at: is_available is
+        # asked for every member on every gossip round, far more often than samples arrive.
+        self._interval = 0.0
+        self._interval_at = -1
 
     @property
     def last_heartbeat(self) -> float | None:
@@ -226,8 +233,11 @@ class PhiAccrualDetector:
 
     def conviction_interval(self) -> float:
         """Seconds of silence after the last heartbeat at which phi reaches the threshold."""
-        mean, std = self._stats()
-        return mean + self.acceptable_pause + self._y_threshold * std
+        if self._interval_at != self._history.version:
+            mean, std = self._stats()
+            self._interval = mean + self.acceptable_pause + self._y_threshold * std
+            self._interval_at = self._history.version
+        return self._interval
 
     def statistics(self) -> dict[str, float]:
         """Mean and std of the window (after min_std) and its size, for debugging and tests."""

@@ -15,7 +15,7 @@ import trio
 
 from kvd.errors import BadRequest, KvdError
 from kvd.node import coverage
-from kvd.proto.messages import MsgType
+from kvd.node.remote import RemoteNode
 from kvd.membership import cluster_state as cs
 
 
@@ -135,11 +135,10 @@ async def _all_transfers(cluster) -> list[dict]:
         address = cluster.addresses.get(target, ("", ""))[1]
         try:
             with trio.fail_after(2):
-                reply = await cluster.peers.call(address, MsgType.ADMIN, {"op": "transfers"},
-                                                 MsgType.ADMIN_REPLY)
+                theirs = await RemoteNode(address, cluster.peers).transfers()
         except (KvdError, trio.TooSlowError, OSError):
             continue
-        for row in reply["transfers"]:
+        for row in theirs:
             if row["to"] == target and (row["partition"], target) in rows:
                 rows[(row["partition"], target)] = row
     return list(rows.values())

@@ -31,7 +31,6 @@ import trio
 from kvd import aae, versions
 from kvd.errors import BadRequest, KvdError
 from kvd.node.remote import RemoteReplica
-from kvd.proto.messages import MsgType
 from kvd.ring import partition_of, preference_list
 from kvd.storage import keys
 
@@ -113,10 +112,8 @@ class AntiEntropy:
         out: dict[bytes, bytes] = {}
         after = None
         while True:
-            fields = {"op": "aae-keys", "partition": partition, "segment": segment}
-            if after is not None:
-                fields["after"] = after
-            reply = await self._ask(peer, fields)
+            with trio.fail_after(self.config.request_timeout):
+                reply = await peer.segment_keys(partition, segment, after)
             out.update((k, d) for k, d in reply["entries"])
             if not reply.get("more") or not reply["entries"]:
                 return out
@@ -152,26 +149,24 @@ class AntiEntropy:
                 out.append(p)
         return out
 
-    async def _ask(self, peer: RemoteReplica, fields: dict) -> dict:
-        with trio.fail_after(self.config.request_timeout):
-            return await peer.peers.call(peer.address, MsgType.REPLICA_GET, fields,
-                                         MsgType.REPLICA_GET_REPLY)
-
     async def exchange(self, partition: int, node: str) -> RepairStats:
         """Compare this node's tree of ``partition`` with ``node``'s; repair both ways."""
         stats = RepairStats()
         peer = RemoteReplica(node, self.cluster.peer_address(node), self.cluster.peers)
         tree = self.store.tree(partition)
-        reply = await self._ask(peer, {"op": "aae-root", "partition": partition})
+        timeout = self.config.request_timeout
+        with trio.fail_after(timeout):
+            root = await peer.tree_root(partition)
         stats.bytes_exchanged += 8
-        if reply["root"] == tree.root():
+        if root == tree.root():
             return stats
         stats.partitions_differing = 1
-        theirs = (await self._ask(peer, {"op": "aae-branches", "partition": partition}))["branches"]
+        with trio.fail_after(timeout):
+            theirs = await peer.tree_branches(partition)
         stats.bytes_exchanged += 8 * aae.BRANCHES
         for branch in aae.differing_branches(tree.branches(), theirs):
-            their_segments = (await self._ask(
-                peer, {"op": "aae-segments", "partition": partition, "branch": branch}))["segments"]
+            with trio.fail_after(timeout):
+                their_segments = await peer.tree_segments(partition, branch)
             stats.bytes_exchanged += 8 * aae.SEGMENTS_PER_BRANCH
             for segment in aae.differing_segments(branch, tree.branch_segments(branch), their_segments):
                 stats.segments_differing += 1
@@ -283,10 +278,7 @@ class AntiEntropy:
             for node in others:
                 peer = RemoteReplica(node, self.cluster.peer_address(node), self.cluster.peers)
                 with trio.fail_after(self.config.request_timeout):
-                    await peer.peers.call(peer.address, MsgType.REPLICA_PUT,
-                                          {"op": "aae-purge", "partition": partition,
-                                           "tombstones": doomed},
-                                          MsgType.REPLICA_PUT_REPLY)
+                    await peer.purge_tombstones(partition, doomed)
             purged += await self.purge_confirmed(partition, doomed)
         if purged:
             log.info("partition %d: purged %d tombstones confirmed on every replica",

@@ -23,7 +23,8 @@ import trio
 
 from kvd import versions
 from kvd.errors import BadRequest, KvdError, Unavailable
-from kvd.proto.messages import MAX_KEY_LEN, MsgType
+from kvd.node.remote import RemoteReplica
+from kvd.proto.messages import MAX_KEY_LEN
 from kvd.storage import keys as layout
 
 PAGE_LIMIT = 1000  # keys in one reply, at most
@@ -101,12 +102,9 @@ async def _one_replica(node, partition: int, after: bytes, prefix: bytes, limit:
         try:
             if member == cluster.me:
                 return local_keys(node, partition, after, prefix, limit)
-            fields = {"op": "keys", "partition": partition, "after": after, "prefix": prefix,
-                      "limit": limit}
+            replica = RemoteReplica(member, cluster.peer_address(member), cluster.peers)
             with trio.fail_after(node.config.replica_timeout):
-                return await cluster.peers.call(cluster.peer_address(member),
-                                                MsgType.REPLICA_GET, fields,
-                                                MsgType.REPLICA_GET_REPLY)
+                return await replica.live_keys(partition, after, prefix, limit)
         except (KvdError, OSError, trio.TooSlowError) as exc:
             failures.append(f"{member}: {str(exc) or 'timed out'}")
     raise Unavailable(f"no replica of partition {partition} answered the key listing"

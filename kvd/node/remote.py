@@ -198,6 +198,79 @@ class RemoteReplica:
             MsgType.REPLICA_GET_REPLY)
         return reply["data"]
 
+    # --- whole partitions: anti-entropy, transfers, key listings (answered by
+    # kvd.node.peer_service; anti-entropy's side in kvd.node.antientropy) --------------------
+
+    async def _read(self, fields: dict) -> dict:
+        return await self.peers.call(self.address, MsgType.REPLICA_GET, fields,
+                                     MsgType.REPLICA_GET_REPLY)
+
+    async def tree_root(self, partition: int) -> int:
+        """The root of the replica's hash tree of ``partition``."""
+        return (await self._read({"op": "aae-root", "partition": partition}))["root"]
+
+    async def tree_branches(self, partition: int) -> list[int]:
+        return (await self._read({"op": "aae-branches", "partition": partition}))["branches"]
+
+    async def tree_segments(self, partition: int, branch: int) -> list[int]:
+        return (await self._read({"op": "aae-segments", "partition": partition,
+                                  "branch": branch}))["segments"]
+
+    async def segment_keys(self, partition: int, segment: int,
+                           after: bytes | None = None) -> dict:
+        """One page of a segment's (key, digest) list after ``after``: ``{entries, more}``."""
+        fields: dict[str, Any] = {"op": "aae-keys", "partition": partition, "segment": segment}
+        if after is not None:
+            fields["after"] = after
+        return await self._read(fields)
+
+    async def purge_tombstones(self, partition: int, tombstones: list) -> int:
+        """Purge (key, digest) tombstones the replica holds as they are; how many it purged."""
+        reply = await self._put({"op": "aae-purge", "partition": partition,
+                                 "tombstones": tombstones})
+        return reply.get("purged", 0)
+
+    async def scan(self, partition: int, after: bytes, limit: int, max_bytes: int) -> dict:
+        """Stored objects of ``partition`` after ``after``, for a fetch:
+        ``{objects, done}`` and ``large``, a key too large for one reply."""
+        return await self._read({"op": "scan", "partition": partition, "after": after,
+                                 "limit": limit, "max_bytes": max_bytes})
+
+    async def scan_piece(self, partition: int, key: bytes, offset: int, max_bytes: int) -> dict:
+        """Bytes of one stored object from ``offset``: ``{piece, total, done}``."""
+        return await self._read({"op": "scan", "partition": partition, "within": key,
+                                 "offset": offset, "max_bytes": max_bytes})
+
+    async def live_keys(self, partition: int, after: bytes, prefix: bytes, limit: int) -> dict:
+        """The replica's live keys of ``partition`` (kvd.node.coverage): ``{keys, after, done}``."""
+        return await self._read({"op": "keys", "partition": partition, "after": after,
+                                 "prefix": prefix, "limit": limit})
+
+
+class RemoteNode:
+    """Another node's admin operations over the peer connection (ADMIN): a seed asked for the
+    cluster state or to stage a join, a member asked for its transfers."""
+
+    def __init__(self, address: str, peers: PeerPool):
+        self.address = address
+        self.peers = peers
+
+    async def _admin(self, fields: dict) -> dict:
+        return await self.peers.call(self.address, MsgType.ADMIN, fields, MsgType.ADMIN_REPLY)
+
+    async def cluster_state(self) -> dict:
+        """The node's cluster state and member table, as its ``state`` operation answers."""
+        return await self._admin({"op": "state"})
+
+    async def stage_join(self, node: str, address: str, peer_address: str) -> dict:
+        """Ask a member to stage the join of ``node``; its state and member table."""
+        return await self._admin({"op": "stage-join", "node": node, "address": address,
+                                  "peer_address": peer_address})
+
+    async def transfers(self) -> list[dict]:
+        """The node's rows of pending moves, with its own fetches' progress."""
+        return (await self._admin({"op": "transfers"}))["transfers"]
+
 
 class HintedReplica(RemoteReplica):
     """A fallback node holding writes for the down primary ``stands_for``."""

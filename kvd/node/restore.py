@@ -33,7 +33,7 @@ import trio
 from kvd.backup import RESTORED_MARK
 from kvd.errors import KvdError
 from kvd.membership import cluster_state as cs
-from kvd.proto.messages import MsgType
+from kvd.node.remote import RemoteNode
 from kvd.storage import keys
 
 if TYPE_CHECKING:
@@ -152,8 +152,7 @@ class Restore:
                 for seed in seeds:
                     try:
                         with trio.fail_after(3):
-                            reply = await self.cluster.peers.call(
-                                seed, MsgType.ADMIN, {"op": "state"}, MsgType.ADMIN_REPLY)
+                            reply = await RemoteNode(seed, self.cluster.peers).cluster_state()
                     except (KvdError, trio.TooSlowError, OSError) as exc:
                         if seed not in reported:  # once per seed, not once per retry
                             reported.add(seed)

@@ -22,7 +22,7 @@ import trio
 
 from kvd.errors import BadRequest, KvdError, Unauthorized, Unavailable
 from kvd.membership import cluster_state as cs
-from kvd.proto.messages import MsgType
+from kvd.node.remote import RemoteNode
 from kvd.ring import Move, Ring
 
 if TYPE_CHECKING:
@@ -57,10 +57,8 @@ class Staging:
             # Bounded: a wrong SEED (a closed port, a client or metrics port) must get an
             # answer naming it, not a request that waits forever.
             with trio.fail_after(config.request_timeout):
-                reply = await cluster.peers.call(seed, MsgType.ADMIN, {
-                    "op": "stage-join", "node": cluster.me,
-                    "address": config.listen, "peer_address": config.peer_listen,
-                }, MsgType.ADMIN_REPLY)
+                reply = await RemoteNode(seed, cluster.peers).stage_join(
+                    cluster.me, config.listen, config.peer_listen)
         except BadRequest as exc:
             raise BadRequest(f"seed {seed} refused the join: {exc}") from None
         except Unauthorized:

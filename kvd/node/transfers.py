@@ -32,7 +32,6 @@ from kvd import versions
 from kvd.errors import KvdError, unwrap_single_error
 from kvd.membership import cluster_state as cs
 from kvd.node.remote import RemoteReplica
-from kvd.proto.messages import MsgType
 from kvd.ring import Ring, preference_list
 from kvd.storage import keys
 
@@ -308,11 +307,6 @@ class Transfers:
         for node in sources:
             await self._fetch_from(RemoteReplica(node, cluster.peer_address(node), cluster.peers), q)
 
-    async def _scan(self, source: RemoteReplica, fields: dict) -> dict:
-        with trio.fail_after(self.cluster.config.request_timeout * 3):
-            return await self.cluster.peers.call(source.address, MsgType.REPLICA_GET,
-                                                 {"op": "scan", **fields}, MsgType.REPLICA_GET_REPLY)
-
     async def _fetch_large(self, source: RemoteReplica, q: int, key: bytes) -> bytes | None:
         """One object too large for a scan reply, in pieces (restarted if it changes)."""
         budget = scan_budget(self.cluster.config.max_frame)
@@ -320,9 +314,8 @@ class Transfers:
             parts: list[bytes] = []
             total = None
             while total is None or sum(map(len, parts)) < total:
-                reply = await self._scan(source, {"partition": q, "within": key,
-                                                  "offset": sum(map(len, parts)),
-                                                  "max_bytes": budget})
+                with trio.fail_after(self.cluster.config.request_timeout * 3):
+                    reply = await source.scan_piece(q, key, sum(map(len, parts)), budget)
                 if not reply["total"]:
                     return None  # deleted meanwhile (purged): nothing to fetch
                 if (total is not None and reply["total"] != total) or not reply["piece"]:
@@ -342,9 +335,9 @@ class Transfers:
         store = self.cluster.store
         after = b""
         while True:
-            reply = await self._scan(source, {"partition": q, "after": after,
-                                              "limit": TRANSFER_BATCH,
-                                              "max_bytes": scan_budget(self.cluster.config.max_frame)})
+            with trio.fail_after(self.cluster.config.request_timeout * 3):
+                reply = await source.scan(q, after, TRANSFER_BATCH,
+                                          scan_budget(self.cluster.config.max_frame))
             raws = list(reply["objects"])
             if reply.get("large") is not None:
                 key = reply["large"]

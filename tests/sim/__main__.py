@@ -3,19 +3,18 @@
     python -m tests.sim --seeds 1000 [--first 1] [--jobs 2] [--short]
     python -m tests.sim --seed 42 [--short]      # replay one seed exactly, with its fault log
 
-Every seed runs in a fresh process started the same way (``--seed N``), so a seed that
-fails in a bulk run or in make test replays exactly: trio keeps tasks in sets ordered by
-object address, which only a process built the same way reproduces. PYTHONHASHSEED must
-be fixed too (make sim and make test set it), and the sources compiled to bytecode before
-the run (``main`` does it).
+Every seed, in a bulk run, in make test and in a replay, runs in a fresh process started
+the same way (``python -m tests.sim.seed N``, tests/sim/seed.py), so a seed that fails
+anywhere replays exactly: trio keeps tasks in sets ordered by object address, which only a
+process built the same way reproduces. PYTHONHASHSEED must be fixed too (make sim and make
+test set it), and the sources compiled to bytecode before the run (importing this module
+does it, once, in the process that starts the seeds).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -34,17 +33,19 @@ def _compile_sources() -> None:
 
 _compile_sources()  # before the simulation's modules are imported below
 
-from .simulation import FULL, SHORT, Report, replay_command, run  # noqa: E402
+from .simulation import Report, replay_command  # noqa: E402
 
 
-def run_seed_process(seed: int, short: bool) -> Report:
-    """Run one seed in a fresh interpreter, exactly as its replay command does."""
-    command = [sys.executable, "-m", "tests.sim", "--seed", str(seed), "--json"]
+def run_seed_process(seed: int, short: bool, log=None) -> Report:
+    """Run one seed in a fresh interpreter (tests/sim/seed.py); ``log`` gets its stderr."""
+    command = [sys.executable, "-m", "tests.sim.seed", str(seed)]
     if short:
         command.append("--short")
     env = dict(os.environ, PYTHONHASHSEED=os.environ.get("PYTHONHASHSEED", "0"))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
+    if log is not None:
+        log(done.stderr)
     try:
         return Report(**json.loads(done.stdout.strip().splitlines()[-1]))
     except (IndexError, ValueError, TypeError):
@@ -78,15 +79,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, help="replay this one seed, printing its faults")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--short", action="store_true", help="the short runs of make test")
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.seed is not None:
-        logging.basicConfig(level=logging.CRITICAL if opts.json else logging.WARNING,
-                            format="%(name)s %(message)s")
-        report = run(opts.seed, profile=SHORT if opts.short else FULL)
-        if opts.json:
-            print(json.dumps(dataclasses.asdict(report)))
-            return 0
+        report = run_seed_process(opts.seed, opts.short,
+                                  log=lambda text: print(text, end="", file=sys.stderr))
         print("faults:", ", ".join(report.faults))
         _print(report)
         return 0 if report.ok else 1

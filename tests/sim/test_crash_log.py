@@ -1,5 +1,5 @@
 """Rule 4 of tests/sim/harness.py holds however quiet the run's logging is: ``make sim`` and
-make test run every seed with ``--json``, which sets the root logger to CRITICAL, and a
+make test once ran every seed with ``--json``, which set the root logger to CRITICAL, and a
 traceback a node logs must still fail the seed."""
 
 from __future__ import annotations
