@@ -19,6 +19,10 @@ from kvd.node.remote import RemoteNode
 from kvd.membership import cluster_state as cs
 
 
+# The cluster-wide changes (a join is asked of the new node itself).
+CLUSTER_CHANGES = frozenset({"leave", "force-remove", "replace", "plan", "commit", "abort", "clear"})
+
+
 def _ownership(owners) -> dict[str, int]:
     return dict(sorted(Counter(owners).items()))
 
@@ -106,9 +110,6 @@ def _text(fields: dict, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise BadRequest(f"missing {name}")
     return value
-
-
-CLUSTER_CHANGES = frozenset({"leave", "force-remove", "replace", "plan", "commit", "abort", "clear"})
 
 
 def _member(cluster, node: str) -> None:
