@@ -98,10 +98,7 @@ async def test_two_waiting_nodes_form_a_cluster_by_a_join(sim, autojump_clock):
     await _put(sim, "n2", b"k2")
 
 
-async def test_a_node_restarted_after_leaving_says_to_wipe_its_data_dir(sim, autojump_clock,
-                                                                         caplog):
-    """It shows DL in status until the next commit drops it (kvctl(1) lists the states);
-    restarted, it says how to become a member again."""
+async def _four_nodes_and_n4_has_left(sim) -> None:
     await sim.form(["n1", "n2", "n3", "n4"], settle=0.0)
     await sim.admin("n1", {"op": "leave", "node": "n4"})
     await sim.admin("n1", {"op": "commit"})
@@ -109,6 +106,13 @@ async def test_a_node_restarted_after_leaving_says_to_wipe_its_data_dir(sim, aut
     with trio.fail_after(120):
         while not sim.nodes["n4"].node.cluster.left.is_set():
             await trio.sleep(1.0)
+
+
+async def test_a_node_restarted_after_leaving_says_to_wipe_its_data_dir(sim, autojump_clock,
+                                                                         caplog):
+    """It shows DL in status until the next commit drops it (kvctl(1) lists the states);
+    restarted, it says how to become a member again."""
+    await _four_nodes_and_n4_has_left(sim)
     sim.crash("n4")
     with trio.fail_after(120):
         while (await _status(sim, "n1"))["nodes"][-1]["state"] != "DL":
@@ -126,13 +130,7 @@ async def test_a_node_that_has_left_refuses_cluster_changes(sim, autojump_clock)
     """Simulator short seed 10376: a force-remove and a commit sent to a node that had left
     were answered as committed, but a node that has left gossips to nobody, so the removed
     node stayed in everyone's ring and reads at R=N failed for good."""
-    await sim.form(["n1", "n2", "n3", "n4"], settle=0.0)
-    await sim.admin("n1", {"op": "leave", "node": "n4"})
-    await sim.admin("n1", {"op": "commit"})
-    await sim.wait_settled("n1")
-    with trio.fail_after(120):
-        while not sim.nodes["n4"].node.cluster.left.is_set():
-            await trio.sleep(1.0)
+    await _four_nodes_and_n4_has_left(sim)
     version = sim.nodes["n1"].node.cluster.state.version
     for fields in ({"op": "force-remove", "node": "n3"}, {"op": "leave", "node": "n2"},
                    {"op": "commit"}, {"op": "plan"}, {"op": "clear"}, {"op": "abort"}):
