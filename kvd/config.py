@@ -378,8 +378,8 @@ class Config(BaseModel):
         description=(
             "Seconds (default 3 h) a hint is kept for a down node. Past it the hint is "
             "dropped and anti-entropy restores the data, so a long outage cannot fill the "
-            "disks of the other nodes. Must be shorter than tombstone_grace, so no hint "
-            "outlives a tombstone purge it could undo."
+            "disks of the other nodes. Plus request_timeout, it must be shorter than "
+            "tombstone_grace, so no hint outlives a tombstone purge it could undo."
         ),
     )
     read_repair: bool = Field(
@@ -406,7 +406,8 @@ class Config(BaseModel):
         ge=0,
         description=(
             "Seconds (default 1 day) a tombstone is kept after every replica is known to "
-            "hold it, so a delete cannot be undone by a replica that was away."
+            "hold it, so a delete cannot be undone by a replica that was away. Must exceed "
+            "hint_window + request_timeout: no hint or replica write can arrive later."
         ),
     )
 
@@ -519,13 +520,18 @@ class Config(BaseModel):
                 "chunk_size",
                 "max_frame",
             )
-        if self.hinted_handoff and self.hint_window >= self.tombstone_grace:
-            # A hint older than the grace could bring back a key whose tombstone is purged.
+        # A write reaches a replica at most request_timeout after it was sent (kvd.net.peer:
+        # TCP_USER_TIMEOUT), a hint at most hint_window after it was stored; one arriving
+        # after its key's tombstone was purged would bring the deleted key back.
+        late = self.request_timeout + (self.hint_window if self.hinted_handoff else 0.0)
+        if late >= self.tombstone_grace:
+            named = (["hint_window", "request_timeout"] if self.hinted_handoff
+                     else ["request_timeout"])
             raise _KeyedError(
-                f"hint_window ({self.hint_window:g} s) must be shorter than tombstone_grace "
-                f"({self.tombstone_grace:g} s): a hint delivered after a tombstone is purged "
-                "would bring the deleted key back",
-                "hint_window",
+                f"{' + '.join(f'{n} ({getattr(self, n):g} s)' for n in named)} must be "
+                f"shorter than tombstone_grace ({self.tombstone_grace:g} s): a write delivered "
+                "after its key's tombstone is purged would bring the deleted key back",
+                *named,
                 "tombstone_grace",
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

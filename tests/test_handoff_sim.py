@@ -329,19 +329,30 @@ async def test_a_short_blob_left_by_a_broken_upload_is_fetched_again(autojump_cl
 # ------------------------------------------------------------------ config
 
 
-def test_hint_window_must_be_shorter_than_tombstone_grace():
+def test_hint_window_and_request_timeout_must_be_shorter_than_tombstone_grace():
+    """A hint is delivered at most hint_window after it was stored, a replica write at most
+    request_timeout after it was sent (peer connections' TCP_USER_TIMEOUT): either arriving
+    after its key's tombstone was purged would bring the key back."""
     from kvd.config import load_config
     from kvd.errors import ConfigError
 
-    with pytest.raises(ConfigError) as info:
-        load_config(None, {"KVD_HINT_WINDOW": "7200", "KVD_TOMBSTONE_GRACE": "3600"}, {})
-    message = str(info.value)
-    assert "\n" not in message
+    def refusal(**env: str) -> str:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {f"KVD_{k.upper()}": v for k, v in env.items()}, {})
+        message = str(info.value)
+        assert "\n" not in message
+        return message
+
+    message = refusal(hint_window="7200", tombstone_grace="3600")
     assert "hint_window" in message and "tombstone_grace" in message, message
+    message = refusal(hint_window="3595", request_timeout="10", tombstone_grace="3600")
+    assert "hint_window (3595 s) + request_timeout (10 s)" in message, message
+    message = refusal(hinted_handoff="false", request_timeout="20", tombstone_grace="15")
+    assert "request_timeout (20 s) must be shorter than tombstone_grace" in message, message
     # Without hinted handoff there are no hints to resurrect anything.
     load_config(None, {"KVD_HINT_WINDOW": "7200", "KVD_TOMBSTONE_GRACE": "3600",
                        "KVD_HINTED_HANDOFF": "false"}, {})
-    load_config(None, {"KVD_HINT_WINDOW": "3599", "KVD_TOMBSTONE_GRACE": "3600"}, {})
+    load_config(None, {"KVD_HINT_WINDOW": "3589", "KVD_TOMBSTONE_GRACE": "3600"}, {})
 
 
 # ------------------------------------------------------------------ objects larger than a frame

@@ -112,9 +112,7 @@ class FrameConnection:
             try:
                 await self._send_queued()
             except BaseException as exc:
-                self.broken = True
-                if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
-                    raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
+                self._break(exc)
                 raise
         if self.broken:
             raise ConnectFailed("connection is broken")
@@ -141,10 +139,16 @@ class FrameConnection:
                                               fd, frames)
                 await self._send_queued()
             except BaseException as exc:
-                self.broken = True
-                if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
-                    raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
+                self._break(exc)
                 raise
+
+    def _break(self, exc: BaseException) -> None:
+        """A send failed or was cancelled part-way: no frame may follow on this stream. A
+        broken stream raises ConnectFailed; anything else (a cancel) is the caller's to
+        re-raise."""
+        self.broken = True
+        if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+            raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
 
     async def _send_queued(self) -> None:
         while self._queue:

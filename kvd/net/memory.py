@@ -67,6 +67,7 @@ class MemoryStream(trio.abc.Stream):
         self.remote = remote
         self._send = send
         self._receive = receive
+        self.options: dict[tuple[int, int], int] = {}
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data``; waits while a partition separates the two ends (rule 2), and for the
@@ -80,6 +81,12 @@ class MemoryStream(trio.abc.Stream):
             self.close()
             raise trio.BrokenResourceError(f"connection {self.local} -> {self.remote} reset (simulated loss)")
         await self._send.send_all(data)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        """Accept the socket options kvd sets (kvd.net.peer: TCP_USER_TIMEOUT). Nothing to
+        apply: this network never delivers bytes a sender gave up on (rule 2), which is what
+        that option buys a real connection."""
+        self.options[level, option] = value
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until the link is open (memory streams never apply back pressure)."""

@@ -8,15 +8,23 @@ detector tells it which).
 Every connection authenticates with the cluster secret and speaks TLS when ``security``
 (set by ``serve``) says so; a peer that refuses us, or fails to prove the secret itself, is
 logged once per address and reported to callers as Unauthorized.
+
+Bytes a peer has not acknowledged within ``unacknowledged_limit`` seconds end the connection
+(TCP_USER_TIMEOUT): the kernel drops them instead of delivering them after a partition
+heals. A write its coordinator gave up on therefore reaches a replica within that limit or
+never, which is what lets a tombstone be purged safely after ``tombstone_grace`` (kvd/config.py
+requires the grace to exceed it). Without it, a replica PUT sent into a partition arrived
+after the heal, when its key's tombstone was already purged, and brought the key back.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 
 import trio
 
-from kvd.client import Client, Dial, open_client
+from kvd.client import Client, Dial, open_client, tcp_dial
 from kvd.errors import ConnectFailed, KvdError, ProtocolError, Unauthorized
 from kvd.proto.messages import MsgType
 from kvd.security import Security
@@ -28,9 +36,11 @@ class PeerPool:
     """Multiplexed connections to peers, keyed by peer address (HOST:PORT)."""
 
     def __init__(self, nursery: trio.Nursery, hello_fields: dict, connect_timeout: float = 2.0,
-                 security: Security | None = None, dial: Dial | None = None):
+                 security: Security | None = None, dial: Dial | None = None,
+                 unacknowledged_limit: float = 10.0):
         self._nursery = nursery
-        self._dial = dial  # None: TCP (the simulator gives its in-memory network's)
+        self._dial = dial or tcp_dial  # the simulator gives its in-memory network's
+        self.unacknowledged_limit = unacknowledged_limit
         self._hello = {"role": "peer", **hello_fields}
         self._connect_timeout = connect_timeout
         # Object bytes one request carries inline (kvd.node.remote; a Cluster sets half of
@@ -73,7 +83,7 @@ class PeerPool:
             async with open_client(address, connect_timeout=self._connect_timeout,
                                    hello_fields=self._hello, secret=security.secret,
                                    ssl_context=security.peer_client_tls,
-                                   dial=self._dial) as client:
+                                   dial=self._dial_peer) as client:
                 self._clients[address] = client
                 self._refused.pop(address, None)
                 self._connecting.pop(address, None)
@@ -95,6 +105,12 @@ class PeerPool:
             if self._connecting.get(address) is ready:
                 del self._connecting[address]
             ready.set()
+
+    async def _dial_peer(self, address: str) -> trio.abc.Stream:
+        stream = await self._dial(address)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,  # type: ignore[attr-defined]
+                          max(1, round(self.unacknowledged_limit * 1000)))
+        return stream
 
     async def call(self, address: str, kind: MsgType, fields: dict, expect: MsgType) -> dict:
         """One request/reply to the peer at ``address``."""

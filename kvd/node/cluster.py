@@ -59,7 +59,8 @@ class Cluster:
         self.store = store
         self.local = local
         self.nursery = nursery
-        self.peers = PeerPool(nursery, {"node": self.me}, dial=dial)
+        self.peers = PeerPool(nursery, {"node": self.me}, dial=dial,
+                              unacknowledged_limit=config.request_timeout)
         self.peers.frame_budget = config.max_frame // 2  # object bytes per request (remote.py)
         self.rng = rng or random.Random()
         self.gossiper: Gossiper  # made by load(), from the saved state
