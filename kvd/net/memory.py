@@ -46,9 +46,10 @@ Rules:
    ``hosts``) by a time drawn from the same rng, up to ``max_delay`` seconds.  Bytes of one
    connection stay in order (the sender waits); different connections overtake each other.
 
-The streams are this module's own (a byte buffer and a parking lot per direction): one
-checkpoint per send or receive, which matters as a simulator seed spends its CPU in trio's
-scheduler.
+The streams are this module's own, a byte buffer and a parking lot per direction: one
+checkpoint per send or receive, where trio.testing's memory streams take three (to catch two
+tasks using one stream, which a flag here catches at once); a simulator seed spends much of
+its CPU in trio's scheduler.
 """
 
 from __future__ import annotations

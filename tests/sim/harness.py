@@ -12,8 +12,9 @@ Rules:
    make test fix it), one seed replays one run exactly.
 2. A crash cancels the node and drops its connections at once; writes its storage had not
    synced are lost (``MemoryDisk.crash``). A restart serves the same disk again.
-3. A pause is the node cut off from everyone (its sends wait, nothing reaches it) for longer
-   than the failure detector's threshold: what a SIGSTOPped process looks like from outside.
+3. A pause is the node cut off from everyone (what it sends and what is sent to it is queued
+   as in any partition, kvd/net/memory.py rule 2; nothing reaches it) for longer than the
+   failure detector's threshold: what a SIGSTOPped process looks like from outside.
 4. A node task that raises, and every ERROR log record with a traceback (an "internal
    error"), is recorded in ``SimCluster.crashes``: the checker fails the run on any. Also in
    quiet runs (``--json`` sets the root logger to CRITICAL): the ``kvd`` logger is kept at

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-# trio.testing (MockClock, memory streams) imports pytest only for RaisesGroup's
+# trio.testing (MockClock) imports pytest only for RaisesGroup's
 # ExceptionInfo and falls back without it: a quarter of a second of CPU per seed saved.
 sys.modules["pytest"] = None  # type: ignore[assignment]
 
