@@ -121,7 +121,8 @@ async def test_memory_network_rules(autojump_clock):
         with pytest.raises(ConnectFailed):
             await net.connect("a", "b")
         await s.aclose()
-        assert net.statistics() == {"nodes": 1, "streams": 0, "cut_links": 0}
+        assert net.statistics() == {"nodes": 1, "streams": 0, "cut_links": 0,
+                                    "late_deliveries": 1, "user_timeouts": 0}
         nursery.cancel_scope.cancel()
 
 
@@ -212,6 +213,7 @@ async def test_tcp_user_timeout_resets_instead_of_delivering_late(autojump_clock
             with pytest.raises(trio.ClosedResourceError):
                 await client.send_all(b"more")
             assert net.statistics()["streams"] == 0
+            assert net.statistics()["user_timeouts"] == 1
         nursery.cancel_scope.cancel()
 
 

@@ -280,6 +280,7 @@ class MemoryNetwork:
         self._host: dict[str, str] = {}  # address -> the host it belongs to
         self._streams: dict[MemoryStream, None] = {}  # insertion-ordered: deterministic close order
         self._cut: set[frozenset[str]] = set()  # membership tests only: no order to follow
+        self._late = self._timed_out = 0  # statistics()
         self._loss = 0.0
         self._max_delay = 0.0
         self._delayed: set[str] | None = None
@@ -438,20 +439,25 @@ class MemoryNetwork:
                 limit = sender.user_timeout()
                 if limit is not None and pipe.first + limit <= at:
                     await trio.sleep_until(pipe.first + limit)
+                    self._timed_out += 1
                     sender.close()
                     if sender.peer is not None:
                         sender.peer.close()
                     return
                 await trio.sleep_until(at)
                 if not self.is_partitioned(sender.local, sender.remote):
+                    self._late += 1
                     pipe.deliver()
                     return
                 interval = min(2 * interval, RTO_MAX)
                 at += interval
 
     def statistics(self) -> dict[str, int]:
-        """Counts for tests and debugging: serving nodes, open stream ends, cut links."""
-        return {"nodes": len(self._nodes), "streams": len(self._streams), "cut_links": len(self._cut)}
+        """Counts for tests and debugging: serving nodes, open stream ends, cut links; and
+        since the start, queues delivered late (rule 2) and connections reset by their
+        TCP_USER_TIMEOUT (rule 3)."""
+        return {"nodes": len(self._nodes), "streams": len(self._streams), "cut_links": len(self._cut),
+                "late_deliveries": self._late, "user_timeouts": self._timed_out}
 
 
 async def _run_handler(handler: Handler, stream: MemoryStream) -> None:

@@ -26,6 +26,8 @@ The checker's rules (a run passes only if all hold):
 Rule 2 is checked after real purges: ``deletes_purged`` counts the acknowledged deletes whose
 tombstone is gone at the end (the read finds no sibling at all), ``purged_in_faults`` the
 tombstones the running nodes purged before the heal; make test requires some of each.
+``late`` counts the connections whose bytes, queued in a partition, the network delivered
+after the heal, ``user_timeouts`` those it reset instead (kvd/net/memory.py rules 2 and 3).
 
 Faults (the nemesis): partitions (one node, majority/minority, a bridge, a non-transitive
 ring), message delay and connection resets (loss, and a reset of one link mid-request),
@@ -130,6 +132,9 @@ async def simulate(seed: int, profile: Profile = FULL, lose_one_ack: bool = Fals
             await _heal(sim, report)
             await _converge(sim, report)
             await _check(sim, workload, report)
+            net = sim.net.statistics()  # kvd/net/memory.py rules 2 and 3 at work
+            report.counts["late"] = net["late_deliveries"]
+            report.counts["user_timeouts"] = net["user_timeouts"]
         finally:
             sim.close()
             report.simulated_seconds = trio.current_time()
