@@ -554,3 +554,24 @@ def test_only_the_leveldb_module_imports_plyvel():
         if pattern.search(path.read_text(encoding="utf-8", errors="replace"))
     )
     assert importers == ["kvd/storage/leveldb.py"]
+
+
+async def test_a_committer_cancelled_with_its_node_leaves_no_landing_write_waiting():
+    """Found by the simulator (test_cluster_sim teardown hung, once kvd.net.memory's streams
+    scheduled tasks differently): a node cancelled as a whole cancels the committer, while a
+    request handler's write (``lands``, uncancellable) waits for it, and aclose runs only
+    once that handler has returned. A write queued before the committer stops lands; one
+    after is refused; none is left waiting forever (without the fix, this test hangs)."""
+    with trio.CancelScope() as node:
+        async with open_storage(None, sync="none") as storage:
+            node.cancel()
+            # Queued with no checkpoint before (the fast path); the committer is cancelled
+            # before it takes the batch.
+            await storage.write([(b"queued", b"1")], lands=True)
+            assert storage.get(b"queued") == b"1"
+            try:  # lands if the committer has not stopped yet, else is refused
+                await storage.write([(b"later", b"2")], lands=True)
+                assert storage.get(b"later") == b"2"
+            except StorageError:
+                assert storage._committer_exited.is_set()
+    assert node.cancelled_caught

@@ -192,7 +192,8 @@ class Storage(abc.ABC):
             await trio.lowlevel.checkpoint()
             return
         nbytes = data_bytes + OP_OVERHEAD * len(checked)
-        if self._closing:
+        if self._closing or self._committer_exited.is_set():
+            # Nobody would commit it: a committer cancelled with its node, before aclose.
             raise StorageError("storage is closed")
         if not self._admission.locked() and self._fits(nbytes):
             # Fast path, no schedule point before queueing: concurrent writers that run in
@@ -228,7 +229,7 @@ class Storage(abc.ABC):
     async def _enqueue_when_room(self, ops: list[Op], nbytes: int, data_bytes: int) -> _Batch:
         async with self._admission:  # FIFO: first to wait is first to get room
             while True:
-                if self._closing:
+                if self._closing or self._committer_exited.is_set():
                     raise StorageError("storage is closed")
                 if self._fits(nbytes):
                     return self._enqueue(ops, nbytes, data_bytes)
@@ -310,6 +311,11 @@ class Storage(abc.ABC):
                     await self._commit_batch(batch)
         finally:
             self._committer_exited.set()
+            # Cancelled with its node: the writers queued now may not be cancelled (``lands``),
+            # and aclose runs only once they have returned. Commit their batch here.
+            with trio.CancelScope(shield=True):
+                while self._forming.ops:
+                    await self._commit_batch(self._take_batch())
 
     async def _commit_batch(self, batch: _Batch) -> None:
         sync = self._sync_mode == "batch"
