@@ -17,7 +17,9 @@ Invariants:
 5. A ``write()`` cancelled before its ops are queued has no effect; one cancelled after may
    or may not be applied (as with any timed-out database write).
 6. ``aclose()`` refuses new writes, commits everything already queued, syncs (periodic mode),
-   then closes the backend. It is idempotent.
+   then closes the backend. It is idempotent. A committer cancelled before it (its node
+   cancelled as a whole) commits what is queued as it stops, and later writes are refused:
+   no uncancellable (``lands``) writer waits for a committer that is gone.
 7. ``flush()`` makes every returned write durable whatever the sync mode (except "none").
 
 Sync modes: ``batch`` commits each batch with sync=True; ``periodic`` commits with sync=False
