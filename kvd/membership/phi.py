@@ -180,7 +180,8 @@ class PhiAccrualDetector:
         self.acceptable_pause = acceptable_pause
         self.first_interval = first_interval
         self._y_threshold = _y_at(threshold)
-        self._params = (threshold, min_std, acceptable_pause, first_interval)  # what the interval depends on
+        # What the conviction interval depends on, besides the history.
+        self._params = (threshold, min_std, acceptable_pause, first_interval)
         self._shared = history is not None
         self._history = history if history is not None else HeartbeatHistory(window)
         self._last: float | None = None
