@@ -176,8 +176,8 @@ class MemberTable:
             old = self._records.get(node) if isinstance(node, str) else None
             if old is not None and node != self.me:  # cheap skip of what I already have
                 try:
-                    newer = (int(item["generation"]), int(item["heartbeat"]))
-                    if newer <= (old.generation, old.heartbeat):
+                    theirs = (int(item["generation"]), int(item["heartbeat"]))
+                    if theirs <= (old.generation, old.heartbeat):
                         continue
                 except (KeyError, TypeError, ValueError):
                     pass  # from_dict below reports it
