@@ -343,7 +343,7 @@ def _silence(monkeypatch, sim: SimCluster, names: set[str]) -> None:
     """The replicas on ``names`` never answer a data call (reads, mints, merges), while gossip
     still flows: what a hung disk, or a ring partition relayed by gossip, looks like to a
     coordinator. The failure detector cannot see it; only the requests can."""
-    from kvd.node import peer_service
+    from kvd.node import connections, peer_service
     from kvd.proto.codec import MsgType
 
     def silenced(handler):
@@ -356,6 +356,11 @@ def _silence(monkeypatch, sim: SimCluster, names: set[str]) -> None:
     for kind in (MsgType.REPLICA_GET, MsgType.REPLICA_PUT):
         monkeypatch.setitem(peer_service.PEER_HANDLERS, kind,
                             silenced(peer_service.PEER_HANDLERS[kind]))
+    # Reads the connection's reader answers itself go to the (silenced) handler instead.
+    inline = ("peer", MsgType.REPLICA_GET)
+    read_now = connections._ANSWER_NOW[inline]
+    monkeypatch.setitem(connections._ANSWER_NOW, inline, lambda node, conn, message: (
+        None if node.node_id in names else read_now(node, conn, message)))
 
 
 async def test_suspected_replicas_cost_a_write_no_hedge(autojump_clock, monkeypatch):
@@ -438,18 +443,18 @@ async def test_a_read_short_of_r_unsuspected_replicas_fails_fast(autojump_clock,
 
 
 def _count_reads(monkeypatch, counts: dict) -> None:
-    """Count, per node, the object reads (op "get") it answers on its peer port."""
+    """Count, per node, the object reads (op "get") it answers on its peer port, by the
+    reader itself or in a task."""
     from kvd.node import peer_service
-    from kvd.proto.codec import MsgType
 
-    handler = peer_service.PEER_HANDLERS[MsgType.REPLICA_GET]
+    read_now = peer_service._read_now
 
-    async def counted(node, conn, message, chunks):
+    def counted(node, message):
         if message.fields.get("op") == "get":
             counts[node.node_id] = counts.get(node.node_id, 0) + 1
-        return await handler(node, conn, message, chunks)
+        return read_now(node, message)
 
-    monkeypatch.setitem(peer_service.PEER_HANDLERS, MsgType.REPLICA_GET, counted)
+    monkeypatch.setattr(peer_service, "_read_now", counted)
 
 
 async def test_rule_7_reads_n_minus_w_plus_1_replicas_and_a_spare_for_a_failure(
@@ -486,3 +491,40 @@ async def test_rule_7_reads_n_minus_w_plus_1_replicas_and_a_spare_for_a_failure(
 def _failing_read(key):
     from kvd.errors import Unavailable
     raise Unavailable("a failing disk")
+
+
+async def test_replica_reads_are_answered_by_the_peer_reader_without_a_task(
+        autojump_clock, monkeypatch):
+    """Issue 14: a peer's replica read (get, digest) needs no task on the replica: its
+    connection's reader answers it, like a one-node GET. An object too large to travel
+    inline still goes to the task that stages it, and reads back whole."""
+    from kvd.node import peer_service
+    from kvd.node.remote import RemoteReplica
+    from kvd.proto.codec import MsgType
+
+    in_a_task = []
+    handler = peer_service.PEER_HANDLERS[MsgType.REPLICA_GET]
+
+    async def counted(node, conn, message, chunks):
+        in_a_task.append(message.fields.get("op"))
+        return await handler(node, conn, message, chunks)
+
+    monkeypatch.setitem(peer_service.PEER_HANDLERS, MsgType.REPLICA_GET, counted)
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, max_frame=256 << 10, chunk_size=256 << 10)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            await c.put(b"small", b"v")
+            await c.put(b"large", b"x" * (200 << 10))  # past max_frame / 2 with its clock
+        n1 = sim.nodes["n1"].node.cluster
+        n2 = RemoteReplica("n2", n1.peer_address("n2"), n1.peers)
+        in_a_task.clear()
+        objects = [await n2.get(b"small") for _ in range(20)]
+        assert all([s.value for s in obj.siblings] == [b"v"] for obj in objects)
+        assert await n2.digest(b"small") is not None
+        assert await n2.get(b"absent") is None
+        assert in_a_task == [], in_a_task
+        large = await n2.get(b"large")
+        assert [len(s.value) for s in large.siblings] == [200 << 10]
+        assert in_a_task[0] == "get" and set(in_a_task[1:]) == {"blob"}, in_a_task
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()

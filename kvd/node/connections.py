@@ -7,10 +7,11 @@ Rules:
    limit rises to ``max_frame``. A malformed frame gets one ERROR frame (request id 0, code
    "protocol") and the connection is closed; nothing else is affected.
 2. A request that may wait (for replicas, a commit, a streamed value) runs in a task of its
-   own, at most MAX_IN_FLIGHT_PER_CONNECTION at once; a GET this node answers alone from
-   its store cannot wait and is answered by the reader itself, with no task: its reply goes
-   out with the others of the same read, before the reader waits for more bytes, or at
-   once past the connection's HIGH_WATER (a client that does not read stops the reader).
+   own, at most MAX_IN_FLIGHT_PER_CONNECTION at once. A GET this node answers alone from
+   its store, and a peer's replica read of an object that fits in one reply, cannot wait:
+   the reader answers them itself, with no task. Their replies go out with the others of
+   the same read, before the reader waits for more bytes, or at once past the
+   connection's HIGH_WATER (a client that does not read stops the reader).
 3. A connection silent for ``idle_timeout`` with no request in flight is closed.
 
 What a request asks is answered elsewhere: client requests by kvd.node.client_service, peer
@@ -40,7 +41,7 @@ from kvd.net.admission import Ticket
 from kvd.net.connection import FrameConnection, run_handshake
 from kvd.net.guarded import GuardedConnection
 from kvd.node.client_service import CLIENT_HANDLERS, get_now
-from kvd.node.peer_service import PEER_HANDLERS
+from kvd.node.peer_service import PEER_HANDLERS, replica_read_now
 from kvd.proto import codec
 from kvd.proto.handshake import ServerHandshake
 from kvd.proto.messages import FLAG_END, MsgType
@@ -159,8 +160,9 @@ async def _serve_connection(node, conn: GuardedConnection, role: str,
                 streams[message.request_id] = send
                 if message.fields["length"] == 0:
                     raise ProtocolError("a streamed PUT must declare a length above zero")
-            if message.type == MsgType.GET and role == "client":
-                follow = await _answer_now(node, conn, message)
+            answer_now = _ANSWER_NOW.get((role, message.type))
+            if answer_now is not None:
+                follow = await _answer_now(node, conn, message, answer_now)
                 if follow is _ANSWERED:
                     continue
                 if follow is not None:  # the reply is queued; its large values follow
@@ -211,22 +213,27 @@ class _IdleWatch:
 _ANSWERED = object()
 
 
-async def _answer_now(node, conn, message):
-    """A GET that this node answers alone, answered by the reader itself: no task, and its
-    reply goes out with the others of the same read (client_service.get_now; kvctl bench A
-    on one node: see docs/DECISIONS.md, issue 14). Returns _ANSWERED, None when the GET
-    needs a task (other replicas), or the async function that streams its large values."""
+# Requests the reader may answer itself (rule 2): a GET this node answers alone, and a
+# replica read of an object that fits in the reply (peer_service.replica_read_now).
+_ANSWER_NOW = {("client", MsgType.GET): get_now, ("peer", MsgType.REPLICA_GET): replica_read_now}
+
+
+async def _answer_now(node, conn, message, answer_now):
+    """A request answered by the reader itself: no task, and its reply goes out with the
+    others of the same read (kvctl bench A on one node: see docs/DECISIONS.md, issue 14).
+    Returns _ANSWERED, None when the request needs a task (other replicas, a staged
+    object), or the async function that streams its large values."""
     try:
         node.request_started()
         try:
-            answer = get_now(node, conn, message)
+            answer = answer_now(node, conn, message)
         finally:
             node.request_finished()
     except Exception as exc:
         node.counters.errors += 1
         node.counters.requests += 1
         if not isinstance(exc, KvdError):
-            log.exception("request GET failed")
+            log.exception("request %s failed", message.type.name)
             exc = KvdError("internal error; see the node's log")
         await conn.send_soon(_error_frame(message.request_id, exc))
         return _ANSWERED

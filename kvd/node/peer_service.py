@@ -94,15 +94,37 @@ async def replica_get(node, conn, message, _chunks) -> None:
         return
     if fields["op"] not in ("get", "digest"):
         raise BadRequest(f"unknown replica read operation {fields['op'][:32]!r}")
+    reply = _read_now(node, message)
+    if reply is None:  # an object too large to go inline: staged for the requester
+        reply = await _object_fields(node, fields["key"], store.read(fields["key"]))
+    await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
+
+
+def replica_read_now(node, conn, message) -> tuple[bytes, None] | None:
+    """A replica read (``get`` or ``digest``) answered by the connection's reader itself, as
+    kvd.node.client_service.get_now answers a one-node GET: (its REPLICA_GET_REPLY frame,
+    None). None when it needs ``replica_get`` in a task (another op, an object to stage)."""
+    if message.fields.get("op") not in ("get", "digest"):
+        return None
+    _check_values(node, message.fields)
+    reply = _read_now(node, message)
+    if reply is None:
+        return None
+    return codec.encode(MsgType.REPLICA_GET_REPLY, message.request_id, reply), None
+
+
+def _read_now(node, message) -> dict | None:
+    """The reply fields of a get or digest, or None for an object past the inline limit."""
+    fields = message.fields
     if not node.cluster.restore.has_its_data:
         raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
     if fields["op"] == "digest":
-        await _reply(conn, message, MsgType.REPLICA_GET_REPLY,
-                     {"digest": store.read_digest(fields["key"])})
-        return
-    obj = store.read(fields["key"])
-    reply = {"object": None} if obj is None else await _object_fields(node, fields["key"], obj)
-    await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
+        return {"digest": node.store.read_digest(fields["key"])}
+    obj = node.store.read(fields["key"])
+    if obj is None:
+        return {"object": None}
+    raw = versions.encode_object(obj)
+    return {"object": raw} if len(raw) <= node.config.max_frame // 2 else None
 
 
 async def replica_put(node, conn, message, _chunks) -> None:
