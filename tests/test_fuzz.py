@@ -375,11 +375,9 @@ class Storm:
 # The storm: WORKERS connections at a time, each throwing a burst and pausing PACE seconds.
 # It is on for ON seconds, then off for OFF seconds, CYCLES times, while the probe runs
 # throughout: the client's quiet and loaded p99 come from interleaved windows, so whatever
-# else loads this 2-core machine weighs on both alike. Three workers throw the 10,000 frames
-# within about the three ON windows (two needed ~9 s more in the last one); with 5 s ON and 3 s
-# OFF the probe still takes ~1,700 quiet and ~2,800 loaded samples, in ~27 s instead of ~37.
-WORKERS, PACE = 3, 0.045
-ON, OFF, CYCLES = 5.0, 3.0, 3
+# else loads this 2-core machine weighs on both alike.
+WORKERS, PACE = 2, 0.045
+ON, OFF, CYCLES = 6.0, 4.0, 3
 SETTLE = 0.3  # seconds after an ON window still counted as loaded (connections closing)
 
 
