@@ -14,7 +14,7 @@ from tests.procs import ROOT, KvdProcess
 
 # pytest caches each test module's assertion-rewritten bytecode only when bytecode may be
 # written: under PYTHONDONTWRITEBYTECODE every collection (each xdist worker's, then the
-# alone pass's) rewrote all of them again, ~4 CPU-s each. The variable still reaches the
+# alone pass's) rewrote all of them again, ~3.5 CPU-s each. The variable still reaches the
 # processes tests start; __pycache__ is ignored by git.
 sys.dont_write_bytecode = False
 sys.path.insert(0, os.path.dirname(__file__))  # the simulator, as its test modules import it
