@@ -914,8 +914,11 @@ def deb(tmp_path_factory) -> Path:
         built = sorted(out.glob("kvd_*.deb"))
         if not built:
             started = time.monotonic()
+            # The same xz format as `make deb`, at preset 0: compressing the ~38 MiB tree
+            # costs ~3.5 CPU-s there, against ~9.5 s at the shipped -z2 (1 MiB smaller).
             result = subprocess.run(["make", "--no-print-directory", "deb", f"DEB_DIR={out}"],
-                                    cwd=ROOT, capture_output=True, text=True, timeout=600)
+                                    cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                    env={**os.environ, "DEB_COMPRESS": "-Zxz -z0"})
             assert result.returncode == 0, result.stdout + result.stderr
             built = sorted(out.glob("kvd_*.deb"))
             assert len(built) == 1, (list(out.iterdir()), result.stdout)

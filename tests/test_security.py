@@ -426,15 +426,21 @@ async def test_wrong_missing_or_replayed_secret_changes_nothing(tmp_path, procs)
         assert SECRET not in text and WRONG_SECRET not in text
 
 
-def kvctl_as(node: KvdProcess, token_file: Path | None, *args: str):
-    options = ["--token-file", str(token_file)] if token_file else []
-    return kvctl(*options, *args, host=node.address)
+def kvctl_as(run, node: KvdProcess):
+    """kvctl against ``node`` through ``run`` (the in-process ``kvctl_cli``: the same app
+    without an interpreter start per call), with a token file or none."""
+    def call(token_file: Path | None, *args: str):
+        options = ["--token-file", str(token_file)] if token_file else []
+        return run(*options, *args, host=node.address)
+
+    return call
 
 
 @pytest.mark.slow
-def test_client_tokens_and_roles_with_kvctl(tmp_path, procs):
+def test_client_tokens_and_roles_with_kvctl(tmp_path, procs, kvctl_cli):
     tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS))
     node = start(tmp_path, procs, "n1", {"client_tokens_file": str(tokens)})
+    as_token = kvctl_as(kvctl_cli, node)
     files = {}
     for name, (token, _role) in TOKENS.items():
         files[name] = private_file(tmp_path / f"{name}.token", token + "\n")
@@ -446,26 +452,26 @@ def test_client_tokens_and_roles_with_kvctl(tmp_path, procs):
         assert len(lines) == 1 and reason in lines[0], lines
         assert "Traceback" not in out.stderr.decode()
 
-    refused(kvctl_as(node, None, "put", "k", "v"), "requires a client token")
-    refused(kvctl_as(node, None, "get", "k"), "requires a client token")
-    refused(kvctl_as(node, files["forged"], "put", "k", "v"), "the client token is not valid")
-    refused(kvctl_as(node, files["viewer"], "put", "k", "v"),
+    refused(as_token(None, "put", "k", "v"), "requires a client token")
+    refused(as_token(None, "get", "k"), "requires a client token")
+    refused(as_token(files["forged"], "put", "k", "v"), "the client token is not valid")
+    refused(as_token(files["viewer"], "put", "k", "v"),
             "viewer has role read; PUT needs write")
-    refused(kvctl_as(node, files["viewer"], "delete", "k"), "DELETE needs write")
-    assert kvctl_as(node, files["app"], "put", "k", "v").returncode == 0
-    got = kvctl_as(node, files["viewer"], "get", "k")
+    refused(as_token(files["viewer"], "delete", "k"), "DELETE needs write")
+    assert as_token(files["app"], "put", "k", "v").returncode == 0
+    got = as_token(files["viewer"], "get", "k")
     assert got.returncode == 0 and got.stdout.strip() == b"v"
-    assert kvctl_as(node, files["viewer"], "--json", "status").returncode == 0
-    assert kvctl_as(node, files["viewer"], "ring").returncode == 0
+    assert as_token(files["viewer"], "--json", "status").returncode == 0
+    assert as_token(files["viewer"], "ring").returncode == 0
     for command in (["cluster", "commit"], ["cluster", "clear"], ["cluster", "leave"],
                     ["cluster", "join", "127.0.0.1:1"]):
-        refused(kvctl_as(node, files["app"], *command), "app has role write")
-    assert kvctl_as(node, files["ops"], "cluster", "clear").returncode == 0
+        refused(as_token(files["app"], *command), "app has role write")
+    assert as_token(files["ops"], "cluster", "clear").returncode == 0
     # A large (streamed) PUT with a read token: refused, the connection still serves reads.
     big = tmp_path / "big"
     big.write_bytes(os.urandom(3 * 1024 * 1024))
-    refused(kvctl_as(node, files["viewer"], "put", "big", "--file", str(big)), "PUT needs write")
-    assert kvctl_as(node, files["app"], "put", "big", "--file", str(big)).returncode == 0
+    refused(as_token(files["viewer"], "put", "big", "--file", str(big)), "PUT needs write")
+    assert as_token(files["app"], "put", "big", "--file", str(big)).returncode == 0
     log = node.log_text()
     for token, _role in TOKENS.values():
         assert token not in log
@@ -549,17 +555,18 @@ def test_secret_files_open_to_others_stop_the_start_and_never_show(tmp_path):
 
 
 @pytest.mark.slow
-def test_secrets_and_tokens_never_appear_in_logs(tmp_path, procs):
+def test_secrets_and_tokens_never_appear_in_logs(tmp_path, procs, kvctl_cli):
     secret = private_file(tmp_path / "secret", SECRET)
     tokens = private_file(tmp_path / "tokens", tokens_toml(TOKENS))
     node = start(tmp_path, procs, "n1", {"cluster_secret_file": str(secret),
                                          "client_tokens_file": str(tokens),
                                          "log_level": "debug"})
+    as_token = kvctl_as(kvctl_cli, node)
     for token, _ in TOKENS.values():
         kvctl_file = private_file(tmp_path / "t", token)
-        kvctl_as(node, kvctl_file, "put", "k", "v")
-        kvctl_as(node, kvctl_file, "cluster", "commit")
-    kvctl_as(node, private_file(tmp_path / "t", "not-a-token-" + SECRET), "get", "k")
+        as_token(kvctl_file, "put", "k", "v")
+        as_token(kvctl_file, "cluster", "commit")
+    as_token(private_file(tmp_path / "t", "not-a-token-" + SECRET), "get", "k")
     sock, decoder, _, _ = authenticate_by_hand(node.peer_port, WRONG_SECRET, verify=False)
     assert sock.recv(1) in (b"", b"K")  # refused either way
     sock.close()

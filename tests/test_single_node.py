@@ -22,8 +22,17 @@ from tests.procs import KvdProcess, free_port, kvctl, rss_kib
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    """One daemon for the tests that each use keys of their own and measure no memory."""
+    proc = KvdProcess(tmp_path_factory.mktemp("single") / "n1" / "data").start()
+    yield proc
+    proc.kill()
+
+
 @pytest.fixture
-def node(tmp_path):
+def own_node(tmp_path):
+    """A daemon of the test's own: its memory is measured."""
     proc = KvdProcess(tmp_path / "n1" / "data").start()
     yield proc
     proc.kill()
@@ -219,7 +228,8 @@ def test_status_and_inspect_json(node, kvctl_cli):
     assert replica["digest"]
 
 
-def test_large_value_round_trip_with_bounded_memory(node, tmp_path):
+def test_large_value_round_trip_with_bounded_memory(own_node, tmp_path):
+    node = own_node
     size = 100 * 1024 * 1024
     source = tmp_path / "big.bin"
     with open(source, "wb") as out:
@@ -295,9 +305,10 @@ async def test_connect_refused_raises_connect_failed():
             pass
 
 
-async def test_a_client_that_never_reads_its_replies_is_bounded(node):
+async def test_a_client_that_never_reads_its_replies_is_bounded(own_node):
     """The connection's reader answers GETs itself (no task each); it stops reading when
     the client does not read what it answered, so memory stays bounded."""
+    node = own_node
     value = os.urandom(64 * 1024)
     async with open_client(node.address) as client:
         await client.put(b"big", value)

@@ -170,13 +170,14 @@ class MemberTable:
             if isinstance(item, MemberInfo):
                 parsed.append((item, None))
                 continue
-            if not isinstance(item, Mapping):
+            if type(item) is not dict and not isinstance(item, Mapping):  # the ABC check is slow
                 raise ValueError(f"malformed member record: {type(item).__name__}")
             node = item.get("node")
             old = self._records.get(node) if isinstance(node, str) else None
             if old is not None and node != self.me:  # cheap skip of what I already have
                 try:
-                    if (int(item["generation"]), int(item["heartbeat"])) <= old.key:
+                    theirs = (int(item["generation"]), int(item["heartbeat"]))
+                    if theirs <= (old.generation, old.heartbeat):
                         continue
                 except (KeyError, TypeError, ValueError):
                     pass  # from_dict below reports it
@@ -218,12 +219,15 @@ class MemberTable:
         A node first seen down is not a change; it is reported when it comes up.
         """
         changed = []
+        was_up, detectors, me = self._was_up, self._detectors, self.me
         for node in self._records:
-            up = self.is_up(node, now)
-            if self._was_up.get(node) != up:
-                if node in self._was_up or up:
+            det = detectors.get(node)  # is_up(), inline: this loop is gossip's hot spot
+            up = node == me if det is None else det.heard_and_available(now)
+            before = was_up.get(node)  # None: never judged
+            if before != up:
+                if before is not None or up:
                     changed.append(node)
-                self._was_up[node] = up
+                was_up[node] = up
         return sorted(changed)
 
     def digest(self, now: float | None = None) -> list[dict[str, Any]]:
@@ -233,10 +237,11 @@ class MemberTable:
         it, or every observer falls back to arrival times and detects failures later.
         """
         out = []
-        for n in sorted(self._records):
-            d = self._records[n].to_dict()
+        records, emitted_at = self._records, self._emitted
+        for n in sorted(records):
+            d = records[n].to_dict()
             if now is not None:
-                emitted = self._emitted.get(n)
+                emitted = emitted_at.get(n)
                 d["age"] = 0.0 if emitted is None else round(max(now - emitted, 0.0), 3)
             out.append(d)
         return out
@@ -246,7 +251,7 @@ class MemberTable:
         det = self._detectors.get(node)
         if det is None:
             return node == self.me
-        return det.last_heartbeat is not None and det.is_available(now)
+        return det.heard_and_available(now)
 
     def phi(self, node: str, now: float) -> float | None:
         """The detector's phi for ``node`` (None for me and for unknown nodes)."""

@@ -115,6 +115,9 @@ class HeartbeatHistory:
         self._sum_sq = 0.0
         self._stats: tuple[float, float] | None = None
         self.version = 0  # bumped by every change, so detectors can cache what they derive
+        # Conviction intervals of this version, by detector parameters: the detectors that
+        # share a history (a member table's) compute each once, not once per member.
+        self.intervals: dict[tuple[float, ...], float] = {}
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -130,6 +133,8 @@ class HeartbeatHistory:
         self._sum_sq += sample * sample
         self._stats = None
         self.version += 1
+        if self.intervals:
+            self.intervals.clear()
 
     def clear(self) -> None:
         """Forget every sample."""
@@ -138,6 +143,7 @@ class HeartbeatHistory:
         self._sum_sq = 0.0
         self._stats = None
         self.version += 1
+        self.intervals.clear()
 
     def mean_std(self) -> tuple[float, float]:
         """Mean and (population) standard deviation; the window must not be empty."""
@@ -174,6 +180,8 @@ class PhiAccrualDetector:
         self.acceptable_pause = acceptable_pause
         self.first_interval = first_interval
         self._y_threshold = _y_at(threshold)
+        # What the conviction interval depends on, besides the history.
+        self._params = (threshold, min_std, acceptable_pause, first_interval)
         self._shared = history is not None
         self._history = history if history is not None else HeartbeatHistory(window)
         self._last: float | None = None
@@ -231,12 +239,27 @@ class PhiAccrualDetector:
             return True
         return now - last < self.conviction_interval()
 
+    def heard_and_available(self, now: float) -> bool:
+        """Heard from at least once and phi below the threshold: a member table's "up".
+        One call with the cached interval inline: a 64-node table asks it of every member
+        twice per gossip exchange."""
+        last = self._last
+        if last is None:
+            return False
+        if self._interval_at == self._history.version:
+            return now - last < self._interval
+        return now - last < self.conviction_interval()
+
     def conviction_interval(self) -> float:
         """Seconds of silence after the last heartbeat at which phi reaches the threshold."""
-        if self._interval_at != self._history.version:
-            mean, std = self._stats()
-            self._interval = mean + self.acceptable_pause + self._y_threshold * std
-            self._interval_at = self._history.version
+        history = self._history
+        if self._interval_at != history.version:
+            interval = history.intervals.get(self._params)
+            if interval is None:
+                mean, std = self._stats()
+                interval = mean + self.acceptable_pause + self._y_threshold * std
+                history.intervals[self._params] = interval
+            self._interval, self._interval_at = interval, history.version
         return self._interval
 
     def statistics(self) -> dict[str, float]:
