@@ -31,10 +31,11 @@ from kvd.address import parse_address
 from kvd.config import Config
 from kvd.errors import KvdError, Unavailable
 from kvd.metrics import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
-from kvd.metrics import NodeMetrics
+from kvd.metrics import READ_TIMEOUT, NodeMetrics
 from kvd.net.admission import (
     Admission,
     current_nofile,
+    defer_accept,
     descriptor_budget,
     serve_admitted,
 )
@@ -111,18 +112,23 @@ class Node:
             await self.idle.wait()
 
 
-Listen = Callable[[str, str], Awaitable[list]]
+Listen = Callable[[str, str, float], Awaitable[list]]
 
 
-async def tcp_listen(key: str, address: str) -> list:
+async def tcp_listen(key: str, address: str, silence: float) -> list:
     """The daemon's listeners: TCP on ``address`` (config key ``key`` names it in errors).
     A port that cannot be bound is a startup failure (exit 1, kvd(8)), not a config error:
-    the same file works once the port is free."""
+    the same file works once the port is free. From the moment the port opens, the kernel
+    holds connections that have sent nothing for up to ``silence`` seconds (admission rule 6):
+    clients that connect before the node serves the port are not handed over silent."""
     host, port = parse_address(address)
     try:
-        return await trio.open_tcp_listeners(port, host=host)
+        listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise KvdError(f"{key} {address}: {exc.strerror}") from None
+    for listener in listeners:
+        defer_accept(listener.socket, silence)
+    return listeners
 
 
 @asynccontextmanager
@@ -148,8 +154,8 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run a node until cancelled. Reports (client_port, node) when the port accepts.
 
-    The world is injected (DESIGN section 1, STYLE 15): ``listen(config_key, address)``
-    opens listeners, ``dial(address)`` opens peer streams, ``clocks`` tells time, ``disk``
+    The world is injected (DESIGN section 1, STYLE 15): ``listen(config_key, address,
+    silence)`` opens listeners, ``dial(address)`` opens peer streams, ``clocks`` tells time, ``disk``
     holds the data, ``offload`` runs CPU-heavy pure work (claim) off the event loop. The
     daemon passes TCP, the real clocks, LevelDB and a worker thread; the simulator
     (tests/sim) passes kvd.net.memory, trio's MockClock, a MemoryDisk and inline offload
@@ -162,7 +168,8 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             metrics = NodeMetrics(config)  # /health and /ready answer while the ring loads
             if config.metrics_listen:
                 await nursery.start(metrics.serve,
-                                    await listen("metrics_listen", config.metrics_listen))
+                                    await listen("metrics_listen", config.metrics_listen,
+                                                 READ_TIMEOUT))
             local = LocalReplica(identity.node, identity.actor, store)
             cluster = Cluster(config, identity, storage, store, local, nursery,
                               clocks=clocks, dial=dial, rng=rng, offload=offload)
@@ -189,7 +196,7 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             node.admissions.update(_admissions(config, cluster))
             listeners = []
             for key, role in (("peer_listen", "peer"), ("listen", "client")):
-                bound = await listen(key, getattr(config, key))
+                bound = await listen(key, getattr(config, key), config.handshake_timeout)
                 listeners += bound
                 tls = security.peer_tls if role == "peer" else security.client_tls
                 # With TLS, the TLS handshake runs inside the HELLO's handshake timeout.
@@ -205,7 +212,7 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             socket = getattr(listeners[-1], "socket", None)
             port = socket.getsockname()[1] if socket is not None else 0
             if config.resp_listen:  # the Redis-protocol front door
-                resp = await listen("resp_listen", config.resp_listen)
+                resp = await listen("resp_listen", config.resp_listen, config.handshake_timeout)
                 listeners += resp
                 nursery.start_soon(resp_service.serve, node, resp, security.client_tls)
             nursery.start_soon(cluster.run)

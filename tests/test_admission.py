@@ -23,6 +23,7 @@ from kvd.net.admission import Admission, descriptor_budget, serve_admitted
 from kvd.proto import codec
 from kvd.proto.codec import FrameDecoder
 from kvd.proto.messages import MsgType
+from kvd.server import tcp_listen
 from tests.flood import Flood, flood_process, probe_client, probe_peer, probe_resp
 from tests.procs import KvdProcess, free_port, rss_kib
 from tests.test_security import SECRET, TOKENS, private_file, read_message, start, tokens_toml
@@ -224,7 +225,7 @@ def hold_connections(port: int, count: int, first: bytes = b"") -> list[socket.s
 
 
 async def serve_in_process(nursery, port: Admission, handler):
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listeners = await tcp_listen("listen", "127.0.0.1:0", port.silence)
     await nursery.start(serve_admitted, handler, listeners, port)
     return listeners[0].socket
 
@@ -250,6 +251,35 @@ async def test_idle_sockets_within_the_backlog_never_reach_the_node():
         assert port.statistics()["evicted"] == 0 and port.peak == 3, port
         nursery.cancel_scope.cancel()
     for sock in idle + speaking:
+        sock.close()
+
+
+async def test_connections_made_before_the_port_is_served_also_wait_for_their_bytes():
+    """A daemon opens its ports a moment before it serves them, and clients that see the port
+    open connect at once. The kernel must hold their connections from the port's opening,
+    or they reach the node silent and a burst evicts its own first members (200 clients
+    lost their first ones so, against a node under load that had just started)."""
+    port = Admission("client", limit=64, pending=16, pending_per_host=8, silence=30)
+    served = []
+
+    async def handler(stream, ticket):
+        served.append(await stream.receive_some(100))
+        ticket.established()
+        await trio.sleep_forever()
+
+    listeners = await tcp_listen("listen", "127.0.0.1:0", silence=30)
+    socks = hold_connections(listeners[0].socket.getsockname()[1], 40)  # before serving
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_admitted, handler, listeners, port)
+        await trio.sleep(0.2)  # the node accepts whatever the kernel hands over
+        for sock in socks:
+            sock.sendall(b"HELLO")
+        with trio.move_on_after(5):
+            while len(served) < len(socks):
+                await trio.sleep(0.01)
+        assert len(served) == len(socks) and port.evicted == 0, port
+        nursery.cancel_scope.cancel()
+    for sock in socks:
         sock.close()
 
 

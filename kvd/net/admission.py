@@ -35,7 +35,8 @@ Invariants:
 - Rule 6: most idle sockets never reach the node: TCP_DEFER_ACCEPT (Linux) keeps a
   connection in the kernel until it sends bytes, or for ``silence`` seconds. They wait in
   the SYN queue, which holds the listen backlog (``net.core.somaxconn``); past it, SYN
-  cookies let connections through at once, and rule 5 deals with them.
+  cookies let connections through at once, and rule 5 deals with them. The option is set as
+  the port opens (``defer_accept``), not when it is first served.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ from functools import partial
 
 import trio
 
-__all__ = ["Admission", "Ticket", "current_nofile", "descriptor_budget", "raise_nofile_limit",
-           "remote_host", "serve_admitted"]
+__all__ = ["Admission", "Ticket", "current_nofile", "defer_accept", "descriptor_budget",
+           "raise_nofile_limit", "remote_host", "serve_admitted"]
 
 log = logging.getLogger("kvd.net.admission")
 
@@ -277,7 +278,6 @@ async def serve_admitted(handler: Handler, listeners: list, admission: Admission
         for listener in listeners:
             sock = getattr(listener, "socket", None)
             if parking is not None and isinstance(sock, trio.socket.SocketType):
-                _defer_accept(sock, admission.silence)
                 nursery.start_soon(_accept_batches, listener, parking)
             else:  # the simulator's in-memory listeners (or a test's)
                 served = trio.SSLListener(listener, tls) if tls is not None else listener
@@ -285,9 +285,10 @@ async def serve_admitted(handler: Handler, listeners: list, admission: Admission
         task_status.started()
 
 
-def _defer_accept(sock, seconds: float) -> None:
+def defer_accept(sock, seconds: float) -> None:
     """Rule 6: the kernel hands over a connection only once it has sent bytes (TCP_DEFER_ACCEPT,
-    as nginx's `deferred`); idle ones wait in its SYN queue, up to the listen backlog."""
+    as nginx's `deferred`); idle ones wait in its SYN queue, up to the listen backlog. Set by
+    whoever opens the listening socket, at once: before it, the kernel queues every connection."""
     if hasattr(socket, "TCP_DEFER_ACCEPT"):  # Linux
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, math.ceil(seconds)))
 

@@ -146,7 +146,7 @@ class SimCluster:
     async def _run(self, sn: SimNode, config: Config, task_status=trio.TASK_STATUS_IGNORED):
         scope = sn.scope = trio.CancelScope()
 
-        async def listen(_key: str, address: str) -> list:
+        async def listen(_key: str, address: str, _silence: float) -> list:
             return [self.net.listen(address)]
 
         started = False
