@@ -10,7 +10,7 @@ Starts a local 3-node cluster (each node with a RESP port), then, back to back:
 
 For each: requests/s, p50, p99, and the nodes' CPU per request summed over the three
 (utime + stime from /proc/PID/stat over the run). ``--profile DIR`` records each node with
-py-spy during the kvctl run. Prints figures and the machine's cores; never fails on speed.
+py-spy during each run. Prints figures and the machine's cores; never fails on speed.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def main() -> None:
         if not args.no_redis_benchmark and shutil.which("redis-benchmark"):
             for test in ("set", "get"):
                 rows.append((f"redis-benchmark {test.upper()} -r 100000", measured(
-                    nodes, lambda: redis_benchmark(port, test, args.ops, True))))
+                    nodes, lambda: redis_benchmark(port, test, args.ops, True),
+                    args.profile, test)))
         elif not args.no_redis_benchmark:
             print("redis-benchmark is not installed (make ops-tools installs redis-tools)")
     finally:

@@ -6,7 +6,8 @@ checked against kvd.security's role rules before any handler sees it.
 
 Rules:
 
-- Rule 1: until ``grant`` is set (the handshake sets it), frames pass unchecked.
+- Rule 1: until ``grant`` is set (the handshake sets it), frames pass unchecked. A grant
+  that allows every request (admin, peer) is known as such once, when it is set.
 - Rule 2: a request the grant does not allow is answered with ERROR ``unauthorized`` on its
   request id, naming the grant and the role needed, and never reaches a handler; the
   connection stays open. The CHUNK frames of a refused streamed PUT are dropped (at most
@@ -41,13 +42,24 @@ class GuardedConnection(FrameConnection):
     def __init__(self, stream, security: Security | None = None):
         super().__init__(stream)
         self.security = security or Security()
-        self.grant: Grant | None = None
+        self._grant: Grant | None = None
+        self._allows_all = False
         self.host = remote_host(stream)
         self._refused_streams: set[int] = set()
         self._held: dict[int, int] = {}
         self._held_bytes = 0
         self._released = trio.Event()
         self._waiting: codec.Message | None = None
+
+    @property
+    def grant(self) -> Grant | None:
+        return self._grant
+
+    @grant.setter
+    def grant(self, grant: Grant | None) -> None:
+        # Checked once per connection: an admin's or a peer's grant allows every request.
+        self._grant = grant
+        self._allows_all = grant is not None and grant.allows("admin")
 
     async def receive(self):
         if self._waiting is not None:  # a receive cancelled while it waited for room
@@ -65,8 +77,8 @@ class GuardedConnection(FrameConnection):
                         self._refused_streams.discard(rid)
                     continue
                 return message
-            needed = required_role(message.type, message.fields)
-            if self.grant.allows(needed):
+            needed = None if self._allows_all else required_role(message.type, message.fields)
+            if needed is None or self.grant.allows(needed):
                 self._waiting = message
                 await self._hold(message)
                 self._waiting = None

@@ -274,9 +274,9 @@ class LocalStore:
             for sibling in incoming.siblings:
                 if sibling.chunks is not None:
                     await self._seal(sibling.chunks)
-            self._check_dots(key, incoming)
+            current, old_digest = self._latest_read(key)
+            self._check_dots(key, current, incoming)
             while True:
-                current, old_digest = self._latest_read(key)
                 if current is None:
                     merged, discarded = incoming, list[versions.Sibling]()
                 else:
@@ -286,14 +286,16 @@ class LocalStore:
                         if committing is None:
                             return current  # already durable
                         await committing.durable.wait()
-                        continue  # durable now, unless that commit failed: look again
+                        # Durable now, unless that commit failed: look again.
+                        current, old_digest = self._latest_read(key)
+                        continue
                 await self._store(key, merged, discarded, old_digest)
                 return merged
         finally:
             self._unhold(vids)
 
-    def _check_dots(self, key: bytes, incoming: versions.VersionedObject) -> None:
-        current = self._latest(key)
+    def _check_dots(self, key: bytes, current: versions.VersionedObject | None,
+                    incoming: versions.VersionedObject) -> None:
         if current is None:
             return
         collisions = versions.conflicting_dots(current, incoming)
