@@ -52,13 +52,34 @@ _FRAME_SLACK = 4096
 
 
 class _Slot:
-    """Where the reader leaves the one reply of a ``Client.call``."""
+    """Where the reader leaves the one reply of a ``Client.call``, waking its caller."""
 
-    __slots__ = ("done", "reply")
+    __slots__ = ("done", "reply", "task")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.done = False
         self.reply: codec.Message | None = None
+        self.task: trio.lowlevel.Task | None = None  # the caller, while it waits
+
+    def fill(self, reply: codec.Message | None) -> None:
+        """The reply arrived (None: the connection failed first)."""
+        self.reply, self.done = reply, True
+        if self.task is not None:
+            trio.lowlevel.reschedule(self.task)
+            self.task = None
+
+    async def wait(self) -> None:
+        # The caller parks itself, woken by ``fill``: no Event and parking lot per call.
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class Client:
@@ -87,8 +108,7 @@ class Client:
                     raise error_from_code(message.fields["code"], message.fields["message"])
                 slot = self._waiting.pop(message.request_id, None)
                 if slot is not None:
-                    slot.reply = message
-                    slot.done.set()
+                    slot.fill(message)
                     continue
                 channel = self._pending.get(message.request_id)
                 if channel is not None:
@@ -106,7 +126,7 @@ class Client:
             channel.close()
         self._pending.clear()
         for slot in self._waiting.values():
-            slot.done.set()  # no reply: the call raises this failure
+            slot.fill(None)  # no reply: the call raises this failure
         self._waiting.clear()
 
     @asynccontextmanager
@@ -144,7 +164,7 @@ class Client:
         slot = self._waiting[rid] = _Slot()
         try:
             await self._conn.send(codec.encode(kind, rid, fields))
-            await slot.done.wait()
+            await slot.wait()
         finally:
             self._waiting.pop(rid, None)
         reply = slot.reply

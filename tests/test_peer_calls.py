@@ -114,3 +114,31 @@ async def test_a_dead_connection_fails_every_waiting_call_at_once():
     assert client.closed.is_set() and not client._waiting
     with pytest.raises(ConnectFailed):  # and the next call fails at once too
         await client.call(MsgType.PING, {}, MsgType.PONG)
+
+
+async def test_a_cancelled_call_leaves_its_late_reply_to_nobody(autojump_clock):
+    """A caller whose deadline passed is gone: the reply that arrives afterwards is dropped,
+    and the connection carries the next call as before."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    client = Client(FrameConnection(ours, 1 << 20), {"node": "peer", "max_frame": 1 << 20})
+    server = FrameConnection(theirs, 1 << 20)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client._reader)
+        with trio.move_on_after(1) as waited:
+            await client.call(MsgType.REPLICA_GET, {"op": "get", "key": b"late"},
+                              MsgType.REPLICA_GET_REPLY)
+        assert waited.cancelled_caught and not client._waiting
+        [late] = await _requests(server, 1)
+        await server.send(codec.encode(MsgType.REPLICA_GET_REPLY, late.request_id,
+                                       {"data": b"late"}))
+
+        async def answer_next() -> None:
+            [request] = await _requests(server, 1)
+            await server.send(codec.encode(MsgType.REPLICA_GET_REPLY, request.request_id,
+                                           {"data": b"next"}))
+
+        nursery.start_soon(answer_next)
+        reply = await client.call(MsgType.REPLICA_GET, {"op": "get", "key": b"next"},
+                                  MsgType.REPLICA_GET_REPLY)
+        assert reply == {"data": b"next"} and not client._waiting
+        nursery.cancel_scope.cancel()
