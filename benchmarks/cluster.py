@@ -9,8 +9,9 @@ Starts a local 3-node cluster (each node with a RESP port), then, back to back:
   32 clients, ``-r 100000`` (random keys).
 
 For each: requests/s, p50, p99, and the nodes' CPU per request summed over the three
-(utime + stime from /proc/PID/stat over the run). ``--profile DIR`` records each node with
-py-spy during each run. Prints figures and the machine's cores; never fails on speed.
+(utime + stime from /proc/PID/stat over the run), then each node's user and system time
+per request. ``--profile DIR`` records each node with py-spy during each run. Prints
+figures and the machine's cores; never fails on speed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.one_node import Profiler, cpu_seconds, redis_benchmark  # noqa: E402
+from benchmarks.one_node import Profiler, cpu_split, redis_benchmark  # noqa: E402
 from tests.procs import KvdProcess, free_port, kvctl  # noqa: E402
 
 
@@ -77,14 +78,20 @@ def measured(nodes: list[KvdProcess], run, profile: Path | None = None,
              name: str = "") -> dict:
     """``run()`` (returning {"ops", "rps", "p50", "p99"}) with the nodes' summed CPU noted."""
     spies = [Profiler(profile, n.proc.pid, f"{name}-{n.node_id}") for n in nodes]
-    before = sum(cpu_seconds(n.proc.pid) for n in nodes)
+    before = [cpu_split(n.proc.pid) for n in nodes]
     try:
         row = run()
     finally:
-        spent = sum(cpu_seconds(n.proc.pid) for n in nodes) - before
+        after = [cpu_split(n.proc.pid) for n in nodes]
         for spy in spies:
             spy.stop()
-    row["cpu_us"] = spent / row["ops"] * 1e6
+    per_op = 1e6 / row["ops"]
+    row["cpu_us"] = sum(sum(a) - sum(b) for a, b in zip(after, before)) * per_op
+    # Where it went: the coordinator (the first node, unless --spread) and each replica,
+    # user and system time apart (the system share is fsync and the sockets).
+    row["per_node"] = "  ".join(
+        f"{n.node_id} user {(a[0] - b[0]) * per_op:.0f} system {(a[1] - b[1]) * per_op:.0f}"
+        for n, a, b in zip(nodes, after, before))
     return row
 
 
@@ -140,6 +147,7 @@ def main() -> None:
     for name, row in rows:
         print(f"{name:32} {row['rps']:9.0f} {row['p50']:8.3f} {row['p99']:8.3f} "
               f"{row['cpu_us']:21.1f}")
+        print(f"    us/req per node: {row['per_node']}")
     shutil.rmtree(root, ignore_errors=True)
 
 

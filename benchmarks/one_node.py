@@ -35,10 +35,15 @@ from tests.procs import KvdProcess, free_port, kvctl, wait_port  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` so far (fields 14 and 15 of /proc/PID/stat)."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid`` so far, seconds (fields 14 and 15 of /proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` so far."""
+    return sum(cpu_split(pid))
 
 
 class Profiler:
