@@ -72,6 +72,7 @@ from kvd import versions
 from kvd.clocks import REAL
 from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
 from kvd.node.large_values import chunk_source, discard_upload, minted_inline, stream_chunks
+from kvd.node.outcomes import Outcomes
 from kvd.node.quorum_message import quorum_message
 from kvd.node.reads import ReadResult, ReplicaTimedOut, current_context, quorum_read
 from kvd.node.replica import LocalReplica, Replica, Role
@@ -182,7 +183,7 @@ class Coordinator:
         patience: float | None = None,
         hedge: float | None = None,
     ) -> tuple[list[tuple[Replica, T]], list[tuple[Replica, BaseException]],
-               trio.MemoryReceiveChannel[Outcome]]:
+               Outcomes[Outcome]]:
         """Run ``call`` on every replica; return once ``needed`` succeeded or all finished.
 
         Each call has ``replica_timeout`` (rule 1). Calls still running when we return go on
@@ -195,9 +196,9 @@ class Coordinator:
         """
         if deadline is None:
             deadline = self.clock() + self.request_timeout
-        send, receive = trio.open_memory_channel[Outcome](len(replicas))
+        outcomes = Outcomes[Outcome]()
         for replica in replicas:
-            self.background.start_soon(self._reported, replica, call, deadline, send,
+            self.background.start_soon(self._reported, replica, call, deadline, outcomes,
                                        patience, on_failure)
         ok: list[tuple[Replica, T]] = []
         failed: list[tuple[Replica, BaseException]] = []
@@ -207,17 +208,17 @@ class Coordinator:
             until = min(until, self.clock() + hedge)
         with trio.move_on_at(until):
             while len(ok) < needed and len(ok) + len(failed) < len(replicas):
-                replica, success, value = await receive.receive()
+                replica, success, value = await outcomes.receive()
                 (ok if success else failed).append((replica, value))
         if hedge is not None:
-            return ok, failed, receive
+            return ok, failed, outcomes
         answered = {id(rep) for rep, _ in ok + failed}
         failed += [(rep, ReplicaTimedOut("no answer")) for rep in replicas
                    if id(rep) not in answered and len(ok) < needed]
-        return ok, failed, receive
+        return ok, failed, outcomes
 
     async def _reported(self, replica: Replica, call: Callable[[Replica], Awaitable[T]],
-                        deadline: float, send: trio.MemorySendChannel[Outcome],
+                        deadline: float, outcomes: Outcomes[Outcome],
                         patience: float | None = None,
                         on_failure: Callable[[Replica, BaseException], Awaitable] | None = None
                         ) -> None:
@@ -228,9 +229,9 @@ class Coordinator:
         except (KvdError, OSError) as exc:
             if on_failure is not None:
                 await on_failure(replica, exc)
-            send.send_nowait((replica, False, exc))
+            outcomes.send_nowait((replica, False, exc))
         else:
-            send.send_nowait((replica, True, result))
+            outcomes.send_nowait((replica, True, result))
 
     async def _observed(self, op: str, request: Awaitable):
         """Await ``request`` (a read or a write), then tell the observer how it went."""
@@ -406,7 +407,7 @@ class Coordinator:
             return minted, [rep for rep in replicas if rep is not only], errors
         # A large value's mint seals bytes proportional to its size: one at a time.
         hedge = None if patience else self._hedge_delay()
-        send, receive = trio.open_memory_channel(len(waiting))
+        outcomes = Outcomes[tuple[Replica, Any, Any]]()
 
         async def attempt(replica: Replica) -> None:
             began = self.clock()
@@ -414,11 +415,11 @@ class Coordinator:
                 minted = await self._call(
                     replica, lambda rep: rep.coordinate(key, context, payload), deadline, patience)
             except (KvdError, OSError) as exc:  # anything else is a bug (docs/DECISIONS.md)
-                send.send_nowait((replica, None, exc))
+                outcomes.send_nowait((replica, None, exc))
                 return
             if not self._slow(replica.node):  # a slow link must not lengthen every hedge
                 self._typical_mint += (self.clock() - began - self._typical_mint) / 8
-            send.send_nowait((replica, minted, None))
+            outcomes.send_nowait((replica, minted, None))
 
         running = 0
         while waiting or running:
@@ -431,12 +432,12 @@ class Coordinator:
                 self.background.start_soon(attempt, replica)
                 running += 1
             with trio.move_on_after(hedge if waiting and hedge is not None else math.inf):
-                replica, minted, exc = await receive.receive()
+                replica, minted, exc = await outcomes.receive()
                 running -= 1
                 if exc is None:
                     if running:
                         self.background.start_soon(
-                            spread_late_twins, key, receive, running, replicas,
+                            spread_late_twins, key, outcomes, running, replicas,
                             self.request_timeout, self.replica_timeout)
                     return minted, [rep for rep in replicas if rep is not replica], errors
                 if isinstance(exc, (TooManySiblings, BadRequest)):

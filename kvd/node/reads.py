@@ -30,6 +30,7 @@ import trio
 from kvd import versions
 from kvd.errors import KvdError, QuorumFailed
 from kvd.node.large_values import chunk_source
+from kvd.node.outcomes import Outcomes
 from kvd.node.quorum_message import quorum_message
 from kvd.node.replica import LocalReplica, Replica, Role
 
@@ -67,7 +68,7 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
                       r: int) -> ReadResult:
     deadline = co.clock() + co.request_timeout
     data, spare = split_reads(replicas, r, co._suspected)
-    send, receive = trio.open_memory_channel[Answer](2 * len(replicas))
+    answers = Outcomes[Answer]()
 
     async def ask(replica: Replica, full: bool) -> None:
         result: Any
@@ -77,18 +78,18 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
             else:
                 result = await co._call(replica, lambda rep: rep.digest(key), deadline)
         except (KvdError, OSError) as exc:  # anything else is a bug (docs/DECISIONS.md)
-            send.send_nowait((replica, full, False, exc))
+            answers.send_nowait((replica, full, False, exc))
         else:
-            send.send_nowait((replica, full, True, result))
+            answers.send_nowait((replica, full, True, result))
 
     for replica in replicas:
         if replica in data and isinstance(replica, LocalReplica) and replica.role is Role.PRIMARY:
             # A local read never blocks: read now, with no task and no deadline (a task and
             # its cancel scope cost about 15 µs of CPU a call on this machine).
             try:
-                send.send_nowait((replica, True, True, replica.read_now(key)))
+                answers.send_nowait((replica, True, True, replica.read_now(key)))
             except (KvdError, OSError) as exc:
-                send.send_nowait((replica, True, False, exc))
+                answers.send_nowait((replica, True, False, exc))
         else:
             co.background.start_soon(ask, replica, replica in data)
     running, reading = len(replicas), len(data)
@@ -103,7 +104,7 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
         until = min(until, co.clock() + co._hedge_delay())
     with trio.move_on_at(until):
         while len(ok) < r and reading:
-            replica, full, success, value = await receive.receive()
+            replica, full, success, value = await answers.receive()
             running -= 1
             if not full:
                 if success:
@@ -129,12 +130,12 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
             merged = obj if merged is None else versions.sync(merged, obj)
     source = chunk_source(merged, ok)
     if co.read_repair and merged is not None:
-        co.background.start_soon(repair, co, key, merged, dict(ok), digests, receive, running)
+        co.background.start_soon(repair, co, key, merged, dict(ok), digests, answers, running)
     return ReadResult(merged, len(ok), source)
 
 
 async def repair(co: Coordinator, key: bytes, merged: versions.VersionedObject,
-                 answered: dict, digests: dict, late: trio.MemoryReceiveChannel[Answer],
+                 answered: dict, digests: dict, late: Outcomes[Answer],
                  outstanding: int) -> None:
     """Rule 3: after answering, wait for the calls still running, merge their objects in,
     and write the result back to every replica that was stale."""
@@ -190,7 +191,7 @@ async def current_context(co: Coordinator, key: bytes, n: int, w: int) -> versio
     spares = sorted(others, key=lambda rep: (co._suspected(rep.node), co._slow(rep.node)))
     deadline = co.clock() + co.replica_timeout
     # (replica, succeeded?, its object or error), as Coordinator._quorum's outcomes
-    send, receive = trio.open_memory_channel[tuple[Replica, bool, Any]](len(spares))
+    outcomes = Outcomes[tuple[Replica, bool, Any]]()
     running = 0
 
     def get(replica: Replica):
@@ -199,7 +200,7 @@ async def current_context(co: Coordinator, key: bytes, n: int, w: int) -> versio
     def ask(count: int) -> None:
         nonlocal running
         for _ in range(min(count, len(spares))):
-            co.background.start_soon(co._reported, spares.pop(0), get, deadline, send)
+            co.background.start_soon(co._reported, spares.pop(0), get, deadline, outcomes)
             running += 1
 
     ask(needed - len(ok))
@@ -209,7 +210,7 @@ async def current_context(co: Coordinator, key: bytes, n: int, w: int) -> versio
     until = co.clock() + co._hedge_delay()
     while len(ok) < needed and (running or (spares and not ok)):
         with trio.move_on_at(until) as waiting:
-            replica, success, value = await receive.receive()
+            replica, success, value = await outcomes.receive()
         if waiting.cancelled_caught:
             if ok or not spares:
                 break
