@@ -478,7 +478,7 @@ async def test_rule_7_reads_n_minus_w_plus_1_replicas_and_a_spare_for_a_failure(
         only_n3, _ = versions.update(versions.empty(), {}, "n3-actor", value=b"only on n3")
         await sim.nodes["n3"].node.store.merge(key, only_n3)
         store = sim.nodes["n2"].node.store
-        monkeypatch.setattr(store, "read", _failing_read)
+        monkeypatch.setattr(store, "read_encoded", _failing_read)  # every read of n2 fails
         async with sim.open_client("n1", sim.client_address()) as c:
             await c.put(key, b"new", w=2)
             monkeypatch.undo()

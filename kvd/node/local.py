@@ -180,13 +180,18 @@ class LocalStore:
 
     def read(self, key: bytes) -> versions.VersionedObject | None:
         """The stored object of ``key``, or None when this node holds nothing for it."""
-        raw = self.storage.get(keys.object_key(self.slot(self.partition(key)), key))
+        raw = self.read_encoded(key)
         return None if raw is None else versions.decode_object(raw)
+
+    def read_encoded(self, key: bytes) -> bytes | None:
+        """The stored encoding of ``key``'s object (``encode_object``'s, which ``read``
+        decodes): a replica read sends it as it is, with no decode and re-encode."""
+        return self.storage.get(keys.object_key(self.slot(self.partition(key)), key))
 
     def read_digest(self, key: bytes) -> bytes | None:
         """The digest of ``key``'s stored object (as anti-entropy's: blake2b of its
         encoding), None when this node holds nothing for it; a digest read (kvd.node.reads)."""
-        raw = self.storage.get(keys.object_key(self.slot(self.partition(key)), key))
+        raw = self.read_encoded(key)
         return None if raw is None else hashlib.blake2b(raw, digest_size=8).digest()
 
     async def coordinate(

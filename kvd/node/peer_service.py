@@ -120,10 +120,9 @@ def _read_now(node, message) -> dict | None:
         raise Unavailable(f"{node.node_id} is restoring its replicas after losing its data")
     if fields["op"] == "digest":
         return {"digest": node.store.read_digest(fields["key"])}
-    obj = node.store.read(fields["key"])
-    if obj is None:
+    raw = node.store.read_encoded(fields["key"])  # sent as stored: no decode, no re-encode
+    if raw is None:
         return {"object": None}
-    raw = versions.encode_object(obj)
     return {"object": raw} if len(raw) <= node.config.max_frame // 2 else None
 
 
