@@ -230,17 +230,24 @@ async def serve_in_process(nursery, port: Admission, handler):
     return listeners[0].socket
 
 
-async def test_idle_sockets_within_the_backlog_never_reach_the_node():
-    """TCP_DEFER_ACCEPT: the kernel hands over a connection only once it has sent bytes, so
-    idle sockets cost the node no descriptor and no work (as nginx's `deferred`)."""
-    port = Admission("client", limit=64, pending=16, pending_per_host=8, silence=30)
-    served = []
+def first_bytes_recorder():
+    """(served, handler): a connection handler that records each connection's first bytes,
+    establishes it and keeps it open."""
+    served: list[bytes] = []
 
     async def handler(stream, ticket):
         served.append(await stream.receive_some(100))
         ticket.established()
         await trio.sleep_forever()
 
+    return served, handler
+
+
+async def test_idle_sockets_within_the_backlog_never_reach_the_node():
+    """TCP_DEFER_ACCEPT: the kernel hands over a connection only once it has sent bytes, so
+    idle sockets cost the node no descriptor and no work (as nginx's `deferred`)."""
+    port = Admission("client", limit=64, pending=16, pending_per_host=8, silence=30)
+    served, handler = first_bytes_recorder()
     async with trio.open_nursery() as nursery:
         listening = await serve_in_process(nursery, port, handler)
         number = listening.getsockname()[1]
@@ -260,13 +267,7 @@ async def test_connections_made_before_the_port_is_served_also_wait_for_their_by
     or they reach the node silent and a burst evicts its own first members (200 clients
     lost their first ones so, against a node under load that had just started)."""
     port = Admission("client", limit=64, pending=16, pending_per_host=8, silence=30)
-    served = []
-
-    async def handler(stream, ticket):
-        served.append(await stream.receive_some(100))
-        ticket.established()
-        await trio.sleep_forever()
-
+    served, handler = first_bytes_recorder()
     listeners = await tcp_listen("listen", "127.0.0.1:0", silence=30)
     socks = hold_connections(listeners[0].socket.getsockname()[1], 40)  # before serving
     async with trio.open_nursery() as nursery:
