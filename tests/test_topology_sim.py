@@ -435,3 +435,26 @@ async def test_writes_acknowledged_during_growth_are_on_every_new_replica(sim, a
             obj = sim.nodes[name].node.store.read(key)
             assert obj is not None and [s.value for s in obj.siblings] == [value], (name, key)
     assert not sim.crashes
+
+
+async def test_a_leaving_node_serves_until_every_member_knows_it_has_left(sim, autojump_clock):
+    """The leaver stops (the daemon exits) only once every member up has the state in which
+    the transition has ended: a member that had not heard yet would still route the leaver's
+    partitions to it, and its reads at R=N would fail. After the exit, reads at R=3 through
+    every member succeed at once."""
+    await sim.form(["n1", "n2", "n3", "n4"], settle=0.0)
+    keys = [f"leave-{i}".encode() for i in range(200)]
+    await _fill(sim, "n1", keys, size=100)
+    await sim.admin("n1", {"op": "leave", "node": "n4"})
+    await sim.admin("n1", {"op": "commit"})
+    with trio.fail_after(600):
+        await sim.nodes["n4"].node.cluster.left.wait()
+    stale = [name for name in ("n1", "n2", "n3")
+             if "n4" in sim.nodes[name].node.cluster.routing.serving_ring().nodes()]
+    assert not stale, f"n4 stopped serving while {stale} still routed to it"
+    sim.crash("n4")  # as the daemon exits
+    for name in ("n1", "n2", "n3"):
+        async with sim.open_client(name, sim.client_address()) as c:
+            for key in keys[:40]:
+                assert (await c.get(key, r=3)).found, (name, key)
+    assert not sim.crashes

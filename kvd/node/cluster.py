@@ -15,6 +15,10 @@ own module and public surface, and reaches the others only through ``Cluster``:
    order, so a crash between the two is seen again as a ring change at restart).
 3. Gossip: every ``gossip_interval`` push-pull with one peer (members table + cluster state),
    run by kvd.node.gossip.
+4. A leaving node stops (``left``; the daemon exits) only once no serving ring names it,
+   whoever's moves were still running, and every member up has told gossip it holds that
+   state (at most ``LEAVE_LINGER_ROUNDS`` rounds): until then some member may still send it
+   reads, as the serving (prior) ring tells it to.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ from kvd.ring import Ring
 from kvd.storage import keys
 
 log = logging.getLogger("kvd.cluster")
+
+# Rule 4: how many gossip rounds a handed-off node waits at most for every member up to hold
+# its final state; a member that never answers must not keep it forever.
+LEAVE_LINGER_ROUNDS = 30
 
 
 class Cluster:
@@ -126,11 +134,31 @@ class Cluster:
         await self._save(state)
         self._saved = state.digest()
 
-    def _check_left(self) -> None:
+    def _members_without_my_state(self) -> list[str]:
+        return self.gossiper.without_my_state(n for n in self.state.members if self.is_up(n))
+
+    def _handed_off(self, state: cs.ClusterState) -> bool:
+        """Rule 4: this node is exiting, and no ring that serves reads names it any more (the
+        prior ring serves them until the whole transition ends, its moves and others')."""
+        return state.status(self.me) == "exiting" and self.me not in cs.serving_ring(state).nodes()
+
+    async def leave_when_handed_off(self) -> None:
+        """Rule 4: set ``left`` (the daemon exits) once this node is handed off and every
+        member up has told gossip it holds that state, so none still routes a read here."""
+        linger = LEAVE_LINGER_ROUNDS * self.config.gossip_interval
+        while True:
+            await self.gossiper.wait_state(self._handed_off)
+            give_up = self.now() + linger
+            waiting = self._members_without_my_state()
+            while waiting and self.now() < give_up and self._handed_off(self.state):
+                await trio.sleep(self.config.gossip_interval / 2)
+                waiting = self._members_without_my_state()
+            if self._handed_off(self.state):
+                break  # else it was asked to join again while it waited
+        if waiting:
+            log.warning("leaving without word from %s, which may still route reads here for "
+                        "a gossip round or two", ", ".join(waiting))
         state = self.state
-        if self.left.is_set() or state.status(self.me) != "exiting" or any(
-                m.source == self.me for m in state.pending):
-            return
         log.warning("this node has left cluster %s and handed off its data: it serves "
                     "nothing and stops. To make it a member again, wipe its data_dir (%s) "
                     "and run `kvctl --host %s cluster join SEED` on it", state.cluster_id,
@@ -140,7 +168,6 @@ class Cluster:
     async def persist_loop(self) -> None:
         """Save every state gossip brings, so a restarted node knows its ring and peers."""
         while True:
-            self._check_left()
             before = self.state
             await self.gossiper.wait_state(lambda s: s is not before)
             await self.transfers.plan_fetches(before, self.state)
@@ -205,6 +232,7 @@ class Cluster:
             if self.restore.fresh:
                 nursery.start_soon(self.restore.ask_seeds)
             nursery.start_soon(self.persist_loop)
+            nursery.start_soon(self.leave_when_handed_off)
             nursery.start_soon(self.handoff.run)
             nursery.start_soon(self.transfers.run)
             nursery.start_soon(self.transfers.reclaim_loop)

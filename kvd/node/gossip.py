@@ -27,6 +27,8 @@ Rules:
    hears (it was started with ``--seeds`` and is joining).
 5. States of different ``cluster_id``s never merge, and their members do not either: the
    exchange is refused with BadRequest before anything is merged.
+6. Each peer node's last told digest is kept (``without_my_state``), from its requests and
+   its replies alike: a leaving node stops only once every member has its final state.
 
 The wire bodies (GOSSIP and GOSSIP_REPLY are free-form maps, see kvd/proto/messages.py):
 ``{"node": str, "cluster": str?, "members": [MemberInfo dict + "age"], "state_digest": str?,
@@ -106,6 +108,8 @@ class Gossiper:
         self._state_changed = trio.Event()
         # Rule 4: the state digest each peer address last told us.
         self._peer_digest: dict[str, str | None] = {}
+        # Rule 6: the state digest each peer node last told us, in either direction.
+        self._told_by_node: dict[str, str] = {}
         self._stats = {"rounds": 0, "exchanges": 0, "failures": 0, "received": 0}
         self._load_bytes = load_bytes
 
@@ -136,6 +140,11 @@ class Gossiper:
         """Counters: rounds run, exchanges completed and failed, gossip received."""
         return dict(self._stats)
 
+    def without_my_state(self, nodes: Iterable[str]) -> list[str]:
+        """Those of ``nodes`` that have not told me they hold my current state (rule 6)."""
+        mine = self._digest()
+        return [n for n in nodes if n != self.node and self._told_by_node.get(n) != mine]
+
     async def wait_state(self, predicate: Callable[[ClusterState], bool]) -> ClusterState:
         """Wait until the cluster state satisfies ``predicate``; return that state."""
         while self._state is None or not predicate(self._state):
@@ -163,6 +172,7 @@ class Gossiper:
         cluster (its own one-node cluster held no data; the caller checked)."""
         self._state = None
         self._peer_digest.clear()
+        self._told_by_node.clear()
         self._adopt(state)
 
     def _adopt(self, incoming: ClusterState) -> None:
@@ -226,6 +236,7 @@ class Gossiper:
             self._absorb(reply, self._clock())
             digest = reply.get("state_digest")
             self._peer_digest[address] = digest if isinstance(digest, str) else None
+            self._note_told(reply)
             self._stats["exchanges"] += 1
             ok = True
         finally:
@@ -250,6 +261,7 @@ class Gossiper:
         merge at that record (the records before it are independent facts and stay).
         """
         self._absorb(fields, now)
+        self._note_told(fields)
         reply = self._fields(now)
         mine = reply.get("state_digest")
         if mine is not None and fields.get("state_digest") != mine:
@@ -262,6 +274,11 @@ class Gossiper:
             fields["cluster"] = self._state.cluster_id
             fields["state_digest"] = self._state.digest()
         return fields
+
+    def _note_told(self, fields: Mapping[str, Any]) -> None:
+        node, digest = fields.get("node"), fields.get("state_digest")
+        if isinstance(node, str) and isinstance(digest, str):
+            self._told_by_node[node] = digest
 
     def _digest(self) -> str | None:
         return None if self._state is None else self._state.digest()
