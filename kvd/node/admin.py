@@ -35,8 +35,9 @@ async def handle(node, fields: dict) -> dict:
     cluster = node.cluster
     op = fields.get("op")
     named = fields.get("node")
-    if op in CLUSTER_CHANGES and cluster.left.is_set():
-        # It gossips to nobody any more: what it staged or committed would reach no member.
+    if op in CLUSTER_CHANGES and cluster.has_left():
+        # It exits soon, or gossips to nobody any more: what it staged or committed might
+        # reach no member.
         raise BadRequest(f"this node has left cluster {cluster.state.cluster_id}: it takes no "
                          "cluster changes; send them to a member (kvctl --host MEMBER ...)")
     if op == "join":

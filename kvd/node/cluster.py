@@ -72,7 +72,8 @@ class Cluster:
         self.peers.frame_budget = config.max_frame // 2  # object bytes per request (remote.py)
         self.rng = rng or random.Random()
         self.gossiper: Gossiper  # made by load(), from the saved state
-        self.left = trio.Event()  # set once this node is exiting and nothing moves from it
+        self.left = trio.Event()  # set once this node has left the cluster (Rule 4)
+        self._departing = False  # its leave (or replacement) was committed (Rule 4)
         me = MemberInfo(self.me, config.listen, config.peer_listen, int(clocks.wall() * 1000), 0)
         self.members = MemberTable(me, threshold=config.phi_threshold)
         self.addresses: dict[str, tuple[str, str]] = {}
@@ -137,10 +138,20 @@ class Cluster:
     def _members_without_my_state(self) -> list[str]:
         return self.gossiper.without_my_state(n for n in self.state.members if self.is_up(n))
 
+    def has_left(self) -> bool:
+        """Whether this node has left the cluster, or has handed off and only waits for the
+        members to hear so (Rule 4): either way it takes no cluster change any more."""
+        return self.left.is_set() or self._handed_off(self.state)
+
     def _handed_off(self, state: cs.ClusterState) -> bool:
-        """Rule 4: this node is exiting, and no ring that serves reads names it any more (the
-        prior ring serves them until the whole transition ends, its moves and others')."""
-        return state.status(self.me) == "exiting" and self.me not in cs.serving_ring(state).nodes()
+        """Rule 4: this node is departing (exiting, or dropped from the members by a commit
+        after it left), and no ring that serves reads names it any more (the prior ring
+        serves them until the whole transition ends, its moves and others')."""
+        status = state.status(self.me)
+        if status in ("leaving", "exiting"):
+            self._departing = True  # a later commit may drop it from the members
+        return ((status == "exiting" or (status is None and self._departing))
+                and self.me not in cs.serving_ring(state).nodes())
 
     async def leave_when_handed_off(self) -> None:
         """Rule 4: set ``left`` (the daemon exits) once this node is handed off and every

@@ -45,6 +45,7 @@ import trio
 import trio.testing
 
 from kvd.errors import KvdError
+from kvd.node.cluster import LEAVE_LINGER_ROUNDS
 from kvd.ring import preference_list
 
 from .harness import SimCluster, seeded
@@ -162,7 +163,9 @@ async def _heal(sim: SimCluster, report: Report) -> None:
         if not sn.running and not sn.removed:
             await sim.start(sn.name)
     for sn in sim.running():
-        if sn not in sim.members():  # its join was refused: it never was part of the cluster
+        # Its join was refused: it never was part of the cluster. (A leaving node may be no
+        # member either, when a commit dropped it: it exits below, once members know.)
+        if sn not in sim.members() and not sn.leaving:
             sim.crash(sn.name)
             sn.removed = True
     # Every member sees every other member up (gossip and phi after the heal).
@@ -171,8 +174,14 @@ async def _heal(sim: SimCluster, report: Report) -> None:
             await trio.sleep(1.0)
     if not await _wait_settled(sim, 600.0):
         report.problems.append("partitions still moving 600 s after the heal")
+    # A node that has left exits, as the daemon does, once every member has heard so
+    # (kvd/node/cluster.py Rule 4: at most LEAVE_LINGER_ROUNDS gossip rounds).
+    with trio.move_on_after(LEAVE_LINGER_ROUNDS * sim.config["gossip_interval"] + 10.0):
+        while any(sn.node.cluster.has_left() and not sn.node.cluster.left.is_set()
+                  for sn in sim.running()):
+            await trio.sleep(1.0)
     for sn in sim.running():
-        if sn.node.cluster.left.is_set():  # a node that has left exits, as the daemon does
+        if sn.node.cluster.left.is_set():
             sim.crash(sn.name)
             sn.removed = True
 

@@ -2,7 +2,7 @@
 negative control that proves the checker can fail. ``make sim SEEDS=N`` runs thousands.
 
 A seed replays exactly (tests/sim/__main__.py): the regression test runs only the
-regression seeds the many-seed test does not (with 50 seeds, 92 and 10376), as running one of
+regression seeds the many-seed test does not (with 50 seeds, 92, 10376 and 70089), as running one of
 those again gives the very same report. Run on its own (``-k regression``), it runs all."""
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ REGRESSIONS = [
     (8, "short", "a delete minted beside the late twin alone: contexts name write ids too"),
     (10376, "short", "a force-remove committed on a node that had left reached no member: "
                      "reads at R=N failed for good"),
+    (70089, "short", "a leaving node that waited for the members to hear it had handed off "
+                     "took a force-remove; the change never spread: reads at R=N failed"),
 ]
 
 
