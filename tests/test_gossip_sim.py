@@ -320,6 +320,34 @@ async def test_state_travels_only_when_it_may_be_news(autojump_clock):
         Gossiper(MemberTable(MemberInfo("x", "x:1", "x:2", 1, 0)), request, interval=0)
 
 
+async def test_each_peer_tells_which_state_it_holds_in_requests_and_replies(autojump_clock):
+    """Rule 6 of gossip.py: a node learns that a peer holds its current state from the
+    peer's reply to its own exchange and from the peer's request alike, and forgets it as
+    soon as its own state changes."""
+    nodes: dict[str, Gossiper] = {}
+
+    async def request(address, kind, fields, expect):
+        return nodes[address].handle_gossip(fields, trio.current_time())
+
+    state = new_cluster(name(0), 8, "sim")
+    for i, st in ((0, state), (1, None), (2, None)):
+        me = MemberInfo(name(i), f"10.0.0.{i}:7379", addr(i), GENERATION, 0)
+        nodes[addr(i)] = Gossiper(MemberTable(me), request, state=st, seeds=(addr(0),))
+    g0, g1, g2 = (nodes[addr(i)] for i in range(3))
+    everyone = [name(0), name(1), name(2)]
+    assert g0.without_my_state(everyone) == [name(1), name(2)]
+
+    await g0.exchange(addr(1))  # g1 merges what g0 sends and replies with its digest
+    assert g0.without_my_state(everyone) == [name(2)]
+    await g2.exchange(addr(0))  # g2 knows nothing: its request does not show g0's state
+    assert g0.without_my_state(everyone) == [name(2)]
+    await g2.exchange(addr(0))  # now it has it, and its request says so
+    assert g0.without_my_state(everyone) == []
+
+    g0.publish(cluster_state.stage(state, Change("join", name(1)), n_val=3))
+    assert g0.without_my_state(everyone) == [name(1), name(2)]
+
+
 async def test_other_cluster_is_refused(autojump_clock):
     net = MemoryNetwork()
     async with trio.open_nursery() as nursery:
