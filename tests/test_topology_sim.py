@@ -458,3 +458,38 @@ async def test_a_leaving_node_serves_until_every_member_knows_it_has_left(sim, a
             for key in keys[:40]:
                 assert (await c.get(key, r=3)).found, (name, key)
     assert not sim.crashes
+
+
+async def test_a_leaver_dropped_by_a_later_commit_while_it_waits_still_exits(sim, autojump_clock, caplog):
+    """Rule 4 of kvd/node/cluster.py, its two edges: a handed-off leaver that a member
+    never tells directly (cut off from it, though seen up through the others' gossip) waits
+    at most LEAVE_LINGER_ROUNDS rounds, then leaves naming that member; and a commit made
+    meanwhile, which drops it from the members (an exiting node is dropped at the next
+    commit), does not keep it from leaving."""
+    from kvd.node.cluster import LEAVE_LINGER_ROUNDS
+
+    await sim.form(["n1", "n2", "n3", "n4", "n5"], settle=0.0)
+    await sim.admin("n1", {"op": "leave", "node": "n5"})
+    await sim.admin("n1", {"op": "commit"})
+    with trio.fail_after(600):
+        while _in_transition(sim):
+            await trio.sleep(0.1)
+    # The data has moved: from now on n2 never tells n5 anything directly.
+    sim.net.partition(sim.nodes["n5"].peer_address, sim.nodes["n2"].peer_address)
+    n5 = sim.nodes["n5"].node.cluster
+    with trio.fail_after(60):
+        while not n5.has_left():
+            await trio.sleep(0.1)
+    handed_off = trio.current_time()
+    await sim.start("n6", seeds=[sim.nodes["n1"].peer_address])
+    await _join(sim, ["n6"])
+    await sim.admin("n1", {"op": "commit"})
+    with trio.fail_after(60):
+        while "n5" in n5.state.members:
+            await trio.sleep(0.1)
+    assert not n5.left.is_set() and n5.is_up("n2")
+    with trio.fail_after(LEAVE_LINGER_ROUNDS * 2):
+        await n5.left.wait()
+    assert trio.current_time() - handed_off >= LEAVE_LINGER_ROUNDS - 1
+    assert "leaving without word from n2" in caplog.text
+    assert not sim.crashes
