@@ -15,10 +15,11 @@ own module and public surface, and reaches the others only through ``Cluster``:
    order, so a crash between the two is seen again as a ring change at restart).
 3. Gossip: every ``gossip_interval`` push-pull with one peer (members table + cluster state),
    run by kvd.node.gossip.
-4. A leaving node stops (``left``; the daemon exits) only once no serving ring names it,
-   whoever's moves were still running, and every member up has told gossip it holds that
-   state (at most ``LEAVE_LINGER_ROUNDS`` rounds): until then some member may still send it
-   reads, as the serving (prior) ring tells it to.
+4. A leaving node stops (``left``; the daemon exits) only once no serving ring names it
+   and every member up has told gossip it holds that state (at most
+   ``LEAVE_LINGER_ROUNDS`` rounds): until then a member that has not heard the transition
+   ended still sends it reads, as its serving (prior) ring tells it to. Meanwhile it takes
+   no cluster change (``has_left``): one it committed might never spread.
 """
 
 from __future__ import annotations
@@ -145,8 +146,7 @@ class Cluster:
 
     def _handed_off(self, state: cs.ClusterState) -> bool:
         """Rule 4: this node is departing (exiting, or dropped from the members by a commit
-        after it left), and no ring that serves reads names it any more (the prior ring
-        serves them until the whole transition ends, its moves and others')."""
+        since), and no ring that serves reads names it any more."""
         status = state.status(self.me)
         if status in ("leaving", "exiting"):
             self._departing = True  # a later commit may drop it from the members
