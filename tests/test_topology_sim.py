@@ -493,3 +493,34 @@ async def test_a_leaver_dropped_by_a_later_commit_while_it_waits_still_exits(sim
     assert trio.current_time() - handed_off >= LEAVE_LINGER_ROUNDS - 1
     assert "leaving without word from n2" in caplog.text
     assert not sim.crashes
+
+
+async def test_a_commit_acknowledged_is_never_undone_by_one_made_elsewhere(sim, autojump_clock):
+    """Full seed 112: two dead nodes force-removed one after the other through two members,
+    two seconds apart. The second member had not heard the first commit yet and committed on
+    the older ring; gossip's merge kept one of the two rings of the same version, so the first
+    force-remove, acknowledged as committed, was silently undone: a dead node stayed in the
+    ring and reads at R=N failed for good. A commit first makes every member up hold the
+    committing node's state (staging Rule 4), so the second commit is computed on top of the
+    first, or refused when its staged change was superseded; never lost."""
+    sim.config.update(anti_entropy=False)
+    await sim.form(["n1", "n2", "n3", "n4", "n5", "n6"], settle=5.0)
+    sim.crash("n6")
+    sim.crash("n5")
+    # n4 stages before it can hear of n1's commit: the two staged sets differ.
+    await sim.admin("n1", {"op": "force-remove", "node": "n6"})
+    await sim.admin("n4", {"op": "force-remove", "node": "n5"})
+    committed = []
+    for name in ("n1", "n4"):
+        try:
+            committed.append((await sim.admin(name, {"op": "commit"}))["committed"])
+        except KvdError as exc:
+            committed.append(str(exc))
+    await trio.sleep(30)
+    for name in ("n1", "n2", "n3", "n4"):
+        members = set(sim.nodes[name].node.cluster.state.members)
+        for outcome, dead in zip(committed, ("n6", "n5")):
+            if isinstance(outcome, list):  # acknowledged: it must hold everywhere
+                assert dead not in members, (name, committed, sorted(members))
+    assert any(isinstance(outcome, list) for outcome in committed), committed
+    assert not sim.crashes

@@ -136,7 +136,8 @@ class Cluster:
         await self._save(state)
         self._saved = state.digest()
 
-    def _members_without_my_state(self) -> list[str]:
+    def members_without_my_state(self) -> list[str]:
+        """Members up that have not told gossip they hold this node's current state."""
         return self.gossiper.without_my_state(n for n in self.state.members if self.is_up(n))
 
     def has_left(self) -> bool:
@@ -160,10 +161,10 @@ class Cluster:
         while True:
             await self.gossiper.wait_state(self._handed_off)
             give_up = self.now() + linger
-            waiting = self._members_without_my_state()
+            waiting = self.members_without_my_state()
             while waiting and self.now() < give_up and self._handed_off(self.state):
                 await trio.sleep(self.config.gossip_interval / 2)
-                waiting = self._members_without_my_state()
+                waiting = self.members_without_my_state()
             if self._handed_off(self.state):
                 break  # else it was asked to join again while it waited
         if waiting:

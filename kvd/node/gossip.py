@@ -75,7 +75,7 @@ Request = Callable[[str, MsgType, dict[str, Any], MsgType], Awaitable[dict[str, 
 HANDSHAKE_TIMEOUT = 10.0
 
 # What one exchange may raise without being a bug on our side (rule 2).
-_EXCHANGE_ERRORS = (KvdError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+EXCHANGE_ERRORS = (KvdError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class Gossiper:
@@ -213,7 +213,7 @@ class Gossiper:
         with trio.move_on_after(self.interval) as scope:
             try:
                 await self.exchange(target)
-            except _EXCHANGE_ERRORS as exc:
+            except EXCHANGE_ERRORS as exc:
                 self._stats["failures"] += 1
                 log.debug("%s: gossip with %s failed: %s", self.node, target, exc)
             except Exception:

@@ -11,6 +11,12 @@ a pure function of the cluster state; this module publishes its result through g
 3. Any node may commit (docs/DECISIONS.md, "Any member may commit"): commit is a pure
    function of the state, so two nodes committing the same staged set make the same ring,
    and gossip's merge settles two different commits on one ring everywhere.
+4. A commit first makes every member up hold the committing node's state (riak_core's
+   "ring ready"): a push-pull exchange with each member that has not told gossip it holds
+   it, until all have (Unavailable past ``request_timeout``). A newer state one of them
+   holds, another node's commit, comes back in the same exchange, so a commit is computed
+   on top of every commit acknowledged before it, or refused when what it staged was
+   superseded; merge never has to drop one commit of two (full simulator seed 112).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import trio
 
 from kvd.errors import BadRequest, KvdError, Unauthorized, Unavailable
 from kvd.membership import cluster_state as cs
+from kvd.node.gossip import EXCHANGE_ERRORS
 from kvd.node.remote import RemoteNode
 from kvd.ring import Move, Ring
 
@@ -88,10 +95,38 @@ class Staging:
         return state, ring, moves
 
     async def commit(self) -> cs.ClusterState:
-        """Commit what is staged in the current state (Rule 3); returns the committed state."""
+        """Commit what is staged in the current state (Rules 3 and 4); returns the committed
+        state."""
+        await self._members_hold_my_state()
         state = await self.offload(cs.commit, self.cluster.state, self.cluster.config.n)
         await self.cluster.set_state(state)
         return state
+
+    async def _members_hold_my_state(self) -> None:
+        """Rule 4: push-pull with every member up that has not told us it holds our state
+        (a node staged for force-remove aside: it is dead, though not yet seen down)."""
+        cluster = self.cluster
+
+        def waiting() -> list[str]:
+            removed = {c.node for c in cluster.state.staged if c.kind == "force-remove"}
+            return [n for n in cluster.members_without_my_state() if n not in removed]
+
+        silent = waiting()
+        with trio.move_on_after(cluster.config.request_timeout):
+            while silent:
+                for node in silent:
+                    try:
+                        await cluster.gossiper.exchange(cluster.peer_address(node))
+                    except EXCHANGE_ERRORS:
+                        pass  # asked again on the next pass, until the deadline
+                silent = waiting()
+                if silent:
+                    await trio.sleep(cluster.config.gossip_interval / 4)
+        if silent:
+            raise Unavailable(
+                f"not committed: {', '.join(silent)} did not confirm holding this node's "
+                "cluster state (a commit is made on the state every member up holds); "
+                "commit again once they answer")
 
     async def abort(self) -> cs.ClusterState:
         """End the transition that cannot finish (cluster_state Rule 3)."""
