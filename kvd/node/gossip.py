@@ -28,7 +28,8 @@ Rules:
 5. States of different ``cluster_id``s never merge, and their members do not either: the
    exchange is refused with BadRequest before anything is merged.
 6. Each peer node's last told digest is kept (``without_my_state``), from its requests and
-   its replies alike: a leaving node stops only once every member has its final state.
+   its replies alike: a leaving node stops, and a commit is made, only once every member
+   up holds this node's state (kvd/node/cluster.py Rule 4, kvd/node/staging.py Rule 4).
 
 The wire bodies (GOSSIP and GOSSIP_REPLY are free-form maps, see kvd/proto/messages.py):
 ``{"node": str, "cluster": str?, "members": [MemberInfo dict + "age"], "state_digest": str?,

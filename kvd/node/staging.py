@@ -115,10 +115,13 @@ class Staging:
         with trio.move_on_after(cluster.config.request_timeout):
             while silent:
                 for node in silent:
-                    try:
-                        await cluster.gossiper.exchange(cluster.peer_address(node))
-                    except EXCHANGE_ERRORS:
-                        pass  # asked again on the next pass, until the deadline
+                    # One gossip interval each, as a gossip round's: a silent member must
+                    # not keep the others from being asked.
+                    with trio.move_on_after(cluster.config.gossip_interval):
+                        try:
+                            await cluster.gossiper.exchange(cluster.peer_address(node))
+                        except EXCHANGE_ERRORS:
+                            pass  # asked again on the next pass, until the deadline
                 silent = waiting()
                 if silent:
                     await trio.sleep(cluster.config.gossip_interval / 4)
