@@ -13,11 +13,16 @@ from kvd.node.staging import Staging, run_inline
 
 
 class FakeCluster:
-    """What Staging reads of a Cluster: the state, ``n``, and where it publishes."""
+    """What Staging reads of a Cluster: the state, its config, where it publishes, and which
+    members still lack its state (none here: Rule 4 is tested on simulated nodes,
+    tests/test_topology_sim.py)."""
 
     def __init__(self, state: cs.ClusterState) -> None:
         self.state = state
-        self.config = SimpleNamespace(n=3)
+        self.config = SimpleNamespace(n=3, request_timeout=5.0, gossip_interval=1.0)
+
+    def members_without_my_state(self) -> list[str]:
+        return []
 
     async def set_state(self, state: cs.ClusterState) -> None:
         self.state = state
