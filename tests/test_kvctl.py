@@ -330,12 +330,16 @@ def test_token_file_from_the_environment(kvctl_cli, node, tmp_path, monkeypatch)
 
 
 def test_ctrl_c_prints_interrupted_and_exits_130(silent_port):
-    """A real process: SIGINT while kvctl waits for a node that never answers."""
+    """A real process: SIGINT while kvctl waits for a node that never answers. kvctl gets
+    SIGINT at its default, as a shell's foreground job does: a test run started in the
+    background (``make test &``) passes SIGINT ignored to its children, and Python keeps it
+    ignored, as a background job should."""
     port, accepted = silent_port
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvctl.app", "--host", f"127.0.0.1:{port}", "--timeout", "120",
          "status"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "NO_COLOR": "1"})
+        env={**os.environ, "NO_COLOR": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not accepted and time.monotonic() < deadline and proc.poll() is None:
