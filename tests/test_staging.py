@@ -46,7 +46,8 @@ async def test_plan_and_commit_run_claim_through_the_offload():
     staging = Staging(cluster, offload)
     before, ring, moves = await staging.plan()
     assert before is cluster.state and moves
-    committed = await staging.commit()
+    base, committed = await staging.commit()
+    assert base is before
     assert calls == [cs.plan, cs.commit]
     assert cluster.state is committed and committed.ring == ring
     assert committed.ring == cs.commit(before, 3).ring  # the same ring as on the event loop

@@ -524,3 +524,52 @@ async def test_a_commit_acknowledged_is_never_undone_by_one_made_elsewhere(sim, 
                 assert dead not in members, (name, committed, sorted(members))
     assert any(isinstance(outcome, list) for outcome in committed), committed
     assert not sim.crashes
+
+
+async def test_a_ring_computed_from_a_state_since_replaced_is_never_published(sim, autojump_clock):
+    """Two commits computed at once from different staged sets: n4 staged and committed
+    while n1's claim was running (a claim of a large ring takes a while in its worker
+    thread), and its ring-ready exchange gave n1 the new staged set too late for n1's
+    claim. Both were acknowledged, and gossip's merge kept one of the two rings of the same
+    version: n4's force-remove of n5 was silently undone. A ring is published only if the
+    state it was computed from is still the node's (staging Rule 4); n1 computes again, on
+    top of n4's commit, and finds nothing left to commit."""
+    sim.config.update(anti_entropy=False)
+    await sim.form(["n1", "n2", "n3", "n4", "n5", "n6"], settle=5.0)
+    sim.crash("n6")
+    sim.crash("n5")
+    await trio.sleep(10.0)  # both seen down: no commit waits for them
+    n1 = sim.nodes["n1"].node.cluster.staging
+    quick = n1.offload
+
+    async def slow_claim(fn, *args):  # the claim takes 2 s, as in a worker thread
+        await trio.sleep(2.0)
+        return await quick(fn, *args)
+
+    n1.offload = slow_claim
+    await sim.admin("n1", {"op": "force-remove", "node": "n6"})
+    await trio.sleep(3.0)  # every member holds n1's staged change
+    outcomes: dict[str, object] = {}
+
+    async def commit(name: str) -> None:
+        try:
+            outcomes[name] = (await sim.admin(name, {"op": "commit"}))["committed"]
+        except KvdError as exc:
+            outcomes[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commit, "n1")
+        await trio.sleep(0.5)  # n1's claim is running: n4 stages another change and commits
+        await sim.admin("n4", {"op": "force-remove", "node": "n5"})
+        nursery.start_soon(commit, "n4")
+    await trio.sleep(30)
+    rings = {sim.nodes[name].node.cluster.state.ring.to_dict().__repr__()
+             for name in ("n1", "n2", "n3", "n4")}
+    assert len(rings) == 1, "the members disagree on the ring"
+    members = set(sim.nodes["n2"].node.cluster.state.members)
+    for name, dead in (("n1", "n6"), ("n4", "n5")):
+        if isinstance(outcomes[name], list):  # acknowledged: it must hold everywhere
+            assert dead not in members, (outcomes, sorted(members))
+    assert any(isinstance(outcome, list) for outcome in outcomes.values()), outcomes
+    assert "nothing left to commit" in str(outcomes["n1"]), outcomes
+    assert not sim.crashes

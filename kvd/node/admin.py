@@ -62,10 +62,9 @@ async def handle(node, fields: dict) -> dict:
                 "before": _ownership(state.ring.owners),
                 "after": _ownership(ring.owners)}
     if op == "commit":
-        before = cluster.state
-        state = await cluster.staging.commit()
+        base, state = await cluster.staging.commit()
         return {"ring_version": state.ring.version, "moves": _moves(state.pending),
-                "committed": [c.describe() for c in before.staged]}
+                "committed": [c.describe() for c in base.staged]}
     if op == "abort":
         before = cluster.state
         state = await cluster.staging.abort()

@@ -11,12 +11,22 @@ a pure function of the cluster state; this module publishes its result through g
 3. Any node may commit (docs/DECISIONS.md, "Any member may commit"): commit is a pure
    function of the state, so two nodes committing the same staged set make the same ring,
    and gossip's merge settles two different commits on one ring everywhere.
-4. A commit first makes every member up hold the committing node's state (riak_core's
-   "ring ready"): a push-pull exchange with each member that has not told gossip it holds
-   it, until all have (Unavailable past ``request_timeout``). A newer state one of them
-   holds, another node's commit, comes back in the same exchange, so a commit is computed
-   on top of every commit acknowledged before it, or refused when what it staged was
-   superseded; merge never has to drop one commit of two (full simulator seed 112).
+4. An acknowledged commit is never undone by a commit made elsewhere (merge keeps one of
+   two rings of the same version). Two steps make sure of it:
+   - every member up holds the committing node's state (riak_core's "ring ready"): a
+     push-pull exchange with each member that has not told gossip it holds it, until all
+     have (Unavailable past ``request_timeout``). A newer state one of them holds, another
+     node's commit, comes back in the same exchange, so a commit is computed on top of
+     every commit acknowledged before it, or refused when what it staged was superseded
+     (full simulator seed 112);
+   - the ring is published only if the state it was computed from is still this node's,
+     checked and published with no wait between; otherwise it is computed again. A state
+     that arrived while the claim ran may carry another node's staged change or commit.
+   Two nodes that see each other up cannot both publish a ring of the same version from
+   different states: each held, when it checked, the state the other had told it it held
+   before its own ring-ready check ended, and states only grow (gossip's merge), so each
+   state would come before the other. What remains: members each side of a partition sees
+   down are not asked (docs/DECISIONS.md, "Any member may commit").
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ from kvd.ring import Move, Ring
 
 if TYPE_CHECKING:
     from kvd.node.cluster import Cluster
+
+COMPUTE_ATTEMPTS = 3  # rings computed for one commit while the state keeps changing (Rule 4)
 
 # How CPU-heavy pure work (claim) runs: ``await offload(fn, *args)`` returns ``fn(*args)``.
 Offload = Callable[..., Awaitable[Any]]
@@ -94,17 +106,39 @@ class Staging:
         ring, moves = await self.offload(cs.plan, state, self.cluster.config.n)
         return state, ring, moves
 
-    async def commit(self) -> cs.ClusterState:
-        """Commit what is staged in the current state (Rules 3 and 4); returns the committed
-        state."""
-        await self._members_hold_my_state()
-        state = await self.offload(cs.commit, self.cluster.state, self.cluster.config.n)
-        await self.cluster.set_state(state)
-        return state
+    async def commit(self) -> tuple[cs.ClusterState, cs.ClusterState]:
+        """Commit what is staged in the current state (Rules 3 and 4); returns the state
+        the commit was computed from (its staged set is what was committed) and the
+        committed state."""
+        cluster = self.cluster
+        first_ring = cluster.state.ring
+        for _attempt in range(COMPUTE_ATTEMPTS):
+            silent = await self._members_hold_my_state()
+            if silent:
+                raise Unavailable(
+                    f"not committed: {', '.join(silent)} did not confirm holding this node's "
+                    "cluster state (a commit is made on the state every member up holds); "
+                    "commit again once they answer")
+            base = cluster.state
+            try:
+                state = await self.offload(cs.commit, base, cluster.config.n)
+            except BadRequest:
+                if base.ring == first_ring:
+                    raise
+                raise BadRequest(
+                    f"nothing left to commit: a commit made meanwhile on another node (ring "
+                    f"version {base.ring.version}) replaced this node's state; kvctl status "
+                    "shows what it committed: stage again what it lacks") from None
+            if cluster.state.digest() == base.digest():
+                await cluster.set_state(state)  # Rule 4: publishes before it waits
+                return base, state
+        raise Unavailable("not committed: the cluster state changed while each of "
+                          f"{COMPUTE_ATTEMPTS} rings was computed; commit again")
 
-    async def _members_hold_my_state(self) -> None:
+    async def _members_hold_my_state(self) -> list[str]:
         """Rule 4: push-pull with every member up that has not told us it holds our state
-        (a node staged for force-remove aside: it is dead, though not yet seen down)."""
+        (a node staged for force-remove aside: it is dead, though not yet seen down);
+        returns those that still have not after ``request_timeout``."""
         cluster = self.cluster
 
         def waiting() -> list[str]:
@@ -125,11 +159,7 @@ class Staging:
                 silent = waiting()
                 if silent:
                     await trio.sleep(cluster.config.gossip_interval / 4)
-        if silent:
-            raise Unavailable(
-                f"not committed: {', '.join(silent)} did not confirm holding this node's "
-                "cluster state (a commit is made on the state every member up holds); "
-                "commit again once they answer")
+        return silent
 
     async def abort(self) -> cs.ClusterState:
         """End the transition that cannot finish (cluster_state Rule 3)."""
