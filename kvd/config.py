@@ -405,9 +405,11 @@ class Config(BaseModel):
         default=86400.0,
         ge=0,
         description=(
-            "Seconds (default 1 day) a tombstone is kept after every replica is known to "
-            "hold it, so a delete cannot be undone by a replica that was away. Must exceed "
-            "hint_window + request_timeout: no hint or replica write can arrive later."
+            "Seconds (default 1 day) a tombstone is kept, counted on each node's own clock "
+            "from when that node stored it, so clock skew between nodes never shortens it; "
+            "it is purged only once every replica holds it, so a delete cannot be undone by "
+            "a replica that was away. Must exceed hint_window + request_timeout: no hint or "
+            "replica write can arrive later."
         ),
     )
 

@@ -162,7 +162,7 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
     (a thread would break exact replay), and runs the same code."""
     async with _open_store(config, disk) as (storage, blobs):
         identity = await load_identity(storage, config.node_id, clocks.wall())
-        store = LocalStore(storage, blobs, config.ring_size)
+        store = LocalStore(storage, blobs, config.ring_size, wall=clocks.wall)
         await store.sweep()
         async with trio.open_nursery() as nursery:
             metrics = NodeMetrics(config)  # /health and /ready answer while the ring loads

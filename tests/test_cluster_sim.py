@@ -596,3 +596,31 @@ async def test_deletes_with_a_replica_away_never_come_back(sim, autojump_clock):
     after = await repair(sim, "n2")
     assert after["segments_differing"] == 0 and after["keys_repaired"] == 0, after
     assert not sim.crashes
+
+
+async def test_a_tombstone_outlives_the_grace_on_every_clock_whatever_the_skew(sim, autojump_clock):
+    """Full simulator seed 498: the deleting coordinator's wall clock ran 20 s behind, the
+    node that collected tombstones 21 s ahead, more than the 40 s grace apart. It purged a
+    tombstone 0.8 s after the delete, judged by the timestamp the coordinator's clock had
+    put on it; the put's late twin (a hedged mint) then arrived and the key came back. The
+    grace now runs from when each node stored the tombstone, on its own clock."""
+    grace = 40.0
+    sim.config.update(anti_entropy=False, tombstone_grace=grace, hint_window=30.0)
+    for name, skew in (("n1", -25.0), ("n2", 25.0), ("n3", 0.0)):
+        sim.add(name).skew = skew  # n2's clock is 50 s ahead of n1's, more than the grace
+    await sim.form(NODES3)
+    keys = [f"skew-{i:03d}".encode() for i in range(60)]
+    await write_keys(sim, "n1", keys, w=3, replicas=3)
+    async with client(sim, "n1") as c:
+        for key in keys:
+            got = await c.get(key, r=3)
+            assert (await c.delete(key, context=got.context, w=3)).replicas == 3, key
+    stored = trio.current_time()
+    early = await repair(sim, "n2")  # every replica holds the tombstones: only the grace holds
+    assert early["errors"] == 0 and early["keys_repaired"] == 0, early
+    assert early["tombstones_purged"] == 0, early
+    await trio.sleep(stored + grace + 1.0 - trio.current_time())
+    late = await repair(sim, "n2")
+    assert late["tombstones_purged"] == len(keys), late
+    assert await not_found_problems(sim, NODES3, keys, r=3) == []
+    assert not sim.crashes

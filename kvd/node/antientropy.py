@@ -11,12 +11,14 @@ is the first primary, one partition at a time (throttled). ``kvctl repair`` runs
 exchange on demand for every partition the node replicates.
 
 Tombstone GC (DESIGN section 2: deleted data must never come back): when an exchange finds
-a partition identical on *every* replica of it (all up, all compared), its tombstones older
-than ``tombstone_grace`` are purged on every replica, each replica purging only the
-tombstone it holds with that exact digest. Never while a replica is unreachable. A
-partition with one replica (n = 1, a one-node cluster) purges after the grace alone. The
-candidates come from the tombstone index (``keys.tombstone_range``, written with each
-object), so a round costs in proportion to the tombstones, not the data, and yields.
+a partition identical on *every* replica of it (all up, all compared), its tombstones that
+this node stored over ``tombstone_grace`` ago, by its own clock (kvd.node.local Rule 5:
+skew between nodes never shortens the grace), are purged on every replica, each replica
+purging only the tombstone it holds with that exact digest. Never while a replica is
+unreachable. A partition with one replica (n = 1, a one-node cluster) purges after the
+grace alone. The candidates come from the tombstone index (``keys.tombstone_range``,
+written with each object), so a round costs in proportion to the tombstones, not the
+data, and yields.
 
 While partitions move, only the moving ones are left out (their replica sets change).
 """
@@ -240,7 +242,7 @@ class AntiEntropy:
         return stats
 
     async def _old_tombstones(self, partition: int, cutoff: float):
-        """Batches of [key, digest] of the tombstones deleted before ``cutoff``, read from
+        """Batches of [key, digest] of the tombstones stored here before ``cutoff``, read from
         the tombstone index (never the objects), bounded in count and bytes, yielding
         between batches."""
         start, stop = keys.tombstone_range(self.store.slot(partition))
@@ -327,8 +329,8 @@ class AntiEntropy:
             obj = versions.decode_object(raw)
             if obj.siblings and not versions.is_found(obj):
                 found += 1
-                batch.append(keys.tombstone_op(slot, key,
-                                               max(s.timestamp for s in obj.siblings)))
+                # Stored before now, when is not known: the grace runs from now.
+                batch.append(keys.tombstone_op(slot, key, self.store.wall()))
             scanned += 1
             if scanned % SCAN_YIELD == 0:
                 if batch:

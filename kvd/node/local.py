@@ -32,7 +32,10 @@ Invariants:
   it has.
 - Rule 5: every object write also updates the partition's anti-entropy tree (kvd/aae.py)
   and the key's index entry, in the same batch: the tree on disk always matches the
-  objects, and is never rebuilt by a scan.
+  objects, and is never rebuilt by a scan. So does the tombstone index: a key whose object
+  is only tombstones is indexed at the time this node stored that object, on its own wall
+  clock, never the writer's timestamp: the tombstone grace runs on the clock of the node
+  that purges, so no clock skew between nodes shortens it (full simulator seed 498).
 - Rule 6: a dot is never reused (DESIGN section 2). Each actor's counters come from one
   sequence shared by all keys that only grows, leased in blocks by a durable (flushed)
   high-water mark before any of it is used (kvd.node.dot_leases); after a restart the
@@ -53,11 +56,12 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
 from kvd import aae, versions
+from kvd.clocks import REAL
 from kvd.errors import BadRequest, Unavailable
 from kvd.node.dot_leases import SEQUENCES, DotLeases
 from kvd.storage import Storage, keys
@@ -104,8 +108,11 @@ class _Commit:
 class LocalStore:
     """Versioned objects of the partitions this node holds, in one Storage."""
 
-    def __init__(self, storage: Storage, blobs, ring_size: int):
+    def __init__(self, storage: Storage, blobs, ring_size: int,
+                 wall: Callable[[], float] = REAL.wall):
+        """``wall``: this node's wall clock, which stamps the tombstone index (Rule 5)."""
         self.storage = storage
+        self.wall = wall
         self.blobs = blobs
         self.ring_size = ring_size
         self._pending: dict[bytes, _Commit] = {}
@@ -388,9 +395,8 @@ class LocalStore:
         slot = self.slot(partition)
         ops = [(keys.object_key(slot, key), raw)] + self._index_ops(partition, key, digest,
                                                                      old_digest)
-        dead = bool(obj.siblings) and not versions.is_found(obj)  # tombstone index (antientropy)
-        deleted_at = max(s.timestamp for s in obj.siblings) if dead else None
-        ops.append(keys.tombstone_op(slot, key, deleted_at))
+        dead = bool(obj.siblings) and not versions.is_found(obj)  # tombstone index (Rule 5)
+        ops.append(keys.tombstone_op(slot, key, self.wall() if dead else None))
         kept = {s.chunks.vid for s in obj.siblings if s.chunks is not None}
         garbage = {s.chunks.vid for s in discarded if s.chunks is not None} - kept
         ops += [(_ledger_key(vid), None) for vid in kept]

@@ -26,7 +26,7 @@ Layouts::
     meta    b"m" + name (utf-8)
     segment b"t" + partition u32 + segment u16              -> segment hash (8 bytes)
     index   b"x" + partition u32 + segment u16 + key         -> object digest (8 bytes)
-    dead    b"d" + slot u32 + key                            -> newest tombstone's wall time
+    dead    b"d" + slot u32 + key                            -> when this node stored it (wall)
                                                                 (f64), written in the same
                                                                 batch as the object
     hintref b"m" "hint-blob:" + len(vid) u16 + vid + hint key -> b"" (a hint needs blob vid)
@@ -194,8 +194,8 @@ def hint_blob_range(vid: bytes) -> tuple[bytes, bytes]:
 
 
 def tombstone_op(partition: int, key: bytes, deleted_at: float | None) -> tuple[bytes, bytes | None]:
-    """The storage op that indexes ``key`` as only tombstones, newest written at wall time
-    ``deleted_at`` (None: the key is live or gone, so no entry). The tombstone collector
+    """The storage op that indexes ``key`` as only tombstones, stored at this node's wall
+    time ``deleted_at`` (None: the key is live or gone, so no entry). The tombstone collector
     reads this index, never the objects, so its work follows the tombstones, not the data."""
     value = None if deleted_at is None else _F64.pack(deleted_at)
     return _DEAD + _partition(partition) + key, value
