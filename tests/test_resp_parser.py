@@ -149,9 +149,22 @@ def test_replies_in_resp2_and_resp3(reply, resp2, resp3):
     (b"*", b"anything", True), (b"user:*", b"user:1", True), (b"user:*", b"users", False),
     (b"h?llo", b"hallo", True), (b"h[ae]llo", b"hello", True), (b"h[^e]llo", b"hello", False),
     (b"h[a-c]llo", b"hbllo", True), (b"a\\*", b"a*", True), (b"a\\*", b"ab", False),
+    # What redis-server 7.0 answers (SCAN MATCH) for the patterns a regex translation broke:
+    # a reversed range is swapped, an unterminated class ends the pattern, "[]" is empty.
+    (b"[z-a]", b"b", True), (b"[z-a]", b"A", False), (b"a[\\]]", b"a]", True),
+    (b"a[]]", b"a]", False), (b"a[b", b"ab", True), (b"a[b", b"a[b", False),
+    (b"a[a-]", b"a]", True), (b"a[a-]", b"a^", True), (b"a[a-]", b"a-", False),
+    (b"a[^]", b"ab", True), (b"a[b-", b"ab", True), (b"a[", b"a", False),
+    (b"a\\", b"a\\", True), (b"*a*b*c*", b"xxaxxbxxcxx", True), (b"*?", b"", False),
 ])
 def test_glob(pattern, key, matches):
     assert glob_match(pattern, key) is matches
+
+
+def test_glob_stars_cost_in_proportion_to_pattern_times_key():
+    """Backtracking per star would take exponential time on this pattern (a client could
+    stall the node with one SCAN MATCH)."""
+    assert glob_match(b"*a" * 40 + b"b", b"a" * 5000) is False
 
 
 @given(st.binary(max_size=600))

@@ -29,9 +29,15 @@ class Conn:
         await self.send(list(args))
         return await self.reply()
 
+    async def _more(self) -> None:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise ConnectionError("the node closed the connection")
+        self.buf += data
+
     async def _line(self) -> bytes:
         while b"\r\n" not in self.buf:
-            self.buf += await self.stream.receive_some(65536)
+            await self._more()
         line, _, rest = bytes(self.buf).partition(b"\r\n")
         self.buf = bytearray(rest)
         return line
@@ -49,7 +55,7 @@ class Conn:
             if int(rest) < 0:
                 return None
             while len(self.buf) < int(rest) + 2:
-                self.buf += await self.stream.receive_some(65536)
+                await self._more()
             value = bytes(self.buf[:int(rest)])
             del self.buf[:int(rest) + 2]
             return value
@@ -167,3 +173,66 @@ async def test_the_idle_watchdog_closes_a_waiting_connection_never_a_running_com
             nursery.start_soon(session.watch, scope)
             await trio.sleep_forever()
     assert trio.current_time() - began == 1.0
+
+
+async def test_getdel_and_set_get_return_a_large_old_value_before_they_replace_it(sim, autojump_clock):
+    """A value above chunk_size (64 KiB here) lives in a blob the delete or overwrite frees:
+    GETDEL and SET ... GET used to write first, then stream the old value from a blob that
+    was gone, and close the connection mid-reply: the value was lost. They now read it
+    whole first; redis-server returns it too."""
+    await _cluster(sim)
+    one = await _connect(sim, "n1")
+    big, other = bytes(range(256)) * 800, b"\x07" * 300_000  # 200 KiB, 293 KiB
+    assert await one.call("SET", "g", big) == "OK"
+    assert await one.call("GETDEL", "g") == big
+    assert await one.call("EXISTS", "g") == 0
+    assert await one.call("SET", "h", other) == "OK"
+    assert await one.call("SET", "h", "small", "GET") == other
+    assert await one.call("GET", "h") == b"small"
+    assert await one.call("SET", "h", other) == "OK"
+    assert await one.call("SET", "h", "again", "XX", "GET") == other
+    assert await one.call("GET", "h") == b"again"
+    assert not sim.crashes
+
+
+async def test_set_nx_get_returns_the_value_it_did_not_replace(sim, autojump_clock):
+    """As in Redis 7: NX with GET answers the existing value (and writes nothing), or nil
+    when the key was absent (and writes it)."""
+    await _cluster(sim)
+    one = await _connect(sim, "n1")
+    assert await one.call("SET", "k", "v1") == "OK"
+    assert await one.call("SET", "k", "v2", "NX", "GET") == b"v1"
+    assert await one.call("GET", "k") == b"v1"
+    assert await one.call("SET", "new", "v", "NX", "GET") is None
+    assert await one.call("GET", "new") == b"v"
+    assert await one.call("SET", "absent", "v", "XX", "GET") is None
+    assert await one.call("EXISTS", "absent") == 0
+
+
+async def test_auth_as_the_default_user_without_tokens_is_accepted_as_by_redis(sim, autojump_clock):
+    """redis://default:pw@host (redis-py's username=, HELLO 3 AUTH default pw): Redis's
+    passwordless default user takes any password; with no tokens configured, so does kvd.
+    Another user is refused; AUTH with the password alone says no password is set."""
+    await _cluster(sim)
+    one = await _connect(sim, "n1")
+    assert await one.call("AUTH", "default", "anything") == "OK"
+    hello = await one.call("HELLO", "2", "AUTH", "default", "pw")
+    assert isinstance(hello, list) and b"server" in hello, hello
+    assert str(await one.call("AUTH", "alice", "pw")).startswith("WRONGPASS")
+    assert "without any password" in str(await one.call("AUTH", "pw"))
+    assert await one.call("PING") == "PONG"
+
+
+async def test_kv_put_refuses_a_context_that_is_not_base64url(sim, autojump_clock):
+    """A lenient decoder dropped the stray characters of "!!!", leaving an empty context: a
+    blind write that added a sibling. Anything but a KV.GET context is refused."""
+    await _cluster(sim)
+    one = await _connect(sim, "n1")
+    assert await one.call("SET", "k", "v1") == "OK"
+    for forged in ("!!!", " ", "...", "é", "a!b=="):
+        refused = await one.call("KV.PUT", "k", "forged", forged)
+        assert str(refused).startswith("ERR the context is not one KV.GET returned"), forged
+    assert await one.call("GET", "k") == b"v1"
+    context, value = await one.call("KV.GET", "k")
+    assert await one.call("KV.PUT", "k", "v2", context) == 1
+    assert await one.call("GET", "k") == b"v2"

@@ -14,7 +14,9 @@ Each command maps onto the coordinator exactly as the native client port does
   MSET is a sequence of SETs, not atomic either.
 - Rule 4: values above ``chunk_size`` arrive streamed (kvd.proto.resp) and go through the
   coordinator's chunked path as they arrive (``write_stream``: SET only); GET streams them
-  back from a replica in pieces.
+  back from a replica in pieces. GETDEL and SET ... GET read such an old value whole
+  before they write (their write frees its blob), up to ``OLD_VALUE_MAX``; a larger one
+  is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -22,18 +24,21 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from kvd import versions
 from kvd.node import coverage
 from kvd.node.client_service import quorum_params, require_settled
+from kvd.node.large_values import send_value
 from kvd.node.local import new_vid
 from kvd.node.replica import Replica
 from kvd.proto.messages import validate_key
 from kvd.proto.resp import Error, Simple, glob_match, literal_prefix
 
 SCAN_COUNT_MAX = coverage.PAGE_LIMIT
+OLD_VALUE_MAX = 16 << 20  # bytes of an old value GETDEL or SET ... GET hold in memory (Rule 4)
 SCAN_CURSORS = 4096  # resume keys kept for SCAN cursors, the oldest forgotten first
 # token -> the key a SCAN resumes after. Process-wide, so a client's pool may send the next
 # SCAN on another connection; a (partition, key) position means the same on every node.
@@ -104,6 +109,29 @@ def _context_of(result):
     return versions.context_of(result.obj or versions.empty())
 
 
+async def _whole(old, command: str):
+    """``old`` (a ``_value``) with a streamed value read into memory (Rule 4): ``command``
+    is about to replace it, which frees the blob a later stream would read."""
+    if not isinstance(old, Streamed):
+        return old
+    chunks = old.sibling.chunks
+    assert chunks is not None
+    if chunks.length > OLD_VALUE_MAX:
+        return Error(f"ERR {command} of a value over {OLD_VALUE_MAX >> 20} MiB is not "
+                     f"supported ({shown(old.key)} holds {chunks.length} bytes): GET it, "
+                     "then write")
+    if old.source is None:
+        return Error(f"UNAVAILABLE no replica answering holds the chunks of key "
+                     f"{shown(old.key)}")
+    pieces: list[bytes] = []
+
+    async def keep(data: bytes, _end: bool) -> None:
+        pieces.append(data)
+
+    await send_value(old.source, old.key, chunks, keep)
+    return b"".join(pieces)
+
+
 async def get(session, args):
     key = args[1]
     return _value(key, await _read(session.node, key))
@@ -122,13 +150,16 @@ async def set_(session, args):
         return Simple("OK")
     result = await _read(session.node, key)
     old = _value(key, result)
-    if b"GET" in options and isinstance(old, Error):
-        return old  # GET cannot answer with one of several siblings
+    answer_old = b"GET" in options
     exists = _found(result)
     if (b"NX" in options and exists) or (b"XX" in options and not exists):
-        return None
+        return old if answer_old else None  # nothing written (Redis 7: NX GET answers old)
+    if answer_old:
+        old = await _whole(old, "SET ... GET")
+        if isinstance(old, Error):
+            return old  # several siblings, or a value too large to hold: nothing written
     await _write(session.node, key, _context_of(result), value=value)
-    return old if b"GET" in options else Simple("OK")
+    return old if answer_old else Simple("OK")
 
 
 async def del_(session, args):
@@ -144,7 +175,7 @@ async def del_(session, args):
 async def getdel(session, args):
     key = args[1]
     result = await _read(session.node, key)
-    old = _value(key, result)
+    old = await _whole(_value(key, result), "GETDEL")
     if old is not None and not isinstance(old, Error):
         await _write(session.node, key, _context_of(result), deleted=True)
     return old
@@ -202,6 +233,10 @@ async def kv_get(session, args):
 async def kv_put(session, args):
     """Write with a context from KV.GET; replies the key's live siblings after it."""
     key, value, text = args[1], args[2], args[3]
+    # Strictly base64url: the lenient decoder drops stray characters, so "!!!" became an
+    # empty context, a blind write that kept every sibling (an outside test found it).
+    if _BASE64URL.fullmatch(text) is None or len(text) % 4 == 1:
+        return Error("ERR the context is not one KV.GET returned")
     try:
         sealed = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
@@ -209,6 +244,9 @@ async def kv_put(session, args):
     context = versions.open_context(session.node.context_key, validate_key(key), sealed)
     result = await _write(session.node, key, context, value=value)
     return len(versions.live(result.obj))
+
+
+_BASE64URL = re.compile(rb"[A-Za-z0-9_-]+")
 
 
 def encode_context(context: bytes) -> bytes:

@@ -314,10 +314,15 @@ async def _streamed_set(session: Session, start: resp.StreamStart):
 # ------------------------------------------------------------- connection commands
 
 
-def _authenticate(session: Session, token: bytes):
-    """None when ``token`` is valid (the session is then authenticated), else the error."""
+def _authenticate(session: Session, token: bytes, user: bytes | None = None):
+    """None when ``token`` is valid (the session is then authenticated), else the error.
+    ``user`` (AUTH user pass, HELLO AUTH): tokens carry their role, so it is not checked;
+    without tokens, Redis's passwordless ``default`` user takes any password."""
     tokens = session.security.tokens
     if tokens is None:
+        if user is not None:
+            return None if user == b"default" else Error(
+                "WRONGPASS invalid username-password pair or user is disabled.")
         return Error("ERR AUTH <password> called without any password configured for the "
                      "default user. Are you sure your configuration is correct?")
     grant = tokens.lookup(token.decode(errors="replace"))
@@ -331,7 +336,7 @@ def _authenticate(session: Session, token: bytes):
 async def auth(session, args):
     if len(args) > 3:
         return Error("ERR syntax error")
-    return _authenticate(session, args[-1]) or Simple("OK")
+    return _authenticate(session, args[-1], args[1] if len(args) == 3 else None) or Simple("OK")
 
 
 async def hello(session, args):
@@ -342,7 +347,7 @@ async def hello(session, args):
         while options:
             word = options[0].upper()
             if word == b"AUTH" and len(options) >= 3:
-                refused = _authenticate(session, options[2])
+                refused = _authenticate(session, options[2], options[1])
                 if refused:
                     return refused
                 options = options[3:]
