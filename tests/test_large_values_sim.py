@@ -258,3 +258,30 @@ async def test_an_abandoned_upload_leaves_the_peer_connections_whole(autojump_cl
         assert _blob_count(sim) == 0, "chunks of the abandoned upload were kept"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+async def test_two_large_puts_of_one_key_on_one_connection_both_finish(autojump_clock):
+    """An outside test wedged a key for good: two concurrent large PUTs of one key on one
+    connection. The second waited for the key's turn (coordinator rule 7) before reading its
+    upload; the connection's reader, holding one of its chunks, waited for it; the first,
+    holding the turn, waited for its own chunks behind that reader. Nothing ended it, not
+    even the client leaving: later large PUTs of that key waited for the turn forever. An
+    upload is now read whole before the turn is taken."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery)
+        values = [_value(12), _value(9)]
+        done = []
+        async with sim.open_client("n1", sim.client_address()) as c:
+            async def put(value: bytes) -> None:
+                await c.put(b"shared", value)
+                done.append(value)
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as puts:
+                    for value in values:
+                        puts.start_soon(put, value)
+            assert len(done) == 2
+            got = await c.get(b"shared", r=3)
+            # Rule 7 still holds: the later write superseded the first.
+            assert [s.value in values for s in got.siblings] == [True], got
+        nursery.cancel_scope.cancel()

@@ -35,7 +35,9 @@ Failure handling (DESIGN section 4):
 7. A write without a context (None) supersedes what the key's replicas hold when it is
    made: the coordinator reads them first, in the same request (DESIGN section 2). Only
    writes it cannot see, made concurrently elsewhere, become siblings. A blind write (an
-   empty context) supersedes nothing. Those of one key take turns here (kvd.node.turns),
+   empty context) supersedes nothing. Those of one key take turns here (kvd.node.turns;
+   a streamed value's turn starts once its upload is in, so it never holds the turn while
+   its client's connection waits),
    except when this node is the key's only replica: then the mint reads what it supersedes
    itself, pending writes included (kvd.node.local Rule 4), so there is no read before it
    and same-key writes share a group commit.
@@ -298,10 +300,9 @@ class Coordinator:
                 return await self._observed(op, self._write_here(
                     key, only, {"value": value, "deleted": deleted, "timestamp": timestamp,
                                 "wid": os.urandom(WRITE_ID_BYTES)}))
-        async with self._turns.turn(key) if context is None else nullcontext():
-            return await self._observed(op, self._write(
-                key, context, n, w, value=value, deleted=deleted, length=length,
-                chunks=chunks, timestamp=timestamp, vid=vid))
+        return await self._observed(op, self._write(
+            key, context, n, w, value=value, deleted=deleted, length=length,
+            chunks=chunks, timestamp=timestamp, vid=vid))
 
     def _only_replica_here(self, key: bytes, n: int) -> LocalReplica | None:
         """This node's replica when it is the only one a write of ``key`` goes to and the
@@ -330,33 +331,53 @@ class Coordinator:
         replicas = list(self.write_replicas(key, n))
         if length > MAX_VALUE:
             raise BadRequest(f"value of {length} bytes exceeds the 1 GiB limit")
-        if context is None:
-            context = await current_context(self, key, n, w)
         # Rule 2: one id for every attempt of this write, wherever it is minted.
         payload: dict = {"deleted": deleted, "timestamp": timestamp,
                          "wid": os.urandom(WRITE_ID_BYTES)}
-        patience = None
+        # Rule 7's turn is taken after a streamed value's upload: a write waiting for the
+        # turn must not leave its chunks unread, or the connection they share with the
+        # writer holding the turn stalls, and the turn is never given back.
+        turn = self._turns.turn(key) if context is None else nullcontext()
         if chunks is None:
             payload["value"] = value
-            deadline = self.clock() + self.request_timeout
-            minted, others, failed = await self._mint(key, context, payload, replicas, w, deadline)
-        else:
+            async with turn:
+                if context is None:
+                    context = await current_context(self, key, n, w)
+                deadline = self.clock() + self.request_timeout
+                minted, others, failed = await self._mint(key, context, payload, replicas, w,
+                                                          deadline)
+                return await self._replicate(key, n, w, minted, others, replicas, failed,
+                                             deadline)
+        try:
+            targets, count = await stream_chunks(self._call, key, vid, length, chunks,
+                                                 replicas, w)
+        except BaseException:
+            self._discard_upload(replicas, key, vid)
+            raise
+        payload["chunks"] = versions.ChunkRef(vid=vid, length=length, count=count)
+        async with turn:
             try:
-                targets, count = await stream_chunks(self._call, key, vid, length, chunks,
-                                                     replicas, w)
-                payload["chunks"] = versions.ChunkRef(vid=vid, length=length, count=count)
+                if context is None:
+                    context = await current_context(self, key, n, w)
                 deadline = self.clock() + self.request_timeout  # the upload is the client's
                 # A replica seals (fsyncs) the value's bytes before it stores the manifest:
                 # proportional to the size, so these calls get the whole request's time.
-                patience = self.request_timeout
                 minted, others, failed = await self._mint(key, context, payload, targets, w,
-                                                          deadline, patience)
+                                                          deadline, self.request_timeout)
             except BaseException:
-                # No manifest references this upload anywhere: its chunks are garbage.
-                for replica in replicas:
-                    self.background.start_soon(discard_upload, replica, key, vid,
-                                               self.replica_timeout)
+                self._discard_upload(replicas, key, vid)
                 raise
+            return await self._replicate(key, n, w, minted, others, replicas, failed,
+                                         deadline, self.request_timeout)
+
+    def _discard_upload(self, replicas, key: bytes, vid: bytes) -> None:
+        """No manifest references this upload anywhere: its chunks are garbage."""
+        for replica in replicas:
+            self.background.start_soon(discard_upload, replica, key, vid, self.replica_timeout)
+
+    async def _replicate(self, key, n, w, minted, others, replicas, failed, deadline,
+                         patience=None) -> WriteResult:
+        """The minted version to the other replicas (rules 3 and 9), answered at W."""
         hints = [rep for rep in others if rep.role is Role.HINT]
         others = [rep for rep in others if rep not in hints]
         for hint in hints:  # local and durable before we answer; not counted towards W
