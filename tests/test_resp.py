@@ -319,3 +319,23 @@ def test_with_tls_configured_the_resp_port_speaks_tls(tmp_path):
             redis.Redis(port=node.resp_port, socket_timeout=10).get("k")
     finally:
         node.kill()
+
+
+def test_a_pipeline_sent_whole_before_its_replies_are_read_completes(node):
+    """redis-py's pipeline writes every command, then reads every reply. kvd used to stop
+    reading while its replies waited for the client, which was still writing: both waited
+    for good (an outside test: 1,000 GET and SET pairs of 100 KB; 60 pairs were enough).
+    Replies now wait in a per-connection queue, up to 4 MiB (resp_service Rule 3), while
+    commands are read, as Redis's output buffers do (without their limit)."""
+    client = redis.Redis(port=node.resp_port, socket_timeout=20)
+    value = os.urandom(100_000)
+    client.set(b"pipe:src", value)
+    pipe = client.pipeline(transaction=False)
+    for i in range(60):
+        pipe.get(b"pipe:src")
+        pipe.set(b"pipe:%d" % i, value)
+    started = time.monotonic()
+    replies = pipe.execute()
+    assert replies == [value, True] * 60
+    assert time.monotonic() - started < 15  # a deadlock ends at the 20 s socket_timeout
+    assert client.get(b"pipe:59") == value

@@ -12,7 +12,8 @@ Rules:
    it passes through the scheduler at least once per call (a wait, or a checkpoint), so a
    connection whose peer always has more to send never starves the other tasks.
 2. ``send_all`` sends at once and waits for writability only when the socket buffer is full.
-   It is a cancellation point only when it must wait.
+   It is a cancellation point only when it must wait. ``send_now`` never waits: it sends
+   what the buffer takes and says how much.
 3. A reset or closed peer raises trio.BrokenResourceError, as trio's streams do. The
    descriptor stays the trio stream's (read(2) and write(2) on it, no second socket
    object): ``aclose`` closes that stream, and so does whoever would have closed it.
@@ -74,6 +75,16 @@ class RawStream:
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
             view = view[sent:]
+
+    def send_now(self, data) -> int:
+        """Send what the socket buffer takes at once, never waiting: how many bytes."""
+        self._check_open()
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()

@@ -14,8 +14,17 @@ Rules:
    pending, or for ``idle_timeout`` afterwards, is closed. One watchdog task per connection
    enforces it (``_IdleWatch``), not a cancel scope per read.
 3. Pipelining: commands are answered in order, one at a time; replies are gathered and
-   written when the parser needs more bytes, so memory per connection is one command plus
-   one read plus the pending replies of one read's commands.
+   written when the parser needs more bytes. Writing never holds up reading: what the
+   socket does not take at once waits in the connection's output queue, sent by a writer
+   task, while the next commands are read. A client that writes a whole pipeline before it
+   reads a reply (redis-py's pipeline) would otherwise wait for kvd while kvd waited for
+   it, for good, once the replies filled the sockets' buffers (60 GETs of 100 KB did).
+   The queue is bounded, as Redis's output buffers for normal clients are not (memory per
+   connection, tests/test_resp.py's hostile input): past ``OUTPUT_LIMIT`` bytes
+   (``STREAM_WINDOW`` while a value above chunk_size streams out) the commands wait for
+   the client to read, and a client that reads nothing for ``idle_timeout`` meanwhile is
+   closed (Rule 2). A pipeline whose replies exceed the queue and the sockets' buffers
+   (about 10 MB on loopback) therefore still fails, after idle_timeout.
 4. A protocol error gets ``-ERR Protocol error: ...`` and the connection closes; any other
    failure of a command is an error reply and the connection stays.
 """
@@ -43,6 +52,8 @@ log = logging.getLogger("kvd.resp")
 
 READ_SIZE = 64 * 1024
 FLUSH_AT = 256 * 1024  # gathered reply bytes written before the next command runs
+OUTPUT_LIMIT = 4 << 20  # queued reply bytes before commands wait for the client (Rule 3)
+STREAM_WINDOW = 4 << 20  # queued bytes of a streamed value before its next piece is read
 REDIS_VERSION = "7.0.0"  # the Redis command set kvd answers like
 _ids = itertools.count(1)
 
@@ -63,6 +74,13 @@ class Session:
         self.out: list[bytes] = []
         self.reading = False  # waiting for the client's bytes since ``waiting_since`` (Rule 2)
         self.waiting_since = self.node.clocks.monotonic()
+        # Rule 3: the output queue, and since when the client has not taken its bytes.
+        self._send_now = getattr(stream, "send_now", None)  # kvd.net.rawstream only
+        self._queue: list[bytes] = []
+        self.queued = 0
+        self.sending_since: float | None = None
+        self._queue_changed = trio.Event()
+        self.writer_running = False
 
     @property
     def security(self):
@@ -74,10 +92,40 @@ class Session:
         self.grant = grant
         self.parser.limits = replace(resp.AUTHENTICATED, stream_above=self.node.config.chunk_size)
 
-    async def flush(self) -> None:
+    async def flush(self, room: int = OUTPUT_LIMIT) -> None:
+        """Send the gathered replies: at once what the socket takes, the rest through the
+        output queue; then wait while more than ``room`` bytes are queued (Rule 3)."""
         if self.out:
             data, self.out = b"".join(self.out), []
+            if not self.writer_running:  # before or after the command loop
+                await self.stream.send_all(b"".join(self._queue) + data)
+                self._queue, self.queued = [], 0
+                return
+            if not self.queued and self._send_now is not None:  # nothing queued or in flight
+                data = data[self._send_now(data):]  # the usual case: the socket takes it all
+            if data:
+                self._queue.append(data)
+                self.queued += len(data)
+                self._changed()
+        while self.queued > room:
+            await self._queue_changed.wait()
+
+    def _changed(self) -> None:
+        self._queue_changed.set()
+        self._queue_changed = trio.Event()
+
+    async def write_queued(self) -> None:
+        """The writer task (Rule 3): sends the output queue, in order, until cancelled."""
+        self.writer_running = True
+        while True:
+            while not self._queue:
+                await self._queue_changed.wait()
+            data, self._queue = b"".join(self._queue), []
+            self.sending_since = self.node.clocks.monotonic()
             await self.stream.send_all(data)
+            self.sending_since = None
+            self.queued -= len(data)
+            self._changed()
 
     def reply(self, value) -> None:
         self.out.append(resp.encode(value, self.resp3))
@@ -98,17 +146,19 @@ class Session:
             self.parser.receive_data(data)
 
     async def watch(self, scope: trio.CancelScope) -> None:
-        """Cancel ``scope`` once the session has waited too long for the client's bytes
-        (Rule 2): one task per connection (a cancel scope per read cost about 7% of a
-        redis-benchmark GET's CPU)."""
+        """Cancel ``scope`` once the session has waited too long for the client, to send
+        its bytes or to read ours (Rules 2 and 3): one task per connection (a cancel scope
+        per read cost about 7% of a redis-benchmark GET's CPU)."""
         while True:
             config = self.node.config
             pending = self.ticket is not None and self.ticket.pending
             timeout = config.handshake_timeout if pending else config.idle_timeout
-            if not self.reading:  # a command runs: its wait, if any, starts later
+            waits = [since for since in (self.waiting_since if self.reading else None,
+                                         self.sending_since) if since is not None]
+            if not waits:  # a command runs: its wait, if any, starts later
                 await trio.sleep(timeout)
                 continue
-            deadline = self.waiting_since + timeout
+            deadline = min(waits) + timeout
             if self.node.clocks.monotonic() >= deadline:
                 scope.cancel()
                 return
@@ -152,7 +202,9 @@ async def _serve(session: Session) -> None:
     with unwrap_single_error():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.watch, nursery.cancel_scope)
+            nursery.start_soon(session.write_queued)
             await _commands(session)
+            await session.flush(room=0)  # everything answered has gone out
             nursery.cancel_scope.cancel()
 
 
@@ -252,10 +304,10 @@ async def _send_streamed(session: Session, item: resp_data.Streamed) -> None:
                             f"{resp_data.shown(item.key)}"))
         return
     session.out.append(resp.bulk_header(chunks.length))
-    await session.flush()
 
     async def send(data: bytes, _end: bool) -> None:
-        await session.stream.send_all(data)
+        session.out.append(data)
+        await session.flush(room=STREAM_WINDOW)  # memory: the window, not the value
 
     await send_value(item.source, item.key, chunks, send)
     session.out.append(b"\r\n")
