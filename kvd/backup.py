@@ -4,17 +4,25 @@ directory (README "Backup and restore", kvd(8) RESTORE).
 A backup is a stream of msgpack maps, written by a running node (kvd.node.backup) and read
 here; nothing else reads or writes it:
 
-    {"magic": "kvd-backup", "format": 1, "node", "cluster", "created"}   first
+    {"magic": "kvd-backup", "format": 2, "node", "cluster", "created"}   first
     {"kv": [[key, value], ...]}          LevelDB records of one snapshot, in key order
     {"blob": "ab/abcd..."}               a blob file (large values), then its bytes in
     {"data": bytes} ...                  pieces until the next map that is not "data"
-    {"end": {"records": n, "blobs": m}}  last: a file without it is truncated
+    {"end": {"records": n, "blobs": m, "sha256": digest}}
+                                         last: a file without it is truncated; the digest
+                                         is of every byte before this map
+
+Format 1 had no digest: one flipped byte in a blob restored as a damaged value. It is
+refused, not restored unchecked.
 
 Rules:
 1. The records come from one LevelDB snapshot, taken after the node began holding its
    blob files (kvd.storage.blobs ``hold``), so every blob a record names is in the file.
-2. A restore writes into an empty data directory only, and checks the end record before it
-   reports success: a truncated or foreign file never passes for a backup.
+2. A restore writes into an empty data directory only, and checks the end record (counts
+   and digest, nothing after it) before it reports success: a truncated, damaged or foreign
+   file never passes for a backup. It writes a marker file (kvd.node.data_dir
+   RESTORE_MARKER) before its first record and removes it last, so a directory that a
+   failed or killed restore left behind is refused by kvd at start, never served.
 3. A restored directory gets a new incarnation (kvd.node.data_dir), so the node never
    mints a dot it minted after the backup was taken, and a "restored" mark: at start the
    node refuses replica reads and fetches every partition it replicates from the other
@@ -24,6 +32,7 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -36,7 +45,7 @@ from kvd.errors import KvdError, unwrap_single_error
 from kvd.storage import keys
 
 MAGIC = "kvd-backup"
-FORMAT = 1
+FORMAT = 2  # 2: the end record carries the SHA-256 of the stream
 KV_BATCH_BYTES = 256 * 1024  # LevelDB records per map, by size
 BLOB_PIECE = 256 * 1024  # bytes of a blob file per "data" map
 RESTORED_MARK = keys.meta_key("restored")
@@ -50,7 +59,14 @@ def backup_records(header: dict, items: Iterable[tuple[bytes, bytes]],
                    blob_root: Path) -> Iterator[bytes]:
     """The backup file, piece by piece: ``items`` (a LevelDB snapshot), then every blob
     file under ``blob_root``. Blocking: runs in a worker thread."""
-    pack = msgpack.Packer(use_bin_type=True).pack
+    packer = msgpack.Packer(use_bin_type=True)
+    digest = hashlib.sha256()
+
+    def pack(item: dict) -> bytes:
+        piece = packer.pack(item)
+        digest.update(piece)
+        return piece
+
     yield pack({"magic": MAGIC, "format": FORMAT, **header})
     batch: list = []
     size = records = 0
@@ -74,16 +90,50 @@ def backup_records(header: dict, items: Iterable[tuple[bytes, bytes]],
             while data := f.read(BLOB_PIECE):
                 yield pack({"data": data})
         blobs += 1
-    yield pack({"end": {"records": records, "blobs": blobs}})
+    yield packer.pack({"end": {"records": records, "blobs": blobs,
+                               "sha256": digest.digest()}})
+
+
+class _Hashing:
+    """The source as the unpacker reads it (ahead, in large reads), hashed only up to the
+    map the unpacker has reached: the end record holds the digest of the bytes before it."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self.source = source
+        self.sha = hashlib.sha256()
+        self.unhashed = bytearray()  # read, not hashed yet
+        self.hashed = self.total = 0  # offsets: hashed up to, read up to
+
+    def read(self, n: int) -> bytes:
+        data = self.source.read(n)
+        self.unhashed += data
+        self.total += len(data)
+        return data
+
+    def hash_to(self, offset: int) -> None:
+        take = offset - self.hashed
+        self.sha.update(self.unhashed[:take])
+        del self.unhashed[:take]
+        self.hashed = offset
 
 
 def _maps(source: IO[bytes]) -> Iterator[dict]:
-    unpacker = msgpack.Unpacker(source, raw=False, max_buffer_size=64 << 20)
+    """The maps of the file; the end record only once its digest matches the bytes before
+    it and nothing follows it."""
+    reader = _Hashing(source)
+    unpacker = msgpack.Unpacker(reader, raw=False, max_buffer_size=64 << 20)
     try:
         for item in unpacker:
             if not isinstance(item, dict):
-                raise BackupError("not a kvd backup (unexpected record)")
+                raise BackupError("not a kvd backup, or damaged (unexpected record)")
+            if "end" in item:
+                if not isinstance(item["end"], dict) or \
+                        item["end"].get("sha256") != reader.sha.digest():
+                    raise BackupError("the backup is damaged: its SHA-256 does not match")
+                if unpacker.tell() != reader.total or reader.read(1):
+                    raise BackupError("the backup is damaged: bytes follow its end record")
             yield item
+            reader.hash_to(unpacker.tell())  # up to the start of the next map
     except (ValueError, msgpack.UnpackException) as exc:
         raise BackupError(f"not a kvd backup, or damaged: {exc}") from None
 
@@ -97,15 +147,9 @@ def _empty_dir(data_dir: Path) -> None:
 async def restore(source: IO[bytes], data_dir: Path) -> dict:
     """Rebuild ``data_dir`` from the backup read from ``source`` (Rules 2 and 3); returns
     the header with the counts. Raises BackupError with one line on any problem."""
-    with unwrap_single_error():  # the store's committer runs in a nursery
-        return await _restore(source, data_dir)
-
-
-async def _restore(source: IO[bytes], data_dir: Path) -> dict:
     import trio
 
-    from kvd.node.data_dir import make_private
-    from kvd.storage import open_storage
+    from kvd.node.data_dir import RESTORE_MARKER, make_private
     from kvd.storage.blobs import fsync_dir
 
     _empty_dir(data_dir)
@@ -115,8 +159,32 @@ async def _restore(source: IO[bytes], data_dir: Path) -> dict:
     if not header or header.get("magic") != MAGIC:
         raise BackupError("not a kvd backup (no kvd-backup header)")
     if header.get("format") != FORMAT:
-        raise BackupError(f"backup format {header.get('format')!r} is not {FORMAT}: "
+        raise BackupError(f"backup format {header.get('format')!r} is not {FORMAT}, the "
+                          "only one this kvd restores (format 1 carries no checksum): "
                           "restore it with the kvd version that wrote it")
+    marker = data_dir / RESTORE_MARKER  # Rule 2: removed only once all is on disk
+    marker.write_text("kvd restore has not completed: wipe this directory\n")
+    fsync_dir(data_dir)
+    try:
+        with unwrap_single_error():  # the store's committer runs in a nursery
+            counts = await _restore_records(maps, data_dir)
+    except (TypeError, ValueError, AttributeError) as exc:  # a map of the wrong shape
+        raise BackupError(f"the backup is damaged ({exc}); {data_dir} is incomplete: "
+                          "wipe it") from None
+    except BackupError as exc:
+        raise BackupError(f"{exc}; {data_dir} is incomplete: wipe it") from None
+    marker.unlink()
+    fsync_dir(data_dir)
+    return {**header, **counts}
+
+
+async def _restore_records(maps: Iterator[dict], data_dir: Path) -> dict:
+    """The records and blob files after the header, checked against the end record."""
+    import trio
+
+    from kvd.storage import open_storage
+    from kvd.storage.blobs import fsync_dir
+
     records = blobs = 0
     end = None
     blob_root = data_dir / "blobs"
@@ -139,19 +207,22 @@ async def _restore(source: IO[bytes], data_dir: Path) -> dict:
                 (blob_root / name.parent).mkdir(parents=True, exist_ok=True)
                 out = open(blob_root / name, "wb")
                 blobs += 1
-            elif "end" in item:
+            elif "end" in item:  # its digest was checked by _maps
                 end = item["end"]
                 break
-        if end is None or end != {"records": records, "blobs": blobs}:
+        if end is None or (end.get("records"), end.get("blobs")) != (records, blobs):
             raise BackupError(f"the backup is truncated or damaged ({records} records and "
-                              f"{blobs} blobs read, end record {end!r}); {data_dir} is "
-                              "incomplete: wipe it")
+                              f"{blobs} blobs read, end record {_counts(end)})")
         if blob_root.exists():
             for sub in blob_root.iterdir():
                 fsync_dir(sub)
             fsync_dir(blob_root)
         await storage.write(_fresh_incarnation(storage) + [(RESTORED_MARK, b"1")])
-    return {**header, "records": records, "blobs": blobs}
+    return {"records": records, "blobs": blobs}
+
+
+def _counts(end: dict | None) -> str:
+    return "missing" if end is None else f"{end.get('records')} records, {end.get('blobs')} blobs"
 
 
 def _close_synced(f: IO[bytes]) -> None:

@@ -45,7 +45,12 @@ from kvd.node.staging import Offload
 from kvd.node import resp_service
 from kvd.node.connections import handle_connection
 from kvd.node.coordinator import Coordinator
-from kvd.node.data_dir import Identity, load_identity, make_private
+from kvd.node.data_dir import (
+    Identity,
+    load_identity,
+    make_private,
+    refuse_unfinished_restore,
+)
 from kvd.node.local import LocalStore
 from kvd.node.replica import LocalReplica
 from kvd.security import Security, context_key
@@ -138,6 +143,7 @@ async def _open_store(config: Config, disk: MemoryDisk | None):
     data_dir = None if config.data_dir == ":memory:" or disk is not None else config.data_dir
     if data_dir is not None:
         make_private(data_dir)
+        refuse_unfinished_restore(data_dir)
     async with open_storage(data_dir, sync=config.sync, sync_interval=config.sync_interval,
                             cache_mb=config.cache_mb, disk=disk) as storage:
         blobs: BlobStore | MemoryBlobStore

@@ -8,15 +8,19 @@ one-node cluster holds the same keys and values."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
+import msgpack
 import pytest
 import trio
 
 from kvd.backup import BackupError, restore
 from kvd.client import open_client
+from kvd.node.data_dir import RESTORE_MARKER
+from kvd.storage.keys import meta_key
 from tests.procs import ROOT, KvdProcess
 from tests.realcluster import (
     SMALL_RING,
@@ -143,9 +147,87 @@ async def test_restore_refuses_what_is_not_a_complete_backup(tmp_path):
 
     from kvd.backup import backup_records
 
-    whole = b"".join(backup_records({"node": "n1", "cluster": "c"}, [(b"mx", b"1")],
+    identity = msgpack.packb({"node": "n1", "incarnation": "i1", "created": 0.0})
+    whole = b"".join(backup_records({"node": "n1", "cluster": "c"},
+                                    [(meta_key("identity"), identity), (b"mx", b"1")],
                                     tmp_path / "no-blobs"))
     truncated = tmp_path / "truncated"
     truncated.write_bytes(whole[:-4])
     with open(truncated, "rb") as source, pytest.raises(BackupError, match="truncated"):
         await restore(source, tmp_path / "d2")
+    assert (tmp_path / "d2" / RESTORE_MARKER).exists()  # kvd refuses to start on d2
+
+    # One flipped bit anywhere, a byte appended, or a format-1 file (no checksum): refused.
+    value = whole.index(b"mx\xc4\x01") + 4  # the value b"1" of mx
+    damaged = {
+        "flipped": whole[:value] + b"3" + whole[value + 1:],
+        "appended": whole + b"\x00",
+        "format 1": whole.replace(b"\xa6format\x02", b"\xa6format\x01", 1),
+    }
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        with open(tmp_path / name, "rb") as source, pytest.raises(BackupError) as caught:
+            await restore(source, tmp_path / f"d-{name}")
+        assert ("format 1 is not 2" if name == "format 1" else "damaged") in str(caught.value)
+
+    with open(tmp_path / "intact", "wb") as f:
+        f.write(whole)
+    with open(tmp_path / "intact", "rb") as source:
+        assert (await restore(source, tmp_path / "d3"))["records"] == 2
+    assert not (tmp_path / "d3" / RESTORE_MARKER).exists()
+
+
+def start_failing(node: KvdProcess) -> tuple[int, str]:
+    """Start ``node`` expecting it to refuse its data directory: its exit code and the
+    lines it logged."""
+    before = len(node.log_text())
+    node.start(wait=False)
+    assert node.proc is not None
+    code = node.proc.wait(60)
+    return code, node.log_text()[before:]
+
+
+async def test_a_damaged_backup_is_refused_and_leaves_no_startable_directory(tmp_path, procs):
+    """Outside tester: one byte flipped in a blob passed for a backup and the node served the
+    damaged value; a truncated backup left a directory kvd started on as healthy (UN), whose
+    large value then failed. Both restores exit 1, and kvd refuses either directory."""
+    config = {**CONFIG, "n": 1, "r": 1, "w": 1}
+    n1 = start_node(tmp_path, procs, "n1", config)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3_000_000))
+    out = await trio.to_thread.run_sync(lambda: run_kvctl(n1, "put", "bigkey", "-f", str(big)))
+    assert out.returncode == 0, out.stderr.decode()
+    backup_file = tmp_path / "n1.bk"
+    out = await trio.to_thread.run_sync(
+        lambda: run_kvctl(n1, "backup", "--output", str(backup_file)))
+    assert out.returncode == 0, out.stderr.decode()
+    n1.stop()
+
+    whole = backup_file.read_bytes()
+    flipped = bytearray(whole)
+    flipped[2_000_000] ^= 0xFF  # inside the blob's bytes
+    damaged = {"flip": bytes(flipped), "trunc": whole[:1_000_000]}
+    for name, data in damaged.items():
+        (tmp_path / f"{name}.bk").write_bytes(data)
+        shutil.rmtree(n1.data_dir)
+        done = await trio.to_thread.run_sync(
+            lambda: kvd_restore(str(tmp_path / f"{name}.bk"), "--data-dir", str(n1.data_dir)))
+        assert done.returncode == 1, (name, done.stderr)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "damaged" in done.stderr and "incomplete: wipe it" in done.stderr, done.stderr
+        code, logged = await trio.to_thread.run_sync(start_failing, n1)
+        assert code == 1, (name, logged)
+        assert "restore" in logged and "wipe" in logged, logged
+        assert "Traceback" not in logged, logged
+
+    # The intact backup still restores, and the node serves the value it held.
+    shutil.rmtree(n1.data_dir)
+    done = await trio.to_thread.run_sync(
+        lambda: kvd_restore(str(backup_file), "--data-dir", str(n1.data_dir)))
+    assert done.returncode == 0, done.stderr
+    n1.start()
+    got = tmp_path / "got.bin"
+    out = await trio.to_thread.run_sync(
+        lambda: run_kvctl(n1, "get", "bigkey", "--output", str(got)))
+    assert out.returncode == 0, out.stderr.decode()
+    assert got.read_bytes() == big.read_bytes()

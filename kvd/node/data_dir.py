@@ -1,7 +1,8 @@
 """What a node checks about its data directory before it serves from it: that only kvd can
-read it, and that it was created for this node (its identity).
+read it, that no `kvd restore` into it was left unfinished, and that it was created for
+this node (its identity).
 
-Both run once at start-up, before anything else touches the data: a data directory others
+They run once at start-up, before anything else touches the data: a data directory others
 may enter is refused, and so is one created for another node, so a misconfigured node never
 serves another's replicas.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from kvd.errors import ConfigError
+from kvd.errors import ConfigError, KvdError
 from kvd.storage import keys
 
 
@@ -35,6 +36,18 @@ def make_private(data_dir: str) -> None:
         raise ConfigError(
             f"data_dir {data_dir} is accessible by {'others' if mode & 0o007 else 'its group'}"
             f" (mode {mode:04o}): run chmod -R go-rwx {data_dir}")
+
+
+# Written by `kvd restore` before its first record, removed after its last (kvd.backup
+# Rule 2): a directory holding it is a partial copy that would serve damaged data.
+RESTORE_MARKER = "RESTORE-INCOMPLETE"
+
+
+def refuse_unfinished_restore(data_dir: str) -> None:
+    """KvdError (exit 1) when a `kvd restore` into ``data_dir`` failed or was killed."""
+    if os.path.exists(os.path.join(data_dir, RESTORE_MARKER)):
+        raise KvdError(f"data_dir {data_dir} holds an unfinished kvd restore "
+                       f"({RESTORE_MARKER}): wipe it and run kvd restore again")
 
 
 @dataclass
