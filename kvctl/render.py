@@ -20,11 +20,15 @@ def encode_context(context: bytes) -> str:
 
 
 def decode_context(text: str) -> bytes:
-    padded = text + "=" * (-len(text) % 4)
+    """A --context back to bytes, strictly: a made-up one is refused here, not read as "no
+    context" (kvd.versions.context_from_text, shared with the RESP port's KV.PUT)."""
+    from kvd.versions import context_from_text
+
     try:
-        return base64.urlsafe_b64decode(padded.encode())
-    except (ValueError, UnicodeEncodeError):
-        raise ValueError(f"--context {text[:20]!r} is not a context printed by kvctl") from None
+        return context_from_text(text)
+    except ValueError:
+        raise ValueError(f"--context {text[:20]!r} is not a context printed by kvctl: use "
+                         "the context of a get or put of this key, unchanged") from None
 
 
 def value_field(value: bytes) -> tuple[str, str]:

@@ -73,6 +73,33 @@ def test_put_without_context_supersedes_and_blind_adds_a_sibling(kv):
     assert both.returncode == 2 and "exclude each other" in err(both)
 
 
+@pytest.mark.parametrize("made_up", ["!!!", "é", " ", "...", "", "AAAAA", "AA=", "AAA==",
+                                     "AA+/"])
+def test_a_context_kvctl_never_printed_is_refused(kv, made_up):
+    """A lenient base64 decoder dropped the characters outside its alphabet: '!!!' became
+    the empty context, "no context", and replaced every sibling."""
+    kv("put", "ctxk", "orig")
+    kv("put", "ctxk", "conc", "--blind")
+    for command in (["put", "ctxk", "new"], ["delete", "ctxk"]):
+        refused = kv(*command, "--context", made_up)
+        assert refused.returncode == 2, err(refused)
+        assert err(refused).startswith("kvctl: error: --context ")
+        assert "not a context" in err(refused) and "Traceback" not in err(refused)
+    assert siblings(kv, "ctxk") == ["conc", "orig"]
+
+
+def test_context_text_is_decoded_strictly():
+    from kvd.versions import context_from_text
+
+    sealed = bytes(range(40))
+    text = render.encode_context(sealed)
+    assert context_from_text(text) == context_from_text(text.encode()) == sealed
+    assert context_from_text(text + "=" * (-len(text) % 4)) == sealed  # padded correctly
+    for bad in ("!!!", "é", " ", "...", "", "AAAAA", "AA=", "AA===", text + "\n", "AA+/"):
+        with pytest.raises(ValueError):
+            context_from_text(bad)
+
+
 def test_delete_without_context_deletes(kv):
     assert kv("put", "d1", "v").returncode == 0
     assert kv("delete", "d1").returncode == 0

@@ -33,6 +33,7 @@ from kvd.versions.causality import (
     update,
 )
 from kvd.versions.encoding import (
+    context_from_text,
     decode_context,
     decode_object,
     digest,
@@ -54,6 +55,7 @@ __all__ = [
     "VersionVector",
     "VersionedObject",
     "conflicting_dots",
+    "context_from_text",
     "context_of",
     "covers",
     "decode_context",

@@ -36,9 +36,11 @@ overflow anything.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import math
+import re
 import threading
 
 import msgpack
@@ -62,6 +64,7 @@ __all__ = [
     "encode_context",
     "encode_object",
     "encode_sibling_alone",
+    "context_from_text",
     "open_context",
     "seal_context",
 ]
@@ -171,6 +174,27 @@ def open_context(secret_key: bytes, key: bytes, data: object) -> VersionVector:
         raise BadRequest("forged or altered context: it was not issued for this key by this "
                          "cluster (use the context of a GET or PUT reply of the same key)")
     return decode_context(body[1:])
+
+
+_CONTEXT_TEXT = re.compile(rb"[A-Za-z0-9_-]+")
+
+
+def context_from_text(text: str | bytes) -> bytes:
+    """The sealed context a client typed, from the unpadded base64url that kvctl and KV.GET
+    print (correct ``=`` padding is accepted too). Anything else raises ValueError: a
+    lenient decoder drops characters outside the alphabet, so ``!!!`` became the empty
+    context, "no context", and a write with it replaced every sibling. A sealed context
+    is never empty, so neither is its text."""
+    try:
+        data = text.encode("ascii") if isinstance(text, str) else bytes(text)
+    except UnicodeEncodeError:
+        raise ValueError("a context is base64url text") from None
+    body = data.rstrip(b"=")
+    padding = len(data) - len(body)
+    if (not _CONTEXT_TEXT.fullmatch(body) or len(body) % 4 == 1
+            or padding not in (0, -len(body) % 4)):
+        raise ValueError("a context is base64url text")
+    return base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4))
 
 
 def _parse_clock(flat: object) -> VersionVector:
