@@ -25,7 +25,7 @@ from kvctl.keys import keys as list_keys
 from kvctl.cluster import admin_call
 from kvctl.common import (  # noqa: F401
     DEFAULT_ADDRESS, DEFAULT_TIMEOUT, WatchCount, WatchFlag, WatchInterval, call, fail, options,
-    run,
+    run, seconds,
 )
 from kvd.errors import KvdError
 
@@ -139,7 +139,7 @@ def main_options(
         "--tls-ca", envvar="KVCTL_TLS_CA", metavar="FILE",
         help="Connect with TLS, trusting this CA file.")] = None,
     timeout: Annotated[float, typer.Option(
-        "--timeout", envvar="KVCTL_TIMEOUT", min=0.001, metavar="SECONDS",
+        "--timeout", envvar="KVCTL_TIMEOUT", min=0.001, metavar="SECONDS", callback=seconds,
         help="Seconds to wait for the node at each step before giving up.")] = DEFAULT_TIMEOUT,
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version.")] = False,
@@ -168,6 +168,9 @@ def main_options(
             options.token = token_file.read_text().strip()
         except OSError as exc:
             fail(f"--token-file {token_file}: {exc.strerror}", 2)
+        except UnicodeDecodeError:
+            fail(f"--token-file {token_file}: not UTF-8 text (a token file holds the token "
+                 "as text)", 2)
 
 
 _admin = admin_call  # the name kvctl modules written before the split import

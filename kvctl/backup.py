@@ -5,6 +5,7 @@ siblings and contexts, for migrations). The restore of a backup is `kvd restore`
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import sys
@@ -65,9 +66,54 @@ def _encoded(data: bytes) -> dict:
     return {"value": text, "encoding": encoding}
 
 
-def _decoded(text: str, encoding: str | None) -> bytes:
-    """The bytes an export line's (text, encoding) stands for."""
-    return base64.b64decode(text) if encoding == "base64" else text.encode()
+def _decoded(doc: dict, field: str, encoding_field: str) -> bytes:
+    """The bytes an export line's ``doc[field]`` stands for, as ``doc[encoding_field]``
+    says (utf-8 when absent); ValueError naming what is wrong. A made-up encoding is
+    refused, not stored as UTF-8, and base64 is decoded strictly (a lenient decoder drops
+    what is not base64)."""
+    text = doc.get(field)
+    if not isinstance(text, str):
+        raise ValueError(f'"{field}" is not a string')
+    encoding = doc.get(encoding_field, "utf-8")
+    try:
+        if encoding == "utf-8":
+            return text.encode()
+        if encoding == "base64":
+            return base64.b64decode(text, validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise ValueError(f'"{field}" is not {encoding}') from None
+    raise ValueError(f'"{encoding_field}" must be "utf-8" or "base64", got '
+                     f"{json.dumps(encoding)[:40]}")
+
+
+def _export_line(raw: bytes) -> tuple[bytes, list[bytes]]:
+    """The key and the live sibling values of one line of `kvctl export`; ValueError saying
+    what is wrong. The whole line is checked before any of it is written."""
+    from kvd.proto.messages import MAX_KEY_LEN
+
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    key = _decoded(doc, "key", "key_encoding")
+    if not 1 <= len(key) <= MAX_KEY_LEN:
+        raise ValueError(f'"key" must be 1..{MAX_KEY_LEN} bytes, got {len(key)}')
+    siblings = doc.get("siblings")
+    if not isinstance(siblings, list) or not all(isinstance(s, dict) for s in siblings):
+        raise ValueError('"siblings" is not a list of objects')
+    values = []
+    for sibling in siblings:
+        # Strictly a boolean: "deleted": "yes" was read as true, a delete.
+        if not isinstance(sibling.get("deleted"), bool):
+            raise ValueError('"deleted" of a sibling must be true or false')
+        value = _decoded(sibling, "value", "encoding")
+        if not sibling["deleted"]:
+            values.append(value)
+    return key, values
 
 
 async def _export(client, write) -> int:
@@ -127,23 +173,21 @@ def import_(
     supersedes what the key holds there, the others are added beside it (siblings stay
     siblings)."""
     try:
-        src = sys.stdin if str(file) == "-" else open(file, encoding="utf-8")
+        # Bytes: each line is decoded on its own, so text that is not UTF-8 is named by
+        # its line number instead of ending the import with a traceback.
+        src = sys.stdin.buffer if str(file) == "-" else open(file, "rb")
     except OSError as exc:
         fail(f"{file}: {exc.strerror}", 1)
 
     def lines():
         with src:
-            for number, text in enumerate(src, 1):
-                if not text.strip():
+            for number, raw in enumerate(src, 1):
+                if not raw.strip():
                     continue
                 try:
-                    doc = json.loads(text)
-                    key = _decoded(doc["key"], doc.get("key_encoding"))
-                    values = [_decoded(s["value"], s.get("encoding"))
-                              for s in doc["siblings"] if not s["deleted"]]
-                except (ValueError, KeyError, TypeError) as exc:
+                    yield _export_line(raw)
+                except ValueError as exc:
                     fail(f"{file}:{number}: not a line of `kvctl export`: {exc}", 2)
-                yield key, values
 
     async def run(client):
         count = 0

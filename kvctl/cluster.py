@@ -141,6 +141,11 @@ def repair(
 ) -> None:
     """Compare this node's replicas with the other replicas (hash trees) and repair differences."""
     fields: dict = {"op": "repair", "wait": wait}
+    # The largest ring kvd.config allows (ring_size 65536); the node checks its own ring's
+    # size. A number past it would not even encode in the request.
+    if partition is not None and not 0 <= partition < 65536:
+        fail(f"--partition {partition} is not in 0..65535 (`kvctl ring` shows this ring's "
+             "partitions)", 2)
     if partition is not None:
         fields["partition"] = partition
     if wait and not options.json:

@@ -10,6 +10,7 @@ runs any other trio program (bench).
 from __future__ import annotations
 
 import inspect
+import math
 from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
@@ -40,10 +41,22 @@ options = Options()
 
 
 USAGE_EXIT = 2
+# As good as forever (31 years), and within what a socket timeout or a sleep accepts.
+MAX_SECONDS = 1e9
+
+
+def seconds(value: float) -> float:
+    """The callback of a SECONDS option: a finite number, at most MAX_SECONDS. typer's range
+    check lets nan through, and inf overflowed a socket timeout: both were internal errors."""
+    if not math.isfinite(value) or value > MAX_SECONDS:
+        raise typer.BadParameter(f"{value} is not a number of seconds up to {MAX_SECONDS:g}")
+    return value
+
 
 # --watch, --interval and --count of the commands that can redraw in place (kvctl.live).
 WatchFlag = Annotated[bool, typer.Option("--watch", help="Redraw in place until Ctrl-C.")]
 WatchInterval = Annotated[float, typer.Option("--interval", min=0.1, metavar="SECONDS",
+                                              callback=seconds,
                                               help="Seconds between refreshes.")]
 WatchCount = Annotated[Optional[int], typer.Option("--count", min=1, metavar="N",
                                                    help="Stop after this many refreshes.")]

@@ -31,7 +31,8 @@ def keys(
     """List keys (a full scan of the cluster: every partition is read)."""
     from kvd.proto.messages import MAX_KEY_LEN  # here: kvctl's other commands start faster
 
-    wanted = (prefix or "").encode()
+    # Bytes as KEY takes them: a shell's $'\xff' arrives as a surrogate escape.
+    wanted = (prefix or "").encode("utf-8", "surrogateescape")
     if len(wanted) > MAX_KEY_LEN:
         fail(f"--prefix must be at most {MAX_KEY_LEN} bytes", 2)
     call(walk(wanted, limit, options.json))

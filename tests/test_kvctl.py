@@ -356,6 +356,87 @@ def test_token_file_from_the_environment(kvctl_cli, node, tmp_path, monkeypatch)
     assert result.returncode == 2 and "no-such-token" in err(result)
 
 
+def one_usage_error(result, says: str) -> None:
+    """Exit 2, and the error is one line (a usage line may follow), no internal error."""
+    assert result.returncode == 2, err(result)
+    error = err(result).splitlines()[0]
+    assert error.startswith("kvctl: error: ") and says in error, error
+    assert "internal error" not in err(result) and "Traceback" not in err(result)
+    assert len(err(result).splitlines()) <= 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--timeout", "nan", "status"], "--timeout"),
+    (["--timeout", "inf", "status"], "--timeout"),
+    (["--timeout", "1e300", "status"], "--timeout"),
+    (["status", "--watch", "--interval", "nan", "--count", "2"], "--interval"),
+    (["transfers", "--watch", "--interval", "inf", "--count", "2"], "--interval"),
+    (["repair", "--partition", "99999999999999999999"], "--partition"),
+    (["repair", "--partition", "-1"], "--partition"),
+])
+def test_bad_option_values_are_usage_errors(kv, args, says):
+    one_usage_error(kv(*args), says)
+
+
+def test_bad_timeout_from_the_environment_is_a_usage_error(kv, monkeypatch):
+    monkeypatch.setenv("KVCTL_TIMEOUT", "nan")
+    one_usage_error(kv("status"), "--timeout")
+
+
+def test_a_binary_token_file_is_a_usage_error(kv, tmp_path):
+    token = tmp_path / "token"
+    token.write_bytes(b"\xce\xff\x00binary")
+    one_usage_error(kv("--token-file", str(token), "status"), f"--token-file {token}: ")
+
+
+def test_keys_prefix_is_bytes_as_a_key_is(kv):
+    """A prefix that is not UTF-8 (a shell's $'\\xff') lists the keys that start with those
+    bytes, as KEY takes them (surrogateescape), instead of failing to encode."""
+    assert kv("put", "\udcffpre-k", "v").returncode == 0
+    listed = kv("keys", "--prefix", "\udcffpre")
+    assert listed.returncode == 0, err(listed)
+    assert listed.stdout == b"\xffpre-k\n"
+
+
+@pytest.mark.parametrize("line, says", [
+    (b'{"key": 5, "siblings": []}', "key"),
+    (b'{"key": "k", "siblings": [{"value": 5, "encoding": "utf-8", "deleted": false}]}',
+     "value"),
+    (b'{"key": "k", "siblings": [{"value": "v", "encoding": "rot13", "deleted": false}]}',
+     "encoding"),
+    (b'{"key": "k", "key_encoding": "rot13", "siblings": []}', "key_encoding"),
+    (b'{"key": "k", "siblings": [{"value": "v", "encoding": "utf-8", "deleted": "yes"}]}',
+     "deleted"),
+    (b'{"key": "k", "siblings": [{"value": "!!!", "encoding": "base64", "deleted": false}]}',
+     "base64"),
+    (b'{"key": "k", "siblings": {"value": "v"}}', "siblings"),
+    (b'["k"]', "object"),
+    (b'{"key": "k", "siblings": [{"value": "v", "encoding": "utf-8", "deleted": false}]',
+     "JSON"),
+    (b'{"key": "k\xff", "siblings": []}', "UTF-8"),
+])
+def test_import_refuses_a_bad_line_before_writing_it(kv, tmp_path, line, says):
+    """Lines before the bad one are written; the bad one stops the import, named by its
+    number, and nothing of it is written (kvctl(1), import)."""
+    kv("delete", "imp-good")
+    kv("delete", "k")
+    good = b'{"key": "imp-good", "siblings": [{"value": "g", "encoding": "utf-8", ' \
+           b'"deleted": false}]}'
+    source = tmp_path / "export.jsonl"
+    source.write_bytes(good + b"\n" + line + b"\n")
+    refused = kv("import", str(source))
+    one_usage_error(refused, f"{source}:2: ")
+    assert says in err(refused)
+    assert kv("get", "imp-good").stdout == b"g"
+    assert kv("get", "k").returncode == 1  # nothing of line 2 was written
+
+
+def test_import_of_a_binary_file_names_it(kv, tmp_path):
+    source = tmp_path / "binary"
+    source.write_bytes(b"\xce\xff" * 40)
+    one_usage_error(kv("import", str(source)), f"{source}:1: ")
+
+
 def test_ctrl_c_prints_interrupted_and_exits_130(silent_port):
     """A real process: SIGINT while kvctl waits for a node that never answers. kvctl gets
     SIGINT at its default, as a shell's foreground job does: a test run started in the
