@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -65,29 +66,38 @@ def _value_source(value: str | None, file: Path | None):
             handle = open(file, "rb")
         except OSError as exc:
             fail(f"--file {file}: {exc.strerror}", 1)
-        with handle:
-            yield None, handle
+        with handle, _from_handle(handle) as source:
+            yield source
     elif value == "-":
-        stdin = sys.stdin.buffer
-        try:
-            regular = os.path.isfile(f"/proc/self/fd/{stdin.fileno()}")
-        except (OSError, ValueError):
-            regular = False
-        if regular:
-            yield None, stdin
-        else:
-            # A pipe has no length: spool it (to disk past 8 MiB) so the size is known.
-            with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
-                shutil.copyfileobj(stdin, spool, 1 << 20)
-                size = spool.tell()
-                spool.seek(0)
-                if size <= _SPOOL_IN_MEMORY:
-                    yield spool.read(), None
-                else:
-                    yield None, spool
+        with _from_handle(sys.stdin.buffer) as source:
+            yield source
     else:
         assert value is not None  # exactly one of value and file, checked above
         yield value.encode("utf-8", "surrogateescape"), None
+
+
+@contextmanager
+def _from_handle(handle):
+    """Yield (bytes, None) or (None, handle) for a binary file: a regular file is streamed
+    by its size; a pipe has no size and is spooled (to disk past 8 MiB) to learn it."""
+    try:
+        info = os.fstat(handle.fileno())
+        regular = stat.S_ISREG(info.st_mode)
+    except (OSError, ValueError):
+        regular = False
+    if regular and info.st_size > 0:
+        yield None, handle
+    elif regular:
+        yield b"", None  # the node refuses a stream of zero bytes: an empty value is inline
+    else:
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
+            shutil.copyfileobj(handle, spool, 1 << 20)
+            size = spool.tell()
+            spool.seek(0)
+            if size <= _SPOOL_IN_MEMORY:
+                yield spool.read(), None
+            else:
+                yield None, spool
 
 
 def put(

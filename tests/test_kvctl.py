@@ -100,6 +100,28 @@ def test_context_text_is_decoded_strictly():
             context_from_text(bad)
 
 
+def test_an_empty_file_or_stdin_stores_an_empty_value(kv, node, tmp_path):
+    """A file's bytes were always streamed, and a stream of zero bytes is refused by the
+    node ("a streamed PUT must declare a length above zero"): zero bytes now go inline."""
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    kv("put", "ev", "x")
+    stored = kv("put", "ev", "-f", str(empty))
+    assert stored.returncode == 0, err(stored)
+    got = kv("get", "ev")
+    assert (got.returncode, got.stdout) == (0, b"")
+    # A real process whose stdin is the empty file (a regular file: read as one, not spooled).
+    with open(empty, "rb") as stdin:
+        piped = subprocess.run([sys.executable, "-m", "kvctl.app", "--host", node.address,
+                                "put", "sk", "-"], stdin=stdin, capture_output=True, cwd=ROOT,
+                               timeout=60, env={**os.environ, "NO_COLOR": "1"})
+    assert piped.returncode == 0, piped.stderr.decode()
+    got = kv("--json", "get", "sk")
+    assert json.loads(got.stdout)["siblings"] == [
+        {"value": "", "encoding": "utf-8", "deleted": False, "length": 0}]
+    assert kv("put", "sk2", "-", input=b"").returncode == 0  # a pipe: spooled, always was
+
+
 def test_delete_without_context_deletes(kv):
     assert kv("put", "d1", "v").returncode == 0
     assert kv("delete", "d1").returncode == 0
