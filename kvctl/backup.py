@@ -19,15 +19,58 @@ from kvctl.common import call, fail, options
 
 
 def backup(
-    output: Annotated[Path, typer.Option("--output", "-o",
-                                         help="File to write the backup to.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write the backup "
+                                         "to ('-' for stdout).")],
 ) -> None:
     """Back up --host's node: a consistent LevelDB snapshot plus its blob files."""
+    to_stdout = str(output) == "-"  # as for export: for `kvd restore -` across a pipe
+    # Refused before the node streams anything (a directory failed only at the end).
+    if to_stdout and options.json:
+        fail("--output -: the backup takes stdout, so --json cannot; give a file name", 2)
+    if to_stdout and render.stdout_is_terminal():
+        fail("--output -: refusing to write a binary backup to a terminal; redirect stdout "
+             "to a file or a pipe", 2)
+    if not to_stdout and output.is_dir():
+        fail(f"--output {output}: is a directory; give a file name", 2)
+    if to_stdout:
+        doc = _stream(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    else:
+        doc = _to_file(output)
+    where = "standard output" if to_stdout else str(output)
+    doc = {"node": doc["node"], "cluster": doc["cluster"], "bytes": doc["bytes"],
+           "output": str(output)}
+    if options.json:
+        render.emit_json(doc)
+    else:
+        render.note(f"backed up node {doc['node']} ({render.human_bytes(doc['bytes'])}) to "
+                    f"{where}; restore with `kvd restore {output} --data-dir DIR`")
+
+
+def _to_file(output: Path) -> dict:
+    """The backup streamed to FILE.partial, renamed FILE once complete and on disk."""
     partial = output.with_name(output.name + ".partial")
     try:
-        out = open(partial, "wb")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as exc:
         fail(f"--output {output}: {exc.strerror}", 1)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            # A backup is a copy of every value the node holds: private as kvd's data
+            # directory is, 0600 whatever the umask or the mode of a file left there before.
+            os.fchmod(fd, 0o600)
+            doc = _stream(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, output)  # a file named FILE is always a complete backup
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return doc
+
+
+def _stream(out) -> dict:
+    """The node's backup written to the binary file ``out``, with progress on a terminal."""
     show = sys.stderr.isatty() and not options.json
 
     async def run(client):
@@ -43,22 +86,7 @@ def backup(
             task = bar.add_task("backup", total=None)
             return await client.backup(out, lambda done: bar.update(task, completed=done))
 
-    try:
-        with out:
-            doc = call(run)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, output)  # a file named FILE is always a complete backup
-    finally:
-        if partial.exists():
-            partial.unlink()
-    doc = {"node": doc["node"], "cluster": doc["cluster"], "bytes": doc["bytes"],
-           "output": str(output)}
-    if options.json:
-        render.emit_json(doc)
-    else:
-        render.note(f"backed up node {doc['node']} ({render.human_bytes(doc['bytes'])}) to "
-                    f"{output}; restore with `kvd restore {output} --data-dir DIR`")
+    return call(run)
 
 
 def _encoded(data: bytes) -> dict:

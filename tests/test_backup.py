@@ -231,3 +231,67 @@ async def test_a_damaged_backup_is_refused_and_leaves_no_startable_directory(tmp
         lambda: run_kvctl(n1, "get", "bigkey", "--output", str(got)))
     assert out.returncode == 0, out.stderr.decode()
     assert got.read_bytes() == big.read_bytes()
+
+
+
+
+@pytest.fixture
+def one_node(tmp_path, procs):
+    node = KvdProcess(tmp_path / "n1" / "data").start()
+    procs.append(node)
+    return node
+
+
+def test_backup_to_a_directory_is_refused_before_the_node_is_asked(tmp_path, kvctl_cli):
+    """As `get -o DIR`: refused at once (the port has no node: nothing was asked of one),
+    not after streaming the whole backup ("[Errno 21] Is a directory")."""
+    from tests.procs import free_port
+
+    refused = kvctl_cli("backup", "-o", str(tmp_path), host=f"127.0.0.1:{free_port()}")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.decode().startswith(f"kvctl: error: --output {tmp_path}: is a "
+                                              "directory")
+    assert not tmp_path.with_name(tmp_path.name + ".partial").exists()
+
+
+def test_a_backup_file_is_private_whatever_the_umask(tmp_path, one_node, kvctl_cli):
+    """A backup is a copy of every value: 0600, as kvd keeps its data directory 0700."""
+    import os
+
+    target = tmp_path / "n1.kvdbackup"
+    target.write_bytes(b"an older file")
+    target.chmod(0o644)
+    (tmp_path / "n1.kvdbackup.partial").write_bytes(b"left over")
+    old = os.umask(0)
+    try:
+        out = kvctl_cli("backup", "-o", str(target), host=one_node.address)
+    finally:
+        os.umask(old)
+    assert out.returncode == 0, out.stderr
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert target.read_bytes()[:13] != b"an older file"
+
+
+def test_backup_to_stdout_restores_and_never_goes_to_a_terminal(tmp_path, one_node, kvctl_cli,
+                                                               monkeypatch):
+    """`-o -` is standard output, as for export (for `kvd restore -` at the other end of a
+    pipe); never a file named '-'."""
+    from kvctl import render
+
+    monkeypatch.chdir(tmp_path)
+    out = kvctl_cli("backup", "-o", "-", host=one_node.address)
+    assert out.returncode == 0, out.stderr
+    assert "standard output" in out.stderr.decode()
+    assert not (tmp_path / "-").exists()
+    piped = tmp_path / "piped.kvdbackup"
+    piped.write_bytes(out.stdout)
+    restored = kvd_restore(str(piped), "--data-dir", str(tmp_path / "restored"))
+    assert restored.returncode == 0, restored.stderr
+    assert "restored node n1" in restored.stderr
+
+    both = kvctl_cli("--json", "backup", "-o", "-", host=one_node.address)
+    assert both.returncode == 2 and b"--json" in both.stderr and both.stdout == b""
+    monkeypatch.setattr(render, "stdout_is_terminal", lambda: True)
+    terminal = kvctl_cli("backup", "-o", "-", host=one_node.address)
+    assert terminal.returncode == 2 and b"terminal" in terminal.stderr
+    assert terminal.stdout == b""
