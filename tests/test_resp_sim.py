@@ -236,3 +236,22 @@ async def test_kv_put_refuses_a_context_that_is_not_base64url(sim, autojump_cloc
     context, value = await one.call("KV.GET", "k")
     assert await one.call("KV.PUT", "k", "v2", context) == 1
     assert await one.call("GET", "k") == b"v2"
+
+
+async def test_client_names_with_spaces_are_refused_and_unknown_command_errors_are_short(
+        sim, autojump_clock):
+    """As in Redis: a client name is one word (CLIENT INFO and CLIENT LIST print it on one
+    line), and the error for an unknown command quotes a bounded start of its arguments (a
+    20,000-argument one made a 2.6 MB error line)."""
+    await _cluster(sim)
+    one = await _connect(sim, "n1")
+    for name in ("a b", "a\nb"):
+        refused = await one.call("CLIENT", "SETNAME", name)
+        assert str(refused).startswith("ERR Client names cannot contain spaces"), refused
+        refused = await one.call("HELLO", "2", "SETNAME", name)
+        assert str(refused).startswith("ERR Client names cannot contain spaces"), refused
+    assert await one.call("CLIENT", "SETNAME", "worker-1") == "OK"
+    assert await one.call("CLIENT", "GETNAME") == b"worker-1"
+    error = await one.call("FOO", *["x" * 200] * 20_000)
+    assert str(error).startswith("ERR unknown command 'FOO'") and len(str(error)) < 300, len(str(error))
+    assert await one.call("PING") == "PONG"

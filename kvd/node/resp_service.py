@@ -234,8 +234,9 @@ async def execute(session: Session, args: list[bytes]):
     name = args[0].upper()
     entry = _TABLE.get(name)
     if entry is None:
-        shown = " ".join(f"'{a[:128].decode(errors='replace')}'" for a in args[1:])
-        session.reply(Error(f"ERR unknown command '{args[0][:128].decode(errors='replace')}', "
+        # Redis quotes a bounded start of the arguments: an error line, not an echo.
+        shown = " ".join(f"'{a[:32].decode(errors='replace')}'" for a in args[1:4])
+        session.reply(Error(f"ERR unknown command '{args[0][:32].decode(errors='replace')}', "
                             f"with args beginning with: {shown}"))
         return None
     handler, arity, role, lower = entry
@@ -404,6 +405,8 @@ async def hello(session, args):
                     return refused
                 options = options[3:]
             elif word == b"SETNAME" and len(options) >= 2:
+                if not _valid_name(options[1]):
+                    return _BAD_NAME
                 session.name, options = options[1], options[2:]
             else:
                 return Error(f"ERR Syntax error in HELLO option '{word.decode(errors='replace')}'")
@@ -445,9 +448,19 @@ async def reset(session, args):
     return Simple("RESET")
 
 
+_BAD_NAME = Error("ERR Client names cannot contain spaces, newlines or special characters.")
+
+
+def _valid_name(name: bytes) -> bool:
+    """Redis's rule: printable ASCII without spaces (CLIENT LIST prints it in one field)."""
+    return all(33 <= byte <= 126 for byte in name)
+
+
 async def client(session, args):
     sub = args[1].upper()
     if sub == b"SETNAME" and len(args) == 3:
+        if not _valid_name(args[2]):
+            return _BAD_NAME
         session.name = args[2]
         return Simple("OK")
     if sub == b"GETNAME" and len(args) == 2:
