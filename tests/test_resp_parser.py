@@ -12,7 +12,8 @@ from fuzz.fuzz_resp import check_input, samples
 from kvd.errors import ProtocolError
 from kvd.proto import resp
 from kvd.proto.resp import (AUTHENTICATED, NEED_DATA, PRE_AUTH, Error, Limits, RespParser,
-                            Simple, StreamData, StreamEnd, StreamStart, encode, glob_match)
+                            Simple, StreamData, StreamEnd, StreamStart, encode)
+from kvd.proto.glob import glob_match
 
 CASES = [
     (b"*1\r\n$4\r\nPING\r\n", [b"PING"]),

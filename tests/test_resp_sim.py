@@ -150,7 +150,7 @@ async def test_the_idle_watchdog_closes_a_waiting_connection_never_a_running_com
     from types import SimpleNamespace
 
     from kvd.clocks import REAL
-    from kvd.node.resp_service import Session
+    from kvd.node.resp_session import Session
 
     node = SimpleNamespace(config=SimpleNamespace(handshake_timeout=1.0, idle_timeout=5.0),
                            clocks=REAL)

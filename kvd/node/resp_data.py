@@ -33,7 +33,8 @@ from kvd.node.large_values import send_value
 from kvd.node.local import new_vid
 from kvd.node.replica import Replica
 from kvd.proto.messages import validate_key
-from kvd.proto.resp import Error, Simple, glob_match, literal_prefix
+from kvd.proto.glob import glob_match, literal_prefix
+from kvd.proto.resp import Error, Simple
 
 SCAN_COUNT_MAX = coverage.PAGE_LIMIT
 OLD_VALUE_MAX = 16 << 20  # bytes of an old value GETDEL or SET ... GET hold in memory (Rule 4)

@@ -10,30 +10,18 @@ Rules:
    mode). Until then the parser's limits are Redis's pre-auth ones (kvd.proto.resp Rule 3).
 2. Same budgets as the client port: the listener admits through its own
    kvd.net.admission budget; a connection is pending until it has authenticated (or, without
-   tokens, sent its first command); one that stays silent for ``handshake_timeout`` while
-   pending, or for ``idle_timeout`` afterwards, is closed. One watchdog task per connection
-   enforces it (``_IdleWatch``), not a cancel scope per read.
+   tokens, sent its first command). Its Session (kvd.node.resp_session) closes one that
+   waits too long for its client.
 3. Pipelining: commands are answered in order, one at a time; replies are gathered and
-   written when the parser needs more bytes. Writing never holds up reading: what the
-   socket does not take at once waits in the connection's output queue, sent by a writer
-   task, while the next commands are read. A client that writes a whole pipeline before it
-   reads a reply (redis-py's pipeline) would otherwise wait for kvd while kvd waited for
-   it, for good, once the replies filled the sockets' buffers (60 GETs of 100 KB did).
-   The queue is bounded, as Redis's output buffers for normal clients are not (memory per
-   connection, tests/test_resp.py's hostile input): past ``OUTPUT_LIMIT`` bytes
-   (``STREAM_WINDOW`` while a value above chunk_size streams out) the commands wait for
-   the client to read, and a client that reads nothing for ``idle_timeout`` meanwhile is
-   closed (Rule 2). A pipeline whose replies exceed the queue and the sockets' buffers
-   (about 10 MB on loopback) therefore still fails, after idle_timeout.
+   written when the parser needs more bytes, through the session's output queue, which
+   never holds up reading (kvd.node.resp_session Rule 2).
 4. A protocol error gets ``-ERR Protocol error: ...`` and the connection closes; any other
    failure of a command is an error reply and the connection stays.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-from dataclasses import replace
 
 import trio
 
@@ -41,128 +29,19 @@ from kvd import _version
 from kvd.address import is_loopback_host
 from kvd.errors import ConnectFailed, KvdError, ProtocolError, unwrap_single_error
 from kvd.net import rawstream
-from kvd.net.admission import remote_host, serve_admitted
+from kvd.net.admission import serve_admitted
 from kvd.node import resp_data
 from kvd.node.large_values import send_value
+from kvd.node.resp_session import STREAM_WINDOW, Session
 from kvd.proto import resp
+from kvd.proto.glob import glob_match
 from kvd.proto.resp import Error, Simple, Verbatim
 from kvd.security import Grant
 
 log = logging.getLogger("kvd.resp")
 
-READ_SIZE = 64 * 1024
 FLUSH_AT = 256 * 1024  # gathered reply bytes written before the next command runs
-OUTPUT_LIMIT = 4 << 20  # queued reply bytes before commands wait for the client (Rule 3)
-STREAM_WINDOW = 4 << 20  # queued bytes of a streamed value before its next piece is read
 REDIS_VERSION = "7.0.0"  # the Redis command set kvd answers like
-_ids = itertools.count(1)
-
-
-class Session:
-    """One RESP connection's state."""
-
-    def __init__(self, node, stream, ticket):
-        self.node = node
-        self.stream = stream
-        self.ticket = ticket
-        self.host = remote_host(stream)
-        self.id = next(_ids)
-        self.parser = resp.RespParser(resp.PRE_AUTH)
-        self.resp3 = False
-        self.name = b""
-        self.grant: Grant | None = None
-        self.out: list[bytes] = []
-        self.reading = False  # waiting for the client's bytes since ``waiting_since`` (Rule 2)
-        self.waiting_since = self.node.clocks.monotonic()
-        # Rule 3: the output queue, and since when the client has not taken its bytes.
-        self._send_now = getattr(stream, "send_now", None)  # kvd.net.rawstream only
-        self._queue: list[bytes] = []
-        self.queued = 0
-        self.sending_since: float | None = None
-        self._queue_changed = trio.Event()
-        self.writer_running = False
-
-    @property
-    def security(self):
-        return self.node.security
-
-    def authenticated(self, grant: Grant) -> None:
-        """The client proved who it is (AUTH), or need not (no tokens): the full limits.
-        The admission ticket is established once this command is answered (``_serve``)."""
-        self.grant = grant
-        self.parser.limits = replace(resp.AUTHENTICATED, stream_above=self.node.config.chunk_size)
-
-    async def flush(self, room: int = OUTPUT_LIMIT) -> None:
-        """Send the gathered replies: at once what the socket takes, the rest through the
-        output queue; then wait while more than ``room`` bytes are queued (Rule 3)."""
-        if self.out:
-            data, self.out = b"".join(self.out), []
-            if not self.writer_running:  # before or after the command loop
-                await self.stream.send_all(b"".join(self._queue) + data)
-                self._queue, self.queued = [], 0
-                return
-            if not self.queued and self._send_now is not None:  # nothing queued or in flight
-                data = data[self._send_now(data):]  # the usual case: the socket takes it all
-            if data:
-                self._queue.append(data)
-                self.queued += len(data)
-                self._changed()
-        while self.queued > room:
-            await self._queue_changed.wait()
-
-    def _changed(self) -> None:
-        self._queue_changed.set()
-        self._queue_changed = trio.Event()
-
-    async def write_queued(self) -> None:
-        """The writer task (Rule 3): sends the output queue, in order, until cancelled."""
-        self.writer_running = True
-        while True:
-            while not self._queue:
-                await self._queue_changed.wait()
-            data, self._queue = b"".join(self._queue), []
-            self.sending_since = self.node.clocks.monotonic()
-            await self.stream.send_all(data)
-            self.sending_since = None
-            self.queued -= len(data)
-            self._changed()
-
-    def reply(self, value) -> None:
-        self.out.append(resp.encode(value, self.resp3))
-
-    async def next_event(self):
-        """The parser's next event, reading (and flushing replies) as it needs (Rule 3)."""
-        while True:
-            event = self.parser.next_event()
-            if event is not resp.NEED_DATA:
-                return event
-            await self.flush()
-            self.waiting_since = self.node.clocks.monotonic()
-            self.reading = True
-            try:
-                data = await self.stream.receive_some(READ_SIZE)
-            finally:
-                self.reading = False
-            self.parser.receive_data(data)
-
-    async def watch(self, scope: trio.CancelScope) -> None:
-        """Cancel ``scope`` once the session has waited too long for the client, to send
-        its bytes or to read ours (Rules 2 and 3): one task per connection (a cancel scope
-        per read cost about 7% of a redis-benchmark GET's CPU)."""
-        while True:
-            config = self.node.config
-            pending = self.ticket is not None and self.ticket.pending
-            timeout = config.handshake_timeout if pending else config.idle_timeout
-            waits = [since for since in (self.waiting_since if self.reading else None,
-                                         self.sending_since) if since is not None]
-            if not waits:  # a command runs: its wait, if any, starts later
-                await trio.sleep(timeout)
-                continue
-            deadline = min(waits) + timeout
-            if self.node.clocks.monotonic() >= deadline:
-                scope.cancel()
-                return
-            await trio.sleep_until(deadline)
 
 
 async def serve(node, listeners: list, tls) -> None:
@@ -509,7 +388,7 @@ async def config(session, args):
     if args[1].upper() != b"GET" or len(args) < 3:
         return Error("ERR kvd answers CONFIG GET only; its settings are in kvd.toml(5)")
     return {name: value for name, value in _CONFIG.items()
-            if any(resp.glob_match(p.lower(), name) for p in args[2:])}
+            if any(glob_match(p.lower(), name) for p in args[2:])}
 
 
 async def info(session, args):

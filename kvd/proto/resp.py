@@ -33,7 +33,7 @@ from kvd.errors import ProtocolError
 
 __all__ = ["NEED_DATA", "Limits", "PRE_AUTH", "AUTHENTICATED", "RespParser", "StreamStart",
            "StreamData", "StreamEnd", "Simple", "Error", "Verbatim", "encode", "bulk_header",
-           "glob_match", "literal_prefix", "split_inline"]
+           "split_inline"]
 
 MAX_HEADER_LINE = 32  # "*" or "$" and a 64-bit length fit with room to spare
 
@@ -418,108 +418,3 @@ def _one_line(text: str) -> bytes:
 def bulk_header(length: int) -> bytes:
     """The header of a bulk string sent in pieces (its body, then CRLF, follow)."""
     return b"$%d\r\n" % length
-
-
-# ------------------------------------------------------------------------ key patterns
-
-
-def glob_match(pattern: bytes, key: bytes) -> bool:
-    """Redis's glob (KEYS, SCAN MATCH, CONFIG GET), with its corner cases: * ? [abc] [^a-z]
-    (a reversed range is swapped, "[]" matches nothing, an unterminated class ends the
-    pattern) and backslash escapes. Linear backtracking: one star at a time, so the cost is
-    at most len(pattern) x len(key), whatever the pattern."""
-    tokens = _glob_tokens(pattern)
-    t = k = 0
-    star = -1  # the token after the last star seen, and where in the key it resumed
-    resume = 0
-    while k < len(key):
-        if t < len(tokens) and tokens[t] is _STAR:
-            star, resume = t + 1, k
-            t += 1
-        elif t < len(tokens) and _glob_one(tokens[t], key[k]):
-            t += 1
-            k += 1
-        elif star >= 0:  # let the last star take one more byte, and try again from there
-            resume += 1
-            t, k = star, resume
-        else:
-            return False
-    return all(token is _STAR for token in tokens[t:])
-
-
-_STAR = object()
-# One token matches one byte: a literal (int), any byte (None), or a class
-# (negated, [(low, high), ...]).
-_GlobToken = "int | None | tuple[bool, list[tuple[int, int]]] | object"
-
-
-def _glob_one(token, byte: int) -> bool:
-    if token is None:
-        return True
-    if isinstance(token, int):
-        return token == byte
-    negated, ranges = token
-    return any(low <= byte <= high for low, high in ranges) is not negated
-
-
-def _glob_tokens(pattern: bytes) -> list:
-    found = _glob_cache.get(pattern)
-    if found is not None:
-        return found
-    tokens: list = []
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == ord("*"):
-            if not tokens or tokens[-1] is not _STAR:
-                tokens.append(_STAR)
-        elif c == ord("?"):
-            tokens.append(None)
-        elif c == ord("\\") and i + 1 < n:
-            i += 1
-            tokens.append(pattern[i])
-        elif c == ord("["):
-            i += 1
-            negated = i < n and pattern[i] == ord("^")
-            if negated:
-                i += 1
-            ranges: list[tuple[int, int]] = []
-            while i < n and pattern[i] != ord("]"):
-                if pattern[i] == ord("\\") and i + 1 < n:
-                    i += 1
-                    ranges.append((pattern[i], pattern[i]))
-                elif i + 2 < n and pattern[i + 1] == ord("-"):
-                    low, high = sorted((pattern[i], pattern[i + 2]))
-                    ranges.append((low, high))
-                    i += 2
-                else:
-                    ranges.append((pattern[i], pattern[i]))
-                i += 1
-            tokens.append((negated, ranges))  # unterminated: the class ends the pattern
-        else:
-            tokens.append(c)
-        i += 1
-    if len(_glob_cache) > 256:
-        _glob_cache.clear()
-    _glob_cache[pattern] = tokens
-    return tokens
-
-
-_glob_cache: dict[bytes, list] = {}
-
-
-def literal_prefix(pattern: bytes) -> bytes:
-    """The bytes every key matching ``pattern`` starts with (a scan can skip the rest)."""
-    out = bytearray()
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c in b"*?[":
-            break
-        if c == ord("\\") and i + 1 < len(pattern):
-            i += 1
-            c = pattern[i]
-        out.append(c)
-        i += 1
-    return bytes(out)
-
