@@ -255,3 +255,14 @@ async def test_client_names_with_spaces_are_refused_and_unknown_command_errors_a
     error = await one.call("FOO", *["x" * 200] * 20_000)
     assert str(error).startswith("ERR unknown command 'FOO'") and len(str(error)) < 300, len(str(error))
     assert await one.call("PING") == "PONG"
+
+
+async def test_a_protocol_error_is_answered_before_the_connection_closes(sim, autojump_clock):
+    """The error reply goes out after the command loop (and its writer task) has ended, on
+    a stream that queues every reply (the simulator's, like TLS, has no inline send)."""
+    await _cluster(sim)
+    one = await _connect(sim, "n1")
+    await one.stream.send_all(b"PING\r\n*1\r\n$-5\r\n")
+    assert await one.reply() == "PONG"
+    error = await one.reply()
+    assert str(error).startswith("ERR Protocol error"), error

@@ -96,15 +96,19 @@ class Session:
     async def write_queued(self) -> None:
         """The writer task (Rule 2): sends the output queue, in order, until cancelled."""
         self.writer_running = True
-        while True:
-            while not self._queue:
-                await self._queue_changed.wait()
-            data, self._queue = b"".join(self._queue), []
-            self.sending_since = self.node.clocks.monotonic()
-            await self.stream.send_all(data)
-            self.sending_since = None
-            self.queued -= len(data)
-            self._changed()
+        try:
+            while True:
+                while not self._queue:
+                    await self._queue_changed.wait()
+                data, self._queue = b"".join(self._queue), []
+                self.sending_since = self.node.clocks.monotonic()
+                await self.stream.send_all(data)
+                self.sending_since = None
+                self.queued -= len(data)
+                self._changed()
+        finally:
+            # What is still queued goes out with the last replies (flush, after the loop).
+            self.writer_running = False
 
     def reply(self, value) -> None:
         self.out.append(resp.encode(value, self.resp3))
