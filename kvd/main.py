@@ -174,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for var in unknown_env_vars(os.environ):
             print(f"kvd: warning: {var} matches no config key (a typo?); ignored",
                   file=sys.stderr)
+        from kvd.security import Security
+
+        try:  # the secret, tokens and TLS files, loaded as start-up loads them
+            Security.from_config(config)
+        except ConfigError as e:
+            return _fail(str(e), EXIT_CONFIG)
         _print_check(config)
         return 0
 

@@ -313,7 +313,10 @@ def test_cli_version():
 
 def test_cli_check_never_shows_secret_contents(tmp_path):
     secret = write(tmp_path, "TOP-SECRET-7f3a9c", name="cluster.secret")
-    tokens = write(tmp_path, "TOKEN-b81e22\n", name="tokens")
+    tokens = write(tmp_path, '[tokens]\nops = { token = "TOKEN-b81e22-0123456789", '
+                   'role = "admin" }\n', name="tokens")
+    for private in (secret, tokens):
+        os.chmod(private, 0o600)
     path = write(tmp_path, f'client_tokens_file = "{tokens}"\npeer_listen = "0.0.0.0:7380"\n')
     proc = run_kvd("--config", path, "--check", "--cluster-secret-file", secret)
     assert proc.returncode == 0, proc.stderr
@@ -322,6 +325,33 @@ def test_cli_check_never_shows_secret_contents(tmp_path):
     effective = tomllib.loads(proc.stdout)
     assert effective["cluster_secret_file"] == secret
     assert effective["client_tokens_file"] == tokens
+
+
+@pytest.mark.parametrize("secret, mode, says", [
+    ("abc", 0o600, "at least 16"),
+    ("", 0o600, "at least 16"),
+    ("a-long-enough-secret-0123", 0o644, "chmod 600"),
+])
+def test_cli_check_refuses_the_secret_start_up_refuses(tmp_path, secret, mode, says):
+    """--check said 0 for a secret (or tokens) file that start-up then refused with exit 2:
+    it now loads them as start-up does, never showing their contents."""
+    path = write(tmp_path, secret, name="cluster.secret")
+    os.chmod(path, mode)
+    proc = run_kvd("--check", "--cluster-secret-file", path)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    if secret:
+        assert secret not in proc.stderr
+
+
+def test_cli_check_refuses_a_tokens_file_start_up_refuses(tmp_path):
+    tokens = write(tmp_path, "not toml [", name="tokens")
+    os.chmod(tokens, 0o600)
+    proc = run_kvd("--check", env={"KVD_CLIENT_TOKENS_FILE": tokens})
+    assert proc.returncode == 2, proc.stdout
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "tokens" in proc.stderr, proc.stderr
 
 
 def test_cli_missing_config_file(tmp_path):
