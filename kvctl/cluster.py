@@ -20,7 +20,8 @@ def admin_call(fields: dict) -> dict:
 
 
 def _moves_table(title: str, moves: list[dict]) -> None:
-    shown = moves[:50]
+    # A terminal shows the first 50; a pipe gets every row (kvctl(1): never truncated).
+    shown = moves[:50] if render.stdout_is_terminal() else moves
     render.table(title, ["partition", "from", "to"],
                  [[m["partition"], m["from"], m["to"]] for m in shown])
     if len(moves) > len(shown):

@@ -308,7 +308,8 @@ class Config(BaseModel):
             "Connections of the peer port kept for the addresses of known members (the "
             "member table's peer addresses and the seeds): other addresses can fill only "
             "max_connections minus this, and members' unauthenticated connections have this "
-            "many slots of their own. At most half of max_connections."
+            "many slots of their own. At most half of max_connections (a larger value set "
+            "is refused; the default is lowered to half)."
         ),
     )
     handshake_timeout: float = Field(
@@ -515,6 +516,15 @@ class Config(BaseModel):
                 f"({self.request_timeout})",
                 "replica_timeout",
                 "request_timeout",
+            )
+        # The default (64) is clamped for a small max_connections; a value set is not.
+        if ("member_reserved_connections" in self.model_fields_set
+                and self.member_reserved_connections > self.max_connections // 2):
+            raise _KeyedError(
+                f"member_reserved_connections ({self.member_reserved_connections}) must be at "
+                f"most half of max_connections ({self.max_connections})",
+                "member_reserved_connections",
+                "max_connections",
             )
         if self.chunk_size > self.max_frame:
             raise _KeyedError(

@@ -107,6 +107,17 @@ def test_no_silent_coercion(tmp_path):
     )
 
 
+def test_member_reserved_connections_above_half_of_max_connections_is_refused(tmp_path):
+    """kvd.toml(5) says at most half of max_connections; a larger value was clamped
+    silently (the peer port then kept fewer slots for members than the operator set)."""
+    path = write(tmp_path, "max_connections = 256\nmember_reserved_connections = 600\n")
+    message = config_error(path, {}, {})
+    assert "member_reserved_connections (600) must be at most half of max_connections" \
+        in message, message
+    write(tmp_path, "max_connections = 256\nmember_reserved_connections = 128\n")
+    assert load_config(path, {}, {}).member_reserved_connections == 128
+
+
 def test_unknown_key(tmp_path):
     path = write(tmp_path, "copies = 3\n")
     assert config_error(path, {}, {}) == f"{path}: unknown key 'copies'"

@@ -575,3 +575,15 @@ def test_bench_from_several_processes_reports_the_nodes_cpu(node):
     assert summary["ops"] + summary["errors"] == 301
     assert summary["procs"] == 3
     assert summary["cpu_us_per_op"] > 0
+
+
+def test_moves_in_a_pipe_are_never_truncated(capsys):
+    """kvctl(1): output that is not a terminal is never truncated. cluster plan cut its
+    rows at 50 ("... and 462 more") in a pipe too, as on a terminal."""
+    from kvctl.cluster import _moves_table
+
+    moves = [{"partition": p, "from": "n1", "to": "n2"} for p in range(120)]
+    _moves_table("120 partitions will move", moves)
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 1 + 120, out.out[-200:]
+    assert "more" not in out.err
