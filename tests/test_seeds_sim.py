@@ -139,3 +139,13 @@ async def test_a_node_that_has_left_refuses_cluster_changes(sim, autojump_clock)
     await trio.sleep(5.0)
     assert sim.nodes["n1"].node.cluster.state.version == version
     assert "n3" in sim.nodes["n1"].node.cluster.state.ring.nodes()
+
+
+async def test_a_seed_that_is_not_host_port_is_a_usage_error(sim, autojump_clock):
+    """`kvctl cluster join foo` said the seed "did not answer" (exit 3); it is bad input
+    (exit 2), named as such, and nothing is dialled."""
+    sim.add("n1")
+    await sim.start("n1", seeds=[])
+    for seed in ("foo", "host:", "host:99999", ":7380"):
+        with pytest.raises(BadRequest, match="not a peer address HOST:PORT"):
+            await sim.admin("n1", {"op": "join", "seed": seed})

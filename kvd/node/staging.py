@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from kvd.address import parse_address
 from kvd.errors import BadRequest, KvdError, Unauthorized, Unavailable
 from kvd.membership import cluster_state as cs
 from kvd.node.gossip import EXCHANGE_ERRORS
@@ -72,6 +73,10 @@ class Staging:
             raise BadRequest("this node holds data; only an empty node can join a cluster")
         if len(cluster.state.members) > 1:
             raise BadRequest("this node is already a member of a cluster")
+        try:
+            parse_address(seed)
+        except ValueError as exc:
+            raise BadRequest(f"seed {seed!r} is not a peer address HOST:PORT: {exc}") from None
         try:
             # Bounded: a wrong SEED (a closed port, a client or metrics port) must get an
             # answer naming it, not a request that waits forever.
