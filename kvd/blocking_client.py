@@ -120,6 +120,10 @@ class BlockingClient:
                 "kvctl talks to the client port (listen, default 7379)"))
         if not first:
             raise ConnectFailed(f"{self.address} closed the connection during the handshake")
+        if not first.startswith(codec.MAGIC[:len(first)]):
+            raise ConnectFailed(f"{self.address} does not speak kvd's protocol (it sent "
+                                f"{first[:16]!r}); kvctl talks to the client port (listen, "
+                                "default 7379)")
         self._decoder.receive_data(first)
         reply = self._receive()
         if reply.type == MsgType.ERROR:

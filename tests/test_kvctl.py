@@ -351,6 +351,43 @@ def test_timeout_bounds_a_silent_node(kvctl_cli, silent_port, monkeypatch):
     assert kvctl_cli("bench", "--ops", "1", host=f"127.0.0.1:{port}").returncode == 4
 
 
+@pytest.fixture
+def banner_port():
+    """A port that greets every connection with an SSH banner, then closes it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                continue
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            time.sleep(0.2)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def test_a_port_that_is_not_kvd_is_a_connect_error_naming_the_client_port(banner_port,
+                                                                          kvctl_cli):
+    """An SSH port's banner gave "bad magic b'SS', expected b'KV'" with exit 1, where other
+    wrong ports (closed, silent, HTTP) give exit 4 and say which port to use."""
+    result = kvctl_cli("get", "k", host=f"127.0.0.1:{banner_port}")
+    assert result.returncode == 4, err(result)
+    assert "does not speak kvd's protocol" in err(result)
+    assert "client port" in err(result) and len(err(result).splitlines()) == 1, err(result)
+
+
 def test_join_with_a_wrong_seed_ends(tmp_path, silent_port, kvctl_cli):
     """The seed accepts and never answers: the join ends with an error naming the seed."""
     port, _ = silent_port
