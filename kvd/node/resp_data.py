@@ -52,6 +52,11 @@ class Streamed:
     sibling: versions.Sibling
     source: Replica | None  # a replica holding every chunk (the coordinator's ReadResult)
 
+    def unavailable(self) -> Error:
+        """The reply when no replica that answered holds every chunk (``source`` None)."""
+        return Error(f"UNAVAILABLE no replica answering holds the chunks of key "
+                     f"{shown(self.key)}")
+
 
 def shown(key: bytes) -> str:
     """A key in an error message: quoted, at most 64 bytes, non-UTF-8 bytes escaped."""
@@ -120,8 +125,7 @@ async def _whole(old, command: str):
                      f"supported ({shown(old.key)} holds {chunks.length} bytes): GET it, "
                      "then write")
     if old.source is None:
-        return Error(f"UNAVAILABLE no replica answering holds the chunks of key "
-                     f"{shown(old.key)}")
+        return old.unavailable()
     pieces: list[bytes] = []
 
     async def keep(data: bytes, _end: bool) -> None:

@@ -180,8 +180,7 @@ async def _send_streamed(session: Session, item: resp_data.Streamed) -> None:
     """A chunked value, read from a replica piece by piece (kvd.node.resp_data Rule 4)."""
     chunks = item.sibling.chunks
     if item.source is None or chunks is None:
-        session.reply(Error(f"UNAVAILABLE no replica answering holds the chunks of key "
-                            f"{resp_data.shown(item.key)}"))
+        session.reply(item.unavailable())
         return
     session.out.append(resp.bulk_header(chunks.length))
 
