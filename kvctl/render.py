@@ -15,8 +15,11 @@ import sys
 
 
 def encode_context(context: bytes) -> str:
-    """Contexts travel through shells as unpadded base64url."""
-    return base64.urlsafe_b64encode(context).decode().rstrip("=")
+    """Contexts travel through shells as unpadded base64url (kvd.versions.context_to_text,
+    shared with the RESP port's KV.GET)."""
+    from kvd.versions import context_to_text
+
+    return context_to_text(context)
 
 
 def decode_context(text: str) -> bytes:

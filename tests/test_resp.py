@@ -334,8 +334,6 @@ def test_a_pipeline_sent_whole_before_its_replies_are_read_completes(node):
     for i in range(60):
         pipe.get(b"pipe:src")
         pipe.set(b"pipe:%d" % i, value)
-    started = time.monotonic()
-    replies = pipe.execute()
+    replies = pipe.execute()  # a deadlock ends in TimeoutError at the 20 s socket_timeout
     assert replies == [value, True] * 60
-    assert time.monotonic() - started < 15  # a deadlock ends at the 20 s socket_timeout
     assert client.get(b"pipe:59") == value

@@ -21,7 +21,6 @@ Each command maps onto the coordinator exactly as the native client port does
 
 from __future__ import annotations
 
-import base64
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -230,7 +229,7 @@ async def kv_get(session, args):
     context = versions.seal_context(session.node.context_key, key, versions.context_of(obj))
     values = [None if s.deleted else s.value if s.chunks is None
               else Streamed(key, s, result.source) for s in obj.siblings]
-    return [encode_context(context), *values]
+    return [versions.context_to_text(context).encode(), *values]
 
 
 async def kv_put(session, args):
@@ -243,11 +242,6 @@ async def kv_put(session, args):
     context = versions.open_context(session.node.context_key, validate_key(key), sealed)
     result = await _write(session.node, key, context, value=value)
     return len(versions.live(result.obj))
-
-
-def encode_context(context: bytes) -> bytes:
-    """Unpadded base64url, as kvctl prints contexts: one works in the other."""
-    return base64.urlsafe_b64encode(context).rstrip(b"=")
 
 
 async def scan(session, args):

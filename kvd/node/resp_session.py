@@ -16,7 +16,7 @@ Rules:
    tests/test_resp.py's hostile input): past ``OUTPUT_LIMIT`` bytes (``STREAM_WINDOW``
    while a value above chunk_size streams out) the commands wait for the client to read,
    and Rule 1 closes a client that reads nothing meanwhile. A pipeline whose replies
-   exceed the queue and the sockets' buffers (about 10 MB on loopback) therefore still
+   exceed the queue and the sockets' buffers (about 7 MB on loopback) therefore still
    fails, after idle_timeout.
 """
 

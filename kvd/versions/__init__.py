@@ -34,6 +34,7 @@ from kvd.versions.causality import (
 )
 from kvd.versions.encoding import (
     context_from_text,
+    context_to_text,
     decode_context,
     decode_object,
     digest,
@@ -56,6 +57,7 @@ __all__ = [
     "VersionedObject",
     "conflicting_dots",
     "context_from_text",
+    "context_to_text",
     "context_of",
     "covers",
     "decode_context",

@@ -65,6 +65,7 @@ __all__ = [
     "encode_object",
     "encode_sibling_alone",
     "context_from_text",
+    "context_to_text",
     "open_context",
     "seal_context",
 ]
@@ -177,6 +178,11 @@ def open_context(secret_key: bytes, key: bytes, data: object) -> VersionVector:
 
 
 _CONTEXT_TEXT = re.compile(rb"[A-Za-z0-9_-]+")
+
+
+def context_to_text(context: bytes) -> str:
+    """A sealed context as clients see it (kvctl, KV.GET): unpadded base64url."""
+    return base64.urlsafe_b64encode(context).decode().rstrip("=")
 
 
 def context_from_text(text: str | bytes) -> bytes:
