@@ -189,6 +189,7 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
                 replica_timeout=config.replica_timeout,
                 keep_hint=cluster.handoff.keep_for_failed_leg if config.hinted_handoff else None,
                 clock=clocks.monotonic,
+                write_quorum=cluster.routing.write_quorum,
             )
             node = Node(config, storage, identity, store, coordinator, cluster,
                         AntiEntropy(cluster, store, config), clocks, clocks.monotonic())

@@ -528,3 +528,29 @@ async def test_replica_reads_are_answered_by_the_peer_reader_without_a_task(
         assert in_a_task[0] == "get" and set(in_a_task[1:]) == {"blob"}, in_a_task
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
+
+
+def test_a_write_quorum_counts_distinct_nodes_and_each_ring_during_a_transition():
+    """Rule 11: W distinct nodes; during a transition W on the serving ring's replicas and W
+    on the new ring's, a fallback counting for the primary it stands for and a coordinator's
+    own hint for none."""
+    from types import SimpleNamespace
+
+    from kvd.node.replica import Role
+    from kvd.node.replication import WriteQuorum
+
+    def rep(node, stands_for=None, role=Role.PRIMARY):
+        return SimpleNamespace(node=node, stands_for=stands_for, role=role)
+
+    steady = WriteQuorum(2)
+    assert steady.missing([rep("n1"), rep("n2")]) == 0
+    assert steady.missing([rep("n1"), rep("n1", role=Role.HINT)]) == 1
+    replacing = WriteQuorum(2, (frozenset({"n1", "n2", "n3"}), frozenset({"n1", "n2", "n4"})))
+    assert replacing.missing([rep("n3"), rep("n4")]) == 1  # seed 603: one copy on the new ring
+    assert "1 of n1, n2, n4" in replacing.short_rings([rep("n3"), rep("n4")])
+    assert replacing.missing([rep("n3"), rep("n4"), rep("n5", stands_for="n1", role=Role.FALLBACK)]) == 0
+    # n4 as a new replica and as n1's fallback is still one node of the new ring.
+    assert replacing.missing([rep("n3"), rep("n4"), rep("n4", stands_for="n1", role=Role.FALLBACK)]) == 1
+    assert replacing.missing([rep("n1"), rep("n2")]) == 0
+    growing = WriteQuorum(1, (frozenset({"n1"}), frozenset({"n1", "n2", "n3"})))
+    assert growing.missing([rep("n1")]) == 0  # W clamped to one node: per ring, one is enough

@@ -573,3 +573,47 @@ async def test_a_ring_computed_from_a_state_since_replaced_is_never_published(si
     assert any(isinstance(outcome, list) for outcome in outcomes.values()), outcomes
     assert "nothing left to commit" in str(outcomes["n1"]), outcomes
     assert not sim.crashes
+
+
+async def test_a_write_during_a_transition_is_acknowledged_only_when_both_rings_hold_it(
+        sim, autojump_clock):
+    """Full simulator seed 603: while n4 replaces n3, n1 and n2 (replicas on both rings) are
+    cut off from n3 and n4. A write acknowledged by n3 (leaving) and n4 (new) alone is held
+    by one replica of the new ring: once n3 has handed off, losing n4 loses it, where W=2
+    promises to survive one loss. During a transition a write needs W replicas of the ring
+    that serves and W of the new one (coordinator rule 11). Large values: a fallback holds
+    none of their bytes, so no hint can rescue them either."""
+    sim.config.update(transfer_rate_mb=0.005, anti_entropy=False)  # a transition of minutes
+    n1 = await _three(sim, [f"key-{i}".encode() for i in range(200)])
+    await sim.start("n4", seeds=[n1.peer_address])
+    await _join(sim, ["n4"])
+    await sim.admin("n1", {"op": "replace", "node": "n3", "target": "n4"})
+    await sim.admin("n1", {"op": "commit"})
+    await _wait_all_see_commit(sim, ["n1", "n2", "n3", "n4"])
+    near, far = ["n1", "n2"], ["n3", "n4"]
+    sim.net.partition([sim.nodes[n].peer_address for n in near],
+                      [sim.nodes[n].peer_address for n in far])
+    acked, refused = [], 0
+    async with sim.open_client("n3", sim.client_address()) as c:
+        for i in range(20):
+            key = f"big-{i}".encode()
+            try:
+                await c.put(key, bytes([i]) * 150_000, w=2)
+            except KvdError:
+                refused += 1
+            else:
+                holders = [name for name in ("n1", "n2", "n4")
+                           if sim.nodes[name].node.store.read(key) is not None]
+                acked.append((key, holders))
+            await trio.sleep(1.0)
+            assert _in_transition(sim, "n3")
+    short = [(key, holders) for key, holders in acked if len(holders) < 2]
+    assert not short, f"acknowledged on fewer than W=2 new replicas: {short[:3]}"
+    assert refused, "n3 and n4 alone cannot reach W on the new ring"
+    sim.net.heal()
+    await trio.sleep(20)  # the failure detectors see n1 and n2 again
+    async with sim.open_client("n3", sim.client_address()) as c:
+        await c.put(b"after-heal", b"x" * 150_000, w=2)
+    assert sum(sim.nodes[name].node.store.read(b"after-heal") is not None
+               for name in ("n1", "n2", "n4")) >= 2
+    assert not sim.crashes

@@ -56,6 +56,10 @@ Failure handling (DESIGN section 4):
 10. A read that has fewer than R replicas not suspected (rule 5) cannot expect R answers:
     it waits a hedge delay at most, then fails (exit 3), naming every replica
     (kvd.node.reads).
+11. A write is acknowledged once W distinct nodes hold it, and, during a transition, W of
+    the key's replicas on the serving ring and W on the new ring (``write_quorum``, from
+    routing; kvd.node.replication.WriteQuorum): a leaving replica and a new one alone are
+    not enough, since the new ring would then hold one copy.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ from kvd.node.outcomes import Outcomes
 from kvd.node.quorum_message import quorum_message
 from kvd.node.reads import ReadResult, ReplicaTimedOut, current_context, quorum_read
 from kvd.node.replica import LocalReplica, Replica, Role
-from kvd.node.replication import replicate, spread_late_twins
+from kvd.node.replication import WriteQuorum, replicate, spread_late_twins
 from kvd.node.turns import KeyTurns
 
 log = logging.getLogger("kvd.coordinator")
@@ -124,10 +128,12 @@ class Coordinator:
         replica_timeout: float | None = None,
         keep_hint: Callable[[str, bytes, versions.VersionedObject], Awaitable] | None = None,
         clock: Callable[[], float] | None = None,
+        write_quorum: Callable[[bytes, int, int], WriteQuorum] | None = None,
     ):
         """``keep_hint(node, key, obj)`` stores a durable hint for a failed leg (None: hinted
         handoff is off); ``clock`` is the node's monotonic
-        clock (trio's: deadlines are cancel scopes). ``observer`` starts empty: kvd.metrics
+        clock (trio's: deadlines are cancel scopes); ``write_quorum(key, n, w)`` what a write
+        needs (rule 11; None: W replicas). ``observer`` starts empty: kvd.metrics
         sets itself there when it attaches to the node (rule 6)."""
         self.read_replicas = read_replicas
         self.write_replicas = write_replicas
@@ -137,6 +143,7 @@ class Coordinator:
         self.read_repair = read_repair
         self.keep_hint = keep_hint
         self.clock = clock or REAL.monotonic
+        self.write_quorum = write_quorum or (lambda key, n, w: WriteQuorum(w))
         self.read_repairs = 0
         self.hints_kept = 0  # hints kept for replication legs that failed (rule 3)
         self._suspects: dict[str, float] = {}  # node -> until when it is tried last
@@ -179,14 +186,15 @@ class Coordinator:
         self,
         replicas: Sequence[Replica],
         call: Callable[[Replica], Awaitable[T]],
-        needed: int,
+        enough: Callable[[list[tuple[Replica, T]]], bool],
         deadline: float | None = None,
         on_failure: Callable[[Replica, BaseException], Awaitable] | None = None,
         patience: float | None = None,
         hedge: float | None = None,
     ) -> tuple[list[tuple[Replica, T]], list[tuple[Replica, BaseException]],
                Outcomes[Outcome]]:
-        """Run ``call`` on every replica; return once ``needed`` succeeded or all finished.
+        """Run ``call`` on every replica; return once those that succeeded are ``enough`` or
+        all finished.
 
         Each call has ``replica_timeout`` (rule 1). Calls still running when we return go on
         in the background nursery; their outcomes arrive later on the returned channel (read
@@ -209,14 +217,15 @@ class Coordinator:
         if hedge is not None:
             until = min(until, self.clock() + hedge)
         with trio.move_on_at(until):
-            while len(ok) < needed and len(ok) + len(failed) < len(replicas):
+            while not enough(ok) and len(ok) + len(failed) < len(replicas):
                 replica, success, value = await outcomes.receive()
                 (ok if success else failed).append((replica, value))
         if hedge is not None:
             return ok, failed, outcomes
         answered = {id(rep) for rep, _ in ok + failed}
-        failed += [(rep, ReplicaTimedOut("no answer")) for rep in replicas
-                   if id(rep) not in answered and len(ok) < needed]
+        if not enough(ok):
+            failed += [(rep, ReplicaTimedOut("no answer")) for rep in replicas
+                       if id(rep) not in answered]
         return ok, failed, outcomes
 
     async def _reported(self, replica: Replica, call: Callable[[Replica], Awaitable[T]],
@@ -344,10 +353,10 @@ class Coordinator:
                 if context is None:
                     context = await current_context(self, key, n, w)
                 deadline = self.clock() + self.request_timeout
-                minted, others, failed = await self._mint(key, context, payload, replicas, w,
+                minted, minter, failed = await self._mint(key, context, payload, replicas, w,
                                                           deadline)
-                return await self._replicate(key, n, w, minted, others, replicas, failed,
-                                             deadline)
+                return await self._replicate(key, n, w, minted, minter, replicas, replicas,
+                                             failed, deadline)
         try:
             targets, count = await stream_chunks(self._call, key, vid, length, chunks,
                                                  replicas, w)
@@ -362,12 +371,12 @@ class Coordinator:
                 deadline = self.clock() + self.request_timeout  # the upload is the client's
                 # A replica seals (fsyncs) the value's bytes before it stores the manifest:
                 # proportional to the size, so these calls get the whole request's time.
-                minted, others, failed = await self._mint(key, context, payload, targets, w,
+                minted, minter, failed = await self._mint(key, context, payload, targets, w,
                                                           deadline, self.request_timeout)
             except BaseException:
                 self._discard_upload(replicas, key, vid)
                 raise
-            return await self._replicate(key, n, w, minted, others, replicas, failed,
+            return await self._replicate(key, n, w, minted, minter, targets, replicas, failed,
                                          deadline, self.request_timeout)
 
     def _discard_upload(self, replicas, key: bytes, vid: bytes) -> None:
@@ -375,9 +384,12 @@ class Coordinator:
         for replica in replicas:
             self.background.start_soon(discard_upload, replica, key, vid, self.replica_timeout)
 
-    async def _replicate(self, key, n, w, minted, others, replicas, failed, deadline,
+    async def _replicate(self, key, n, w, minted, minter, targets, replicas, failed, deadline,
                          patience=None) -> WriteResult:
-        """The minted version to the other replicas (rules 3 and 9), answered at W."""
+        """The version ``minter`` minted to the other ``targets`` (of the ``replicas`` the
+        write was routed to), answered once its quorum holds it (rules 3, 9 and 11)."""
+        quorum = self.write_quorum(key, n, w)
+        others = [rep for rep in targets if rep is not minter]
         hints = [rep for rep in others if rep.role is Role.HINT]
         others = [rep for rep in others if rep not in hints]
         for hint in hints:  # local and durable before we answer; not counted towards W
@@ -389,13 +401,15 @@ class Coordinator:
                 await self._keep_hint(replica, key, minted, exc)
 
             hedge = self._hedge_delay() if minted_inline(minted) else None
-            ok = await replicate(self._quorum, self.write_replicas, key, n, minted, others,
-                                 w - 1, replicas, failed, deadline, on_failure=keep_hint,
-                                 patience=patience, hedge=hedge, suspected=self._suspected)
-        acks = 1 + len(ok)
-        if acks < w:
-            raise QuorumFailed(quorum_message("write", w, [None] * acks, failed))
-        return WriteResult(minted, acks)
+            ok = await replicate(self._quorum, self.write_replicas, key, n, minted, minter,
+                                 others, quorum, replicas, failed, deadline,
+                                 on_failure=keep_hint, patience=patience, hedge=hedge,
+                                 suspected=self._suspected)
+        holders = [minter] + [rep for rep, _ in ok]
+        if quorum.missing(holders) > 0:
+            raise QuorumFailed(quorum_message("write", w, holders, failed,
+                                              quorum.short_rings(holders)))
+        return WriteResult(minted, len(holders))
 
     async def _keep_hint(self, replica, key, obj, exc) -> None:
         """Rule 3: a replication leg failed; keep the write for its node (or for the down
@@ -411,8 +425,9 @@ class Coordinator:
 
     async def _mint(self, key, context, payload, replicas, w, deadline, patience=None):
         """Have the first primary that answers mint the new version (rules 1, 2, 5, 8);
-        return it, the other replicas, and the primaries that failed to mint (the write
-        still goes to them: one that timed out may have it, and otherwise they get a hint)."""
+        return it, the replica that minted it, and the primaries that failed to mint (the
+        write still goes to them: one that timed out may have it, and otherwise they get a
+        hint)."""
         errors: list[tuple[Replica, BaseException]] = []
         # Fallbacks hold hints; only a replica with the key's history mints.
         # This node first when it is a primary (as the module's step 2 says: no round trip
@@ -425,7 +440,7 @@ class Coordinator:
             minted = await self._mint_alone(
                 only, lambda rep: rep.coordinate(key, context, payload), w,
                 None if isinstance(only, LocalReplica) and not patience else deadline, patience)
-            return minted, [rep for rep in replicas if rep is not only], errors
+            return minted, only, errors
         # A large value's mint seals bytes proportional to its size: one at a time.
         hedge = None if patience else self._hedge_delay()
         outcomes = Outcomes[tuple[Replica, Any, Any]]()
@@ -460,7 +475,7 @@ class Coordinator:
                         self.background.start_soon(
                             spread_late_twins, key, outcomes, running, replicas,
                             self.request_timeout, self.replica_timeout)
-                    return minted, [rep for rep in replicas if rep is not replica], errors
+                    return minted, replica, errors
                 if isinstance(exc, (TooManySiblings, BadRequest)):
                     raise exc  # no other replica would accept it either
                 errors.append((replica, exc))

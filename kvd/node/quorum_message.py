@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from kvd.node.replica import Replica
 
 
-def quorum_message(kind: str, needed: int, ok: Sequence, failed: Sequence) -> str:
+def quorum_message(kind: str, needed: int, ok: Sequence, failed: Sequence, also: str = "") -> str:
     """``kind`` ("read" or "write") quorum of ``needed`` missed: ``ok`` answered, and each
-    of ``failed`` (replica, error) is named with why."""
+    of ``failed`` (replica, error) is named with why; ``also``, what else fell short."""
     reasons: dict[str, list[str]] = {}
     for replica, exc in failed:
         if replica is not None:
@@ -18,6 +18,8 @@ def quorum_message(kind: str, needed: int, ok: Sequence, failed: Sequence) -> st
             if _reason(exc) not in said:
                 said.append(_reason(exc))
     text = f"{kind} quorum not reached: {len(ok)} of {needed} required replicas answered"
+    if also:
+        text += f" ({also})"
     if not reasons:
         return f"{text} (no other replica of the key is up)"
     listed = "; ".join(f"{name}: " + ", then ".join(why) for name, why in reasons.items())

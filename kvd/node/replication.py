@@ -1,7 +1,7 @@
-"""A write's replication, after its mint (coordinator rules 3 and 9): the minted version
-goes to the key's other replicas until W hold it, with fallbacks standing in (sloppy
-quorum) for the primaries that fail or stay silent; and the late twins of a hedged mint
-(rule 8) go to the replicas that lack them.
+"""A write's replication, after its mint (coordinator rules 3, 9 and 11): the minted version
+goes to the key's other replicas until its quorum holds it, with fallbacks standing in
+(sloppy quorum) for the primaries that fail or stay silent; and the late twins of a hedged
+mint (rule 8) go to the replicas that lack them.
 
 It is the coordinator's, kept apart so that its module stays legible: ``quorum`` is the
 coordinator's fan-out (``Coordinator._quorum``), ``write_replicas`` its routing.
@@ -10,6 +10,8 @@ coordinator's fan-out (``Coordinator._quorum``), ``write_replicas`` its routing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -22,11 +24,50 @@ from kvd.node.replica import Replica, Role
 log = logging.getLogger("kvd.coordinator")
 
 
-async def replicate(quorum, write_replicas, key: bytes, n: int, minted: versions.VersionedObject,
-                    others: list[Replica], needed: int, asked: list[Replica],
-                    failed: list, deadline: float, *, on_failure, patience: float | None,
-                    hedge: float | None, suspected) -> list:
-    """Merge ``minted`` into ``others`` until ``needed`` hold it; return those that do.
+@dataclass(frozen=True)
+class WriteQuorum:
+    """Which replicas must hold a write before it is acknowledged (coordinator rule 11).
+
+    ``w`` distinct nodes; and during a transition also ``w`` (at most the ring's count) of
+    the key's replicas on each ring of ``rings``, the serving ring's and the new ring's (as
+    Cassandra counts its pending replicas). Otherwise a write held by a leaving replica and a
+    new one alone ends on one replica of the new ring once the leaver has handed off, and
+    one loss loses it (full simulator seed 603). A fallback counts for the primary it stands
+    for; a hint the coordinator keeps (Role.HINT) for none.
+    """
+
+    w: int
+    rings: tuple[frozenset[str], ...] = ()
+
+    def missing(self, holders: Iterable[Replica]) -> int:
+        """How many more replicas must hold the write, at least (0 or less: enough)."""
+        held = [rep for rep in holders if rep.role is not Role.HINT]
+        missing = self.w - len({rep.node for rep in held})
+        for ring in self.rings:
+            on_ring = {rep.node for rep in held if (rep.stands_for or rep.node) in ring}
+            missing = max(missing, min(self.w, len(ring)) - len(on_ring))
+        return missing
+
+    def short_rings(self, holders: Iterable[Replica]) -> str:
+        """The rings ``holders`` fall short on, for a quorum error ("": none)."""
+        held = [rep for rep in holders if rep.role is not Role.HINT]
+        said = []
+        for ring in self.rings:
+            on_ring = {rep.node for rep in held if (rep.stands_for or rep.node) in ring}
+            if len(on_ring) < min(self.w, len(ring)):
+                said.append(f"{len(on_ring)} of {', '.join(sorted(ring))}")
+        if not said:
+            return ""
+        return ("while the ring changes, a write needs W on the key's replicas of both rings;"
+                f" it has {' and '.join(said)}")
+
+
+async def replicate(fan_out, write_replicas, key: bytes, n: int, minted: versions.VersionedObject,
+                    minter: Replica, others: list[Replica], quorum: WriteQuorum,
+                    asked: list[Replica], failed: list, deadline: float, *, on_failure,
+                    patience: float | None, hedge: float | None, suspected) -> list:
+    """Merge ``minted`` (held by ``minter``) into ``others`` until ``quorum`` holds it; return
+    the (replica, result) pairs of those that do.
 
     Rule 3: a leg that fails leaves a hint (``on_failure``, before the leg is given up), and
     when W is short the fallbacks routing names with the failed primaries taken as down
@@ -42,11 +83,15 @@ async def replicate(quorum, write_replicas, key: bytes, n: int, minted: versions
     def merge(rep: Replica):
         return rep.merge(key, minted)
 
-    at_once = hedge is not None and sum(not suspected(rep.node) for rep in others) < needed
-    ok, lost, late = await quorum(others, merge, needed, deadline, on_failure=on_failure,
-                                  patience=patience, hedge=0.0 if at_once else hedge)
+    def enough(held: Sequence) -> bool:
+        return quorum.missing([minter] + [rep for rep, _ in held]) <= 0
+
+    at_once = hedge is not None and quorum.missing(
+        [minter] + [rep for rep in others if not suspected(rep.node)]) > 0
+    ok, lost, late = await fan_out(others, merge, enough, deadline, on_failure=on_failure,
+                                   patience=patience, hedge=0.0 if at_once else hedge)
     failed += lost
-    if len(ok) >= needed or hedge is None:
+    if enough(ok) or hedge is None:
         return ok
     answered = {id(rep) for rep, _ in ok + lost}
     silent = [rep for rep in others if id(rep) not in answered]
@@ -67,17 +112,18 @@ async def replicate(quorum, write_replicas, key: bytes, n: int, minted: versions
                         replica, success, value = await late.receive()
                         answered.add(id(replica))
                         (ok if success else failed).append((replica, value))
-                        if len(ok) >= needed:
+                        if enough(ok):
                             race.cancel_scope.cancel()
             finally:  # the legs still silent when we answer, for the quorum error
                 failed.extend((rep, _no_answer()) for rep in silent
-                              if id(rep) not in answered and len(ok) < needed)
+                              if id(rep) not in answered and not enough(ok))
 
         async def fallbacks() -> None:
-            got, lost_too, _ = await quorum(stand_ins, merge, needed - len(ok), deadline)
+            got, lost_too, _ = await fan_out(stand_ins, merge, lambda got: enough(ok + got),
+                                             deadline)
             ok.extend(got)
             failed.extend(lost_too)
-            if len(ok) >= needed:
+            if enough(ok):
                 race.cancel_scope.cancel()
 
         if silent:

@@ -14,6 +14,8 @@ The rules are the pure core's; this module feeds them who is up and hands back r
    local failure view), so fallbacks stand in for them.
 4. A down primary with no fallback to stand in for it gets a hint kept by the coordinator
    itself (as Cassandra does); such a hint never counts towards W.
+5. During a transition a write needs W of the key's replicas on the serving ring and W on
+   the new ring (``write_quorum``; kvd.node.replication.WriteQuorum says why).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kvd.errors import Unavailable
 from kvd.membership import cluster_state as cs
 from kvd.node.remote import HintedReplica
 from kvd.node.replica import LocalReplica, Replica, Role
+from kvd.node.replication import WriteQuorum
 from kvd.ring import Ring, annotated_preference_list, partition_of, preference_list
 
 if TYPE_CHECKING:
@@ -146,6 +149,15 @@ class Routing:
                 if node not in named and is_up(node):
                     out.append(cluster.replica(node))  # a new replica, fetching the partition
         return out
+
+    def write_quorum(self, key: bytes, n: int, w: int) -> WriteQuorum:
+        """Which replicas must hold a write of ``key`` before it is acknowledged (Rule 5)."""
+        state = self.cluster.state
+        if not state.in_transition:
+            return WriteQuorum(w)
+        partition = partition_of(key, state.ring.q)
+        new = preference_list(state.ring, partition, cs.replication(state.ring, n))
+        return WriteQuorum(w, (frozenset(self.primaries(partition, n)), frozenset(new)))
 
     def replica_roles(self, key: bytes, n: int) -> list[tuple[str, Role]]:
         """(node, role) for inspect: every primary, down or not."""
