@@ -36,6 +36,7 @@ from kvd.clocks import REAL, Clocks
 from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.peer import PeerPool
+from kvd.node.blob_linger import delete_when_due
 from kvd.node.gossip import Gossiper
 from kvd.node.handoff import Handoff
 from kvd.node.local import LocalStore
@@ -238,7 +239,8 @@ class Cluster:
         return {"members": self.members.digest(self.now()), "state": self.state.to_dict()}
 
     async def run(self) -> None:
-        """The node's cluster tasks: gossip, saving, handoff, transfers, reclaim."""
+        """The node's cluster tasks: gossip, saving, handoff, transfers, reclaim, and the
+        deletion of superseded blobs once their readers are done."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.gossiper.run)
             if self.restore.fresh:
@@ -248,3 +250,4 @@ class Cluster:
             nursery.start_soon(self.handoff.run)
             nursery.start_soon(self.transfers.run)
             nursery.start_soon(self.transfers.reclaim_loop)
+            nursery.start_soon(delete_when_due, self.store)  # LocalStore Rule 8

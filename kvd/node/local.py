@@ -46,6 +46,8 @@ Invariants:
   deletion must never precede the fsync). Two siblings with one dot and different payloads
   are logged as an error and counted (``dot_collisions``); ``versions.sync`` keeps the same
   one on every replica.
+- Rule 8: a blob an overwrite superseded while it was being read stays until its readers
+  are done (kvd.node.blob_linger), its ledger entry still "garbage" (Rule 3).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import trio
 from kvd import aae, versions
 from kvd.clocks import REAL
 from kvd.errors import BadRequest, Unavailable
+from kvd.node.blob_linger import BlobLinger
 from kvd.node.dot_leases import SEQUENCES, DotLeases
 from kvd.storage import Storage, keys
 from kvd.ring import partition_of
@@ -119,6 +122,7 @@ class LocalStore:
         self._trees: dict[int, aae.Tree] = {}
         self.leases = DotLeases(storage, self._has_objects)  # Rule 6
         self._sealing: Counter[bytes] = Counter()  # vids a write is sealing for its manifest
+        self.linger = BlobLinger()  # Rule 8
         self.dot_collisions = 0  # same dot, different payload: should stay 0 (Rule 7)
         raw = storage.get(_GENERATIONS)
         self._generations: dict[int, int] = (
@@ -201,18 +205,10 @@ class LocalStore:
         raw = self.read_encoded(key)
         return None if raw is None else hashlib.blake2b(raw, digest_size=8).digest()
 
-    async def coordinate(
-        self,
-        key: bytes,
-        context: versions.VersionVector | None,
-        actor: str,
-        *,
-        value: bytes = b"",
-        deleted: bool = False,
-        chunks: versions.ChunkRef | None = None,
-        timestamp: float = 0.0,
-        wid: bytes = b"",
-    ) -> versions.VersionedObject:
+    async def coordinate(self, key: bytes, context: versions.VersionVector | None, actor: str,
+                         *, value: bytes = b"", deleted: bool = False,
+                         chunks: versions.ChunkRef | None = None, timestamp: float = 0.0,
+                         wid: bytes = b"") -> versions.VersionedObject:
         """Apply a client write as its coordinating replica: mint a new dot for ``actor``
         (none when the write with id ``wid`` is already here: versions rule 7).
 
@@ -249,17 +245,8 @@ class LocalStore:
                 await self.leases.extend(actor, lease, counter)
             # No checkpoint from reading ``current`` to publishing ``updated`` (Rule 4).
             updated, discarded = versions.update(
-                current,
-                seen,
-                actor,
-                value=value,
-                deleted=deleted,
-                chunks=chunks,
-                timestamp=timestamp,
-                key=key,
-                wid=wid,
-                min_counter=lease.next,
-            )
+                current, seen, actor, value=value, deleted=deleted, chunks=chunks,
+                timestamp=timestamp, key=key, wid=wid, min_counter=lease.next)
             lease.next = counter + 1
             await self._store(key, updated, discarded, old_digest)
         finally:
@@ -403,7 +390,15 @@ class LocalStore:
         ops += [(_ledger_key(vid), _GARBAGE + key) for vid in garbage]
         await self._commit(key, obj, digest, ops)
         if garbage:
-            await self._delete_blobs(garbage)
+            await self._delete_blobs(self.linger.hold_back(garbage))
+
+    async def delete_lingering(self) -> None:
+        """Delete the superseded blobs held back for their readers, once due (Rule 8),
+        unless a later write named one again (its ledger entry is then no longer garbage)."""
+        due = [vid for vid in self.linger.due()
+               if (self.storage.get(_ledger_key(vid)) or b"")[:1] == _GARBAGE]
+        if due:
+            await self._delete_blobs(due)
 
     async def _commit(self, key, obj, digest, ops) -> None:
         """Write ``ops``; meanwhile ``obj`` (digest) is what later writes of ``key`` build on.
@@ -490,6 +485,7 @@ class LocalStore:
     async def read_piece(self, key: bytes, ref: versions.ChunkRef, offset: int,
                          size: int) -> bytes:
         """``size`` bytes of a stored value from ``offset`` (read in a worker thread)."""
+        self.linger.read(ref.vid)
         data = await self.blobs.read(ref.vid, offset, size)
         if not data:
             raise Unavailable(

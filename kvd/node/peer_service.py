@@ -88,7 +88,8 @@ async def replica_get(node, conn, message, _chunks) -> None:
     if fields["op"] in ("aae-root", "aae-branches", "aae-segments", "aae-keys"):
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, node.aae.answer(fields))
         return
-    if fields.get("op") == "blob":
+    if fields.get("op") == "blob":  # a piece of a value a peer streams to its client
+        store.linger.read(fields["vid"])  # kvd.node.local Rule 8
         data = await store.blobs.read(fields["vid"], fields["offset"], fields["size"])
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, {"data": data})
         return
