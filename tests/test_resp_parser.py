@@ -93,6 +93,35 @@ def test_limits_and_malformed_requests_are_refused(data, message):
     assert parser.buffered < 32 * 1024
 
 
+@pytest.mark.parametrize("data, message", [
+    (b"*1\r\n$-0\r\n\r\n", "invalid bulk length"),
+    (b"*1\r\n$01\r\nx\r\n", "invalid bulk length"),
+    (b"*1\r\n$00\r\n\r\n", "invalid bulk length"),
+    (b"*1\r\n$+1\r\nx\r\n", "invalid bulk length"),
+    (b"*1\r\n$-1\r\n", "invalid bulk length"),  # a null is a reply, never a request
+    (b"*-0\r\n", "invalid multibulk length"),
+    (b"*01\r\n$4\r\nPING\r\n", "invalid multibulk length"),
+    (b"*+1\r\n$4\r\nPING\r\n", "invalid multibulk length"),
+    (b"*-01\r\n", "invalid multibulk length"),
+])
+@pytest.mark.parametrize("split", [1, 1000], ids=["byte-at-a-time", "whole"])
+def test_lengths_are_refused_unless_written_as_redis_writes_them(data, message, split):
+    """redis-server (string2ll) takes a length only as plain decimal without a leading zero
+    or a plus sign, and refuses a negative bulk length; kvd refuses what it refuses."""
+    parser = RespParser(AUTHENTICATED)
+    with pytest.raises(ProtocolError, match=message):
+        for i in range(0, len(data), split):
+            parser.receive_data(data[i:i + split])
+            drain(parser)
+
+
+def test_a_negative_multibulk_count_is_ignored_as_redis_ignores_it():
+    """redis-server's protocol test "Negative multibulk length": ``*-10`` then PING gets PONG."""
+    parser = RespParser(AUTHENTICATED)
+    parser.receive_data(b"*-10\r\n*0\r\n*1\r\n$4\r\nPING\r\n")
+    assert drain(parser) == [[b"PING"]]
+
+
 def test_authenticated_limits_refuse_a_1_mib_inline_line_and_a_4_gib_bulk():
     parser = RespParser(AUTHENTICATED)
     parser.receive_data(b"A" * (1 << 20))

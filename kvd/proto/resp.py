@@ -12,6 +12,9 @@ Invariants:
   awaited or kept: the argument count, each bulk length, the inline line (checked while no
   newline has come), and the bytes one command holds buffered. A header line that no valid
   header could be is refused once ``MAX_HEADER_LINE`` bytes have come without its CRLF.
+- Rule 1a: a length is decimal as redis-server's ``string2ll`` reads it: no "+", no leading
+  zero, "-" only before a nonzero digit. A negative bulk length is refused; a negative
+  argument count is ignored, as redis-server ignores it.
 - Rule 2: a request the parser refuses raises ProtocolError with Redis's wording ("Protocol
   error: ..."); the stream cannot be resynchronised, so the shell answers it and closes.
 - Rule 3: before authentication the limits are Redis's after CVE-2021-32675 (``PRE_AUTH``:
@@ -130,7 +133,8 @@ class RespParser:
             return None
         end = buf.find(b"\r\n", 1, MAX_HEADER_LINE)
         head = buf[1:end]
-        if end < 0 or not head.isdigit() or not 0 < int(head) <= limits.max_args:
+        if (end < 0 or not head.isdigit() or head[0] == 48  # a leading "0": Rule 1a
+                or not int(head) <= limits.max_args):
             return None
         args, pos, size = [], end + 2, 0
         stream_above = limits.stream_above if limits.stream_above is not None else 1 << 62
@@ -139,7 +143,7 @@ class RespParser:
                 return None
             end = buf.find(b"\r\n", pos + 1, pos + MAX_HEADER_LINE)
             head = buf[pos + 1:end]
-            if end < 0 or not head.isdigit():
+            if end < 0 or not head.isdigit() or (head[0] == 48 and len(head) > 1):
                 return None
             length = int(head)
             size += length
@@ -279,7 +283,7 @@ class RespParser:
 _AGAIN = object()  # internal: the step consumed something; take another
 
 
-_INTEGER = re.compile(rb"-?[0-9]{1,19}")
+_INTEGER = re.compile(rb"0|-?[1-9][0-9]{0,18}")  # Rule 1a
 
 
 def _integer(text: bytes, problem: str) -> int:
