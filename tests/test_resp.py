@@ -91,12 +91,17 @@ def test_redis_benchmark_completes_without_errors(node):
     assert b"Error" not in done.stdout + done.stderr
 
 
-def test_a_read_token_reads_and_a_missing_token_gets_noauth(tmp_path):
+def _tokens_file(tmp_path) -> str:
+    """A tokens file with a read token (viewer) and a write token (app)."""
     tokens = tmp_path / "tokens.toml"
     tokens.write_text('[tokens]\nviewer = { token = "read-token-0123456789", role = "read" }\n'
                       'app = { token = "write-token-0123456789", role = "write" }\n')
     tokens.chmod(0o600)
-    node = _start(tmp_path, client_tokens_file=str(tokens))
+    return str(tokens)
+
+
+def test_a_read_token_reads_and_a_missing_token_gets_noauth(tmp_path):
+    node = _start(tmp_path, client_tokens_file=_tokens_file(tmp_path))
     try:
         anonymous = redis.Redis(port=node.resp_port)
         with pytest.raises(redis.AuthenticationError):
@@ -118,6 +123,30 @@ def test_a_read_token_reads_and_a_missing_token_gets_noauth(tmp_path):
             raw.sendall(b"*11\r\n")
             assert raw.recv(100).startswith(b"-ERR Protocol error: invalid multibulk length")
             assert raw.recv(100) == b""
+    finally:
+        node.kill()
+
+
+def test_a_read_token_gets_noperm_for_a_set_above_chunk_size_as_for_a_small_one(tmp_path):
+    """A value above chunk_size streams (kvd.proto.resp); its SET from a read token got a
+    generic -ERR where a small SET gets -NOPERM, so a client could not tell why. The value is
+    read through and dropped: the connection stays in step and nothing is written."""
+    node = _start(tmp_path, client_tokens_file=_tokens_file(tmp_path), chunk_size=64 * 1024)
+    try:
+        with socket.create_connection(("127.0.0.1", node.resp_port), timeout=30) as raw:
+            replies = raw.makefile("rb")
+            raw.sendall(b"AUTH read-token-0123456789\r\n")
+            assert replies.readline() == b"+OK\r\n"
+            small, large = b"v" * 10, b"v" * (200 * 1024)
+            for value, options in ((small, []), (large, []), (large, [b"NX"])):
+                args = [b"SET", b"k", value, *options]
+                raw.sendall(b"*%d\r\n" % len(args)
+                            + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+            refused = replies.readline()
+            assert refused.startswith(b"-NOPERM viewer has role read"), refused
+            assert (replies.readline(), replies.readline()) == (refused, refused)
+            raw.sendall(b"EXISTS k\r\nPING\r\n")
+            assert (replies.readline(), replies.readline()) == (b":0\r\n", b"+PONG\r\n")
     finally:
         node.kill()
 

@@ -122,13 +122,9 @@ async def execute(session: Session, args: list[bytes]):
     if (arity > 0 and len(args) != arity) or len(args) < -arity:
         session.reply(Error(f"ERR wrong number of arguments for '{lower}' command"))
         return None
-    grant = session.grant
-    if role is not None and grant is None:
-        session.reply(Error("NOAUTH Authentication required."))
-        return None
-    if role is not None and grant is not None and not grant.allows(role):
-        session.reply(Error(f"NOPERM {grant.name} has role {grant.role}; "
-                            f"'{lower}' needs {role}"))
+    refused = _refusal(session, role, lower)
+    if refused is not None:
+        session.reply(refused)
         return None
     started = session.node.clocks.monotonic()
     outcome = "ok"
@@ -167,6 +163,19 @@ async def execute(session: Session, args: list[bytes]):
     return reply
 
 
+def _refusal(session: Session, role: str | None, command: str) -> Error | None:
+    """NOAUTH or NOPERM when the session may not run ``command``, which needs ``role``
+    (Rule 1); None when it may."""
+    if role is None:
+        return None
+    grant = session.grant
+    if grant is None:
+        return Error("NOAUTH Authentication required.")
+    if not grant.allows(role):
+        return Error(f"NOPERM {grant.name} has role {grant.role}; '{command}' needs {role}")
+    return None
+
+
 _ERROR_WORDS = {"quorum": "QUORUM", "unavailable": "UNAVAILABLE", "unauthorized": "NOPERM",
                 "too_many_siblings": "TOOMANYSIBLINGS"}
 
@@ -196,15 +205,19 @@ async def _streamed_set(session: Session, start: resp.StreamStart):
     """SET key <value above chunk_size>: the value goes to the coordinator piece by piece,
     as it arrives. Other commands with such an argument are read through and refused."""
     args = start.args
-    usable = len(args) == 2 and args[0].upper() == b"SET"
-    if usable and (session.grant is None or not session.grant.allows("write")):
-        usable = False
+    if not (len(args) == 2 and args[0].upper() == b"SET"):
+        await _read_through(session)
+        return Error(f"ERR an argument above {session.node.config.chunk_size} bytes is "
+                     "accepted only as SET key value")
+    refused = _refusal(session, "write", "set")  # the reply a small SET gets (Rule 1)
+    if refused is not None:
+        await _read_through(session)
+        return refused
     ended = False
-    rest: list[bytes] = []
 
     async def pieces():
         """The value in chunk_size pieces (the last may be shorter), as reads bring it."""
-        nonlocal ended, rest
+        nonlocal ended
         size = session.node.config.chunk_size
         gathered = bytearray()
         while not ended:
@@ -212,8 +225,8 @@ async def _streamed_set(session: Session, start: resp.StreamStart):
             if event is None:
                 raise ConnectFailed("closed in the middle of a value")
             if isinstance(event, resp.StreamEnd):
-                ended, rest = True, event.args
-                if rest:
+                ended = True
+                if event.args:
                     raise KvdError("SET options are not supported with values above "
                                    "chunk_size")
                 if gathered:
@@ -225,11 +238,6 @@ async def _streamed_set(session: Session, start: resp.StreamStart):
                 del gathered[:size]
 
     try:
-        if not usable:
-            async for _ in pieces():
-                pass
-            return Error(f"ERR an argument above {session.node.config.chunk_size} bytes is "
-                         "accepted only as SET key value, by a client with the write role")
         session.node.request_started()
         try:
             await resp_data.write_stream(session.node, args[1], start.length, pieces())
@@ -240,6 +248,14 @@ async def _streamed_set(session: Session, start: resp.StreamStart):
         async for _ in pieces():
             pass
         return _error_reply(exc)
+
+
+async def _read_through(session: Session) -> None:
+    """The rest of a refused streamed command, each piece dropped as it is read: the
+    connection stays in step with the client, and nothing of the value is kept."""
+    while not isinstance(event := await session.next_event(), resp.StreamEnd):
+        if event is None:
+            raise ConnectFailed("closed in the middle of a value")
 
 
 # ------------------------------------------------------------- connection commands
