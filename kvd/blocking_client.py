@@ -112,18 +112,13 @@ class BlockingClient:
                                 f"{self.timeout:g} s; is it a kvd client port?") from None
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self.address}: {_reason(exc)}") from None
-        if first.startswith(b"HTTP/"):
-            # A kvd metrics port says which client port to use in its answer's body.
-            said = first.partition(b"\r\n\r\n")[2].decode("utf-8", "replace").strip()
-            raise ConnectFailed(f"{self.address} answers HTTP: " + (
-                said if "client port" in said else "that is a metrics port (metrics_listen); "
-                "kvctl talks to the client port (listen, default 7379)"))
         if not first:
             raise ConnectFailed(f"{self.address} closed the connection during the handshake")
         if not first.startswith(codec.MAGIC[:len(first)]):
-            raise ConnectFailed(f"{self.address} does not speak kvd's protocol (it sent "
-                                f"{first[:16]!r}); kvctl talks to the client port (listen, "
-                                "default 7379)")
+            # Imported only here: the handshake module is no part of a kvctl run's start.
+            from kvd.proto.handshake import foreign_answer
+
+            raise ConnectFailed(foreign_answer(self.address, first) or "")
         self._decoder.receive_data(first)
         reply = self._receive()
         if reply.type == MsgType.ERROR:

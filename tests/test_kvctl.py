@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -351,9 +352,9 @@ def test_timeout_bounds_a_silent_node(kvctl_cli, silent_port, monkeypatch):
     assert kvctl_cli("bench", "--ops", "1", host=f"127.0.0.1:{port}").returncode == 4
 
 
-@pytest.fixture
-def banner_port():
-    """A port that greets every connection with an SSH banner, then closes it."""
+@contextmanager
+def _port_answering(answer: bytes):
+    """A port that answers every connection with ``answer``, then closes it."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -366,7 +367,7 @@ def banner_port():
                 conn = listener.accept()[0]
             except OSError:
                 continue
-            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            conn.sendall(answer)
             time.sleep(0.2)
             conn.close()
 
@@ -378,6 +379,13 @@ def banner_port():
     listener.close()
 
 
+@pytest.fixture
+def banner_port():
+    """A port that greets every connection with an SSH banner, then closes it."""
+    with _port_answering(b"SSH-2.0-OpenSSH_9.2\r\n") as port:
+        yield port
+
+
 def test_a_port_that_is_not_kvd_is_a_connect_error_naming_the_client_port(banner_port,
                                                                           kvctl_cli):
     """An SSH port's banner gave "bad magic b'SS', expected b'KV'" with exit 1, where other
@@ -386,6 +394,26 @@ def test_a_port_that_is_not_kvd_is_a_connect_error_naming_the_client_port(banner
     assert result.returncode == 4, err(result)
     assert "does not speak kvd's protocol" in err(result)
     assert "client port" in err(result) and len(err(result).splitlines()) == 1, err(result)
+
+
+@pytest.mark.parametrize("answer, says", [
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "does not speak kvd's protocol"),
+    (b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n", "answers HTTP"),
+], ids=["ssh", "http"])
+@pytest.mark.parametrize("command", [["keys"], ["bench", "--ops", "1"], ["version"]],
+                         ids=" ".join)
+def test_the_trio_client_names_the_client_port_as_the_blocking_one_does(answer, says, command,
+                                                                         kvctl_cli):
+    """Commands on the trio client (streams, many requests in flight) said "bad magic
+    b'SS', expected b'KV'" with exit 1, where one-request commands say which port to use
+    and exit 4."""
+    with _port_answering(answer) as port:
+        blocking = kvctl_cli("get", "k", host=f"127.0.0.1:{port}")
+        result = kvctl_cli(*command, host=f"127.0.0.1:{port}")
+    assert result.returncode == 4, err(result)
+    assert says in err(result) and "client port" in err(result), err(result)
+    errors = [line for line in err(result).splitlines() if line.startswith("kvctl: error:")]
+    assert errors == err(blocking).splitlines(), err(result)  # one line, the same one
 
 
 def test_join_with_a_wrong_seed_ends(tmp_path, silent_port, kvctl_cli):

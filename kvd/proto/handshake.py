@@ -50,6 +50,9 @@ Invariants:
   more, but what it queued before (a challenge answered in the same batch of bytes) is
   still to be sent, first. The server's shell then answers with an ERROR frame; the
   client's closes. Secrets never appear in a message.
+- Rule 10: a client whose first bytes back are not kvd's (an HTTP server, a RESP port, an
+  SSH banner) fails with ConnectFailed naming the port to use (``foreign_answer``), the
+  same line from the trio client (this machine) and kvd.blocking_client.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ from kvd.proto.records import Opener, Sealer
 __all__ = [
     "ClientHandshake",
     "Done",
+    "foreign_answer",
     "NEED_DATA",
     "NONCE_SIZE",
     "ServerHandshake",
@@ -134,6 +138,29 @@ def session_keys(secret: bytes, client_nonce: bytes, server_nonce: bytes,
 
 def verify_proof(expected: bytes, got: object) -> bool:
     return isinstance(got, bytes) and hmac.compare_digest(expected, got)
+
+
+# --------------------------------------------------------------------------- wrong ports
+
+_USE_INSTEAD = {  # by the HELLO's role: the port that would have answered it
+    "client": "kvctl talks to the client port (listen, default 7379)",
+    "peer": "nodes talk to the peer port (peer_listen, default 7380)",
+}
+
+
+def foreign_answer(address: str, first: bytes, role: str = "client") -> str | None:
+    """Rule 10: when ``first``, the first bytes ``address`` answered a HELLO with, are not
+    kvd's, the one line saying so and naming the port to use; None when they may be."""
+    use = _USE_INSTEAD.get(role, _USE_INSTEAD["client"])
+    if first.startswith(b"HTTP/"):
+        # A kvd metrics port says which client port to use in its answer's body.
+        said = first.partition(b"\r\n\r\n")[2].decode("utf-8", "replace").strip()
+        return f"{address} answers HTTP: " + (
+            said if "client port" in said and role == "client"
+            else f"that is a metrics port (metrics_listen); {use}")
+    if codec.MAGIC.startswith(first[:len(codec.MAGIC)]):
+        return None
+    return f"{address} does not speak kvd's protocol (it sent {first[:16]!r}); {use}"
 
 
 # --------------------------------------------------------------------------- the machines
@@ -269,7 +296,16 @@ class ClientHandshake(_Handshake):
         if secret is not None:
             self._nonce = self._hello["nonce"] = nonce or new_nonce()
         self._challenged = False
+        self._answered = False  # any byte back yet (Rule 10 judges the first ones)
         self._wire.send(MsgType.HELLO, 0, self._hello)
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        if data and not self._answered and self._error is None:
+            self._answered = True
+            foreign = foreign_answer(self.address, bytes(data), self._hello["role"])
+            if foreign is not None:
+                self._error = ConnectFailed(foreign)  # raised by next_event (Rule 9)
+        super().receive_data(data)
 
     def _step(self, message: Message | None) -> None:
         if message is None:
