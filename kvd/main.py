@@ -174,12 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for var in unknown_env_vars(os.environ):
             print(f"kvd: warning: {var} matches no config key (a typo?); ignored",
                   file=sys.stderr)
+        from kvd.node import data_dir
         from kvd.security import Security
 
         try:  # the secret, tokens and TLS files, loaded as start-up loads them
             Security.from_config(config)
-        except ConfigError as e:
-            return _fail(str(e), EXIT_CONFIG)
+            if config.data_dir != ":memory:":
+                data_dir.check(config.data_dir)  # as start-up judges it, touching nothing
+        except KvdError as e:
+            return _fail(str(e), EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_FAILED)
         _print_check(config)
         return 0
 

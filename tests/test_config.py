@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import tomllib
@@ -13,6 +14,7 @@ import pytest
 from kvd.address import AddressError, is_loopback_host, parse_address
 from kvd.config import Config, format_config, load_config, unknown_env_vars
 from kvd.errors import ConfigError
+from tests.procs import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -363,6 +365,43 @@ def test_cli_check_refuses_a_tokens_file_start_up_refuses(tmp_path):
     assert proc.returncode == 2, proc.stdout
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "tokens" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("mode, says", [
+    (0o755, "is accessible by others (mode 0755)"),
+    (0o770, "is accessible by its group (mode 0770)"),
+])
+def test_cli_check_refuses_a_data_dir_start_up_refuses(tmp_path, mode, says):
+    """--check said 0 for a data_dir of mode 0755 that start-up then refused with exit 2; it
+    now judges the data directory as start-up does, with the same line, and changes
+    nothing in it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(mode)
+    check = run_kvd("--check", "--data-dir", str(data))
+    assert check.returncode == 2, check.stdout
+    assert check.stdout == "" and len(check.stderr.splitlines()) == 1, check.stderr
+    assert f"data_dir {data} {says}" in check.stderr, check.stderr
+    start = run_kvd("--data-dir", str(data), "--listen", f"127.0.0.1:{free_port()}",
+                    "--peer-listen", f"127.0.0.1:{free_port()}",
+                    env={"KVD_METRICS_LISTEN": ""})
+    assert (start.returncode, start.stderr) == (check.returncode, check.stderr)
+    assert stat.S_IMODE(data.stat().st_mode) == mode and list(data.iterdir()) == []
+
+
+def test_cli_check_refuses_an_unfinished_restore_and_creates_no_data_dir(tmp_path):
+    """The other data-directory refusal at start (exit 1), checked without touching it;
+    a data_dir that does not exist yet passes (start-up creates it) and is not created."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "RESTORE-INCOMPLETE").write_text("")
+    check = run_kvd("--check", "--data-dir", str(data))
+    assert check.returncode == 1 and len(check.stderr.splitlines()) == 1, check.stderr
+    assert "unfinished kvd restore" in check.stderr, check.stderr
+    assert sorted(p.name for p in data.iterdir()) == ["RESTORE-INCOMPLETE"]
+    missing = tmp_path / "not-yet" / "data"
+    assert run_kvd("--check", "--data-dir", str(missing)).returncode == 0
+    assert not missing.parent.exists()
 
 
 def test_cli_missing_config_file(tmp_path):

@@ -4,7 +4,8 @@ this node (its identity).
 
 They run once at start-up, before anything else touches the data: a data directory others
 may enter is refused, and so is one created for another node, so a misconfigured node never
-serves another's replicas.
+serves another's replicas. `kvd --check` runs the ones that need no open store (``check``),
+with the same lines and exit codes, and creates or changes nothing.
 """
 
 from __future__ import annotations
@@ -23,19 +24,41 @@ def make_private(data_dir: str) -> None:
     """Make kvd's files its own, whatever umask it was started with (issue 10, hole 5): the
     process umask becomes 077, so LevelDB and blob files are created 0600 and directories
     0700, and a new data_dir is created 0700. An existing one that others may enter, or
-    its group may write, is refused (ConfigError: one line, exit 2), as PostgreSQL refuses
-    its data directory; 0750 is accepted (the package's StateDirectoryMode, for a backup
-    group). docs/DECISIONS.md, "The data directory is private"."""
+    its group may write, is refused (``check_private``)."""
     os.umask(0o077)  # process-wide on purpose: LevelDB creates files as it compacts
+    check_private(data_dir)
     try:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        mode = stat.S_IMODE(os.stat(data_dir).st_mode)
     except OSError as exc:
         raise ConfigError(f"data_dir {data_dir}: {exc.strerror}") from None
+
+
+def check_private(data_dir: str) -> None:
+    """ConfigError (one line, exit 2) when ``data_dir`` exists and is not a directory only
+    kvd may enter, as PostgreSQL refuses its data directory; 0750 is accepted (the package's
+    StateDirectoryMode, for a backup group). A data_dir not there yet passes: start-up
+    creates it 0700. Creates and changes nothing. docs/DECISIONS.md, "The data directory
+    is private"."""
+    try:
+        info = os.stat(data_dir)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"data_dir {data_dir}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"data_dir {data_dir} is not a directory")
+    mode = stat.S_IMODE(info.st_mode)
     if mode & 0o027:
         raise ConfigError(
             f"data_dir {data_dir} is accessible by {'others' if mode & 0o007 else 'its group'}"
             f" (mode {mode:04o}): run chmod -R go-rwx {data_dir}")
+
+
+def check(data_dir: str) -> None:
+    """Every refusal of ``data_dir`` start-up makes before it opens the store, made without
+    creating or changing anything (`kvd --check`): ConfigError (exit 2) or KvdError (1)."""
+    check_private(data_dir)
+    refuse_unfinished_restore(data_dir)
 
 
 # Written by `kvd restore` before its first record, removed after its last (kvd.backup
