@@ -399,7 +399,10 @@ def test_a_port_that_is_not_kvd_is_a_connect_error_naming_the_client_port(banner
 @pytest.mark.parametrize("answer, says", [
     (b"SSH-2.0-OpenSSH_9.2\r\n", "does not speak kvd's protocol"),
     (b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n", "answers HTTP"),
-], ids=["ssh", "http"])
+    # What kvd's RESP port now answers a HELLO (tests/test_resp_sim.py).
+    (b"-ERR this is kvd's RESP port; kvd clients (kvctl) use the client port (listen)\r\n",
+     "is a Redis-protocol port (resp_listen)"),
+], ids=["ssh", "http", "resp"])
 @pytest.mark.parametrize("command", [["keys"], ["bench", "--ops", "1"], ["version"]],
                          ids=" ".join)
 def test_the_trio_client_names_the_client_port_as_the_blocking_one_does(answer, says, command,

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from fuzz.fuzz_resp import check_input, samples
 from kvd.errors import ProtocolError
-from kvd.proto import resp
+from kvd.proto import codec, resp
+from kvd.proto.messages import PROTOCOL_VERSION, MsgType
 from kvd.proto.resp import (AUTHENTICATED, NEED_DATA, PRE_AUTH, Error, Limits, RespParser,
                             Simple, StreamData, StreamEnd, StreamStart, encode)
 from kvd.proto.glob import glob_match
@@ -24,6 +25,7 @@ CASES = [
     (b"  SET  k   v \r\n", [b"SET", b"k", b"v"]),
     (b'SET "a b" \'c\\\'d\' "\\x41\\n"\r\n', [b"SET", b"a b", b"c'd", b"A\n"]),
     (b'ECHO ""\r\n', [b"ECHO", b""]),
+    (b"KV.GET k\r\n", [b"KV.GET", b"k"]),  # begins as a kvd frame does, then a dot
 ]
 
 
@@ -120,6 +122,20 @@ def test_a_negative_multibulk_count_is_ignored_as_redis_ignores_it():
     parser = RespParser(AUTHENTICATED)
     parser.receive_data(b"*-10\r\n*0\r\n*1\r\n$4\r\nPING\r\n")
     assert drain(parser) == [[b"PING"]]
+
+
+def test_a_kvd_frame_is_refused_by_its_third_byte_naming_the_client_port():
+    """kvctl given the RESP port: its HELLO frame (no newline in it) waited as an inline
+    command. Rule 5: refused as soon as three bytes show it, whatever follows."""
+    hello = codec.encode(MsgType.HELLO, 0, {"versions": [PROTOCOL_VERSION], "role": "client"})
+    parser = RespParser(PRE_AUTH)
+    parser.receive_data(hello[:2])
+    assert drain(parser) == []
+    parser.receive_data(hello[2:3])
+    with pytest.raises(ProtocolError) as refused:
+        drain(parser)
+    assert str(refused.value) == ("this is kvd's RESP port; kvd clients (kvctl) use the "
+                                  "client port (listen)")
 
 
 def test_authenticated_limits_refuse_a_1_mib_inline_line_and_a_4_gib_bulk():

@@ -8,6 +8,9 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from kvd.proto import codec
+from kvd.proto.messages import PROTOCOL_VERSION, MsgType
+
 RESP_PORT = "7382"
 
 
@@ -266,3 +269,23 @@ async def test_a_protocol_error_is_answered_before_the_connection_closes(sim, au
     assert await one.reply() == "PONG"
     error = await one.reply()
     assert str(error).startswith("ERR Protocol error"), error
+
+
+async def test_a_kvd_client_on_the_resp_port_is_told_which_port_it_wants(sim, autojump_clock):
+    """kvctl given the RESP port sent its HELLO frame and heard nothing until the port
+    closed: the frame has no newline, so it waited as an inline command. It is now
+    answered at once, naming the client port, and closed; an inline KV.GET still works."""
+    await _cluster(sim)
+    one = await _connect(sim, "n1")
+    await one.stream.send_all(codec.encode(MsgType.HELLO, 0, {"versions": [PROTOCOL_VERSION],
+                                                              "role": "client"}))
+    began = trio.current_time()
+    with trio.fail_after(1):  # at once: not after handshake_timeout
+        error = await one.reply()
+    assert str(error) == ("ERR this is kvd's RESP port; kvd clients (kvctl) use the client "
+                          "port (listen)"), error
+    assert trio.current_time() - began < 1
+    assert await one.stream.receive_some(100) == b""  # and closed
+    two = await _connect(sim, "n1")
+    await two.stream.send_all(b"KV.GET absent\r\n")
+    assert await two.reply() is None  # nil: the key is absent

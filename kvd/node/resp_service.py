@@ -15,8 +15,9 @@ Rules:
 3. Pipelining: commands are answered in order, one at a time; replies are gathered and
    written when the parser needs more bytes, through the session's output queue, which
    never holds up reading (kvd.node.resp_session Rule 2).
-4. A protocol error gets ``-ERR Protocol error: ...`` and the connection closes; any other
-   failure of a command is an error reply and the connection stays.
+4. A protocol error gets ``-ERR Protocol error: ...`` (a kvd frame, the line naming the
+   client port: kvd.proto.resp Rule 5) and the connection closes; any other failure of a
+   command is an error reply and the connection stays.
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ Invariants:
   more, but what it queued before (a challenge answered in the same batch of bytes) is
   still to be sent, first. The server's shell then answers with an ERROR frame; the
   client's closes. Secrets never appear in a message.
-- Rule 10: a client whose first bytes back are not kvd's (an HTTP server, a RESP port, an
-  SSH banner) fails with ConnectFailed naming the port to use (``foreign_answer``), the
+- Rule 10: a client whose first bytes back are not kvd's (an HTTP server, a RESP port's
+  error, an SSH banner) fails with ConnectFailed naming the port to use (``foreign_answer``), the
   same line from the trio client (this machine) and kvd.blocking_client.
 """
 
@@ -160,6 +160,8 @@ def foreign_answer(address: str, first: bytes, role: str = "client") -> str | No
             else f"that is a metrics port (metrics_listen); {use}")
     if codec.MAGIC.startswith(first[:len(codec.MAGIC)]):
         return None
+    if first.startswith(b"-"):  # a RESP error: kvd's RESP port refuses a frame at once
+        return f"{address} is a Redis-protocol port (resp_listen); {use}"
     return f"{address} does not speak kvd's protocol (it sent {first[:16]!r}); {use}"
 
 

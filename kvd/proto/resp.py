@@ -16,12 +16,17 @@ Invariants:
   zero, "-" only before a nonzero digit. A negative bulk length is refused; a negative
   argument count is ignored, as redis-server ignores it.
 - Rule 2: a request the parser refuses raises ProtocolError with Redis's wording ("Protocol
-  error: ..."); the stream cannot be resynchronised, so the shell answers it and closes.
+  error: ..."; Rule 5's aside); the stream cannot be resynchronised, so the shell answers it
+  and closes.
 - Rule 3: before authentication the limits are Redis's after CVE-2021-32675 (``PRE_AUTH``:
   10 arguments, 16 KiB per bulk) and inline lines are capped at 16 KiB; the shell raises
   them with ``parser.limits = ...`` once the client has authenticated.
 - Rule 4: events come out in the order the bytes went in, so pipelined commands are
   answered in order; the parser buffers at most one command (plus one read) at a time.
+- Rule 5: a frame of kvd's own protocol (kvctl given this port) is refused by its first
+  three bytes (``KV``, then the protocol version, a control byte no command holds) with a
+  ProtocolError naming the client port. Taken as an inline command, it waited for a newline
+  that a frame need not have, and the client heard nothing.
 
 Inline commands follow redis-cli's quoting (``sdssplitargs``): whitespace separates,
 "double quotes" take \\n \\r \\t \\b \\a \\\\ \\" and \\xHH escapes, 'single quotes' take \\'.
@@ -39,6 +44,8 @@ __all__ = ["NEED_DATA", "Limits", "PRE_AUTH", "AUTHENTICATED", "RespParser", "St
            "split_inline"]
 
 MAX_HEADER_LINE = 32  # "*" or "$" and a 64-bit length fit with room to spare
+KVD_MAGIC = b"KV"  # how kvd.proto.codec's frames start (its MAGIC): Rule 5
+NATIVE_CLIENT = "this is kvd's RESP port; kvd clients (kvctl) use the client port (listen)"
 
 
 class _NeedData:
@@ -267,6 +274,8 @@ class RespParser:
         return self._finish_if_complete()
 
     def _inline_step(self):
+        if self._buf[:2] == KVD_MAGIC and len(self._buf) > 2 and self._buf[2] < 32:
+            raise ProtocolError(NATIVE_CLIENT)  # Rule 5
         end = self._buf.find(b"\n", 0, self.limits.max_inline + 1)
         if end < 0:
             if len(self._buf) > self.limits.max_inline:
