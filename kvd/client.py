@@ -358,7 +358,9 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
             with trio.fail_after(connect_timeout):
                 done = await run_handshake(stream, machine)
         except trio.TooSlowError:
-            raise ConnectFailed(f"{address} did not answer the handshake") from None
+            role = (hello_fields or {}).get("role", "client")
+            raise ConnectFailed(f"{address} did not answer the handshake within "
+                                f"{connect_timeout:g} s; is it a kvd {role} port?") from None
         await conn.finish_handshake(machine, done)
         reply = done.hello
         conn.max_frame = max(reply["max_frame"], conn.max_frame) + _FRAME_SLACK

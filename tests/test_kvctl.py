@@ -349,7 +349,10 @@ def test_timeout_bounds_a_silent_node(kvctl_cli, silent_port, monkeypatch):
     assert "did not answer the handshake within 0.5 s" in err(result)
     monkeypatch.setenv("KVCTL_TIMEOUT", "0.5")
     assert kvctl_cli("status", host=f"127.0.0.1:{port}").returncode == 4
-    assert kvctl_cli("bench", "--ops", "1", host=f"127.0.0.1:{port}").returncode == 4
+    bench = kvctl_cli("bench", "--ops", "1", host=f"127.0.0.1:{port}")  # the trio client
+    assert bench.returncode == 4
+    errors = [line for line in err(bench).splitlines() if line.startswith("kvctl: error:")]
+    assert errors == err(result).splitlines(), "both clients say the same line"
 
 
 @contextmanager
