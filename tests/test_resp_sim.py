@@ -289,3 +289,20 @@ async def test_a_kvd_client_on_the_resp_port_is_told_which_port_it_wants(sim, au
     two = await _connect(sim, "n1")
     await two.stream.send_all(b"KV.GET absent\r\n")
     assert await two.reply() is None  # nil: the key is absent
+
+
+async def test_a_set_above_chunk_size_is_counted_in_the_command_metrics(sim, autojump_clock):
+    """kvd_resp_command_duration_seconds counts every SET: one whose value streams (above
+    chunk_size) went uncounted, so a dashboard of RESP commands missed large writes."""
+    await _cluster(sim)
+    one = await _connect(sim, "n1")
+    counts = sim.nodes["n1"].node.resp_observer.resp_commands
+
+    def sets(outcome: str) -> int:
+        return dict((labels, cumulative[-1]) for labels, cumulative, _ in counts.series()
+                    ).get(("set", outcome), 0)
+
+    assert await one.call("SET", "small", "v") == "OK"
+    assert await one.call("SET", "large", b"x" * 300_000) == "OK"
+    assert sets("ok") == 2
+    assert not sim.crashes

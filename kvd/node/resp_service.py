@@ -95,7 +95,11 @@ async def _commands(session: Session) -> None:
         if event is None:
             return
         if isinstance(event, resp.StreamStart):
-            session.reply(await _streamed_set(session, event))
+            started = node.clocks.monotonic()
+            reply = await _streamed_set(session, event)
+            if event.args and event.args[0].upper() == b"SET":
+                _observed(session, "set", started, "ok", reply)
+            session.reply(reply)
         elif await execute(session, event) is _QUIT:
             return
         if sum(map(len, session.out)) >= FLUSH_AT:
@@ -144,12 +148,7 @@ async def execute(session: Session, args: list[bytes]):
         log.exception("RESP command %s failed", name[:32])
         outcome = "internal"
         reply = Error("ERR internal error; see the node's log")
-    if isinstance(reply, Error) and outcome == "ok":
-        outcome = reply.split(" ", 1)[0].lower()
-    observer = getattr(session.node, "resp_observer", None)
-    if observer is not None:
-        observer.resp_command_finished(lower, session.node.clocks.monotonic() - started,
-                                       outcome)
+    _observed(session, lower, started, outcome, reply)
     if isinstance(reply, resp_data.Streamed):
         await _send_streamed(session, reply)
     elif isinstance(reply, list) and any(isinstance(r, resp_data.Streamed) for r in reply):
@@ -162,6 +161,16 @@ async def execute(session: Session, args: list[bytes]):
     elif reply is not _QUIT:
         session.reply(reply)
     return reply
+
+
+def _observed(session: Session, command: str, started: float, outcome: str, reply) -> None:
+    """Report one command, with how it ended, to the node's metrics (if any)."""
+    if isinstance(reply, Error) and outcome == "ok":
+        outcome = reply.split(" ", 1)[0].lower()
+    observer = getattr(session.node, "resp_observer", None)
+    if observer is not None:
+        observer.resp_command_finished(command, session.node.clocks.monotonic() - started,
+                                       outcome)
 
 
 def _refusal(session: Session, role: str | None, command: str) -> Error | None:
