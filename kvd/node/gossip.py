@@ -8,9 +8,10 @@ Rules:
 
 1. Every ``interval`` seconds (on a fixed schedule with a random phase, so that nodes
    started together do not gossip in lockstep) the gossiper ticks its own heartbeat, asks
-   the table for a target (``choose_gossip_target``: a random live peer, sometimes a seed or
-   a down node) and makes one push-pull exchange with it: GOSSIP carries my digest, the
-   GOSSIP_REPLY carries the target's digest, each side merges what it receives.
+   the table for targets (``choose_gossip_targets``: a random live peer, and sometimes a
+   seed or a down node besides) and makes one push-pull exchange with each, at once:
+   GOSSIP carries my digest, the GOSSIP_REPLY carries the target's digest, each side merges
+   what it receives.
 2. One exchange is bounded by ``interval``: a round never overlaps the next, and a peer
    behind a partition costs one round, not the task.  Any failure of an exchange (refused,
    reset, timed out, malformed reply, other cluster) is logged at debug and drops that
@@ -201,16 +202,19 @@ class Gossiper:
             next_round = max(next_round + self.interval, self._clock())
 
     async def gossip_round(self) -> None:
-        """One round: heartbeat, then one exchange with a chosen target (never raises)."""
+        """One round: heartbeat, then an exchange with each chosen target (never raises)."""
         self._stats["rounds"] += 1
         now = self._clock()
         ring_version = None if self._state is None else self._state.ring.version
         load = None if self._load_bytes is None else self._load_bytes()
         self.table.tick(now, ring_version=ring_version, load_bytes=load)
         self._log_changes(self.table.check(now))
-        target = self.table.choose_gossip_target(now, self._rng, self.seeds)
-        if target is None:
-            return
+        async with trio.open_nursery() as nursery:
+            for target in self.table.choose_gossip_targets(now, self._rng, self.seeds):
+                nursery.start_soon(self._exchange_in_round, target)
+
+    async def _exchange_in_round(self, target: str) -> None:
+        """One exchange of a round, bounded by the interval (never raises)."""
         with trio.move_on_after(self.interval) as scope:
             try:
                 await self.exchange(target)
