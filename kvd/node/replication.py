@@ -44,22 +44,23 @@ class WriteQuorum:
         held = [rep for rep in holders if rep.role is not Role.HINT]
         missing = self.w - len({rep.node for rep in held})
         for ring in self.rings:
-            on_ring = {rep.node for rep in held if (rep.stands_for or rep.node) in ring}
-            missing = max(missing, min(self.w, len(ring)) - len(on_ring))
+            missing = max(missing, min(self.w, len(ring)) - _count_on(ring, held))
         return missing
 
     def short_rings(self, holders: Iterable[Replica]) -> str:
         """The rings ``holders`` fall short on, for a quorum error ("": none)."""
         held = [rep for rep in holders if rep.role is not Role.HINT]
-        said = []
-        for ring in self.rings:
-            on_ring = {rep.node for rep in held if (rep.stands_for or rep.node) in ring}
-            if len(on_ring) < min(self.w, len(ring)):
-                said.append(f"{len(on_ring)} of {', '.join(sorted(ring))}")
+        said = [f"{_count_on(ring, held)} of {', '.join(sorted(ring))}" for ring in self.rings
+                if _count_on(ring, held) < min(self.w, len(ring))]
         if not said:
             return ""
         return ("while the ring changes, a write needs W on the key's replicas of both rings;"
                 f" it has {' and '.join(said)}")
+
+
+def _count_on(ring: frozenset[str], held: list[Replica]) -> int:
+    """Distinct nodes of ``held`` holding the write for one of ``ring``'s replicas."""
+    return len({rep.node for rep in held if (rep.stands_for or rep.node) in ring})
 
 
 async def replicate(fan_out, write_replicas, key: bytes, n: int, minted: versions.VersionedObject,
