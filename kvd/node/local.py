@@ -389,8 +389,9 @@ class LocalStore:
         ops += [(_ledger_key(vid), None) for vid in kept]
         ops += [(_ledger_key(vid), _GARBAGE + key) for vid in garbage]
         await self._commit(key, obj, digest, ops)
-        if garbage:
-            await self._delete_blobs(self.linger.hold_back(garbage))
+        deletable = self.linger.hold_back(garbage) if garbage else []
+        if deletable:
+            await self._delete_blobs(deletable)
 
     async def delete_lingering(self) -> None:
         """Delete the superseded blobs held back for their readers, once due (Rule 8),
