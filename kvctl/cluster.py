@@ -48,7 +48,7 @@ def cluster_join(seed: Annotated[str, typer.Argument(metavar="SEED", help="Peer 
 @cluster_app.command("leave")
 def cluster_leave(node: Annotated[Optional[str], typer.Argument(metavar="[NODE]", help="Node id (default: --host's node).")] = None) -> None:
     """Stage a node's departure; its partitions move to the others at commit."""
-    _show_staged(admin_call({"op": "leave", "node": node} if node else {"op": "leave"}))
+    _show_staged(admin_call({"op": "leave"} if node is None else {"op": "leave", "node": node}))
 
 
 @cluster_app.command("replace")

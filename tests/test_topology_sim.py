@@ -617,3 +617,22 @@ async def test_a_write_during_a_transition_is_acknowledged_only_when_both_rings_
     assert sum(sim.nodes[name].node.store.read(b"after-heal") is not None
                for name in ("n1", "n2", "n4")) >= 2
     assert not sim.crashes
+
+
+async def test_leave_with_an_empty_node_name_is_refused_and_a_removed_node_answers_status(
+        sim, autojump_clock):
+    """Outside tester: `kvctl cluster leave ""` (an empty shell variable) staged the leave of
+    the node --host names; and a live node force-removed from the cluster answered STATUS
+    with "internal error" (its own row was missing: StopIteration in the log)."""
+    await sim.form(["n1", "n2", "n3", "n4"], settle=5.0)
+    with pytest.raises(KvdError, match="leave needs a NODE"):
+        await sim.admin("n1", {"op": "leave", "node": ""})
+    assert (await sim.admin("n1", {"op": "ring"}))["staged"] == []
+    await sim.admin("n1", {"op": "force-remove", "node": "n4"})
+    await sim.admin("n1", {"op": "commit"})
+    await trio.sleep(10)
+    async with sim.open_client("n4", sim.client_address()) as c:
+        status = await c.status()
+    mine = [row for row in status["nodes"] if row["node"] == "n4"]
+    assert mine and mine[0]["status"] == "none", status["nodes"]
+    assert not sim.crashes

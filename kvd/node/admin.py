@@ -43,8 +43,10 @@ async def handle(node, fields: dict) -> dict:
     if op == "join":
         return await cluster.staging.join_at(_text(fields, "seed"))
     if op in ("leave", "force-remove"):
-        target = named or (cluster.me if op == "leave" else None)
-        if not target:
+        # Only an absent node means "this node": an empty one is a mistake (an empty
+        # shell variable), not a request to leave the node --host names.
+        target = named if "node" in fields or op != "leave" else cluster.me
+        if not target or not isinstance(target, str):
             raise BadRequest(f"{op} needs a NODE")
         _member(cluster, target)
         await cluster.staging.stage(cs.Change(op, target))

@@ -216,7 +216,9 @@ async def _status(node, conn, message, _chunks) -> None:
     counts = {n: len(state.ring.partitions_of(n)) for n in state.ring.nodes()}
     hints = cluster.handoff.pending()
     rows = []
-    for member in sorted(set(state.members) | set(counts)):
+    # This node too when it is no member (force-removed while running): its own row holds
+    # its counters, and status "none" says it is not in the cluster.
+    for member in sorted(set(state.members) | set(counts) | {node.node_id}):
         record = cluster.members.get(member)
         address, peer_address = cluster.addresses.get(member, ("", ""))
         if member == node.node_id:
