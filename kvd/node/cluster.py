@@ -173,9 +173,11 @@ class Cluster:
                         "a gossip round or two", ", ".join(waiting))
         state = self.state
         log.warning("this node has left cluster %s and handed off its data: it serves "
-                    "nothing and stops. To make it a member again, wipe its data_dir (%s) "
-                    "and run `kvctl --host %s cluster join SEED` on it", state.cluster_id,
-                    self.config.data_dir, self.config.listen)
+                    "nothing and stops. To make it a member again, first drop it from the "
+                    "member list (on a member: `kvctl cluster force-remove %s` and `kvctl "
+                    "cluster commit`, unless another commit has dropped it already), then "
+                    "wipe its data_dir (%s) and run `kvctl --host %s cluster join SEED` on it",
+                    state.cluster_id, self.me, self.config.data_dir, self.config.listen)
         self.left.set()
 
     async def persist_loop(self) -> None:
