@@ -426,7 +426,10 @@ class Config(BaseModel):
     transfer_rate_mb: float = Field(
         default=50.0,
         gt=0,
-        description="Throttle for all outgoing transfers and repair streams, in MiB/s.",
+        description=("Throttle, in MiB/s, for the partitions this node fetches: a "
+                     "transition's transfers and the refill of a wiped or restored node. Set "
+                     "it on the nodes that receive; a sender is not throttled, and neither is "
+                     "anti-entropy repair (paced by anti_entropy_interval)."),
     )
     reclaim_rate: int = Field(
         default=5000,
