@@ -292,8 +292,9 @@ class Transfers:
         departing_down = [n for n in holders if n not in up and n not in staying
                           and cluster.state.status(n) is not None]
         if departing_down:
-            raise KvdError(f"partition {q}: waiting for {', '.join(departing_down)}, which holds "
-                           "it, leaves, and is down")
+            down = ", ".join(departing_down)  # the caller names the partition
+            raise KvdError(f"waiting for {down}, which holds it, is leaving, and is down: start "
+                           f"it again, or drop it with `kvctl cluster force-remove NODE`")
         if not up:
             up = [n for n in preference_list(cluster.routing.serving_ring(), q, cluster.replication(old))
                   + sorted(staying) if n != cluster.me and cluster.is_up(n)]
