@@ -202,6 +202,12 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             metrics.security = security
             node.admissions.update(_admissions(config, cluster))
             listeners = []
+            # The Redis-protocol front door first: whoever sees the client port open (tests,
+            # scripts) finds it open too (a test once dialled it in the gap and was refused).
+            if config.resp_listen:
+                resp = await listen("resp_listen", config.resp_listen, config.handshake_timeout)
+                listeners += resp
+                nursery.start_soon(resp_service.serve, node, resp, security.client_tls)
             for key, role in (("peer_listen", "peer"), ("listen", "client")):
                 bound = await listen(key, getattr(config, key), config.handshake_timeout)
                 listeners += bound
@@ -218,10 +224,6 @@ async def serve(config: Config, *, listen: Listen = tcp_listen, dial: Dial | Non
             nursery.start_soon(security.refusals.run)
             socket = getattr(listeners[-1], "socket", None)
             port = socket.getsockname()[1] if socket is not None else 0
-            if config.resp_listen:  # the Redis-protocol front door
-                resp = await listen("resp_listen", config.resp_listen, config.handshake_timeout)
-                listeners += resp
-                nursery.start_soon(resp_service.serve, node, resp, security.client_tls)
             nursery.start_soon(cluster.run)
             nursery.start_soon(node.aae.run)
             notifier = systemd.notifier()

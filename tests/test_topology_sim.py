@@ -636,3 +636,36 @@ async def test_leave_with_an_empty_node_name_is_refused_and_a_removed_node_answe
     mine = [row for row in status["nodes"] if row["node"] == "n4"]
     assert mine and mine[0]["status"] == "none", status["nodes"]
     assert not sim.crashes
+
+
+async def test_a_live_node_force_removed_stops_like_one_that_left(sim, autojump_clock, caplog):
+    """Outside tester: a node force-removed while it ran (cut off, the operator took it for
+    dead) went on coordinating reads and writes for a cluster it was no member of, and
+    never said it had been removed. Once it hears of its removal it now says so, takes no
+    cluster change and stops (``left``), like a node that has left; the members rebuild
+    its replicas and every acknowledged write stays readable at R=3."""
+    await sim.form(["n1", "n2", "n3", "n4"], settle=5.0)
+    keys = [f"removed-{i}".encode() for i in range(100)]
+    await _fill(sim, "n1", keys, size=100)
+    n1, n4 = sim.nodes["n1"].node.cluster, sim.nodes["n4"].node.cluster
+    sim.isolate("n4")
+    with trio.fail_after(60):
+        while n1.is_up("n4"):
+            await trio.sleep(0.5)
+    await sim.admin("n1", {"op": "force-remove", "node": "n4"})
+    await sim.admin("n1", {"op": "commit"})
+    await trio.sleep(10)
+    assert not n4.left.is_set() and "n4" in n4.state.members  # it has not heard yet
+    sim.net.heal()
+    with trio.fail_after(120):
+        await n4.left.wait()
+    assert "was removed from cluster" in caplog.text and "force-remove" in caplog.text
+    with pytest.raises(KvdError, match="has left"):
+        await sim.admin("n4", {"op": "commit"})
+    sim.crash("n4")  # as the daemon exits
+    await _settle(sim)
+    for name in ("n1", "n2", "n3"):
+        async with sim.open_client(name, sim.client_address()) as c:
+            for key in keys[::5]:
+                assert (await c.get(key, r=3)).found, (name, key)
+    assert not sim.crashes

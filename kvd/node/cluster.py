@@ -19,7 +19,11 @@ own module and public surface, and reaches the others only through ``Cluster``:
    and every member up has told gossip it holds that state (at most
    ``LEAVE_LINGER_ROUNDS`` rounds): until then a member that has not heard the transition
    ended still sends it reads, as its serving (prior) ring tells it to. Meanwhile it takes
-   no cluster change (``has_left``): one it committed might never spread.
+   no cluster change (``has_left``): one it committed might never spread. A member that a
+   commit drops from the members while it runs (a force-remove while it was cut off, an
+   abort of its join) stops the same way once it hears so: it belongs to no cluster any
+   more, and coordinating for one it is no member of helps nobody (Riak's removed node
+   shuts down too).
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ class Cluster:
         self.rng = rng or random.Random()
         self.gossiper: Gossiper  # made by load(), from the saved state
         self.left = trio.Event()  # set once this node has left the cluster (Rule 4)
-        self._departing = False  # its leave (or replacement) was committed (Rule 4)
+        # (cluster id, status) when this node was last a committed member (Rule 4)
+        self._membership: tuple[str, str] | None = None
         me = MemberInfo(self.me, config.listen, config.peer_listen, int(clocks.wall() * 1000), 0)
         self.members = MemberTable(me, threshold=config.phi_threshold)
         self.addresses: dict[str, tuple[str, str]] = {}
@@ -147,13 +152,15 @@ class Cluster:
         return self.left.is_set() or self._handed_off(self.state)
 
     def _handed_off(self, state: cs.ClusterState) -> bool:
-        """Rule 4: this node is departing (exiting, or dropped from the members by a commit
-        since), and no ring that serves reads names it any more."""
+        """Rule 4: this node is exiting, or was a member of this cluster and a commit has
+        dropped it from the members since (after its leave, or by a force-remove), and no
+        ring that serves reads names it any more."""
         status = state.status(self.me)
-        if status in ("leaving", "exiting"):
-            self._departing = True  # a later commit may drop it from the members
-        return ((status == "exiting" or (status is None and self._departing))
-                and self.me not in cs.serving_ring(state).nodes())
+        if status in ("valid", "leaving", "exiting"):
+            self._membership = (state.cluster_id, status)
+        dropped = (status is None and self._membership is not None
+                   and self._membership[0] == state.cluster_id)
+        return (status == "exiting" or dropped) and self.me not in cs.serving_ring(state).nodes()
 
     async def leave_when_handed_off(self) -> None:
         """Rule 4: set ``left`` (the daemon exits) once this node is handed off and every
@@ -172,12 +179,19 @@ class Cluster:
             log.warning("leaving without word from %s, which may still route reads here for "
                         "a gossip round or two", ", ".join(waiting))
         state = self.state
-        log.warning("this node has left cluster %s and handed off its data: it serves "
-                    "nothing and stops. To make it a member again, first drop it from the "
-                    "member list (on a member: `kvctl cluster force-remove %s` and `kvctl "
-                    "cluster commit`, unless another commit has dropped it already), then "
-                    "wipe its data_dir (%s) and run `kvctl --host %s cluster join SEED` on it",
-                    state.cluster_id, self.me, self.config.data_dir, self.config.listen)
+        if self._membership is not None and self._membership[1] == "valid":
+            log.warning("this node was removed from cluster %s by a commit made elsewhere "
+                        "(a force-remove, or an abort of its join): it serves nothing and "
+                        "stops. To make it a member again, wipe its data_dir (%s) and run "
+                        "`kvctl --host %s cluster join SEED` on it",
+                        state.cluster_id, self.config.data_dir, self.config.listen)
+        else:
+            log.warning("this node has left cluster %s and handed off its data: it serves "
+                        "nothing and stops. To make it a member again, first drop it from the "
+                        "member list (on a member: `kvctl cluster force-remove %s` and `kvctl "
+                        "cluster commit`, unless another commit has dropped it already), then "
+                        "wipe its data_dir (%s) and run `kvctl --host %s cluster join SEED` on it",
+                        state.cluster_id, self.me, self.config.data_dir, self.config.listen)
         self.left.set()
 
     async def persist_loop(self) -> None:
