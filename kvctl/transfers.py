@@ -38,6 +38,18 @@ def summary_line(summary: dict) -> str:
             f"{render.human_bytes(summary['rate_bps'])}/s; ETA {eta}")
 
 
+def reasons(rows: list[dict]) -> list[str]:
+    """Why partitions are retrying, one line per fetching node and reason:
+    ``n5 retries partitions 3, 17: waiting for n4, which holds it, ...``."""
+    retrying: dict[tuple[str, str], list[int]] = {}
+    for row in rows:
+        if row["state"] == "retrying" and row.get("error"):
+            retrying.setdefault((row["to"], row["error"]), []).append(row["partition"])
+    return [f"{to} retries partition{'s' if len(qs) > 1 else ''} "
+            f"{', '.join(map(str, sorted(qs)))}: {error}"
+            for (to, error), qs in sorted(retrying.items())]
+
+
 def _duration(seconds: int) -> str:
     minutes, secs = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)
@@ -64,7 +76,8 @@ def view(doc: dict):
 
     if not doc["transfers"]:
         return Text("no transfers pending")
-    return Group(render.grid(None, COLUMNS, _rows(doc)), Text(summary_line(doc["summary"])))
+    lines = [summary_line(doc["summary"]), *reasons(doc["transfers"])]
+    return Group(render.grid(None, COLUMNS, _rows(doc)), Text("\n".join(lines)))
 
 
 def transfers(
@@ -91,3 +104,5 @@ def _print(doc: dict) -> None:
         return
     render.table(None, COLUMNS, _rows(doc))
     render.note(summary_line(doc["summary"]))
+    for line in reasons(doc["transfers"]):
+        render.note(line)

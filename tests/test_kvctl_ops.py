@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from kvctl.transfers import summarize, summary_line
+from kvctl.transfers import reasons, summarize, summary_line
 from kvd._version import version
 from kvd.proto.messages import PROTOCOL_VERSION
 from tests.procs import ROOT, KvdProcess
@@ -98,3 +98,14 @@ def test_summary_counts_rows_rate_and_eta():
     assert summary_line(summary) == ("4 partitions: 2 done, 1 running, 1 pending; 4.4KiB "
                                      "moved at 250B/s; ETA 0m14s")
     assert summarize(rows[2:])["eta_s"] is None  # nothing done yet: no estimate
+
+
+def test_retrying_partitions_say_why_one_line_per_node_and_reason():
+    """Outside tester: a partition waiting for a down holder showed "retrying" and no reason."""
+    down = "waiting for n4, which holds it, is leaving, and is down: start it again"
+    rows = [{"partition": 17, "to": "n5", "state": "retrying", "error": down},
+            {"partition": 3, "to": "n5", "state": "retrying", "error": down},
+            {"partition": 9, "to": "n6", "state": "retrying", "error": "connection refused"},
+            {"partition": 4, "to": "n5", "state": "done", "error": None}]
+    assert reasons(rows) == [f"n5 retries partitions 3, 17: {down}",
+                             "n6 retries partition 9: connection refused"]

@@ -401,6 +401,10 @@ async def test_a_down_departing_holder_delays_only_its_own_partitions(sim, autoj
                and "n4" not in preference_list(state.ring, q, 3)}
     left = set(cluster.transfers.plan["todo"]) if cluster.transfers.plan else set()
     assert left and left <= waiting, f"still to fetch {sorted(left)}; waiting on n4 {sorted(waiting)}"
+    # kvctl transfers says why (outside tester: "retrying", and no reason anywhere but the log)
+    rows = (await sim.admin("n5", {"op": "transfers"}))["transfers"]
+    reasons = {row["partition"]: row["error"] for row in rows if row["to"] == "n5"}
+    assert all("waiting for n4" in (reasons[q] or "") for q in left), reasons
     await sim.start("n4")
     await _settle(sim, limit=3600)
     missing = _holders_missing(sim, keys, [], lambda c: c.state.ring)
@@ -668,4 +672,29 @@ async def test_a_live_node_force_removed_stops_like_one_that_left(sim, autojump_
         async with sim.open_client(name, sim.client_address()) as c:
             for key in keys[::5]:
                 assert (await c.get(key, r=3)).found, (name, key)
+    assert not sim.crashes
+
+
+async def test_a_leave_or_replace_of_a_down_node_is_refused_naming_force_remove(
+        sim, autojump_clock):
+    """Outside tester: the leave of a node that was down was staged and committed without a
+    word, then waited for it forever (a leaving node must hand its data off itself). Such a
+    leave or replace is now refused, naming the way out; force-remove is what a dead node
+    takes."""
+    await sim.form(["n1", "n2", "n3", "n4"], settle=5.0)
+    await sim.start("n5", seeds=[sim.nodes["n1"].peer_address])
+    await _join(sim, ["n5"])
+    await sim.admin("n1", {"op": "clear"})
+    sim.crash("n4")
+    n1 = sim.nodes["n1"].node.cluster
+    with trio.fail_after(60):
+        while n1.is_up("n4"):
+            await trio.sleep(0.5)
+    with pytest.raises(KvdError, match="n4 is down: a leave needs it up.*force-remove n4"):
+        await sim.admin("n1", {"op": "leave", "node": "n4"})
+    with pytest.raises(KvdError, match="n4 is down: a replace needs it up.*force-remove n4"):
+        await sim.admin("n1", {"op": "replace", "node": "n4", "target": "n5"})
+    assert (await sim.admin("n1", {"op": "ring"}))["staged"] == []
+    await sim.admin("n1", {"op": "force-remove", "node": "n4"})
+    assert (await sim.admin("n1", {"op": "ring"}))["staged"] == ["force-remove n4"]
     assert not sim.crashes

@@ -130,9 +130,11 @@ def _contacted(cluster, node: str) -> None:
 
 
 async def _all_transfers(cluster) -> list[dict]:
-    """Pending moves with progress as reported by each fetching node (targets pull)."""
+    """Pending moves and partitions fetched by new replicas, with progress as reported by
+    each fetching node (targets pull, so each knows its own)."""
     rows = {(r["partition"], r["to"]): r for r in cluster.transfers.rows()}
-    for target in sorted({r["to"] for r in rows.values()} - {cluster.me}):
+    targets = {r["to"] for r in rows.values()} | set(cluster.state.fetching)
+    for target in sorted(targets - {cluster.me}):
         if not cluster.is_up(target):
             continue
         address = cluster.addresses.get(target, ("", ""))[1]
@@ -142,6 +144,6 @@ async def _all_transfers(cluster) -> list[dict]:
         except (KvdError, trio.TooSlowError, OSError):
             continue
         for row in theirs:
-            if row["to"] == target and (row["partition"], target) in rows:
+            if row["to"] == target:
                 rows[(row["partition"], target)] = row
-    return list(rows.values())
+    return sorted(rows.values(), key=lambda row: (row["partition"], row["to"]))

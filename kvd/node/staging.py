@@ -27,6 +27,9 @@ a pure function of the cluster state; this module publishes its result through g
    before its own ring-ready check ended, and states only grow (gossip's merge), so each
    state would come before the other. What remains: members each side of a partition sees
    down are not asked (docs/DECISIONS.md, "Any member may commit").
+5. A leave or a replace needs its node up (as this node judges it) when it is staged: the
+   node hands its own data off, and its transfers would wait for it forever. A dead node
+   takes a force-remove instead.
 """
 
 from __future__ import annotations
@@ -100,9 +103,16 @@ class Staging:
         return {"staged": f"join {cluster.me}", "cluster": cluster.state.cluster_id}
 
     async def stage(self, change: cs.Change) -> cs.ClusterState:
-        """Stage ``change`` (cluster_state Rule 2 refuses what cannot be staged)."""
-        state = cs.stage(self.cluster.state, change, self.cluster.config.n)
-        await self.cluster.set_state(state)
+        """Stage ``change`` (cluster_state Rule 2 refuses what cannot be staged; Rule 5)."""
+        cluster = self.cluster
+        state = cs.stage(cluster.state, change, cluster.config.n)
+        if change.kind in ("leave", "replace") and not cluster.is_up(change.node):
+            raise BadRequest(
+                f"{change.node} is down: a {change.kind} needs it up to hand its data off "
+                f"(it would wait for it forever); start it and stage the {change.kind} "
+                f"again, or drop it with `kvctl cluster force-remove {change.node}`, which "
+                "rebuilds its replicas from the others")
+        await cluster.set_state(state)
         return state
 
     async def plan(self) -> tuple[cs.ClusterState, Ring, list[Move]]:

@@ -254,10 +254,11 @@ class Transfers:
             try:
                 await self._fetch_partition(q)
             except _RETRYABLE as exc:
-                fetch.update(state="retrying", ended=self.cluster.clocks.monotonic())
+                fetch.update(state="retrying", ended=self.cluster.clocks.monotonic(),
+                             error=str(exc))  # until it succeeds: kvctl transfers says why
                 failed.append((q, exc))
                 return
-        fetch.update(state="done", ended=self.cluster.clocks.monotonic())
+        fetch.update(state="done", ended=self.cluster.clocks.monotonic(), error=None)
         plan = self.plan
         assert plan is not None  # only _run_plan ends a plan, once its fetches are over
         plan["todo"].discard(q)
@@ -267,7 +268,8 @@ class Transfers:
     def _partition(self, q: int) -> dict:
         """Partition ``q``'s own progress (what `kvctl transfers` shows on its row)."""
         return self.partitions.setdefault(q, {"state": "pending", "keys_done": 0,
-                                              "bytes_done": 0, "started": None, "ended": None})
+                                              "bytes_done": 0, "started": None, "ended": None,
+                                              "error": None})
 
     def _count(self, q: int, nkeys: int, nbytes: int) -> None:
         """Fetched ``nkeys`` objects and ``nbytes`` bytes of partition ``q``."""
@@ -284,8 +286,8 @@ class Transfers:
         up at all (a wiped node restoring on a changed ring), the current replicas serve.
         """
         cluster = self.cluster
-        old = (self.plan and self.plan["old"]) or cluster.routing.serving_ring()
-        holders = [n for n in preference_list(old, q, cluster.replication(old)) if n != cluster.me]
+        old = self._old_ring()
+        holders = self._holders(q)
         new = cluster.state.ring
         staying = set(preference_list(new, q, cluster.replication(new)))
         up = [n for n in holders if cluster.is_up(n)]
@@ -299,6 +301,14 @@ class Transfers:
             up = [n for n in preference_list(cluster.routing.serving_ring(), q, cluster.replication(old))
                   + sorted(staying) if n != cluster.me and cluster.is_up(n)]
         return list(dict.fromkeys(up))
+
+    def _old_ring(self) -> Ring:
+        return (self.plan and self.plan["old"]) or self.cluster.routing.serving_ring()
+
+    def _holders(self, q: int) -> list[str]:
+        """The other nodes that held partition ``q`` before: where it is fetched from."""
+        old, me = self._old_ring(), self.cluster.me
+        return [n for n in preference_list(old, q, self.cluster.replication(old)) if n != me]
 
     async def _fetch_partition(self, q: int) -> None:
         sources = self._sources(q)
@@ -410,21 +420,30 @@ class Transfers:
         return {"piece": raw[offset:offset + max_bytes], "total": len(raw), "done": False}
 
     def rows(self) -> list[dict]:
-        """This node's view of pending moves; those it fetches carry their own partition's
-        progress and state (pending until a ``transfer_limit`` slot frees, then running,
-        retrying after a failure, done)."""
-        cluster = self.cluster
-        now = cluster.clocks.monotonic()
+        """This node's view of pending moves, and every partition it fetches as a new
+        replica (a join's or a force-remove's refill, where no move is pending: ``from``
+        lists its holders). What it fetches carries its own progress and state (pending
+        until a ``transfer_limit`` slot frees, then running, retrying after a failure with
+        its ``error``, done)."""
+        me = self.cluster.me
         rows = []
-        for move in cluster.state.pending:
+        for move in self.cluster.state.pending:
             row = {"partition": move.partition, "from": move.source, "to": move.target,
-                   "keys_done": 0, "bytes_done": 0, "rate_bps": 0, "state": "pending"}
-            fetch = self.partitions.get(move.partition)
-            if move.target == cluster.me and fetch is not None:
-                ended = fetch["ended"] if fetch["ended"] is not None else now
-                elapsed = max(ended - (fetch["started"] or ended), 1e-3)
-                row.update(keys_done=fetch["keys_done"], bytes_done=fetch["bytes_done"],
-                           rate_bps=round(fetch["bytes_done"] / elapsed) if fetch["started"]
-                           else 0, state=fetch["state"])
+                   "keys_done": 0, "bytes_done": 0, "rate_bps": 0, "state": "pending",
+                   "error": None}
+            if move.target == me and move.partition in self.partitions:
+                row.update(self._progress_of(move.partition))
             rows.append(row)
+        moving = {move.partition for move in self.cluster.state.pending if move.target == me}
+        for q in sorted(set(self.partitions) - moving):
+            rows.append({"partition": q, "from": ",".join(self._holders(q)), "to": me,
+                         **self._progress_of(q)})
         return rows
+
+    def _progress_of(self, q: int) -> dict:
+        fetch = self.partitions[q]
+        ended = fetch["ended"] if fetch["ended"] is not None else self.cluster.clocks.monotonic()
+        elapsed = max(ended - (fetch["started"] or ended), 1e-3)
+        return {"keys_done": fetch["keys_done"], "bytes_done": fetch["bytes_done"],
+                "rate_bps": round(fetch["bytes_done"] / elapsed) if fetch["started"] else 0,
+                "state": fetch["state"], "error": fetch["error"]}
