@@ -258,6 +258,9 @@ async def test_join_with_a_wrong_seed_fails_with_a_clear_error(sim, autojump_clo
             with pytest.raises(KvdError, match=f"seed {seed}"):
                 await sim.admin("n2", {"op": "join", "seed": seed})
         assert trio.current_time() - began <= 30
+    # Its own peer address (outside tester: "already a member", which misled)
+    with pytest.raises(KvdError, match="this node's own peer address"):
+        await sim.admin("n2", {"op": "join", "seed": sim.nodes["n2"].peer_address})
     await sim.admin("n2", {"op": "join", "seed": n1.peer_address})  # the right one works
     assert not sim.crashes
 
@@ -639,6 +642,7 @@ async def test_leave_with_an_empty_node_name_is_refused_and_a_removed_node_answe
         status = await c.status()
     mine = [row for row in status["nodes"] if row["node"] == "n4"]
     assert mine and mine[0]["status"] == "none", status["nodes"]
+    assert mine[0]["state"] == "UL", status["nodes"]  # it has left, if not by itself: not N
     assert not sim.crashes
 
 
@@ -697,4 +701,27 @@ async def test_a_leave_or_replace_of_a_down_node_is_refused_naming_force_remove(
     assert (await sim.admin("n1", {"op": "ring"}))["staged"] == []
     await sim.admin("n1", {"op": "force-remove", "node": "n4"})
     assert (await sim.admin("n1", {"op": "ring"}))["staged"] == ["force-remove n4"]
+    assert not sim.crashes
+
+
+async def test_status_shows_a_node_fetching_after_its_join_as_joining(sim, autojump_clock):
+    """Outside tester: a node still fetching its partitions after the commit of its join
+    showed UN, where kvctl(1) and the README promise UJ until it has them all."""
+    sim.config.update(transfer_rate_mb=0.05)
+    await sim.form(["n1", "n2", "n3"], settle=5.0)
+    await _fill(sim, "n1", [f"joining-{i}".encode() for i in range(300)], size=2000)
+    await sim.start("n4", seeds=[sim.nodes["n1"].peer_address])
+    await _join(sim, ["n4"])
+    await sim.admin("n1", {"op": "commit"})
+    await _wait_all_see_commit(sim, ["n4"])
+
+    async def n4_row():
+        async with sim.open_client("n1", sim.client_address()) as c:
+            return next(row for row in (await c.status())["nodes"] if row["node"] == "n4")
+
+    assert "n4" in sim.nodes["n1"].node.cluster.state.fetching
+    row = await n4_row()
+    assert (row["state"], row["status"]) == ("UJ", "valid"), row
+    await _settle(sim, limit=3600)
+    assert (await n4_row())["state"] == "UN"
     assert not sim.crashes

@@ -225,9 +225,11 @@ async def _status(node, conn, message, _chunks) -> None:
             load = node.storage.approximate_size() + node.store.blobs.approximate_size()
         else:
             load = record.load_bytes if record else 0
-        letter = _STATE_LETTER.get(state.members.get(member, "valid"), "N")
-        if member == node.node_id and cluster.restore.restoring:
-            letter = "J"  # joining back: fetching its replicas after a wipe
+        status = state.members.get(member)
+        letter = _STATE_LETTER.get(status or "", "L")  # no member: removed, or left
+        if status == "valid" and (member in state.fetching or (
+                member == node.node_id and cluster.restore.restoring)):
+            letter = "J"  # still fetching its partitions: after its join, a wipe or a restore
         rows.append({
             "node": member,
             "state": ("U" if cluster.is_up(member) else "D") + letter,
@@ -236,7 +238,7 @@ async def _status(node, conn, message, _chunks) -> None:
             "load_bytes": load,
             "partitions": counts.get(member, 0),
             "ownership": round(counts.get(member, 0) / state.ring.q, 4),
-            "status": state.members.get(member, "none"),
+            "status": status or "none",
             "hints_pending": hints.get(member, 0),
         })
     mine = next(r for r in rows if r["node"] == node.node_id)

@@ -91,6 +91,7 @@ class Handoff:
         self.delivered = 0
         self.expired = 0
         self._refused: set[bytes] = set()  # hint keys already logged as refused
+        self._paused: dict[str, str] = {}  # node -> why delivery to it paused (logged once)
 
     async def load(self) -> None:
         """Count the stored hints once (Rule 2); later counts are kept, never scanned."""
@@ -155,7 +156,11 @@ class Handoff:
                 try:
                     await self.deliver(target)
                 except (KvdError, *_UNREACHABLE) as exc:
-                    log.info("handoff to %s paused: %s", target, exc)
+                    if self._paused.get(target) != str(exc):  # once, not every second
+                        log.info("handoff to %s paused: %s", target, exc)
+                    self._paused[target] = str(exc)
+                else:
+                    self._paused.pop(target, None)
 
     def _is_expired(self, hint: dict) -> bool:
         return self.clocks.wall() - hint["at"] > self.config.hint_window

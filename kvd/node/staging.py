@@ -80,6 +80,9 @@ class Staging:
             parse_address(seed)
         except ValueError as exc:
             raise BadRequest(f"seed {seed!r} is not a peer address HOST:PORT: {exc}") from None
+        if seed == config.peer_listen:
+            raise BadRequest(f"seed {seed} is this node's own peer address: SEED is the peer "
+                             "address of a member of the cluster to join")
         try:
             # Bounded: a wrong SEED (a closed port, a client or metrics port) must get an
             # answer naming it, not a request that waits forever.
