@@ -42,6 +42,15 @@ async def test_seeded_fresh_node_refuses_data_until_joined(sim, autojump_clock, 
     with pytest.raises(Unavailable, match="cluster join"):
         async with sim.open_client("n2", sim.client_address()) as client:
             await client.get(b"before")
+    # Nor does it show a one-node cluster of its own (outside tester): ring, transfers,
+    # repair, keys and inspect say it is in no cluster yet; only the join is taken.
+    for fields in ({"op": "ring"}, {"op": "transfers"}, {"op": "repair"}, {"op": "keys"},
+                   {"op": "plan"}, {"op": "commit"}):
+        with pytest.raises(Unavailable, match="in no cluster yet"):
+            await sim.admin("n2", fields)
+    with pytest.raises(Unavailable, match="in no cluster yet"):
+        async with sim.open_client("n2", sim.client_address()) as client:
+            await client.inspect(b"before")
     status = await _status(sim, "n2")
     assert status["awaiting_join"] is True
     assert "waits for `kvctl --host 127.0.1.2:7379 cluster join SEED`" in caplog.text

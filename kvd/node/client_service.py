@@ -33,6 +33,12 @@ def require_settled(node) -> None:
     if not node.cluster.restore.settled.is_set():
         raise Unavailable("this node has a new data directory and is asking its seeds whether "
                           "it lost its data; try another node or retry shortly")
+    require_a_cluster(node)
+
+
+def require_a_cluster(node) -> None:
+    """Unavailable while a new node started with seeds waits to be joined: it shows no
+    one-node cluster of its own (outside tester), and only a join helps."""
     if node.cluster.restore.awaiting_join:
         raise Unavailable(f"{node.node_id} is in no cluster yet: run `kvctl --host "
                           f"{node.config.listen} cluster join SEED` to add it to its seeds' "
@@ -255,6 +261,7 @@ async def _status(node, conn, message, _chunks) -> None:
 
 
 async def _inspect(node, conn, message, _chunks) -> None:
+    require_a_cluster(node)
     key = _key(message.fields)
     cluster = node.cluster
     n = min(node.config.n, node.member_count())
@@ -281,6 +288,8 @@ async def _admin(node, conn, message, _chunks) -> None:
     if message.fields["op"] == "backup":  # a stream of CHUNK frames, not one reply
         await send_backup(node, conn, message.request_id)
         return
+    if message.fields["op"] != "join":
+        require_a_cluster(node)
     reply = await admin.handle(node, message.fields)
     await conn.send(codec.encode(MsgType.ADMIN_REPLY, message.request_id, reply))
 
