@@ -157,6 +157,8 @@ class NodeMetrics:
             return False, "not ready: ring not loaded yet"
         if node.draining:
             return False, "not ready: shutting down"
+        if node.storage.refusing_writes:
+            return False, f"not ready: {node.storage.refusing_writes}"
         cluster = node.cluster
         if cluster.restore.restoring:
             return False, "not ready: restoring this node's replicas after a wipe"

@@ -508,7 +508,7 @@ def fake_node(q: int = 8) -> SimpleNamespace:
         node_id="me", draining=False, in_flight=0, counters=Counters(), clocks=REAL,
         coordinator=FakeCoordinator(), cluster=cluster, up=up, sizes=sizes,
         aae=SimpleNamespace(totals=RepairStats()),
-        storage=SimpleNamespace(approximate_size=lambda: sizes["leveldb"]),
+        storage=SimpleNamespace(approximate_size=lambda: sizes["leveldb"], refusing_writes=None),
         store=SimpleNamespace(blobs=SimpleNamespace(approximate_size=lambda: sizes["blobs"])))
 
 

@@ -118,6 +118,10 @@ class Storage(abc.ABC):
     Open one with ``kvd.storage.open_storage``, which runs the committer.
     """
 
+    # Why every write is refused until the store is opened again (a backend sets it after a
+    # failed write it cannot recover from in place: kvd/storage/leveldb.py Rule 4).
+    refusing_writes: str | None = None
+
     def __init__(
         self,
         *,
@@ -211,6 +215,8 @@ class Storage(abc.ABC):
         else:
             await batch.done.wait()
         if batch.error is not None:
+            if isinstance(batch.error, StorageError):  # already says what failed and why
+                raise StorageError(str(batch.error)) from batch.error
             raise StorageError(
                 f"commit of a batch of {len(batch.ops)} ops failed: {batch.error!r}"
             ) from batch.error

@@ -20,6 +20,7 @@ the backup's LevelDB snapshot names is still there to be copied.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from pathlib import Path
 import trio
 
 from kvd.errors import Unavailable
+from kvd.storage.base import StorageError
 
 log = logging.getLogger("kvd.storage.blobs")
 
@@ -86,15 +88,27 @@ class BlobStore:
                 fsync_dir(self.root)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            os.pwrite(fd, data, offset)
+            # All of it: a write the kernel took in part (the disk filling) left the rest out,
+            # and the next chunk's write past it would have left zeros in the hole.
+            rest = memoryview(data)
+            while rest:
+                written = os.pwrite(fd, rest, offset)
+                if not written:
+                    raise OSError(errno.EIO, "no byte written")
+                rest, offset = rest[written:], offset + written
             if self.sync and _start_writeback is not None:  # a hint: seal still fsyncs
                 _start_writeback(fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)
         finally:
             os.close(fd)
 
     async def write(self, vid: bytes, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset`` of blob ``vid`` (chunks arrive in order)."""
-        await trio.to_thread.run_sync(self._append, vid, offset, data)
+        """Write ``data`` at ``offset`` of blob ``vid`` (chunks arrive in order); a failure
+        (a full disk) is a StorageError naming its cause."""
+        try:
+            await trio.to_thread.run_sync(self._append, vid, offset, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write value bytes in {self.root}: "
+                               f"{exc.strerror or exc}") from None
 
     def _seal(self, vid: bytes) -> int:
         path = self._path(vid)
@@ -112,7 +126,13 @@ class BlobStore:
 
     async def seal(self, vid: bytes) -> int:
         """Make blob ``vid`` durable; returns its size."""
-        return await trio.to_thread.run_sync(self._seal, vid)
+        try:
+            return await trio.to_thread.run_sync(self._seal, vid)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"cannot make value bytes durable in {self.root}: "
+                               f"{exc.strerror or exc}") from None
 
     def _read(self, vid: bytes, offset: int, size: int) -> bytes:
         try:

@@ -9,6 +9,11 @@ Invariants:
    from the memtable, the block cache or the page cache in microseconds.
 3. Opening never leaves a half-open store: it either returns a usable store or raises a
    one-line ConfigError/StorageError naming the data dir.
+4. After a write fails (a full disk, an I/O error), every later write is refused until the
+   store is opened again (kvd restarts); reads go on. LevelDB keeps appending to its log
+   after an append failed, and at the next open it drops, silently, what was appended
+   after the torn record: every write acknowledged after the disk was freed was lost
+   (tests/test_disk_full.py). Opening again starts a new log.
 
 Options, and why: ``write_buffer_size`` 8 MiB (fewer, larger level-0 files than the 4 MiB
 default at the cost of 8 MiB of memtable); ``max_file_size`` 32 MiB (a 10 TB node would
@@ -21,6 +26,7 @@ not shrink).
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 from collections.abc import Iterator
@@ -32,6 +38,8 @@ from kvd.clocks import REAL
 from kvd.errors import ConfigError
 from kvd.storage.base import DEFAULT_MAX_BATCH_BYTES, Op, Storage, StorageError
 from kvd.storage.committer import CommitterThread
+
+log = logging.getLogger("kvd.storage")
 
 MIB = 1024 * 1024
 WRITE_BUFFER_SIZE = 8 * MIB
@@ -199,11 +207,23 @@ class LevelDBStorage(Storage):
         batch.write()
 
     async def _commit(self, ops: list[Op], sync: bool) -> None:
-        await self._committer_thread.run(self._write_batch, ops, sync)
+        if self.refusing_writes is not None:
+            raise StorageError(self.refusing_writes)
+        try:
+            await self._committer_thread.run(self._write_batch, ops, sync)
+        except plyvel.Error as exc:
+            cause = _message(exc)
+            self.refusing_writes = (
+                f"this node refuses writes since one failed ({cause}): its store must be "
+                "opened again first; fix the cause (free disk space?), then restart kvd")
+            log.error("a write to %s failed (%s): every later write is refused until kvd "
+                      "restarts, since LevelDB would drop them at its next open; reads go on. "
+                      "Fix the cause (free disk space?), then restart kvd", self._path, cause)
+            raise StorageError(f"write to {self._path} failed: {cause}") from None
 
     async def _sync(self) -> None:
         # An empty synced batch makes LevelDB fsync its log, covering every earlier write.
-        await self._committer_thread.run(self._write_batch, [], True)
+        await self._commit([], True)
 
     async def _close_backend(self) -> None:
         try:
