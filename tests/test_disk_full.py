@@ -16,6 +16,7 @@ import pytest
 
 from kvd.storage import StorageError, open_storage
 from kvd.storage.blobs import BlobStore
+from tests.procs import KvdProcess
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("mount") is None,
@@ -90,3 +91,47 @@ async def test_a_value_written_to_a_full_disk_fails_naming_it_and_is_never_short
     _fill(small_disk)
     with pytest.raises(StorageError, match="No space left on device"):
         await blobs.write(b"\x02" * 16, 0, value)
+
+
+def test_a_daemon_whose_disk_fills_refuses_writes_until_restarted_and_keeps_them_all(
+        small_disk):
+    """The same through a real kvd process: the refusal names the cause, /ready says why,
+    reads go on, and after the operator frees space and restarts kvd every write it
+    acknowledged is there and writes work again."""
+    from kvd.blocking_client import connect
+    from kvd.errors import KvdError
+    from tests.procs import free_port
+    from tests.test_ops import http_get
+
+    metrics = free_port()
+    node = KvdProcess(small_disk / "n1" / "data",
+                      extra={"metrics_listen": f"127.0.0.1:{metrics}"}).start()
+    acknowledged, refusals = [], []
+    try:
+        free = os.statvfs(small_disk)
+        with open(small_disk / "junk", "wb", buffering=0) as junk:  # leave 64 KiB free
+            junk.write(b"\0" * (free.f_bavail * free.f_frsize - (64 << 10)))
+        with connect(node.address, timeout=10) as client:
+            for i in range(400):
+                try:
+                    client.put(b"k%03d" % i, os.urandom(1000))
+                    acknowledged.append(b"k%03d" % i)
+                except KvdError as exc:
+                    refusals.append(str(exc))
+            assert acknowledged and refusals, (len(acknowledged), refusals[:1])
+            assert "No space left on device" in refusals[0], refusals[0]
+            (small_disk / "junk").unlink()  # the operator frees space
+            with pytest.raises(KvdError, match="refuses writes since one failed.*restart"):
+                client.put(b"after", b"v")
+            assert client.get(acknowledged[0]).found  # reads go on
+        status, body = http_get(metrics, "/ready")
+        assert status == 503 and "refuses writes" in body, (status, body)
+        node.kill()
+        node.start()
+        with connect(node.address, timeout=10) as client:
+            missing = [key for key in acknowledged if not client.get(key).found]
+            assert not missing, f"{len(missing)} acknowledged writes lost"
+            client.put(b"after", b"v")
+        assert http_get(metrics, "/ready")[0] == 200
+    finally:
+        node.kill()
