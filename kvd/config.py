@@ -207,7 +207,11 @@ class Config(BaseModel):
         default=3,
         ge=1,
         le=16,
-        description="Default number of replicas of each key (N), 1..16.",
+        description=(
+            "Default number of replicas of each key (N), 1..16. While the ring has fewer "
+            "nodes than N, N, R and W (these defaults and those of a request) are capped at "
+            "its number of nodes, so a one-node cluster accepts writes with one replica."
+        ),
     )
     r: int = Field(
         default=2,
