@@ -53,6 +53,10 @@ async def test_seeded_fresh_node_refuses_data_until_joined(sim, autojump_clock, 
             await client.inspect(b"before")
     status = await _status(sim, "n2")
     assert status["awaiting_join"] is True
+    # Its own row is no UN member owning every partition (outside tester: health checks
+    # that look for rows other than UN passed it as healthy).
+    mine = next(row for row in status["nodes"] if row["node"] == "n2")
+    assert (mine["state"], mine["status"], mine["partitions"]) == ("UJ", "none", 0), mine
     assert "waits for `kvctl --host 127.0.1.2:7379 cluster join SEED`" in caplog.text
     assert sim.nodes["n2"].node.cluster.state.cluster_id != n1.node.cluster.state.cluster_id
 
@@ -63,6 +67,31 @@ async def test_seeded_fresh_node_refuses_data_until_joined(sim, autojump_clock, 
     await _put(sim, "n2", b"after", b"y")
     async with sim.open_client("n2", sim.client_address()) as client:
         assert (await client.get(b"before")).siblings[0].value == b"x"
+
+
+async def test_a_cleared_join_leaves_the_node_waiting_to_be_joined_again(sim, autojump_clock):
+    """Outside tester: `cluster clear` of a staged join left the joiner a member of no
+    cluster that still coordinated reads and writes, refused a new join ("already a member
+    of a cluster") and could not be removed ("not a member"): only a wipe helped. It now
+    waits to be joined again, as before its join, and the next join and commit work."""
+    n1 = await sim.start("n1", seeds=[])
+    await sim.start("n2", seeds=[n1.peer_address])
+    await _wait_settled_seeds(sim, "n2")
+    await sim.admin("n2", {"op": "join", "seed": n1.peer_address})
+    await sim.admin("n1", {"op": "clear"})
+    n2 = sim.nodes["n2"].node.cluster
+    with trio.fail_after(60):
+        while "n2" in n2.state.members:
+            await trio.sleep(0.5)
+    with pytest.raises(Unavailable, match="in no cluster yet"):
+        await _put(sim, "n2")
+    assert (await _status(sim, "n2"))["awaiting_join"] is True
+    await sim.admin("n2", {"op": "join", "seed": n1.peer_address})
+    await sim.admin("n1", {"op": "commit"})
+    await sim.wait_settled("n1")
+    await _put(sim, "n2")
+    assert (await _status(sim, "n2"))["awaiting_join"] is False
+    assert not sim.crashes
 
 
 async def test_unanswered_seeds_never_found_a_cluster_even_after_a_restart(sim, autojump_clock):

@@ -236,14 +236,18 @@ async def _status(node, conn, message, _chunks) -> None:
         if status == "valid" and (member in state.fetching or (
                 member == node.node_id and cluster.restore.restoring)):
             letter = "J"  # still fetching its partitions: after its join, a wipe or a restore
+        partitions = counts.get(member, 0)
+        if member == node.node_id and cluster.restore.awaiting_join:
+            # In no cluster yet: not a member owning its own one-node ring.
+            letter, status, partitions = "J", None, 0
         rows.append({
             "node": member,
             "state": ("U" if cluster.is_up(member) else "D") + letter,
             "address": address,
             "peer_address": peer_address,
             "load_bytes": load,
-            "partitions": counts.get(member, 0),
-            "ownership": round(counts.get(member, 0) / state.ring.q, 4),
+            "partitions": partitions,
+            "ownership": round(partitions / state.ring.q, 4),
             "status": status or "none",
             "hints_pending": hints.get(member, 0),
         })

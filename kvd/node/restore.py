@@ -15,9 +15,11 @@ reaches (through its seeds, or when a member gossips to it) was wiped.
    operator mistake, not a wipe.
 5. A node started with seeds (other than itself) and a new data directory that is no
    member of their cluster never becomes a cluster of its own: it is ``awaiting_join``,
-   answers no client reads or writes, and says so, until a join makes its cluster state
-   name another node (`kvctl cluster join` on it, or another node joining at it). The mark
-   is saved, so a restart keeps waiting; a restart without seeds founds a new cluster.
+   answers no client reads or writes, and says so, while its cluster state names no other
+   node or does not name it (a join staged, then cleared). A staged join (`kvctl cluster
+   join` on it, or another node joining at it) lets it serve; the wait ends for good when
+   a commit makes it a member. The mark is saved, so a restart keeps waiting; a restart
+   without seeds founds a new cluster.
 6. A node restored from a backup (`kvd restore`, kvd.backup Rule 3) restores as a wiped
    member does (Rule 2), fetching every partition it replicates: the backup lacks what was
    written since.
@@ -103,12 +105,15 @@ class Restore:
 
     @property
     def awaiting_join(self) -> bool:
-        """Rule 5: started with seeds, new, and no join has named another node yet."""
-        return self.awaiting and len(self.cluster.state.members) <= 1
+        """Rule 5: started with seeds, new, and in no cluster with another node yet."""
+        state = self.cluster.state
+        return self.awaiting and (len(state.members) <= 1
+                                  or state.status(self.cluster.me) is None)
 
     async def note_state(self) -> None:
-        """Called as cluster states arrive: the first naming another node ends the wait."""
-        if self.awaiting and not self.awaiting_join:
+        """Called as cluster states arrive: the commit of its join ends the wait."""
+        state = self.cluster.state
+        if self.awaiting and len(state.members) > 1 and state.status(self.cluster.me) == "valid":
             self.awaiting = False
             await self.cluster.storage.write([(keys.meta_key("awaiting-join"), None)])
             log.info("joined cluster %s", self.cluster.state.cluster_id)

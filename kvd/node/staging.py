@@ -74,7 +74,7 @@ class Staging:
         config = cluster.config
         if cluster.holds_data():
             raise BadRequest("this node holds data; only an empty node can join a cluster")
-        if len(cluster.state.members) > 1:
+        if cluster.state.status(cluster.me) is not None and len(cluster.state.members) > 1:
             raise BadRequest("this node is already a member of a cluster")
         try:
             parse_address(seed)
