@@ -172,7 +172,12 @@ def export(
 ) -> None:
     """Write every live key of the cluster as JSON lines: key, siblings, context."""
     try:
-        out = sys.stdout if str(output) == "-" else open(output, "w", encoding="utf-8")
+        if str(output) == "-":
+            out = sys.stdout
+        else:  # every value of the cluster: 0600 like a backup, whatever the umask
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            out = os.fdopen(fd, "w", encoding="utf-8")
     except OSError as exc:
         fail(f"--output {output}: {exc.strerror}", 1)
 

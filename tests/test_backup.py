@@ -129,6 +129,8 @@ async def test_backup_wipe_restore_rejoin_and_export_import(tmp_path, procs):
     out = await trio.to_thread.run_sync(
         lambda: run_kvctl(n1, "export", "--output", str(export_file)))
     assert out.returncode == 0, out.stderr.decode()
+    # Every value of the cluster: private like a backup (outside tester: it was 0644)
+    assert export_file.stat().st_mode & 0o777 == 0o600
     lines = [json.loads(line) for line in export_file.read_text().splitlines()]
     assert len(lines) == len(everything)
     assert all(line["context"] for line in lines)
