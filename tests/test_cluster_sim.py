@@ -478,6 +478,7 @@ async def test_a_wiped_node_never_answers_while_it_restores(sim, autojump_clock)
     sim.config.update(transfer_rate_mb=0.005)  # a restore slow enough to be probed
     seen = {"ok": 0, "refused": 0, "inspect_refused": 0, "inspect_present": 0}
     violations: list = []
+    as_seen_by_n1: set[str] = set()
     n3 = sim.nodes["n3"]
 
     def restored() -> bool:
@@ -510,8 +511,11 @@ async def test_a_wiped_node_never_answers_while_it_restores(sim, autojump_clock)
                 seen["inspect_present"] += 1
             else:
                 violations.append(("inspect", key, mine))
+            as_seen_by_n1.add((await states(sim, "n1"))["n3"])
             await trio.sleep(0.1)
     assert violations == [], violations[:5]
+    # Every node's status says so, not only its own (outside tester: n1 showed UN)
+    assert "UJ" in as_seen_by_n1, as_seen_by_n1
     # The probes ran while it restored: they were refused (not answered with missing data).
     assert seen["refused"] > 0 and seen["inspect_refused"] > 0, seen
     await trio.sleep(DETECT)

@@ -66,6 +66,7 @@ class MemberInfo:
     heartbeat: int  # incremented by the node itself every gossip round
     ring_version: int = 0
     load_bytes: int = 0  # for `kvctl status`
+    restoring: bool = False  # refetching its data after a wipe: `kvctl status` shows UJ
 
     @property
     def key(self) -> tuple[int, int]:
@@ -82,6 +83,7 @@ class MemberInfo:
             "heartbeat": self.heartbeat,
             "ring_version": self.ring_version,
             "load_bytes": self.load_bytes,
+            "restoring": self.restoring,
         }
 
     @classmethod
@@ -99,6 +101,7 @@ class MemberInfo:
                 heartbeat=int(d["heartbeat"]),
                 ring_version=int(d.get("ring_version", 0)),
                 load_bytes=int(d.get("load_bytes", 0)),
+                restoring=d.get("restoring", False),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed member record: {exc!r}") from None
@@ -107,6 +110,8 @@ class MemberInfo:
                 raise ValueError(f"malformed member record: {name} must be a non-empty string")
         if rec.generation < 0 or rec.heartbeat < 0:
             raise ValueError("malformed member record: negative generation or heartbeat")
+        if not isinstance(rec.restoring, bool):
+            raise ValueError("malformed member record: restoring must be true or false")
         return rec
 
 
@@ -148,12 +153,14 @@ class MemberTable:
     def _new_detector(self) -> PhiAccrualDetector:
         return PhiAccrualDetector(threshold=self.threshold, history=self._pool, **self._detector_options)
 
-    def tick(self, now: float, *, ring_version: int | None = None, load_bytes: int | None = None) -> MemberInfo:
+    def tick(self, now: float, *, ring_version: int | None = None, load_bytes: int | None = None,
+             restoring: bool | None = None) -> MemberInfo:
         """Bump my heartbeat (and refresh what I advertise); return my record."""
         mine = self._records[self.me]
         mine = replace(mine, heartbeat=mine.heartbeat + 1,
                        ring_version=mine.ring_version if ring_version is None else ring_version,
-                       load_bytes=mine.load_bytes if load_bytes is None else load_bytes)
+                       load_bytes=mine.load_bytes if load_bytes is None else load_bytes,
+                       restoring=mine.restoring if restoring is None else restoring)
         self._records[self.me] = mine
         self._emitted[self.me] = now
         return mine

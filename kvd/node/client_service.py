@@ -233,8 +233,9 @@ async def _status(node, conn, message, _chunks) -> None:
             load = record.load_bytes if record else 0
         status = state.members.get(member)
         letter = _STATE_LETTER.get(status or "", "L")  # no member: removed, or left
-        if status == "valid" and (member in state.fetching or (
-                member == node.node_id and cluster.restore.restoring)):
+        restoring = (cluster.restore.restoring if member == node.node_id
+                     else record is not None and record.restoring)
+        if status == "valid" and (member in state.fetching or restoring):
             letter = "J"  # still fetching its partitions: after its join, a wipe or a restore
         partitions = counts.get(member, 0)
         if member == node.node_id and cluster.restore.awaiting_join:

@@ -112,7 +112,7 @@ class Cluster:
             self.members, self.peers.call, state=state, seeds=self.config.seeds,
             interval=self.config.gossip_interval, rng=self.rng,
             load_bytes=lambda: self.storage.approximate_size() + self.store.blobs.approximate_size(),
-            clock=self.clocks.monotonic)
+            restoring=lambda: self.restore.restoring, clock=self.clocks.monotonic)
         self._saved = state.digest()
         self.transfers.load(state)
         await self.restore.load(fresh)

@@ -94,6 +94,7 @@ class Gossiper:
         rng: random.Random | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
         load_bytes: Callable[[], int] | None = None,
+        restoring: Callable[[], bool] | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         if interval <= 0:
@@ -114,6 +115,7 @@ class Gossiper:
         self._told_by_node: dict[str, str] = {}
         self._stats = {"rounds": 0, "exchanges": 0, "failures": 0, "received": 0}
         self._load_bytes = load_bytes
+        self._restoring = restoring
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -207,7 +209,8 @@ class Gossiper:
         now = self._clock()
         ring_version = None if self._state is None else self._state.ring.version
         load = None if self._load_bytes is None else self._load_bytes()
-        self.table.tick(now, ring_version=ring_version, load_bytes=load)
+        restoring = None if self._restoring is None else self._restoring()
+        self.table.tick(now, ring_version=ring_version, load_bytes=load, restoring=restoring)
         self._log_changes(self.table.check(now))
         async with trio.open_nursery() as nursery:
             for target in self.table.choose_gossip_targets(now, self._rng, self.seeds):
