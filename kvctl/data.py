@@ -274,16 +274,30 @@ def inspect(key: KeyArg) -> None:
     if options.json:
         render.emit_json(out)
         return
-    rows = [[r["node"], r["role"], "yes" if r["present"] else "no", r["siblings"],
-             r.get("digest") or "-"] for r in replicas]
+    rows, notes = inspect_table(replicas)
     render.table(f"key {key!r} — partition {doc['partition']}",
                  ["node", "role", "present", "siblings", "digest"], rows)
-    if not out["agree"]:
-        render.note("replicas DIFFER")
-    elif replicas and not replicas[0].get("present"):
-        render.note("replicas agree: the key is absent on all of them")
-    else:
-        render.note("replicas agree")
+    for line in notes:
+        render.note(line)
+
+
+def inspect_table(replicas: list[dict]) -> tuple[list[list], list[str]]:
+    """The rows and the verdict of `kvctl inspect`. A replica that did not answer shows "?",
+    not "no", and is named (outside tester: a paused replica read as not holding the key)."""
+    rows = [[r["node"], r["role"], "?" if r.get("error") else "yes" if r["present"] else "no",
+             "-" if r.get("error") else r["siblings"], r.get("digest") or "-"]
+            for r in replicas]
+    silent = [f"{r['node']} ({r['error']})" for r in replicas if r.get("error")]
+    answered = [r for r in replicas if not r.get("error")]
+    notes = [f"did not answer: {', '.join(silent)}"] if silent else []
+    those = "the replicas that answered" if silent else "replicas"
+    if not replicas_agree(answered):
+        notes.append("replicas DIFFER")
+    elif answered and not answered[0].get("present"):
+        notes.append(f"{those} agree: the key is absent on all of them")
+    elif answered:
+        notes.append(f"{those} agree")
+    return rows, notes
 
 
 def replicas_agree(replicas: list[dict]) -> bool:

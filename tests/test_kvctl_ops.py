@@ -109,3 +109,22 @@ def test_retrying_partitions_say_why_one_line_per_node_and_reason():
             {"partition": 4, "to": "n5", "state": "done", "error": None}]
     assert reasons(rows) == [f"n5 retries partitions 3, 17: {down}",
                              "n6 retries partition 9: connection refused"]
+
+
+def test_inspect_shows_a_replica_that_did_not_answer_as_unknown_not_absent():
+    """Outside tester: with n3 paused, inspect waited, then printed `n3 primary no` and
+    "replicas DIFFER", as if n3 lacked the key."""
+    from kvctl.data import inspect_table
+
+    held = {"present": True, "siblings": 1, "digest": "ab12"}
+    replicas = [{"node": "n1", "role": "primary", **held},
+                {"node": "n2", "role": "primary", **held},
+                {"node": "n3", "role": "primary", "present": False, "siblings": 0,
+                 "digest": None, "error": "timed out"}]
+    rows, notes = inspect_table(replicas)
+    assert rows[2] == ["n3", "primary", "?", "-", "-"]
+    assert notes == ["did not answer: n3 (timed out)", "the replicas that answered agree"]
+    replicas[1] = {"node": "n2", "role": "primary", "present": False, "siblings": 0,
+                   "digest": None}
+    assert inspect_table(replicas)[1][-1] == "replicas DIFFER"
+    assert inspect_table(replicas[:1])[1] == ["replicas agree"]
