@@ -298,13 +298,13 @@ def bench(
         fail(str(exc), exc.exit_code, usage=False)
     summary = result.summary()
     summary["procs"] = procs
-    summary["nodes_driven"] = len(targets) if targets else 1
+    summary["nodes_driven"] = min(procs, len(targets)) if targets else 1  # one node per process
     summary["cpu_us_per_op"] = None if cpu_per_op is None else round(cpu_per_op * 1e6, 1)
     if options.json:
         render.emit_json(summary)
         return
     render.table(f"workload {workload}", ["ops", "errors", "ops/s", "p50 ms", "p95 ms", "p99 ms", "max ms",
-                                          "kvd CPU µs/op"],
+                                          "kvd CPU us/op"],  # upper-cased, µ became Μ
                  [[summary["ops"], summary["errors"], summary["ops_per_sec"], summary["p50_ms"],
                    summary["p95_ms"], summary["p99_ms"], summary["max_ms"],
                    "?" if cpu_per_op is None else summary["cpu_us_per_op"]]])
