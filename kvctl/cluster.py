@@ -92,8 +92,11 @@ def cluster_commit() -> None:
     if options.json:
         render.emit_json(doc)
     else:
+        fetching = doc.get("fetching") or []  # absent from an older node's reply
+        refill = (f"; {', '.join(fetching)} fetch the partitions they newly replicate"
+                  if fetching else "")
         render.note(f"committed {', '.join(doc['committed'])}: ring version {doc['ring_version']}, "
-                    f"{len(doc['moves'])} partitions to transfer (see `kvctl transfers`)")
+                    f"{len(doc['moves'])} partitions to transfer{refill} (see `kvctl transfers`)")
 
 
 @cluster_app.command("abort")

@@ -701,6 +701,11 @@ async def test_a_leave_or_replace_of_a_down_node_is_refused_naming_force_remove(
     assert (await sim.admin("n1", {"op": "ring"}))["staged"] == []
     await sim.admin("n1", {"op": "force-remove", "node": "n4"})
     assert (await sim.admin("n1", {"op": "ring"}))["staged"] == ["force-remove n4"]
+    # Its commit moves no partition, yet the others refill n4's replicas: the reply names
+    # them (outside tester: "0 partitions to transfer", and nothing else)
+    committed = await sim.admin("n1", {"op": "commit"})
+    assert committed["moves"] == [] and committed["fetching"], committed
+    assert set(committed["fetching"]) <= {"n1", "n2", "n3"}
     assert not sim.crashes
 
 

@@ -66,7 +66,9 @@ async def handle(node, fields: dict) -> dict:
     if op == "commit":
         base, state = await cluster.staging.commit()
         return {"ring_version": state.ring.version, "moves": _moves(state.pending),
-                "committed": [c.describe() for c in base.staged]}
+                "committed": [c.describe() for c in base.staged],
+                # A force-remove moves nothing, yet these refill the replicas they now hold.
+                "fetching": sorted(state.fetching)}
     if op == "abort":
         before = cluster.state
         state = await cluster.staging.abort()
