@@ -118,7 +118,7 @@ def put(
     with _value_source(value, file) as (data, handle):
         result = call(lambda c: c.put(data_key, data, source=handle, context=ctx, blind=blind,
                                       n=n, w=w))
-    doc = {"key": key, "context": render.encode_context(result.context),
+    doc = {**key_fields(data_key), "context": render.encode_context(result.context),
            "siblings": result.siblings, "replicas": result.replicas}
     if options.json:
         render.emit_json(doc)
@@ -135,7 +135,7 @@ def delete(key: KeyArg, context: ContextOpt = None, blind: BlindOpt = False, n: 
     check_quorum(n, w=w)
     result = call(lambda c: c.delete(data_key, context=ctx, blind=blind, n=n, w=w))
     if options.json:
-        render.emit_json({"key": key, "context": render.encode_context(result.context),
+        render.emit_json({**key_fields(data_key), "context": render.encode_context(result.context),
                           "replicas": result.replicas})
     else:
         render.note(f"deleted: {result.replicas} replicas")
@@ -228,7 +228,7 @@ def _print_json(key: str, result, context: str) -> None:
         text, encoding = render.value_field(sibling.value)
         siblings.append({"value": text, "encoding": encoding, "deleted": sibling.deleted,
                          "length": sibling.length})
-    render.emit_json({"key": key, "found": result.found, "siblings": siblings,
+    render.emit_json({**key_fields(key_arg(key)), "found": result.found, "siblings": siblings,
                       "context": context, "replicas": result.replicas})
 
 
@@ -269,7 +269,7 @@ def inspect(key: KeyArg) -> None:
         if isinstance(entry.get("version"), bytes):
             entry["version"] = render.encode_context(entry["version"])
         replicas.append(entry)
-    out = {"key": key, "partition": doc["partition"], "replicas": replicas,
+    out = {**key_fields(data_key), "partition": doc["partition"], "replicas": replicas,
            "agree": replicas_agree(replicas)}
     if options.json:
         render.emit_json(out)
@@ -298,6 +298,13 @@ def inspect_table(replicas: list[dict]) -> tuple[list[list], list[str]]:
     elif answered:
         notes.append(f"{those} agree")
     return rows, notes
+
+
+def key_fields(data_key: bytes) -> dict:
+    """``key`` and ``key_encoding`` for --json, as export and keys give them: a key that is
+    not UTF-8 in base64 (outside tester: it came out as lone surrogates, which jq mangles)."""
+    text, encoding = render.value_field(data_key)
+    return {"key": text, "key_encoding": encoding}
 
 
 def replicas_agree(replicas: list[dict]) -> bool:

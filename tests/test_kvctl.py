@@ -281,6 +281,17 @@ def test_inspect_of_a_key_never_written_says_the_replicas_agree(kv):
     assert "replicas agree" in err(kv("inspect", "never-written"))
 
 
+def test_json_names_a_key_that_is_not_utf8_in_base64_as_keys_and_export_do(kv):
+    """Outside tester: get/put/delete/inspect --json gave such a key as lone surrogates
+    ("bk\\udcff"), which jq turns into U+FFFD: a script could not use it again."""
+    key = "bk\udcff"  # the bytes b"bk\xff", as a shell passes them to kvctl
+    for args in (("put", key, "v"), ("get", key), ("inspect", key), ("delete", key)):
+        doc = json.loads(kv("--json", *args).stdout)
+        assert (doc["key"], doc["key_encoding"]) == ("Ymv/", "base64"), (args, doc)
+    doc = json.loads(kv("--json", "put", "plain", "v").stdout)
+    assert (doc["key"], doc["key_encoding"]) == ("plain", "utf-8")
+
+
 # ----------------------------------------------------------------------- errors
 
 
