@@ -50,8 +50,9 @@ class TimedOut(KvdError):
 class BlockingClient:
     """An open, authenticated connection to one kvd node."""
 
-    def __init__(self, sock: socket.socket, address: str, timeout: float):
+    def __init__(self, sock: socket.socket, address: str, timeout: float, tls: bool = False):
         self._sock = sock
+        self._tls = tls
         self.address = address
         self.timeout = timeout
         self._decoder = FrameDecoder()
@@ -113,7 +114,9 @@ class BlockingClient:
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self.address}: {_reason(exc)}") from None
         if not first:
-            raise ConnectFailed(f"{self.address} closed the connection during the handshake")
+            from kvd.proto.handshake import closed_during_handshake
+
+            raise ConnectFailed(closed_during_handshake(self.address, plain=not self._tls))
         if not first.startswith(codec.MAGIC[:len(first)]):
             # Imported only here: the handshake module is no part of a kvctl run's start.
             from kvd.proto.handshake import foreign_answer
@@ -236,9 +239,10 @@ def connect(address: str, *, timeout: float, token: str | None = None,
             try:
                 sock = ssl_context.wrap_socket(sock, server_hostname=host)
             except OSError as exc:
-                raise ConnectFailed(f"cannot connect to {address}: TLS: {_reason(exc)}"
-                                    ) from None
-        client = BlockingClient(sock, address, timeout)
+                from kvd.proto.handshake import tls_refused
+
+                raise ConnectFailed(tls_refused(address, _reason(exc))) from None
+        client = BlockingClient(sock, address, timeout, tls=ssl_context is not None)
         client._handshake(token)
         yield client
     finally:

@@ -21,7 +21,7 @@ from kvd import security
 from kvd.client import open_client
 from kvd.net.guarded import GuardedConnection
 from kvd.proto.records import Opener, Sealer
-from kvd.errors import ConfigError, RemoteProtocolError, Unauthorized
+from kvd.errors import ConfigError, ConnectFailed, RemoteProtocolError, Unauthorized
 from kvd.proto import codec, handshake
 from kvd.proto.handshake import client_proof, server_proof
 from kvd.proto.codec import NEED_DATA, FrameDecoder
@@ -831,6 +831,23 @@ async def test_three_node_tls_cluster_refuses_plain_tcp(tmp_path, procs):
         async with open_client(n1.address, connect_timeout=3) as client:
             await client.ping()
     assert "HELLO_OK" not in str(info.value)
+    # Both clients say what to do about it (outside tester: "closed the connection during
+    # the handshake", no hint), and a TLS client at a plain port is told so too.
+    assert "--tls-ca" in str(info.value), info.value
+    from kvd.blocking_client import connect
+
+    with pytest.raises(ConnectFailed, match="--tls-ca"):
+        with connect(n1.address, timeout=3):
+            pass
+    plain = start(tmp_path, procs, "p1", {})
+    for client_side in ("trio", "blocking"):
+        with pytest.raises(ConnectFailed, match="answered without TLS.*without --tls-ca"):
+            if client_side == "blocking":
+                with connect(plain.address, timeout=3, ssl_context=tls):
+                    pass
+            else:
+                async with open_client(plain.address, ssl_context=tls, connect_timeout=3):
+                    pass
     # A client that does not trust the cluster's CA is refused too.
     stranger = security.client_context(tls_files(tmp_path / "other", trustme.CA(), "x")
                                        ["tls_ca_file"])

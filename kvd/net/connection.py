@@ -18,7 +18,7 @@ from kvd.errors import ConnectFailed, KvdError
 from kvd.net.rawstream import RawStream
 from kvd.net.sealed import SealedStream
 from kvd.proto.codec import NEED_DATA, FrameDecoder, Message
-from kvd.proto.handshake import ClientHandshake, Done, ServerHandshake
+from kvd.proto.handshake import ClientHandshake, Done, ServerHandshake, tls_refused
 from kvd.proto.messages import PRE_AUTH_MAX_FRAME
 
 RECEIVE_SIZE = 256 * 1024
@@ -187,7 +187,7 @@ async def run_handshake(stream: trio.abc.Stream,
         try:
             received = await stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
+            raise _lost(machine, exc) from None
         machine.receive_data(received)
 
 
@@ -198,7 +198,14 @@ async def _send_handshake(stream: trio.abc.Stream,
         if data:
             await stream.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise ConnectFailed(f"connection lost: {_reason(exc)}") from None
+        raise _lost(machine, exc) from None
+
+
+def _lost(machine: ClientHandshake | ServerHandshake, exc: BaseException) -> ConnectFailed:
+    reason = _reason(exc)
+    if isinstance(machine, ClientHandshake) and "WRONG_VERSION_NUMBER" in reason:
+        return ConnectFailed(tls_refused(machine.address, reason))  # a plain port
+    return ConnectFailed(f"connection lost: {reason}")
 
 
 def _reason(exc: BaseException) -> str:

@@ -148,6 +148,25 @@ _USE_INSTEAD = {  # by the HELLO's role: the port that would have answered it
 }
 
 
+def closed_during_handshake(address: str, plain: bool) -> str:
+    """What a client says when the node closed the connection before answering its HELLO:
+    on a plain connection, most likely a port with TLS on (outside tester: no hint)."""
+    message = f"{address} closed the connection during the handshake"
+    if plain:
+        message += ("; a node with TLS on closes plain connections so: connect with TLS "
+                    "(kvctl --tls-ca FILE)")
+    return message
+
+
+def tls_refused(address: str, reason: str) -> str:
+    """What a TLS client says when its TLS handshake failed; WRONG_VERSION_NUMBER is a port
+    that answered in plain bytes."""
+    if "WRONG_VERSION_NUMBER" in reason:
+        return (f"cannot connect to {address}: it answered without TLS (TLS off on this "
+                "port): connect without --tls-ca")
+    return f"cannot connect to {address}: TLS: {reason}"
+
+
 def foreign_answer(address: str, first: bytes, role: str = "client") -> str | None:
     """Rule 10: when ``first``, the first bytes ``address`` answered a HELLO with, are not
     kvd's, the one line saying so and naming the port to use; None when they may be."""
@@ -311,7 +330,7 @@ class ClientHandshake(_Handshake):
 
     def _step(self, message: Message | None) -> None:
         if message is None:
-            raise ConnectFailed(f"{self.address} closed the connection during the handshake")
+            raise ConnectFailed(closed_during_handshake(self.address, plain=self._seal))
         if message.type == MsgType.ERROR:
             raise error_from_code(message.fields["code"], message.fields["message"])
         if message.type != MsgType.HELLO_OK:
