@@ -339,6 +339,9 @@ def test_a_forged_final_welcome_is_refused_as_a_failed_record() -> None:
 def test_hang_ups_are_told_apart() -> None:
     assert str(refusal(client_server(), b"")) == "closed before HELLO"
     error = refusal(ClientHandshake("n1:7379"), b"")
+    assert str(error).startswith("n1:7379 closed the connection during the handshake; a "
+                                 "node with TLS on")  # plain: it may be a TLS port
+    error = refusal(ClientHandshake("n1:7379", seal=False), b"")  # over TLS: no such hint
     assert str(error) == "n1:7379 closed the connection during the handshake"
     error = refusal(client_server(), hello(role="client")[:20], b"")
     assert "closed mid-frame" in str(error)
