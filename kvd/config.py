@@ -524,9 +524,13 @@ class Config(BaseModel):
                 "replica_timeout",
                 "request_timeout",
             )
-        # The default (64) is clamped for a small max_connections; a value set is not.
-        if ("member_reserved_connections" in self.model_fields_set
-                and self.member_reserved_connections > self.max_connections // 2):
+        # The default (64) is lowered for a small max_connections, here so that `kvd
+        # --check` prints the value in use (set through __dict__: an assignment would
+        # validate the model again); a value set is refused instead.
+        if "member_reserved_connections" not in self.model_fields_set:
+            self.__dict__["member_reserved_connections"] = min(
+                self.member_reserved_connections, self.max_connections // 2)
+        elif self.member_reserved_connections > self.max_connections // 2:
             raise _KeyedError(
                 f"member_reserved_connections ({self.member_reserved_connections}) must be at "
                 f"most half of max_connections ({self.max_connections})",

@@ -118,6 +118,10 @@ def test_member_reserved_connections_above_half_of_max_connections_is_refused(tm
         in message, message
     write(tmp_path, "max_connections = 256\nmember_reserved_connections = 128\n")
     assert load_config(path, {}, {}).member_reserved_connections == 128
+    # The default is lowered to half in the config itself, so `kvd --check` prints the value
+    # the node uses (outside tester: it printed 64 where 50 was used).
+    write(tmp_path, "max_connections = 100\n")
+    assert load_config(path, {}, {}).member_reserved_connections == 50
 
 
 def test_unknown_key(tmp_path):
