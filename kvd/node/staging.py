@@ -95,8 +95,10 @@ class Staging:
             raise  # the secrets differ: exit 4 with the reason, not "did not answer"
         except (KvdError, OSError, trio.TooSlowError) as exc:
             reason = str(exc) or "no answer"
-            raise Unavailable(f"seed {seed} did not answer as a member's peer address ({reason});"
-                              " SEED is the peer_listen HOST:PORT of a cluster member") from None
+            # Not only a wrong port: a member that is down or paused is silent too.
+            raise Unavailable(f"seed {seed} did not answer ({reason}): SEED must be the peer "
+                              "address (peer_listen HOST:PORT) of a cluster member that is "
+                              "running") from None
         try:
             state = cs.ClusterState.from_dict(reply["state"])
         except (KeyError, ValueError) as exc:
