@@ -39,13 +39,15 @@ test-fast: venv
 
 # The whole-cluster simulation (tests/sim): `make sim SEEDS=2000` soaks, `make sim SEED=42`
 # replays one seed exactly with its fault log. `make test` runs 50 short seeds of it (SHORT=1
-# replays those).
+# replays those) and the short regression seeds; `make sim` runs every regression seed first,
+# the full-profile ones included.
 SEEDS ?= 500
 FIRST ?= 1
 SIM_FLAGS = $(if $(SHORT),--short)
 sim: venv
 	@if [ -n "$(SEED)" ]; then PYTHONHASHSEED=0 $(BIN)/python -m tests.sim --seed $(SEED) $(SIM_FLAGS); \
-	else PYTHONHASHSEED=0 $(BIN)/python -m tests.sim --seeds $(SEEDS) --first $(FIRST) $(SIM_FLAGS); fi
+	else KVD_SIM_FULL_REGRESSIONS=1 $(PYTEST) tests/sim/test_sim.py -k regression && \
+		PYTHONHASHSEED=0 $(BIN)/python -m tests.sim --seeds $(SEEDS) --first $(FIRST) $(SIM_FLAGS); fi
 
 # Coverage-guided fuzzing of the wire codec and the RESP parser (atheris, installed here
 # only); minutes each.
