@@ -147,11 +147,9 @@ def main_options(
     from kvd.address import parse_address
 
     try:
-        _, port = parse_address(host)
+        parse_address(host, to_dial=True)
     except ValueError as exc:
         fail(f"--host {host}: {exc}", 2)
-    if port == 0:
-        fail(f"--host {host}: port 0 is not a node's port", 2)
     options.host = host
     options.json = json
     options.timeout = timeout

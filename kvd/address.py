@@ -22,10 +22,11 @@ class AddressError(ConfigError, ValueError):
     pydantic validator error and can be caught by callers of either kind."""
 
 
-def parse_address(s: str) -> tuple[str, int]:
+def parse_address(s: str, *, to_dial: bool = False) -> tuple[str, int]:
     """Split ``HOST:PORT`` (IPv6 as ``[::1]:PORT``) into ``(host, port)``.
 
-    The host is returned without brackets. Raises :class:`AddressError` (a ConfigError and a
+    The host is returned without brackets. Port 0 (any free port) is for listeners only:
+    an address ``to_dial`` (a seed, a node to connect to) needs 1..65535. Raises :class:`AddressError` (a ConfigError and a
     ValueError) with a one-line message that does not name any config key.
     """
     if not isinstance(s, str):
@@ -50,6 +51,8 @@ def parse_address(s: str) -> tuple[str, int]:
     if not port_text.isascii() or not port_text.isdigit():
         raise AddressError(f"port must be a number 0..65535, got {port_text!r} in {s!r}")
     port = int(port_text)
+    if to_dial and not 1 <= port <= 65535:
+        raise AddressError(f"port must be 1..65535, got {port} in {s!r}")
     if not 0 <= port <= 65535:
         raise AddressError(f"port must be 0..65535 (0: any free port), got {port} in {s!r}")
     return host, port

@@ -224,7 +224,7 @@ def connect(address: str, *, timeout: float, token: str | None = None,
     """Connect, handshake and yield a BlockingClient; closes the connection on exit.
     ``ssl_context``: speak TLS, verifying the node's certificate for the host in ``address``."""
     try:
-        host, port = parse_address(address)
+        host, port = parse_address(address, to_dial=True)
     except ValueError as exc:
         raise ConnectFailed(str(exc)) from None
     try:

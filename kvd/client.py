@@ -321,7 +321,7 @@ Dial = Callable[[str], Awaitable[trio.abc.Stream]]
 
 async def tcp_dial(address: str) -> trio.abc.Stream:
     """Open a TCP connection to HOST:PORT (the daemon's and kvctl's dialler)."""
-    host, port = parse_address(address)
+    host, port = parse_address(address, to_dial=True)
     return await trio.open_tcp_stream(host, port)
 
 
@@ -338,7 +338,7 @@ async def open_client(address: str = DEFAULT_ADDRESS, *, token: str | None = Non
     verifying the node's certificate for the host name in ``address``. ``dial``: how to open
     the stream (default TCP; the simulator passes its in-memory network's)."""
     try:
-        host, port = parse_address(address)
+        host, port = parse_address(address, to_dial=True)
     except ValueError as exc:
         raise ConnectFailed(str(exc)) from None
     try:

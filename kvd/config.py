@@ -478,7 +478,7 @@ class Config(BaseModel):
     def _check_seeds(cls, v: list[str]) -> list[str]:
         for i, seed in enumerate(v):
             try:
-                parse_address(seed)
+                parse_address(seed, to_dial=True)
             except AddressError as e:
                 raise ValueError(f"seed {i + 1}: {e}") from None
         return v

@@ -254,6 +254,21 @@ def test_parse_address():
         parse_address("host:99999")
 
 
+def test_an_address_to_dial_names_the_ports_it_can_have():
+    """Outside tester: `cluster join 127.0.0.1:99999` said "port must be 0..65535 (0: any
+    free port)", and a seed of port 0 was taken: port 0 means any free port only to a
+    listener; nothing can be dialled there."""
+    with pytest.raises(AddressError, match=r"port must be 0\.\.65535 \(0: any free port\)"):
+        parse_address("host:99999")
+    for bad in ("host:99999", "host:0"):
+        with pytest.raises(AddressError) as caught:
+            parse_address(bad, to_dial=True)
+        assert "port must be 1..65535" in str(caught.value) and "free port" not in str(caught.value)
+    assert parse_address("host:65535", to_dial=True) == ("host", 65535)
+    with pytest.raises(ConfigError, match="seed 1: port must be 1..65535"):
+        load_config(None, {}, {"seeds": ["127.0.0.1:0"]})
+
+
 # --- --check rendering -----------------------------------------------------------------------
 
 

@@ -307,8 +307,8 @@ def test_output_file_problems_are_one_line(kv, tmp_path):
 
 @pytest.mark.parametrize("host, says", [
     ("127.0.0.1", "--host 127.0.0.1: expected HOST:PORT"),
-    ("localhost:99999", "localhost:99999"),
-    ("127.0.0.1:0", "port 0"),
+    ("localhost:99999", "port must be 1..65535, got 99999"),
+    ("127.0.0.1:0", "port must be 1..65535, got 0"),
 ])
 def test_bad_host_is_a_usage_error(kvctl_cli, host, says):
     result = kvctl_cli("get", "k", host=host)

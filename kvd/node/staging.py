@@ -77,7 +77,7 @@ class Staging:
         if cluster.state.status(cluster.me) is not None and len(cluster.state.members) > 1:
             raise BadRequest("this node is already a member of a cluster")
         try:
-            parse_address(seed)
+            parse_address(seed, to_dial=True)
         except ValueError as exc:
             raise BadRequest(f"seed {seed!r} is not a peer address HOST:PORT: {exc}") from None
         if seed == config.peer_listen:
