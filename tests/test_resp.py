@@ -181,7 +181,19 @@ async def test_redis_py_resp2_and_resp3_pipelines_conflicts_and_kvctl_keys(tmp_p
                 pipe.get(f"p{number}:{i}")
             assert pipe.execute() == [f"value {i}".encode() for i in range(count)]
     for r in clients:  # what a client library asks on its own, in both protocols
-        assert r.command()["get"]["arity"] == 2
+        table = r.command()
+        assert table["get"]["arity"] == 2
+        # Key positions (first, last, step), as a cluster-aware client or proxy reads them.
+        positions = {name: (table[name]["first_key_pos"], table[name]["last_key_pos"],
+                            table[name]["step_count"])
+                     for name in ("get", "set", "mget", "mset", "del", "exists", "scan",
+                                  "dbsize", "ping")}
+        assert positions == {"get": (1, 1, 1), "set": (1, 1, 1), "mget": (1, -1, 1),
+                             "mset": (1, -1, 2), "del": (1, -1, 1), "exists": (1, -1, 1),
+                             "scan": (0, 0, 0), "dbsize": (0, 0, 0), "ping": (0, 0, 0)}
+        flags = {name: {f if isinstance(f, str) else f.decode() for f in table[name]["flags"]}
+                 for name in ("get", "set")}
+        assert "readonly" in flags["get"] and "write" in flags["set"], flags
         assert r.info("cluster")["kvd_members"] == 3
     other = redis.Redis(port=nodes[2].resp_port, protocol=3)
     assert other.mget(["p0:1", "p1:2", "absent"]) == [b"value 1", b"value 2", None]

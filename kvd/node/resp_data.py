@@ -312,3 +312,10 @@ COMMANDS = {
     b"KV.GET": (kv_get, 2, "read"),
     b"KV.PUT": (kv_put, 4, "write"),
 }
+
+# Where a command's keys are (first, last, step), as COMMAND INFO reports them for clients
+# and proxies that route by key; -1: up to the last argument. Not listed: the key alone, first.
+KEY_POSITIONS = {
+    b"DEL": (1, -1, 1), b"UNLINK": (1, -1, 1), b"EXISTS": (1, -1, 1), b"MGET": (1, -1, 1),
+    b"MSET": (1, -1, 2), b"SCAN": (0, 0, 0), b"DBSIZE": (0, 0, 0),
+}

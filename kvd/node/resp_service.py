@@ -401,9 +401,12 @@ async def command(session, args):
 
 def _command_info(name: bytes, arity: int) -> list:
     """Redis 7's ten fields: name, arity, flags, first/last key and step, ACL categories,
-    tips, key specs, subcommands (data commands take their key first; kvd has no more)."""
-    key = 1 if name in resp_data.COMMANDS else 0
-    return [name.lower(), arity, [], key, key, key, [], [], [], []]
+    tips, key specs, subcommands (kvd has no more than the first six)."""
+    if name not in resp_data.COMMANDS:
+        return [name.lower(), arity, [], 0, 0, 0, [], [], [], []]
+    first, last, step = resp_data.KEY_POSITIONS.get(name, (1, 1, 1))
+    flags = [Simple("readonly" if resp_data.COMMANDS[name][2] == "read" else "write")]
+    return [name.lower(), arity, flags, first, last, step, [], [], [], []]
 
 
 _CONFIG = {b"save": b"", b"appendonly": b"no", b"databases": b"1", b"maxmemory": b"0"}
