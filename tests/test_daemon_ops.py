@@ -7,12 +7,16 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+
+import pytest
 
 from kvd.main import configure_logging
-from tests.procs import ROOT, free_port
+from tests.procs import ROOT, free_port, wait_port
 
 
 def run_kvd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -73,3 +77,44 @@ def test_log_lines_carry_a_timestamp_unless_journald_stamps_them():
                         plain), plain
     journald = formatted_line({"JOURNAL_STREAM": "8:1234"})
     assert journald == "<6>INFO kvd.server: node n1 up"
+
+
+def _wait_for(proc: subprocess.Popen, ready) -> None:
+    deadline = time.monotonic() + 60
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert proc.poll() is None, "kvd ended before the signal"
+
+
+# When SIGINT comes: while kvd imports its config schema (pydantic's extension is mapped),
+# while the server starts (LevelDB's is), and once it serves.
+@pytest.mark.parametrize("moment", ["config", "server", "serving"])
+def test_ctrl_c_while_kvd_starts_exits_130_without_a_traceback(tmp_path, moment):
+    """Outside tester: Ctrl-C in kvd's first 0.3 s (while it imported its modules) printed
+    a Python traceback. Whenever SIGINT comes, kvd prints none: it exits 130 (interrupted)
+    while it starts, and 0 once it serves (SIGINT then drains it, as SIGTERM does: kvd(8))."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_")}
+    env.update(KVD_METRICS_LISTEN="")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvd.main", "--listen", f"127.0.0.1:{port}",
+         "--peer-listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    maps = f"/proc/{proc.pid}/maps"
+
+    def mapped(name: str):
+        return lambda: name in open(maps).read()
+
+    try:
+        if moment == "serving":
+            wait_port(port, proc=proc)
+        else:
+            _wait_for(proc, mapped("_pydantic_core" if moment == "config" else "_plyvel"))
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Traceback" not in stderr, stderr
+    expected = {"config": (130,), "server": (0, 130), "serving": (0,)}[moment]
+    assert proc.returncode in expected, (proc.returncode, stderr)
