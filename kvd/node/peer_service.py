@@ -85,9 +85,6 @@ async def replica_get(node, conn, message, _chunks) -> None:
                                     fields["prefix"], fields["limit"])
         await _reply(conn, message, MsgType.REPLICA_GET_REPLY, reply)
         return
-    if fields["op"] in ("aae-root", "aae-branches", "aae-segments", "aae-keys"):
-        await _reply(conn, message, MsgType.REPLICA_GET_REPLY, node.aae.answer(fields))
-        return
     if fields.get("op") == "blob":  # a piece of a value a peer streams to its client
         store.linger.read(fields["vid"])  # kvd.node.local Rule 8
         data = await store.blobs.read(fields["vid"], fields["offset"], fields["size"])
@@ -102,16 +99,25 @@ async def replica_get(node, conn, message, _chunks) -> None:
 
 
 def replica_read_now(node, conn, message) -> tuple[bytes, None] | None:
-    """A replica read (``get`` or ``digest``) answered by the connection's reader itself, as
-    kvd.node.client_service.get_now answers a one-node GET: (its REPLICA_GET_REPLY frame,
-    None). None when it needs ``replica_get`` in a task (another op, an object to stage)."""
-    if message.fields.get("op") not in ("get", "digest"):
+    """A replica read (``get``, ``digest``, or an anti-entropy exchange's question) answered
+    by the connection's reader itself, as kvd.node.client_service.get_now answers a one-node
+    GET: (its REPLICA_GET_REPLY frame, None). None when it needs ``replica_get`` in a task
+    (another op, an object to stage)."""
+    op = message.fields.get("op")
+    if op in _AAE_OPS:  # a hash tree in memory, or one bounded page of the key index
+        _check_values(node, message.fields)
+        reply = node.aae.answer(message.fields)
+        return codec.encode(MsgType.REPLICA_GET_REPLY, message.request_id, reply), None
+    if op not in ("get", "digest"):
         return None
     _check_values(node, message.fields)
     reply = _read_now(node, message)
     if reply is None:
         return None
     return codec.encode(MsgType.REPLICA_GET_REPLY, message.request_id, reply), None
+
+
+_AAE_OPS = ("aae-root", "aae-branches", "aae-segments", "aae-keys")
 
 
 def _read_now(node, message) -> dict | None:
