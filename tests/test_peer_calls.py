@@ -87,7 +87,10 @@ async def test_concurrent_calls_share_sends_and_get_their_own_replies():
     assert not client._waiting
 
 
-async def test_a_dead_connection_fails_every_waiting_call_at_once():
+async def test_a_dead_connection_fails_every_waiting_call_at_once(autojump_clock):
+    """On the autojump clock (memory streams, no threads): a call left waiting for a timeout
+    would show as simulated seconds after the close, and a host that stalls the process
+    cannot add real ones (a 0.5 s wall-clock window could fail so)."""
     ours, theirs = trio.testing.memory_stream_pair()
     client = Client(FrameConnection(ours, 1 << 20), {"node": "peer", "max_frame": 1 << 20})
     server = FrameConnection(theirs, 1 << 20)
