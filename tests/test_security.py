@@ -581,9 +581,12 @@ def test_secrets_and_tokens_never_appear_in_logs(tmp_path, procs, kvctl_cli):
 # ----------------------------------------------------------------------------- limits
 
 
-async def test_guarded_connection_bounds_inline_bodies_in_flight():
+async def test_guarded_connection_bounds_inline_bodies_in_flight(autojump_clock):
     """Past IN_FLIGHT_FRAMES * max_frame bytes of PUT values not yet answered, the reader
-    waits: a client that never reads its replies cannot make one connection hold more."""
+    waits: a client that never reads its replies cannot make one connection hold more.
+
+    On the autojump clock (memory streams, no threads): the 1 s windows are simulated, so a
+    host that stalls the process cannot overrun the ones that must not expire."""
     from trio.testing import memory_stream_pair
 
     client, server = memory_stream_pair()
