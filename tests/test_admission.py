@@ -373,7 +373,12 @@ async def test_a_parked_connection_whose_bytes_arrived_is_not_evicted_as_silent(
         client.sendall(b"HELLO")
         flood, theirs = socket.socketpair()
         parking.arrived(theirs, "10.0.0.1")  # at once: the parking task has not run
-        await trio.sleep(0.1)
+        # Until it is served (a fixed 0.1 s could end, on a host that stalled the process,
+        # in the same loop iteration that saw its bytes, before its handler ran); one that
+        # was evicted never is.
+        with trio.move_on_after(10):
+            while not served:
+                await trio.sleep(0.01)
         assert served == [b"HELLO"] and port.evicted == 0, port
         nursery.cancel_scope.cancel()
     for sock in client, flood:
