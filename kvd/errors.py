@@ -80,6 +80,14 @@ class Unavailable(KvdError):
     exit_code = 3
 
 
+class Damaged(KvdError):
+    """A replica's stored copy of a key failed its checksum (disk rot): it is not used; the
+    key's other replicas answer for it, and a read repair replaces it."""
+
+    code = "damaged"
+    exit_code = 1
+
+
 class ConnectFailed(KvdError):
     """The client could not connect to, or lost its connection to, a node."""
 
@@ -106,6 +114,7 @@ _BY_CODE = {
         TooManySiblings,
         QuorumFailed,
         Unavailable,
+        Damaged,
         ConnectFailed,
         Unauthorized,
     )

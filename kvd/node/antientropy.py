@@ -183,7 +183,7 @@ class AntiEntropy:
                         await self.store.merge(key, obj)
                         stats.keys_repaired += 1
                 for key in give:
-                    obj = self.store.read(key)
+                    obj = self.store.read(key, damaged_as_missing=True)  # never push rot
                     if obj is not None:
                         await self._push_blobs(peer, key, obj)
                         await peer.merge(key, obj)

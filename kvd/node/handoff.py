@@ -296,7 +296,7 @@ class Handoff:
         for vid, key in released.items():
             start, stop = keys.hint_blob_range(vid)
             others = {k[len(start):] for k in self.storage.iterate_keys(start, stop)} - removed
-            local = self.objects.read(key)
+            local = self.objects.read(key, damaged_as_missing=True)
             if not others and not (local is not None and vid in chunked_vids(local)):
                 garbage.append(vid)
                 ops.append((_ledger_key(vid), _GARBAGE))

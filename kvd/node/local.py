@@ -4,50 +4,43 @@ Invariants:
 - Rule 1: an object record naming a blob (a chunked value) is written only after that blob
   is sealed (fsynced): ``coordinate`` and ``merge`` seal before they write.
 - Rule 2: a blob is deleted only after the object that no longer names it is durable, so a
-  crash never leaves a manifest without its bytes. Nothing deletes a blob that the key's
-  latest object names: ``discard_upload`` of such a blob, or of one being sealed for a
-  manifest, is a no-op, and ``write_chunk`` of a blob the key's object already names (an
-  anti-entropy re-send) is skipped, so it never marks a live blob "uploading".
+  crash never leaves a manifest without its bytes. Nothing deletes a blob the key's latest
+  object names: ``discard_upload`` of it, or of one sealed for a manifest, is a no-op, and
+  ``write_chunk`` of it (an anti-entropy re-send) is skipped, never marking it "uploading".
 - Rule 3: no blob is ever forgotten. A blob ledger entry (its mark and the key it belongs
-  to) is written before an upload's first byte ("u": uploading) and removed in the same
-  batch as the manifest that names it; the batch that drops the last manifest naming a blob
-  marks it "g" (garbage). ``sweep`` at start deletes every blob still in the ledger, unless
-  the stored object of the entry's key names it (then only the entry goes), so a crash at
-  any point leaves no orphan and no live blob is ever swept. A chunk past offset 0 of a blob
-  that is gone (its upload was discarded) is refused, so a late chunk never recreates it.
-- Rule 6: a partition this node stopped replicating is dropped in O(1): its generation is
-  bumped (kvd/storage/keys.py rule 5), so its objects, tree, index and tombstone index
-  vanish from every read at once; ``reclaim`` deletes the old keys (and blobs) in the
-  background, in bounded steps. The new generation starts empty: stale copies never come
-  back as "data".
-- Rule 4: every write of a key builds on the latest object *written* for it, durable or not:
-  the not-yet-durable object waits in ``_pending`` while its batch commits, and reading it,
-  deriving the next object and publishing that happen with no checkpoint in between. So two
-  concurrent writes never build on the same old object (and lose one another), and writes to
-  a hot key share group commits instead of queueing for one fsync each. Storage applies
-  batches in write() order, so the later object is also the one that lands last. Once
-  published, a commit runs to its end even if its caller is cancelled (an uncancellable
-  ``storage.write(..., lands=True)``; the caller still sees the cancellation): a queued
-  batch lands anyway, so ``_pending`` and the in-memory tree must keep describing it until
-  it has.
-- Rule 5: every object write also updates the partition's anti-entropy tree (kvd/aae.py)
-  and the key's index entry, in the same batch: the tree on disk always matches the
-  objects, and is never rebuilt by a scan. So does the tombstone index: a key whose object
-  is only tombstones is indexed at the time this node stored that object, on its own wall
-  clock, never the writer's timestamp: the tombstone grace runs on the clock of the node
-  that purges, so no clock skew between nodes shortens it (full simulator seed 498).
+  to) is written before an upload's first byte ("u": uploading) and removed in the batch of
+  the manifest naming it; the batch dropping the last manifest naming a blob marks it "g"
+  (garbage). ``sweep`` at start deletes every blob still in the ledger unless its key's
+  object names it (then only the entry goes): a crash leaves no orphan, and no live blob is
+  swept. A chunk past offset 0 of a discarded upload is refused: it never recreates it.
+- Rule 4: every write of a key builds on the latest object *written* for it, durable or not
+  (``_pending`` while its batch commits), with no checkpoint between reading it and
+  publishing the next. So concurrent writes never lose one another, and writes to a hot key
+  share group commits. Storage applies batches in write() order, so the later object lands
+  last. A published commit lands even if its caller is cancelled (``lands=True``; the
+  caller still sees the cancellation), so ``_pending`` and the tree describe it until then.
+- Rule 5: every object write also updates, in the same batch, the partition's anti-entropy
+  tree (kvd/aae.py) and the key's index entry, so the tree on disk always matches the
+  objects, and the tombstone index: a key whose object is only tombstones is indexed at the
+  time this node stored it, on its own wall clock, so no clock skew between nodes shortens
+  the tombstone grace (full simulator seed 498).
 - Rule 6: a dot is never reused (DESIGN section 2). Each actor's counters come from one
-  sequence shared by all keys that only grows, leased in blocks by a durable (flushed)
-  high-water mark before any of it is used (kvd.node.dot_leases); after a restart the
-  sequence continues above the mark. So a purge, which forgets what a key's clock had seen,
-  never lets the actor mint a dot an older surviving copy already covers (kv679).
+  growing sequence shared by all keys, leased in blocks by a durable high-water mark before
+  use (kvd.node.dot_leases), continued above the mark after a restart. So a purge, which
+  forgets a key's clock, never lets the actor mint a dot a surviving copy covers (kv679).
 - Rule 7: a merge returns only once the object it leaves is durable: when the incoming
   object adds nothing to one still committing, it waits for that commit (a W ack or a hint
   deletion must never precede the fsync). Two siblings with one dot and different payloads
-  are logged as an error and counted (``dot_collisions``); ``versions.sync`` keeps the same
-  one on every replica.
+  are logged and counted (``dot_collisions``); ``versions.sync`` keeps the same one.
 - Rule 8: a blob an overwrite superseded while it was being read stays until its readers
   are done (kvd.node.blob_linger), its ledger entry still "garbage" (Rule 3).
+- Rule 9: an object whose stored bytes rotted (LevelDB's checksum fails) is never served
+  nor merged: a read of it fails with Damaged (logged once a key), so the other replicas
+  answer and read repair rewrites it; a write builds on it as on nothing.
+- Rule 10: a partition this node stopped replicating is dropped in O(1): its generation is
+  bumped (kvd/storage/keys.py rule 5), so its objects, tree and indexes vanish from every
+  read at once; ``reclaim`` deletes the old keys (and blobs) in the background, in bounded
+  steps. The new generation starts empty: stale copies never come back as "data".
 """
 
 from __future__ import annotations
@@ -68,6 +61,7 @@ from kvd.errors import BadRequest, Unavailable
 from kvd.node.blob_linger import BlobLinger
 from kvd.node.dot_leases import SEQUENCES, DotLeases
 from kvd.storage import Storage, keys
+from kvd.storage.base import DamagedData
 from kvd.ring import partition_of
 
 log = logging.getLogger("kvd.local")
@@ -124,6 +118,7 @@ class LocalStore:
         self._sealing: Counter[bytes] = Counter()  # vids a write is sealing for its manifest
         self.linger = BlobLinger()  # Rule 8
         self.dot_collisions = 0  # same dot, different payload: should stay 0 (Rule 7)
+        self._damaged: set[bytes] = set()  # keys whose damaged copy was logged (Rule 9)
         raw = storage.get(_GENERATIONS)
         self._generations: dict[int, int] = (
             {} if raw is None else {int(p): g for p, g in json.loads(raw).items()})
@@ -133,7 +128,7 @@ class LocalStore:
         return partition_of(key, self.ring_size)
 
     def slot(self, partition: int) -> int:
-        """Where the live generation of ``partition`` keeps its keys (Rule 6)."""
+        """Where the live generation of ``partition`` keeps its keys (Rule 10)."""
         found = self._slots.get(partition)  # a write asked 4 times: 2% of a SET's CPU
         if found is None:
             found = self._slots[partition] = keys.slot(
@@ -146,7 +141,7 @@ class LocalStore:
         return next(iter(self.storage.iterate_keys(start, stop)), None) is not None
 
     async def drop_partition(self, partition: int) -> None:
-        """Rule 6: forget ``partition`` at once; ``reclaim`` frees its space later."""
+        """Rule 10: forget ``partition`` at once; ``reclaim`` frees its space later."""
         old = self.slot(partition)
         self._generations[partition] = self._generations.get(partition, 0) + 1
         self._slots.pop(partition, None)
@@ -182,22 +177,32 @@ class LocalStore:
         fetched again after the drop finds the blob present and names it again)."""
         garbage: set[bytes] = set()
         for object_key, raw in batch:
-            current = self.read(keys.user_key_of(object_key)[1])
+            current = self.read(keys.user_key_of(object_key)[1], damaged_as_missing=True)
             kept = set() if current is None else {
                 s.chunks.vid for s in current.siblings if s.chunks is not None}
             garbage |= {s.chunks.vid for s in versions.decode_object(raw).siblings
                         if s.chunks is not None} - kept
         return garbage
 
-    def read(self, key: bytes) -> versions.VersionedObject | None:
+    def read(self, key: bytes, damaged_as_missing: bool = False) -> versions.VersionedObject | None:
         """The stored object of ``key``, or None when this node holds nothing for it."""
-        raw = self.read_encoded(key)
+        raw = self.read_encoded(key, damaged_as_missing)
         return None if raw is None else versions.decode_object(raw)
 
-    def read_encoded(self, key: bytes) -> bytes | None:
+    def read_encoded(self, key: bytes, damaged_as_missing: bool = False) -> bytes | None:
         """The stored encoding of ``key``'s object (``encode_object``'s, which ``read``
-        decodes): a replica read sends it as it is, with no decode and re-encode."""
-        return self.storage.get(keys.object_key(self.slot(self.partition(key)), key))
+        decodes): a replica read sends it as it is, with no decode and re-encode. A damaged
+        copy raises Damaged, or reads as missing with ``damaged_as_missing`` (Rule 9)."""
+        try:
+            return self.storage.get(keys.object_key(self.slot(self.partition(key)), key),
+                                    checked=True)
+        except DamagedData as exc:
+            if key not in self._damaged and len(self._damaged) < 10_000:
+                self._damaged.add(key)
+                log.error("the stored copy of key %r is damaged and is not used: %s", key[:64], exc)
+            if damaged_as_missing:
+                return None
+            raise DamagedData(f"this replica's copy of key {key[:64]!r} is damaged ({exc})") from None
 
     def read_digest(self, key: bytes) -> bytes | None:
         """The digest of ``key``'s stored object (as anti-entropy's: blake2b of its
@@ -300,10 +305,8 @@ class LocalStore:
         collisions = versions.conflicting_dots(current, incoming)
         if collisions:
             self.dot_collisions += len(collisions)
-            log.error(
-                "key %r: same dot with different values on two replicas %s; keeping one by a"
-                " fixed order (a dot was reused: report this)", key[:64], collisions,
-            )
+            log.error("key %r: same dot with different values on two replicas %s; keeping one by "
+                      "a fixed order (a dot was reused: report this)", key[:64], collisions)
 
     async def _seal(self, ref: versions.ChunkRef) -> None:
         if not self.blobs.exists(ref.vid):
@@ -314,7 +317,7 @@ class LocalStore:
 
     def _latest(self, key: bytes) -> versions.VersionedObject | None:
         committing = self._pending.get(key)
-        return committing.obj if committing is not None else self.read(key)
+        return committing.obj if committing is not None else self.read(key, True)
 
     def _latest_read(self, key: bytes) -> tuple[versions.VersionedObject | None, bytes | None]:
         """``_latest`` and the digest its index entry holds: that of its stored bytes (Rule
@@ -322,9 +325,10 @@ class LocalStore:
         committing = self._pending.get(key)
         if committing is not None:
             return committing.obj, committing.digest
-        raw = self.storage.get(keys.object_key(self.slot(self.partition(key)), key))
-        if raw is None:
-            return None, None
+        raw = self.read_encoded(key, damaged_as_missing=True)
+        if raw is None:  # none, or damaged (Rule 9): the index has the digest it replaces
+            index = keys.index_key(self.slot(self.partition(key)), aae.segment_of(key), key)
+            return None, self.storage.get(index)
         return versions.decode_object(raw), hashlib.blake2b(raw, digest_size=8).digest()
 
     def tree(self, partition: int) -> aae.Tree:
@@ -469,7 +473,8 @@ class LocalStore:
         for k, mark in self.storage.iterate(start, start + b"\xff"):
             vid = k[len(start):]
             owner = mark[1:]  # the key the blob was uploaded for (empty in older ledgers)
-            (live if owner and _names(self.read(owner), vid) else garbage).append(vid)
+            named = owner and _names(self.read(owner, damaged_as_missing=True), vid)
+            (live if named else garbage).append(vid)
         if live:
             await self.storage.write([(_ledger_key(vid), None) for vid in live])
             log.info("kept %d large values still named by their keys", len(live))

@@ -10,7 +10,8 @@
    any R replicas that answer make the quorum, as when every replica was asked for data.
 3. Digests never count towards R. After the answer, read repair waits for the calls still
    running (up to ``request_timeout``), merges the late objects in, and writes the merged
-   object back to every replica whose object, or digest, differs from it.
+   object back to every replica whose object, or digest, differs from it, or whose copy
+   was damaged (``Damaged``: disk rot; kvd.node.local Rule 9).
 4. With fewer than R replicas not suspected (coordinator rule 5), R answers cannot be
    expected: the read waits a hedge delay at most, then fails naming every replica that
    answered nothing (coordinator rule 10).
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from kvd import versions
-from kvd.errors import KvdError, QuorumFailed
+from kvd.errors import Damaged, KvdError, QuorumFailed
 from kvd.node.large_values import chunk_source
 from kvd.node.outcomes import Outcomes
 from kvd.node.quorum_message import quorum_message
@@ -96,6 +97,7 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
     ok: list[tuple[Replica, Any]] = []
     failed: list[tuple[Replica, BaseException]] = []
     digests: dict[Replica, bytes | None] = {}
+    damaged: list[Replica] = []  # replicas whose copy failed its checksum: repaired (rule 3)
     # The calls end by the deadline; the margin lets their tasks report. Coordinator rule
     # 10: with fewer than R replicas not suspected, a hedge delay at most, then fail fast.
     until = deadline + co.replica_timeout
@@ -106,6 +108,8 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
         while len(ok) < r and reading:
             replica, full, success, value = await answers.receive()
             running -= 1
+            if not success and isinstance(value, Damaged):
+                damaged.append(replica)
             if not full:
                 if success:
                     digests[replica] = value
@@ -130,19 +134,22 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
             merged = obj if merged is None else versions.sync(merged, obj)
     source = chunk_source(merged, ok)
     if co.read_repair and merged is not None:
-        co.background.start_soon(repair, co, key, merged, dict(ok), digests, answers, running)
+        co.background.start_soon(repair, co, key, merged, dict(ok), digests, answers, running,
+                                 damaged)
     return ReadResult(merged, len(ok), source)
 
 
 async def repair(co: Coordinator, key: bytes, merged: versions.VersionedObject,
                  answered: dict, digests: dict, late: Outcomes[Answer],
-                 outstanding: int) -> None:
+                 outstanding: int, damaged: list[Replica]) -> None:
     """Rule 3: after answering, wait for the calls still running, merge their objects in,
-    and write the result back to every replica that was stale."""
+    and write the result back to every replica that was stale or damaged."""
     with trio.move_on_after(co.request_timeout):
         for _ in range(outstanding):
             replica, full, success, value = await late.receive()
             if not success:
+                if isinstance(value, Damaged):
+                    damaged.append(replica)
                 continue
             if full:
                 answered[replica] = value
@@ -155,6 +162,7 @@ async def repair(co: Coordinator, key: bytes, merged: versions.VersionedObject,
     want = versions.object_digest(merged)
     stale = [rep for rep, obj in answered.items() if obj != merged]
     stale += [rep for rep, digest in digests.items() if rep not in answered and digest != want]
+    stale += damaged
     for replica in stale:
         try:
             with trio.fail_after(co.replica_timeout):

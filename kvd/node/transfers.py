@@ -16,7 +16,7 @@ them from their previous replicas, in key order and in batches.
    pieces; one throttle holds all of a node's fetches to ``transfer_rate_mb``.
 4. A copy kept from when this node last replicated a partition is stale: it is dropped
    before fetching, and a partition this node no longer replicates is dropped
-   ``DROP_DELAY`` after the transition ends (LocalStore Rule 6); its space is reclaimed in
+   ``DROP_DELAY`` after the transition ends (LocalStore Rule 10); its space is reclaimed in
    the background at ``reclaim_rate``.
 """
 

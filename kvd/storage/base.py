@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
-from kvd.errors import ConfigError, KvdError
+from kvd.errors import ConfigError, Damaged, KvdError
 
 SYNC_MODES = ("batch", "periodic", "none")
 DEFAULT_MAX_BATCH_BYTES = 64 * 1024 * 1024
@@ -50,6 +50,10 @@ Op = tuple[bytes, bytes | None]
 
 class StorageError(KvdError):
     """A storage operation failed (a commit that did not reach the disk, a closed store)."""
+
+
+class DamagedData(StorageError, Damaged):
+    """Stored bytes failed their checksum when read (disk rot, a damaged file)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +153,9 @@ class Storage(abc.ABC):
     # --- reads (backends) -----------------------------------------------------------------
 
     @abc.abstractmethod
-    def get(self, key: bytes) -> bytes | None:
-        """The value stored under ``key``, or None."""
+    def get(self, key: bytes, *, checked: bool = False) -> bytes | None:
+        """The value stored under ``key``, or None. ``checked``: the bytes read are checked
+        against the store's own checksums (DamagedData when they fail)."""
 
     @abc.abstractmethod
     def iterate(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:

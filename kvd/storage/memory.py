@@ -40,8 +40,8 @@ class MemoryStorage(Storage):
         self._size = sum(len(k) + len(v) for k, v in self._data.items())
         self._unsynced: list[Op] = []
 
-    def get(self, key: bytes) -> bytes | None:
-        return self._data.get(key)
+    def get(self, key: bytes, *, checked: bool = False) -> bytes | None:
+        return self._data.get(key)  # memory does not rot
 
     def _snapshot(self, start: bytes, stop: bytes) -> list[bytes]:
         lo = bisect.bisect_left(self._keys, start)
