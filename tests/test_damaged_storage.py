@@ -15,7 +15,8 @@ import trio
 from kvd.client import open_client
 from kvd.errors import KvdError
 from kvd.storage import open_storage
-from kvd.storage.base import DamagedData
+from kvd.storage.base import DamagedData, StorageError
+from tests.procs import KvdProcess
 from tests.realcluster import SMALL_RING, form_cluster, key_of, wait_states
 
 
@@ -89,3 +90,62 @@ async def test_a_replica_with_rotted_bytes_never_spreads_them(tmp_path, procs):
     assert await read_all(n3, 3) == {}
     assert "Traceback" not in n3.log_text()
     assert "damaged" in n3.log_text()
+
+
+async def test_a_store_missing_its_current_file_is_refused_and_left_as_it_was(tmp_path):
+    """Outside tester: with LevelDB's CURRENT file gone (a bad tool, a crash), kvd opened
+    the directory as a new, empty store, and LevelDB deleted the tables of the old one:
+    damage that one line of shell could have undone became a loss."""
+    async with open_storage(str(tmp_path / "db")) as storage:
+        await storage.write([(b"k%d" % i, b"v" * 100) for i in range(1000)])
+    plyvel.DB(str(tmp_path / "db")).close()  # the log becomes a table
+    (tmp_path / "db" / "CURRENT").unlink()
+    before = sorted(p.name for p in (tmp_path / "db").iterdir())
+    assert any(name.endswith(".ldb") for name in before)
+    with pytest.raises(StorageError, match=r"no CURRENT file.*MANIFEST-\d+"):
+        async with open_storage(str(tmp_path / "db")):
+            pass
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == before
+
+
+def run_to_exit(node: KvdProcess) -> int:
+    """Start ``node`` and wait for it to end (a start expected to fail)."""
+    node.start(wait=False)
+    assert node.proc is not None
+    return node.proc.wait(30)
+
+
+def test_a_second_kvd_cannot_open_a_data_dir_whose_lock_file_was_deleted(tmp_path, procs):
+    """Outside tester: LevelDB's LOCK file is its only guard; once deleted (a cleanup
+    script), a second kvd opened the same directory and, when both had written, writes
+    acknowledged by the first were gone at its restart."""
+    first = KvdProcess(tmp_path / "data", node_id="n1")
+    procs.append(first)
+    first.start()
+    (tmp_path / "data" / "LOCK").unlink()
+    second = KvdProcess(tmp_path / "data", node_id="n1")
+    second.log_path = tmp_path / "second.log"
+    procs.append(second)
+    code = run_to_exit(second)
+    assert code == 2, second.log_text()
+    assert f"data dir {tmp_path / 'data'} is in use by another kvd process" in second.log_text()
+    assert "Traceback" not in second.log_text()
+    assert first.proc.poll() is None
+
+
+@pytest.mark.parametrize("record", ["identity", "cluster"])
+def test_a_damaged_record_of_the_node_stops_the_start_with_one_line(tmp_path, procs, record):
+    """Outside tester: garbage in the node's identity or cluster record ended the start in
+    a 60-line traceback (msgpack's ExtraData). It is one line naming the record."""
+    node = KvdProcess(tmp_path / "data", node_id="n1")
+    procs.append(node)
+    node.start()
+    assert node.stop() == 0
+    db = plyvel.DB(str(tmp_path / "data"))
+    db.put(b"m" + record.encode(), db.get(b"m" + record.encode()) + b"\x00garbage")
+    db.close()
+    code = run_to_exit(node)
+    assert code == 1, node.log_text()
+    last = node.log_text().strip().splitlines()[-1]
+    assert last.startswith("kvd: error: ") and f"{record} record" in last and "damaged" in last
+    assert "Traceback" not in node.log_text()

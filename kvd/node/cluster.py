@@ -41,6 +41,7 @@ from kvd.membership import cluster_state as cs
 from kvd.membership.members import MemberInfo, MemberTable
 from kvd.net.peer import PeerPool
 from kvd.node.blob_linger import delete_when_due
+from kvd.node.data_dir import damaged_record
 from kvd.node.gossip import Gossiper
 from kvd.node.handoff import Handoff
 from kvd.node.local import LocalStore
@@ -100,9 +101,10 @@ class Cluster:
             state = cs.new_cluster(self.me, self.config.ring_size, os.urandom(8).hex())
             await self._save(state)
         else:
-            saved = msgpack.unpackb(raw, raw=False)
-            state = cs.ClusterState.from_dict(saved["state"])
-            self.addresses = {n: tuple(a) for n, a in saved.get("addresses", {}).items()}
+            with damaged_record("cluster"):
+                saved = msgpack.unpackb(raw, raw=False)
+                state = cs.ClusterState.from_dict(saved["state"])
+                self.addresses = {n: tuple(a) for n, a in saved.get("addresses", {}).items()}
             for node, (address, peer_address) in self.addresses.items():
                 if node != self.me:
                     self.members.merge([MemberInfo(node, address, peer_address, 0, 0)], self.now())

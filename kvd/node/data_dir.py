@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import msgpack
 
 from kvd.errors import ConfigError, KvdError
 from kvd.storage import keys
+from kvd.storage.base import DamagedData
 
 
 def make_private(data_dir: str) -> None:
@@ -98,10 +101,25 @@ async def load_identity(storage, node_id: str, wall: float) -> Identity:
             [(keys.meta_key("identity"), msgpack.packb(identity.__dict__, use_bin_type=True))]
         )
         return identity
-    stored = msgpack.unpackb(raw, raw=False)
-    if stored["node"] != node_id:
+    with damaged_record("identity"):
+        stored = msgpack.unpackb(raw, raw=False)
+        identity = Identity(**stored)
+    if identity.node != node_id:
         raise ConfigError(
-            f"data_dir belongs to node {stored['node']!r}, not {node_id!r}: "
+            f"data_dir belongs to node {identity.node!r}, not {node_id!r}: "
             "use that node_id or a fresh data_dir"
         )
-    return Identity(**stored)
+    return identity
+
+
+@contextmanager
+def damaged_record(name: str) -> Iterator[None]:
+    """Decoding one of the node's own records: what garbage raises (msgpack's errors are
+    ValueErrors) becomes one line naming the record, not a traceback at start."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DamagedData(
+            f"this node's {name} record in its data_dir is damaged ({exc!r:.100}): empty the "
+            "data_dir to start the node afresh; it then fetches its data from the other "
+            "replicas") from None

@@ -8,7 +8,10 @@ Invariants:
 2. Reads (``get``, iteration over a snapshot) run on the caller's thread: they are served
    from the memtable, the block cache or the page cache in microseconds.
 3. Opening never leaves a half-open store: it either returns a usable store or raises a
-   one-line ConfigError/StorageError naming the data dir.
+   one-line ConfigError/StorageError naming the data dir. The directory is locked
+   (flock) for as long as the store is open: LevelDB's LOCK file alone let a second kvd in
+   once it was deleted, and the two lost each other's writes. A directory holding tables
+   but no CURRENT file is refused, not opened as a new store (which deletes the tables).
 4. After a write fails (a full disk, an I/O error), every later write is refused until the
    store is opened again (kvd restarts); reads go on. LevelDB keeps appending to its log
    after an append failed, and at the next open it drops, silently, what was appended
@@ -33,6 +36,7 @@ not shrink).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import resource
@@ -83,8 +87,9 @@ def _message(exc: BaseException) -> str:
     return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
 
 
-def _open_db(path: str, cache_mb: int) -> tuple[plyvel.DB, int]:
-    """Open (creating if needed) the LevelDB in ``path``; runs in a worker thread."""
+def _open_db(path: str, cache_mb: int) -> tuple[plyvel.DB, int, int]:
+    """Open (creating if needed) the LevelDB in ``path``, and lock the directory (Rule 3);
+    runs in a worker thread. Returns the store, its size and the lock's descriptor."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
@@ -93,6 +98,37 @@ def _open_db(path: str, cache_mb: int) -> tuple[plyvel.DB, int]:
         raise ConfigError(f"data dir {path} is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"data dir {path} is not writable")
+    lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _refuse_lost_current(path)
+        db, size = _open_locked(path, cache_mb)
+    except BlockingIOError:
+        os.close(lock)
+        raise ConfigError(f"data dir {path} is in use by another kvd process") from None
+    except BaseException:
+        os.close(lock)
+        raise
+    return db, size, lock
+
+
+def _refuse_lost_current(path: str) -> None:
+    """LevelDB opens a directory without its CURRENT file as a new store and deletes the
+    old one's tables (create_if_missing): refuse instead, naming the fix (Rule 3)."""
+    names = os.listdir(path)
+    manifests = sorted((n for n in names if n.startswith("MANIFEST-")),
+                       key=lambda n: int(n.split("-")[1]) if n.split("-")[1].isdigit() else -1)
+    if "CURRENT" in names or not (manifests or any(n.endswith(".ldb") for n in names)):
+        return
+    newest = manifests[-1] if manifests else "MANIFEST-NNNNNN"
+    raise StorageError(
+        f"data dir {path} holds LevelDB tables but no CURRENT file, so it was not opened "
+        f"(LevelDB would have started an empty store and deleted them): if CURRENT was "
+        f"lost, `echo {newest} > {path}/CURRENT` brings it back; to start this node afresh "
+        "instead, empty the directory (it then fetches its data from the other replicas)")
+
+
+def _open_locked(path: str, cache_mb: int) -> tuple[plyvel.DB, int]:
     try:
         db = plyvel.DB(
             path,
@@ -128,6 +164,7 @@ class LevelDBStorage(Storage):
         db: plyvel.DB,
         path: str,
         size: int,
+        lock: int,
         *,
         sync: str = "batch",
         sync_interval: float = 1.0,
@@ -136,6 +173,7 @@ class LevelDBStorage(Storage):
         super().__init__(sync=sync, sync_interval=sync_interval, max_batch_bytes=max_batch_bytes)
         self._db = db
         self._path = path
+        self._lock = lock  # the directory's flock (Rule 3), released when the store closes
         self._size = size
         self._size_at = _clock()
         self._size_refreshing = False
@@ -155,18 +193,20 @@ class LevelDBStorage(Storage):
         if cache_mb < 0:
             raise ConfigError(f"cache_mb must be >= 0, not {cache_mb!r}")
         # Opening replays the write-ahead log, which can take seconds: not on the loop.
-        db, size = await trio.to_thread.run_sync(_open_db, path, cache_mb)
+        db, size, lock = await trio.to_thread.run_sync(_open_db, path, cache_mb)
         try:
             return cls(
                 db,
                 path,
                 size,
+                lock,
                 sync=sync,
                 sync_interval=sync_interval,
                 max_batch_bytes=max_batch_bytes,
             )
         except BaseException:
             db.close()
+            os.close(lock)
             raise
 
     # --- reads ----------------------------------------------------------------------------
@@ -240,6 +280,7 @@ class LevelDBStorage(Storage):
             await self._committer_thread.run(self._db.close)
         finally:
             self._committer_thread.stop()
+            os.close(self._lock)
 
 
 def _scan(snapshot, start: bytes, stop: bytes, *, include_value: bool) -> Iterator:
@@ -248,6 +289,8 @@ def _scan(snapshot, start: bytes, stop: bytes, *, include_value: bool) -> Iterat
                                      fill_cache=False)  # Rule 5
         try:
             yield from iterator
+        except plyvel.CorruptionError as exc:  # a block too damaged to decode
+            raise DamagedData(f"stored data is damaged ({_message(exc)})") from None
         finally:
             iterator.close()
     finally:
