@@ -74,7 +74,8 @@ def _decode(hint_key: bytes, raw: bytes) -> dict:
         return hint
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("dropping unreadable hint %r: %s", hint_key[:80], exc)
-        return {"key": b"", "object": versions.encode_object(versions.empty()), "at": 0.0}
+        return {"key": b"", "object": versions.encode_object(versions.empty()), "at": 0.0,
+                "unreadable": True}
 
 
 class Handoff:
@@ -179,8 +180,10 @@ class Handoff:
                 return
             await self._remove(target, doomed)
             self.expired += len(doomed)
-            log.info("dropped %d hints for %s older than hint_window (%.0f s)", len(doomed),
-                     target, self.config.hint_window)
+            unreadable = sum(1 for _, hint in doomed if hint.get("unreadable"))
+            log.info("dropped %d hints for %s (%d unreadable, %d older than hint_window %.0f s)",
+                     len(doomed), target, unreadable, len(doomed) - unreadable,
+                     self.config.hint_window)
             if len(doomed) < HINT_BATCH:
                 return
             start = doomed[-1][0] + b"\x00"
