@@ -26,8 +26,9 @@ def parse_address(s: str, *, to_dial: bool = False) -> tuple[str, int]:
     """Split ``HOST:PORT`` (IPv6 as ``[::1]:PORT``) into ``(host, port)``.
 
     The host is returned without brackets. Port 0 (any free port) is for listeners only:
-    an address ``to_dial`` (a seed, a node to connect to) needs 1..65535. Raises :class:`AddressError` (a ConfigError and a
-    ValueError) with a one-line message that does not name any config key.
+    an address ``to_dial`` (a seed, a node to connect to) needs 1..65535. Raises
+    :class:`AddressError` (a ConfigError and a ValueError) with a one-line message that
+    does not name any config key.
     """
     if not isinstance(s, str):
         raise AddressError(f"expected HOST:PORT, got {s!r}")

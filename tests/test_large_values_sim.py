@@ -172,6 +172,37 @@ async def test_a_read_streams_from_a_replica_on_another_node(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+async def test_a_replica_missing_its_value_bytes_reads_them_from_another(autojump_clock, caplog,
+                                                                         damage):
+    """Outside tester (damaged storage): with one replica's blob file deleted or cut short
+    on disk, every read through that node failed (exit 3: "value was replaced while it was
+    being read", which was false, or "holds fewer than its bytes") though two replicas held
+    the value whole. The coordinator now reads a replica that has every byte, and says
+    which copy is incomplete; R=3 cannot be met while only two replicas hold it whole."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery)
+        key, value = b"big", _value(5)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            await c.put(key, value, w=3)
+        blobs = sim.nodes["n1"].node.store.blobs
+        (vid,) = [s.chunks.vid for s in sim.nodes["n1"].node.store.read(key).siblings]
+        if damage == "deleted":
+            del blobs.blobs[vid]
+        else:
+            del blobs.blobs[vid][CHUNK:]
+        async with sim.open_client("n1", sim.client_address()) as c:
+            for r in (1, 2):
+                assert [s.value for s in (await c.get(key, r=r)).siblings] == [value], r
+            with pytest.raises(QuorumFailed, match="n1's copy of the value of key b'big' is "
+                                                   "incomplete"):
+                await c.get(key, r=3)
+        assert any("incomplete" in r.getMessage() and "n1" in r.getMessage()
+                   for r in caplog.records), "the incomplete copy was not named"
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("reader", ["n1", "holder"])
 async def test_a_value_overwritten_while_it_streams_is_read_whole(autojump_clock, reader):
     """A GET streams the value it read (from a peer, or from this node's own copy) while

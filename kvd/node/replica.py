@@ -13,11 +13,15 @@ a stand-in that lacks a call fails the type check instead of failing a request a
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 from kvd import versions
+from kvd.errors import Damaged
 from kvd.node.local import LocalStore
+
+log = logging.getLogger("kvd.coordinator")
 
 
 class Role(enum.StrEnum):
@@ -94,6 +98,7 @@ class LocalReplica:
         self.node = node
         self.actor = actor
         self.store = store
+        self._incomplete_logged: set[bytes] = set()  # values read_now found short here
 
     async def get(self, key: bytes) -> versions.VersionedObject | None:
         return self.store.read(key)
@@ -111,8 +116,21 @@ class LocalReplica:
         return await self.store.coordinate(key, None, self.actor, **payload)
 
     def read_now(self, key: bytes) -> versions.VersionedObject | None:
-        """``get`` without a schedule point: a local read never blocks."""
-        return self.store.read(key)
+        """``get`` without a schedule point: a local read never blocks. Damaged when the
+        bytes of a large value it names are missing or short here (a file deleted or cut on
+        disk): the coordinator then reads a replica that has them."""
+        obj = self.store.read(key)
+        for ref in [] if obj is None else [s.chunks for s in obj.siblings if s.chunks]:
+            if not self.store.has_value_bytes(ref):
+                logged = self._incomplete_logged
+                if len(logged) < 10_000 and ref.vid not in logged:  # once a value
+                    logged.add(ref.vid)
+                    log.warning("%s's copy of the value of key %r is incomplete (its bytes %s "
+                                "are missing or short on disk): it is read from another "
+                                "replica", self.node, key[:64], ref.vid.hex())
+                raise Damaged(f"{self.node}'s copy of the value of key {key[:64]!r} is "
+                              f"incomplete (bytes {ref.vid.hex()} missing or short)")
+        return obj
 
     async def merge(self, key: bytes, obj: versions.VersionedObject) -> None:
         await self.store.merge(key, obj)

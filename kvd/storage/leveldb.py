@@ -116,8 +116,7 @@ def _refuse_lost_current(path: str) -> None:
     """LevelDB opens a directory without its CURRENT file as a new store and deletes the
     old one's tables (create_if_missing): refuse instead, naming the fix (Rule 3)."""
     names = os.listdir(path)
-    manifests = sorted((n for n in names if n.startswith("MANIFEST-")),
-                       key=lambda n: int(n.split("-")[1]) if n.split("-")[1].isdigit() else -1)
+    manifests = sorted(n for n in names if n.startswith("MANIFEST-"))  # zero-padded numbers
     if "CURRENT" in names or not (manifests or any(n.endswith(".ldb") for n in names)):
         return
     newest = manifests[-1] if manifests else "MANIFEST-NNNNNN"
