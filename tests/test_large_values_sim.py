@@ -368,3 +368,35 @@ async def test_two_large_puts_of_one_key_on_one_connection_both_finish(autojump_
             # Rule 7 still holds: the later write superseded the first.
             assert [s.value in values for s in got.siblings] == [True], got
         nursery.cancel_scope.cancel()
+
+
+async def test_a_restore_takes_a_value_from_another_holder_when_one_lacks_its_bytes(
+        autojump_clock):
+    """Outside tester (damaged storage): with one holder's blob file of a value deleted, a
+    wiped node restoring itself fetched the partition from that holder first, failed on the
+    value ("value was replaced while it was being read"), and retried that partition every
+    second for good: it never served again. It now takes the value's bytes from another
+    holder."""
+    from kvd.storage.memory import MemoryDisk
+
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery)
+        key, value = b"big", _value(3)
+        async with sim.open_client("n1", sim.client_address()) as c:
+            await c.put(key, value, w=3)
+        first = [n for n in _primaries(sim, key) if n != "n3"][0]  # n3's first source
+        store = sim.nodes[first].node.store
+        (vid,) = [s.chunks.vid for s in store.read(key).siblings]
+        del store.blobs.blobs[vid]
+        sim.crash("n3")
+        await trio.sleep(15)
+        sim.nodes["n3"].disk = MemoryDisk()  # the operator wiped its data directory
+        await sim.start("n3")
+        with trio.fail_after(120):
+            while not (sim.nodes["n3"].node and sim.nodes["n3"].node.cluster.restore.has_its_data):
+                await trio.sleep(1)
+        assert sim.nodes["n3"].node.store.blobs.blobs[vid] == value
+        async with sim.open_client("n3", sim.client_address()) as c:
+            assert [s.value for s in (await c.get(key, r=1)).siblings] == [value]
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()

@@ -360,7 +360,7 @@ class Transfers:
             for key, obj in objects:
                 for sibling in obj.siblings:
                     if sibling.chunks is not None and not store.has_value_bytes(sibling.chunks):
-                        await self._fetch_blob(source, q, key, sibling.chunks)
+                        await self._fetch_blob_anywhere(source, q, key, sibling.chunks)
             # Merged concurrently, so the whole batch shares a group commit (one fsync).
             async with trio.open_nursery() as nursery:
                 for key, obj in objects:
@@ -381,6 +381,29 @@ class Transfers:
         self._throttle_at = max(self._throttle_at, now) + nbytes / rate
         if self._throttle_at > now:
             await trio.sleep(self._throttle_at - now)
+
+    async def _fetch_blob_anywhere(self, source: RemoteReplica, q: int, key, ref) -> None:
+        """A value's bytes from ``source``, or from another holder when ``source`` lacks
+        them (its blob file deleted or cut): one holder's damage must not stop the fetch
+        for good, as it stopped a restore (outside tester)."""
+        cluster = self.cluster
+        try:
+            return await self._fetch_blob(source, q, key, ref)
+        except KvdError as exc:
+            failures = [f"{source.node}: {exc}"]
+        for node in self._sources(q):
+            if node != source.node:
+                other = RemoteReplica(node, cluster.peer_address(node), cluster.peers)
+                try:
+                    await self._fetch_blob(other, q, key, ref)
+                except KvdError as exc:
+                    failures.append(f"{node}: {exc}")
+                else:
+                    log.warning("the bytes of the value of %r were fetched from %s: %s",
+                                key[:64], node, failures[0])
+                    return
+        raise KvdError(f"no holder could send the bytes of the value of {key[:64]!r} "
+                       f"({'; '.join(failures)})")
 
     async def _fetch_blob(self, source, q: int, key, ref) -> None:
         offset = 0
