@@ -25,6 +25,10 @@ Invariants:
    midway would stop a transfer or an exchange on one damaged block. Only checked reads
    fill the block cache, since LevelDB does not check a block it serves from its cache.
 
+6. What LevelDB drops of a damaged write-ahead log when it opens (a checksum that fails in
+   the middle of the log: it drops the rest of that block) is logged at ERROR. A crash's
+   torn last record is no damage: LevelDB reads it as the end of the log, silently.
+
 Options, and why: ``write_buffer_size`` 8 MiB (fewer, larger level-0 files than the 4 MiB
 default at the cost of 8 MiB of memtable); ``max_file_size`` 32 MiB (a 10 TB node would
 otherwise hold five million 2 MiB tables); ``max_open_files`` half the process's descriptor
@@ -148,11 +152,26 @@ def _open_locked(path: str, cache_mb: int) -> tuple[plyvel.DB, int]:
         if "Permission denied" in message or "Read-only file system" in message:
             raise ConfigError(f"data dir {path} is not writable: {message}") from None
         raise StorageError(f"cannot open data dir {path}: {message}") from None
+    _report_dropped_log(path)
     try:
         size = _dir_size(path)
     except OSError:
         size = 0
     return db, size
+
+
+def _report_dropped_log(path: str) -> None:
+    """Rule 6: what LevelDB dropped of a damaged write-ahead log at this open, at ERROR (it
+    says so only in its own LOG file, which the next open replaces)."""
+    try:
+        with open(os.path.join(path, "LOG"), errors="replace") as info:
+            dropped = [line.split(" ", 2)[-1].strip() for line in info if "dropping" in line]
+    except OSError:
+        return
+    for what in dropped:
+        log.error("LevelDB dropped part of its write-ahead log at open: %s. The writes in it "
+                  "are lost on this replica; the key's other replicas hold them, and "
+                  "anti-entropy brings them back", what)
 
 
 class LevelDBStorage(Storage):
