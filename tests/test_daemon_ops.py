@@ -116,5 +116,7 @@ def test_ctrl_c_while_kvd_starts_exits_130_without_a_traceback(tmp_path, moment)
     finally:
         proc.kill()
     assert "Traceback" not in stderr, stderr
-    expected = {"config": (130,), "server": (0, 130), "serving": (0,)}[moment]
+    # 130 while it starts; 0 once its server drains on SIGINT, which a loaded host that
+    # delivered the signal late may already have reached.
+    expected = (0,) if moment == "serving" else (0, 130)
     assert proc.returncode in expected, (proc.returncode, stderr)
