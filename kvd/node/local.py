@@ -37,10 +37,9 @@ Invariants:
 - Rule 9: an object whose stored bytes rotted (LevelDB's checksum fails) is never served
   nor merged: a read of it fails with Damaged (logged once a key), so the other replicas
   answer and read repair rewrites it; a write builds on it as on nothing.
-- Rule 10: a partition this node stopped replicating is dropped in O(1): its generation is
-  bumped (kvd/storage/keys.py rule 5), so its objects, tree and indexes vanish from every
-  read at once; ``reclaim`` deletes the old keys (and blobs) in the background, in bounded
-  steps. The new generation starts empty: stale copies never come back as "data".
+- Rule 10: a partition no longer replicated here is dropped in O(1) by bumping its generation
+  (kvd/storage/keys.py rule 5): its objects, tree and indexes vanish from reads at once, and
+  ``reclaim`` deletes them in bounded background steps. Stale copies never come back.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ import trio
 
 from kvd import aae, versions
 from kvd.clocks import REAL
-from kvd.errors import BadRequest, Unavailable
+from kvd.errors import BadRequest, Damaged, Unavailable
 from kvd.node.blob_linger import BlobLinger
 from kvd.node.dot_leases import SEQUENCES, DotLeases
 from kvd.storage import Storage, keys
@@ -190,9 +189,8 @@ class LocalStore:
         return None if raw is None else versions.decode_object(raw)
 
     def read_encoded(self, key: bytes, damaged_as_missing: bool = False) -> bytes | None:
-        """The stored encoding of ``key``'s object (``encode_object``'s, which ``read``
-        decodes): a replica read sends it as it is, with no decode and re-encode. A damaged
-        copy raises Damaged, or reads as missing with ``damaged_as_missing`` (Rule 9)."""
+        """The stored encoding of ``key``'s object, sent as it is by a replica read. A
+        damaged copy raises Damaged, or reads as missing with ``damaged_as_missing``."""
         try:
             return self.storage.get(keys.object_key(self.slot(self.partition(key)), key),
                                     checked=True)
@@ -320,15 +318,17 @@ class LocalStore:
         return committing.obj if committing is not None else self.read(key, True)
 
     def _latest_read(self, key: bytes) -> tuple[versions.VersionedObject | None, bytes | None]:
-        """``_latest`` and the digest its index entry holds: that of its stored bytes (Rule
-        5), so a write needs no second read for it (that read was 2-3% of a SET's CPU)."""
+        """``_latest`` and its indexed digest (Rule 5): no second read (2-3% of a SET's CPU)."""
         committing = self._pending.get(key)
         if committing is not None:
             return committing.obj, committing.digest
-        raw = self.read_encoded(key, damaged_as_missing=True)
-        if raw is None:  # none, or damaged (Rule 9): the index has the digest it replaces
+        try:
+            raw = self.read_encoded(key)
+        except Damaged:  # Rule 9: build on nothing; the index has the digest it replaces
             index = keys.index_key(self.slot(self.partition(key)), aae.segment_of(key), key)
             return None, self.storage.get(index)
+        if raw is None:
+            return None, None
         return versions.decode_object(raw), hashlib.blake2b(raw, digest_size=8).digest()
 
     def tree(self, partition: int) -> aae.Tree:
