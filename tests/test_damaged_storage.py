@@ -169,3 +169,28 @@ async def test_writes_leveldb_drops_from_a_damaged_log_at_open_are_reported(tmp_
     assert lost > 0, "the damage cost no write: the test shows nothing"
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("dropped" in m and log.name in m and "bytes" in m for m in errors), errors
+
+
+async def test_a_node_whose_log_was_damaged_mints_under_a_new_incarnation(tmp_path):
+    """A damaged write-ahead log can take the durable high-water mark of the node's dot
+    counters with it (kvd.node.local Rule 6), and the sequence would then go on below dots
+    already minted: the same dot twice, for two different values. After LevelDB dropped
+    part of its log, the node mints under a new incarnation, as a wiped node does."""
+    from kvd.node.data_dir import load_identity
+
+    async with open_storage(str(tmp_path / "db")) as storage:
+        before = await load_identity(storage, "n1", 1.0)
+    marker = os.urandom(50)
+    async with open_storage(str(tmp_path / "db")) as storage:  # a clean restart: the same
+        assert (await load_identity(storage, "n1", 2.0)).actor == before.actor
+        for i in range(300):
+            await storage.write([(b"k%03d" % i, marker if i == 100 else os.urandom(50))])
+    (log,) = (tmp_path / "db").glob("*.log")
+    data = bytearray(log.read_bytes())
+    at = data.find(marker)
+    assert at >= 0, "the marker is not in the current log"
+    data[at + 5] ^= 0x01
+    log.write_bytes(bytes(data))
+    async with open_storage(str(tmp_path / "db")) as storage:
+        after = await load_identity(storage, "n1", 3.0)
+    assert after.node == "n1" and after.actor != before.actor

@@ -10,6 +10,7 @@ with the same lines and exit codes, and creates or changes nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ import msgpack
 from kvd.errors import ConfigError, KvdError
 from kvd.storage import keys
 from kvd.storage.base import DamagedData
+
+log = logging.getLogger("kvd.server")
 
 
 def make_private(data_dir: str) -> None:
@@ -93,8 +96,17 @@ class Identity:
 
 async def load_identity(storage, node_id: str, wall: float) -> Identity:
     """This data directory's identity, created on first use; ConfigError when it was
-    created for another node."""
+    created for another node. A new incarnation when the store lost part of its log at
+    open: the high-water mark of the node's dot counters may have gone with it, and the
+    old actor could then mint a dot it minted before (kvd.node.local Rule 6)."""
     raw = storage.get(keys.meta_key("identity"))
+    if raw is not None and storage.lost_log_records:
+        with damaged_record("identity"):
+            old = Identity(**msgpack.unpackb(raw, raw=False))
+        if old.node == node_id:
+            log.warning("the write-ahead log was damaged: node %s mints under a new "
+                        "incarnation, so no version it made before is made again", node_id)
+            raw = None
     if raw is None:
         identity = Identity(node_id, os.urandom(4).hex(), wall)
         await storage.write(

@@ -125,6 +125,9 @@ class Storage(abc.ABC):
     # Why every write is refused until the store is opened again (a backend sets it after a
     # failed write it cannot recover from in place: kvd/storage/leveldb.py Rule 4).
     refusing_writes: str | None = None
+    # Whether opening dropped part of a damaged write-ahead log (LevelDB): what was written
+    # there, a durable high-water mark included, may be gone (kvd.node.data_dir).
+    lost_log_records = False
 
     def __init__(
         self,

@@ -152,7 +152,6 @@ def _open_locked(path: str, cache_mb: int) -> tuple[plyvel.DB, int]:
         if "Permission denied" in message or "Read-only file system" in message:
             raise ConfigError(f"data dir {path} is not writable: {message}") from None
         raise StorageError(f"cannot open data dir {path}: {message}") from None
-    _report_dropped_log(path)
     try:
         size = _dir_size(path)
     except OSError:
@@ -160,18 +159,19 @@ def _open_locked(path: str, cache_mb: int) -> tuple[plyvel.DB, int]:
     return db, size
 
 
-def _report_dropped_log(path: str) -> None:
+def _dropped_log(path: str) -> bool:
     """Rule 6: what LevelDB dropped of a damaged write-ahead log at this open, at ERROR (it
-    says so only in its own LOG file, which the next open replaces)."""
+    says so only in its own LOG file, which the next open replaces); whether it dropped any."""
     try:
         with open(os.path.join(path, "LOG"), errors="replace") as info:
             dropped = [line.split(" ", 2)[-1].strip() for line in info if "dropping" in line]
     except OSError:
-        return
+        return False
     for what in dropped:
         log.error("LevelDB dropped part of its write-ahead log at open: %s. The writes in it "
                   "are lost on this replica; the key's other replicas hold them, and "
                   "anti-entropy brings them back", what)
+    return bool(dropped)
 
 
 class LevelDBStorage(Storage):
@@ -213,7 +213,7 @@ class LevelDBStorage(Storage):
         # Opening replays the write-ahead log, which can take seconds: not on the loop.
         db, size, lock = await trio.to_thread.run_sync(_open_db, path, cache_mb)
         try:
-            return cls(
+            storage = cls(
                 db,
                 path,
                 size,
@@ -222,6 +222,8 @@ class LevelDBStorage(Storage):
                 sync_interval=sync_interval,
                 max_batch_bytes=max_batch_bytes,
             )
+            storage.lost_log_records = await trio.to_thread.run_sync(_dropped_log, path)
+            return storage
         except BaseException:
             db.close()
             os.close(lock)
