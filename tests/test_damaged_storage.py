@@ -14,10 +14,22 @@ import trio
 
 from kvd.client import open_client
 from kvd.errors import KvdError
-from kvd.storage import open_storage
+from kvd.storage import keys, open_storage
 from kvd.storage.base import DamagedData, StorageError
 from tests.procs import KvdProcess
 from tests.realcluster import SMALL_RING, form_cluster, key_of, wait_states
+
+
+def flip_a_bit_in_the_log(directory: Path, needle: bytes) -> Path:
+    """Flip one bit inside ``needle`` in the write-ahead log (.log) of the LevelDB in
+    ``directory``, which has not been opened since ``needle`` was written; returns the log."""
+    (log,) = directory.glob("*.log")
+    data = bytearray(log.read_bytes())
+    at = data.find(needle)
+    assert at >= 0, "the bytes are not in the current log"
+    data[at + 5] ^= 0x01
+    log.write_bytes(bytes(data))
+    return log
 
 
 def flip_a_bit_in(directory: Path, needles: list[bytes]) -> list[bytes]:
@@ -142,7 +154,7 @@ def test_a_damaged_record_of_the_node_stops_the_start_with_one_line(tmp_path, pr
     node.start()
     assert node.stop() == 0
     db = plyvel.DB(str(tmp_path / "data"))
-    db.put(b"m" + record.encode(), db.get(b"m" + record.encode()) + b"\x00garbage")
+    db.put(keys.meta_key(record), db.get(keys.meta_key(record)) + b"\x00garbage")
     db.close()
     code = run_to_exit(node)
     assert code == 1, node.log_text()
@@ -160,10 +172,7 @@ async def test_writes_leveldb_drops_from_a_damaged_log_at_open_are_reported(tmp_
     async with open_storage(str(tmp_path / "db")) as storage:
         for key, value in values.items():
             await storage.write([(key, value)])
-    (log,) = (tmp_path / "db").glob("*.log")
-    data = bytearray(log.read_bytes())
-    data[data.find(values[b"k100"]) + 5] ^= 0x01
-    log.write_bytes(bytes(data))
+    log = flip_a_bit_in_the_log(tmp_path / "db", values[b"k100"])
     async with open_storage(str(tmp_path / "db")) as storage:
         lost = sum(storage.get(key) != value for key, value in values.items())
     assert lost > 0, "the damage cost no write: the test shows nothing"
@@ -185,12 +194,7 @@ async def test_a_node_whose_log_was_damaged_mints_under_a_new_incarnation(tmp_pa
         assert (await load_identity(storage, "n1", 2.0)).actor == before.actor
         for i in range(300):
             await storage.write([(b"k%03d" % i, marker if i == 100 else os.urandom(50))])
-    (log,) = (tmp_path / "db").glob("*.log")
-    data = bytearray(log.read_bytes())
-    at = data.find(marker)
-    assert at >= 0, "the marker is not in the current log"
-    data[at + 5] ^= 0x01
-    log.write_bytes(bytes(data))
+    flip_a_bit_in_the_log(tmp_path / "db", marker)
     async with open_storage(str(tmp_path / "db")) as storage:
         after = await load_identity(storage, "n1", 3.0)
     assert after.node == "n1" and after.actor != before.actor

@@ -315,7 +315,7 @@ class LocalStore:
 
     def _latest(self, key: bytes) -> versions.VersionedObject | None:
         committing = self._pending.get(key)
-        return committing.obj if committing is not None else self.read(key, True)
+        return committing.obj if committing is not None else self.read(key, damaged_as_missing=True)
 
     def _latest_read(self, key: bytes) -> tuple[versions.VersionedObject | None, bytes | None]:
         """``_latest`` and its indexed digest (Rule 5): no second read (2-3% of a SET's CPU)."""
