@@ -43,6 +43,7 @@ import msgpack
 
 from kvd.errors import KvdError, unwrap_single_error
 from kvd.storage import keys
+from kvd.storage.checksums import BLOCK, SUM, first_mismatch
 
 MAGIC = "kvd-backup"
 FORMAT = 2  # 2: the end record carries the SHA-256 of the stream
@@ -83,15 +84,32 @@ def backup_records(header: dict, items: Iterable[tuple[bytes, bytes]],
     for path in sorted(blob_root.glob("??/*")):
         try:
             f = open(path, "rb")
+            sums = b"" if path.suffix else _read_if_there(path.with_suffix(".sum"))
         except FileNotFoundError:
             continue  # an upload discarded since the listing: no record names it
         with f:
             yield pack({"blob": f"{path.parent.name}/{path.name}"})
+            offset = 0
             while data := f.read(BLOB_PIECE):
+                at = offset // BLOCK * SUM.size
+                bad = first_mismatch(sums[at : at + -(-len(data) // BLOCK) * SUM.size],
+                                     offset, data)
+                if bad is not None:  # never carry rot into a backup, certified by its digest
+                    raise BackupError(f"value bytes {path.name} on this node are damaged "
+                                      f"(checksum mismatch at byte {bad}); its other "
+                                      "replicas hold it: see kvd(8) DAMAGED DATA")
                 yield pack({"data": data})
+                offset += len(data)
         blobs += 1
     yield packer.pack({"end": {"records": records, "blobs": blobs,
                                "sha256": digest.digest()}})
+
+
+def _read_if_there(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""  # a blob written before checksums
 
 
 class _Hashing:

@@ -16,7 +16,7 @@ from kvd.client import open_client
 from kvd.errors import KvdError
 from kvd.storage import keys, open_storage
 from kvd.storage.base import DamagedData, StorageError
-from tests.procs import KvdProcess
+from tests.procs import KvdProcess, kvctl
 from tests.realcluster import SMALL_RING, form_cluster, key_of, wait_states
 
 
@@ -198,3 +198,103 @@ async def test_a_node_whose_log_was_damaged_mints_under_a_new_incarnation(tmp_pa
     async with open_storage(str(tmp_path / "db")) as storage:
         after = await load_identity(storage, "n1", 3.0)
     assert after.node == "n1" and after.actor != before.actor
+
+
+# ------------------------------------------------- large values: blob files rot too
+
+MiB = 1 << 20
+
+
+def flip_a_bit_in_blob(blob: Path, offset: int) -> None:
+    data = bytearray(blob.read_bytes())
+    data[offset] ^= 0x04
+    blob.write_bytes(bytes(data))
+
+
+async def test_a_rotted_blob_fails_its_checksum_where_it_is_read_and_is_noted(tmp_path):
+    """A blob file keeps a checksum of every block beside it (written before its manifest
+    is): a read of a block whose bytes changed on disk raises Damaged, the blob is noted
+    as damaged (the store then says its bytes are not all here), and blocks elsewhere in
+    it still read. Before, rotted bytes were served at every R."""
+    from kvd.errors import Damaged
+    from kvd.storage.blobs import BlobStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    vid = os.urandom(16)
+    data = os.urandom(3 * MiB + 1234)  # a last block shorter than the others
+    for offset in range(0, len(data), MiB):  # in the order a lane may send them
+        await blobs.write(vid, offset, data[offset : offset + MiB])
+    assert await blobs.seal(vid) == len(data)
+    assert await blobs.read(vid, 0, len(data)) == data
+    assert await blobs.read(vid, 100_000, 5) == data[100_000:100_005]  # not block-aligned
+    flip_a_bit_in_blob(blobs._path(vid), 2 * MiB + 70_000)
+    assert await blobs.read(vid, 0, MiB) == data[:MiB]
+    assert not blobs.is_damaged(vid)
+    with pytest.raises(Damaged, match=f"{vid.hex()}.*checksum"):
+        await blobs.read(vid, 2 * MiB, MiB)
+    assert blobs.is_damaged(vid)
+    fd = await blobs.open(vid, len(data))
+    try:  # the path that sends a file without reading it checks it first
+        with pytest.raises(Damaged):
+            await blobs.check(vid, fd, 2 * MiB, MiB)
+        await blobs.check(vid, fd, 0, 2 * MiB)
+    finally:
+        os.close(fd)
+    blobs.sums_path(vid).unlink()  # a blob written before checksums: read unchecked
+    fresh = BlobStore(tmp_path / "blobs")
+    assert len(await fresh.read(vid, 2 * MiB, MiB)) == MiB
+
+
+async def test_a_backup_refuses_a_rotted_blob_naming_it(tmp_path):
+    """A backup copies blob files: one whose bytes fail their checksum ends the backup with
+    an error naming it (before, the backup carried the rot and its digest certified it)."""
+    from kvd.backup import BackupError, backup_records
+    from kvd.storage.blobs import BlobStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    vid = os.urandom(16)
+    data = os.urandom(2 * MiB)
+    await blobs.write(vid, 0, data)
+    await blobs.seal(vid)
+    whole = b"".join(backup_records({"node": "n1"}, [], blobs.root))
+    assert data[:1000] in whole
+    flip_a_bit_in_blob(blobs._path(vid), MiB + 5)
+    with pytest.raises(BackupError, match=f"{vid.hex()}.*damaged"):
+        b"".join(backup_records({"node": "n1"}, [], blobs.root))
+
+
+@pytest.mark.slow
+async def test_a_replica_with_a_rotted_large_value_never_serves_it(tmp_path, procs):
+    """A large value written to all three replicas; n3's blob file gets a flipped bit.
+    Reads through n3 at R=1 and R=2, and through n1 at R=2, return the right bytes (the
+    first read through n3 finds the rot as it streams and takes the rest from another
+    replica); once found, n3's copy counts as a failed replica, so R=3 fails naming it."""
+    n1, n2, n3 = await form_cluster(tmp_path, procs, SMALL_RING)
+    nodes = [n1, n2, n3]
+    value = os.urandom(5 * MiB + 4321)
+    async with open_client(n1.address) as client:
+        await client.put(b"big", value, w=3)
+    assert n3.stop() == 0
+    blobs = [p for p in (n3.data_dir / "blobs").glob("??/*") if not p.name.endswith(".sum")]
+    assert len(blobs) == 1
+    flip_a_bit_in_blob(blobs[0], 3 * MiB + 77)
+    n3.start()
+    await wait_states(nodes, {"n1": "UN", "n2": "UN", "n3": "UN"}, nodes)
+
+    async def read(node, r):
+        async with open_client(node.address) as client:
+            return [s.value for s in (await client.get(b"big", r=r)).siblings]
+
+    assert await read(n3, 1) == [value], "rotted bytes were served"
+    assert await read(n3, 1) == [value]
+    assert await read(n3, 2) == [value]
+    assert await read(n1, 2) == [value]
+    with pytest.raises(KvdError, match="n3.*(damaged|incomplete)"):
+        await read(n1, 3)
+    backup = kvctl("backup", "-o", str(tmp_path / "n3.backup"), host=n3.address)
+    assert backup.returncode == 1  # rot is not carried into a backup
+    assert backup.stderr.decode().count("\n") == 1 and "damaged" in backup.stderr.decode()
+    assert not (tmp_path / "n3.backup").exists()
+    log = n3.log_text()
+    assert "Traceback" not in log
+    assert "checksum" in log

@@ -11,7 +11,7 @@ from __future__ import annotations
 import trio
 
 from kvd.backup import backup_records
-from kvd.errors import BadRequest
+from kvd.errors import BadRequest, unwrap_single_error
 from kvd.proto import codec
 from kvd.proto.messages import MsgType
 from kvd.storage.blobs import BlobStore
@@ -57,9 +57,10 @@ async def send_backup(node, conn, rid: int) -> None:
                 except trio.RunFinishedError:
                     pass
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, produce)
-            async with receive:
-                async for piece in receive:
-                    await conn.send(codec.encode_chunk(rid, piece, end=False))
+        with unwrap_single_error():  # a BackupError of the producer (a damaged blob)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, produce)
+                async with receive:
+                    async for piece in receive:
+                        await conn.send(codec.encode_chunk(rid, piece, end=False))
         await conn.send(codec.encode_chunk(rid, b"", end=True))

@@ -17,7 +17,7 @@ import trio
 
 from kvd import versions
 from kvd._version import version
-from kvd.errors import BadRequest, KvdError, Unavailable
+from kvd.errors import BadRequest, Damaged, KvdError, Unavailable
 from kvd.node import admin
 from kvd.node.backup import send_backup
 from kvd.node.coordinator import MAX_VALUE
@@ -142,15 +142,18 @@ async def _send_value(node, conn, rid, key, sibling, source) -> None:
         return
     if source is None:
         raise Unavailable(f"no replica answering holds the chunks of key {key[:64]!r}")
-    blobs = blob_file_store(source)
-    if blobs is not None and sibling.chunks.length and conn.can_send_file():
-        await send_file_value(conn, rid, sibling.chunks, blobs)
-        return
+    ref, sent = sibling.chunks, 0
+    blobs = blob_file_store(source.replicas[0])
+    if blobs is not None and ref.length and conn.can_send_file():
+        sent = await send_file_value(conn, rid, ref, blobs)
+        if sent == ref.length:
+            return
+        source.drop_first(Damaged(f"value bytes {ref.vid.hex()} on {node.node_id} are damaged"))
 
     async def send(data: bytes, end: bool) -> None:
         await conn.send(codec.encode_chunk(rid, data, end=end))
 
-    await send_value(source, key, sibling.chunks, send)
+    await send_value(source, key, ref, send, start=sent)
 
 
 def _write_request(node, fields) -> tuple[bytes, int, int, versions.VersionVector | None]:

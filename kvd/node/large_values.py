@@ -11,7 +11,8 @@ import os
 import trio
 
 from kvd import versions
-from kvd.errors import BadRequest, KvdError, QuorumFailed, unwrap_single_error
+from kvd.errors import (BadRequest, Damaged, KvdError, QuorumFailed, Unavailable,
+                        unwrap_single_error)
 from kvd.node.quorum_message import quorum_message
 from kvd.node.replica import LocalReplica, Replica
 from kvd.proto import codec
@@ -138,9 +139,44 @@ class _Piece:
         self.error: BaseException | None = None
 
 
-async def send_value(source: Replica, key: bytes, ref: versions.ChunkRef, send) -> None:
-    """Stream the stored value ``ref`` from ``source`` to ``await send(data, end)``, in
-    order, with up to READ_AHEAD pieces being read meanwhile (memory: READ_AHEAD + 1 pieces)."""
+class Holders:
+    """The replicas whose objects include every chunked sibling of a read, this node first
+    (no peer hop), then the key's other replicas. A piece one of them cannot give whole
+    (its copy rotted or cut on disk, its connection gone) is read from the next one: the
+    blobs of one upload id hold the same bytes wherever they are, and each replica checks
+    its own against their checksums."""
+
+    def __init__(self, replicas: list[Replica]):
+        self.replicas = replicas
+
+    def drop_first(self, why: BaseException) -> None:
+        """Read no more from the first holder; raises ``why`` when it was the last."""
+        if len(self.replicas) == 1:
+            raise why
+        dropped = self.replicas.pop(0)
+        log.warning("reading the rest of a value from %s instead of %s: %s",
+                    self.replicas[0].node, dropped.node, why)
+
+    async def read_piece(self, key: bytes, ref: versions.ChunkRef, offset: int,
+                         size: int) -> bytes:
+        while True:
+            replica = self.replicas[0]
+            try:
+                data = await replica.read_piece(key, ref, offset, size)
+                if len(data) != size:
+                    raise Unavailable(f"{replica.node} holds {len(data)} of the {size} bytes "
+                                      f"at {offset}")
+                return data
+            except (KvdError, OSError) as exc:
+                if replica is self.replicas[0]:  # not dropped meanwhile by another piece
+                    self.drop_first(exc)
+
+
+async def send_value(source: Replica | Holders, key: bytes, ref: versions.ChunkRef, send,
+                     start: int = 0) -> None:
+    """Stream the stored value ``ref`` from ``source``, from byte ``start`` on, to ``await
+    send(data, end)``, in order, with up to READ_AHEAD pieces being read meanwhile (memory:
+    READ_AHEAD + 1 pieces)."""
     if ref.length == 0:
         await send(b"", True)
         return
@@ -157,7 +193,7 @@ async def send_value(source: Replica, key: bytes, ref: versions.ChunkRef, send) 
 
     async def read_all(nursery) -> None:
         async with ready:
-            for offset in range(0, ref.length, PIECE):
+            for offset in range(start, ref.length, PIECE):
                 await slots.acquire()
                 piece = _Piece()
                 await ready.send(piece)
@@ -166,7 +202,7 @@ async def send_value(source: Replica, key: bytes, ref: versions.ChunkRef, send) 
     with unwrap_single_error():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_all, nursery)
-            sent = 0
+            sent = start
             async for piece in pending:
                 await piece.done.wait()
                 if piece.error is not None:
@@ -188,11 +224,12 @@ def blob_file_store(source: Replica | None) -> BlobStore | None:
     return None
 
 
-async def send_file_value(conn, rid: int, ref: versions.ChunkRef, blobs: BlobStore) -> None:
+async def send_file_value(conn, rid: int, ref: versions.ChunkRef, blobs: BlobStore) -> int:
     """Stream the stored value ``ref`` as CHUNK frames of request ``rid`` straight from its
     blob file to ``conn`` (a FrameConnection that ``can_send_file``): no byte of it passes
     through Python (a 1 GiB get: 0.4 s of the coordinator's CPU, against 1.4 s reading it
-    piece by piece)."""
+    piece by piece). Each batch is checked against its checksums before it is sent; returns
+    where it stopped: ``ref.length``, or the first byte of a batch that failed them."""
     fd = await blobs.open(ref.vid, ref.length)
     try:
         offsets = range(0, ref.length, PIECE)
@@ -202,9 +239,15 @@ async def send_file_value(conn, rid: int, ref: versions.ChunkRef, blobs: BlobSto
                 size = min(PIECE, ref.length - offset)
                 end = offset + size >= ref.length
                 frames.append((codec.chunk_header(rid, size, end), offset, size))
+            start = offsets[first]
+            try:
+                await blobs.check(ref.vid, fd, start, frames[-1][1] + frames[-1][2] - start)
+            except Damaged:
+                return start
             await conn.send_file(frames, fd)
     finally:
         os.close(fd)
+    return ref.length
 
 
 def minted_inline(obj: versions.VersionedObject) -> bool:
@@ -212,8 +255,9 @@ def minted_inline(obj: versions.VersionedObject) -> bool:
     return all(s.chunks is None for s in obj.siblings)
 
 
-def chunk_source(merged, ok) -> Replica | None:
-    """A replica whose object includes every chunked sibling of the merged object."""
+def chunk_source(merged, ok, others: list[Replica] = []) -> Holders | None:
+    """The replicas whose objects include every chunked sibling of the merged object, then
+    ``others`` (the key's replicas that answered a digest, or not yet)."""
     if merged is None:
         return None
     wanted = {s.dot for s in merged.siblings if s.chunks is not None}
@@ -223,4 +267,4 @@ def chunk_source(merged, ok) -> Replica | None:
                if obj is not None and wanted <= {s.dot for s in obj.siblings}]
     # This node's own copy first: no peer hop (and its bytes are read in parallel pieces).
     holding.sort(key=lambda replica: not isinstance(replica, LocalReplica))
-    return holding[0] if holding else None
+    return Holders(holding + [rep for rep in others if rep not in holding]) if holding else None

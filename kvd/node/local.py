@@ -34,9 +34,9 @@ Invariants:
   are logged and counted (``dot_collisions``); ``versions.sync`` keeps the same one.
 - Rule 8: a blob an overwrite superseded while it was being read stays until its readers
   are done (kvd.node.blob_linger), its ledger entry still "garbage" (Rule 3).
-- Rule 9: an object whose stored bytes rotted (LevelDB's checksum fails) is never served
-  nor merged: a read of it fails with Damaged (logged once a key), so the other replicas
-  answer and read repair rewrites it; a write builds on it as on nothing.
+- Rule 9: an object (or blob) whose stored bytes rotted fails its checksum, is never served
+  nor merged: its read fails with Damaged (logged once), the other replicas answer, read
+  repair rewrites an object; a write builds on it as on nothing.
 - Rule 10: a partition no longer replicated here is dropped in O(1) by bumping its generation
   (kvd/storage/keys.py rule 5): its objects, tree and indexes vanish from reads at once, and
   ``reclaim`` deletes them in bounded background steps. Stale copies never come back.
@@ -426,9 +426,9 @@ class LocalStore:
         await self.storage.write([(_ledger_key(vid), None) for vid in vids])
 
     def has_value_bytes(self, ref: versions.ChunkRef) -> bool:
-        """Whether every byte of the chunked value ``ref`` is here (an upload that failed
-        part-way leaves a short blob: it must be fetched again, not trusted)."""
-        return self.blobs.exists(ref.vid) and self.blobs.size(ref.vid) >= ref.length
+        """Whether every byte of the chunked value ``ref`` is here, sound (an upload that
+        failed part-way leaves a short blob, a disk may rot one: neither is trusted)."""
+        return self.blobs.holds(ref.vid, ref.length)
 
     async def write_chunk(self, key: bytes, vid: bytes, offset: int, data: bytes) -> None:
         """Store bytes of upload ``vid`` at ``offset`` (sealed before its manifest)."""

@@ -18,6 +18,7 @@ from kvd.node import coverage
 from kvd.node.transfers import scan_budget
 from kvd.node.local import new_vid
 from kvd.node.remote import decode_payload
+from kvd.node.replica import incomplete_copy
 from kvd.proto import codec
 from kvd.proto.messages import MAX_KEY_LEN, MsgType
 
@@ -130,6 +131,11 @@ def _read_now(node, message) -> dict | None:
     raw = node.store.read_encoded(fields["key"])  # sent as stored: no decode, no re-encode
     if raw is None:
         return {"object": None}
+    if node.store.blobs.found_damaged():  # then this copy may lack a value's bytes
+        incomplete = incomplete_copy(node.store, node.node_id, fields["key"],
+                                     versions.decode_object(raw))
+        if incomplete is not None:
+            raise incomplete[1]
     return {"object": raw} if len(raw) <= node.config.max_frame // 2 else None
 
 

@@ -30,7 +30,7 @@ import trio
 
 from kvd import versions
 from kvd.errors import Damaged, KvdError, QuorumFailed
-from kvd.node.large_values import chunk_source
+from kvd.node.large_values import Holders, chunk_source
 from kvd.node.outcomes import Outcomes
 from kvd.node.quorum_message import quorum_message
 from kvd.node.replica import LocalReplica, Replica, Role
@@ -51,7 +51,7 @@ class ReplicaTimedOut(KvdError):
 class ReadResult:
     obj: versions.VersionedObject | None
     replicas: int  # how many replicas answered before we replied
-    source: Replica | None  # a replica holding every chunk of obj's chunked siblings
+    source: Holders | None  # the replicas holding every chunk of obj's chunked siblings
 
 # How one call of a read ended: (replica, a data read?, succeeded?, object/digest or error).
 Answer = tuple[Replica, bool, bool, Any]
@@ -132,7 +132,7 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
     for _, obj in ok:
         if obj is not None:
             merged = obj if merged is None else versions.sync(merged, obj)
-    source = chunk_source(merged, ok)
+    source = chunk_source(merged, ok, replicas)
     if co.read_repair and merged is not None:
         co.background.start_soon(repair, co, key, merged, dict(ok), digests, answers, running,
                                  damaged)

@@ -88,6 +88,18 @@ class Replica(Protocol):
         streaming a value)."""
 
 
+def incomplete_copy(store: LocalStore, node: str, key: bytes,
+                    obj: versions.VersionedObject | None) -> tuple[bytes, Damaged] | None:
+    """(vid, the error) when a large value ``obj`` names lacks bytes in ``store`` (its blob
+    missing, cut short, or found rotted): that copy must not count as a replica's."""
+    for ref in [] if obj is None else [s.chunks for s in obj.siblings if s.chunks]:
+        if not store.has_value_bytes(ref):
+            return ref.vid, Damaged(f"{node}'s copy of the value of key {key[:64]!r} is "
+                                    f"incomplete (bytes {ref.vid.hex()} missing, short or "
+                                    "damaged)")
+    return None
+
+
 class LocalReplica:
     """This node's own replica."""
 
@@ -120,16 +132,13 @@ class LocalReplica:
         bytes of a large value it names are missing or short here (a file deleted or cut on
         disk): the coordinator then reads a replica that has them."""
         obj = self.store.read(key)
-        for ref in [] if obj is None else [s.chunks for s in obj.siblings if s.chunks]:
-            if not self.store.has_value_bytes(ref):
-                logged = self._incomplete_logged
-                if len(logged) < 10_000 and ref.vid not in logged:  # once a value
-                    logged.add(ref.vid)
-                    log.warning("%s's copy of the value of key %r is incomplete (its bytes %s "
-                                "are missing or short on disk): it is read from another "
-                                "replica", self.node, key[:64], ref.vid.hex())
-                raise Damaged(f"{self.node}'s copy of the value of key {key[:64]!r} is "
-                              f"incomplete (bytes {ref.vid.hex()} missing or short)")
+        incomplete = incomplete_copy(self.store, self.node, key, obj)
+        if incomplete is not None:
+            vid, error = incomplete
+            if len(self._incomplete_logged) < 10_000 and vid not in self._incomplete_logged:
+                self._incomplete_logged.add(vid)  # once a value
+                log.warning("%s: it is read from another replica", error)
+            raise error
         return obj
 
     async def merge(self, key: bytes, obj: versions.VersionedObject) -> None:

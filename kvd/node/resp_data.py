@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from kvd import versions
 from kvd.node import coverage
 from kvd.node.client_service import quorum_params, require_settled
-from kvd.node.large_values import send_value
+from kvd.node.large_values import Holders, send_value
 from kvd.node.local import new_vid
-from kvd.node.replica import Replica
 from kvd.proto.messages import validate_key
 from kvd.proto.glob import glob_match, literal_prefix
 from kvd.proto.resp import Error, Simple
@@ -49,7 +48,7 @@ class Streamed:
 
     key: bytes
     sibling: versions.Sibling
-    source: Replica | None  # a replica holding every chunk (the coordinator's ReadResult)
+    source: Holders | None  # the replicas holding every chunk (the coordinator's ReadResult)
 
     def unavailable(self) -> Error:
         """The reply when no replica that answered holds every chunk (``source`` None)."""
