@@ -185,3 +185,30 @@ async def test_frames_queued_while_a_file_is_sent_go_out_after_it(tmp_path):
     assert b"".join(m.fields["data"] for m in received if m.request_id == 7) == data
     await client.aclose()
     await server.aclose()
+
+
+async def test_send_file_value_stops_before_the_first_batch_that_fails_its_checksums(tmp_path):
+    """A value sent from its blob file is checked a batch ahead of what is sent: with a
+    bit flipped in its third 8 MiB batch, the first two batches go out, byte for byte, and
+    it returns where the damaged batch starts (the caller reads the rest elsewhere)."""
+    blobs = BlobStore(tmp_path / "blobs")
+    vid = os.urandom(16)
+    data = os.urandom(20 * MiB + 5)
+    for offset in range(0, len(data), MiB):
+        await blobs.write(vid, offset, data[offset : offset + MiB])
+    await blobs.seal(vid)
+    rotted = bytearray(blobs._path(vid).read_bytes())
+    rotted[17 * MiB + 3] ^= 0x01
+    blobs._path(vid).write_bytes(bytes(rotted))
+    ref = versions.ChunkRef(vid=vid, length=len(data), count=20)
+    server, client = await _tcp_pair()
+    conn = FrameConnection(server)
+    received: list[codec.Message] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_read_slowly, client, received, 16)
+        stopped = await large_values.send_file_value(conn, 7, ref, blobs)
+    assert stopped == 16 * MiB
+    assert b"".join(m.fields["data"] for m in received) == data[: 16 * MiB]
+    assert blobs.is_damaged(vid)
+    await client.aclose()
+    await server.aclose()

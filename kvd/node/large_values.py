@@ -230,21 +230,33 @@ async def send_file_value(conn, rid: int, ref: versions.ChunkRef, blobs: BlobSto
     through Python (a 1 GiB get: 0.4 s of the coordinator's CPU, against 1.4 s reading it
     piece by piece). Each batch is checked against its checksums before it is sent; returns
     where it stopped: ``ref.length``, or the first byte of a batch that failed them."""
+    offsets = range(0, ref.length, PIECE)
+    batches = [offsets[first : first + FILE_BATCH] for first in range(0, len(offsets), FILE_BATCH)]
+    damaged: list[int] = []
+
+    async def check(batch: range) -> None:
+        try:
+            await blobs.check(ref.vid, fd, batch[0], min(batch[-1] + PIECE, ref.length) - batch[0])
+        except Damaged:
+            damaged.append(batch[0])
+
     fd = await blobs.open(ref.vid, ref.length)
     try:
-        offsets = range(0, ref.length, PIECE)
-        for first in range(0, len(offsets), FILE_BATCH):
+        await check(batches[0])
+        for i, batch in enumerate(batches):
+            if damaged:
+                return damaged[0]
             frames = []
-            for offset in offsets[first : first + FILE_BATCH]:
+            for offset in batch:
                 size = min(PIECE, ref.length - offset)
-                end = offset + size >= ref.length
-                frames.append((codec.chunk_header(rid, size, end), offset, size))
-            start = offsets[first]
-            try:
-                await blobs.check(ref.vid, fd, start, frames[-1][1] + frames[-1][2] - start)
-            except Damaged:
-                return start
-            await conn.send_file(frames, fd)
+                frames.append((codec.chunk_header(rid, size, offset + size >= ref.length),
+                               offset, size))
+            # The next batch is checked while this one is sent: in series, a 512 MiB get
+            # ran at 270-350 MB/s against 380-570 unchecked.
+            async with trio.open_nursery() as nursery:
+                if i + 1 < len(batches):
+                    nursery.start_soon(check, batches[i + 1])
+                await conn.send_file(frames, fd)
     finally:
         os.close(fd)
     return ref.length
