@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 
 import trio
 
@@ -267,7 +268,7 @@ def minted_inline(obj: versions.VersionedObject) -> bool:
     return all(s.chunks is None for s in obj.siblings)
 
 
-def chunk_source(merged, ok, others: list[Replica] = []) -> Holders | None:
+def chunk_source(merged, ok, others: Sequence[Replica] = ()) -> Holders | None:
     """The replicas whose objects include every chunked sibling of the merged object, then
     ``others`` (the key's replicas that answered a digest, or not yet)."""
     if merged is None:
