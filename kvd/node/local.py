@@ -6,7 +6,8 @@ Invariants:
 - Rule 2: a blob is deleted only after the object that no longer names it is durable, so a
   crash never leaves a manifest without its bytes. Nothing deletes a blob the key's latest
   object names: ``discard_upload`` of it, or of one sealed for a manifest, is a no-op, and
-  ``write_chunk`` of it (an anti-entropy re-send) is skipped, never marking it "uploading".
+  ``write_chunk`` of it is never marked "uploading": skipped when the blob is here whole
+  and sound (a re-send), else written in place (a refill of a damaged copy, Rule 9).
 - Rule 3: no blob is ever forgotten. A blob ledger entry (its mark and the key it belongs
   to) is written before an upload's first byte ("u": uploading) and removed in the batch of
   the manifest naming it; the batch dropping the last manifest naming a blob marks it "g"
@@ -84,10 +85,10 @@ def new_vid() -> bytes:
     return os.urandom(16)
 
 
-def _names(obj: versions.VersionedObject | None, vid: bytes) -> bool:
-    return obj is not None and any(
-        s.chunks is not None and s.chunks.vid == vid for s in obj.siblings
-    )
+def _names(obj: versions.VersionedObject | None, vid: bytes) -> versions.ChunkRef | None:
+    """The chunks of upload ``vid`` when ``obj`` names them."""
+    chunks = (s.chunks for s in (obj.siblings if obj else ()) if s.chunks)
+    return next((ref for ref in chunks if ref.vid == vid), None)
 
 
 class _Commit:
@@ -96,8 +97,7 @@ class _Commit:
     __slots__ = ("obj", "digest", "durable")
 
     def __init__(self, obj: versions.VersionedObject, digest: bytes | None):
-        self.obj = obj
-        self.digest = digest
+        self.obj, self.digest = obj, digest
         self.durable = trio.Event()  # set when the batch committed or failed
 
 
@@ -118,9 +118,8 @@ class LocalStore:
         self.linger = BlobLinger()  # Rule 8
         self.dot_collisions = 0  # same dot, different payload: should stay 0 (Rule 7)
         self._damaged: set[bytes] = set()  # keys whose damaged copy was logged (Rule 9)
-        raw = storage.get(_GENERATIONS)
-        self._generations: dict[int, int] = (
-            {} if raw is None else {int(p): g for p, g in json.loads(raw).items()})
+        raw = storage.get(_GENERATIONS) or b"{}"
+        self._generations = {int(p): g for p, g in json.loads(raw).items()}
         self._slots: dict[int, int] = {}  # partition -> slot of its live generation
 
     def partition(self, key: bytes) -> int:
@@ -432,13 +431,14 @@ class LocalStore:
 
     async def write_chunk(self, key: bytes, vid: bytes, offset: int, data: bytes) -> None:
         """Store bytes of upload ``vid`` at ``offset`` (sealed before its manifest)."""
-        if _names(self._latest(key), vid) and self.blobs.exists(vid):
-            # A re-send of bytes this replica holds, sealed, for a manifest it has (Rule 2).
+        named = _names(self._latest(key), vid)
+        if named and self.blobs.holds(vid, named.length):
+            # A re-send of bytes this replica holds whole, for a manifest it has (Rule 2).
             await trio.lowlevel.checkpoint()
             return
-        if offset == 0:
+        if not named and offset == 0:
             await self.storage.write([(_ledger_key(vid), _UPLOADING + key)])
-        elif not self.blobs.exists(vid):
+        elif not named and not self.blobs.exists(vid):
             # Discarded meanwhile: writing would create a blob no ledger entry covers.
             raise Unavailable(f"upload {vid.hex()} was discarded; its chunks are not wanted")
         await self.blobs.write(vid, offset, data)

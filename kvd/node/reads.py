@@ -11,7 +11,9 @@
 3. Digests never count towards R. After the answer, read repair waits for the calls still
    running (up to ``request_timeout``), merges the late objects in, and writes the merged
    object back to every replica whose object, or digest, differs from it, or whose copy
-   was damaged (``Damaged``: disk rot; kvd.node.local Rule 9).
+   was damaged (``Damaged``: disk rot; kvd.node.local Rule 9). A large value's copy that
+   was damaged (its bytes rotted, missing or short) gets the value's bytes first, read
+   from the replicas that hold it; a stale one is left to anti-entropy, which streams them.
 4. With fewer than R replicas not suspected (coordinator rule 5), R answers cannot be
    expected: the read waits a hedge delay at most, then fails naming every replica that
    answered nothing (coordinator rule 10).
@@ -30,7 +32,7 @@ import trio
 
 from kvd import versions
 from kvd.errors import Damaged, KvdError, QuorumFailed
-from kvd.node.large_values import Holders, chunk_source
+from kvd.node.large_values import PIECE, Holders, chunk_source
 from kvd.node.outcomes import Outcomes
 from kvd.node.quorum_message import quorum_message
 from kvd.node.replica import LocalReplica, Replica, Role
@@ -135,13 +137,13 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
     source = chunk_source(merged, ok, replicas)
     if co.read_repair and merged is not None:
         co.background.start_soon(repair, co, key, merged, dict(ok), digests, answers, running,
-                                 damaged)
+                                 damaged, source)
     return ReadResult(merged, len(ok), source)
 
 
 async def repair(co: Coordinator, key: bytes, merged: versions.VersionedObject,
                  answered: dict, digests: dict, late: Outcomes[Answer],
-                 outstanding: int, damaged: list[Replica]) -> None:
+                 outstanding: int, damaged: list[Replica], source: Holders | None) -> None:
     """Rule 3: after answering, wait for the calls still running, merge their objects in,
     and write the result back to every replica that was stale or damaged."""
     with trio.move_on_after(co.request_timeout):
@@ -158,7 +160,10 @@ async def repair(co: Coordinator, key: bytes, merged: versions.VersionedObject,
             else:
                 digests[replica] = value
     if any(s.chunks is not None for s in merged.siblings):
-        return  # large values are repaired by anti-entropy, which streams chunks
+        for replica in damaged:
+            if source is not None:
+                await _refill(co, key, merged, replica, source)
+        return  # stale copies of large values are repaired by anti-entropy
     want = versions.object_digest(merged)
     stale = [rep for rep, obj in answered.items() if obj != merged]
     stale += [rep for rep, digest in digests.items() if rep not in answered and digest != want]
@@ -170,6 +175,37 @@ async def repair(co: Coordinator, key: bytes, merged: versions.VersionedObject,
             co.read_repairs += 1
         except (KvdError, trio.TooSlowError, OSError) as exc:
             log.info("read repair of %r on %s failed: %s", key[:64], replica.node, exc)
+
+
+async def _refill(co: Coordinator, key: bytes, merged: versions.VersionedObject,
+                  replica: Replica, source: Holders) -> None:
+    """Rule 3 for a large value's damaged copy: send ``replica`` the bytes it lacks, a
+    piece at a time from the other holders, then the object (which seals them there)."""
+    refill = (id(co), replica.node, key)
+    if refill in _REFILLING:  # another read of the key found it first: one refill at a time
+        return
+    _REFILLING.add(refill)
+    holders = Holders([rep for rep in source.replicas if rep is not replica])
+    try:
+        for ref in [s.chunks for s in merged.siblings if s.chunks is not None]:
+            if not holders.replicas or await replica.has_blob(key, ref):
+                continue
+            for offset in range(0, ref.length, PIECE):
+                data = await holders.read_piece(key, ref, offset, min(PIECE, ref.length - offset))
+                with trio.fail_after(co.replica_timeout):
+                    await replica.write_chunk(key, ref.vid, offset, data)
+        with trio.fail_after(co.replica_timeout):
+            await replica.merge(key, merged)
+        co.read_repairs += 1
+        log.info("refilled the large value of %r on %s", key[:64], replica.node)
+    except (KvdError, trio.TooSlowError, OSError) as exc:
+        log.info("read repair of the large value of %r on %s failed: %s", key[:64],
+                 replica.node, exc)
+    finally:
+        _REFILLING.discard(refill)
+
+
+_REFILLING: set[tuple[int, str, bytes]] = set()  # (coordinator, replica, key) being refilled
 
 
 async def current_context(co: Coordinator, key: bytes, n: int, w: int) -> versions.Context:

@@ -183,9 +183,12 @@ class BlobStore:
             os.close(sums_fd)
 
     async def seal(self, vid: bytes) -> int:
-        """Make blob ``vid`` durable; returns its size."""
+        """Make blob ``vid`` durable; returns its size. A blob found damaged is trusted
+        again (a refill rewrote it): a block still rotted is found by the next read."""
         try:
-            return await trio.to_thread.run_sync(self._seal, vid)
+            size = await trio.to_thread.run_sync(self._seal, vid)
+            self._damaged.discard(vid)
+            return size
         except FileNotFoundError:
             raise
         except OSError as exc:
