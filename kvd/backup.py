@@ -250,11 +250,14 @@ def _close_synced(f: IO[bytes]) -> None:
 
 
 def _fresh_incarnation(storage) -> list:
-    """Rule 3: the identity with a new incarnation; the node id stays."""
+    """Rule 3: the identity with a new incarnation, and its first lease; the node id stays."""
+    from kvd.node.dot_leases import first_lease
+
     raw = storage.get(keys.meta_key("identity"))
     if raw is None:
         raise BackupError("the backup holds no node identity")
     identity = msgpack.unpackb(raw, raw=False)
     identity["incarnation"] = os.urandom(4).hex()
     identity["created"] = time.time()
-    return [(keys.meta_key("identity"), msgpack.packb(identity, use_bin_type=True))]
+    return [(keys.meta_key("identity"), msgpack.packb(identity, use_bin_type=True)),
+            first_lease(f"{identity['node']}:{identity['incarnation']}")]

@@ -100,6 +100,7 @@ async def test_backup_wipe_restore_rejoin_and_export_import(tmp_path, procs):
 
     await eventually("n2 restores", restore_complete, 120, nodes)
     assert "restored from a backup" in n2.log_text()
+    assert "new incarnation" not in n2.log_text()  # the restore's own one has its first lease
 
     everything = before + after + [b"large"]
     # Before any read (read repair): n2's own replica of every key is there already.

@@ -303,3 +303,35 @@ async def test_a_replica_with_a_rotted_large_value_never_serves_it(tmp_path, pro
     log = n3.log_text()
     assert "Traceback" not in log
     assert "checksum" in log
+
+
+async def test_a_node_whose_dot_lease_record_was_lost_mints_under_a_new_incarnation(tmp_path):
+    """The durable high-water mark of the node's dot counters (kvd.node.local Rule 6) is
+    one LevelDB record. Lost (deleted, or rotted and dropped), the node restarted its
+    sequence at 1: a write to a key it had written before was refused as "a forged
+    context" (the outside tester's D12), and a key whose clock a purge forgot could get a
+    dot a surviving copy already holds. The node now mints under a new incarnation."""
+    from kvd.node.data_dir import load_identity
+    from kvd.node.dot_leases import lease_key
+    from kvd.node.local import LocalStore
+    from kvd.storage.blobs import MemoryBlobStore
+
+    async with open_storage(str(tmp_path / "db")) as storage:
+        before = await load_identity(storage, "n1", 1.0)
+        store = LocalStore(storage, MemoryBlobStore(), 64)
+        await store.sweep()  # as every start does: the store is under Rule 6 from day one
+        obj = await store.coordinate(b"k", None, before.actor, value=b"one")
+        obj = await store.coordinate(b"k", obj.clock, before.actor, value=b"two")
+    db = plyvel.DB(str(tmp_path / "db"))
+    assert db.get(lease_key(before.actor)) is not None
+    db.delete(lease_key(before.actor), sync=True)
+    db.close()
+    async with open_storage(str(tmp_path / "db")) as storage:
+        after = await load_identity(storage, "n1", 2.0)
+        assert after.node == "n1" and after.actor != before.actor
+        store = LocalStore(storage, MemoryBlobStore(), 64)
+        await store.sweep()
+        obj = await store.coordinate(b"k", store.read(b"k").clock, after.actor, value=b"three")
+        assert [s.value for s in obj.siblings] == [b"three"]
+    async with open_storage(str(tmp_path / "db")) as storage:  # a clean restart: the same
+        assert (await load_identity(storage, "n1", 3.0)).actor == after.actor

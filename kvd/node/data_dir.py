@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import msgpack
 
 from kvd.errors import ConfigError, KvdError
+from kvd.node.dot_leases import first_lease, lease_key
 from kvd.storage import keys
 from kvd.storage.base import DamagedData
 
@@ -96,31 +97,31 @@ class Identity:
 
 async def load_identity(storage, node_id: str, wall: float) -> Identity:
     """This data directory's identity, created on first use; ConfigError when it was
-    created for another node. A new incarnation when the store lost part of its log at
-    open: the high-water mark of the node's dot counters may have gone with it, and the
-    old actor could then mint a dot it minted before (kvd.node.local Rule 6)."""
+    created for another node. A new incarnation when the durable high-water mark of the
+    node's dot counters may be lost (kvd.node.local Rule 6): LevelDB dropped part of its log
+    at open, or the mark's record is gone (one is written with every identity). The old
+    actor could otherwise mint a dot it minted before."""
     raw = storage.get(keys.meta_key("identity"))
-    if raw is not None and storage.lost_log_records:
+    if raw is not None:
         with damaged_record("identity"):
-            old = Identity(**msgpack.unpackb(raw, raw=False))
-        if old.node == node_id:
-            log.warning("the write-ahead log was damaged: node %s mints under a new "
-                        "incarnation, so no version it made before is made again", node_id)
-            raw = None
-    if raw is None:
-        identity = Identity(node_id, os.urandom(4).hex(), wall)
-        await storage.write(
-            [(keys.meta_key("identity"), msgpack.packb(identity.__dict__, use_bin_type=True))]
-        )
-        return identity
-    with damaged_record("identity"):
-        stored = msgpack.unpackb(raw, raw=False)
-        identity = Identity(**stored)
-    if identity.node != node_id:
-        raise ConfigError(
-            f"data_dir belongs to node {identity.node!r}, not {node_id!r}: "
-            "use that node_id or a fresh data_dir"
-        )
+            identity = Identity(**msgpack.unpackb(raw, raw=False))
+        if identity.node != node_id:
+            raise ConfigError(
+                f"data_dir belongs to node {identity.node!r}, not {node_id!r}: "
+                "use that node_id or a fresh data_dir"
+            )
+        lost = ("the write-ahead log was damaged" if storage.lost_log_records
+                else "the record of its dot counters is missing"
+                if storage.get(lease_key(identity.actor)) is None else None)
+        if lost is None:
+            return identity
+        log.warning("%s: node %s mints under a new incarnation, so no version it made "
+                    "before is made again", lost, node_id)
+    identity = Identity(node_id, os.urandom(4).hex(), wall)
+    await storage.write([
+        (keys.meta_key("identity"), msgpack.packb(identity.__dict__, use_bin_type=True)),
+        first_lease(identity.actor),
+    ])
     return identity
 
 

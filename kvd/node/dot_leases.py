@@ -23,8 +23,14 @@ LEGACY_DOT_FLOOR = 1 << 32
 SEQUENCES = keys.meta_key("dot-sequences")
 
 
-def _lease_key(actor: str) -> bytes:
+def lease_key(actor: str) -> bytes:
     return keys.meta_key("dots:" + actor)
+
+
+def first_lease(actor: str) -> tuple[bytes, bytes]:
+    """The record of a new actor, which has leased nothing yet: written with its identity,
+    so that a missing record means a lost one (kvd.node.data_dir.load_identity)."""
+    return lease_key(actor), (0).to_bytes(8, "big")
 
 
 class DotLease:
@@ -50,7 +56,7 @@ class DotLeases:
         """``actor``'s lease, loaded from its stored high-water mark the first time."""
         lease = self._leases.get(actor)
         if lease is None:
-            raw = self.storage.get(_lease_key(actor))
+            raw = self.storage.get(lease_key(actor))
             if raw is not None:
                 limit = int.from_bytes(raw, "big")
             elif self.storage.get(SEQUENCES) is not None or not self._has_objects():
@@ -67,6 +73,6 @@ class DotLeases:
                 return  # another write extended it meanwhile
             limit = max(needed, lease.limit) + DOT_LEASE
             with trio.CancelScope(shield=True):  # never leave a lease half-written
-                await self.storage.write([(_lease_key(actor), limit.to_bytes(8, "big"))])
+                await self.storage.write([(lease_key(actor), limit.to_bytes(8, "big"))])
                 await self.storage.flush()
             lease.limit = limit
