@@ -97,13 +97,13 @@ async def test_hint_counts_need_no_scan_and_delivery_reads_bounded_batches(autoj
             assert not start.startswith(b"h"), "hints_pending scanned the hints"
             return iterate_keys(start, stop)
 
-        def counted(start, stop):
+        def counted(start, stop, **options):
             if not start.startswith(b"h"):
-                return iterate(start, stop)
+                return iterate(start, stop, **options)
             hint_reads.append(0)
 
             def gen():
-                for item in iterate(start, stop):
+                for item in iterate(start, stop, **options):
                     hint_reads[-1] += 1
                     yield item
             return gen()

@@ -73,9 +73,13 @@ def _decode(hint_key: bytes, raw: bytes) -> dict:
         float(hint["at"])
         return hint
     except (ValueError, KeyError, TypeError) as exc:
-        log.warning("dropping unreadable hint %r: %s", hint_key[:80], exc)
-        return {"key": b"", "object": versions.encode_object(versions.empty()), "at": 0.0,
-                "unreadable": True}
+        return _unreadable(hint_key, exc)
+
+
+def _unreadable(hint_key: bytes, why) -> dict:
+    log.warning("dropping unreadable hint %r: %s", hint_key[:80], why)
+    return {"key": b"", "object": versions.encode_object(versions.empty()), "at": 0.0,
+            "unreadable": True}
 
 
 class Handoff:
@@ -171,7 +175,11 @@ class Handoff:
         start, stop = keys.hint_range(target)
         while True:
             doomed: list[tuple[bytes, dict]] = []
-            for hint_key, raw in self.storage.iterate(start, stop):
+
+            def damaged(hint_key: bytes) -> None:
+                doomed.append((hint_key, _unreadable(hint_key, "its bytes are damaged")))
+
+            for hint_key, raw in self.storage.iterate_sound(start, stop, damaged):
                 hint = _decode(hint_key, raw)
                 if not self._is_expired(hint) or len(doomed) == HINT_BATCH:
                     break
@@ -192,7 +200,11 @@ class Handoff:
         """Up to HINT_BATCH hints / HINT_BATCH_BYTES bytes from ``start`` (Rule 3)."""
         out: list[tuple[bytes, dict, int]] = []
         size = 0
-        for hint_key, raw in self.storage.iterate(start, stop):
+
+        def damaged(hint_key: bytes) -> None:  # never delivered: it may carry rotted bytes
+            out.append((hint_key, _unreadable(hint_key, "its bytes are damaged"), 0))
+
+        for hint_key, raw in self.storage.iterate_sound(start, stop, damaged):
             if out and (len(out) == HINT_BATCH or size + len(raw) > HINT_BATCH_BYTES):
                 break
             out.append((hint_key, _decode(hint_key, raw), len(raw)))

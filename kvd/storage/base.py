@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import trio
 
@@ -161,12 +161,36 @@ class Storage(abc.ABC):
         against the store's own checksums (DamagedData when they fail)."""
 
     @abc.abstractmethod
-    def iterate(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """``(key, value)`` pairs with ``start <= key < stop`` in key order.
+    def iterate(self, start: bytes, stop: bytes, *,
+                checked: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, value)`` pairs with ``start <= key < stop`` in key order. ``checked``:
+        as for ``get``; the first damaged block ends the iteration with DamagedData.
 
         The snapshot is taken when ``iterate`` is called: writes that commit while the
         iterator is consumed are not seen.
         """
+
+    def iterate_sound(self, start: bytes, stop: bytes,
+                      damaged: Callable[[bytes], object]) -> Iterator[tuple[bytes, bytes]]:
+        """``iterate``, checked, for records that leave this node (a transfer, a hint): a
+        record whose bytes fail their checksum is passed to ``damaged`` and left out, with
+        the others of its block (LevelDB checks whole blocks), in key order."""
+        last = None
+        try:
+            for key, value in self.iterate(start, stop, checked=True):
+                last = key
+                yield key, value
+            return
+        except DamagedData:  # from this block on, one record at a time
+            pass
+        for key in self.iterate_keys(start if last is None else last + b"\x00", stop):
+            try:
+                found = self.get(key, checked=True)
+            except DamagedData:
+                damaged(key)
+                continue
+            if found is not None:
+                yield key, found
 
     @abc.abstractmethod
     def iterate_keys(self, start: bytes, stop: bytes) -> Iterator[bytes]:

@@ -20,10 +20,12 @@ Invariants:
 5. A ``checked`` read (an object's: kvd.node.local Rule 9) checks the bytes it reads
    against LevelDB's block checksums: a block that rotted on disk raises DamagedData
    (tests/test_damaged_storage.py) instead of serving wrong bytes, which read repair had
-   merged into the healthy replicas. Other reads are not checked: a node's own records
-   sharing a block with a rotted value still read (it starts), and a scan that failed
-   midway would stop a transfer or an exchange on one damaged block. Only checked reads
-   fill the block cache, since LevelDB does not check a block it serves from its cache.
+   merged into the healthy replicas. So are the scans whose records leave the node (a
+   transfer's pages, hint deliveries: ``Storage.iterate_sound`` names a damaged record
+   and goes on past it). Other reads are not checked: a node's own records sharing a
+   block with a rotted value still read (it starts), and anti-entropy's scans of its
+   index only compare digests. Only checked reads fill the block cache, since LevelDB
+   does not check a block it serves from its cache.
 
 6. What LevelDB drops of a damaged write-ahead log when it opens (a checksum that fails in
    the middle of the log: it drops the rest of that block) is logged at ERROR. A crash's
@@ -237,12 +239,13 @@ class LevelDBStorage(Storage):
         except plyvel.CorruptionError as exc:
             raise DamagedData(f"the data in {self._path} is damaged ({_message(exc)})") from None
 
-    def iterate(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+    def iterate(self, start: bytes, stop: bytes, *,
+                checked: bool = False) -> Iterator[tuple[bytes, bytes]]:
         # The snapshot is taken now, not when the generator first runs.
-        return _scan(self._db.snapshot(), start, stop, include_value=True)
+        return _scan(self._db.snapshot(), start, stop, include_value=True, checked=checked)
 
     def iterate_keys(self, start: bytes, stop: bytes) -> Iterator[bytes]:
-        return _scan(self._db.snapshot(), start, stop, include_value=False)
+        return _scan(self._db.snapshot(), start, stop, include_value=False, checked=False)
 
     def approximate_size(self) -> int:
         if (
@@ -303,13 +306,13 @@ class LevelDBStorage(Storage):
             os.close(self._lock)
 
 
-def _scan(snapshot, start: bytes, stop: bytes, *, include_value: bool) -> Iterator:
+def _scan(snapshot, start: bytes, stop: bytes, *, include_value: bool, checked: bool) -> Iterator:
     try:
         iterator = snapshot.iterator(start=start, stop=stop, include_value=include_value,
-                                     fill_cache=False)  # Rule 5
+                                     verify_checksums=checked, fill_cache=False)  # Rule 5
         try:
             yield from iterator
-        except plyvel.CorruptionError as exc:  # a block too damaged to decode
+        except plyvel.CorruptionError as exc:  # a checksum failed, or a block cannot decode
             raise DamagedData(f"stored data is damaged ({_message(exc)})") from None
         finally:
             iterator.close()

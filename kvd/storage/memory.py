@@ -48,7 +48,8 @@ class MemoryStorage(Storage):
         hi = bisect.bisect_left(self._keys, stop, lo)
         return self._keys[lo:hi]
 
-    def iterate(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+    def iterate(self, start: bytes, stop: bytes, *,
+                checked: bool = False) -> Iterator[tuple[bytes, bytes]]:
         data = self._data
         return iter([(key, data[key]) for key in self._snapshot(start, stop)])
 
