@@ -182,14 +182,15 @@ async def _refill(co: Coordinator, key: bytes, merged: versions.VersionedObject,
     """Rule 3 for a large value's damaged copy: send ``replica`` the bytes it lacks, a
     piece at a time from the other holders, then the object (which seals them there)."""
     refill = (id(co), replica.node, key)
-    if refill in _REFILLING:  # another read of the key found it first: one refill at a time
+    holders = Holders([rep for rep in source.replicas if rep is not replica])
+    if refill in _REFILLING or not holders.replicas:  # one refill at a time
         return
     _REFILLING.add(refill)
-    holders = Holders([rep for rep in source.replicas if rep is not replica])
     try:
         for ref in [s.chunks for s in merged.siblings if s.chunks is not None]:
-            if not holders.replicas or await replica.has_blob(key, ref):
-                continue
+            with trio.fail_after(co.replica_timeout):
+                if await replica.has_blob(key, ref):
+                    continue
             for offset in range(0, ref.length, PIECE):
                 data = await holders.read_piece(key, ref, offset, min(PIECE, ref.length - offset))
                 with trio.fail_after(co.replica_timeout):
