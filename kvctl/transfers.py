@@ -13,16 +13,21 @@ COLUMNS = ["partition", "from", "to", "state", "keys", "bytes", "rate"]
 def summarize(rows: list[dict]) -> dict:
     """Totals over ``rows``: partitions by state, bytes so far, the current rate (bytes/s of
     the running fetches) and an ETA estimated from the partitions already done (None until
-    one is, or while nothing runs)."""
+    one is; 0 once all are). Between two partitions, when nothing runs for a moment, the
+    done ones' own rate stands in for the current one, so the ETA does not flip to unknown."""
     states = [r["state"] for r in rows]
     done = [r for r in rows if r["state"] == "done"]
     running = [r for r in rows if r["state"] == "running"]
     rate = sum(r["rate_bps"] for r in running)
     eta = None
-    if done and rate > 0:
+    if done:
         per_partition = sum(r["bytes_done"] for r in done) / len(done)
         left = per_partition * (len(rows) - len(done)) - sum(r["bytes_done"] for r in running)
-        eta = round(max(left, 0) / rate)
+        pace = rate or sum(r["rate_bps"] for r in done) / len(done)
+        if len(done) == len(rows):
+            eta = 0
+        elif pace:
+            eta = round(max(left, 0) / pace)
     return {"partitions": len(rows), "done": len(done), "running": len(running),
             "pending": states.count("pending"), "retrying": states.count("retrying"),
             "bytes_done": sum(r["bytes_done"] for r in rows), "rate_bps": rate, "eta_s": eta}

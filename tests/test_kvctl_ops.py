@@ -98,6 +98,11 @@ def test_summary_counts_rows_rate_and_eta():
     assert summary_line(summary) == ("4 partitions: 2 done, 1 running, 1 pending; 4.4KiB "
                                      "moved at 250B/s; ETA 0m14s")
     assert summarize(rows[2:])["eta_s"] is None  # nothing done yet: no estimate
+    # Between two partitions nothing runs for a moment: the estimate stays, from the rate
+    # of those done (an outside tester saw it flip to "unknown" at every boundary).
+    between = summarize([rows[0], rows[1], rows[3]])
+    assert between["rate_bps"] == 0 and between["eta_s"] == 4  # 2000 bytes at 500/s
+    assert summarize(rows[:2])["eta_s"] == 0  # all done
 
 
 def test_retrying_partitions_say_why_one_line_per_node_and_reason():
