@@ -194,6 +194,16 @@ async def test_redis_py_resp2_and_resp3_pipelines_conflicts_and_kvctl_keys(tmp_p
         flags = {name: {f if isinstance(f, str) else f.decode() for f in table[name]["flags"]}
                  for name in ("get", "set")}
         assert "readonly" in flags["get"] and "write" in flags["set"], flags
+        # COMMAND GETKEYS, as a proxy asks for a command it cannot parse itself.
+        def getkeys(*call):  # redis-py decodes them in RESP2, not in RESP3
+            return [k.decode() if isinstance(k, bytes) else k for k in r.command_getkeys(*call)]
+
+        assert getkeys("MSET", "a", "1", "b", "2") == ["a", "b"]
+        assert getkeys("GET", "k") == ["k"]
+        for call, error in ((("PING",), "no key arguments"), (("NOPE", "x"), "Invalid command"),
+                            (("GET", "a", "b"), "number of arguments")):
+            with pytest.raises(redis.ResponseError, match=error):
+                r.command_getkeys(*call)
         assert r.info("cluster")["kvd_members"] == 3
     other = redis.Redis(port=nodes[2].resp_port, protocol=3)
     assert other.mget(["p0:1", "p1:2", "absent"]) == [b"value 1", b"value 2", None]

@@ -395,6 +395,8 @@ async def command(session, args):
         names = [a.upper() for a in args[2:]] if sub else sorted(table)
         return [_command_info(name, table[name][1]) if name in table else None
                 for name in names]
+    if sub == b"GETKEYS" and len(args) > 2:
+        return _keys_of(args[2:], table.get(args[2].upper()))
     return Error(f"ERR unknown subcommand '{sub.decode(errors='replace')}'. "
                  "Try COMMAND HELP.")
 
@@ -407,6 +409,21 @@ def _command_info(name: bytes, arity: int) -> list:
     first, last, step = resp_data.KEY_POSITIONS.get(name, (1, 1, 1))
     flags = [Simple("readonly" if resp_data.COMMANDS[name][2] == "read" else "write")]
     return [name.lower(), arity, flags, first, last, step, [], [], [], []]
+
+
+def _keys_of(call: list[bytes], entry) -> list[bytes] | Error:
+    """COMMAND GETKEYS: the keys of ``call`` by its command's key positions (Redis's errors)."""
+    if entry is None:
+        return Error("ERR Invalid command specified")
+    arity = entry[1]
+    if len(call) != arity if arity > 0 else len(call) < -arity:
+        return Error("ERR Invalid number of arguments specified for command")
+    name = call[0].upper()
+    first, last, step = (resp_data.KEY_POSITIONS.get(name, (1, 1, 1))
+                         if name in resp_data.COMMANDS else (0, 0, 0))
+    if not first:
+        return Error("ERR The command has no key arguments")
+    return call[first : (len(call) + last if last < 0 else last) + 1 : step]
 
 
 _CONFIG = {b"save": b"", b"appendonly": b"no", b"databases": b"1", b"maxmemory": b"0"}
