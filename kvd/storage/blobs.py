@@ -100,8 +100,13 @@ class BlobStore:
         return bool(self._damaged)
 
     def holds(self, vid: bytes, length: int) -> bool:
-        """Whether blob ``vid`` is here with ``length`` bytes, none found damaged."""
-        return self.exists(vid) and self.size(vid) >= length and vid not in self._damaged
+        """Whether blob ``vid`` is here with ``length`` bytes, none found damaged (one stat:
+        it is asked at every local read of a large value)."""
+        try:
+            size = self._path(vid).stat().st_size
+        except FileNotFoundError:
+            return False
+        return size >= length and vid not in self._damaged
 
     def _append(self, vid: bytes, offset: int, data: bytes) -> None:
         path = self._path(vid)
