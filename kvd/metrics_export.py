@@ -168,6 +168,12 @@ class _NodeCollector:
         ):
             yield _counter(f"kvd_anti_entropy_{name}", "Anti-entropy: " + text, value)
 
+        damaged = CounterMetricFamily("kvd_damaged_copies", "Stored copies found failing "
+                                      "their checksum (disk rot), by kind: a key's object, a "
+                                      "large value's blob.", labels=["kind"])
+        damaged.add_metric(["object"], node.store.damaged_found)
+        damaged.add_metric(["blob"], node.store.blobs.damaged_found)
+        yield damaged
         size = GaugeMetricFamily("kvd_storage_bytes", "Approximate bytes on disk.",
                                  labels=["kind"])
         size.add_metric(["leveldb"], node.storage.approximate_size())

@@ -232,7 +232,7 @@ async def test_a_rotted_blob_fails_its_checksum_where_it_is_read_and_is_noted(tm
     assert not blobs.is_damaged(vid)
     with pytest.raises(Damaged, match=f"{vid.hex()}.*checksum"):
         await blobs.read(vid, 2 * MiB, MiB)
-    assert blobs.is_damaged(vid)
+    assert blobs.is_damaged(vid) and blobs.damaged_found == 1  # kvd_damaged_copies_total
     fd = await blobs.open(vid, len(data))
     try:  # the path that sends a file without reading it checks it first
         with pytest.raises(Damaged):

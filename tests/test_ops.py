@@ -511,7 +511,8 @@ def fake_node(q: int = 8) -> SimpleNamespace:
         coordinator=FakeCoordinator(), cluster=cluster, up=up, sizes=sizes,
         aae=SimpleNamespace(totals=RepairStats()),
         storage=SimpleNamespace(approximate_size=lambda: sizes["leveldb"], refusing_writes=None),
-        store=SimpleNamespace(blobs=SimpleNamespace(approximate_size=lambda: sizes["blobs"])))
+        store=SimpleNamespace(damaged_found=0, blobs=SimpleNamespace(
+            approximate_size=lambda: sizes["blobs"], damaged_found=0)))
 
 
 def _pending_move():
@@ -544,6 +545,10 @@ MOVES = [
      lambda n: setattr(n.aae.totals, "partitions", 6)),
     ("kvd_anti_entropy_tombstones_purged_total", {},
      lambda n: setattr(n.aae.totals, "tombstones_purged", 6)),
+    ("kvd_damaged_copies_total", {"kind": "object"},
+     lambda n: setattr(n.store, "damaged_found", 2)),
+    ("kvd_damaged_copies_total", {"kind": "blob"},
+     lambda n: setattr(n.store.blobs, "damaged_found", 1)),
     ("kvd_storage_bytes", {"kind": "leveldb"}, lambda n: n.sizes.update(leveldb=4096)),
     ("kvd_storage_bytes", {"kind": "blobs"}, lambda n: n.sizes.update(blobs=1 << 20)),
     ("kvd_cluster_nodes", {"state": "down"}, lambda n: n.up.discard("peer")),

@@ -107,10 +107,7 @@ class LocalStore:
     def __init__(self, storage: Storage, blobs, ring_size: int,
                  wall: Callable[[], float] = REAL.wall):
         """``wall``: this node's wall clock, which stamps the tombstone index (Rule 5)."""
-        self.storage = storage
-        self.wall = wall
-        self.blobs = blobs
-        self.ring_size = ring_size
+        self.storage, self.wall, self.blobs, self.ring_size = storage, wall, blobs, ring_size
         self._pending: dict[bytes, _Commit] = {}
         self._trees: dict[int, aae.Tree] = {}
         self.leases = DotLeases(storage, self._has_objects)  # Rule 6
@@ -118,6 +115,7 @@ class LocalStore:
         self.linger = BlobLinger()  # Rule 8
         self.dot_collisions = 0  # same dot, different payload: should stay 0 (Rule 7)
         self._damaged: set[bytes] = set()  # keys whose damaged copy was logged (Rule 9)
+        self.damaged_found = 0  # such keys, for the metrics (up to 10,000)
         raw = storage.get(_GENERATIONS) or b"{}"
         self._generations = {int(p): g for p, g in json.loads(raw).items()}
         self._slots: dict[int, int] = {}  # partition -> slot of its live generation
@@ -196,6 +194,7 @@ class LocalStore:
         except DamagedData as exc:
             if key not in self._damaged and len(self._damaged) < 10_000:
                 self._damaged.add(key)
+                self.damaged_found += 1
                 log.error("the stored copy of key %r is damaged and is not used: %s", key[:64], exc)
             if damaged_as_missing:
                 return None

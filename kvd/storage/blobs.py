@@ -83,6 +83,7 @@ class BlobStore:
         self._holds = 0  # backups running: deletions wait in _deferred until they end
         self._deferred: list[bytes] = []
         self._damaged: set[bytes] = set()  # blobs a read found rotted (logged once each)
+        self.damaged_found = 0  # times a blob was found rotted, for the metrics
 
     def _path(self, vid: bytes) -> Path:
         name = vid.hex()
@@ -237,6 +238,7 @@ class BlobStore:
     def _note_damage(self, vid: bytes, at: int) -> None:
         if vid not in self._damaged and len(self._damaged) < 10_000:
             self._damaged.add(vid)
+            self.damaged_found += 1
             log.error("value bytes %s in %s fail their checksum at byte %d (damaged on disk): "
                       "this copy is not served (reads use the key's other replicas)",
                       vid.hex(), self.root, at)
@@ -326,6 +328,8 @@ class BlobStore:
 
 class MemoryBlobStore:
     """The same interface in memory, for the fast in-process tests."""
+
+    damaged_found = 0  # memory does not rot
 
     def __init__(self, disk=None):
         # disk: a kvd.storage.memory.MemoryDisk keeping sealed blobs across a simulated crash.
