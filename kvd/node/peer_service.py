@@ -131,7 +131,7 @@ def _read_now(node, message) -> dict | None:
     raw = node.store.read_encoded(fields["key"])  # sent as stored: no decode, no re-encode
     if raw is None:
         return {"object": None}
-    if node.store.blobs.found_damaged():  # then this copy may lack a value's bytes
+    if node.store.blobs.damaged_found:  # then this copy may lack a value's bytes
         incomplete = incomplete_copy(node.store, node.node_id, fields["key"],
                                      versions.decode_object(raw))
         if incomplete is not None:

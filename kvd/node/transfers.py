@@ -61,13 +61,9 @@ def scan_page(storage, start: bytes, stop: bytes, limit: int, max_bytes: int) ->
         log.error("the object of key %r is damaged here: not sent to its new owner",
                   keys.user_key_of(object_key)[1][:64])
 
-    return _page(storage.iterate_sound(start, stop, damaged), limit, max_bytes)
-
-
-def _page(objects, limit: int, max_bytes: int) -> dict:
     out: list = []
     size = 0
-    for object_key, raw in objects:
+    for object_key, raw in storage.iterate_sound(start, stop, damaged):
         key = keys.user_key_of(object_key)[1]
         entry = len(key) + len(raw) + 16  # with msgpack's headers: the reply must fit
         if len(out) == limit or size + entry > max_bytes:

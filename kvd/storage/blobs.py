@@ -96,10 +96,6 @@ class BlobStore:
         """Whether a read found bytes of blob ``vid`` that fail their checksum."""
         return vid in self._damaged
 
-    def found_damaged(self) -> bool:
-        """Whether any blob was found damaged since the store opened."""
-        return bool(self._damaged)
-
     def holds(self, vid: bytes, length: int) -> bool:
         """Whether blob ``vid`` is here with ``length`` bytes, none found damaged (one stat:
         it is asked at every local read of a large value)."""
@@ -232,10 +228,11 @@ class BlobStore:
         data = os.pread(fd, end - start, start)
         bad = first_mismatch(sums, start, data)
         if bad is not None:
-            self._note_damage(vid, bad)
+            self._refuse_damaged(vid, bad)
         return data[offset - start : offset - start + size]
 
-    def _note_damage(self, vid: bytes, at: int) -> None:
+    def _refuse_damaged(self, vid: bytes, at: int) -> None:
+        """Note blob ``vid`` as damaged (logged once) and raise Damaged."""
         if vid not in self._damaged and len(self._damaged) < 10_000:
             self._damaged.add(vid)
             self.damaged_found += 1
@@ -245,13 +242,10 @@ class BlobStore:
         raise Damaged(f"value bytes {vid.hex()} on this node are damaged (checksum mismatch "
                       f"at byte {at})")
 
-    def _check(self, vid: bytes, fd: int, offset: int, size: int) -> None:
-        self._checked(vid, fd, offset, size)
-
     async def check(self, vid: bytes, fd: int, offset: int, size: int) -> None:
         """Check a range of blob ``vid``, open as ``fd``, before it is sent without being
         read (send_file); Damaged when rotted."""
-        await trio.to_thread.run_sync(self._check, vid, fd, offset, size)
+        await trio.to_thread.run_sync(self._checked, vid, fd, offset, size)
 
     def _open(self, vid: bytes, length: int) -> int:
         try:
@@ -358,12 +352,6 @@ class MemoryBlobStore:
 
     def exists(self, vid):
         return vid in self.blobs
-
-    def is_damaged(self, vid):
-        return False  # memory does not rot: the checksums are tested on real files
-
-    def found_damaged(self):
-        return False
 
     def holds(self, vid, length):
         return vid in self.blobs and len(self.blobs[vid]) >= length
