@@ -38,7 +38,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # The whole-cluster simulation (tests/sim): `make sim SEEDS=2000` soaks, `make sim SEED=42`
-# replays one seed exactly with its fault log. `make test` runs 50 short seeds of it (SHORT=1
+# replays one seed exactly with its fault log. `make test` runs 12 short seeds of it (SHORT=1
 # replays those) and the short regression seeds; `make sim` runs every regression seed first,
 # the full-profile ones included.
 SEEDS ?= 500
