@@ -345,7 +345,8 @@ def _gossip_simulation(n, seed, healthy=120.0, down_watch=12.0, up_watch=6.0, sy
     "n, seed, sync",
     [
         pytest.param(64, 1, False, marks=pytest.mark.slow),  # the sizing case (~5 s)
-        pytest.param(64, 3, True, marks=pytest.mark.slow),  # phase-locked, as on MockClock
+        # Phase-locked, as on MockClock; at 32 nodes (64 cost make test 12 CPU-s more).
+        pytest.param(32, 3, True, marks=pytest.mark.slow),
         (16, 2, True),
         (5, 2, False),
     ],
