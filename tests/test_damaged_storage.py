@@ -245,6 +245,33 @@ async def test_a_rotted_blob_fails_its_checksum_where_it_is_read_and_is_noted(tm
     assert len(await fresh.read(vid, 2 * MiB, MiB)) == MiB
 
 
+async def test_a_blob_whose_checksum_file_was_cut_is_not_held_whole(tmp_path):
+    """A sealed blob's .sum file names every block. One cut short (a torn write, a file
+    system repair) left the blocks past its end unchecked: rotted bytes there were served
+    as the replica's copy. Now such a blob is not held whole: it is noted as damaged, so
+    reads take the value from the key's other replicas and read repair refills it (as a
+    rotted one). A blob with no .sum file at all (written before checksums) is held as
+    before, unchecked."""
+    from kvd.storage.blobs import BlobStore
+    from kvd.storage.checksums import BLOCK, SUM
+
+    blobs = BlobStore(tmp_path / "blobs")
+    vid = os.urandom(16)
+    data = os.urandom(5 * BLOCK + 99)
+    await blobs.write(vid, 0, data)
+    await blobs.seal(vid)
+    assert blobs.holds(vid, len(data))
+    os.truncate(blobs.sums_path(vid), 2 * SUM.size)  # entries of blocks 0 and 1 only
+    assert not blobs.holds(vid, len(data))
+    assert blobs.is_damaged(vid) and blobs.damaged_found == 1  # kvd_damaged_copies_total
+    assert not blobs.holds(vid, len(data)) and blobs.damaged_found == 1  # counted once
+    await blobs.write(vid, 0, data)  # a refill rewrites it in place
+    await blobs.seal(vid)
+    assert blobs.holds(vid, len(data)) and not blobs.is_damaged(vid)
+    blobs.sums_path(vid).unlink()
+    assert BlobStore(tmp_path / "blobs").holds(vid, len(data))
+
+
 async def test_a_backup_refuses_a_rotted_blob_naming_it(tmp_path):
     """A backup copies blob files: one whose bytes fail their checksum ends the backup with
     an error naming it (before, the backup carried the rot and its digest certified it)."""

@@ -97,13 +97,25 @@ class BlobStore:
         return vid in self._damaged
 
     def holds(self, vid: bytes, length: int) -> bool:
-        """Whether blob ``vid`` is here with ``length`` bytes, none found damaged (one stat:
-        it is asked at every local read of a large value)."""
+        """Whether blob ``vid`` is here with ``length`` bytes, none found damaged, and its
+        .sum file names every block (two stats: it is asked at every local read of a large
+        value). A .sum cut short would leave the blocks past its end unchecked: such a blob
+        is noted as damaged. No .sum file at all: a blob from before checksums."""
+        if vid in self._damaged:
+            return False
         try:
-            size = self._path(vid).stat().st_size
+            if self._path(vid).stat().st_size < length:
+                return False
         except FileNotFoundError:
             return False
-        return size >= length and vid not in self._damaged
+        try:
+            recorded = self.sums_path(vid).stat().st_size // SUM.size
+        except FileNotFoundError:
+            return True
+        if recorded < -(-length // BLOCK):
+            self._note_damaged(vid, recorded * BLOCK, "has no checksum from byte")
+            return False
+        return True
 
     def _append(self, vid: bytes, offset: int, data: bytes) -> None:
         path = self._path(vid)
@@ -231,14 +243,19 @@ class BlobStore:
             self._refuse_damaged(vid, bad)
         return data[offset - start : offset - start + size]
 
-    def _refuse_damaged(self, vid: bytes, at: int) -> None:
-        """Note blob ``vid`` as damaged (logged once) and raise Damaged."""
+    def _note_damaged(self, vid: bytes, at: int,
+                      what: str = "fail their checksum at byte") -> None:
+        """Note blob ``vid`` as damaged: counted and logged once."""
         if vid not in self._damaged and len(self._damaged) < 10_000:
             self._damaged.add(vid)
             self.damaged_found += 1
-            log.error("value bytes %s in %s fail their checksum at byte %d (damaged on disk): "
-                      "this copy is not served (reads use the key's other replicas)",
-                      vid.hex(), self.root, at)
+            log.error("value bytes %s in %s %s %d (damaged on disk): this copy is not "
+                      "served (reads use the key's other replicas)", vid.hex(), self.root,
+                      what, at)
+
+    def _refuse_damaged(self, vid: bytes, at: int) -> None:
+        """Note blob ``vid`` as damaged and raise Damaged."""
+        self._note_damaged(vid, at)
         raise Damaged(f"value bytes {vid.hex()} on this node are damaged (checksum mismatch "
                       f"at byte {at})")
 
