@@ -139,12 +139,23 @@ def ring() -> None:
         render.note("staged: " + ", ".join(doc["staged"]))
 
 
+def _damaged_found(count: int) -> str:
+    return (f"{count} damaged {'copy' if count == 1 else 'copies'} found on {options.host}: "
+            "read repair rewrites them from the other replicas; its log names the keys "
+            "(kvd(8) DAMAGED DATA)")
+
+
 def repair(
     partition: Annotated[Optional[int], typer.Option("--partition", metavar="P", help="Only this partition.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the repair and print what it found.")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="First read every copy this node holds whole and check it against "
+                         "its checksums; read repair rewrites the damaged ones.")] = False,
 ) -> None:
     """Compare this node's replicas with the other replicas (hash trees) and repair differences."""
     fields: dict = {"op": "repair", "wait": wait}
+    if verify:
+        fields["verify"] = True
     # The largest ring kvd.config allows (ring_size 65536); the node checks its own ring's
     # size. A number past it would not even encode in the request.
     if partition is not None and not 0 <= partition < 65536:
@@ -156,8 +167,11 @@ def repair(
         render.note(f"repairing: comparing hash trees with the other replicas (up to "
                     f"{options.timeout:g} s, --timeout)")
     doc = admin_call(fields)
+    damaged = doc["repair"].get("copies_damaged", 0) if wait else 0
     if options.json:
         render.emit_json(doc)
+        if damaged:
+            fail(_damaged_found(damaged), 1)
         if wait and doc["repair"]["errors"]:
             raise typer.Exit(1)
         return
@@ -167,11 +181,16 @@ def repair(
                     "kvd_anti_entropy_* metrics; `kvctl repair --wait` waits and prints it")
         return
     stats = doc["repair"]
-    render.table("repair", ["partitions", "differ", "segments", "keys", "tombstones",
-                            "exchanged", "errors"],
-                 [[stats["partitions"], stats["partitions_differing"], stats["segments_differing"],
-                   stats["keys_repaired"], stats["tombstones_purged"],
-                   render.human_bytes(stats["bytes_exchanged"]), stats["errors"]]])
+    columns = ["partitions", "differ", "segments", "keys", "tombstones", "exchanged", "errors"]
+    row = [stats["partitions"], stats["partitions_differing"], stats["segments_differing"],
+           stats["keys_repaired"], stats["tombstones_purged"],
+           render.human_bytes(stats["bytes_exchanged"]), stats["errors"]]
+    if verify:
+        columns += ["checked", "damaged"]
+        row += [stats["copies_checked"], damaged]
+    render.table("repair", columns, [row])
+    if damaged:
+        fail(_damaged_found(damaged), 1)
     unreachable = stats.get("unreachable") or []
     if unreachable:
         fail(f"could not reach {', '.join(unreachable)}: their replicas were not compared; "

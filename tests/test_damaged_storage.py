@@ -5,6 +5,7 @@ and a write or a read repair replaces it. Real LevelDB files, bits flipped in th
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -301,12 +302,16 @@ async def test_a_replica_with_a_rotted_large_value_never_serves_it(tmp_path, pro
     n1, n2, n3 = await form_cluster(tmp_path, procs, SMALL_RING)
     nodes = [n1, n2, n3]
     value = os.urandom(5 * MiB + 4321)
+    cold = os.urandom(2 * MiB + 5)  # a value no client reads after its rot
     async with open_client(n1.address) as client:
         await client.put(b"big", value, w=3)
+        await client.put(b"cold", cold, w=3)
     assert n3.stop() == 0
-    blobs = [p for p in (n3.data_dir / "blobs").glob("??/*") if not p.name.endswith(".sum")]
-    assert len(blobs) == 1
+    blobs = sorted((p for p in (n3.data_dir / "blobs").glob("??/*")
+                    if not p.name.endswith(".sum")), key=lambda p: -p.stat().st_size)
+    assert len(blobs) == 2
     flip_a_bit_in_blob(blobs[0], 3 * MiB + 77)
+    flip_a_bit_in_blob(blobs[1], MiB + 3)
     n3.start()
     await wait_states(nodes, {"n1": "UN", "n2": "UN", "n3": "UN"}, nodes)
     backup = kvctl("backup", "-o", str(tmp_path / "n3.backup"), host=n3.address)
@@ -326,6 +331,19 @@ async def test_a_replica_with_a_rotted_large_value_never_serves_it(tmp_path, pro
         while blobs[0].read_bytes() != value:
             await trio.sleep(0.2)
     assert await read(n1, 3) == [value]
+    # No read reaches "cold": `kvctl repair --verify` finds its rot (exit 1, naming what it
+    # found) and read repair rewrites it, without any client reading it.
+    verify = kvctl("--json", "repair", "--wait", "--verify", host=n3.address)
+    assert verify.returncode == 1, verify
+    found = json.loads(verify.stdout)["repair"]
+    assert found["copies_damaged"] == 1 and found["copies_checked"] == 2, found
+    assert "1 damaged" in verify.stderr.decode() and verify.stderr.decode().count("\n") == 1
+    with trio.fail_after(30):
+        while blobs[1].read_bytes() != cold:
+            await trio.sleep(0.2)
+    verify = kvctl("--json", "repair", "--wait", "--verify", host=n3.address)
+    assert verify.returncode == 0, verify
+    assert json.loads(verify.stdout)["repair"]["copies_damaged"] == 0
     assert kvctl("backup", "-o", str(tmp_path / "n3.backup"), host=n3.address).returncode == 0
     log = n3.log_text()
     assert "Traceback" not in log

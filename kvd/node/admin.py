@@ -9,6 +9,7 @@ committed change whose data cannot finish moving is undone with ``abort``.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import trio
@@ -18,6 +19,7 @@ from kvd.node import coverage
 from kvd.node.remote import RemoteNode
 from kvd.membership import cluster_state as cs
 
+log = logging.getLogger("kvd.aae")
 
 # The cluster-wide changes (a join is asked of the new node itself).
 CLUSTER_CHANGES = frozenset({"leave", "force-remove", "replace", "plan", "commit", "abort", "clear"})
@@ -100,13 +102,25 @@ async def handle(node, fields: dict) -> dict:
         if partition is not None and partition not in node.aae.my_partitions():
             raise BadRequest(f"this node holds no replica of partition {partition}")
         parts = None if partition is None else [partition]
+        reread = _rereader(node) if fields.get("verify") else None
         if fields.get("wait"):
-            return {"repair": (await node.aae.repair(parts)).to_dict()}
-        node.cluster.nursery.start_soon(node.aae.repair, parts)
+            return {"repair": (await node.aae.repair(parts, reread)).to_dict()}
+        node.cluster.nursery.start_soon(node.aae.repair, parts, reread)
         return {"started": True, "partitions": len(parts or node.aae.my_partitions())}
     if op == "transfers":
         return {"transfers": await _all_transfers(cluster)}
     raise BadRequest(f"unknown admin operation {op!r}")
+
+
+def _rereader(node):
+    """kvctl repair --verify: a read of a key this node found damaged here, coordinated by
+    this node (which asks itself first), so that read repair rewrites its copy."""
+    async def reread(key: bytes) -> None:
+        try:
+            await node.coordinator.get(key, min(node.config.n, node.member_count()), 1)
+        except (KvdError, trio.TooSlowError) as exc:
+            log.warning("verify: no other replica of key %r answered: %s", key[:64], exc)
+    return reread
 
 
 def _text(fields: dict, name: str) -> str:

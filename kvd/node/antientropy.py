@@ -26,6 +26,7 @@ While partitions move, only the moving ones are left out (their replica sets cha
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -56,6 +57,8 @@ class RepairStats:
     tombstones_purged: int = 0
     bytes_exchanged: int = 0
     errors: int = 0
+    copies_checked: int = 0  # kvctl repair --verify: this node's copies read whole
+    copies_damaged: int = 0  # ... that failed their checksums (read repair rewrites them)
     unreachable: list[str] = field(default_factory=list)  # peers down or failing: not compared
 
     def add(self, other: "RepairStats") -> None:
@@ -287,12 +290,18 @@ class AntiEntropy:
                      partition, purged)
         return purged
 
-    async def repair(self, partitions: list[int] | None = None) -> RepairStats:
-        """kvctl repair: exchange every partition this node replicates (or the given ones)."""
+    async def repair(self, partitions: list[int] | None = None,
+                     reread: Callable[[bytes], Awaitable[None]] | None = None) -> RepairStats:
+        """kvctl repair: exchange every partition this node replicates (or the given ones);
+        with ``reread`` (--verify), check this node's copies of them first (``verify``)."""
         todo = self.my_partitions() if partitions is None else partitions
         stats = RepairStats()
         self.progress = {"partitions_total": len(todo), "partitions_done": 0, "state": "running"}
         for partition in todo:
+            if reread is not None:
+                checked, damaged = await self.verify(partition, reread)
+                stats.copies_checked += checked
+                stats.copies_damaged += len(damaged)
             stats.add(await self.repair_partition(partition))
             await trio.sleep(0)
             self.progress["partitions_done"] += 1
@@ -302,6 +311,39 @@ class AntiEntropy:
                  "unreachable: %s", stats.partitions, stats.partitions_differing,
                  stats.keys_repaired, stats.errors, ", ".join(stats.unreachable) or "none")
         return stats
+
+    async def verify(self, partition: int,
+                     reread: Callable[[bytes], Awaitable[None]]) -> tuple[int, list[bytes]]:
+        """Check every copy this node holds of ``partition`` against its checksums: the
+        object (LevelDB's blocks) and each large value's blob file, read whole. An exchange
+        cannot see rot (the objects' digests agree), and a copy no read reaches stayed
+        damaged until one did. Each key found damaged is passed to ``reread``, a read this
+        node coordinates, whose read repair rewrites the copy from the other replicas.
+        Returns the number of copies checked and the damaged keys."""
+        start, stop = keys.object_range(self.store.slot(partition))
+        rotted: list[bytes] = []  # objects failing LevelDB's checksums: the scan skips them
+        damaged: list[bytes] = []
+        checked = 0
+        for object_key, raw in self.store.storage.iterate_sound(start, stop, rotted.append):
+            checked += 1
+            if checked % SCAN_YIELD == 0:
+                await trio.lowlevel.checkpoint()
+            try:
+                refs = [s.chunks for s in versions.decode_object(raw).siblings
+                        if s.chunks is not None]
+            except ValueError:
+                damaged.append(object_key)
+                continue
+            for ref in refs:
+                if not await self.store.blobs.sound(ref.vid, ref.length):
+                    damaged.append(object_key)
+                    break
+        found = [keys.user_key_of(object_key)[1] for object_key in rotted + damaged]
+        for key in found:
+            log.warning("verify: this node's copy of key %r is damaged: read repair rewrites "
+                        "it from the other replicas", key[:64])
+            await reread(key)
+        return checked + len(rotted), found
 
     def moving_partitions(self) -> set[int]:
         """Partitions whose replicas change with the pending moves: anti-entropy leaves them

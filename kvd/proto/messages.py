@@ -245,7 +245,8 @@ OPS: dict[MsgType, dict[str, Schema]] = {
         "replace": {"node": (STR, REQUIRED), "target": (STR, REQUIRED)},
         "plan": _NOTHING, "commit": _NOTHING, "abort": _NOTHING, "clear": _NOTHING,
         "ring": _NOTHING,
-        "repair": {"partition": (OPTIONAL_INT, OPTIONAL), "wait": (BOOL, OPTIONAL)},
+        "repair": {"partition": (OPTIONAL_INT, OPTIONAL), "wait": (BOOL, OPTIONAL),
+                   "verify": (BOOL, OPTIONAL)},
         # A page of the coverage query (kvctl keys): from (partition, after) on.
         "keys": {"partition": (INT, OPTIONAL), "after": (BYTES, OPTIONAL),
                  "prefix": (BYTES, OPTIONAL), "limit": (INT, OPTIONAL)},
