@@ -204,6 +204,29 @@ async def test_a_replica_missing_its_value_bytes_reads_them_from_another(autojum
         nursery.cancel_scope.cancel()
 
 
+async def test_repair_verify_refills_a_copy_that_no_read_reaches(autojump_clock):
+    """A replica whose value bytes are gone, with no client reading the key: an exchange of
+    hash trees sees nothing (the objects agree). `kvctl repair --verify` on that node finds
+    the copy, and read repair refills it; a second run finds nothing."""
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery)
+        key, value = b"big", _value(5)
+        async with sim.open_client("n2", sim.client_address()) as c:
+            await c.put(key, value, w=3)
+            await c.put(b"small", b"v", w=3)
+        blobs = sim.nodes["n1"].node.store.blobs
+        (vid,) = [s.chunks.vid for s in sim.nodes["n1"].node.store.read(key).siblings]
+        del blobs.blobs[vid][CHUNK:]
+        first = (await sim.admin("n1", {"op": "repair", "wait": True, "verify": True}))["repair"]
+        assert (first["copies_checked"], first["copies_damaged"]) == (2, 1), first
+        await trio.sleep(5)  # the read repair's refill, in the background
+        assert bytes(blobs.blobs[vid]) == value
+        again = (await sim.admin("n1", {"op": "repair", "wait": True, "verify": True}))["repair"]
+        assert again["copies_damaged"] == 0, again
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("reader", ["n1", "holder"])
 async def test_a_value_overwritten_while_it_streams_is_read_whole(autojump_clock, reader):
     """A GET streams the value it read (from a peer, or from this node's own copy) while

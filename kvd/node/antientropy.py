@@ -308,8 +308,10 @@ class AntiEntropy:
         self.progress["state"] = "done"
         self.totals.add(stats)
         log.info("repair: %d partitions, %d differed, %d keys repaired, %d errors, "
-                 "unreachable: %s", stats.partitions, stats.partitions_differing,
-                 stats.keys_repaired, stats.errors, ", ".join(stats.unreachable) or "none")
+                 "unreachable: %s%s", stats.partitions, stats.partitions_differing,
+                 stats.keys_repaired, stats.errors, ", ".join(stats.unreachable) or "none",
+                 "" if reread is None else f"; verified {stats.copies_checked} copies, "
+                 f"{stats.copies_damaged} damaged")
         return stats
 
     async def verify(self, partition: int,
