@@ -141,8 +141,8 @@ def ring() -> None:
 
 def _damaged_found(count: int) -> str:
     return (f"{count} damaged {'copy' if count == 1 else 'copies'} found on {options.host}: "
-            "read repair rewrites them from the other replicas; its log names the keys "
-            "(kvd(8) DAMAGED DATA)")
+            "read repair rewrites each from the key's other replicas, where one answers; "
+            "the node's log names the keys (kvd(8) DAMAGED DATA)")
 
 
 def repair(
