@@ -442,3 +442,43 @@ async def test_a_checked_scan_names_each_damaged_record_and_yields_the_rest(tmp_
             seen.append(key)
         assert b"key-222" in damaged and 0 < len(damaged) < 100
         assert sorted(seen + damaged) == sorted(values) and seen == sorted(seen)
+
+
+async def test_a_verify_stopped_by_an_unreadable_block_is_an_error_not_a_crash(caplog):
+    """`kvctl repair --verify` scans a partition's objects. A block too damaged for even
+    its keys to be listed stops the scan (LevelDB cannot say where the block ends): that
+    is counted as an error and logged, the copies found damaged before it are still
+    re-read, and the repair goes on. A repair runs in the node's nursery: an exception
+    out of it would take the node down."""
+    import logging
+
+    from kvd import versions
+    from kvd.node.antientropy import AntiEntropy, RepairStats
+    from kvd.storage.blobs import MemoryBlobStore
+
+    sound = versions.encode_object(versions.update(versions.empty(), {}, "a:1", value=b"v")[0])
+
+    class Storage:
+        def iterate_sound(self, start, stop, damaged):
+            yield keys.object_key(3, b"good"), sound
+            damaged(keys.object_key(3, b"rotted"))
+            yield keys.object_key(3, b"undecodable"), b"\xc1 not an object"
+            raise DamagedData("corruption: bad block handle")
+
+    class Store:
+        storage, blobs = Storage(), MemoryBlobStore()
+
+        def slot(self, partition):
+            return partition
+
+    reread: list[bytes] = []
+
+    async def record(key: bytes) -> None:
+        reread.append(key)
+
+    stats = RepairStats()
+    with caplog.at_level(logging.ERROR, logger="kvd.aae"):
+        await AntiEntropy(None, Store(), None).verify(3, record, stats)
+    assert (stats.copies_checked, stats.copies_damaged, stats.errors) == (3, 2, 1)
+    assert sorted(reread) == [b"rotted", b"undecodable"]
+    assert "partition 3 could not be read to its end" in caplog.text

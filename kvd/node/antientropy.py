@@ -36,6 +36,7 @@ from kvd.errors import BadRequest, KvdError
 from kvd.node.remote import RemoteReplica
 from kvd.ring import partition_of, preference_list
 from kvd.storage import keys
+from kvd.storage.base import DamagedData
 
 log = logging.getLogger("kvd.aae")
 
@@ -299,9 +300,7 @@ class AntiEntropy:
         self.progress = {"partitions_total": len(todo), "partitions_done": 0, "state": "running"}
         for partition in todo:
             if reread is not None:
-                checked, damaged = await self.verify(partition, reread)
-                stats.copies_checked += checked
-                stats.copies_damaged += len(damaged)
+                await self.verify(partition, reread, stats)
             stats.add(await self.repair_partition(partition))
             await trio.sleep(0)
             self.progress["partitions_done"] += 1
@@ -314,38 +313,45 @@ class AntiEntropy:
                  f"{stats.copies_damaged} damaged")
         return stats
 
-    async def verify(self, partition: int,
-                     reread: Callable[[bytes], Awaitable[None]]) -> tuple[int, list[bytes]]:
+    async def verify(self, partition: int, reread: Callable[[bytes], Awaitable[None]],
+                     stats: RepairStats) -> None:
         """Check every copy this node holds of ``partition`` against its checksums: the
         object (LevelDB's blocks) and each large value's blob file, read whole. An exchange
         cannot see rot (the objects' digests agree), and a copy no read reaches stayed
         damaged until one did. Each key found damaged is passed to ``reread``, a read this
         node coordinates, whose read repair rewrites the copy from the other replicas.
-        Returns the number of copies checked and the damaged keys."""
+        Counted in ``stats``: copies checked and damaged, and an error for a scan that a
+        block too damaged to list its keys stopped."""
         start, stop = keys.object_range(self.store.slot(partition))
         rotted: list[bytes] = []  # objects failing LevelDB's checksums: the scan skips them
         damaged: list[bytes] = []
         checked = 0
-        for object_key, raw in self.store.storage.iterate_sound(start, stop, rotted.append):
-            checked += 1
-            if checked % SCAN_YIELD == 0:
-                await trio.lowlevel.checkpoint()
-            try:
-                refs = [s.chunks for s in versions.decode_object(raw).siblings
-                        if s.chunks is not None]
-            except ValueError:
-                damaged.append(object_key)
-                continue
-            for ref in refs:
-                if not await self.store.blobs.sound(ref.vid, ref.length):
+        try:
+            for object_key, raw in self.store.storage.iterate_sound(start, stop, rotted.append):
+                checked += 1
+                if checked % SCAN_YIELD == 0:
+                    await trio.lowlevel.checkpoint()
+                try:
+                    refs = [s.chunks for s in versions.decode_object(raw).siblings
+                            if s.chunks is not None]
+                except ValueError:
                     damaged.append(object_key)
-                    break
+                    continue
+                for ref in refs:
+                    if not await self.store.blobs.sound(ref.vid, ref.length):
+                        damaged.append(object_key)
+                        break
+        except DamagedData as exc:
+            log.error("verify: partition %d could not be read to its end here: %s",
+                      partition, exc)
+            stats.errors += 1
         found = [keys.user_key_of(object_key)[1] for object_key in rotted + damaged]
+        stats.copies_checked += checked + len(rotted)
+        stats.copies_damaged += len(found)
         for key in found:
             log.warning("verify: this node's copy of key %r is damaged: read repair rewrites "
                         "it from the other replicas", key[:64])
             await reread(key)
-        return checked + len(rotted), found
 
     def moving_partitions(self) -> set[int]:
         """Partitions whose replicas change with the pending moves: anti-entropy leaves them
