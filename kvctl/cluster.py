@@ -196,4 +196,5 @@ def repair(
         fail(f"could not reach {', '.join(unreachable)}: their replicas were not compared; "
              "repair again once they are up (kvctl status)", 1)
     if stats["errors"]:
-        fail(f"{stats['errors']} exchanges failed; the node's log says why", 1)
+        what = "exchanges or verify scans" if verify else "exchanges"
+        fail(f"{stats['errors']} {what} failed; the node's log says why", 1)
