@@ -8,7 +8,9 @@ pulls what it lacks). In-sync replicas cost one 8-byte root per partition.
 
 Background: every ``anti_entropy_interval`` each node exchanges the partitions for which it
 is the first primary, one partition at a time (throttled). ``kvctl repair`` runs the same
-exchange on demand for every partition the node replicates.
+exchange on demand for every partition the node replicates; with ``--verify`` it first reads
+this node's copies whole against their checksums (rot that the trees cannot see, since the
+digests agree) and re-reads each damaged key so that read repair rewrites it.
 
 Tombstone GC (DESIGN section 2: deleted data must never come back): when an exchange finds
 a partition identical on *every* replica of it (all up, all compared), its tombstones that
