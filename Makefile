@@ -25,7 +25,7 @@ demo-stop:
 # `alone`) run by themselves after the rest, which runs on every core (pytest-xdist).
 # One worker more than cores was tried (2026-12-03): 288 to 535 s against 350 to 440 s for
 # the parallel pass on this 2-core machine, no clear gain, so one per core it stays.
-# Bytecode first: the ~150 kvd, kvctl and helper processes the tests start then load it
+# Bytecode first: the hundreds of kvd, kvctl and helper processes the tests start load it
 # even where PYTHONDONTWRITEBYTECODE is set (as on this machine), instead of each compiling
 # what it imports (0.05 s more CPU per kvctl run, measured).
 PYTEST := PYTHONHASHSEED=0 $(BIN)/python -m pytest -q -p no:cacheprovider

@@ -120,17 +120,21 @@ class BlobStore:
 
     async def sound(self, vid: bytes, length: int) -> bool:
         """Whether blob ``vid`` holds ``length`` bytes that all pass their checksums, read
-        whole, 8 MiB at a time in a thread (kvctl repair --verify). A blob replaced while
-        it was read counts as sound: its value is no longer this one."""
+        whole, 8 MiB at a time in a thread (kvctl repair --verify). A blob replaced before
+        it was opened counts as sound: its value is no longer this one."""
         if not self.holds(vid, length):
             return False
         try:
-            for offset in range(0, length, VERIFY_PIECE):
-                await self.read(vid, offset, min(VERIFY_PIECE, length - offset))
-        except Damaged:
-            return False
+            fd = await self.open(vid, length)
         except Unavailable:
             return True
+        try:
+            for offset in range(0, length, VERIFY_PIECE):
+                await self.check(vid, fd, offset, min(VERIFY_PIECE, length - offset))
+        except Damaged:
+            return False
+        finally:
+            os.close(fd)
         return True
 
     def _append(self, vid: bytes, offset: int, data: bytes) -> None:

@@ -21,8 +21,8 @@ Invariants:
    against LevelDB's block checksums: a block that rotted on disk raises DamagedData
    (tests/test_damaged_storage.py) instead of serving wrong bytes, which read repair had
    merged into the healthy replicas. So are the scans whose records leave the node (a
-   transfer's pages, hint deliveries: ``Storage.iterate_sound`` names a damaged record
-   and goes on past it). Other reads are not checked: a node's own records sharing a
+   transfer's pages, hint deliveries) and ``kvctl repair --verify``'s: ``Storage.
+   iterate_sound`` names a damaged record and goes on past it. Other reads are not checked: a node's own records sharing a
    block with a rotted value still read (it starts), and anti-entropy's scans of its
    index only compare digests. Only checked reads fill the block cache, since LevelDB
    does not check a block it serves from its cache.
