@@ -25,11 +25,11 @@ Failure handling (DESIGN section 4):
    names stand in for them (sloppy quorum) and count, as they would had the failure
    detector seen the failure. (Not for large values: a fallback has none of their bytes.)
 4. A quorum error names every replica asked and what happened to it.
-5. A replica that timed out is tried last for minting for ``SUSPECT_FOR`` seconds, so a
-   partition the failure detector cannot see (gossip relayed around it) costs one
-   ``replica_timeout``, not one per request. So is a slow one (a lossy link), whose
-   typical answer time is over ``HEDGE_FACTOR`` times the median replica's and over
-   ``HEDGE_FLOOR``; its mints do not count towards rule 8's typical mint time.
+5. A replica suspected (a call to it is a hedge delay late, or one timed out recently) is
+   tried last for minting and is not waited for where others can answer, so a partition
+   the failure detector cannot see (gossip relayed around it) costs the requests in flight
+   when it began a hedge delay, not every request a ``replica_timeout``. So is a slow one
+   (a lossy link). kvd.node.replica_health keeps this view, and the hedge delay.
 6. Every ``get`` and ``put`` ends by telling the ``observer`` (if any) how long it took and
    how it ended; kvd.metrics is the observer, so this module knows nothing of metrics.
 7. A write without a context (None) supersedes what the key's replicas hold when it is
@@ -80,17 +80,15 @@ from kvd.errors import BadRequest, KvdError, QuorumFailed, TooManySiblings
 from kvd.node.large_values import chunk_source, discard_upload, minted_inline, stream_chunks
 from kvd.node.outcomes import Outcomes
 from kvd.node.quorum_message import quorum_message
-from kvd.node.reads import ReadResult, ReplicaTimedOut, current_context, quorum_read
+from kvd.node.reads import ReadResult, current_context, quorum_read
 from kvd.node.replica import LocalReplica, Replica, Role
+from kvd.node.replica_health import ReplicaHealth, ReplicaTimedOut
 from kvd.node.replication import WriteQuorum, replicate, spread_late_twins
 from kvd.node.turns import KeyTurns
 
 log = logging.getLogger("kvd.coordinator")
 
 MAX_VALUE = 1 << 30  # 1 GiB, DESIGN section 2
-SUSPECT_FOR = 10.0  # seconds a replica that timed out is tried last for minting (rule 5)
-HEDGE_FLOOR = 0.05  # seconds: the shortest hedge delay (rule 8)
-HEDGE_FACTOR = 4.0  # the hedge delay in typical mint times (rule 8)
 WRITE_ID_BYTES = 8  # unique among one key's siblings is all a write id needs
 
 T = TypeVar("T")  # what one replica call returns
@@ -146,41 +144,10 @@ class Coordinator:
         self.write_quorum = write_quorum or (lambda key, n, w: WriteQuorum(w))
         self.read_repairs = 0
         self.hints_kept = 0  # hints kept for replication legs that failed (rule 3)
-        self._suspects: dict[str, float] = {}  # node -> until when it is tried last
-        self._answers: dict[str, float] = {}  # node -> its typical answer time, s (rule 5)
-        self._typical_mint = HEDGE_FLOOR / HEDGE_FACTOR  # moving average, seconds (rule 8)
+        self.health = ReplicaHealth(self.clock, self.replica_timeout)  # rules 1, 5 and 8
+        self._call = self.health.call
         self.observer: RequestObserver | None = None
         self._turns = KeyTurns()  # writes without a context, per key (rule 7)
-
-    async def _call(self, replica: Replica, call: Callable[[Replica], Awaitable[T]],
-                    deadline: float, patience: float | None = None) -> T:
-        """``call(replica)`` within the replica's deadline (rule 1), noting who timed out.
-        ``patience`` replaces ``replica_timeout`` for calls that must fsync a large value."""
-        began = self.clock()
-        timeout = max(0.0, min(patience or self.replica_timeout, deadline - began))
-        # A bare cancel scope, not trio.fail_after (a generator context manager around one):
-        # fail_after was 7.7% of a 3-node coordinator's event loop under kvctl bench.
-        with trio.CancelScope(deadline=began + timeout) as scope:
-            result = await call(replica)
-        if scope.cancelled_caught:
-            self._suspects[replica.node] = self.clock() + SUSPECT_FOR
-            raise ReplicaTimedOut(f"timed out after {timeout:.1f} s")
-        self._suspects.pop(replica.node, None)
-        if patience is None:  # rule 5: how long this replica typically takes to answer
-            took, typical = self.clock() - began, self._answers.get(replica.node)
-            self._answers[replica.node] = took if typical is None else typical + (took - typical) / 8
-        return result
-
-    def _suspected(self, node: str) -> bool:
-        until = self._suspects.get(node)
-        return until is not None and until > self.clock()
-
-    def _slow(self, node: str) -> bool:
-        """Rule 5: ``node`` typically answers over HEDGE_FACTOR times slower than the median
-        replica, and slower than HEDGE_FLOOR (a lossy or slow link)."""
-        times = sorted(self._answers.values())
-        return (self._answers.get(node, 0.0)
-                > max(HEDGE_FLOOR, HEDGE_FACTOR * times[len(times) // 2] if times else 0.0))
 
     async def _quorum(
         self,
@@ -400,11 +367,11 @@ class Coordinator:
             async def keep_hint(replica, exc) -> None:
                 await self._keep_hint(replica, key, minted, exc)
 
-            hedge = self._hedge_delay() if minted_inline(minted) else None
+            hedge = self.health.hedge_delay() if minted_inline(minted) else None
             ok = await replicate(self._quorum, self.write_replicas, key, n, minted, minter,
                                  others, quorum, replicas, failed, deadline,
                                  on_failure=keep_hint, patience=patience, hedge=hedge,
-                                 suspected=self._suspected)
+                                 suspected=self.health.suspected)
         holders = [minter] + [rep for rep, _ in ok]
         if quorum.missing(holders) > 0:
             raise QuorumFailed(quorum_message("write", w, holders, failed,
@@ -432,8 +399,9 @@ class Coordinator:
         # Fallbacks hold hints; only a replica with the key's history mints.
         # This node first when it is a primary (as the module's step 2 says: no round trip
         # before the merges), a suspected replica last (rule 5).
+        health = self.health
         waiting = sorted((rep for rep in replicas if rep.role is Role.PRIMARY),
-                         key=lambda rep: (self._suspected(rep.node), self._slow(rep.node),
+                         key=lambda rep: (health.suspected(rep.node), health.slow(rep.node),
                                           not isinstance(rep, LocalReplica)))
         if len(waiting) == 1:
             only = waiting[0]
@@ -442,7 +410,7 @@ class Coordinator:
                 None if isinstance(only, LocalReplica) and not patience else deadline, patience)
             return minted, only, errors
         # A large value's mint seals bytes proportional to its size: one at a time.
-        hedge = None if patience else self._hedge_delay()
+        hedge = None if patience else self.health.hedge_delay()
         outcomes = Outcomes[tuple[Replica, Any, Any]]()
 
         async def attempt(replica: Replica) -> None:
@@ -453,8 +421,7 @@ class Coordinator:
             except (KvdError, OSError) as exc:  # anything else is a bug (docs/DECISIONS.md)
                 outcomes.send_nowait((replica, None, exc))
                 return
-            if not self._slow(replica.node):  # a slow link must not lengthen every hedge
-                self._typical_mint += (self.clock() - began - self._typical_mint) / 8
+            self.health.minted(replica.node, self.clock() - began)
             outcomes.send_nowait((replica, minted, None))
 
         running = 0
@@ -494,7 +461,3 @@ class Coordinator:
             raise  # no other replica would accept it either
         except (KvdError, OSError) as exc:  # anything else is a bug (docs/DECISIONS.md)
             raise QuorumFailed(quorum_message("write", w, [], [(replica, exc)])) from None
-
-    def _hedge_delay(self) -> float:
-        """Rule 8: how long a mint may take before the next primary is asked as well."""
-        return min(self.replica_timeout, max(HEDGE_FLOOR, HEDGE_FACTOR * self._typical_mint))

@@ -8,15 +8,19 @@
 2. A data read that fails (an error, or no answer within ``replica_timeout``: coordinator
    rule 1) is replaced at once by a data read of a replica asked only for its digest, so
    any R replicas that answer make the quorum, as when every replica was asked for data.
+   So are the data reads still short of R a hedge delay after they were sent (Dynamo's
+   and Cassandra's speculative retry): a silent replica costs a read a hedge delay, not
+   ``replica_timeout``.
 3. Digests never count towards R. After the answer, read repair waits for the calls still
    running (up to ``request_timeout``), merges the late objects in, and writes the merged
    object back to every replica whose object, or digest, differs from it, or whose copy
    was damaged (``Damaged``: disk rot; kvd.node.local Rule 9). A large value's copy that
    was damaged (its bytes rotted, missing or short) gets the value's bytes first, read
    from the replicas that hold it; a stale one is left to anti-entropy, which streams them.
-4. With fewer than R replicas not suspected (coordinator rule 5), R answers cannot be
-   expected: the read waits a hedge delay at most, then fails naming every replica that
-   answered nothing (coordinator rule 10).
+4. With fewer than R replicas that have not timed out recently (coordinator rule 5), R
+   answers cannot be expected: the read waits a hedge delay at most, then fails naming
+   every replica that answered nothing (coordinator rule 10). A replica only late is
+   asked last for the object, not counted out.
 5. The read before a write without a context (coordinator rule 7, ``current_context``)
    asks n - w + 1 replicas for the object, this node's inline, and a spare for each that
    fails or for none answering within a hedge delay (docs/DECISIONS.md).
@@ -36,17 +40,12 @@ from kvd.node.large_values import PIECE, Holders, chunk_source
 from kvd.node.outcomes import Outcomes
 from kvd.node.quorum_message import quorum_message
 from kvd.node.replica import LocalReplica, Replica, Role
+from kvd.node.replica_health import ReplicaTimedOut
 
 if TYPE_CHECKING:
     from kvd.node.coordinator import Coordinator
 
 log = logging.getLogger("kvd.coordinator")
-
-
-class ReplicaTimedOut(KvdError):
-    """A replica did not answer one call within its deadline (coordinator rule 1)."""
-
-    code = "unavailable"
 
 
 @dataclass
@@ -70,7 +69,7 @@ def split_reads(replicas: list[Replica], r: int,
 async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
                       r: int) -> ReadResult:
     deadline = co.clock() + co.request_timeout
-    data, spare = split_reads(replicas, r, co._suspected)
+    data, spare = split_reads(replicas, r, co.health.suspected)
     answers = Outcomes[Answer]()
 
     async def ask(replica: Replica, full: bool) -> None:
@@ -101,30 +100,41 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
     digests: dict[Replica, bytes | None] = {}
     damaged: list[Replica] = []  # replicas whose copy failed its checksum: repaired (rule 3)
     # The calls end by the deadline; the margin lets their tasks report. Coordinator rule
-    # 10: with fewer than R replicas not suspected, a hedge delay at most, then fail fast.
+    # 10: with fewer than R replicas that have not timed out, a hedge delay at most, then
+    # fail fast. A replica merely late is no reason to fail: rule 2 asks a spare instead.
     until = deadline + co.replica_timeout
-    trusted = sum(not co._suspected(rep.node) for rep in replicas)
+    hedge_at = co.clock() + co.health.hedge_delay()
+    trusted = sum(not co.health.timed_out(rep.node) for rep in replicas)
     if trusted < r:
-        until = min(until, co.clock() + co._hedge_delay())
-    with trio.move_on_at(until):
-        while len(ok) < r and reading:
-            replica, full, success, value = await answers.receive()
-            running -= 1
-            if not success and isinstance(value, Damaged):
-                damaged.append(replica)
-            if not full:
+        until = min(until, hedge_at)
+    while len(ok) < r and reading:
+        with trio.move_on_at(min(until, hedge_at) if spare else until):
+            while len(ok) < r and reading:
+                replica, full, success, value = await answers.receive()
+                running -= 1
+                if not success and isinstance(value, Damaged):
+                    damaged.append(replica)
+                if not full:
+                    if success:
+                        digests[replica] = value
+                    continue
+                reading -= 1
                 if success:
-                    digests[replica] = value
-                continue
-            reading -= 1
-            if success:
-                ok.append((replica, value))
-                continue
-            failed.append((replica, value))
-            if spare:  # rule 2
-                co.background.start_soon(ask, spare.pop(0), True)
-                running += 1
-                reading += 1
+                    ok.append((replica, value))
+                    continue
+                failed.append((replica, value))
+                if spare:  # rule 2
+                    co.background.start_soon(ask, spare.pop(0), True)
+                    running += 1
+                    reading += 1
+        if len(ok) >= r or co.clock() >= until or not spare:
+            break
+        # Rule 2: the data reads are a hedge delay late; spares are asked for the object.
+        for _ in range(min(r - len(ok), len(spare))):
+            co.background.start_soon(ask, spare.pop(0), True)
+            running += 1
+            reading += 1
+        hedge_at = until
     if len(ok) < r:
         heard = {id(rep) for rep, _ in ok + failed} | {id(rep) for rep in digests}
         why = "no answer" if trusted >= r else "no answer; it timed out recently"
@@ -220,7 +230,7 @@ async def current_context(co: Coordinator, key: bytes, n: int, w: int) -> versio
     all n: one peer read less per write at N3 W2.)"""
     replicas = co.read_replicas(key, n)
     # A suspected replica (rule 5) is not waited for: it would cost every write a hedge.
-    trusted = sum(not co._suspected(rep.node) for rep in replicas)
+    trusted = sum(not co.health.suspected(rep.node) for rep in replicas)
     needed = max(1, min(trusted, n - w + 1))
     ok: list[tuple[Replica, Any]] = []
     others = []
@@ -233,7 +243,8 @@ async def current_context(co: Coordinator, key: bytes, n: int, w: int) -> versio
                 log.info("rule 7's read of %r here failed: %s", key[:64], exc)
         else:
             others.append(rep)
-    spares = sorted(others, key=lambda rep: (co._suspected(rep.node), co._slow(rep.node)))
+    health = co.health
+    spares = sorted(others, key=lambda rep: (health.suspected(rep.node), health.slow(rep.node)))
     deadline = co.clock() + co.replica_timeout
     # (replica, succeeded?, its object or error), as Coordinator._quorum's outcomes
     outcomes = Outcomes[tuple[Replica, bool, Any]]()
@@ -252,7 +263,7 @@ async def current_context(co: Coordinator, key: bytes, n: int, w: int) -> versio
     # A hedge delay after the first answer (this node's, when it is one) at most. With
     # none by then, the spares are asked too (rule 8), and the first answer is awaited
     # until the calls' deadline (the margin lets them report).
-    until = co.clock() + co._hedge_delay()
+    until = co.clock() + co.health.hedge_delay()
     while len(ok) < needed and (running or (spares and not ok)):
         with trio.move_on_at(until) as waiting:
             replica, success, value = await outcomes.receive()
@@ -265,7 +276,7 @@ async def current_context(co: Coordinator, key: bytes, n: int, w: int) -> versio
         running -= 1
         if success:
             if not ok:
-                until = co.clock() + co._hedge_delay()
+                until = co.clock() + co.health.hedge_delay()
             ok.append((replica, value))
         else:
             ask(1)

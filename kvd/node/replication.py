@@ -17,8 +17,8 @@ import trio
 
 from kvd import versions
 from kvd.errors import KvdError
-from kvd.node.reads import ReplicaTimedOut
 from kvd.node.replica import Replica, Role
+from kvd.node.replica_health import ReplicaTimedOut
 
 
 log = logging.getLogger("kvd.coordinator")
