@@ -346,7 +346,9 @@ class Config(BaseModel):
             "counting that replica as failed for the request (Dynamo's local failure "
             "view): it mints on the next primary or keeps a hint at once instead of "
             "waiting for the failure detector. Replicas answer in milliseconds; 1 s leaves "
-            "room for a loaded disk's fsync. At most request_timeout."
+            "room for a loaded disk's fsync. A replica that has not answered within a hedge "
+            "delay (4 typical mint times, at least 50 ms) is asked last, and another is asked "
+            "besides, until it answers. At most request_timeout."
         ),
     )
 
