@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import plyvel
@@ -444,41 +445,134 @@ async def test_a_checked_scan_names_each_damaged_record_and_yields_the_rest(tmp_
         assert sorted(seen + damaged) == sorted(values) and seen == sorted(seen)
 
 
-async def test_a_verify_stopped_by_an_unreadable_block_is_an_error_not_a_crash(caplog):
-    """`kvctl repair --verify` scans a partition's objects. A block too damaged for even
-    its keys to be listed stops the scan (LevelDB cannot say where the block ends): that
-    is counted as an error and logged, the copies found damaged before it are still
-    re-read, and the repair goes on. A repair runs in the node's nursery: an exception
-    out of it would take the node down."""
+def spoil_a_compressed_block(directory: Path) -> None:
+    """Overwrite 8 bytes a third of the way into the LevelDB table in ``directory``: a
+    data block, which snappy compressed whole, so not even its keys can be read back."""
+    plyvel.DB(str(directory)).close()
+    (table,) = directory.glob("*.ldb")
+    data = bytearray(table.read_bytes())
+    at = len(data) // 3
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+    table.write_bytes(bytes(data))
+
+
+async def test_a_checked_scan_goes_past_a_block_too_damaged_to_list_its_keys(tmp_path):
+    """Compressible values (most values are) share snappy-compressed blocks, and one damaged
+    byte makes a whole block unreadable, its keys included. A checked scan stopped there
+    with DamagedData: a transfer of the partition retried that page for good (a stuck
+    join or leave), hint deliveries stopped at it, and `repair --verify` checked nothing
+    past it. The scan now skips just that block, tells which span it skipped, and yields
+    every readable record after it, in key order."""
+    values = {b"key-%04d" % i: b"compressible text number %d, " % i * 8 for i in range(2000)}
+    async with open_storage(str(tmp_path / "db")) as storage:
+        await storage.write(list(values.items()))
+    spoil_a_compressed_block(tmp_path / "db")
+    async with open_storage(str(tmp_path / "db")) as storage:
+        with pytest.raises(DamagedData):  # the damage this test is about: keys unlisted
+            list(storage.iterate_keys(b"", b"\xff"))
+        damaged: list[bytes] = []
+        skipped: list[tuple[bytes, bytes]] = []
+        seen = []
+        for key, value in storage.iterate_sound(b"", b"\xff", damaged.append,
+                                                lambda *span: skipped.append(span)):
+            assert value == values[key]
+            seen.append(key)
+        assert seen == sorted(seen) and seen[-1] == b"key-1999"
+        assert len(skipped) == 1, skipped
+        after, until = skipped[0]
+        lost = set(values) - set(seen) - set(damaged)
+        assert 0 < len(lost) <= 40, sorted(lost)  # a block or two of 4 KiB, no more
+        assert all(after <= key < until for key in lost), (skipped, sorted(lost))
+
+
+async def test_verify_rereads_the_keys_of_a_block_too_damaged_to_list_them(tmp_path, caplog):
+    """`kvctl repair --verify` on a partition with a block too damaged to list its keys:
+    the scan steps over the block, checks every copy past it, and takes the block's keys
+    from the anti-entropy index, so that read repair rewrites those copies too. Before,
+    the scan stopped at the block (an error) and checked nothing past it."""
     import logging
 
-    from kvd import versions
     from kvd.node.antientropy import AntiEntropy, RepairStats
+    from kvd.node.local import LocalStore
     from kvd.storage.blobs import MemoryBlobStore
 
-    sound = versions.encode_object(versions.update(versions.empty(), {}, "a:1", value=b"v")[0])
+    values = {b"key-%04d" % i: b"compressible text number %d, " % i * 8 for i in range(2000)}
+    async with open_storage(str(tmp_path / "db"), sync="none") as storage:
+        store = LocalStore(storage, MemoryBlobStore(), 1)  # one partition, 0, holds every key
+        async with trio.open_nursery() as nursery:
+            for key, value in values.items():
+                nursery.start_soon(partial(store.coordinate, key, {}, "a:1", value=value))
+    spoil_a_compressed_block(tmp_path / "db")
+    async with open_storage(str(tmp_path / "db")) as storage:
+        store = LocalStore(storage, MemoryBlobStore(), 1)
+        with pytest.raises(DamagedData):  # the damage this test is about: keys unlisted
+            list(storage.iterate_keys(*keys.object_range(store.slot(0))))
+        unreadable = set()
+        for key in values:
+            try:
+                storage.get(keys.object_key(store.slot(0), key), checked=True)
+            except DamagedData:
+                unreadable.add(key)
+        reread: list[bytes] = []
 
-    class Storage:
-        def iterate_sound(self, start, stop, damaged):
-            yield keys.object_key(3, b"good"), sound
-            damaged(keys.object_key(3, b"rotted"))
-            yield keys.object_key(3, b"undecodable"), b"\xc1 not an object"
-            raise DamagedData("corruption: bad block handle")
+        async def record(key: bytes) -> None:
+            reread.append(key)
 
-    class Store:
-        storage, blobs = Storage(), MemoryBlobStore()
+        stats = RepairStats()
+        with caplog.at_level(logging.ERROR, logger="kvd.aae"):
+            await AntiEntropy(None, store, None).verify(0, record, stats)
+    assert 0 < len(unreadable) <= 40
+    assert set(reread) == unreadable, sorted(set(reread) ^ unreadable)
+    assert (stats.copies_checked, stats.copies_damaged, stats.errors) == (
+        len(values), len(unreadable), 0)
+    assert "too damaged to list their keys" in caplog.text
 
-        def slot(self, partition):
-            return partition
 
-    reread: list[bytes] = []
+async def test_a_transfer_pages_past_a_block_too_damaged_to_list_its_keys(tmp_path):
+    """A partition's transfer to a new owner, from a store with a block too damaged to list
+    its keys: every page from that block on failed, and the new owner's fetcher asked for
+    it again and again, so the join or leave never finished. The pages now step over the
+    block and reach the end; every object sent is the one stored."""
+    from kvd.node.transfers import scan_page
 
-    async def record(key: bytes) -> None:
-        reread.append(key)
+    slot = 3
+    values = {b"key-%04d" % i: b"compressible text number %d, " % i * 8 for i in range(2000)}
+    async with open_storage(str(tmp_path / "db")) as storage:
+        await storage.write([(keys.object_key(slot, k), v) for k, v in values.items()])
+    spoil_a_compressed_block(tmp_path / "db")
+    async with open_storage(str(tmp_path / "db")) as storage:
+        start, stop = keys.object_range(slot)
+        sent: dict[bytes, bytes] = {}
+        for _ in range(100):
+            page = scan_page(storage, start, stop, limit=64, max_bytes=1 << 20)
+            sent.update(page["objects"])
+            if page["done"]:
+                break
+            start = keys.object_key(slot, page["objects"][-1][0]) + b"\x00"
+        assert page["done"], "the transfer never got past the damaged block"
+        assert all(values[k] == v for k, v in sent.items())
+        assert len(values) - 40 <= len(sent) < len(values)
 
-    stats = RepairStats()
-    with caplog.at_level(logging.ERROR, logger="kvd.aae"):
-        await AntiEntropy(None, Store(), None).verify(3, record, stats)
-    assert (stats.copies_checked, stats.copies_damaged, stats.errors) == (3, 2, 1)
-    assert sorted(reread) == [b"rotted", b"undecodable"]
-    assert "partition 3 could not be read to its end" in caplog.text
+
+async def test_a_node_whose_hints_share_a_block_too_damaged_to_list_starts(tmp_path, caplog):
+    """A node counts its stored hints as it starts (kvd.node.handoff Rule 2). A block of
+    hints too damaged to list its keys stopped the count with DamagedData, and with it the
+    node's start. The count now steps over the block, once logged."""
+    import logging
+    from types import SimpleNamespace
+
+    from kvd.clocks import REAL
+    from kvd.node.handoff import Handoff
+
+    hints = {keys.hint_key("n2", seq): b"a compressible hint number %d, " % seq * 8
+             for seq in range(1, 2001)}
+    async with open_storage(str(tmp_path / "db")) as storage:
+        await storage.write(list(hints.items()))
+    spoil_a_compressed_block(tmp_path / "db")
+    async with open_storage(str(tmp_path / "db")) as storage:
+        handoff = Handoff(SimpleNamespace(storage=storage, store=None, config=None,
+                                          clocks=REAL))
+        with caplog.at_level(logging.ERROR, logger="kvd.handoff"):
+            await handoff.load()
+    assert len(hints) - 40 <= handoff.pending()["n2"] < len(hints)
+    assert caplog.text.count("too damaged to list their keys") == 1

@@ -322,33 +322,34 @@ class AntiEntropy:
         cannot see rot (the objects' digests agree), and a copy no read reaches stayed
         damaged until one did. Each key found damaged is passed to ``reread``, a read this
         node coordinates, whose read repair rewrites the copy from the other replicas.
-        Counted in ``stats``: copies checked and damaged, and an error for a scan that a
-        block too damaged to list its keys stopped."""
-        start, stop = keys.object_range(self.store.slot(partition))
+        The keys of a block too damaged to list them are taken from the anti-entropy
+        index. Counted in ``stats``: copies checked and damaged, and an error when even
+        the index cannot name them."""
+        slot = self.store.slot(partition)
+        start, stop = keys.object_range(slot)
         rotted: list[bytes] = []  # objects failing LevelDB's checksums: the scan skips them
+        unlisted: list[tuple[bytes, bytes]] = []  # spans of blocks whose keys cannot be read
         damaged: list[bytes] = []
         checked = 0
-        try:
-            for object_key, raw in self.store.storage.iterate_sound(start, stop, rotted.append):
-                checked += 1
-                if checked % SCAN_YIELD == 0:
-                    await trio.lowlevel.checkpoint()
-                try:
-                    refs = [s.chunks for s in versions.decode_object(raw).siblings
-                            if s.chunks is not None]
-                except ValueError:
-                    damaged.append(object_key)
-                    continue
-                for ref in refs:
-                    if not await self.store.blobs.sound(ref.vid, ref.length):
-                        # Not a value overwritten meanwhile (its bytes go with it).
-                        if self.store.storage.get(object_key) == raw:
-                            damaged.append(object_key)
-                        break
-        except DamagedData as exc:
-            log.error("verify: partition %d could not be read to its end here: %s",
-                      partition, exc)
-            stats.errors += 1
+        for object_key, raw in self.store.storage.iterate_sound(
+                start, stop, rotted.append, lambda *span: unlisted.append(span)):
+            checked += 1
+            if checked % SCAN_YIELD == 0:
+                await trio.lowlevel.checkpoint()
+            try:
+                refs = [s.chunks for s in versions.decode_object(raw).siblings
+                        if s.chunks is not None]
+            except ValueError:
+                damaged.append(object_key)
+                continue
+            for ref in refs:
+                if not await self.store.blobs.sound(ref.vid, ref.length):
+                    # Not a value overwritten meanwhile (its bytes go with it).
+                    if self.store.storage.get(object_key) == raw:
+                        damaged.append(object_key)
+                    break
+        if unlisted:
+            rotted += self._indexed_within(partition, unlisted, stats)
         found = [keys.user_key_of(object_key)[1] for object_key in rotted + damaged]
         stats.copies_checked += checked + len(rotted)
         stats.copies_damaged += len(found)
@@ -356,6 +357,28 @@ class AntiEntropy:
             log.warning("verify: this node's copy of key %r is damaged: read repair rewrites "
                         "it from the other replicas", key[:64])
             await reread(key)
+
+    def _indexed_within(self, partition: int, spans: list[tuple[bytes, bytes]],
+                        stats: RepairStats) -> list[bytes]:
+        """The object keys that this node's anti-entropy index lists within ``spans`` (of
+        blocks too damaged to list their own keys)."""
+        slot = self.store.slot(partition)
+        start, stop = keys.index_space(slot)
+        found = []
+        try:
+            for index_key in self.store.storage.iterate_keys(start, stop):
+                object_key = keys.object_key(slot, keys.indexed_key(index_key))
+                if any(after <= object_key < until for after, until in spans):
+                    found.append(object_key)
+        except DamagedData as exc:
+            log.error("verify: partition %d has a block too damaged to list its keys, and its "
+                      "anti-entropy index cannot name them either: %s", partition, exc)
+            stats.errors += 1
+            return found
+        log.error("verify: partition %d has %d block(s) too damaged to list their keys; the "
+                  "anti-entropy index names %d key(s) in them", partition, len(spans),
+                  len(found))
+        return found
 
     def moving_partitions(self) -> set[int]:
         """Partitions whose replicas change with the pending moves: anti-entropy leaves them

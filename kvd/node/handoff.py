@@ -97,12 +97,23 @@ class Handoff:
         self.expired = 0
         self._refused: set[bytes] = set()  # hint keys already logged as refused
         self._paused: dict[str, str] = {}  # node -> why delivery to it paused (logged once)
+        self._unlisted: set[bytes] = set()  # damaged spans of hints already logged
+
+    def _stepped_over(self, after: bytes, until: bytes) -> None:
+        """Hints in a block too damaged to list their keys: never delivered, logged once
+        (their writes are on the replicas that acknowledged them: anti-entropy brings
+        them to the target)."""
+        if after not in self._unlisted:
+            self._unlisted.add(after)
+            log.error("hints in a block too damaged to list their keys (LevelDB keys %r to "
+                      "%r) are stepped over: they are never delivered", after[:80], until[:80])
 
     async def load(self) -> None:
         """Count the stored hints once (Rule 2); later counts are kept, never scanned."""
         start, stop = keys.hint_space()
         counts: dict[str, int] = {}
-        for i, hint_key in enumerate(self.storage.iterate_keys(start, stop)):
+        hint_keys = self.storage.iterate_keys_past_damage(start, stop, self._stepped_over)
+        for i, hint_key in enumerate(hint_keys):
             target, seq = keys.hint_of(hint_key)
             counts[target] = counts.get(target, 0) + 1
             self._seq = max(self._seq, seq)
@@ -179,7 +190,8 @@ class Handoff:
             def damaged(hint_key: bytes) -> None:
                 doomed.append((hint_key, _unreadable(hint_key, "its bytes are damaged")))
 
-            for hint_key, raw in self.storage.iterate_sound(start, stop, damaged):
+            hints = self.storage.iterate_sound(start, stop, damaged, self._stepped_over)
+            for hint_key, raw in hints:
                 hint = _decode(hint_key, raw)
                 if not self._is_expired(hint) or len(doomed) == HINT_BATCH:
                     break
@@ -204,7 +216,8 @@ class Handoff:
         def damaged(hint_key: bytes) -> None:  # never delivered: it may carry rotted bytes
             out.append((hint_key, _unreadable(hint_key, "its bytes are damaged"), 0))
 
-        for hint_key, raw in self.storage.iterate_sound(start, stop, damaged):
+        for hint_key, raw in self.storage.iterate_sound(start, stop, damaged,
+                                                        self._stepped_over):
             if out and (len(out) == HINT_BATCH or size + len(raw) > HINT_BATCH_BYTES):
                 break
             out.append((hint_key, _decode(hint_key, raw), len(raw)))

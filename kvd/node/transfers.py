@@ -54,16 +54,21 @@ def scan_page(storage, start: bytes, stop: bytes, limit: int, max_bytes: int) ->
     """One page of ``Transfers.scan_partition``: the objects from ``start`` (a LevelDB key)
     on, at most ``limit`` of them and ``max_bytes`` bytes, checked against LevelDB's
     checksums: a new owner stores what it receives under fresh ones, so a rotted copy sent
-    would pass for a sound one there (kvd.node.local Rule 9). A damaged object is left out;
-    the new owner gets its key from the other replicas through anti-entropy."""
+    would pass for a sound one there (kvd.node.local Rule 9). A damaged object is left out,
+    and so are those of a block too damaged to list its keys; the new owner gets them from
+    the other replicas through anti-entropy."""
 
     def damaged(object_key: bytes) -> None:
         log.error("the object of key %r is damaged here: not sent to its new owner",
                   keys.user_key_of(object_key)[1][:64])
 
+    def skipped(after: bytes, until: bytes) -> None:
+        log.error("a block too damaged to list its keys (LevelDB keys %r to %r) was stepped "
+                  "over: its objects are not sent to their new owner", after[:80], until[:80])
+
     out: list = []
     size = 0
-    for object_key, raw in storage.iterate_sound(start, stop, damaged):
+    for object_key, raw in storage.iterate_sound(start, stop, damaged, skipped):
         key = keys.user_key_of(object_key)[1]
         entry = len(key) + len(raw) + 16  # with msgpack's headers: the reply must fit
         if len(out) == limit or size + entry > max_bytes:

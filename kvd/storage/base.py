@@ -170,11 +170,16 @@ class Storage(abc.ABC):
         iterator is consumed are not seen.
         """
 
-    def iterate_sound(self, start: bytes, stop: bytes,
-                      damaged: Callable[[bytes], object]) -> Iterator[tuple[bytes, bytes]]:
-        """``iterate``, checked, for records that leave this node (a transfer, a hint): a
-        record whose bytes fail their checksum is passed to ``damaged`` and left out, with
-        the others of its block (LevelDB checks whole blocks), in key order."""
+    def iterate_sound(self, start: bytes, stop: bytes, damaged: Callable[[bytes], object],
+                      skipped: Callable[[bytes, bytes], object] | None = None,
+                      ) -> Iterator[tuple[bytes, bytes]]:
+        """``iterate``, checked, for records that leave this node (a transfer, a hint, a
+        verify scan): a record whose bytes fail their checksum is passed to ``damaged`` and
+        left out, with the others of its block (LevelDB checks whole blocks), in key order.
+        A block so damaged that not even its keys can be read (a compressed one) is
+        stepped over: ``skipped(after, until)`` is told the span of keys left unread, and
+        the scan goes on from ``until``. Stopping there instead stalled every scan of the
+        range for good (a transfer retrying its page, hint deliveries)."""
         last = None
         try:
             for key, value in self.iterate(start, stop, checked=True):
@@ -183,7 +188,8 @@ class Storage(abc.ABC):
             return
         except DamagedData:  # from this block on, one record at a time
             pass
-        for key in self.iterate_keys(start if last is None else last + b"\x00", stop):
+        position = start if last is None else last + b"\x00"
+        for key in self.iterate_keys_past_damage(position, stop, skipped):
             try:
                 found = self.get(key, checked=True)
             except DamagedData:
@@ -191,6 +197,58 @@ class Storage(abc.ABC):
                 continue
             if found is not None:
                 yield key, found
+
+    def iterate_keys_past_damage(self, start: bytes, stop: bytes,
+                                 skipped: Callable[[bytes, bytes], object] | None = None,
+                                 ) -> Iterator[bytes]:
+        """``iterate_keys``, stepping over a block too damaged for its keys to be read:
+        ``skipped(after, until)`` is told the span left unread, and the keys from ``until``
+        on follow."""
+        position = start
+        while True:
+            try:
+                for key in self.iterate_keys(position, stop):
+                    position = key + b"\x00"
+                    yield key
+                return
+            except DamagedData:
+                until = self._past_unreadable(position, stop)
+                if skipped is not None:
+                    skipped(position, until)
+                position = until
+
+    def _past_unreadable(self, position: bytes, stop: bytes) -> bytes:
+        """The least seek target after ``position`` (whose keys cannot be listed) from which
+        they can, to a byte: the end of the unreadable block, found by bisection between a
+        nearby readable target and ``position`` (a few hundred seeks, only on damage).
+        ``stop`` when nothing after ``position`` can be read."""
+
+        def readable(target: bytes) -> bool:
+            try:
+                next(iter(self.iterate_keys(target, stop)), None)
+            except DamagedData:
+                return False
+            return True
+
+        # A readable target near ``position``: its prefixes' successors, shortest jump first.
+        high = stop
+        for i in range(len(position) - 1, -1, -1):
+            if position[i] < 0xFF:
+                target = position[:i] + bytes([position[i] + 1])
+                if target < stop and readable(target):
+                    high = target
+                    break
+        width = max(len(position), len(high)) + 1
+        low_n = int.from_bytes(position.ljust(width, b"\x00"), "big")
+        high_n = int.from_bytes(high.ljust(width, b"\x00"), "big")
+        while high_n - low_n > 1:  # ``low`` unreadable; ``high`` readable, or the end
+            middle = (low_n + high_n) // 2
+            target = middle.to_bytes(width, "big")
+            if readable(target):
+                high, high_n = target, middle
+            else:
+                low_n = middle
+        return high
 
     @abc.abstractmethod
     def iterate_keys(self, start: bytes, stop: bytes) -> Iterator[bytes]:

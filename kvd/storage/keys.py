@@ -170,6 +170,17 @@ def index_range(partition: int, segment: int) -> tuple[bytes, bytes]:
     return start, _successor(start)
 
 
+def index_space(partition: int) -> tuple[bytes, bytes]:
+    """Every index entry of ``partition``, all its segments."""
+    start = _INDEX + _partition(partition)
+    return start, _successor(start)
+
+
+def indexed_key(index_key_: bytes) -> bytes:
+    """The key an entry built by ``index_key`` indexes."""
+    return index_key_[len(_INDEX) + _U32.size + _U16.size:]
+
+
 def hint_space() -> tuple[bytes, bytes]:
     """``[start, stop)`` covering every hint, for every node."""
     return _HINT, _successor(_HINT)

@@ -22,7 +22,9 @@ Invariants:
    (tests/test_damaged_storage.py) instead of serving wrong bytes, which read repair had
    merged into the healthy replicas. So are the scans whose records leave the node (a
    transfer's pages, hint deliveries) and ``kvctl repair --verify``'s: ``Storage.
-   iterate_sound`` names a damaged record and goes on past it. Other reads are not checked: a node's own records sharing a
+   iterate_sound`` names a damaged record and goes on past it, and steps over a block too
+   damaged to list its keys (a compressed block: one bad byte makes all of it unreadable).
+   Other reads are not checked: a node's own records sharing a
    block with a rotted value still read (it starts), and anti-entropy's scans of its
    index only compare digests. Only checked reads fill the block cache, since LevelDB
    does not check a block it serves from its cache.
