@@ -576,3 +576,46 @@ async def test_a_node_whose_hints_share_a_block_too_damaged_to_list_starts(tmp_p
             await handoff.load()
     assert len(hints) - 40 <= handoff.pending()["n2"] < len(hints)
     assert caplog.text.count("too damaged to list their keys") == 1
+
+
+async def test_a_verify_whose_index_cannot_name_a_damaged_block_s_keys_counts_an_error(caplog):
+    """When the anti-entropy index cannot name the keys of a block too damaged to list them
+    (its own block damaged too), `repair --verify` counts an error and logs it; the copies
+    found damaged are still re-read, and the repair goes on. A repair runs in the node's
+    nursery: an exception out of it would take the node down."""
+    import logging
+
+    from kvd import versions
+    from kvd.node.antientropy import AntiEntropy, RepairStats
+    from kvd.storage.blobs import MemoryBlobStore
+
+    sound = versions.encode_object(versions.update(versions.empty(), {}, "a:1", value=b"v")[0])
+
+    class Storage:
+        def iterate_sound(self, start, stop, damaged, skipped):
+            yield keys.object_key(3, b"good"), sound
+            damaged(keys.object_key(3, b"rotted"))
+            skipped(keys.object_key(3, b"s"), keys.object_key(3, b"t"))
+            yield keys.object_key(3, b"undecodable"), b"\xc1 not an object"
+
+        def iterate_keys(self, start, stop):
+            raise DamagedData("corruption: bad block handle")
+            yield
+
+    class Store:
+        storage, blobs = Storage(), MemoryBlobStore()
+
+        def slot(self, partition):
+            return partition
+
+    reread: list[bytes] = []
+
+    async def record(key: bytes) -> None:
+        reread.append(key)
+
+    stats = RepairStats()
+    with caplog.at_level(logging.ERROR, logger="kvd.aae"):
+        await AntiEntropy(None, Store(), None).verify(3, record, stats)
+    assert (stats.copies_checked, stats.copies_damaged, stats.errors) == (3, 2, 1)
+    assert sorted(reread) == [b"rotted", b"undecodable"]
+    assert "its anti-entropy index cannot name them either" in caplog.text
