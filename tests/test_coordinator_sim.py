@@ -389,6 +389,30 @@ async def test_a_silent_replica_costs_a_read_a_hedge_not_a_replica_timeout(autoj
         nursery.cancel_scope.cancel()
 
 
+async def test_a_read_whose_spare_a_failure_took_waits_for_its_late_replicas(autojump_clock):
+    """Rule 2 of kvd.node.reads, both halves at once: a data read that fails takes the spare
+    at once, and a late one would take it after a hedge delay. With the spare gone, the
+    read must still wait for its late replicas (up to the request's deadline) rather than
+    give up at the hedge delay. Four nodes; the key's replicas are n2, n3 and n4; n3 is
+    down (its calls fail at once) and every message to or from n2 and n4 is delayed."""
+    from kvd.node.replica_health import HEDGE_FLOOR
+
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, ("n1", "n2", "n3", "n4"), request_timeout=10.0,
+                             replica_timeout=1.0)
+        key = next(key for key in (b"sp" + str(i).encode() for i in range(100_000))
+                   if _primaries(sim, key) == ["n2", "n3", "n4"])
+        async with sim.open_client("n1", sim.client_address()) as c:
+            await c.put(key, b"v", w=3)
+            sim.crash("n3")
+            sim.net.set_delay(0.2, [sim.nodes[n].peer_address for n in ("n2", "n4")])
+            began = trio.current_time()
+            assert [s.value for s in (await c.get(key, r=2)).siblings] == [b"v"]
+            assert trio.current_time() - began > HEDGE_FLOOR  # the case: replicas were late
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
 def _silence(monkeypatch, sim: SimCluster, names: set[str]) -> None:
     """The replicas on ``names`` never answer a data call (reads, mints, merges), while gossip
     still flows: what a hung disk, or a ring partition relayed by gossip, looks like to a

@@ -127,9 +127,10 @@ async def quorum_read(co: Coordinator, key: bytes, replicas: list[Replica],
                     co.background.start_soon(ask, spare.pop(0), True)
                     running += 1
                     reading += 1
-        if len(ok) >= r or co.clock() >= until or not spare:
+        if len(ok) >= r or co.clock() >= until:
             break
-        # Rule 2: the data reads are a hedge delay late; spares are asked for the object.
+        # Rule 2: the data reads are a hedge delay late; spares are asked for the object
+        # (none left when failures took them all: then the reads are awaited until ``until``).
         for _ in range(min(r - len(ok), len(spare))):
             co.background.start_soon(ask, spare.pop(0), True)
             running += 1
