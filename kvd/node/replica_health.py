@@ -3,9 +3,9 @@ failure detector cannot give (coordinator rules 1, 5 and 8).
 
 1. Every call to a replica has ``replica_timeout`` to answer (``call``; a large value's
    calls get their own ``patience``). One that does not raises ReplicaTimedOut.
-2. A replica is *suspected* while a call to it has gone a hedge delay without an answer,
-   and for ``SUSPECT_FOR`` seconds after a call to it timed out; its next answer ends
-   both. So a replica that falls silent costs the requests in flight at that moment a
+2. A replica is *suspected* while its oldest call not answered yet is a hedge delay old,
+   and for ``SUSPECT_FOR`` seconds after a call to it timed out or until it next answers,
+   whichever is first. So a replica that falls silent costs the requests in flight then a
    hedge delay each, and the ones after them none, whereas waiting for a timeout cost
    every request in the first ``replica_timeout`` one (docs/DECISIONS.md). Calls with a
    ``patience`` (seals of large values, proportional to the size) never make it late, nor
@@ -44,6 +44,8 @@ class ReplicaTimedOut(KvdError):
 
 
 class ReplicaHealth:
+    """One coordinator's view of its replicas (the rules above), by node name."""
+
     def __init__(self, clock: Callable[[], float], replica_timeout: float):
         self.clock = clock
         self.replica_timeout = replica_timeout
