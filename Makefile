@@ -130,8 +130,9 @@ soak: venv
 	KVD_SOAK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -s -rsx tests/test_admission.py \
 		-k 10000
 
-# Redis's figures sit beside kvd's in the same run: redis-server comes from Debian here.
-bench: venv
+# Redis's figures sit beside kvd's in the same run: redis-server comes from Debian here. The
+# chaos short run gives the latency through faults (root, with make chaos-tools).
+bench: venv chaos-tools
 	@$(MAKE) --no-print-directory ops-tools OPS_TOOLS="redis-server:redis-server redis-benchmark:redis-tools"
 	$(BIN)/python benchmarks/run.py
 
