@@ -158,7 +158,8 @@ async def test_ring_partition_never_stalls_a_write(autojump_clock):
                     key = f"ring{batch}{i}".encode()
                     began = trio.current_time()
                     await c.put(key, b"v")
-                    took.append((batch, _primaries(sim, key), round(trio.current_time() - began, 3)))
+                    took.append((batch, _primaries(sim, key),
+                                 round(trio.current_time() - began, 3)))
         assert max(t for _, _, t in took) <= 0.3, took
         assert len([t for _, _, t in took if t >= HEDGE_FLOOR]) <= 2, took
         assert not sim.crashes, sim.crashes
