@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 import pytest
 import trio
@@ -410,6 +411,43 @@ async def test_a_read_whose_spare_a_failure_took_waits_for_its_late_replicas(aut
             began = trio.current_time()
             assert [s.value for s in (await c.get(key, r=2)).siblings] == [b"v"]
             assert trio.current_time() - began > HEDGE_FLOOR  # the case: replicas were late
+        assert not sim.crashes, sim.crashes
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_large_upload_does_not_make_its_replicas_suspects(autojump_clock, monkeypatch):
+    """A large value's chunks take time in proportion to their size (here a slow blob disk
+    on n2 and n3: 0.2 s a chunk), far more than a hedge delay. Those calls must not make
+    n2 and n3 look late or slow (rule 5): the small writes made meanwhile through n1, to
+    keys n2 and n3 replicate and answer at once, must go to them, not to fallbacks
+    standing in for them and keeping hints."""
+    from kvd.node.local import LocalStore
+
+    names = ["n1", "n2", "n3", "n4", "n5"]
+    async with trio.open_nursery() as nursery:
+        sim = await _cluster(nursery, names, request_timeout=10.0, replica_timeout=1.0)
+        write_chunk = LocalStore.write_chunk
+        slow_disks = {id(sim.nodes[n].node.store) for n in ("n2", "n3")}
+
+        async def slow_write_chunk(self, *args):
+            if id(self) in slow_disks:
+                await trio.sleep(0.2)
+            return await write_chunk(self, *args)
+
+        monkeypatch.setattr(LocalStore, "write_chunk", slow_write_chunk)
+        big = _key_with(sim, "n1", prefix=b"big")
+        small = [key for key in (b"small" + str(i).encode() for i in range(100_000))
+                 if _primaries(sim, key) == ["n1", "n2", "n3"]][:10]
+        assert _primaries(sim, big) == ["n1", "n2", "n3"]
+        async with sim.open_client("n1", sim.client_address()) as uploader:
+            async with trio.open_nursery() as writers:
+                writers.start_soon(partial(uploader.put, big, b"x" * (2 << 20), w=2))
+                await trio.sleep(0.5)  # chunks in flight to n2 and n3
+                took = await _timed_puts(sim, small, lambda i: 0.05)
+        assert max(took) < 0.05, took
+        handoffs = [sn.node.cluster.handoff for sn in sim.nodes.values()]
+        stood_in = sum(h.delivered + sum(h.pending().values()) for h in handoffs)
+        assert stood_in == 0, f"fallbacks stood in for n2 and n3 {stood_in} times"
         assert not sim.crashes, sim.crashes
         nursery.cancel_scope.cancel()
 

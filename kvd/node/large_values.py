@@ -71,8 +71,10 @@ class _Lane:
             # chunk cut off half-sent would break the peer connection and every request on
             # it. The call's own timeout (replica_timeout) bounds the wait.
             with trio.CancelScope(shield=True):
+                # No deadline of its own: each chunk gets replica_timeout. Bulk: its time
+                # says nothing of how the replica answers requests (replica_health rule 2).
                 await call(self.replica, lambda rep: rep.write_chunk(key, vid, offset, data),
-                           math.inf)  # no deadline of its own: each chunk gets replica_timeout
+                           math.inf, bulk=True)
         except (KvdError, OSError) as exc:
             if self.error is None:
                 log.info("replica %s dropped from upload of %r: %s", self.replica.node,

@@ -7,9 +7,11 @@ failure detector cannot give (coordinator rules 1, 5 and 8).
    and for ``SUSPECT_FOR`` seconds after a call to it timed out or until it next answers,
    whichever is first. So a replica that falls silent costs the requests in flight then a
    hedge delay each, and the ones after them none, whereas waiting for a timeout cost
-   every request in the first ``replica_timeout`` one (docs/DECISIONS.md). Calls with a
-   ``patience`` (seals of large values, proportional to the size) never make it late, nor
-   do this node's own (a local call waits for its group commit, and has no stand-in).
+   every request in the first ``replica_timeout`` one (docs/DECISIONS.md). Calls that move
+   a large value's bytes (``bulk``, and those with a ``patience``: seals) take time in
+   proportion to their size, so they never make a replica late, nor count towards its
+   typical answer time (rule 4); nor do this node's own calls make it late (a local call
+   waits for its group commit, and has no stand-in).
 3. Only a timeout says that a replica cannot answer (``timed_out``): coordinator rule 10
    fails a read on that, never on a replica that is merely late.
 4. A replica is *slow* (a lossy or slow link) while its typical answer time, a moving
@@ -56,11 +58,12 @@ class ReplicaHealth:
         self._typical_mint = HEDGE_FLOOR / HEDGE_FACTOR  # moving average, seconds (rule 5)
 
     async def call(self, replica: Replica, call: Callable[[Replica], Awaitable[T]],
-                   deadline: float, patience: float | None = None) -> T:
+                   deadline: float, patience: float | None = None, bulk: bool = False) -> T:
         """``call(replica)`` within the replica's deadline (rule 1), noting how it went."""
         node, began = replica.node, self.clock()
         timeout = max(0.0, min(patience or self.replica_timeout, deadline - began))
-        late_counts = patience is None and not isinstance(replica, LocalReplica)
+        telling = patience is None and not bulk  # of how the replica answers (rule 2)
+        late_counts = telling and not isinstance(replica, LocalReplica)
         waiting = self._waiting.setdefault(node, {}) if late_counts else {}
         token = object()
         waiting[token] = began
@@ -75,7 +78,7 @@ class ReplicaHealth:
             self._timed_out[node] = self.clock() + SUSPECT_FOR
             raise ReplicaTimedOut(f"timed out after {timeout:.1f} s")
         self._timed_out.pop(node, None)
-        if patience is None:
+        if telling:
             took, typical = self.clock() - began, self._answers.get(node)
             self._answers[node] = took if typical is None else typical + (took - typical) / 8
         return result

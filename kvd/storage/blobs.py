@@ -372,6 +372,8 @@ class MemoryBlobStore:
 
     async def write(self, vid, offset, data):
         blob = self.blobs.setdefault(vid, bytearray())
+        if len(blob) < offset:  # as a file does: a write past the end leaves a hole of zeros
+            blob.extend(bytes(offset - len(blob)))
         blob[offset : offset + len(data)] = data
         await trio.lowlevel.checkpoint()
 
