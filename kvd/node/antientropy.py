@@ -101,14 +101,13 @@ class AntiEntropy:
         """One reply's worth of a segment's (key, digest) list, in key order after ``after``:
         at most half of max_frame, so a crowded segment never closes the connection."""
         start, stop = keys.index_range(self.store.slot(partition), segment)
-        prefix = len(start)
         if after is not None:
             start = start + after + b"\x00"
         budget = self.config.max_frame // 2
         entries: list[list[bytes]] = []
         size = 0
         for index_key, digest in self.store.storage.iterate(start, stop):
-            key = index_key[prefix:]
+            key = keys.indexed_key(index_key)
             size += len(key) + len(digest) + KEY_ENTRY_OVERHEAD
             if entries and size > budget:
                 return {"entries": entries, "more": True}

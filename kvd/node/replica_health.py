@@ -64,6 +64,7 @@ class ReplicaHealth:
         timeout = max(0.0, min(patience or self.replica_timeout, deadline - began))
         telling = patience is None and not bulk  # of how the replica answers (rule 2)
         late_counts = telling and not isinstance(replica, LocalReplica)
+        # A call that cannot make the replica late waits in a dict nobody looks at.
         waiting = self._waiting.setdefault(node, {}) if late_counts else {}
         token = object()
         waiting[token] = began
