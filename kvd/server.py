@@ -14,6 +14,7 @@ kvd.node.resp_service.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -26,7 +27,7 @@ import trio
 
 from kvd import systemd
 from kvd.client import Dial
-from kvd.clocks import REAL, Clocks
+from kvd.clocks import REAL, Clocks, real_in_this_run
 from kvd.address import parse_address
 from kvd.config import Config
 from kvd.errors import KvdError, Unavailable
@@ -273,7 +274,8 @@ async def run(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
             trio.open_signal_receiver(signal.SIGHUP) as reloads:
         async with trio.open_nursery() as nursery:
-            _, node = await nursery.start(serve, config)
+            _, node = await nursery.start(
+                functools.partial(serve, config, clocks=real_in_this_run()))
             stop = trio.Event()
 
             async def on_signal():

@@ -217,7 +217,8 @@ class LocalStore:
         4): a write without a context when this node is the key's only replica
         (kvd.node.coordinator rule 7), with no read before it and no turn to wait for."""
         vids = [] if chunks is None else [chunks.vid]
-        self._sealing.update(vids)  # from now on a discard of these bytes is a no-op
+        if vids:  # (Counter.update of nothing still costs a dozen calls per write)
+            self._sealing.update(vids)  # from now on a discard of these bytes is a no-op
         try:
             if chunks is not None:
                 await self._seal(chunks)
