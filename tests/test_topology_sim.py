@@ -61,6 +61,69 @@ async def _wait_all_see_commit(sim, names):
 
 
 
+async def test_a_join_writes_its_fetch_plan_once_not_once_per_partition(sim, autojump_clock):
+    """A node's fetch plan (the prior ring and the partitions still to fetch) was written
+    whole again after every fetched partition, so a join's bookkeeping grew with the square
+    of the ring: at 65,536 partitions, 256 KiB and 7.5 ms of the event loop per partition,
+    some 8-16 GiB written in all. The plan is written once; each fetched partition then
+    removes one small key."""
+    from kvd.ring.apl import preference_list
+    from kvd.storage import keys
+
+    sim.config.update(ring_size=1024)
+    await sim.form(["n1", "n2", "n3"], settle=0.0)
+    n4 = await sim.start("n4", seeds=[sim.nodes["n1"].peer_address])
+    storage = n4.node.storage
+    plan_bytes: list[int] = []  # each write of the plan's keys, as it is made
+    write = storage.write
+
+    async def noted(ops, **options):
+        plan_bytes.extend(len(k) + len(v or b"") for k, v in ops
+                          if k.startswith(keys.meta_key("fetch")))
+        return await write(ops, **options)
+
+    storage.write = noted
+    await _join(sim, ["n4"])
+    await sim.admin("n1", {"op": "commit"})
+    await _settle(sim)
+    ring = n4.node.cluster.state.ring
+    fetched = sum(1 for q in range(ring.q) if "n4" in preference_list(ring, q, 3))
+    assert fetched > 500, fetched
+    ring_doc = max(plan_bytes)  # the prior ring, written once
+    assert sum(plan_bytes) <= 2 * ring_doc + 64 * fetched, (sum(plan_bytes), ring_doc, fetched)
+    assert not n4.node.cluster.transfers.plan
+    assert not list(storage.iterate(*keys.fetch_todo_range())), "todo keys left behind"
+    assert not sim.crashes
+
+
+async def test_a_fetch_plan_an_older_kvd_saved_whole_is_resumed_whole():
+    """An upgrade in mid-transfer: a plan saved whole (its partitions inside the document,
+    as kvd did before the marks) is resumed, not taken for finished; the next save turns it
+    into marks, which a restart reads back."""
+    from types import SimpleNamespace
+
+    import msgpack
+
+    from kvd.node.transfers import Transfers
+    from kvd.storage import keys
+    from kvd.storage.memory import MemoryStorage
+
+    state = SimpleNamespace(cluster_id="c", ring=SimpleNamespace(version=1))
+    async with trio.open_nursery() as nursery:
+        storage = MemoryStorage()
+        await nursery.start(storage._run)
+        await storage.write([(keys.meta_key("fetch"),
+                              msgpack.packb({"old": None, "todo": [3, 5, 8]}))])
+        transfers = Transfers(SimpleNamespace(storage=storage))
+        transfers.load(state)
+        assert transfers.plan == {"old": None, "todo": {3, 5, 8}}
+        transfers.plan["todo"].discard(5)
+        await transfers._save_plan()
+        transfers.load(state)
+        assert transfers.plan == {"old": None, "todo": {3, 8}}
+        nursery.cancel_scope.cancel()
+
+
 async def test_reads_succeed_while_a_single_node_cluster_grows(sim, autojump_clock):
     """Bug 14: every key is on the old owner; reads at R=2 during the moves must find it."""
     sim.config.update(transfer_rate_mb=0.05)

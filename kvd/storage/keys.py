@@ -30,6 +30,7 @@ Layouts::
                                                                 (f64), written in the same
                                                                 batch as the object
     hintref b"m" "hint-blob:" + len(vid) u16 + vid + hint key -> b"" (a hint needs blob vid)
+    todo    b"m" "fetch-todo:" + partition u32     -> b"" (the fetch plan has yet to fetch it)
 """
 
 from __future__ import annotations
@@ -144,6 +145,23 @@ def hint_range(target_node: str) -> tuple[bytes, bytes]:
 def meta_key(name: str) -> bytes:
     """The storage key of node metadata ``name`` (identity, ring, ...)."""
     return _META + name.encode("utf-8")
+
+
+_FETCH_TODO = _META + b"fetch-todo:"
+
+
+def fetch_todo_key(partition: int) -> bytes:
+    """The mark of a partition the fetch plan has yet to fetch (kvd.node.transfers)."""
+    return _FETCH_TODO + _partition(partition)
+
+
+def fetch_todo_range() -> tuple[bytes, bytes]:
+    """Every such mark; ``fetch_todo_partition`` reads a mark's partition back."""
+    return _FETCH_TODO, _successor(_FETCH_TODO)
+
+
+def fetch_todo_partition(key: bytes) -> int:
+    return _U32.unpack_from(key, len(_FETCH_TODO))[0]
 
 
 # The partitioner lives with the ring (one definition); re-exported for the key layout.
