@@ -50,6 +50,7 @@ DROP_DELAY = 60.0
 TRANSFER_BATCH = 256  # most objects per scan reply when fetching a partition
 
 _RETRYABLE = (KvdError, trio.TooSlowError, OSError)
+_IDLE = {"keys_done": 0, "bytes_done": 0, "state": "idle"}  # progress with no plan (copied)
 
 
 def scan_page(storage, start: bytes, stop: bytes, limit: int, max_bytes: int) -> dict:
@@ -87,10 +88,6 @@ def scan_budget(max_frame: int) -> int:
     return max_frame // 2
 
 
-def _idle() -> dict:
-    return {"keys_done": 0, "bytes_done": 0, "state": "idle"}
-
-
 def _all_expected(group: BaseExceptionGroup) -> bool:
     """Whether every error in ``group`` is a peer or network failure (retry), not a bug."""
     return all(isinstance(e, _RETRYABLE) or
@@ -103,7 +100,7 @@ class Transfers:
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self.progress: dict = _idle()  # this node's totals over the current plan
+        self.progress: dict = dict(_IDLE)  # this node's totals over the current plan
         self.partitions: dict[int, dict] = {}  # each planned partition's own progress
         self.plan: dict | None = None  # {"old": Ring | None, "todo": set of partitions}
         self._planned: tuple[str, int] | None = None  # the ring the plan was made for
@@ -215,11 +212,16 @@ class Transfers:
             progress = self.progress
             progress.setdefault("started", cluster.clocks.wall())
             progress.update(state="running", partitions_left=len(todo))
-            limiter = trio.CapacityLimiter(cluster.config.transfer_limit)
             failed: list[tuple[int, BaseException]] = []
+            queue = iter(todo)  # shared by the workers: each partition is taken once
+
+            async def worker() -> None:  # transfer_limit of them, not a task per partition
+                for q in queue:  # (224 MiB of tasks waiting for a slot at 65,536 partitions)
+                    await self._fetch_guarded(q, failed)
+
             async with trio.open_nursery() as nursery:
-                for q in todo:
-                    nursery.start_soon(self._fetch_guarded, q, limiter, failed)
+                for _ in range(min(cluster.config.transfer_limit, len(todo))):
+                    nursery.start_soon(worker)
             if failed:  # the others went on meanwhile; run() retries these
                 q, exc = failed[0]
                 raise KvdError(f"{len(failed)} partitions not fetched yet (partition {q}: {exc})")
@@ -228,7 +230,7 @@ class Transfers:
         if finished:
             log.info("fetched every partition of the plan: %d keys", self.progress["keys_done"])
             self.plan = None
-            self.progress = _idle()
+            self.progress = dict(_IDLE)
             self.partitions = {}
         done = cs.node_done(cluster.state, cluster.me)
         if done is not cluster.state:
@@ -282,21 +284,20 @@ class Transfers:
 
     # ------------------------------------------------------------- fetching (Rules 2, 3)
 
-    async def _fetch_guarded(self, q: int, limiter, failed: list) -> None:
+    async def _fetch_guarded(self, q: int, failed: list) -> None:
         """Fetch ``q``; a peer or network failure is noted in ``failed`` instead of
         cancelling the fetches of other partitions (one unreachable source must not keep
         restarting every transfer)."""
         fetch = self._partition(q)
-        async with limiter:
-            now = self.cluster.clocks.monotonic()
-            fetch.update(state="running", keys_done=0, bytes_done=0, started=now, ended=None)
-            try:
-                await self._fetch_partition(q)
-            except _RETRYABLE as exc:
-                fetch.update(state="retrying", ended=self.cluster.clocks.monotonic(),
-                             error=str(exc))  # until it succeeds: kvctl transfers says why
-                failed.append((q, exc))
-                return
+        now = self.cluster.clocks.monotonic()
+        fetch.update(state="running", keys_done=0, bytes_done=0, started=now, ended=None)
+        try:
+            await self._fetch_partition(q)
+        except _RETRYABLE as exc:
+            fetch.update(state="retrying", ended=self.cluster.clocks.monotonic(),
+                         error=str(exc))  # until it succeeds: kvctl transfers says why
+            failed.append((q, exc))
+            return
         fetch.update(state="done", ended=self.cluster.clocks.monotonic(), error=None)
         plan = self.plan
         assert plan is not None  # only _run_plan ends a plan, once its fetches are over
@@ -472,10 +473,8 @@ class Transfers:
 
     def rows(self) -> list[dict]:
         """This node's view of pending moves, and every partition it fetches as a new
-        replica (a join's or a force-remove's refill, where no move is pending: ``from``
-        lists its holders). What it fetches carries its own progress and state (pending
-        until a ``transfer_limit`` slot frees, then running, retrying after a failure with
-        its ``error``, done)."""
+        replica (a join's or a force-remove's refill: ``from`` lists its holders), with its
+        progress and state (pending, running, retrying with its ``error``, done)."""
         me = self.cluster.me
         rows = []
         for move in self.cluster.state.pending:
