@@ -59,7 +59,7 @@ Listing one segment's keys (step 4) is the storage's job. Keeping an index
 ``(partition, segment, key) -> digest`` written in the same batch as the object makes it a
 range read and gives ``update`` its old digest for free; a fold over the partition filtered
 by ``segment_of`` works but reads the whole partition. Persisting the touched segments in
-that same batch keeps invariant 1 across crashes (``segments_changed`` / ``take_changed``);
+that same batch keeps invariant 1 across crashes (``update`` returns the segment it touched);
 a tree that may be stale after an unclean stop must be rebuilt by a fold
 (``Tree.from_entries``) before it is compared, off the write path.
 """
@@ -127,7 +127,7 @@ class Tree:
     reading them is O(1) and ``to_bytes`` holds the segments alone.
     """
 
-    __slots__ = ("_segments", "_branches", "_root", "_changed")
+    __slots__ = ("_segments", "_branches", "_root")
 
     def __init__(self, segments: Sequence[int] | None = None) -> None:
         if segments is None:
@@ -140,7 +140,6 @@ class Tree:
             except (OverflowError, TypeError) as exc:
                 raise ValueError(f"segment hashes must be 64-bit unsigned ints: {exc}") from None
         self._rederive()
-        self._changed: set[int] = set()
 
     def _rederive(self) -> None:
         seg = self._segments
@@ -161,7 +160,6 @@ class Tree:
         tree = cls()
         for key, digest in entries:
             tree.update(key, None, digest)
-        tree.clear_changed()
         return tree
 
     def update(self, key: bytes, old_digest: bytes | None, new_digest: bytes | None) -> int:
@@ -180,7 +178,6 @@ class Tree:
         self._segments[i] ^= delta
         self._branches[i // SEGMENTS_PER_BRANCH] ^= delta
         self._root ^= delta
-        self._changed.add(i)
         return i
 
     def segment(self, i: int) -> int:
@@ -220,28 +217,7 @@ class Tree:
         if _SWAP:
             tree._segments.byteswap()
         tree._rederive()
-        tree._changed = set()
         return tree
-
-    def segments_changed(self) -> set[int]:
-        """The segments updated since the last ``clear_changed`` (a copy)."""
-        return set(self._changed)
-
-    def clear_changed(self) -> None:
-        """Forget which segments changed, once they are persisted."""
-        self._changed.clear()
-
-    def take_changed(self) -> dict[int, int]:
-        """The changed segments with their current hashes, and clear them, in one step.
-
-        Between ``segments_changed`` and ``clear_changed`` an update must not slip in, or its
-        segment is never persisted; this reads and clears together, so no await can separate
-        them. If persisting fails, persist the whole tree (``to_bytes``) or rebuild it.
-        """
-        seg = self._segments
-        out = {i: seg[i] for i in self._changed}
-        self._changed.clear()
-        return out
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Tree):
