@@ -7,8 +7,9 @@
   restart reads it: hint ages, tombstone grace, member generations, identity creation.
   Nothing decides between two writes by it (DESIGN section 2).
 
-The daemon uses ``REAL`` (``real_in_this_run``). The simulator gives every node ``Clocks(trio.current_time,
-lambda: epoch + skew + trio.current_time())``, so nodes can disagree about wall time.
+The daemon uses ``REAL`` (as ``real_in_this_run``). The simulator gives every node
+``Clocks(trio.current_time, lambda: epoch + skew + trio.current_time())``, so nodes can
+disagree about wall time.
 No other module reads ``time.time()`` or ``trio.current_time()`` directly (tests/test_clocks.py,
 whose ALLOWED names the exceptions and why).
 """
