@@ -7,10 +7,17 @@ readable, a node answers only for data it holds, a plan always finishes or can b
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import msgpack
 import pytest
 import trio
 
 from kvd.errors import KvdError
+from kvd.node.transfers import Transfers
+from kvd.ring.apl import preference_list
+from kvd.storage.keys import fetch_todo_range, meta_key
+from kvd.storage.memory import MemoryStorage
 
 
 async def _join(sim, names, seed_node="n1"):
@@ -59,8 +66,6 @@ async def _wait_all_see_commit(sim, names):
             await trio.sleep(0.1)
 
 
-
-
 def _tasks_under(task) -> int:
     return 1 + sum(_tasks_under(child) for nursery in task.child_nurseries
                    for child in nursery.child_tasks)
@@ -74,9 +79,6 @@ async def test_a_join_writes_its_plan_once_and_fetches_through_a_few_workers(sim
     each fetched partition removes one small key. And every partition to fetch had a task
     at once, waiting for one of transfer_limit slots: 224 MiB of waiting tasks at 65,536
     partitions (measured with empty ones); transfer_limit workers now take them in turn."""
-    from kvd.ring.apl import preference_list
-    from kvd.storage import keys
-
     sim.config.update(ring_size=1024)
     await sim.form(["n1", "n2", "n3"], settle=0.0)
     n4 = await sim.start("n4", seeds=[sim.nodes["n1"].peer_address])
@@ -86,7 +88,7 @@ async def test_a_join_writes_its_plan_once_and_fetches_through_a_few_workers(sim
 
     async def noted(ops, **options):
         plan_bytes.extend(len(k) + len(v or b"") for k, v in ops
-                          if k.startswith(keys.meta_key("fetch")))
+                          if k.startswith(meta_key("fetch")))
         return await write(ops, **options)
 
     storage.write = noted
@@ -109,8 +111,8 @@ async def test_a_join_writes_its_plan_once_and_fetches_through_a_few_workers(sim
     assert fetched > 500, fetched
     ring_doc = max(plan_bytes)  # the prior ring, written once
     assert sum(plan_bytes) <= 2 * ring_doc + 64 * fetched, (sum(plan_bytes), ring_doc, fetched)
-    assert not n4.node.cluster.transfers.plan
-    assert not list(storage.iterate(*keys.fetch_todo_range())), "todo keys left behind"
+    assert not transfers.plan
+    assert not list(storage.iterate(*fetch_todo_range())), "todo keys left behind"
     assert most - before < 100, (before, most)  # 2 workers, not 768 tasks
     assert not sim.crashes
 
@@ -119,19 +121,11 @@ async def test_a_fetch_plan_an_older_kvd_saved_whole_is_resumed_whole():
     """An upgrade in mid-transfer: a plan saved whole (its partitions inside the document,
     as kvd did before the marks) is resumed, not taken for finished; the next save turns it
     into marks, which a restart reads back."""
-    from types import SimpleNamespace
-
-    import msgpack
-
-    from kvd.node.transfers import Transfers
-    from kvd.storage import keys
-    from kvd.storage.memory import MemoryStorage
-
     state = SimpleNamespace(cluster_id="c", ring=SimpleNamespace(version=1))
     async with trio.open_nursery() as nursery:
         storage = MemoryStorage()
         await nursery.start(storage._run)
-        await storage.write([(keys.meta_key("fetch"),
+        await storage.write([(meta_key("fetch"),
                               msgpack.packb({"old": None, "todo": [3, 5, 8]}))])
         transfers = Transfers(SimpleNamespace(storage=storage))
         transfers.load(state)

@@ -129,7 +129,7 @@ class Transfers:
         todo = set() if plan is None else plan["todo"]
         ops: list = [(key, None) for key in storage.iterate_keys(*keys.fetch_todo_range())
                      if keys.fetch_todo_partition(key) not in todo]
-        ops += [(keys.fetch_todo_key(q), b"") for q in sorted(todo)]
+        ops += [(keys.fetch_todo_key(q), b"") for q in todo]
         old = None if plan is None or plan["old"] is None else plan["old"].to_dict()
         doc = None if plan is None else msgpack.packb({"old": old}, use_bin_type=True)
         await storage.write(ops + [(keys.meta_key("fetch"), doc)])
