@@ -4,29 +4,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv compiled demo demo-stop test typecheck test-fast bench fuzz soak clean deb man ops-tools sim chaos chaos-tools
+.PHONY: venv demo demo-stop test typecheck test-fast bench fuzz soak clean deb man ops-tools sim chaos chaos-tools
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	KVD_PURE=1 $(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
-# The hot-path modules setup.py lists, compiled by mypyc next to their sources (their .so
-# shadows the .py: tests/conftest.py refuses to run with one older than its source).
-# KVD_PURE=1 removes them, and kvd runs as plain Python (docs/DECISIONS.md, "A compiled
-# hot path").
-COMPILED_SRC := $(shell grep -o '"kvd/[a-z_/]*\.py"' setup.py | tr -d '"')
-NATIVE := build/.compiled-$(if $(filter 1,$(KVD_PURE)),pure,native)
-compiled: $(NATIVE)
-$(NATIVE): $(STAMP) setup.py $(COMPILED_SRC)
-	rm -f build/.compiled-* $(COMPILED_SRC:.py=.*.so) kvd/native__mypyc.*.so
-	$(if $(filter 1,$(KVD_PURE)),,$(BIN)/python setup.py --quiet build_ext --inplace)
-	mkdir -p build && touch $@
-
-demo: venv compiled
+demo: venv
 	$(BIN)/python scripts/demo.py
 
 demo-stop:
@@ -41,7 +29,7 @@ demo-stop:
 # even where PYTHONDONTWRITEBYTECODE is set (as on this machine), instead of each compiling
 # what it imports (0.05 s more CPU per kvctl run, measured).
 PYTEST := PYTHONHASHSEED=0 $(BIN)/python -m pytest -q -p no:cacheprovider
-test: venv compiled ops-tools chaos-tools typecheck
+test: venv ops-tools chaos-tools typecheck
 	$(BIN)/python -m compileall -q kvd kvctl tests
 	$(PYTEST) -n auto -m "not alone" tests
 	$(PYTEST) -m alone tests
@@ -50,7 +38,7 @@ test: venv compiled ops-tools chaos-tools typecheck
 typecheck: venv
 	$(BIN)/python -m mypy
 
-test-fast: venv compiled
+test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # The whole-cluster simulation (tests/sim): `make sim SEEDS=2000` soaks, `make sim SEED=42`
@@ -60,7 +48,7 @@ test-fast: venv compiled
 SEEDS ?= 500
 FIRST ?= 1
 SIM_FLAGS = $(if $(SHORT),--short)
-sim: venv compiled
+sim: venv
 	@if [ -n "$(SEED)" ]; then PYTHONHASHSEED=0 $(BIN)/python -m tests.sim --seed $(SEED) $(SIM_FLAGS); \
 	else KVD_SIM_FULL_REGRESSIONS=1 $(PYTEST) tests/sim/test_sim.py -k regression && \
 		PYTHONHASHSEED=0 $(BIN)/python -m tests.sim --seeds $(SEEDS) --first $(FIRST) $(SIM_FLAGS); fi
@@ -70,7 +58,7 @@ sim: venv compiled
 # `make test` runs the same property briefly on hypothesis input (tests/test_fuzz.py).
 # Then random bodies of every message type against a live node, 3000 runs (25 in make test).
 FUZZ_SECONDS ?= 300
-fuzz: venv compiled
+fuzz: venv
 	$(BIN)/pip install --quiet 'atheris>=2.3,<4'
 	$(BIN)/python fuzz/fuzz_codec.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 		-artifact_prefix=.fuzz/ .fuzz/corpus
@@ -129,7 +117,7 @@ chaos-tools:
 			--no-install-recommends $$missing; } \
 		|| echo "chaos-tools: could not install$$missing; the chaos suite will skip"
 
-chaos: venv compiled chaos-tools
+chaos: venv chaos-tools
 	KVD_CHAOS_FULL=1 $(BIN)/python -m pytest -q -p no:cacheprovider -rsx \
 		tests/chaos/test_checker.py tests/chaos/test_chaos.py::test_full_chaos
 
@@ -138,13 +126,13 @@ chaos: venv compiled chaos-tools
 # quiet and attack phases and pooled, a new authenticated client's p99 on the client, RESP and
 # peer ports with the ratio and the load average, then peak descriptors and RSS growth.
 # KVD_SOAK_ROUNDS sets the number of pairs (3).
-soak: venv compiled
+soak: venv
 	KVD_SOAK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -s -rsx tests/test_admission.py \
 		-k 10000
 
 # Redis's figures sit beside kvd's in the same run: redis-server comes from Debian here. The
 # chaos short run gives the latency through faults (root, with make chaos-tools).
-bench: venv compiled chaos-tools
+bench: venv chaos-tools
 	@$(MAKE) --no-print-directory ops-tools OPS_TOOLS="redis-server:redis-server redis-benchmark:redis-tools"
 	$(BIN)/python benchmarks/run.py
 

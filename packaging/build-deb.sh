@@ -14,9 +14,8 @@
 #   /usr/share/kvd/                grafana-dashboard.json
 #
 # Needs: the dev virtualenv (.venv, for pip), /usr/bin/python3 (3.11 or later), dpkg-deb,
-# gzip, and a C compiler (setup.py compiles kvd's hot-path modules with mypyc). The package
-# depends on the python3 of that minor version: the venv's compiled extensions (plyvel,
-# msgpack, pydantic-core, kvd's own) are built for its ABI (packaging/README.md).
+# gzip. The package depends on the python3 of that minor version: the venv's compiled
+# extensions (plyvel, msgpack, pydantic-core) are built for its ABI (packaging/README.md).
 set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,10 +36,7 @@ started=$(date +%s)
 rm -rf "$STAGE" "$OUT/wheels"
 mkdir -p "$STAGE/DEBIAN" "$OUT/wheels"
 
-# 1. The project's wheel (dependencies come from the index, as wheels), from the sources
-#    alone: setup.py compiles the hot-path modules with mypyc, and what an earlier build
-#    left in build/ (extensions of another module list) would go into the wheel too.
-rm -rf "$ROOT"/build/lib.* "$ROOT"/build/bdist.* "$ROOT"/build/temp.*
+# 1. The project's wheel (dependencies come from the index, as wheels).
 "$PIP" wheel --quiet --no-deps --wheel-dir "$OUT/wheels" "$ROOT"
 
 # 2. A virtualenv at its final path inside the staging root. Symlinks to Debian's

@@ -35,24 +35,10 @@ def pytest_configure(config):
     daemon and kvctl process a test starts would otherwise compile each module it imports
     when bytecode is not written (PYTHONDONTWRITEBYTECODE), ~0.2 CPU-s a daemon."""
     if not hasattr(config, "workerinput"):
-        _refuse_stale_extensions()
         import compileall
 
         for package in ("kvd", "kvctl"):
             compileall.compile_dir(ROOT / package, quiet=1)
-
-
-def _refuse_stale_extensions() -> None:
-    """A module compiled by mypyc (setup.py) shadows its source: edited since, the tests
-    would run the old code. Stop with what to do instead. (Each module's own .so is a stub;
-    the code of them all is in the one group library, kvd/native__mypyc.)"""
-    for library in ROOT.glob("kvd/native__mypyc.*.so"):
-        for stub in ROOT.glob("kvd/**/*.so"):
-            source = stub.with_name(stub.name.split(".", 1)[0] + ".py")
-            if source.exists() and source.stat().st_mtime > library.stat().st_mtime:
-                pytest.exit(f"{source.relative_to(ROOT)} changed since it was compiled: run"
-                            " `make compiled` (or `make compiled KVD_PURE=1` for plain"
-                            " Python)", returncode=4)
 
 
 @pytest.fixture

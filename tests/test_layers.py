@@ -42,7 +42,7 @@ PACKAGES = ("kvd", "kvctl")
 
 LEAF = ("kvd.errors", "kvd._version", "kvd.address")
 CORE = ("kvd.proto", "kvd.ring", "kvd.membership", "kvd.versions", "kvd.aae", "kvd.storage.keys")
-PURE_THIRD_PARTY = {"msgpack", "mypy_extensions"}  # mypy_extensions: mypyc_attr, no I/O
+PURE_THIRD_PARTY = {"msgpack"}
 NO_IO = {"trio", "plyvel"}
 DAEMON = ("kvd.server", "kvd.node", "kvd.storage", "kvd.metrics", "kvd.config", "kvd.main",
           "kvd.systemd")

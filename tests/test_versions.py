@@ -518,7 +518,7 @@ def test_decode_object_rejects_invalid_structures(raw):
 
 def test_decode_object_rejects_non_bytes():
     with pytest.raises(ValueError):
-        decode_object(None)
+        decode_object(None)  # type: ignore[arg-type]
 
 
 # -- purity -------------------------------------------------------------------------------------

@@ -142,13 +142,11 @@ def _message_type(type) -> MsgType:
         raise LocalProtocolError(f"unknown message type {type!r}") from None
 
 
-def encode(type: MsgType, request_id: int, fields: object = None, flags: int = 0) -> bytes:
+def encode(type: MsgType, request_id: int, fields: dict | None = None, flags: int = 0) -> bytes:
     """Return the bytes of one frame whose body is ``fields``, checked against the schema.
 
-    Raises LocalProtocolError if the frame would be invalid (``fields`` is typed ``object``
-    because it is checked here: compiled, a ``dict`` annotation would raise TypeError
-    first). CHUNK is accepted too, with ``fields = {"data": bytes}``, so that any decoded
-    Message can be re-encoded.
+    Raises LocalProtocolError if the frame would be invalid. CHUNK is accepted too, with
+    ``fields = {"data": bytes}``, so that any decoded Message can be re-encoded.
     """
     type = _message_type(type)
     if fields is None:

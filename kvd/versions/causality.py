@@ -62,8 +62,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from operator import attrgetter
 
-from mypy_extensions import mypyc_attr
-
 from kvd.errors import BadRequest, TooManySiblings
 
 __all__ = [
@@ -173,10 +171,6 @@ def covers(vv: VersionVector, dot: Dot) -> bool:
     return vv.get(dot[0], 0) >= dot[1]
 
 
-# A Python class, not a native one, where mypyc compiles this module (setup.py): compiled
-# natively, this dict subclass with slots corrupted memory (a segfault in the garbage
-# collector under tests/test_versions.py).
-@mypyc_attr(native_class=False)
 class Context(dict):
     """What a client read: the clock, and the write ids of the siblings it saw (rule 7). A
     write made with it supersedes those writes under every dot they got, including a twin

@@ -110,7 +110,7 @@ def encode_context(vv: VersionVector) -> bytes:
     return _packer().pack([_flat_clock(vv), wids] if wids else _flat_clock(vv))
 
 
-def decode_context(data: object) -> VersionVector:
+def decode_context(data: bytes) -> VersionVector:
     """Inverse of ``encode_context``. Anything malformed raises ``BadRequest``, nothing else."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BadRequest("malformed context: expected bytes")
@@ -265,7 +265,7 @@ def encode_object(obj: VersionedObject) -> bytes:
     return _packer().pack([_FORMAT, flat, siblings])
 
 
-def decode_object(data: object) -> VersionedObject:
+def decode_object(data: bytes) -> VersionedObject:
     """Inverse of ``encode_object``; raises ValueError on anything it did not produce."""
     try:
         top = msgpack.unpackb(
@@ -303,9 +303,7 @@ def decode_object(data: object) -> VersionedObject:
 def _decode_sibling(raw: object, actors: list, clock: VersionVector) -> Sibling:
     if type(raw) is not list or len(raw) not in (5, 6, 8, 9):
         raise ValueError("malformed sibling: not a 5, 6, 8 or 9 element list")
-    wid: bytes = b""
-    aliases: tuple = ()
-    supersedes: tuple = ()
+    wid, aliases, supersedes = b"", (), ()
     if len(raw) in (6, 9):  # write id, aliases and superseded write ids come last (rule 7)
         wid, aliases, supersedes = _decode_write(raw[-1], actors, clock)
         raw = raw[:-1]
