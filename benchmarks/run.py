@@ -60,7 +60,7 @@ def main() -> None:
         print(f"kvd peak RSS: {rss_kib(node.proc.pid, 'VmHWM') / 1024:.1f} MiB")
     finally:
         node.kill()
-    section("three nodes (N=3, R=2, W=2): kvctl bench --procs 2 and redis-benchmark, "
+    section("three nodes (N=3, R=2, W=2): kvctl bench --procs 3 and redis-benchmark, "
             "throughput, latency and CPU per request summed over the nodes")
     subprocess.run([python, str(ROOT / "benchmarks/cluster.py")], check=False)
     section("one node: kvctl bench and redis-benchmark, throughput, latency and CPU per "
