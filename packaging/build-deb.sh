@@ -17,6 +17,10 @@
 # gzip. The package depends on the python3 of that minor version: the venv's compiled
 # extensions (plyvel, msgpack, pydantic-core) are built for its ABI (packaging/README.md).
 set -eu
+# The package's modes are its own, not the builder's umask: under 077 (a test process that
+# ran a node in-process, kvd.node.data_dir) the control directory came out 0700, which
+# dpkg-deb refuses.
+umask 022
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mkdir -p "${1:-$ROOT/build/deb}" && cd "${1:-$ROOT/build/deb}" && pwd)

@@ -41,6 +41,17 @@ def pytest_configure(config):
             compileall.compile_dir(ROOT / package, quiet=1)
 
 
+@pytest.fixture(autouse=True)
+def _umask_restored():
+    """A node run inside a test sets its process umask to 077 (kvd.node.data_dir, on
+    purpose); restored after each test, so later tests and the processes they start (make
+    deb) do not inherit it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)
+
+
 @pytest.fixture
 def procs():
     """Every kvd process a test starts; all are SIGKILLed at teardown, whatever happened."""

@@ -15,6 +15,7 @@ import trio
 
 from kvd.errors import KvdError
 from kvd.node.transfers import Transfers
+from kvd.ring import partition_of
 from kvd.ring.apl import preference_list
 from kvd.storage.keys import fetch_todo_range, meta_key
 from kvd.storage.memory import MemoryStorage
@@ -114,6 +115,41 @@ async def test_a_join_writes_its_plan_once_and_fetches_through_a_few_workers(sim
     assert not transfers.plan
     assert not list(storage.iterate(*fetch_todo_range())), "todo keys left behind"
     assert most - before < 100, (before, most)  # 2 workers, not 768 tasks
+    assert not sim.crashes
+
+
+async def test_a_commit_that_arrives_while_the_join_is_saved_is_planned(sim, autojump_clock):
+    """A node saves each cluster state gossip brings, then plans its fetches for the change
+    (Cluster.persist_loop). A commit that arrived while it was still saving the state of its
+    own join was compared with itself, not with the state before it: the new node never
+    planned the partitions the commit gave it, and its transfers stayed pending for good (a
+    real 3-node join in make test, once in several runs)."""
+    await sim.form(["n1", "n2"], settle=0.0)
+    keys = [f"key-{i}".encode() for i in range(100)]
+    async with sim.open_client("n1", sim.client_address()) as client:
+        for key in keys:
+            await client.put(key, b"v", w=2)
+    n3 = await sim.start("n3", seeds=[sim.nodes["n1"].peer_address])
+    cluster = n3.node.cluster
+    note_state = cluster.restore.note_state
+    held = []
+
+    async def saved_slowly() -> None:  # the join's state is still being saved at the commit
+        await note_state()
+        state = cluster.state
+        if not held and "n3" in state.members and "n3" not in state.ring.nodes():
+            held.append(state.ring.version)
+            while "n3" not in cluster.state.ring.nodes():
+                await trio.sleep(0.05)
+
+    cluster.restore.note_state = saved_slowly
+    await _join(sim, ["n3"])
+    await sim.admin("n1", {"op": "commit"})
+    await _settle(sim, limit=120)
+    assert held, "the commit did not arrive while the join's state was saved"
+    ring = cluster.state.ring
+    mine = [k for k in keys if "n3" in preference_list(ring, partition_of(k, ring.q), 3)]
+    assert mine and all(cluster.store.read(k) is not None for k in mine)
     assert not sim.crashes
 
 

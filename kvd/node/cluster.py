@@ -197,16 +197,23 @@ class Cluster:
         self.left.set()
 
     async def persist_loop(self) -> None:
-        """Save every state gossip brings, so a restarted node knows its ring and peers."""
+        """Save every state gossip brings, so a restarted node knows its ring and peers.
+
+        Each change is planned from the state the last round handled, not from the state
+        when this round began: one that arrived while the last round was saving would
+        otherwise be compared with itself, and a ring it brings never planned (tests/
+        test_topology_sim.py, a commit that arrives while the join is saved)."""
+        before = self.state
         while True:
-            before = self.state
             await self.gossiper.wait_state(lambda s: s is not before)
-            await self.transfers.plan_fetches(before, self.state)
+            after = self.state
+            await self.transfers.plan_fetches(before, after)
             await self.restore.note_state()
-            if before.ring.version != self.state.ring.version:
-                log.info("ring version %d: %d nodes", self.state.ring.version,
-                         len(self.state.ring.nodes()))
+            if before.ring.version != after.ring.version:
+                log.info("ring version %d: %d nodes", after.ring.version,
+                         len(after.ring.nodes()))
             await self._persist()
+            before = after
 
     async def wait_state_change(self) -> None:
         """Wait until the cluster state is another one than now."""
