@@ -227,8 +227,9 @@ class Transfers:
                 raise KvdError(f"{len(failed)} partitions not fetched yet (partition {q}: {exc})")
         # No checkpoint since the check above: the plan is empty for the current ring.
         finished = self.plan is not None
-        if finished:
+        if finished and self.partitions:  # an empty plan (a join's first state) is no news
             log.info("fetched every partition of the plan: %d keys", self.progress["keys_done"])
+        if finished:
             self.plan = None
             self.progress = dict(_IDLE)
             self.partitions = {}
